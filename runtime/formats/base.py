@@ -1,0 +1,59 @@
+"""The interface every packed weight format implements.
+
+A format is a packed-tensor layout plus the kernels that multiply by it (see
+DESIGN.md: methods choose codes, formats run them). The forward pass never
+looks inside a packed tensor: `runtime.linear.linear` calls `matmul`, and the
+checkpoint writer calls `tensors` / `meta`; the reader rebuilds the object with
+`from_tensors`.
+"""
+from __future__ import annotations
+
+
+class PackedTensor:
+    """A quantized weight W [out, in] stored in a packed layout.
+
+    Subclasses set `FORMAT` (the name written in the saved file's metadata)
+    and implement every method below.
+    """
+
+    FORMAT = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the float weight this stands for."""
+        raise NotImplementedError
+
+    def dequantize(self):
+        """The float32 weight [out, in] the codes decode to (NumPy reference)."""
+        raise NotImplementedError
+
+    def matmul(self, x):
+        """y = x @ W.T for x [..., in] float32 -> y [..., out] float32.
+
+        Picks the kernel: CuPy input -> CUDA; NumPy input -> Numba, fused
+        dequantize-and-multiply when there is one row, dequantize + BLAS
+        for many rows.
+        """
+        raise NotImplementedError
+
+    def tensors(self) -> dict:
+        """Arrays to save, keyed by a suffix ("qweight", "scales", ...)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        """JSON-serialisable parameters (bits, group, ...) saved beside the arrays."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict) -> "PackedTensor":
+        """Rebuild from what `tensors` and `meta` returned; raise UserError on a mismatch."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored arrays (codes and side data)."""
+        return sum(int(a.nbytes) for a in self.tensors().values())
+
+    def to_device(self, xp) -> "PackedTensor":
+        """A copy whose arrays live on the device of array module `xp` (numpy or cupy)."""
+        raise NotImplementedError
