@@ -1,0 +1,53 @@
+"""Perplexity of a model on WikiText-2: `python eval.py --model NAME --dataset wikitext2`.
+
+The GPTQ paper's protocol (see runtime/perplexity.py). `--windows N` takes the
+first N windows only; `--json` prints one JSON object. Finished windows are
+kept in .cache/perplexity/, so an interrupted run resumes.
+"""
+import argparse
+import json
+
+from runtime.cli import run_cli
+from runtime.datasets import DATASETS, load_dataset
+from runtime.device import DEVICES
+from runtime.errors import UserError
+from runtime.resolve import PROJECT_ROOT
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="name under models/, directory or file (default: smollm2-135m)")
+    p.add_argument("--dataset", default="wikitext2", choices=sorted(DATASETS))
+    p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the model's context")
+    p.add_argument("--windows", type=int, default=None, help="evaluate the first N windows only")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-resume", action="store_true", help="ignore windows saved by an earlier run")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from runtime.api import load
+    from runtime.perplexity import perplexity, state_key
+    text = load_dataset(args.dataset)
+    llm = load(args.model, args.device)
+    if llm.tokenizer is None:
+        raise UserError(f"{llm.path} has no tokenizer, so it cannot read {args.dataset}")
+    seqlen = min(args.seqlen, llm.model.config.max_positions)
+    ids = llm.tokenizer.encode(text)
+    model_id = f"{llm.path.resolve()}@{llm.path.stat().st_mtime_ns}"
+    state = PROJECT_ROOT / ".cache" / "perplexity" / f"{state_key(model_id, ids, seqlen)}.json"
+    if args.no_resume and state.exists():
+        state.unlink()
+    result = perplexity(llm.model, ids, seqlen, args.windows, state, progress=not args.json)
+    result.update(model=str(llm.path), dataset=args.dataset)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.dataset} perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
+              f"({result['windows']} windows of {result['seqlen']})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

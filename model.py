@@ -1,0 +1,267 @@
+"""Config and the hand-written forward passes of OPT and Llama, with a KV cache.
+
+Follows the Hugging Face transformers reference implementations
+(`modeling_opt.py`, `modeling_llama.py`) operation by operation, in float32
+NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c: one function
+per step, a preallocated KV cache, prefill (many tokens) and decode (one token)
+as separate paths.
+
+- OPT (Zhang et al. 2022): learned positions with offset 2, pre-LN or post-LN
+  layers (`do_layer_norm_before`), `project_in` / `project_out` when
+  `word_embed_proj_dim != hidden_size`, ReLU FFN, biases, tied LM head.
+- Llama (Touvron et al. 2023; SmolLM2, TinyLlama): RMSNorm, rotary position
+  embedding (Su et al. 2021) in the "half-split" layout of HF checkpoints,
+  grouped-query attention (Ainslie et al. 2023), SwiGLU (Shazeer 2020).
+
+Every projection goes through `runtime.linear.linear`, so packed weights
+slot in without touching this file. Weights are kept under their checkpoint
+names: `layers[i]["self_attn.q_proj.weight"]` is
+`model.layers.{i}.self_attn.q_proj.weight`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.linear import linear
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "OPTForCausalLM": "opt"}
+
+
+@dataclass
+class Config:
+    """The hyper-parameters of one model, read from an HF config.json."""
+    arch: str                  # "llama" or "opt"
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    max_positions: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    pre_norm: bool = True      # OPT: do_layer_norm_before
+    embed_dim: int = 0         # OPT: word_embed_proj_dim (0 = hidden_size)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "Config":
+        """Build from an HF config.json dict; UserError for an unsupported architecture."""
+        names = hf.get("architectures") or []
+        arch = ARCHITECTURES.get(names[0] if names else "", {"llama": "llama", "mistral": "llama",
+                                                               "opt": "opt"}.get(hf.get("model_type")))
+        if arch is None:
+            raise UserError(f"unsupported architecture {names or hf.get('model_type')!r} in config.json: "
+                            f"supported are {', '.join(ARCHITECTURES)}")
+        eos = hf.get("eos_token_id")
+        common = dict(arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                      n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                      max_positions=hf.get("max_position_embeddings", 2048),
+                      tie_embeddings=hf.get("tie_word_embeddings", True),
+                      bos_token_id=hf.get("bos_token_id"),
+                      eos_token_id=eos[0] if isinstance(eos, list) else eos)
+        if arch == "opt":
+            if hf.get("activation_function", "relu") != "relu":
+                raise UserError(f"unsupported OPT activation {hf['activation_function']!r}: only relu")
+            return cls(**common, n_kv_heads=hf["num_attention_heads"], intermediate_size=hf["ffn_dim"],
+                       norm_eps=1e-5, attention_bias=hf.get("enable_bias", True),
+                       pre_norm=hf.get("do_layer_norm_before", True),
+                       embed_dim=hf.get("word_embed_proj_dim", hf["hidden_size"]))
+        if hf.get("rope_scaling"):
+            raise UserError(f"unsupported rope_scaling {hf['rope_scaling']!r} in config.json")
+        rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return cls(**common, n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                   intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=rope_theta, attention_bias=hf.get("attention_bias", False),
+                   embed_dim=hf["hidden_size"])
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, and how many positions are filled."""
+
+    def __init__(self, config: Config, max_len: int, xp=np):
+        shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
+        self.k = xp.zeros(shape, dtype=xp.float32)  # [L, n_kv, max_len, hd]
+        self.v = xp.zeros(shape, dtype=xp.float32)  # [L, n_kv, max_len, hd]
+        self.length = 0
+        self.max_len = max_len
+
+    def store(self, layer: int, k, v):
+        """Write k, v [n_kv, T, hd] at the next T positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]  # [n_kv, S, hd] each
+
+
+class Model:
+    """An OPT or Llama model: float or packed weights, and its forward passes."""
+
+    def __init__(self, config: Config, tensors: dict, xp=np):
+        self.config, self.xp = config, xp
+        prefix = "model.decoder." if config.arch == "opt" else "model."
+        to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if hasattr(a, "to_device")
+                                                     else xp.asarray(a))
+        self.globals = {k[len(prefix):] if k.startswith(prefix) else k: to_device(v)
+                        for k, v in tensors.items() if ".layers." not in k}
+        self.layers = [{} for _ in range(config.n_layers)]
+        for name, value in tensors.items():
+            if ".layers." in name:
+                index, _, suffix = name.split(".layers.", 1)[1].partition(".")
+                self.layers[int(index)][suffix] = to_device(value)
+        self.embed = self.globals["embed_tokens.weight"]  # [vocab, embed_dim]
+        self.lm_head = self.globals.get("lm_head.weight", self.embed)  # [vocab, hidden]
+        self.block = self.llama_block if config.arch == "llama" else self.opt_block
+        self.inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to `max_len` positions (default: the model's context)."""
+        return KVCache(self.config, max_len or self.config.max_positions, self.xp)
+
+    # ---- the two public passes -------------------------------------------------------
+
+    def prefill(self, tokens, cache: KVCache, all_logits: bool = False):
+        """Run T tokens at once after what the cache holds; logits [T, vocab] or of the last [vocab]."""
+        tokens = np.asarray(tokens, dtype=np.int64)  # [T]
+        if cache.length + len(tokens) > cache.max_len:
+            raise UserError(f"{cache.length + len(tokens)} tokens do not fit the context of "
+                            f"{cache.max_len}: shorten the prompt or --max-new-tokens")
+        x = self.embed_tokens(tokens, cache.length)  # [T, d]
+        for i, layer in enumerate(self.layers):
+            x = self.block(layer, x, cache, i, self.attend_prefill)  # [T, d]
+        cache.length += len(tokens)
+        return self.logits(x) if all_logits else self.logits(x[-1:])[0]  # [T, vocab] or [vocab]
+
+    def decode(self, token: int, cache: KVCache):
+        """Run one token after what the cache holds; logits [vocab]."""
+        if cache.length + 1 > cache.max_len:
+            raise UserError(f"the context of {cache.max_len} tokens is full: lower --max-new-tokens")
+        x = self.embed_tokens(np.array([token]), cache.length)  # [1, d]
+        for i, layer in enumerate(self.layers):
+            x = self.block(layer, x, cache, i, self.attend_decode)  # [1, d]
+        cache.length += 1
+        return self.logits(x)[0]  # [vocab]
+
+    # ---- embeddings and head ---------------------------------------------------------
+
+    def embed_tokens(self, tokens, start: int):
+        """Token (and for OPT, learned position) embeddings of tokens at positions start.. ."""
+        xp, g = self.xp, self.globals
+        x = xp.asarray(self.embed[tokens], dtype=xp.float32)  # [T, embed_dim]
+        if self.config.arch == "llama":
+            return x
+        if "project_in.weight" in g:
+            x = linear(x, g["project_in.weight"])  # [T, d]
+        positions = np.arange(start, start + len(tokens)) + 2  # OPT's learned positions are offset by 2
+        return x + g["embed_positions.weight"][positions]  # [T, d]
+
+    def logits(self, x):
+        """Final norm, projection out and LM head: x [T, d] -> logits [T, vocab]."""
+        g = self.globals
+        if self.config.arch == "llama":
+            x = self.rms_norm(x, g["norm.weight"])  # [T, d]
+        else:
+            if "final_layer_norm.weight" in g:
+                x = self.layer_norm(x, g["final_layer_norm.weight"], g["final_layer_norm.bias"])  # [T, d]
+            if "project_out.weight" in g:
+                x = linear(x, g["project_out.weight"])  # [T, embed_dim]
+        return linear(x, self.lm_head)  # [T, vocab]
+
+    # ---- layers ----------------------------------------------------------------------
+
+    def llama_block(self, w: dict, x, cache: KVCache, i: int, attend):
+        """One Llama decoder layer: x + attn(rms(x)), then h + swiglu(rms(h))."""
+        h = x + self.attention(w, self.rms_norm(x, w["input_layernorm.weight"]), cache, i, attend)  # [T, d]
+        n = self.rms_norm(h, w["post_attention_layernorm.weight"])  # [T, d]
+        gate = linear(n, w["mlp.gate_proj.weight"])  # [T, ffn]
+        up = linear(n, w["mlp.up_proj.weight"])  # [T, ffn]
+        silu = gate * (0.5 + 0.5 * self.xp.tanh(0.5 * gate))  # gate·sigmoid(gate), no overflow  [T, ffn]
+        return h + linear(silu * up, w["mlp.down_proj.weight"])  # [T, d]
+
+    def opt_block(self, w: dict, x, cache: KVCache, i: int, attend):
+        """One OPT decoder layer, pre-LN or post-LN (do_layer_norm_before)."""
+        norm = lambda t, name: self.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"])
+        pre = self.config.pre_norm
+        h = x + self.attention(w, norm(x, "self_attn_layer_norm") if pre else x, cache, i, attend)  # [T, d]
+        h = h if pre else norm(h, "self_attn_layer_norm")
+        n = norm(h, "final_layer_norm") if pre else h  # [T, d]
+        f = self.xp.maximum(linear(n, w["fc1.weight"], w["fc1.bias"]), 0)  # [T, ffn]
+        out = h + linear(f, w["fc2.weight"], w["fc2.bias"])  # [T, d]
+        return out if pre else norm(out, "final_layer_norm")
+
+    def attention(self, w: dict, x, cache: KVCache, i: int, attend):
+        """Multi-head (grouped-query) self-attention of x [T, d] against the cache."""
+        c, T = self.config, x.shape[0]
+        out_name = "self_attn.out_proj" if c.arch == "opt" else "self_attn.o_proj"
+        q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))  # [T, H*hd]
+        k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))  # [T, KV*hd]
+        v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))  # [T, KV*hd]
+        q = q.reshape(T, c.n_heads, c.head_dim).transpose(1, 0, 2)  # [H, T, hd]
+        k = k.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+        v = v.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+        if c.arch == "llama":
+            q, k = self.rope(q, cache.length), self.rope(k, cache.length)
+        keys, values = cache.store(i, k, v)  # [KV, S, hd] each
+        o = attend(q, keys, values, cache.length)  # [H, T, hd]
+        o = o.transpose(1, 0, 2).reshape(T, c.n_heads * c.head_dim)  # [T, H*hd]
+        return linear(o, w[f"{out_name}.weight"], w.get(f"{out_name}.bias"))  # [T, d]
+
+    def attend_prefill(self, q, keys, values, start: int):
+        """Causal softmax attention of T queries at positions start.. over S = start+T keys."""
+        xp, c = self.xp, self.config
+        H, T, hd = q.shape
+        S = keys.shape[1]
+        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads * T, hd)  # [KV, G*T, hd]: heads sharing a kv head
+        scores = q @ keys.transpose(0, 2, 1) / np.sqrt(hd)  # [KV, G*T, S]
+        scores = scores.reshape(c.n_kv_heads, H // c.n_kv_heads, T, S)  # [KV, G, T, S]
+        future = xp.arange(S)[None, :] > xp.arange(start, start + T)[:, None]  # [T, S]
+        scores[..., future] = -np.inf
+        p = self.softmax(scores).reshape(c.n_kv_heads, H // c.n_kv_heads * T, S)  # [KV, G*T, S]
+        return (p @ values).reshape(H, T, hd)  # [H, T, hd]
+
+    def attend_decode(self, q, keys, values, start: int):
+        """Softmax attention of one query [H, 1, hd] over all S cached keys (nothing to mask)."""
+        c = self.config
+        H, _, hd = q.shape
+        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, hd)  # [KV, G, hd]
+        p = self.softmax(q @ keys.transpose(0, 2, 1) / np.sqrt(hd))  # [KV, G, S]
+        return (p @ values).reshape(H, 1, hd)  # [H, 1, hd]
+
+    # ---- elementwise pieces ----------------------------------------------------------
+
+    def rope(self, x, start: int):
+        """Rotary embedding, HF half-split layout: x [h, T, hd] at positions start.. ."""
+        xp = self.xp
+        half = x.shape[-1] // 2
+        angles = np.arange(start, start + x.shape[1])[:, None] * self.inv_freq[None, :]  # [T, hd/2]
+        cos = xp.asarray(np.cos(angles), dtype=xp.float32)  # [T, hd/2]
+        sin = xp.asarray(np.sin(angles), dtype=xp.float32)  # [T, hd/2]
+        x1, x2 = x[..., :half], x[..., half:]  # [h, T, hd/2] each
+        return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [h, T, hd]
+
+    def rms_norm(self, x, weight):
+        """x / sqrt(mean(x²) + eps) * weight, over the last axis."""
+        xp = self.xp
+        return x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps) * weight
+
+    def layer_norm(self, x, weight, bias):
+        """(x - mean) / sqrt(var + eps) * weight + bias, over the last axis."""
+        xp = self.xp
+        mean = xp.mean(x, axis=-1, keepdims=True)
+        var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        return (x - mean) / xp.sqrt(var + self.config.norm_eps) * weight + bias
+
+    def softmax(self, s):
+        """Softmax over the last axis, stable for -inf entries."""
+        e = self.xp.exp(s - s.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,49 @@
+"""Generate text from a model: `python run.py --model NAME_OR_PATH "prompt"`.
+
+Streams the continuation to stdout as it is generated, then prints one line
+to stderr with token counts and prefill / decode speed. Bad input gets a
+one-line error and exit status 1.
+"""
+import argparse
+import sys
+
+from runtime.cli import run_cli
+from runtime.device import DEVICES
+from runtime.sampling import SamplingParams
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = SamplingParams()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prompt", help="text to continue (or, with --chat, the user's message)")
+    p.add_argument("--model", default=None,
+                   help="name under models/, HF directory, .gguf or llama2.c .bin (default: smollm2-135m)")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables it")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="1 disables it")
+    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from runtime.api import load
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens)
+    SamplingParams(**options).check()
+    llm = load(args.model, args.device)
+    for piece in llm.stream(args.prompt, chat=args.chat, system=args.system, **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(llm.last_stats.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

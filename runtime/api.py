@@ -1,0 +1,114 @@
+"""The Python API for embedding the runtime in an application.
+
+    from runtime.api import load
+    llm = load("smollm2-135m")                   # once: name, directory or file
+    for piece in llm.stream("Once upon a time", max_new_tokens=40):
+        print(piece, end="", flush=True)
+    text = llm.generate("The capital of France is", temperature=0)
+    result = llm.score("The cat sat on the mat.")  # log-likelihood of each token
+
+The options are those of `run.py` (see `runtime.sampling.SamplingParams`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model import Config, Model
+from runtime.checkpoint import load_checkpoint
+from runtime.device import array_module, to_numpy
+from runtime.errors import UserError
+from runtime.generate import GenerationStats, check_prompt, generate_text
+from runtime.resolve import resolve_model
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class Score:
+    """Log-likelihoods of a text under the model."""
+    token_ids: list            # the tokens of the text (BOS included when the model adds one)
+    logprobs: np.ndarray       # [len(token_ids) - 1]: log p(token i+1 | tokens ..i)
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(-self.logprobs.mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the last axis, computed stably in float64."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_logprobs(model: Model, token_ids) -> np.ndarray:
+    """log p(token i+1 | tokens ..i) for i < T-1, in one prefill: [T-1]."""
+    logits = to_numpy(model.prefill(token_ids[:-1], model.new_cache(len(token_ids)), all_logits=True))
+    logp = log_softmax(logits)  # [T-1, vocab]
+    return logp[np.arange(len(token_ids) - 1), np.asarray(token_ids[1:])]  # [T-1]
+
+
+def load_model(path: Path, device: str = "cpu") -> Model:
+    """The model stored at `path` (any checkpoint the loader reads), on `device`."""
+    hf_config, tensors = load_checkpoint(path)
+    return Model(Config.from_hf(hf_config), tensors, array_module(device))
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer stored with the checkpoint at `path`, or None when it has none (llama2.c)."""
+    if path.suffix == ".bin":
+        return None
+    return Tokenizer.load(path)
+
+
+class LLM:
+    """A loaded model with its tokenizer: generate, stream and score text."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer | None, path: Path):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.last_stats = GenerationStats()
+
+    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list:
+        """Token ids of the prompt, wrapped in the chat template when `chat`."""
+        if self.tokenizer is None:
+            raise UserError(f"{self.path} has no tokenizer: only token ids can be run through it")
+        if not prompt.strip():
+            raise UserError("the prompt is empty: give some text to continue")
+        if chat:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, system), add_bos=False)
+        return self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: str, chat: bool = False, system: str | None = None, **options):
+        """Yield the continuation of `prompt` piece by piece; `options` as SamplingParams."""
+        params = SamplingParams(**options).check()
+        ids = self.encode_prompt(prompt, chat, system)
+        check_prompt(ids, self.model.config.max_positions)
+        self.last_stats = GenerationStats()
+        yield from generate_text(self.model, self.tokenizer, ids, params, self.last_stats)
+
+    def generate(self, prompt: str, chat: bool = False, system: str | None = None, **options) -> str:
+        """The whole continuation of `prompt` as one string."""
+        return "".join(self.stream(prompt, chat, system, **options))
+
+    def score(self, text: str) -> Score:
+        """Log-likelihood of every token of `text` after the first."""
+        ids = self.encode_prompt(text)
+        if len(ids) < 2:
+            raise UserError("scoring needs at least two tokens of text")
+        if len(ids) > self.model.config.max_positions:
+            raise UserError(f"the text is {len(ids)} tokens, longer than the context of "
+                            f"{self.model.config.max_positions}: score it in pieces")
+        return Score(list(ids), token_logprobs(self.model, ids))
+
+
+def load(name_or_path: str | None = None, device: str = "cpu") -> LLM:
+    """Load a model by name (models/NAME), directory or file; None gives the default model."""
+    path = resolve_model(name_or_path)
+    return LLM(load_model(path, device), load_tokenizer(path), path)

@@ -1,0 +1,79 @@
+"""Perplexity with the protocol of the GPTQ paper (Frantar et al. 2022, §4 and its code).
+
+The whole test text is tokenized once; it is cut into non-overlapping windows
+of `seqlen` tokens, the tail that does not fill a window is dropped, and each
+window is run on its own (no state carried over). Every token of a window but
+the first is predicted; ppl = exp(mean negative log-likelihood over all
+predicted tokens).
+
+Each finished window's NLL is saved atomically to a state file, so an
+interrupted evaluation resumes where it stopped and gives the same number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime.api import token_logprobs
+from runtime.errors import UserError
+
+
+def windows_of(token_ids, seqlen: int, limit: int | None = None) -> list:
+    """Non-overlapping windows of `seqlen` tokens, the tail dropped; the first `limit` only."""
+    count = len(token_ids) // seqlen
+    if count == 0:
+        raise UserError(f"the text has {len(token_ids)} tokens, fewer than one window of {seqlen}: "
+                        f"lower --seqlen")
+    if limit is not None:
+        if limit < 1:
+            raise UserError("--windows must be >= 1")
+        count = min(count, limit)
+    return [token_ids[i * seqlen:(i + 1) * seqlen] for i in range(count)]
+
+
+def state_key(model_id: str, token_ids, seqlen: int) -> str:
+    """A name for the resumable state of one (model, text, seqlen) evaluation."""
+    digest = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
+    digest.update(f"{model_id}|{seqlen}".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_state(path: Path | None) -> list:
+    """NLL sums of the windows finished by an earlier run (empty when none)."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["window_nll"])
+    except (ValueError, KeyError):
+        return []  # a damaged state file only costs the windows it held
+
+
+def save_state(path: Path | None, window_nll: list):
+    """Write the finished windows' NLL sums atomically."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"window_nll": window_nll}))
+    os.replace(tmp, path)
+
+
+def perplexity(model, token_ids, seqlen: int, limit: int | None = None, state_path: Path | None = None,
+               progress: bool = True) -> dict:
+    """{"ppl", "tokens" (predicted), "windows", "seqlen"} of the model on `token_ids`."""
+    if seqlen < 2:
+        raise UserError("--seqlen must be >= 2")
+    windows = windows_of(token_ids, seqlen, limit)
+    window_nll = load_state(state_path)[:len(windows)]
+    for window in tqdm(windows[len(window_nll):], desc="perplexity", unit="window", disable=not progress,
+                       initial=len(window_nll), total=len(windows)):
+        window_nll.append(float(-token_logprobs(model, window).sum()))
+        save_state(state_path, window_nll)
+    predicted = len(windows) * (seqlen - 1)
+    return {"ppl": float(np.exp(sum(window_nll) / predicted)), "tokens": predicted,
+            "windows": len(windows), "seqlen": seqlen}
