@@ -20,6 +20,7 @@ names: `layers[i]["self_attn.q_proj.weight"]` is
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,7 +223,7 @@ class Model:
         H, T, hd = q.shape
         S = keys.shape[1]
         q = q.reshape(c.n_kv_heads, H // c.n_kv_heads * T, hd)  # [KV, G*T, hd]: heads sharing a kv head
-        scores = q @ keys.transpose(0, 2, 1) / np.sqrt(hd)  # [KV, G*T, S]
+        scores = q @ keys.transpose(0, 2, 1) / math.sqrt(hd)  # [KV, G*T, S]
         scores = scores.reshape(c.n_kv_heads, H // c.n_kv_heads, T, S)  # [KV, G, T, S]
         future = xp.arange(S)[None, :] > xp.arange(start, start + T)[:, None]  # [T, S]
         scores[..., future] = -np.inf
@@ -234,7 +235,7 @@ class Model:
         c = self.config
         H, _, hd = q.shape
         q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, hd)  # [KV, G, hd]
-        p = self.softmax(q @ keys.transpose(0, 2, 1) / np.sqrt(hd))  # [KV, G, S]
+        p = self.softmax(q @ keys.transpose(0, 2, 1) / math.sqrt(hd))  # [KV, G, S]
         return (p @ values).reshape(H, 1, hd)  # [H, 1, hd]
 
     # ---- elementwise pieces ----------------------------------------------------------

@@ -21,7 +21,8 @@ from runtime.checkpoint import load_checkpoint
 from runtime.device import array_module, to_numpy
 from runtime.errors import UserError
 from runtime.generate import GenerationStats, check_prompt, generate_text
-from runtime.resolve import resolve_model
+from runtime.packed_checkpoint import is_packed_model, load_packed
+from runtime.quantize_model import find_or_build
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ def token_logprobs(model: Model, token_ids) -> np.ndarray:
 
 def load_model(path: Path, device: str = "cpu") -> Model:
     """The model stored at `path` (any checkpoint the loader reads), on `device`."""
-    hf_config, tensors = load_checkpoint(path)
+    hf_config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
     return Model(Config.from_hf(hf_config), tensors, array_module(device))
 
 
@@ -109,6 +110,9 @@ class LLM:
 
 
 def load(name_or_path: str | None = None, device: str = "cpu") -> LLM:
-    """Load a model by name (models/NAME), directory or file; None gives the default model."""
-    path = resolve_model(name_or_path)
+    """Load a model by name (models/NAME, or BASE.TAG built on first use), directory or file.
+
+    None gives the default model.
+    """
+    path = find_or_build(name_or_path)
     return LLM(load_model(path, device), load_tokenizer(path), path)

@@ -50,12 +50,9 @@ def penalize_repetition(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
     return logits
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen=()) -> int:
-    """The next token id from logits [vocab] (float, NumPy)."""
-    logits = penalize_repetition(logits.astype(np.float64), seen, params.repetition_penalty)  # [vocab]
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / params.temperature
+def distribution(logits: np.ndarray, params: SamplingParams, seen=()) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids that may be drawn and their probabilities, from logits [vocab]; temperature > 0."""
+    logits = penalize_repetition(logits.astype(np.float64), seen, params.repetition_penalty) / params.temperature
     order = np.argsort(-logits, kind="stable")  # token ids, most likely first
     if params.top_k:
         order = order[:params.top_k]
@@ -64,4 +61,12 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.top_p < 1:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1  # smallest prefix reaching p
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(len(order), p=probs)])
+    return order, probs
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen=()) -> int:
+    """The next token id from logits [vocab] (float, NumPy)."""
+    if params.temperature == 0:
+        return int(np.argmax(penalize_repetition(logits, seen, params.repetition_penalty)))
+    ids, probs = distribution(logits, params, seen)
+    return int(ids[rng.choice(len(ids), p=probs)])

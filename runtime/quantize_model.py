@@ -1,0 +1,121 @@
+"""Quantize every linear layer of a checkpoint with a method and save the packed model.
+
+The driver behind `quantize.py` and behind `run.py --model BASE.TAG` when the
+quantized model is not built yet. Every decoder projection (Llama: q, k, v,
+o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2) goes through the
+method. As llama.cpp does for this project's default model (its Q4_1 file
+keeps `token_embd` at Q8_0), the LM head is kept at 8 bits (per-row
+round-to-nearest) and the token embedding in float16, whatever the method.
+The output directory is written under a temporary name and renamed at the
+end, so an interrupted run leaves no half-written model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+
+from model import Config
+from runtime.checkpoint import load_checkpoint
+from runtime.errors import UserError
+from runtime.packed_checkpoint import save_packed
+from runtime.resolve import MODELS_DIR, resolve_model
+from runtime.tags import QuantSpec, parse_tag
+from runtime.tokenizer import Tokenizer
+
+PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+               "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "fc1", "fc2")}
+HEAD_SPEC = QuantSpec("rtn", 8, 0, {"sym"})
+
+
+def projection_names(config: Config) -> list[str]:
+    """Checkpoint names of every decoder projection weight, layer by layer."""
+    prefix = "model.decoder.layers" if config.arch == "opt" else "model.layers"
+    return [f"{prefix}.{i}.{p}.weight" for i in range(config.n_layers) for p in PROJECTIONS[config.arch]]
+
+
+def rtn_quantize(weight: np.ndarray, spec: QuantSpec):
+    """Round-to-nearest with the settings of `spec`."""
+    import rtn
+    params = rtn.RTNParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
+                           mse_clip="mse" in spec.options, per_tensor="tensor" in spec.options)
+    return rtn.quantize(np.asarray(weight, dtype=np.float32), params)
+
+
+METHODS = {"rtn": rtn_quantize}
+
+
+def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True) -> dict:
+    """The model's tensors with projections packed by the method, head at 8 bits, embedding in float16."""
+    names = projection_names(config)
+    method = METHODS[spec.method]
+    out = {name: value for name, value in tensors.items() if name not in names}
+    for name in tqdm(names, desc=f"quantizing {spec.tag}", unit="linear", disable=not progress):
+        out[name] = method(tensors[name], spec)
+    embed_name = "model.decoder.embed_tokens.weight" if config.arch == "opt" else "model.embed_tokens.weight"
+    out["lm_head.weight"] = rtn_quantize(tensors.get("lm_head.weight", tensors[embed_name]), HEAD_SPEC)
+    out[embed_name] = np.asarray(tensors[embed_name], dtype=np.float16)
+    return out
+
+
+def copy_tokenizer(base: Path, directory: Path) -> None:
+    """The base model's tokenizer, saved into `directory`."""
+    Tokenizer.load(base).save(directory)
+
+
+def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool = True) -> Path:
+    """Quantize the checkpoint at `base` as `spec` says and write it to `out_dir`, atomically."""
+    hf_config, tensors = load_checkpoint(base)
+    config = Config.from_hf(hf_config)
+    start = time.perf_counter()
+    packed = quantize_tensors(config, tensors, spec, progress)
+    hf_config = dict(hf_config, quantization={
+        "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+        "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
+        "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
+        "seconds": round(time.perf_counter() - start, 2)})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_packed(tmp, hf_config, packed)
+        copy_tokenizer(base, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def split_quantized_name(name: str) -> tuple[str, str] | None:
+    """("smollm2-135m", "rtn4g128") for "smollm2-135m.rtn4g128"; None when there is no tag."""
+    base, dot, tag = name.rpartition(".")
+    return (base, tag) if dot and base and tag and "/" not in tag else None
+
+
+def find_or_build(name: str | None, progress: bool = True) -> Path:
+    """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE."""
+    try:
+        return resolve_model(name)
+    except UserError:
+        parts = split_quantized_name(name or "")
+        if parts is None:
+            raise
+    base, tag = parts
+    spec = parse_tag(tag)
+    base_path = resolve_model(base)
+    out_dir = MODELS_DIR / f"{Path(base).name}.{spec.tag}"
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    if progress:
+        print(f"{name} is not built yet: quantizing {base_path} with {spec.tag} ...", flush=True)
+    return build_quantized(base_path, spec, out_dir, progress)

@@ -1,0 +1,29 @@
+"""Shared test fixtures: paths of the real data and of the built default model."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data"
+SMOLLM2_DIR = ROOT / "models" / "smollm2-135m"
+SMOLLM2_GGUF = ROOT / "models" / "smollm2-135m.Q4_1.gguf"
+STORIES260K = DATA / "models" / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted default model (built by `make install`)."""
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip("models/smollm2-135m not built: run `make install`")
+    return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The GGUF file of the default model (fetched by `make install`)."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip("models/smollm2-135m.Q4_1.gguf not fetched: run `make install`")
+    return SMOLLM2_GGUF

@@ -1,0 +1,95 @@
+"""The command-line tools: bad input gets its one-line message and a non-zero exit, never a traceback."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, ROOT
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny Llama with the real Llama 2 SentencePiece tokenizer, saved HF-style."""
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32000,
+                                      max_position_embeddings=24, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    shutil.copy(DATA / "tokenizers" / "llama2" / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_fails_with(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_generates_text_and_prints_stats(tiny_model):
+    result = run("run.py", "--model", str(tiny_model), "--max-new-tokens", "5", "--seed", "1", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "prompt 2 tokens" in result.stderr and "decode" in result.stderr
+
+
+def test_unknown_opt_name_says_where_to_put_it():
+    assert_fails_with(run("run.py", "--model", "opt-1.3b", "hi"), "facebook/opt-1.3b")
+
+
+def test_unknown_name_lists_what_exists():
+    assert_fails_with(run("run.py", "--model", "no-such-model", "hi"), "not found")
+
+
+def test_truncated_weights(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert_fails_with(run("run.py", "--model", str(broken), "hi"), "truncated or corrupt")
+
+
+def test_unsupported_architecture(tiny_model, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(architectures=["BloomForCausalLM"], model_type="bloom")
+    (other / "config.json").write_text(json.dumps(config))
+    assert_fails_with(run("run.py", "--model", str(other), "hi"), "unsupported architecture")
+
+
+def test_empty_prompt(tiny_model):
+    assert_fails_with(run("run.py", "--model", str(tiny_model), "   "), "prompt is empty")
+
+
+def test_prompt_longer_than_context(tiny_model):
+    assert_fails_with(run("run.py", "--model", str(tiny_model), "word " * 40), "longer than the model's context")
+
+
+@pytest.mark.parametrize("option,value", [("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-5"),
+                                          ("--max-new-tokens", "0")])
+def test_option_out_of_range(tiny_model, option, value):
+    assert_fails_with(run("run.py", "--model", str(tiny_model), option, value, "hi"), option)
+
+
+def test_eval_reports_perplexity_as_json(tiny_model):
+    result = run("eval.py", "--model", str(tiny_model), "--seqlen", "16", "--windows", "3", "--json",
+                 "--no-resume")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["windows"] == 3 and out["tokens"] == 45 and 1.0 < out["ppl"] < 1e6
+
+
+def test_eval_unknown_dataset():
+    result = run("eval.py", "--dataset", "c4")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
