@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 from model import Config
 from runtime.checkpoint import load_checkpoint
-from runtime.errors import UserError
 from runtime.packed_checkpoint import save_packed
-from runtime.resolve import MODELS_DIR, resolve_model
+from runtime.resolve import MODELS_DIR, find_model, resolve_model
 from runtime.tags import QuantSpec, parse_tag
 from runtime.tokenizer import Tokenizer
 
@@ -104,15 +103,15 @@ def split_quantized_name(name: str) -> tuple[str, str] | None:
 
 def find_or_build(name: str | None, progress: bool = True) -> Path:
     """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE."""
-    try:
-        return resolve_model(name)
-    except UserError:
-        parts = split_quantized_name(name or "")
-        if parts is None:
-            raise
+    path = find_model(name)
+    if path is not None:
+        return path
+    parts = split_quantized_name(name or "")
+    base_path = find_model(parts[0]) if parts else None
+    if base_path is None:
+        return resolve_model(name)  # raises the error that says what to do
     base, tag = parts
     spec = parse_tag(tag)
-    base_path = resolve_model(base)
     out_dir = MODELS_DIR / f"{Path(base).name}.{spec.tag}"
     if (out_dir / "config.json").is_file():
         return out_dir

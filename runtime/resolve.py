@@ -8,6 +8,7 @@ gets a one-line error that says what to do.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from runtime.errors import UserError
@@ -26,8 +27,9 @@ def available_models(models_dir: Path = MODELS_DIR) -> list[str]:
 
 def not_found(name: str, models_dir: Path) -> UserError:
     """The error for a name that resolves to nothing, with what to do about it."""
-    base = name.split("/")[-1].split(".")[0]
-    if base.startswith("opt-"):
+    opt = re.match(r"opt-\d+(?:\.\d+)?[mb]", name.split("/")[-1])
+    base = opt[0] if opt else name.split("/")[-1].split(".")[0]
+    if opt:
         return UserError(f"model {name!r} not found: download the Hugging Face directory facebook/{base} "
                          f"(config.json, pytorch_model.bin or *.safetensors, vocab.json, merges.txt) "
                          f"into {models_dir / base}/")
@@ -39,8 +41,8 @@ def not_found(name: str, models_dir: Path) -> UserError:
                      f"llama2.c .bin file, or a name under {models_dir}/ (available: {names})")
 
 
-def resolve_model(name: str | None, models_dir: Path = MODELS_DIR) -> Path:
-    """The checkpoint path (directory or file) that `name` stands for."""
+def find_model(name: str | None, models_dir: Path = MODELS_DIR) -> Path | None:
+    """The checkpoint path (directory or file) that `name` stands for, or None."""
     name = name or DEFAULT_MODEL
     path = Path(name).expanduser()
     if path.exists():
@@ -48,4 +50,12 @@ def resolve_model(name: str | None, models_dir: Path = MODELS_DIR) -> Path:
     candidate = models_dir / name
     if (candidate / "config.json").is_file() or candidate.is_file():
         return candidate
-    raise not_found(name, models_dir)
+    return None
+
+
+def resolve_model(name: str | None, models_dir: Path = MODELS_DIR) -> Path:
+    """The checkpoint path that `name` stands for; UserError saying what to do when there is none."""
+    path = find_model(name, models_dir)
+    if path is None:
+        raise not_found(name or DEFAULT_MODEL, models_dir)
+    return path
