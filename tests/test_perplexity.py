@@ -1,0 +1,54 @@
+"""Perplexity protocol: windows, the exp-mean-NLL formula against transformers' loss, and resuming."""
+import numpy as np
+import pytest
+
+from model import Config, Model
+from runtime.errors import UserError
+from runtime.perplexity import perplexity, windows_of
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, initializer_range=0.3)).eval()
+    ours = Model(Config.from_hf(hf.config.to_dict()), {k: v.numpy() for k, v in hf.state_dict().items()})
+    return hf, ours
+
+
+def test_windows_drop_the_tail():
+    windows = windows_of(list(range(10)), 3)
+    assert [list(w) for w in windows] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert len(windows_of(list(range(10)), 3, limit=2)) == 2
+    with pytest.raises(UserError, match="fewer than one window"):
+        windows_of([1, 2], 3)
+
+
+def test_matches_transformers_loss(tiny):
+    """GPTQ's eval: exp of the mean of transformers' per-window cross-entropy loss."""
+    hf, ours = tiny
+    ids = np.random.default_rng(0).integers(0, 50, 100)
+    with torch.no_grad():
+        losses = [hf(torch.tensor(w[None]), labels=torch.tensor(w[None])).loss.item() for w in windows_of(ids, 16)]
+    result = perplexity(ours, ids, 16, progress=False)
+    assert result["windows"] == 6 and result["tokens"] == 6 * 15
+    assert result["ppl"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_number(tiny, tmp_path):
+    _, ours = tiny
+    ids = np.random.default_rng(1).integers(0, 50, 200)
+    state = tmp_path / "state.json"
+    fresh = perplexity(ours, ids, 20, progress=False)
+    perplexity(ours, ids, 20, limit=4, state_path=state, progress=False)  # "interrupted" after 4 windows
+    calls = []
+    original = ours.prefill
+    ours.prefill = lambda *a, **k: calls.append(1) or original(*a, **k)
+    resumed = perplexity(ours, ids, 20, state_path=state, progress=False)
+    ours.prefill = original
+    assert len(calls) == fresh["windows"] - 4  # only the missing windows were run
+    assert resumed["ppl"] == fresh["ppl"]
