@@ -18,10 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from runtime.atomic import atomic_directory
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.cli import run_cli
 from runtime.errors import UserError
@@ -70,15 +70,9 @@ def convert(gguf: Path, out_dir: Path) -> None:
     """Write the float checkpoint of `gguf` to `out_dir` (an HF-style directory), atomically."""
     config, tensors = load_checkpoint(gguf)
     config["source_gguf_sha256"] = GGUF_SHA256
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_checkpoint(tmp, config, tensors)
         Tokenizer.load(gguf).save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_converted(out_dir: Path) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime.atomic import write_text
 from runtime.errors import UserError
 from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
@@ -40,7 +41,7 @@ def save_packed(directory: Path, config: dict, tensors: dict) -> None:
         else:
             arrays[name] = value
     write_safetensors(Path(directory) / WEIGHTS, arrays, metadata)
-    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2))
+    write_text(Path(directory) / "config.json", json.dumps(config, indent=2))
 
 
 def load_packed(directory: Path) -> tuple[dict, dict]:

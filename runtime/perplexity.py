@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from runtime.api import token_logprobs
+from runtime.atomic import write_text
 from runtime.errors import UserError
 
 
@@ -58,9 +58,7 @@ def save_state(path: Path | None, window_nll: list):
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"window_nll": window_nll}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"window_nll": window_nll}))
 
 
 def perplexity(model, token_ids, seqlen: int, limit: int | None = None, state_path: Path | None = None,

@@ -11,10 +11,6 @@ end, so an interrupted run leaves no half-written model.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from tqdm import tqdm
 
 
 from model import Config
+from runtime.atomic import atomic_directory
 from runtime.checkpoint import load_checkpoint
 from runtime.packed_checkpoint import save_packed
 from runtime.resolve import MODELS_DIR, find_model, resolve_model
@@ -82,16 +79,9 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
         "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
         "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
         "seconds": round(time.perf_counter() - start, 2)})
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_packed(tmp, hf_config, packed)
         copy_tokenizer(base, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

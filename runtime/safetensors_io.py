@@ -19,14 +19,13 @@ renames it into place, so a crash never leaves a half-written file behind.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from runtime.atomic import atomic_file
 from runtime.errors import UserError
 
 # safetensors dtype code -> NumPy dtype (little-endian); BF16 is read as its raw bits.
@@ -162,22 +161,3 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         f.write(raw)
         for name in order:
             f.write(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8))  # [nbytes]
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike):
-    """Open a temporary file beside `path` for binary writing; rename it onto `path` on success.
-
-    Readers see either the old file or the complete new one, never a partial
-    write; on an exception the temporary file is removed.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

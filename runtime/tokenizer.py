@@ -24,8 +24,6 @@ that is new and complete (the method of HF text-generation-inference's
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -35,6 +33,7 @@ import tokenizers
 from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
+from runtime.atomic import write_text
 from runtime.errors import UserError
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
@@ -306,8 +305,8 @@ class Tokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(directory / "tokenizer.json", backend.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_text(directory / "tokenizer.json", backend.to_str(pretty=True))
+        write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 class StreamDecoder:
@@ -458,15 +457,3 @@ def _hf_chat_template(directory):
 
 def _raise_template_error(message):
     raise UserError(f"the model's chat template refused the conversation: {message}")
-
-
-def _write_atomic(path, text):
-    """Write `text` to `path` through a temporary file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,0 +1,168 @@
+"""Load a llama-architecture GGUF file as an HF-style config and HF-named float32 tensors.
+
+Follows the GGUF spec (ggml docs/gguf.md: key names `llama.*`, `tokenizer.ggml.*`,
+tensor names `token_embd`, `blk.N.attn_q`, ...) and undoes the one layout change
+llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) makes to
+Hugging Face weights: it reorders the rows of attn_q and attn_k so that RoPE
+rotates adjacent pairs (x0, x1), (x2, x3), ... as in Meta's original Llama,
+instead of HF's halves (x0, x_{d/2}), (x1, x_{d/2+1}), ...:
+
+    gguf_rows = hf.reshape(n_head, 2, head_dim // 2, in).swapaxes(1, 2).reshape(out, in)
+
+so within each head, GGUF row 2j is HF row j and GGUF row 2j+1 is HF row
+j + head_dim/2. `interleaved_to_half_split` inverts it (llama2.c's wq/wk use
+the same interleaved order). Quantized tensors are dequantized with the
+`gguf` package's reference NumPy code (`gguf.quants.dequantize`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.safetensors_io import corrupt
+
+# GGUF tensor names outside the blocks -> HF names.
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# GGUF per-block tensor names -> HF per-layer names.
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def interleaved_to_half_split(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder Q or K rows (weight [out, in] or bias [out]) from interleaved-pair to HF half-split RoPE order."""
+    head_dim = w.shape[0] // n_head
+    per_head = w.reshape(n_head, head_dim // 2, 2, *w.shape[1:])  # [n_head, head_dim/2, 2, (in)]
+    return per_head.swapaxes(1, 2).reshape(w.shape)  # [out, (in)]
+
+
+def half_split_to_interleaved(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse: HF half-split rows -> interleaved pairs, as llama.cpp's converter writes them."""
+    head_dim = w.shape[0] // n_head
+    per_head = w.reshape(n_head, 2, head_dim // 2, *w.shape[1:])  # [n_head, 2, head_dim/2, (in)]
+    return per_head.swapaxes(1, 2).reshape(w.shape)  # [out, (in)]
+
+
+def metadata_value(reader: gguf.GGUFReader, key: str, default=None):
+    """The value of a GGUF metadata key (a Python scalar, str or list), or `default`."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def required_value(reader: gguf.GGUFReader, key: str):
+    """The value of a metadata key the model cannot do without; UserError when it is absent."""
+    value = metadata_value(reader, key)
+    if value is None:
+        raise UserError(f"GGUF file lacks metadata key {key!r}; re-convert it with a current llama.cpp")
+    return value
+
+
+def short_float(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def hf_name(name: str) -> str:
+    """Map a GGUF tensor name to its HF Llama name; UserError for a tensor we do not know."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    match = BLOCK_TENSOR.fullmatch(name)
+    if match is None or match.group(2) not in LAYER_NAMES:
+        raise UserError(f"GGUF tensor {name!r} is not part of a plain Llama model and is not supported; "
+                        "use a GGUF converted from a standard Llama checkpoint")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+
+
+def read_config(reader: gguf.GGUFReader, tensors: dict[str, np.ndarray]) -> dict:
+    """Build an HF LlamaConfig-style dict from the GGUF metadata and the tensors' shapes."""
+    hidden = int(required_value(reader, "llama.embedding_length"))
+    n_head = int(required_value(reader, "llama.attention.head_count"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(required_value(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(required_value(reader, "llama.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(metadata_value(reader, "llama.attention.head_count_kv", n_head)),
+        "head_dim": int(metadata_value(reader, "llama.attention.key_length", hidden // n_head)),
+        "rms_norm_eps": short_float(required_value(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": short_float(metadata_value(reader, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(required_value(reader, "llama.context_length")),
+        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    scaling = metadata_value(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none":
+        config["rope_scaling"] = {"rope_type": scaling,
+                                  "factor": short_float(required_value(reader, "llama.rope.scaling.factor"))}
+    return config
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a llama GGUF file; return (HF-style config, {HF name: float32 array [out, in]}).
+
+    Every tensor type the `gguf` package can dequantize is accepted; F32
+    tensors stay memory-mapped views, the others are dequantized into RAM.
+    Q and K rows come back in HF half-split RoPE order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; check the model path or rebuild/re-download it")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails in many ways on a damaged file; all mean the same to the user
+        raise corrupt(path, f"{type(e).__name__}: {e}") from None
+    return read_llama(reader, path)
+
+
+def read_llama(reader: gguf.GGUFReader, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The config and HF-named float32 tensors of an opened GGUF file (`path` names it in errors)."""
+    architecture = metadata_value(reader, "general.architecture")
+    if architecture != "llama":
+        raise UserError(f"{path} has GGUF architecture {architecture!r}; only 'llama' is supported")
+    n_head = int(required_value(reader, "llama.attention.head_count"))
+    n_head_kv = int(metadata_value(reader, "llama.attention.head_count_kv", n_head))
+    tensors = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be "
+                            "dequantized; re-convert the model with a common type (F16, Q8_0, Q4_K, ...)") from None
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists ne0 (the row length) first
+        values = values.astype(np.float32, copy=False).reshape(shape)  # [out, in] or [n]
+        if ".self_attn.q_proj." in name:
+            values = interleaved_to_half_split(values, n_head)
+        elif ".self_attn.k_proj." in name:
+            values = interleaved_to_half_split(values, n_head_kv)
+        tensors[name] = values
+    if "model.embed_tokens.weight" not in tensors:
+        raise corrupt(path, "it has no token_embd.weight tensor")
+    return read_config(reader, tensors), tensors
