@@ -11,7 +11,6 @@ from runtime.cli import run_cli
 from runtime.datasets import DATASETS, load_dataset
 from runtime.device import DEVICES
 from runtime.errors import UserError
-from runtime.resolve import PROJECT_ROOT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,15 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     from runtime.api import load
-    from runtime.perplexity import perplexity, state_key
+    from runtime.perplexity import perplexity, state_path
     text = load_dataset(args.dataset)
     llm = load(args.model, args.device)
     if llm.tokenizer is None:
         raise UserError(f"{llm.path} has no tokenizer, so it cannot read {args.dataset}")
     seqlen = min(args.seqlen, llm.model.config.max_positions)
     ids = llm.tokenizer.encode(text)
-    model_id = f"{llm.path.resolve()}@{llm.path.stat().st_mtime_ns}"
-    state = PROJECT_ROOT / ".cache" / "perplexity" / f"{state_key(model_id, ids, seqlen)}.json"
+    state = state_path(llm.path, ids, seqlen)
     if args.no_resume and state.exists():
         state.unlink()
     result = perplexity(llm.model, ids, seqlen, args.windows, state, progress=not args.json)

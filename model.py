@@ -28,6 +28,7 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.linear import linear
 
+PREFILL_BLOCK = 256  # queries per attention block in prefill
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "OPTForCausalLM": "opt"}
 
 
@@ -218,17 +219,23 @@ class Model:
         return linear(o, w[f"{out_name}.weight"], w.get(f"{out_name}.bias"))  # [T, d]
 
     def attend_prefill(self, q, keys, values, start: int):
-        """Causal softmax attention of T queries at positions start.. over S = start+T keys."""
+        """Causal softmax attention of T queries at positions start.. over S = start+T keys.
+
+        Queries go in blocks of PREFILL_BLOCK, each against the keys it may see, so the work
+        and the score buffer shrink with the causal mask.
+        """
         xp, c = self.xp, self.config
         H, T, hd = q.shape
-        S = keys.shape[1]
-        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads * T, hd)  # [KV, G*T, hd]: heads sharing a kv head
-        scores = q @ keys.transpose(0, 2, 1) / math.sqrt(hd)  # [KV, G*T, S]
-        scores = scores.reshape(c.n_kv_heads, H // c.n_kv_heads, T, S)  # [KV, G, T, S]
-        future = xp.arange(S)[None, :] > xp.arange(start, start + T)[:, None]  # [T, S]
-        scores[..., future] = -np.inf
-        p = self.softmax(scores).reshape(c.n_kv_heads, H // c.n_kv_heads * T, S)  # [KV, G*T, S]
-        return (p @ values).reshape(H, T, hd)  # [H, T, hd]
+        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, T, hd)  # [KV, G, T, hd]: heads sharing a kv head
+        out = xp.empty_like(q)  # [KV, G, T, hd]
+        for s in range(0, T, PREFILL_BLOCK):
+            e = min(T, s + PREFILL_BLOCK)
+            seen = start + e  # keys visible to the block's last query
+            scores = q[:, :, s:e] @ keys[:, None, :seen].transpose(0, 1, 3, 2) / math.sqrt(hd)  # [KV, G, b, S]
+            future = xp.arange(seen)[None, :] > xp.arange(start + s, start + e)[:, None]  # [b, S]
+            scores = xp.where(future, -xp.inf, scores)  # [KV, G, b, S]
+            out[:, :, s:e] = self.softmax(scores) @ values[:, None, :seen]  # [KV, G, b, hd]
+        return out.reshape(H, T, hd)
 
     def attend_decode(self, q, keys, values, start: int):
         """Softmax attention of one query [H, 1, hd] over all S cached keys (nothing to mask)."""

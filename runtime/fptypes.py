@@ -116,9 +116,8 @@ def encode(x, fmt: FloatFormat, saturate: bool = False) -> np.ndarray:
         raise UserError(f"{fmt.name} has no NaN code: remove NaNs from the input before encoding")
     man = fmt.mantissa_bits
     sign = np.signbit(x).astype(np.int64)
-    a = np.abs(x.astype(np.float64))
-    finite = np.isfinite(a)
-    a = np.where(finite, a, 0.0)
+    finite = np.isfinite(x)
+    a = np.abs(np.where(finite, x, 0).astype(np.float64))  # (inf and NaN are coded below)
     _, e = np.frexp(a)  # a = m * 2**e with m in [0.5, 1)
     exp = np.maximum(e.astype(np.int64) - 1, fmt.emin)  # binade of a; subnormals share emin
     q = np.rint(np.ldexp(a, man - exp)).astype(np.int64)  # a / quantum, rounded half to even

@@ -21,6 +21,9 @@ from tqdm import tqdm
 from runtime.api import token_logprobs
 from runtime.atomic import write_text
 from runtime.errors import UserError
+from runtime.resolve import PROJECT_ROOT
+
+STATE_DIR = PROJECT_ROOT / ".cache" / "perplexity"
 
 
 def windows_of(token_ids, seqlen: int, limit: int | None = None) -> list:
@@ -36,11 +39,14 @@ def windows_of(token_ids, seqlen: int, limit: int | None = None) -> list:
     return [token_ids[i * seqlen:(i + 1) * seqlen] for i in range(count)]
 
 
-def state_key(model_id: str, token_ids, seqlen: int) -> str:
-    """A name for the resumable state of one (model, text, seqlen) evaluation."""
+def state_path(model_path: Path, token_ids, seqlen: int) -> Path:
+    """Where the resumable state of one (model, text, seqlen) evaluation lives.
+
+    The key includes the model directory's modification time, so a rebuilt model starts afresh.
+    """
     digest = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
-    digest.update(f"{model_id}|{seqlen}".encode())
-    return digest.hexdigest()[:24]
+    digest.update(f"{Path(model_path).resolve()}@{Path(model_path).stat().st_mtime_ns}|{seqlen}".encode())
+    return STATE_DIR / f"{digest.hexdigest()[:24]}.json"
 
 
 def load_state(path: Path | None) -> list:

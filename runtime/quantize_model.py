@@ -47,7 +47,15 @@ def rtn_quantize(weight: np.ndarray, spec: QuantSpec):
     return rtn.quantize(np.asarray(weight, dtype=np.float32), params)
 
 
-METHODS = {"rtn": rtn_quantize}
+def lut4_quantize(weight: np.ndarray, spec: QuantSpec):
+    """NF4 or FP4 blockwise (QLoRA) with the settings of `spec`; blocks of 64 unless a group is given."""
+    import nf4
+    params = nf4.NF4Params(dtype=f"{spec.method}4", block_size=spec.group_size or nf4.NF4Params.block_size,
+                           double_quant="dq" in spec.options)
+    return nf4.quantize(np.asarray(weight, dtype=np.float32), params)
+
+
+METHODS = {"rtn": rtn_quantize, "nf": lut4_quantize, "fp": lut4_quantize}
 
 
 def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True) -> dict:

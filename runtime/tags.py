@@ -3,12 +3,14 @@
 A quantized model is named `BASE.TAG`, e.g. `smollm2-135m.rtn4g128`:
 
     TAG     = METHOD BITS [ "g" GROUP ] { OPTION }
-    METHOD  = "rtn" | ...            (one per method file; see METHODS)
-    BITS    = 2 | 3 | 4 | 8          (what the method supports)
-    GROUP   = input columns sharing one scale (32, 64, 128, ...); absent = one scale per row
-    OPTION  = "sym"     symmetric grid (no zero point)
-            | "mse"     MSE-optimal clipping search
-            | "tensor"  one scale for the whole tensor
+    METHOD  = "rtn"                  round-to-nearest (rtn.py), BITS 2 | 3 | 4 | 8
+            | "nf" | "fp"            NF4 / FP4 of QLoRA (nf4.py), BITS 4
+    GROUP   = weights sharing one scale: rtn, a multiple of 32 (absent: one per row);
+              nf / fp, a multiple of 8 (absent: 64)
+    OPTION  = "sym"     rtn: symmetric grid (no zero point)
+            | "mse"     rtn: MSE-optimal clipping search
+            | "tensor"  rtn: one scale for the whole tensor
+            | "dq"      nf / fp: double quantization of the scales
 
 A tag is a request: the saved model's config.json records the method and its
 parameters, and that record, never the name, is what the loader trusts.
@@ -20,10 +22,12 @@ from dataclasses import dataclass, field
 
 from runtime.errors import UserError
 
-TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<options>(?:sym|mse|tensor)*)$")
-OPTIONS = ("sym", "mse", "tensor")
-METHOD_BITS = {"rtn": (2, 3, 4, 8)}
-EXAMPLES = "rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor"
+TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<options>(?:sym|mse|tensor|dq)*)$")
+OPTIONS = ("sym", "mse", "tensor", "dq")
+METHOD_BITS = {"rtn": (2, 3, 4, 8), "nf": (4,), "fp": (4,)}
+METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "nf": {"dq"}, "fp": {"dq"}}
+GROUP_MULTIPLE = {"rtn": 32, "nf": 8, "fp": 8}
+EXAMPLES = "rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, nf4, nf4dq, fp4, nf4g128"
 
 
 @dataclass
@@ -51,9 +55,12 @@ def parse_tag(tag: str) -> QuantSpec:
     if bits not in METHOD_BITS[method]:
         raise UserError(f"tag {tag!r}: {method} supports {', '.join(map(str, METHOD_BITS[method]))} bits")
     options = set(re.findall("|".join(OPTIONS), match["options"]))
+    if options - METHOD_OPTIONS[method]:
+        raise UserError(f"tag {tag!r}: {method} takes the options {', '.join(sorted(METHOD_OPTIONS[method]))}")
     group = int(match["group"] or 0)
     if group and "tensor" in options:
         raise UserError(f"tag {tag!r}: a group size and 'tensor' exclude each other")
-    if match["group"] is not None and (group < 8 or group % 8):
-        raise UserError(f"tag {tag!r}: the group size must be a multiple of 8 (e.g. 32, 64, 128)")
+    multiple = GROUP_MULTIPLE[method]
+    if match["group"] is not None and (group < multiple or group % multiple):
+        raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} (e.g. 32, 64, 128)")
     return QuantSpec(method, bits, group, options)
