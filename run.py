@@ -18,6 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("prompt", help="text to continue (or, with --chat, the user's message)")
     p.add_argument("--model", default=None,
                    help="name under models/, HF directory, .gguf or llama2.c .bin (default: smollm2-135m)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="PEFT LoRA adapter directory to apply on top of the model (float or quantized)")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -37,7 +39,7 @@ def main(argv=None):
                    repetition_penalty=args.repetition_penalty, seed=args.seed,
                    max_new_tokens=args.max_new_tokens)
     SamplingParams(**options).check()
-    llm = load(args.model, args.device)
+    llm = load(args.model, args.device, lora=args.lora)
     for piece in llm.stream(args.prompt, chat=args.chat, system=args.system, **options):
         sys.stdout.write(piece)
         sys.stdout.flush()

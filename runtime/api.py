@@ -6,6 +6,7 @@
         print(piece, end="", flush=True)
     text = llm.generate("The capital of France is", temperature=0)
     result = llm.score("The cat sat on the mat.")  # log-likelihood of each token
+    tuned = load("smollm2-135m.nf4", lora="my-adapter")  # a PEFT LoRA adapter on top
 
 The options are those of `run.py` (see `runtime.sampling.SamplingParams`).
 """
@@ -21,6 +22,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.device import array_module, to_numpy
 from runtime.errors import UserError
 from runtime.generate import GenerationStats, check_prompt, generate_text
+from runtime.lora import apply_lora, load_adapter
 from runtime.packed_checkpoint import is_packed_model, load_packed
 from runtime.quantize_model import find_or_build
 from runtime.sampling import SamplingParams
@@ -56,9 +58,13 @@ def token_logprobs(model: Model, token_ids) -> np.ndarray:
     return logp[np.arange(len(token_ids) - 1), np.asarray(token_ids[1:])]  # [T-1]
 
 
-def load_model(path: Path, device: str = "cpu") -> Model:
-    """The model stored at `path` (any checkpoint the loader reads), on `device`."""
+def load_model(path: Path, device: str = "cpu", lora: str | None = None) -> Model:
+    """The model stored at `path` (any checkpoint the loader reads), on `device`, with the LoRA
+    adapter in directory `lora` applied at run time when given."""
+    adapter = load_adapter(lora) if lora is not None else None  # a bad adapter fails before the model loads
     hf_config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
+    if adapter is not None:
+        tensors = apply_lora(tensors, adapter)
     return Model(Config.from_hf(hf_config), tensors, array_module(device))
 
 
@@ -109,10 +115,11 @@ class LLM:
         return Score(list(ids), token_logprobs(self.model, ids))
 
 
-def load(name_or_path: str | None = None, device: str = "cpu") -> LLM:
+def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None = None) -> LLM:
     """Load a model by name (models/NAME, or BASE.TAG built on first use), directory or file.
 
-    None gives the default model.
+    None gives the default model. `lora`: a PEFT LoRA adapter directory to apply on top
+    (float or quantized base; see runtime/lora.py).
     """
     path = find_or_build(name_or_path)
-    return LLM(load_model(path, device), load_tokenizer(path), path)
+    return LLM(load_model(path, device, lora), load_tokenizer(path), path)
