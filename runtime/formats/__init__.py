@@ -7,7 +7,8 @@ import importlib
 from runtime.errors import UserError
 
 FORMAT_CLASSES = {"uniform": "runtime.formats.uniform.UniformTensor",
-                  "lut4": "runtime.formats.lut4.Lut4Tensor"}
+                  "lut4": "runtime.formats.lut4.Lut4Tensor",
+                  "int8": "runtime.formats.int8.Int8Tensor"}
 
 
 def format_class(name: str):

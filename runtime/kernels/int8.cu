@@ -1,0 +1,82 @@
+// CUDA kernels of the int8 format (LLM.int8 / SmoothQuant W8A8); layout and
+// definition in runtime/formats/int8.py, launchers in runtime/kernels/int8_cuda.py.
+//
+// int8_quantize_tokens: one thread block per row r of x [m, in]:
+//   absmax over the columns that are not outliers (block reduction), or the
+//   given per-tensor absmax; sx[r] = absmax / 127 (1 when absmax is 0);
+//   xq[r, i] = rint(x[r, i] / sx[r]) (ties to even), 0 in outlier columns.
+// int8_matmul_dp4a: y[r, o] = float(sum_i xq[r, i] * qweight[o, i]) * sx[r] * sw[o]
+//   one warp per (output row o, input row r); each lane multiplies 4 int8
+//   pairs at a time with __dp4a into an int32 accumulator, the warp sums its
+//   lanes with shuffles (integer, exact). Rows whose byte length is not a
+//   multiple of 4 are not 32-bit aligned: those take a byte-wise loop.
+//
+// Rounding matches the NumPy reference exactly: IEEE division (__fdiv_rn),
+// round-to-nearest-even conversions, and two float32 products in the
+// reference's order (__fmul_rn, no fused multiply-add).
+
+#define THREADS 256
+#define WARPS_PER_BLOCK 8
+
+extern "C" __global__ void int8_quantize_tokens(
+    const float* __restrict__ x,                // [m, in]
+    const unsigned char* __restrict__ outliers, // [in], 1 = outlier column
+    const float* __restrict__ tensor_absmax,    // [1]             (per_tensor == 1)
+    int per_tensor,
+    signed char* __restrict__ xq,               // [m, in]
+    float* __restrict__ sx,                     // [m]
+    int n_in)
+{
+    __shared__ float s_max[THREADS];
+    __shared__ float s_scale;
+    const long long base = (long long)blockIdx.x * n_in;
+    float local = 0.0f;
+    if (!per_tensor) {
+        for (int i = threadIdx.x; i < n_in; i += THREADS) {
+            if (!outliers[i]) local = fmaxf(local, fabsf(x[base + i]));
+        }
+    }
+    s_max[threadIdx.x] = local;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) s_max[threadIdx.x] = fmaxf(s_max[threadIdx.x], s_max[threadIdx.x + half]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        const float absmax = per_tensor ? tensor_absmax[0] : s_max[0];
+        s_scale = absmax > 0.0f ? __fdiv_rn(absmax, 127.0f) : 1.0f;
+        sx[blockIdx.x] = s_scale;
+    }
+    __syncthreads();
+    const float s = s_scale;
+    for (int i = threadIdx.x; i < n_in; i += THREADS) {
+        xq[base + i] = outliers[i] ? 0 : (signed char)__float2int_rn(__fdiv_rn(x[base + i], s));
+    }
+}
+
+extern "C" __global__ void int8_matmul_dp4a(
+    const signed char* __restrict__ qweight,    // [out, in]
+    const float* __restrict__ sw,               // [out] (the one scale repeated for "tensor")
+    const signed char* __restrict__ xq,         // [m, in]
+    const float* __restrict__ sx,               // [m]
+    float* __restrict__ y,                      // [m, out]
+    int n_out, int n_in)
+{
+    const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;  // blockDim = (32, WARPS_PER_BLOCK)
+    const int r = blockIdx.y;
+    if (o >= n_out) return;
+    const signed char* w_row = qweight + (long long)o * n_in;
+    const signed char* x_row = xq + (long long)r * n_in;
+    int acc = 0;
+    if (n_in % 4 == 0) {
+        const int* w4 = reinterpret_cast<const int*>(w_row);
+        const int* x4 = reinterpret_cast<const int*>(x_row);
+        for (int k = threadIdx.x; k < n_in / 4; k += 32) acc = __dp4a(w4[k], x4[k], acc);
+    } else {
+        for (int i = threadIdx.x; i < n_in; i += 32) acc += (int)w_row[i] * (int)x_row[i];
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    if (threadIdx.x == 0) {
+        y[(long long)r * n_out + o] = __fmul_rn(__fmul_rn(__int2float_rn(acc), sx[r]), sw[o]);
+    }
+}

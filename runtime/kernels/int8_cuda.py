@@ -1,0 +1,68 @@
+"""CuPy launchers of the int8 CUDA kernels (source: int8.cu; layout: runtime/formats/int8.py).
+
+CuPy is imported on first use, so this module imports on machines without a
+GPU. The activations are quantized per token (or per tensor) by
+`int8_quantize_tokens`, multiplied by `int8_matmul_dp4a` (int32
+accumulation with __dp4a), and the LLM.int8 outlier columns' float product
+is added by CuPy / cuBLAS. The packed arrays must already be CuPy arrays
+(`Int8Tensor.to_device(cupy)`). The dp4a kernel is a GEMV run once per input
+row; prefill has no tiled GEMM yet.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("int8.cu")
+THREADS = 256  # threads per row of int8_quantize_tokens (as in int8.cu)
+WARPS_PER_BLOCK = 8  # output rows per thread block of int8_matmul_dp4a (as in int8.cu)
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The compiled int8.cu (NVRTC, once per process)."""
+    import cupy
+
+    return cupy.RawModule(code=SOURCE.read_text())
+
+
+def quantize_tokens(x, outliers, per_tensor: bool):
+    """(xq [m, in] int8, sx [m] float32) of a CuPy x [m, in] float32; outliers: bool [in]."""
+    import cupy
+
+    m, n_in = x.shape
+    mask = outliers.astype(cupy.uint8)  # [in]
+    if per_tensor:
+        inliers = cupy.where(outliers[None, :], cupy.float32(0), x)  # [m, in]
+        tensor_absmax = cupy.abs(inliers).max(keepdims=True).reshape(1)  # [1]
+    else:
+        tensor_absmax = cupy.zeros(1, dtype=cupy.float32)  # [1], unused
+    xq = cupy.empty((m, n_in), dtype=cupy.int8)  # [m, in]
+    sx = cupy.empty(m, dtype=cupy.float32)  # [m]
+    _module().get_function("int8_quantize_tokens")(
+        (m,), (THREADS,), (x, mask, tensor_absmax, np.int32(per_tensor), xq, sx, np.int32(n_in)))
+    return xq, sx
+
+
+def matmul(packed, x):
+    """y [m, out] = x [m, in] @ W.T in W8A8 (plus the outlier columns in float) for a CuPy x."""
+    import cupy
+
+    from runtime.formats.int8 import outlier_columns
+
+    n_out, n_in = packed.shape
+    x = cupy.ascontiguousarray(x, dtype=cupy.float32)  # [m, in]
+    m = x.shape[0]
+    outliers = outlier_columns(x, packed.outlier_threshold)  # [in]
+    xq, sx = quantize_tokens(x, outliers, packed.activation == "tensor")
+    sw = cupy.ascontiguousarray(packed.weight_scales())  # [out]
+    y = cupy.empty((m, n_out), dtype=cupy.float32)  # [m, out]
+    _module().get_function("int8_matmul_dp4a")(
+        (-(-n_out // WARPS_PER_BLOCK), m), (32, WARPS_PER_BLOCK),
+        (packed.qweight, sw, xq, sx, y, np.int32(n_out), np.int32(n_in)))
+    extra = packed.outlier_product(x, outliers)
+    if extra is not None:
+        y += extra
+    return y
