@@ -1,0 +1,340 @@
+"""The `uniform` format: integer codes on a uniform grid, a scale and zero point per group.
+
+The storage of RTN and GPTQ weights (Frantar et al. 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers"), laid out
+as the AutoGPTQ / GPTQModel checkpoints lay it out. A weight decodes as
+
+    W[n, j] = (code[j, n] - zero[g, n]) * scale[g, n]      g = g_idx[j]
+
+for output n, input column j, with codes and zeros in [0, 2**bits).
+
+Arrays (in = in_features, out = out_features, b = bits in {2, 3, 4, 8}):
+
+    qweight  int32   [ceil(in/32) * b, out]     codes, packed along the input dimension
+    qzeros   int32   [n_groups, ceil(out/32) * b]  zero points, packed along the output dimension
+    scales   float16 [n_groups, out]
+    g_idx    int32   [in]                       group of each input column (original order)
+
+Bit order. Codes are packed in runs of 32: 32 consecutive codes fill b
+consecutive 32-bit words, read as one little-endian bit stream: code k of the
+run occupies bits [k*b, (k+1)*b) of the stream, lowest bit first, and stream
+bit p is bit p % 32 of word p // 32. In qweight a run is 32 input rows of one
+output column (words stacked down a column); in qzeros it is 32 output columns
+of one group (words side by side in a row). A run cut short by the end of the
+dimension is padded with code 0. For 4 bits, word r of a column holds input
+rows 8r .. 8r+7, the first one in the LOWEST nibble:
+
+    bit  31     28 27     24 23                  8 7      4 3      0
+        +---------+---------+-------- ... --------+--------+--------+
+        | row 8r+7| row 8r+6|                     | row 8r+1| row 8r |
+        +---------+---------+-------- ... --------+--------+--------+
+
+2 and 8 bits are the same with 16 and 4 codes per word. 3 bits: a run of 32
+codes fills three words with no wasted bit, and codes 10 and 21 straddle a
+word boundary (AutoGPTQ's 3-bit order):
+
+    word 0:  bits 0-29 codes 0-9        bits 30-31 code 10 (its bits 0-1)
+    word 1:  bit  0    code 10 (bit 2)  bits 1-30 codes 11-20   bit 31 code 21 (bit 0)
+    word 2:  bits 0-1  code 21 (bits 1-2)         bits 2-31 codes 22-31
+
+Zero points. qzeros holds the TRUE zero point (GPTQModel's "v2" checkpoint
+convention). AutoGPTQ ("v1") files store zero - 1; add 1 to each unpacked
+zero when converting one. A symmetric grid (`sym`) has the fixed zero
+2**(b-1), stored like any other.
+
+Granularity. With `group_size` G (a positive multiple of 32) column j belongs
+to group j // G; n_groups = ceil(in / G), so when G does not divide in the last
+group is shorter. Per row (`group_size` -1) there is one group spanning all
+inputs. Per tensor (`per_tensor`) is per row with every output's scale and
+zero equal: the single scale is stored broadcast as [1, out].
+
+Act-order. GPTQ's act-order quantizes columns in a permuted order and puts
+column perm[i] in group i // G, so g_idx is no longer j // G. qweight then
+stores the columns in group order: row-run position i holds column perm[i],
+where perm = argsort(g_idx, stable). Every group is a contiguous run of G
+positions, so kernels use position // G and gather x by perm once per call;
+`dequantize` returns W in the ORIGINAL column order. (AutoGPTQ keeps qweight
+in column order; convert such a file by reordering the unpacked codes by perm.)
+Without act-order g_idx[j] = j // G (0 per row) and qweight is in column order.
+
+Bits per weight, from the stored bytes:
+
+    bytes = 4 * out * b * ceil(in/32)                 qweight
+          + 4 * n_groups * b * ceil(out/32)           qzeros
+          + 2 * n_groups * out                        scales
+          + 4 * in                                    g_idx
+    bits per weight = 8 * bytes / (in * out)
+                    = b + (b + 16) / G + 32 / out      when 32 | in, 32 | out, G | in
+                                                     (per row / per tensor: G = in)
+
+e.g. 4.21 for 4 bits, G = 128, out = 576.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.formats.base import PackedTensor
+
+BITS = (2, 3, 4, 8)
+RUN = 32  # codes per packed run (a run of b words)
+PER_ROW = -1  # group_size meaning "one group per output row"
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes [n, cols] (integers in [0, 2**bits)) -> int32 [ceil(n/32) * bits, cols], packed along axis 0."""
+    n, cols = codes.shape
+    runs = -(-n // RUN)
+    padded = np.zeros((runs * RUN, cols), dtype=np.uint32)  # [runs*32, cols]
+    padded[:n] = codes
+    padded = padded.reshape(runs, RUN, cols)  # [runs, 32, cols]
+    words = np.zeros((runs, bits, cols), dtype=np.uint32)  # [runs, bits, cols]
+    for k in range(RUN):
+        word, offset = divmod(k * bits, 32)
+        words[:, word] |= padded[:, k] << np.uint32(offset)  # bits past 31 fall off (uint32)
+        if offset + bits > 32:
+            words[:, word + 1] |= padded[:, k] >> np.uint32(32 - offset)
+    return words.reshape(runs * bits, cols).view(np.int32)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """int32 [ceil(n/32) * bits, cols] -> codes uint8 [n, cols]; the inverse of `pack`."""
+    runs = packed.shape[0] // bits
+    words = np.ascontiguousarray(packed).view(np.uint32).reshape(runs, bits, -1)  # [runs, bits, cols]
+    mask = np.uint32((1 << bits) - 1)
+    codes = np.empty((runs, RUN, words.shape[2]), dtype=np.uint8)  # [runs, 32, cols]
+    for k in range(RUN):
+        word, offset = divmod(k * bits, 32)
+        value = words[:, word] >> np.uint32(offset)
+        if offset + bits > 32:
+            value |= words[:, word + 1] << np.uint32(32 - offset)
+        codes[:, k] = value & mask
+    return codes.reshape(runs * RUN, -1)[:n]
+
+
+def storage_order(g_idx: np.ndarray) -> np.ndarray:
+    """perm [in]: qweight row-run position i holds input column perm[i] (argsort of g_idx, stable)."""
+    return np.argsort(g_idx, kind="stable")
+
+
+def dequantize(qweight, qzeros, scales, g_idx, bits: int) -> np.ndarray:
+    """The format's definition: W [out, in] float32 = (code - zero) * scale, in original column order."""
+    n_in, n_out = g_idx.shape[0], scales.shape[1]
+    perm = storage_order(g_idx)  # [in]
+    codes = unpack(qweight, bits, n_in).astype(np.float32)  # [in, out], storage order
+    zeros = unpack(np.ascontiguousarray(qzeros.T), bits, n_out).T.astype(np.float32)  # [n_groups, out]
+    groups = g_idx[perm]  # [in] group of each storage position
+    w_stored = (codes - zeros[groups]) * scales[groups].astype(np.float32)  # [in, out]
+    w = np.empty((n_out, n_in), dtype=np.float32)  # [out, in]
+    w[:, perm] = w_stored.T
+    return w
+
+
+def matmul(x, qweight, qzeros, scales, g_idx, bits: int) -> np.ndarray:
+    """The reference product: y [..., out] = x [..., in] @ dequantize(...).T."""
+    return np.asarray(x, dtype=np.float32) @ dequantize(qweight, qzeros, scales, g_idx, bits).T
+
+
+def group_index(n_in: int, group_size: int) -> np.ndarray:
+    """g_idx [in] without act-order: column j in group j // group_size (all 0 per row)."""
+    if group_size == PER_ROW:
+        return np.zeros(n_in, dtype=np.int32)
+    return (np.arange(n_in) // group_size).astype(np.int32)
+
+
+def check_params(bits: int, group_size: int) -> None:
+    """UserError unless bits is 2, 3, 4 or 8 and group_size a positive multiple of 32 or -1."""
+    if bits not in BITS:
+        raise UserError(f"uniform format: bits must be one of {BITS}, got {bits}")
+    if group_size != PER_ROW and (group_size <= 0 or group_size % RUN):
+        raise UserError(f"uniform format: group_size must be a multiple of {RUN} (32, 64, 128, ...) "
+                        f"or -1 for one group per row, got {group_size}")
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def _frozen(a):
+    """A read-only view of a NumPy array (packed tensors never change; memory-mapped ones cannot);
+    CuPy arrays as they are."""
+    if _is_cupy(a):
+        return a
+    view = np.asarray(a).view()
+    view.flags.writeable = False
+    return view
+
+
+def xp_of(a):
+    """The array module (numpy or cupy) that array `a` belongs to."""
+    if _is_cupy(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+class UniformTensor(PackedTensor):
+    """W [out, in] as 2/3/4/8-bit codes with a float16 scale and integer zero per group (layout above)."""
+
+    FORMAT = "uniform"
+
+    def __init__(self, qweight, qzeros, scales, g_idx, *, bits: int, group_size: int, sym: bool,
+                 per_tensor: bool = False):
+        """Wrap packed arrays (NumPy, or CuPy via `to_device`); UserError when they do not fit together."""
+        if getattr(g_idx, "ndim", 0) != 1 or getattr(scales, "ndim", 0) != 2:
+            raise UserError(f"packed tensor g_idx / scales must be 1-D / 2-D, got shapes "
+                            f"{list(np.shape(g_idx))} / {list(np.shape(scales))}; re-quantize the model")
+        self.qweight = _frozen(qweight)  # [ceil(in/32)*bits, out] int32
+        self.qzeros = _frozen(qzeros)  # [n_groups, ceil(out/32)*bits] int32
+        self.scales = _frozen(scales)  # [n_groups, out] float16
+        self.g_idx = _frozen(g_idx)  # [in] int32
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.sym = bool(sym)
+        self.per_tensor = bool(per_tensor)
+        self.in_features = int(g_idx.shape[0])
+        self.out_features = int(scales.shape[1])
+        self._check()
+        g_idx_host = g_idx.get() if _is_cupy(g_idx) else g_idx
+        self.act_order = not np.array_equal(g_idx_host, group_index(self.in_features, self.group_size))
+        self.perm = None  # [in] int32 storage order, None when it is the identity
+        if self.act_order:
+            self.perm = _frozen(xp_of(g_idx).asarray(storage_order(g_idx_host).astype(np.int32)))
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
+                   per_tensor: bool = False, g_idx=None) -> "UniformTensor":
+        """Pack codes [out, in] (ints in [0, 2**bits), original column order), scales [n_groups, out]
+        (rounded to float16) and zeros [n_groups, out]; g_idx [in] defaults to column // group_size."""
+        n_out, n_in = codes.shape
+        check_params(bits, group_size)
+        for name, a in (("codes", codes), ("zeros", zeros)):
+            if np.min(a) < 0 or np.max(a) >= 1 << bits:
+                raise UserError(f"uniform format: {name} must lie in [0, {(1 << bits) - 1}] for {bits} bits")
+        g_idx = group_index(n_in, group_size) if g_idx is None else np.asarray(g_idx, dtype=np.int32)
+        perm = storage_order(g_idx)  # [in]
+        qweight = pack(np.ascontiguousarray(codes.T[perm]), bits)  # [ceil(in/32)*bits, out]
+        qzeros = np.ascontiguousarray(pack(np.ascontiguousarray(np.asarray(zeros).T), bits).T)  # [n_groups, ...]
+        return cls(qweight, qzeros, np.asarray(scales, dtype=np.float16), g_idx,
+                   bits=bits, group_size=group_size, sym=sym, per_tensor=per_tensor)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[0])
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * stored bytes / number of weights (codes and all side data)."""
+        return 8.0 * self.nbytes / (self.in_features * self.out_features)
+
+    def _expected(self) -> dict:
+        """name -> (dtype, shape) every array must have, from the parameters."""
+        n_in, n_out, b = self.in_features, self.out_features, self.bits
+        n_groups = 1 if self.group_size == PER_ROW else -(-n_in // self.group_size)
+        return {"qweight": (np.int32, (-(-n_in // RUN) * b, n_out)),
+                "qzeros": (np.int32, (n_groups, -(-n_out // RUN) * b)),
+                "scales": (np.float16, (n_groups, n_out)),
+                "g_idx": (np.int32, (n_in,))}
+
+    def _check(self):
+        """Shapes and dtypes against the parameters; on NumPy arrays also the values of the side data."""
+        check_params(self.bits, self.group_size)
+        if self.per_tensor and self.group_size != PER_ROW:
+            raise UserError(f"uniform format: per_tensor needs group_size -1, got {self.group_size}")
+        for name, (dtype, shape) in self._expected().items():
+            a = getattr(self, name)
+            if a.dtype != dtype or tuple(a.shape) != shape:
+                raise UserError(f"packed tensor {name} does not match its metadata: expected "
+                                f"{np.dtype(dtype).name} {list(shape)}, got {a.dtype} {list(a.shape)}; "
+                                f"re-quantize the model")
+        if _is_cupy(self.qweight):
+            return
+        zeros = unpack(np.ascontiguousarray(self.qzeros.T), self.bits, self.out_features).T  # [n_groups, out]
+        problems = []
+        if not np.isfinite(self.scales).all():
+            problems.append("scales are not all finite")
+        if self.sym and (zeros != 1 << (self.bits - 1)).any():
+            problems.append(f"a symmetric grid needs every zero = {1 << (self.bits - 1)}")
+        if self.per_tensor and ((self.scales != self.scales[0, 0]).any() or (zeros != zeros[0, 0]).any()):
+            problems.append("per_tensor needs one scale and zero for all outputs")
+        if not np.array_equal(np.sort(self.g_idx), group_index(self.in_features, self.group_size)):
+            problems.append(f"g_idx must put exactly group_size={self.group_size} columns in each group")
+        if problems:
+            raise UserError(f"packed tensor does not match its metadata: {'; '.join(problems)}; "
+                            f"re-quantize the model")
+
+    def dequantize(self):
+        """W [out, in] float32 in original column order (the NumPy reference; NumPy arrays for CuPy ones)."""
+        arrays = {name: (a.get() if _is_cupy(a) else a) for name, a in self.tensors().items()}
+        return dequantize(**arrays, bits=self.bits)
+
+    def matmul_reference(self, x) -> np.ndarray:
+        """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
+        return x @ self.dequantize().T
+
+    def matmul(self, x):
+        """y [..., out] = x [..., in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
+        if x.shape[-1] != self.in_features:
+            raise UserError(f"uniform matmul: input has {x.shape[-1]} features, the weight expects "
+                            f"{self.in_features}")
+        on_host = isinstance(x, np.ndarray)
+        if on_host != isinstance(self.qweight, np.ndarray):
+            raise UserError("uniform matmul: input and weight are on different devices; "
+                            "move the weight with to_device(cupy) (or the input to NumPy)")
+        lead = x.shape[:-1]
+        if on_host:
+            from runtime.kernels import uniform_numba
+
+            x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
+            y = uniform_numba.matmul(self, x2)  # [m, out]
+        else:
+            from runtime.kernels import uniform_cuda
+
+            y = uniform_cuda.matmul(self, x.reshape(-1, self.in_features))  # [m, out]
+        return y.reshape(*lead, self.out_features)
+
+    def tensors(self) -> dict:
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    def meta(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "per_tensor": self.per_tensor, "act_order": self.act_order,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict) -> "UniformTensor":
+        names = {"qweight", "qzeros", "scales", "g_idx"}
+        if set(tensors) != names:
+            raise UserError(f"packed tensor arrays {sorted(tensors)} do not match its metadata "
+                            f"(format uniform needs {sorted(names)}); re-quantize the model")
+        keys = ("bits", "group_size", "sym", "per_tensor", "act_order", "in_features", "out_features")
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise UserError(f"packed tensor metadata lacks {', '.join(missing)}; re-quantize the model")
+        wrong = [k for k in keys if type(meta[k]) is not (bool if k in ("sym", "per_tensor", "act_order") else int)]
+        if wrong:
+            raise UserError(f"packed tensor metadata has values of the wrong type for {', '.join(wrong)}; "
+                            f"re-quantize the model")
+        packed = cls(**tensors, bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
+                     per_tensor=meta["per_tensor"])
+        stated = {k: meta[k] for k in keys}
+        if packed.meta() != stated:
+            raise UserError(f"packed tensor does not match its metadata: the arrays give {packed.meta()}, "
+                            f"the metadata says {stated}; re-quantize the model")
+        return packed
+
+    def to_device(self, xp) -> "UniformTensor":
+        def move(a):
+            if xp is np:
+                return a.get() if _is_cupy(a) else a
+            return xp.asarray(a)
+
+        moved = {name: move(a) for name, a in self.tensors().items()}
+        return UniformTensor(**moved, bits=self.bits, group_size=self.group_size, sym=self.sym,
+                             per_tensor=self.per_tensor)
+
