@@ -38,14 +38,14 @@ TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 GGUF_MAGIC = b"GGUF"
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; UserError when it is not one."""
+def read_json(path: Path, fix: str = "fix it or re-download the model") -> dict:
+    """A JSON object from `path`; UserError (ending in `fix`) when it is not one."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix it or re-download the model") from None
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
     if not isinstance(value, dict):
-        raise UserError(f"{path} does not hold a JSON object; fix it or re-download the model")
+        raise UserError(f"{path} does not hold a JSON object; {fix}")
     return value
 
 

@@ -29,6 +29,19 @@ def array_module(device: str):
     return cupy
 
 
+def is_cupy(a) -> bool:
+    """True for a CuPy array (checked without importing CuPy)."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module_of(a):
+    """The array module (numpy or cupy) that array `a` belongs to."""
+    if is_cupy(a):
+        import cupy
+        return cupy
+    return np
+
+
 def to_numpy(a) -> np.ndarray:
     """A NumPy copy of a NumPy or CuPy array."""
     return a.get() if hasattr(a, "get") else np.asarray(a)

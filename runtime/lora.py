@@ -29,7 +29,6 @@ checkpoint name this runtime keeps the base weight under, e.g.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint import read_weight_file
+from runtime.checkpoint import read_json, read_weight_file
 from runtime.errors import UserError
 from runtime.linear import linear
 
@@ -118,12 +117,7 @@ def read_adapter_config(path: Path) -> dict:
     if not config_path.is_file():
         raise UserError(f"{path} has no {CONFIG_FILE}: give a PEFT LoRA adapter directory "
                         f"(what save_pretrained writes)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON ({e}); fix it or re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} does not hold a JSON object; fix it or re-save the adapter")
+    config = read_json(config_path, "fix it or re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{config_path}: peft_type {config['peft_type']!r} is not supported, only LORA")
     for key, feature in UNSUPPORTED.items():

@@ -34,6 +34,7 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
 from runtime.atomic import write_text
+from runtime.checkpoint import read_json
 from runtime.errors import UserError
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
@@ -428,12 +429,7 @@ def _token_text(value):
 
 def _read_json(path):
     """The JSON object in `path`, or {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); restore the file") from e
+    return read_json(path, "restore the file") if path.is_file() else {}
 
 
 def _hf_setting(directory, key):

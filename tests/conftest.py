@@ -27,3 +27,20 @@ def smollm2_gguf():
     if not SMOLLM2_GGUF.is_file():
         pytest.skip("models/smollm2-135m.Q4_1.gguf not fetched: run `make install`")
     return SMOLLM2_GGUF
+
+
+def save_tiny_llama(path, **overrides):
+    """Save a random tiny HF Llama with the real Llama 2 SentencePiece tokenizer to `path`; return the model."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=32000, max_position_embeddings=24, bos_token_id=1,
+                  eos_token_id=2)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(config, **overrides))).eval()
+    model.save_pretrained(path)
+    shutil.copy(DATA / "tokenizers" / "llama2" / "tokenizer.model", Path(path) / "tokenizer.model")
+    return model

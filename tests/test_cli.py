@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import DATA, ROOT
+from conftest import ROOT, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -16,12 +16,7 @@ transformers = pytest.importorskip("transformers")
 def tiny_model(tmp_path_factory):
     """A random tiny Llama with the real Llama 2 SentencePiece tokenizer, saved HF-style."""
     path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32000,
-                                      max_position_embeddings=24, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    shutil.copy(DATA / "tokenizers" / "llama2" / "tokenizer.model", path / "tokenizer.model")
+    save_tiny_llama(path)
     return path
 
 

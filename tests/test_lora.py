@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT
+from conftest import ROOT, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -245,13 +245,8 @@ def tokenized_case(tmp_path_factory):
     from runtime.tags import parse_tag
 
     path = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
-                                      max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
-    hf_model = transformers.LlamaForCausalLM(config).eval()
-    hf_model.save_pretrained(path / "base")
-    shutil.copy(DATA / "tokenizers" / "llama2" / "tokenizer.model", path / "base" / "tokenizer.model")
+    hf_model = save_tiny_llama(path / "base", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=32)
     make_adapter(hf_model, LLAMA_TARGETS, path / "adapter")
     build_quantized(path / "base", parse_tag("nf4"), path / "base.nf4", progress=False)
     return path

@@ -8,12 +8,15 @@ checkpoint writer calls `tensors` / `meta`; the reader rebuilds the object with
 """
 from __future__ import annotations
 
+from runtime.device import is_cupy
+from runtime.errors import UserError
+
 
 class PackedTensor:
     """A quantized weight W [out, in] stored in a packed layout.
 
-    Subclasses set `FORMAT` (the name written in the saved file's metadata)
-    and implement every method below.
+    Subclasses set `FORMAT` (the name written in the saved file's metadata),
+    keep their codes in `self.qweight`, and implement every method below.
     """
 
     FORMAT = ""
@@ -48,6 +51,17 @@ class PackedTensor:
     def from_tensors(cls, tensors: dict, meta: dict) -> "PackedTensor":
         """Rebuild from what `tensors` and `meta` returned; raise UserError on a mismatch."""
         raise NotImplementedError
+
+    def check_input(self, x) -> bool:
+        """UserError unless x [..., in] fits this weight and lives on its device; True for CuPy input."""
+        n_in = self.shape[1]
+        if x.shape[-1] != n_in:
+            raise UserError(f"{self.FORMAT} matmul: input has {x.shape[-1]} features, the weight expects {n_in}")
+        on_gpu = is_cupy(x)
+        if on_gpu != is_cupy(self.qweight):
+            raise UserError(f"{self.FORMAT} matmul: input and weight are on different devices; "
+                            "move the weight with to_device(cupy) (or the input to NumPy)")
+        return on_gpu
 
     @property
     def nbytes(self) -> int:

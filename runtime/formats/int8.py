@@ -48,6 +48,7 @@ import math
 
 import numpy as np
 
+from runtime.device import array_module_of
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -58,19 +59,6 @@ MAX_IN = (2**31 - 1) // (QMAX * QMAX)  # int32 accumulation cannot overflow belo
 FUSED_MAX_ROWS = 4  # NumPy input with at most this many rows: decode kernel; more: blocked prefill kernel (not tuned)
 
 
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
-def _array_module(a):
-    """numpy, or cupy for a CuPy array."""
-    if _is_cupy(a):
-        import cupy
-
-        return cupy
-    return np
-
-
 def absmax_scale(absmax):
     """Scale absmax / 127 (float32), 1 where absmax is 0 (all-zero rows quantize to 0)."""
     absmax = np.asarray(absmax, dtype=np.float32)
@@ -79,7 +67,7 @@ def absmax_scale(absmax):
 
 def outlier_columns(x, threshold: float | None):
     """Boolean mask [in] of the input features with |x| >= threshold in some row of x [m, in] (NumPy or CuPy)."""
-    xp = _array_module(x)
+    xp = array_module_of(x)
     if threshold is None:
         return xp.zeros(x.shape[1], dtype=bool)
     return (xp.abs(x) >= xp.float32(threshold)).any(axis=0)  # [in]
@@ -153,7 +141,7 @@ class Int8Tensor(PackedTensor):
 
     def weight_scales(self):
         """Scale of every output row [out] float32 (the one scale repeated for "tensor")."""
-        return _array_module(self.scales).broadcast_to(self.scales, (self.shape[0],))  # [out]
+        return array_module_of(self.scales).broadcast_to(self.scales, (self.shape[0],))  # [out]
 
     def dequantize(self):
         """W [out, in] float32 = qweight * scale of its row."""
@@ -161,7 +149,7 @@ class Int8Tensor(PackedTensor):
 
     def outlier_product(self, x, outliers):
         """x[:, cols] @ Wf[:, cols].T [m, out] float32, Wf the dequantized int8 columns (zeros if none)."""
-        xp = _array_module(self.qweight)
+        xp = array_module_of(self.qweight)
         cols = xp.flatnonzero(outliers)  # [k]
         if cols.size == 0:
             return None
@@ -181,13 +169,8 @@ class Int8Tensor(PackedTensor):
     def matmul(self, x):
         """y [..., out] = x [..., in] @ W.T in W8A8: CUDA for CuPy input, Numba for NumPy input."""
         n_out, n_in = self.shape
-        if x.shape[-1] != n_in:
-            raise UserError(f"int8 matmul: input has {x.shape[-1]} features, the weight expects {n_in}")
-        if _is_cupy(x) != _is_cupy(self.qweight):
-            raise UserError("int8 matmul: input and weight are on different devices; "
-                            "move the weight with to_device(cupy) (or the input to NumPy)")
         lead = x.shape[:-1]
-        if _is_cupy(x):
+        if self.check_input(x):
             from runtime.kernels import int8_cuda
 
             y = int8_cuda.matmul(self, x.reshape(-1, n_in))  # [m, out]

@@ -51,6 +51,7 @@ import functools
 
 import numpy as np
 
+from runtime.device import is_cupy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -102,10 +103,6 @@ def dequantize_absmax(absmax_q, absmax_scale, absmax_mean) -> np.ndarray:
     n_out, n_blocks = absmax_q.shape
     run = np.arange(n_out * n_blocks).reshape(n_out, n_blocks) // DQ_BLOCK_SIZE  # [out, in/B]
     return dynamic_map()[absmax_q] * absmax_scale[run] + absmax_mean[0]  # [out, in/B]
-
-
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
 
 
 class Lut4Tensor(PackedTensor):
@@ -182,7 +179,7 @@ class Lut4Tensor(PackedTensor):
 
     def dequantize(self):
         """W [out, in] float32 = table[code] * absmax of its block (the NumPy reference; CUDA for CuPy arrays)."""
-        if _is_cupy(self.qweight):
+        if is_cupy(self.qweight):
             from runtime.kernels import lut4_cuda
 
             return lut4_cuda.dequantize(self)
@@ -197,13 +194,8 @@ class Lut4Tensor(PackedTensor):
     def matmul(self, x):
         """y [..., out] = x [..., in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
         n_out, n_in = self.shape
-        if x.shape[-1] != n_in:
-            raise UserError(f"lut4 matmul: input has {x.shape[-1]} features, the weight expects {n_in}")
-        if _is_cupy(x) != _is_cupy(self.qweight):
-            raise UserError("lut4 matmul: input and weight are on different devices; "
-                            "move the weight with to_device(cupy) (or the input to NumPy)")
         lead = x.shape[:-1]
-        if _is_cupy(x):
+        if self.check_input(x):
             from runtime.kernels import lut4_cuda
 
             y = lut4_cuda.matmul(self, x.reshape(-1, n_in))  # [m, out]

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.device import array_module_of, is_cupy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -151,27 +152,14 @@ def check_params(bits: int, group_size: int) -> None:
                         f"or -1 for one group per row, got {group_size}")
 
 
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _frozen(a):
     """A read-only view of a NumPy array (packed tensors never change; memory-mapped ones cannot);
     CuPy arrays as they are."""
-    if _is_cupy(a):
+    if is_cupy(a):
         return a
     view = np.asarray(a).view()
     view.flags.writeable = False
     return view
-
-
-def xp_of(a):
-    """The array module (numpy or cupy) that array `a` belongs to."""
-    if _is_cupy(a):
-        import cupy
-
-        return cupy
-    return np
 
 
 class UniformTensor(PackedTensor):
@@ -196,11 +184,11 @@ class UniformTensor(PackedTensor):
         self.in_features = int(g_idx.shape[0])
         self.out_features = int(scales.shape[1])
         self._check()
-        g_idx_host = g_idx.get() if _is_cupy(g_idx) else g_idx
+        g_idx_host = g_idx.get() if is_cupy(g_idx) else g_idx
         self.act_order = not np.array_equal(g_idx_host, group_index(self.in_features, self.group_size))
         self.perm = None  # [in] int32 storage order, None when it is the identity
         if self.act_order:
-            self.perm = _frozen(xp_of(g_idx).asarray(storage_order(g_idx_host).astype(np.int32)))
+            self.perm = _frozen(array_module_of(g_idx).asarray(storage_order(g_idx_host).astype(np.int32)))
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
@@ -252,7 +240,7 @@ class UniformTensor(PackedTensor):
                 raise UserError(f"packed tensor {name} does not match its metadata: expected "
                                 f"{np.dtype(dtype).name} {list(shape)}, got {a.dtype} {list(a.shape)}; "
                                 f"re-quantize the model")
-        if _is_cupy(self.qweight):
+        if is_cupy(self.qweight):
             return
         zeros = unpack(np.ascontiguousarray(self.qzeros.T), self.bits, self.out_features).T  # [n_groups, out]
         problems = []
@@ -270,7 +258,7 @@ class UniformTensor(PackedTensor):
 
     def dequantize(self):
         """W [out, in] float32 in original column order (the NumPy reference; NumPy arrays for CuPy ones)."""
-        arrays = {name: (a.get() if _is_cupy(a) else a) for name, a in self.tensors().items()}
+        arrays = {name: (a.get() if is_cupy(a) else a) for name, a in self.tensors().items()}
         return dequantize(**arrays, bits=self.bits)
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -279,15 +267,9 @@ class UniformTensor(PackedTensor):
 
     def matmul(self, x):
         """y [..., out] = x [..., in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
-        if x.shape[-1] != self.in_features:
-            raise UserError(f"uniform matmul: input has {x.shape[-1]} features, the weight expects "
-                            f"{self.in_features}")
-        on_host = isinstance(x, np.ndarray)
-        if on_host != isinstance(self.qweight, np.ndarray):
-            raise UserError("uniform matmul: input and weight are on different devices; "
-                            "move the weight with to_device(cupy) (or the input to NumPy)")
+        on_gpu = self.check_input(x)
         lead = x.shape[:-1]
-        if on_host:
+        if not on_gpu:
             from runtime.kernels import uniform_numba
 
             x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
@@ -331,7 +313,7 @@ class UniformTensor(PackedTensor):
     def to_device(self, xp) -> "UniformTensor":
         def move(a):
             if xp is np:
-                return a.get() if _is_cupy(a) else a
+                return a.get() if is_cupy(a) else a
             return xp.asarray(a)
 
         moved = {name: move(a) for name, a in self.tensors().items()}
