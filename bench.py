@@ -15,6 +15,7 @@ rounds.
 """
 from __future__ import annotations
 
+import runtime  # noqa: F401  (sets the thread defaults before NumPy loads)
 import argparse
 import json
 import os
