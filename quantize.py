@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from runtime.cli import run_cli
+from runtime.errors import UserError
 from runtime.tags import METHOD_BITS, QuantSpec, parse_tag
 
 
@@ -20,20 +21,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
     p.add_argument("--mse", action="store_true", help="MSE-optimal clipping search")
     p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns by descending Hessian diagonal")
+    p.add_argument("--calib", type=Path, default=None,
+                   help="gptq: calibration text file (default: WikiText-2 validation tokens)")
+    p.add_argument("--nsamples", type=int, default=None, help="gptq: calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=None, help="gptq: tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="gptq: seed of the window offsets (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="gptq: continue an interrupted run from OUT.partial/ (same settings required)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default models/BASE.TAG)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from runtime.quantize_model import build_quantized
+    from runtime.calibration import CalibrationSettings
+    from runtime.quantize_model import CALIBRATED, build_quantized
     from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, resolve_model
-    options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor)) if on}
+    options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor),
+                               ("act", args.act_order)) if on}
     spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group, options)
     spec = parse_tag(spec.tag)  # the same checks as a tag typed by hand
     base = resolve_model(args.model)
     out = args.out or MODELS_DIR / f"{Path(args.model or DEFAULT_MODEL).name}.{spec.tag}"
-    build_quantized(base, spec, out)
+    given = {k: v for k, v in (("text", args.calib), ("nsamples", args.nsamples), ("seqlen", args.seqlen),
+                               ("seed", args.seed)) if v is not None}
+    if (given or args.resume) and args.method not in CALIBRATED:
+        raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
+                        f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
+    calibration = CalibrationSettings(**given)
+    build_quantized(base, spec, out, calibration=calibration, resume=args.resume)
     print(f"wrote {out}")
 
 

@@ -7,10 +7,13 @@ method. As llama.cpp does for this project's default model (its Q4_1 file
 keeps `token_embd` at Q8_0), the LM head is kept at 8 bits (per-row
 round-to-nearest) and the token embedding in float16, whatever the method.
 The output directory is written under a temporary name and renamed at the
-end, so an interrupted run leaves no half-written model.
+end, so an interrupted run leaves no half-written model. Methods that need
+calibration data (`CALIBRATED`: gptq) run through runtime/calibration.py,
+layer by layer, with their state kept in `<out_dir>.partial/` for `resume`.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from tqdm import tqdm
 
 from model import Config
 from runtime.atomic import atomic_directory
+from runtime.calibration import CalibrationSettings, calibrate, sample_windows, settings_record, state_dir_for, \
+    text_tokens
 from runtime.checkpoint import load_checkpoint
 from runtime.packed_checkpoint import save_packed
 from runtime.resolve import MODELS_DIR, find_model, resolve_model
@@ -55,16 +60,37 @@ def lut4_quantize(weight: np.ndarray, spec: QuantSpec):
     return nf4.quantize(np.asarray(weight, dtype=np.float32), params)
 
 
-METHODS = {"rtn": rtn_quantize, "nf": lut4_quantize, "fp": lut4_quantize}
+def gptq_method(spec: QuantSpec):
+    """GPTQ with the settings of `spec`, as a calibration method: (names, weights, H) -> [(packed, stats)]."""
+    import gptq
+    params = gptq.GPTQParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
+                             act_order="act" in spec.options, static_groups="static" in spec.options)
+    return lambda names, weights, hessian: gptq.quantize_shared(weights, hessian, params)
 
 
-def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True) -> dict:
-    """The model's tensors with projections packed by the method, head at 8 bits, embedding in float16."""
+def int8_quantize(weight: np.ndarray, spec: QuantSpec):
+    """LLM.int8 (int8), naive absmax W8A8 (absmax8) or the W8A8 of SmoothQuant on smoothed weights (smooth8)."""
+    import int8
+    params = {"int": int8.LLM_INT8, "absmax": int8.ABSMAX8, "smooth": int8.SMOOTH8}[spec.method]
+    return int8.quantize(np.asarray(weight, dtype=np.float32), params)
+
+
+METHODS = {"rtn": rtn_quantize, "nf": lut4_quantize, "fp": lut4_quantize, "int": int8_quantize,
+           "absmax": int8_quantize, "smooth": int8_quantize}
+CALIBRATED = {"gptq": gptq_method}
+
+
+def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True,
+                     projections: dict | None = None) -> dict:
+    """The model's tensors with projections packed by the method (or taken from `projections`, already
+    packed), head at 8 bits, embedding in float16."""
     names = projection_names(config)
-    method = METHODS[spec.method]
     out = {name: value for name, value in tensors.items() if name not in names}
-    for name in tqdm(names, desc=f"quantizing {spec.tag}", unit="linear", disable=not progress):
-        out[name] = method(tensors[name], spec)
+    if projections is not None:
+        out.update(projections)
+    else:
+        for name in tqdm(names, desc=f"quantizing {spec.tag}", unit="linear", disable=not progress):
+            out[name] = METHODS[spec.method](tensors[name], spec)
     embed_name = "model.decoder.embed_tokens.weight" if config.arch == "opt" else "model.embed_tokens.weight"
     out["lm_head.weight"] = rtn_quantize(tensors.get("lm_head.weight", tensors[embed_name]), HEAD_SPEC)
     out[embed_name] = np.asarray(tensors[embed_name], dtype=np.float16)
@@ -76,20 +102,58 @@ def copy_tokenizer(base: Path, directory: Path) -> None:
     Tokenizer.load(base).save(directory)
 
 
-def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool = True) -> Path:
-    """Quantize the checkpoint at `base` as `spec` says and write it to `out_dir`, atomically."""
+def calibrate_projections(base: Path, config: Config, tensors: dict, spec: QuantSpec, out_dir: Path,
+                          calibration: CalibrationSettings, resume: bool, progress: bool) -> tuple[dict, dict]:
+    """(packed projections, summary for config.json) of a calibrated method, on the base's tokenizer."""
+    windows = sample_windows(text_tokens(Tokenizer.load(base), calibration.text), calibration.nsamples,
+                             calibration.seqlen, calibration.seed)  # [nsamples, seqlen]
+    record = settings_record(calibration)
+    settings = dict(record, tag=spec.tag, base=str(Path(base).resolve()))
+    packed, stats = calibrate(config, tensors, CALIBRATED[spec.method](spec), windows, state_dir_for(out_dir),
+                              settings, resume, progress, tqdm.write if progress else None)
+    losses = {key: sum(s[key] for s in stats.values()) for key in ("gptq_loss", "rtn_loss")}
+    ratios = [s["ratio"] for s in stats.values()]
+    return packed, {"calibration": record, "proxy_loss": {
+        **losses, "ratio_mean": sum(ratios) / len(ratios), "ratio_max": max(ratios), "linears": len(ratios)}}
+
+
+def smooth(base: Path, config: Config, tensors: dict) -> tuple[dict, dict]:
+    """SmoothQuant's offline step: per-channel activation maxima from calibration text, folded into
+    the norms and the linears that follow them; (smoothed tensors, summary for config.json)."""
+    import int8
+    from runtime import smoothing
+    sequences = smoothing.calibration_sequences(Tokenizer.load(base))
+    smoothed = smoothing.smooth_model(config, tensors, sequences, int8.SMOOTHQUANT_ALPHA)
+    return smoothed, {"smoothing": {"alpha": int8.SMOOTHQUANT_ALPHA, "sequences": len(sequences),
+                                    "length": len(sequences[0])}}
+
+
+def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool = True,
+                    calibration: CalibrationSettings | None = None, resume: bool = False) -> Path:
+    """Quantize the checkpoint at `base` as `spec` says and write it to `out_dir`, atomically.
+
+    A calibrated method (gptq) draws its data as `calibration` says (default settings when None)
+    and continues a run interrupted with the same settings when `resume`.
+    """
     hf_config, tensors = load_checkpoint(base)
     config = Config.from_hf(hf_config)
     start = time.perf_counter()
-    packed = quantize_tensors(config, tensors, spec, progress)
+    projections, extra = None, {}
+    if spec.method == "smooth":
+        tensors, extra = smooth(base, config, tensors)
+    if spec.method in CALIBRATED:
+        projections, extra = calibrate_projections(base, config, tensors, spec, out_dir,
+                                                   calibration or CalibrationSettings(), resume, progress)
+    packed = quantize_tensors(config, tensors, spec, progress, projections)
     hf_config = dict(hf_config, quantization={
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
         "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
-        "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
+        "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16", **extra,
         "seconds": round(time.perf_counter() - start, 2)})
     with atomic_directory(out_dir) as tmp:
         save_packed(tmp, hf_config, packed)
         copy_tokenizer(base, tmp)
+    shutil.rmtree(state_dir_for(out_dir), ignore_errors=True)
     return out_dir
 
 

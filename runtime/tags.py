@@ -4,13 +4,19 @@ A quantized model is named `BASE.TAG`, e.g. `smollm2-135m.rtn4g128`:
 
     TAG     = METHOD BITS [ "g" GROUP ] { OPTION }
     METHOD  = "rtn"                  round-to-nearest (rtn.py), BITS 2 | 3 | 4 | 8
+            | "gptq"                 GPTQ with calibration data (gptq.py), BITS 2 | 3 | 4 | 8
             | "nf" | "fp"            NF4 / FP4 of QLoRA (nf4.py), BITS 4
-    GROUP   = weights sharing one scale: rtn, a multiple of 32 (absent: one per row);
-              nf / fp, a multiple of 8 (absent: 64)
-    OPTION  = "sym"     rtn: symmetric grid (no zero point)
+            | "int"                  LLM.int8(): vector-wise W8A8 + outlier decomposition at 6.0 (int8.py), BITS 8
+            | "absmax"               naive W8A8, one scale per weight and per activation tensor, BITS 8
+            | "smooth"               SmoothQuant (alpha 0.5), then per-row / per-token W8A8, BITS 8
+    GROUP   = weights sharing one scale: rtn / gptq, a multiple of 32 (absent: one per row);
+              nf / fp, a multiple of 8 (absent: 64); int / absmax / smooth take none
+    OPTION  = "sym"     rtn / gptq: symmetric grid (no zero point)
             | "mse"     rtn: MSE-optimal clipping search
             | "tensor"  rtn: one scale for the whole tensor
             | "dq"      nf / fp: double quantization of the scales
+            | "act"     gptq: act-order (columns by descending Hessian diagonal)
+            | "static"  gptq: all group grids fitted before any update (needs GROUP)
 
 A tag is a request: the saved model's config.json records the method and its
 parameters, and that record, never the name, is what the loader trusts.
@@ -22,12 +28,15 @@ from dataclasses import dataclass, field
 
 from runtime.errors import UserError
 
-TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<options>(?:sym|mse|tensor|dq)*)$")
-OPTIONS = ("sym", "mse", "tensor", "dq")
-METHOD_BITS = {"rtn": (2, 3, 4, 8), "nf": (4,), "fp": (4,)}
-METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "nf": {"dq"}, "fp": {"dq"}}
-GROUP_MULTIPLE = {"rtn": 32, "nf": 8, "fp": 8}
-EXAMPLES = "rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, nf4, nf4dq, fp4, nf4g128"
+TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<options>(?:sym|mse|tensor|dq|act|static)*)$")
+OPTIONS = ("sym", "mse", "tensor", "dq", "act", "static")
+METHOD_BITS = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "nf": (4,), "fp": (4,), "int": (8,), "absmax": (8,),
+               "smooth": (8,)}
+METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "gptq": {"sym", "act", "static"}, "nf": {"dq"}, "fp": {"dq"},
+                  "int": set(), "absmax": set(), "smooth": set()}
+GROUP_MULTIPLE = {"rtn": 32, "gptq": 32, "nf": 8, "fp": 8}  # methods absent here take no group size
+EXAMPLES = ("rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, gptq4g128, gptq3, gptq4g128act, "
+            "nf4, nf4dq, fp4, nf4g128, int8, absmax8, smooth8")
 
 
 @dataclass
@@ -60,7 +69,11 @@ def parse_tag(tag: str) -> QuantSpec:
     group = int(match["group"] or 0)
     if group and "tensor" in options:
         raise UserError(f"tag {tag!r}: a group size and 'tensor' exclude each other")
-    multiple = GROUP_MULTIPLE[method]
+    if "static" in options and not group:
+        raise UserError(f"tag {tag!r}: 'static' fixes the grids of groups; give a group size (e.g. g128)")
+    if match["group"] is not None and method not in GROUP_MULTIPLE:
+        raise UserError(f"tag {tag!r}: {method}{bits} takes no group size")
+    multiple = GROUP_MULTIPLE.get(method, 1)
     if match["group"] is not None and (group < multiple or group % multiple):
         raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} (e.g. 32, 64, 128)")
     return QuantSpec(method, bits, group, options)

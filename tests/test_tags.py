@@ -10,7 +10,8 @@ from runtime.tags import parse_tag
     ("rtn4g128", "rtn", 4, 128, set()), ("rtn4", "rtn", 4, 0, set()), ("rtn3g64sym", "rtn", 3, 64, {"sym"}),
     ("rtn2g64mse", "rtn", 2, 64, {"mse"}), ("rtn8tensor", "rtn", 8, 0, {"tensor"}),
     ("rtn4g32symmse", "rtn", 4, 32, {"sym", "mse"}), ("nf4", "nf", 4, 0, set()), ("nf4dq", "nf", 4, 0, {"dq"}),
-    ("fp4g128", "fp", 4, 128, set())])
+    ("fp4g128", "fp", 4, 128, set()), ("int8", "int", 8, 0, set()), ("absmax8", "absmax", 8, 0, set()),
+    ("smooth8", "smooth", 8, 0, set())])
 def test_valid_tags_parse_and_print_back(tag, method, bits, group, options):
     spec = parse_tag(tag)
     assert (spec.method, spec.bits, spec.group_size, spec.options) == (method, bits, group, options)
@@ -21,7 +22,7 @@ def test_valid_tags_parse_and_print_back(tag, method, bits, group, options):
     ("q9", "unknown quantization tag"), ("foo4", "unknown quantization tag"), ("rtn5", "supports 2, 3, 4, 8"),
     ("rtn4g100", "multiple of 32"), ("rtn4g128tensor", "exclude each other"), ("rtn4g128xyz", "unknown"),
     ("nf3", "supports 4"), ("nf4sym", "takes the options dq"), ("rtn4dq", "takes the options"),
-    ("nf4g12", "multiple of 8")])
+    ("nf4g12", "multiple of 8"), ("int8g128", "takes no group size"), ("int4", "supports 8")])
 def test_invalid_tags_explain_the_grammar(tag, message):
     with pytest.raises(UserError, match=message):
         parse_tag(tag)
@@ -29,7 +30,7 @@ def test_invalid_tags_explain_the_grammar(tag, message):
 
 def test_unknown_tag_lists_valid_forms():
     with pytest.raises(UserError, match="rtn4g128"):
-        parse_tag("int3")
+        parse_tag("awq4")
 
 
 def test_split_quantized_name():

@@ -1,0 +1,181 @@
+"""GPTQ: second-order weight quantization onto the uniform grid, one linear layer at a time.
+
+Follows Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", §4 (Algorithm 1), and the behaviour of
+its reference implementation (IST-DASLab/gptq, `GPTQ.fasterquant`).
+
+Given a weight W [out, in] and the Hessian of the layer-wise loss
+H = 2/n · Σ x xᵀ [in, in] of its calibration inputs, GPTQ quantizes the
+columns of W one after the other and, after each, spreads the column's
+rounding error over the columns not yet quantized (Optimal Brain Quantizer
+update, §3-4), so that the proxy loss tr((W − Q) H (W − Q)ᵀ) stays small:
+
+    dead columns (H_jj = 0): H_jj = 1, W[:, j] = 0    (no input ever reaches them)
+    act-order (reference option --act-order): columns by descending H_jj
+    H += percdamp · mean(diag H) · I                  (dampening, §4 Step 3)
+    U = upper Cholesky factor of H⁻¹                   (§4 Step 3: Cholesky reformulation)
+    for each block of `blocksize` columns (lazy batch updates, §4 Step 2):
+        for column j of the block:
+            at a group start: fit the group's grid on the current (updated) weights
+            q_j = quantize(w_j);  e = (w_j − q_j) / U_jj
+            W[:, j:block end] −= e · U[j, j:block end]
+        W[:, block end:] −= E · U[block, block end:]   (E: the block's errors)
+
+A group's grid is fitted when its first column comes up, on the weights
+with every update so far (the reference fits a group that starts inside a
+block on the block-start weights; the two agree when every group starts a
+block, e.g. G = blocksize = 128). `static_groups` fits every group's grid
+up front on the original W (reference option --static-groups); groups then
+stay the column groups j // G even with act-order. Without it and with
+act-order, column perm[i] lands in group i // G, which the uniform format
+stores as its g_idx.
+
+Grids come from `runtime.quant_grid` (the same range rule as rtn.py), so
+with H = I (no error to spread) GPTQ gives exactly the RTN codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import rtn
+from runtime.errors import UserError
+from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
+from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
+
+
+@dataclass
+class GPTQParams:
+    bits: int = 4  # 2, 3, 4 or 8
+    group_size: int = 128  # input columns per scale (a multiple of 32); 0 or -1: one scale per row
+    sym: bool = False  # zero point fixed at 2**(bits-1)
+    act_order: bool = False  # quantize columns by descending H_jj
+    percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
+    blocksize: int = 128  # columns per lazy batch update
+    static_groups: bool = False  # fit all group grids on the original W before any update
+
+
+def proxy_loss(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
+    """tr((W − Q) H (W − Q)ᵀ): the layer-wise squared output error the Hessian H measures."""
+    D = (np.asarray(W, np.float64) - np.asarray(Q, np.float64))  # [out, in]
+    return float(np.einsum("oi,ij,oj->", D, H, D, optimize=True))
+
+
+def inverse_hessian_factor(H: np.ndarray, percdamp: float) -> np.ndarray:
+    """U [in, in]: the upper Cholesky factor of (H + damp·I)⁻¹, float64 (§4 Step 3).
+
+    The reference computes it as cholesky(inverse(H)).T; here with one factorisation:
+    with J the reversal permutation and J H J = L Lᵀ, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and
+    J L⁻¹ J is upper triangular with a positive diagonal, hence that (unique) factor.
+    """
+    H = H + percdamp * np.mean(np.diag(H)) * np.eye(H.shape[0])  # [in, in]
+    try:
+        L = np.linalg.cholesky(H[::-1, ::-1])  # [in, in] lower, J H J = L Lᵀ
+    except np.linalg.LinAlgError:
+        raise UserError("gptq: the Hessian is not positive definite even after dampening; "
+                        "raise percdamp or use more calibration samples") from None
+    return np.ascontiguousarray(np.linalg.inv(L)[::-1, ::-1])  # [in, in] upper, H⁻¹ = Uᵀ U
+
+
+@dataclass
+class GPTQResult:
+    """What Algorithm 1 chose, in the original column order."""
+    codes: np.ndarray  # [out, in] uint8
+    scales: np.ndarray  # [n_groups, out] float32 (float16-exact)
+    zeros: np.ndarray  # [n_groups, out] int32
+    g_idx: np.ndarray  # [in] int32 group of each column
+    Q: np.ndarray  # [out, in] float32 the quantized weights, as the algorithm used them
+
+
+def quantize(W: np.ndarray, H: np.ndarray, params: GPTQParams = GPTQParams()) -> tuple[UniformTensor, dict]:
+    """W [out, in], H [in, in] -> (UniformTensor, stats): stats["gptq_loss"] and stats["rtn_loss"] are
+    the proxy losses of GPTQ and of RTN with the same grid settings, both measured with H, and
+    stats["ratio"] the first over the second."""
+    return quantize_shared([W], H, params)[0]
+
+
+def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParams()) -> list:
+    """`quantize` for several weights [out_k, in] that read the same input (one H): [(packed, stats)].
+
+    Rows never interact in Algorithm 1, so the weights are stacked and quantized in one pass,
+    sharing the factorisation of H; each result equals `quantize` of that weight alone.
+    """
+    weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each
+    result = quantize_columns(np.concatenate(weights), H, params)
+    group_size = PER_ROW if params.group_size in (0, PER_ROW) else params.group_size
+    rtn_params = rtn.RTNParams(bits=params.bits, group_size=group_size, sym=params.sym)
+    out, start = [], 0
+    for W in weights:
+        rows = slice(start, start + W.shape[0])
+        start = rows.stop
+        packed = UniformTensor.from_codes(result.codes[rows], result.scales[:, rows], result.zeros[:, rows],
+                                          bits=params.bits, group_size=group_size, sym=params.sym,
+                                          g_idx=result.g_idx)
+        gptq_loss = proxy_loss(W, result.Q[rows], H)
+        rtn_loss = proxy_loss(W, rtn.quantize(W, rtn_params).dequantize(), H)
+        out.append((packed, {"gptq_loss": gptq_loss, "rtn_loss": rtn_loss,
+                             "ratio": gptq_loss / rtn_loss if rtn_loss > 0 else 1.0}))
+    return out
+
+
+def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQResult:
+    """Algorithm 1 on W [out, in] with Hessian H [in, in] (see the module docstring)."""
+    W = np.asarray(W, dtype=np.float32)  # [out, in]
+    H = np.asarray(H, dtype=np.float64)  # [in, in]
+    if W.ndim != 2 or 0 in W.shape:
+        raise UserError(f"gptq: the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
+    n_out, n_in = W.shape
+    if H.shape != (n_in, n_in):
+        raise UserError(f"gptq: the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, "
+                        f"got {list(H.shape)}")
+    group_size = PER_ROW if params.group_size in (0, PER_ROW) else params.group_size
+    check_params(params.bits, group_size)
+    width = n_in if group_size == PER_ROW else group_size
+    n_groups = -(-n_in // width)
+
+    Wq = W.astype(np.float64)  # [out, in] the weights being updated
+    H_work = H.copy()  # [in, in]
+    dead = np.diag(H_work) == 0  # [in]
+    H_work[dead, dead] = 1
+    Wq[:, dead] = 0
+
+    scales = np.empty((n_groups, n_out), dtype=np.float32)  # [n_groups, out]
+    zeros = np.empty((n_groups, n_out), dtype=np.int32)  # [n_groups, out]
+    if params.static_groups:
+        for g in range(n_groups):
+            scales[g], zeros[g] = find_grid(Wq[:, g * width:(g + 1) * width], params.bits, params.sym)
+
+    perm = np.argsort(-np.diag(H_work), kind="stable") if params.act_order else np.arange(n_in)  # [in]
+    Wq = Wq[:, perm]  # [out, in] permuted columns
+    U = inverse_hessian_factor(H_work[np.ix_(perm, perm)], params.percdamp)  # [in, in] permuted
+
+    codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
+    Q = np.empty((n_out, n_in), dtype=np.float32)  # [out, in] permuted columns
+    group_of = np.empty(n_in, dtype=np.int32)  # [in] group of each permuted position
+    for b1 in range(0, n_in, params.blocksize):
+        b2 = min(b1 + params.blocksize, n_in)
+        W1 = Wq[:, b1:b2].copy()  # [out, B]
+        E1 = np.zeros_like(W1)  # [out, B] scaled errors of the block
+        for i in range(b2 - b1):
+            j = b1 + i  # permuted position
+            if params.static_groups:
+                g = perm[j] // width
+            else:
+                g = j // width
+                if j % width == 0:  # group start: its grid from the weights updated so far
+                    ahead = Wq[:, b2:j + width] - E1[:, :i] @ U[b1:j, b2:j + width]  # [out, past block]
+                    scales[g], zeros[g] = find_grid(np.hstack([W1[:, i:i + width], ahead]), params.bits,
+                                                    params.sym)
+            group_of[j] = g
+            w = W1[:, i]  # [out]
+            codes[:, j] = quantize_to_grid(w.astype(np.float32), scales[g], zeros[g], params.bits)  # [out]
+            Q[:, j] = dequantize_grid(codes[:, j], scales[g], zeros[g])  # [out]
+            err = (w - Q[:, j]) / U[j, j]  # [out]
+            W1[:, i:] -= np.outer(err, U[j, j:b2])  # [out, B - i]
+            E1[:, i] = err
+        Wq[:, b2:] -= E1 @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
+
+    inverse = np.argsort(perm)  # [in]
+    return GPTQResult(codes=codes[:, inverse], scales=scales, zeros=zeros, g_idx=group_of[inverse],
+                      Q=Q[:, inverse])

@@ -1,0 +1,185 @@
+"""The layer-by-layer calibration driver (runtime/calibration.py) on the real stories260K checkpoint.
+
+stories260K has no tokenizer, so the driver gets random token ids with a fixed
+seed. The references are NumPy: H = 2/n X Xᵀ computed from the inputs a plain
+wrapper saw, and a model saved by an uninterrupted run, byte for byte.
+"""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import rtn
+from conftest import STORIES260K
+from model import Config, Model
+from runtime.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sample_windows
+from runtime.checkpoint import load_checkpoint
+from runtime.errors import UserError
+from runtime.packed_checkpoint import save_packed
+from runtime.quantize_model import gptq_method, projection_names
+from runtime.tags import parse_tag
+
+NSAMPLES, SEQLEN = 4, 48
+
+
+@pytest.fixture(scope="module")
+def stories():
+    if not STORIES260K.is_file():
+        pytest.skip(f"{STORIES260K} not found")
+    hf, tensors = load_checkpoint(STORIES260K)
+    config = Config.from_hf(hf)
+    windows = sample_windows(np.random.default_rng(0).integers(0, config.vocab_size, 2000), NSAMPLES, SEQLEN, 0)
+    return config, tensors, windows
+
+
+def crude_method(calls):
+    """2-bit per-row RTN (a large change, so orders matter), recording the call order and each H."""
+    def method(names, weights, H):
+        calls.append((names, H.copy()))
+        return [(rtn.quantize(W, rtn.RTNParams(2, 0)), {}) for W in weights]
+    return method
+
+
+def test_sample_windows_are_random_slices():
+    tokens = np.arange(1000) * 7
+    windows = sample_windows(tokens, 16, 50, seed=3)
+    assert windows.shape == (16, 50)
+    starts = windows[:, 0] // 7
+    np.testing.assert_array_equal(windows, tokens[starts[:, None] + np.arange(50)])
+    np.testing.assert_array_equal(windows, sample_windows(tokens, 16, 50, seed=3))
+    assert not np.array_equal(windows, sample_windows(tokens, 16, 50, seed=4))
+    with pytest.raises(UserError, match="--seqlen"):
+        sample_windows(tokens[:50], 4, 50, seed=0)
+
+
+def test_hessian_recorder_is_two_over_n_x_xt():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((m, 24)).astype(np.float32) for m in (5, 17, 1, 40)]
+    recorder = HessianRecorder(24)
+    for x in batches:
+        recorder.add(x)
+        recorder.add(x)  # the same input object again (a linear sharing it): counted once
+    X = np.concatenate(batches).astype(np.float64)  # [n, in]
+    np.testing.assert_allclose(recorder.H, 2 / len(X) * X.T @ X, rtol=1e-12, atol=1e-12)
+
+
+def test_end_to_end_gptq_on_stories260k(stories, tmp_path):
+    config, tensors, windows = stories
+    lines = []
+    packed, stats = calibrate(config, tensors, gptq_method(parse_tag("gptq4g32act")), windows,
+                              tmp_path / "state", {"tag": "gptq4g32act"}, progress=False, report=lines.append)
+    names = projection_names(config)
+    assert sorted(packed) == sorted(names) and len(lines) == len(names)
+    assert all(s["gptq_loss"] < s["rtn_loss"] for s in stats.values())
+    # on its calibration data the GPTQ model's logits are closer to the float model's than RTN's
+    rtn_packed = {n: rtn.quantize(tensors[n], rtn.RTNParams(4, 32)) for n in names}
+    logits = {key: [Model(config, {**tensors, **weights}).prefill(w, Model(config, tensors).new_cache(SEQLEN),
+                                                                  all_logits=True) for w in windows]
+              for key, weights in (("float", {}), ("gptq", packed), ("rtn", rtn_packed))}  # [T, vocab] each
+    error = {key: np.mean((np.array(logits[key]) - np.array(logits["float"])) ** 2) for key in ("gptq", "rtn")}
+    assert np.isfinite(error["gptq"]) and error["gptq"] < error["rtn"]
+
+
+def test_true_sequential_order(stories, tmp_path):
+    config, tensors, windows = stories
+    calls = []
+    packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
+    groups = [[f"model.layers.{i}.{p}.weight" for p in group]
+              for i in range(config.n_layers) for group in TRUE_SEQUENTIAL["llama"]]
+    assert [names for names, _ in calls] == groups
+    # o_proj of layer 0 saw the outputs of the quantized q, k, v, not of the float ones
+    seen = []
+
+    class Spy:
+        def __init__(self, weight):
+            self.weight = weight
+
+        def matmul(self, x):
+            seen.append(np.asarray(x, np.float64).reshape(-1, x.shape[-1]))
+            return x @ self.weight.T
+
+    def o_proj_hessian(layer):
+        seen.clear()
+        model = Model(config, tensors)
+        weights = dict(model.layers[0], **layer)
+        weights["self_attn.o_proj.weight"] = Spy(weights["self_attn.o_proj.weight"])
+        for w in windows:
+            model.block(weights, model.embed_tokens(w, 0), model.new_cache(SEQLEN), 0, model.attend_prefill)
+        X = np.concatenate(seen)  # [n, in]
+        return 2 / len(X) * X.T @ X
+
+    quantized = {f"self_attn.{p}_proj.weight": packed[f"model.layers.0.self_attn.{p}_proj.weight"].dequantize()
+                 for p in "qkv"}
+    np.testing.assert_allclose(calls[1][1], o_proj_hessian(quantized), rtol=1e-6, atol=1e-9)
+    assert not np.allclose(calls[1][1], o_proj_hessian({}), rtol=1e-3)
+
+
+def test_interrupted_run_resumes_bit_identical(stories, tmp_path):
+    config, tensors, windows = stories
+    method = gptq_method(parse_tag("gptq3g32"))
+    settings = {"tag": "gptq3g32"}
+    full, full_stats = calibrate(config, tensors, method, windows, tmp_path / "full", settings, progress=False)
+
+    def crash_after_layer_2(i):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(config, tensors, method, windows, tmp_path / "cut", settings, progress=False,
+                  after_layer=crash_after_layer_2)
+    calls = []
+    counting = lambda names, weights, H: calls.append(names) or method(names, weights, H)
+    resumed, resumed_stats = calibrate(config, tensors, counting, windows, tmp_path / "cut", settings,
+                                       resume=True, progress=False)
+    assert {n.split(".")[2] for names in calls for n in names} == {"3", "4"}  # layers 0-2 came from disk
+    assert resumed_stats == full_stats
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    save_packed(tmp_path / "a", {}, full)
+    save_packed(tmp_path / "b", {}, resumed)
+    saved = [(tmp_path / d / "model.safetensors").read_bytes() for d in "ab"]
+    assert saved[0] == saved[1]
+
+
+def test_resume_refuses_other_settings(stories, tmp_path):
+    config, tensors, windows = stories
+    small = dataclasses.replace(config, n_layers=1)
+    one_layer = {k: v for k, v in tensors.items() if ".layers." not in k or ".layers.0." in k}
+    calibrate(small, one_layer, crude_method([]), windows, tmp_path / "state", {"tag": "a"}, progress=False)
+    assert json.loads((tmp_path / "state" / "settings.json").read_text())["tag"] == "a"
+    with pytest.raises(UserError, match="different settings"):
+        calibrate(small, one_layer, crude_method([]), windows, tmp_path / "state", {"tag": "b"},
+                  resume=True, progress=False)
+    with pytest.raises(UserError, match="windows_sha256"):
+        calibrate(small, one_layer, crude_method([]), windows[:, :40], tmp_path / "state", {"tag": "a"},
+                  resume=True, progress=False)
+
+
+def test_opt_fc2_hessian_matches_transformers(tmp_path):
+    """OPT's order [q, k, v], [out_proj], [fc1], [fc2]; fc2's H of layer 0 from HF's own forward pass."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_model = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, vocab_size=120,
+        max_position_embeddings=64, init_std=0.2)).eval()
+    hf_model.save_pretrained(tmp_path / "opt")
+    hf_config, tensors = load_checkpoint(tmp_path / "opt")
+    config = Config.from_hf(hf_config)
+    windows = sample_windows(np.random.default_rng(0).integers(0, 120, 500), 3, 24, 0)
+    calls = []
+    packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
+    prefix = "model.decoder.layers"
+    assert [names for names, _ in calls] == [[f"{prefix}.{i}.{p}.weight" for p in group] for i in range(2)
+                                             for group in TRUE_SEQUENTIAL["opt"]]
+    layer = hf_model.model.decoder.layers[0]
+    inputs = []
+    layer.fc2.register_forward_hook(lambda module, args, output: inputs.append(args[0].reshape(-1, 96).double().numpy()))
+    with torch.no_grad():
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1"):
+            module = layer.get_submodule(p)
+            module.weight.copy_(torch.from_numpy(packed[f"{prefix}.0.{p}.weight"].dequantize()))
+        for w in windows:
+            hf_model(torch.tensor(w)[None])
+    X = np.concatenate(inputs)  # [n, ffn]
+    np.testing.assert_allclose(calls[3][1], 2 / len(X) * X.T @ X, rtol=1e-4, atol=1e-6)
