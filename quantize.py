@@ -17,10 +17,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base checkpoint: name under models/, directory or file")
     p.add_argument("--method", default="rtn", choices=sorted(METHOD_BITS))
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group", type=int, default=128, help="input columns per scale; 0 = one scale per row")
+    p.add_argument("--group", type=int, default=None,
+                   help="weights per scale (rtn/gptq: multiple of 32; nf/fp: default 64); absent or 0: one per row")
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
     p.add_argument("--mse", action="store_true", help="MSE-optimal clipping search")
     p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    p.add_argument("--dq", action="store_true", help="nf/fp: double quantization of the block scales")
     p.add_argument("--act-order", action="store_true",
                    help="gptq: quantize columns by descending Hessian diagonal")
     p.add_argument("--calib", type=Path, default=None,
@@ -30,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="gptq: seed of the window offsets (default 0)")
     p.add_argument("--resume", action="store_true",
                    help="gptq: continue an interrupted run from OUT.partial/ (same settings required)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="PEFT LoRA adapter to merge into the float weights before quantizing (needs --out)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default models/BASE.TAG)")
     return p.parse_args(argv)
 
@@ -40,10 +44,12 @@ def main(argv=None):
     from runtime.quantize_model import CALIBRATED, build_quantized
     from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, resolve_model
     options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor),
-                               ("act", args.act_order)) if on}
-    spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group, options)
+                               ("act", args.act_order), ("dq", args.dq)) if on}
+    spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group or 0, options)
     spec = parse_tag(spec.tag)  # the same checks as a tag typed by hand
     base = resolve_model(args.model)
+    if args.lora and not args.out:
+        raise UserError("--lora merges an adapter into the model: name the result with --out DIR")
     out = args.out or MODELS_DIR / f"{Path(args.model or DEFAULT_MODEL).name}.{spec.tag}"
     given = {k: v for k, v in (("text", args.calib), ("nsamples", args.nsamples), ("seqlen", args.seqlen),
                                ("seed", args.seed)) if v is not None}
@@ -51,7 +57,7 @@ def main(argv=None):
         raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
                         f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
-    build_quantized(base, spec, out, calibration=calibration, resume=args.resume)
+    build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora)
     print(f"wrote {out}")
 
 

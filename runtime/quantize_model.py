@@ -26,6 +26,7 @@ from runtime.atomic import atomic_directory
 from runtime.calibration import CalibrationSettings, calibrate, sample_windows, settings_record, state_dir_for, \
     text_tokens
 from runtime.checkpoint import load_checkpoint
+from runtime.lora import load_adapter, merge_lora
 from runtime.packed_checkpoint import save_packed
 from runtime.resolve import MODELS_DIR, find_model, resolve_model
 from runtime.tags import QuantSpec, parse_tag
@@ -129,13 +130,17 @@ def smooth(base: Path, config: Config, tensors: dict) -> tuple[dict, dict]:
 
 
 def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool = True,
-                    calibration: CalibrationSettings | None = None, resume: bool = False) -> Path:
+                    calibration: CalibrationSettings | None = None, resume: bool = False,
+                    lora: Path | None = None) -> Path:
     """Quantize the checkpoint at `base` as `spec` says and write it to `out_dir`, atomically.
 
     A calibrated method (gptq) draws its data as `calibration` says (default settings when None)
-    and continues a run interrupted with the same settings when `resume`.
+    and continues a run interrupted with the same settings when `resume`. A PEFT adapter
+    directory `lora` is merged into the float weights first.
     """
     hf_config, tensors = load_checkpoint(base)
+    if lora is not None:
+        tensors = merge_lora(tensors, load_adapter(lora))
     config = Config.from_hf(hf_config)
     start = time.perf_counter()
     projections, extra = None, {}
@@ -149,6 +154,7 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
         "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
         "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16", **extra,
+        **({"lora_merged": str(lora)} if lora is not None else {}),
         "seconds": round(time.perf_counter() - start, 2)})
     with atomic_directory(out_dir) as tmp:
         save_packed(tmp, hf_config, packed)

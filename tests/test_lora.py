@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 
 import nf4  # noqa: E402
 from model import Config, Model  # noqa: E402
-from runtime.api import load  # noqa: E402
+from runtime.api import load, token_logprobs  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.lora import LoraWeight, apply_lora, load_adapter, merge_lora  # noqa: E402
@@ -274,3 +274,23 @@ def test_cli_bad_adapter_gets_one_line(tokenized_case, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: LoRA adapter directory") and len(result.stderr.splitlines()) == 1
+
+
+def test_adapter_merged_before_quantization(tokenized_case, tmp_path):
+    """quantize.py --lora: the merged-then-quantized model tracks float+adapter, not the bare base."""
+    out = tmp_path / "merged.rtn8"
+    result = subprocess.run([sys.executable, "quantize.py", "--model", str(tokenized_case / "base"), "--method",
+                             "rtn", "--bits", "8", "--lora", str(tokenized_case / "adapter"), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ids = load(str(tokenized_case / "base")).tokenizer.encode("Hello world, how are you?")
+    logits = {name: token_logprobs(load(*args).model, ids) for name, args in {
+        "merged": (str(out),), "adapted": (str(tokenized_case / "base"), "cpu", str(tokenized_case / "adapter")),
+        "bare": (str(tokenized_case / "base"),)}.items()}
+    assert np.abs(logits["merged"] - logits["adapted"]).max() < 0.1 * np.abs(logits["bare"] - logits["adapted"]).max()
+
+
+def test_merging_needs_an_output_name(tokenized_case):
+    result = subprocess.run([sys.executable, "quantize.py", "--model", str(tokenized_case / "base"), "--lora",
+                             str(tokenized_case / "adapter")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "--out" in result.stderr and "Traceback" not in result.stderr
