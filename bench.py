@@ -33,7 +33,8 @@ from runtime.cli import run_cli
 from runtime.resolve import MODELS_DIR, PROJECT_ROOT
 
 BASE = "smollm2-135m"
-TAGS = ["rtn8", "rtn4g128", "rtn4g64", "rtn4", "rtn3g128", "rtn3", "rtn2g64"]
+TAGS = ["rtn8", "rtn4g128", "rtn4", "rtn3g128", "rtn3", "rtn2g64", "gptq4g128", "gptq4", "gptq3g128", "gptq3",
+        "gptq2g64", "nf4", "nf4dq", "fp4", "int8", "absmax8", "smooth8"]
 GGUF = MODELS_DIR / f"{BASE}.Q4_1.gguf"
 LLAMA_CPP = "llama.cpp Q4_1"
 PREFILL_TOKENS, DECODE_TOKENS = 128, 64
@@ -141,8 +142,9 @@ def size_info(name: str) -> dict:
     config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
     weights = [tensors[n] for n in projection_names(Config.from_hf(config))]
     bits = sum(8 * w.nbytes for w in weights) / sum(int(np.prod(w.shape)) for w in weights)
+    quantization = config.get("quantization", {})
     return {"bits": bits, "file_mb": (path / "model.safetensors").stat().st_size / 1e6,
-            "quant_s": config.get("quantization", {}).get("seconds")}
+            "quant_s": quantization.get("seconds"), "quant_mb": quantization.get("peak_rss_mb")}
 
 
 def machine() -> str:
@@ -153,13 +155,14 @@ def machine() -> str:
 
 def table(rows: dict, base: dict) -> str:
     lines = ["| model | bits/weight | file MB | WikiText-2 ppl | prefill tok/s | decode tok/s | "
-             "decode vs float | peak RSS MB | RSS vs float | quantize s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "decode vs float | peak RSS MB | RSS vs float | quantize s | quantize peak MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         quant = f"{r['quant_s']:.1f}" if r.get("quant_s") else ""
+        quant_mb = f"{r['quant_mb']}" if r.get("quant_mb") else ""
         lines.append(f"| {name} | {r['bits']:.3f} | {r['file_mb']:.1f} | {r['ppl']:.3f} | {r['prefill']:.1f} | "
                      f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f}x | {r['rss']:.0f} | "
-                     f"{r['rss'] / base['rss']:.2f} | {quant} |")
+                     f"{r['rss'] / base['rss']:.2f} | {quant} | {quant_mb} |")
     return "\n".join(lines)
 
 
@@ -196,7 +199,7 @@ def main(argv=None):
         print(f"perplexity of {name} ...", flush=True)
         rows[name]["ppl"] = perplexity_of(name)
     if has_llama_cpp():
-        gguf = {"bits": 4 + 2 * 16 / 32, "file_mb": GGUF.stat().st_size / 1e6, "quant_s": None}
+        gguf = {"bits": 4 + 2 * 16 / 32, "file_mb": GGUF.stat().st_size / 1e6}  # Q4_1: fp16 scale + min per 32
         rows[LLAMA_CPP] = dict(gguf, ppl=perplexity_llama_cpp())
     runs = {name: [] for name in rows}
     for round_ in range(args.rounds):

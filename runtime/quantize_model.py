@@ -13,6 +13,7 @@ layer by layer, with their state kept in `<out_dir>.partial/` for `resume`.
 """
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -155,7 +156,8 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
         "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
         "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16", **extra,
         **({"lora_merged": str(lora)} if lora is not None else {}),
-        "seconds": round(time.perf_counter() - start, 2)})
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})  # Linux: KiB
     with atomic_directory(out_dir) as tmp:
         save_packed(tmp, hf_config, packed)
         copy_tokenizer(base, tmp)
