@@ -159,12 +159,12 @@ class Model:
     def embed_tokens(self, tokens, start: int):
         """Token (and for OPT, learned position) embeddings of tokens at positions start.. ."""
         xp, g = self.xp, self.globals
-        x = xp.asarray(self.embed[tokens], dtype=xp.float32)  # [T, embed_dim]
+        x = xp.asarray(self.embed[xp.asarray(tokens)], dtype=xp.float32)  # [T, embed_dim]
         if self.config.arch == "llama":
             return x
         if "project_in.weight" in g:
             x = linear(x, g["project_in.weight"])  # [T, d]
-        positions = np.arange(start, start + len(tokens)) + 2  # OPT's learned positions are offset by 2
+        positions = xp.arange(start, start + len(tokens)) + 2  # OPT's learned positions are offset by 2
         return x + g["embed_positions.weight"][positions]  # [T, d]
 
     def logits(self, x):
