@@ -153,15 +153,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
-def table(rows: dict, base: dict) -> str:
+def table(rows: dict, base: dict, reference: dict | None) -> str:
+    """The markdown table; decode speed as a ratio to the float row and, when measured, to llama.cpp."""
+    ref = " | decode vs llama.cpp" if reference else ""
     lines = ["| model | bits/weight | file MB | WikiText-2 ppl | prefill tok/s | decode tok/s | "
-             "decode vs float | peak RSS MB | RSS vs float | quantize s | quantize peak MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"decode vs float{ref} | peak RSS MB | RSS vs float | quantize s | quantize peak MB |",
+             "| --- |" + " ---: |" * (11 if reference else 10)]
     for name, r in rows.items():
         quant = f"{r['quant_s']:.1f}" if r.get("quant_s") else ""
         quant_mb = f"{r['quant_mb']}" if r.get("quant_mb") else ""
+        vs_ref = f" | {r['decode'] / reference['decode']:.2f}x" if reference else ""
         lines.append(f"| {name} | {r['bits']:.3f} | {r['file_mb']:.1f} | {r['ppl']:.3f} | {r['prefill']:.1f} | "
-                     f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f}x | {r['rss']:.0f} | "
+                     f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f}x{vs_ref} | {r['rss']:.0f} | "
                      f"{r['rss'] / base['rss']:.2f} | {quant} | {quant_mb} |")
     return "\n".join(lines)
 
@@ -218,7 +221,7 @@ def main(argv=None):
         f"Perplexity: WikiText-2 test, first {PPL_WINDOWS} windows of {PPL_SEQLEN} tokens. Bits per weight: "
         f"decoder projections, codes plus scales/zeros/indices (the LM head is 8-bit and the embedding float16 in "
         f"every quantized row).", "",
-        table(rows, rows[names[0]]), "",
+        table(rows, rows[names[0]], rows.get(LLAMA_CPP)), "",
         "![perplexity against bits per weight](benchmarks.png)", ""])
     (PROJECT_ROOT / "BENCHMARKS.md").write_text(text)
     plot(rows, PROJECT_ROOT / "benchmarks.png")
