@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -186,5 +187,5 @@ def find_or_build(name: str | None, progress: bool = True) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     if progress:
-        print(f"{name} is not built yet: quantizing {base_path} with {spec.tag} ...", flush=True)
+        print(f"{name} is not built yet: quantizing {base_path} with {spec.tag} ...", file=sys.stderr, flush=True)
     return build_quantized(base_path, spec, out_dir, progress)
