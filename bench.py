@@ -114,22 +114,29 @@ def perplexity_of(name: str) -> float:
     return perplexity(llm.model, ids, PPL_SEQLEN, PPL_WINDOWS, state_path(llm.path, ids, PPL_SEQLEN))["ppl"]
 
 
+class LlamaCppScorer:
+    """llama.cpp behind the two calls runtime.perplexity makes of a model (new_cache, prefill)."""
+
+    def __init__(self, path: Path, n_ctx: int):
+        from llama_cpp import Llama
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=512, logits_all=True, verbose=False)
+
+    def new_cache(self, max_len=None):
+        self.llm.reset()
+
+    def prefill(self, tokens, cache, all_logits=True):
+        self.llm.eval([int(t) for t in tokens])
+        return np.asarray(self.llm.scores[:len(tokens)])  # [T, vocab]
+
+
 def perplexity_llama_cpp() -> float:
-    """The same perplexity from llama.cpp's logits on the same windows."""
-    from llama_cpp import Llama
-    from runtime.api import log_softmax
+    """The same perplexity from llama.cpp's logits on the same windows (resumable like ours)."""
     from runtime.datasets import load_dataset
-    from runtime.perplexity import windows_of
+    from runtime.perplexity import perplexity, state_path
     from runtime.tokenizer import Tokenizer
     ids = Tokenizer.load(GGUF).encode(load_dataset("wikitext2"))
-    llm = Llama(str(GGUF), n_ctx=PPL_SEQLEN, n_threads=2, n_batch=512, logits_all=True, verbose=False)
-    nll = 0.0
-    for window in windows_of(ids, PPL_SEQLEN, PPL_WINDOWS):
-        llm.reset()
-        llm.eval(list(window))
-        logp = log_softmax(np.asarray(llm.scores[:PPL_SEQLEN - 1]))  # [T-1, vocab]
-        nll -= logp[np.arange(PPL_SEQLEN - 1), np.asarray(window[1:])].sum()
-    return float(np.exp(nll / (PPL_WINDOWS * (PPL_SEQLEN - 1))))
+    state = state_path(GGUF, ids, PPL_SEQLEN, engine="llama.cpp")
+    return perplexity(LlamaCppScorer(GGUF, PPL_SEQLEN), ids, PPL_SEQLEN, PPL_WINDOWS, state)["ppl"]
 
 
 def size_info(name: str) -> dict:

@@ -39,13 +39,15 @@ def windows_of(token_ids, seqlen: int, limit: int | None = None) -> list:
     return [token_ids[i * seqlen:(i + 1) * seqlen] for i in range(count)]
 
 
-def state_path(model_path: Path, token_ids, seqlen: int) -> Path:
-    """Where the resumable state of one (model, text, seqlen) evaluation lives.
+def state_path(model_path: Path, token_ids, seqlen: int, engine: str = "") -> Path:
+    """Where the resumable state of one (model, text, seqlen, engine) evaluation lives.
 
-    The key includes the model directory's modification time, so a rebuilt model starts afresh.
+    The key includes the model directory's modification time, so a rebuilt model starts afresh;
+    `engine` tells apart another runtime scoring the same file (the benchmark's llama.cpp rows).
     """
     digest = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
     digest.update(f"{Path(model_path).resolve()}@{Path(model_path).stat().st_mtime_ns}|{seqlen}".encode())
+    digest.update(engine.encode())
     return STATE_DIR / f"{digest.hexdigest()[:24]}.json"
 
 
