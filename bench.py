@@ -222,7 +222,8 @@ def main(argv=None):
     text = "\n".join([
         "# Benchmarks", "",
         f"Written by `{command}` (`make bench`) on {time.strftime('%Y-%m-%d')}.", "",
-        f"Machine: {machine()}. CPU only.", "",
+        f"Machine: {machine()}. CPU only; our runtime with its defaults (Numba kernels on every core, BLAS on one "
+        f"thread: runtime/__init__.py), llama.cpp (llama-cpp-python) with 2 threads.", "",
         f"Speed: prefill of {PREFILL_TOKENS} tokens, then {DECODE_TOKENS} greedy decode steps, each variant in a "
         f"fresh process after a warm-up; median of {args.rounds} interleaved rounds. Peak RSS of that process. "
         f"Perplexity: WikiText-2 test, first {PPL_WINDOWS} windows of {PPL_SEQLEN} tokens. Bits per weight: "
