@@ -8,6 +8,8 @@ checkpoint writer calls `tensors` / `meta`; the reader rebuilds the object with
 """
 from __future__ import annotations
 
+import numpy as np
+
 from runtime.device import is_cupy
 from runtime.errors import UserError
 
@@ -31,11 +33,18 @@ class PackedTensor:
         raise NotImplementedError
 
     def matmul(self, x):
-        """y = x @ W.T for x [..., in] float32 -> y [..., out] float32.
+        """y = x @ W.T for x [..., in] float32 -> y [..., out] float32 (leading axes flattened for `matmul_rows`)."""
+        on_gpu = self.check_input(x)
+        n_out, n_in = self.shape
+        rows = x.reshape(-1, n_in) if on_gpu else np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
+        return self.matmul_rows(rows, on_gpu).reshape(*x.shape[:-1], n_out)
+
+    def matmul_rows(self, x, on_gpu: bool):
+        """y [m, out] for x [m, in] (contiguous float32 on the CPU).
 
         Picks the kernel: CuPy input -> CUDA; NumPy input -> Numba, fused
-        dequantize-and-multiply when there is one row, dequantize + BLAS
-        for many rows.
+        dequantize-and-multiply for a few rows, dequantize + BLAS (or a
+        blocked kernel) for many rows.
         """
         raise NotImplementedError
 

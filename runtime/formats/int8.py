@@ -166,18 +166,12 @@ class Int8Tensor(PackedTensor):
         extra = self.outlier_product(x, outliers)
         return y if extra is None else y + extra
 
-    def matmul(self, x):
-        """y [..., out] = x [..., in] @ W.T in W8A8: CUDA for CuPy input, Numba for NumPy input."""
-        n_out, n_in = self.shape
-        lead = x.shape[:-1]
-        if self.check_input(x):
+    def matmul_rows(self, x2, on_gpu: bool):
+        """y [m, out] = x [m, in] @ W.T in W8A8: CUDA for CuPy input, Numba for NumPy input."""
+        if on_gpu:
             from runtime.kernels import int8_cuda
-
-            y = int8_cuda.matmul(self, x.reshape(-1, n_in))  # [m, out]
-            return y.reshape(*lead, n_out)
+            return int8_cuda.matmul(self, x2)  # [m, out]
         from runtime.kernels import int8_numba
-
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)  # [m, in]
         outliers = outlier_columns(x2, self.outlier_threshold)  # [in]
         xq, sx = int8_numba.quantize_tokens(x2, outliers, self.activation == "tensor")
         if x2.shape[0] <= FUSED_MAX_ROWS:
@@ -188,7 +182,7 @@ class Int8Tensor(PackedTensor):
         extra = self.outlier_product(x2, outliers)
         if extra is not None:
             y += extra
-        return y.reshape(*lead, n_out)
+        return y
 
     def tensors(self) -> dict:
         return {"qweight": self.qweight, "scales": self.scales}

@@ -191,23 +191,15 @@ class Lut4Tensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
 
-    def matmul(self, x):
-        """y [..., out] = x [..., in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
-        n_out, n_in = self.shape
-        lead = x.shape[:-1]
-        if self.check_input(x):
+    def matmul_rows(self, x, on_gpu: bool):
+        """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
+        if on_gpu:
             from runtime.kernels import lut4_cuda
-
-            y = lut4_cuda.matmul(self, x.reshape(-1, n_in))  # [m, out]
-            return y.reshape(*lead, n_out)
+            return lut4_cuda.matmul(self, x)  # [m, out]
         from runtime.kernels import lut4_numba
-
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)  # [m, in]
-        if x2.shape[0] <= FUSED_MAX_ROWS:
-            y = lut4_numba.matmul_fused(self, x2)  # [m, out]
-        else:
-            y = lut4_numba.matmul_prefill(self, x2)  # [m, out]
-        return y.reshape(*lead, n_out)
+        if x.shape[0] <= FUSED_MAX_ROWS:
+            return lut4_numba.matmul_fused(self, x)  # [m, out]
+        return lut4_numba.matmul_prefill(self, x)  # [m, out]
 
     def tensors(self) -> dict:
         arrays = {"qweight": self.qweight, "table": self.table}

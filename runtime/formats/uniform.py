@@ -265,20 +265,13 @@ class UniformTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
-    def matmul(self, x):
-        """y [..., out] = x [..., in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
-        on_gpu = self.check_input(x)
-        lead = x.shape[:-1]
-        if not on_gpu:
-            from runtime.kernels import uniform_numba
-
-            x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
-            y = uniform_numba.matmul(self, x2)  # [m, out]
-        else:
+    def matmul_rows(self, x, on_gpu: bool):
+        """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
+        if on_gpu:
             from runtime.kernels import uniform_cuda
-
-            y = uniform_cuda.matmul(self, x.reshape(-1, self.in_features))  # [m, out]
-        return y.reshape(*lead, self.out_features)
+            return uniform_cuda.matmul(self, x)  # [m, out]
+        from runtime.kernels import uniform_numba
+        return uniform_numba.matmul(self, x)  # [m, out]
 
     def tensors(self) -> dict:
         return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
