@@ -148,11 +148,10 @@ def size_info(name: str) -> dict:
     from model import Config
     from runtime.checkpoint import load_checkpoint
     from runtime.packed_checkpoint import is_packed_model, load_packed
-    from runtime.quantize_model import find_or_build, projection_names
+    from runtime.quantize_model import bits_per_weight, find_or_build
     path = find_or_build(name)
     config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
-    weights = [tensors[n] for n in projection_names(Config.from_hf(config))]
-    bits = sum(8 * w.nbytes for w in weights) / sum(int(np.prod(w.shape)) for w in weights)
+    bits = bits_per_weight(Config.from_hf(config), tensors)
     quantization = config.get("quantization", {})
     return {"bits": bits, "file_mb": (path / "model.safetensors").stat().st_size / 1e6,
             "quant_s": quantization.get("seconds"), "quant_mb": quantization.get("peak_rss_mb")}

@@ -31,7 +31,10 @@ act-order, column perm[i] lands in group i // G, which the uniform format
 stores as its g_idx.
 
 Grids come from `runtime.quant_grid` (the same range rule as rtn.py), so
-with H = I (no error to spread) GPTQ gives exactly the RTN codes.
+with H = I (no error to spread) GPTQ gives exactly the RTN codes. The loop
+(`obs_columns`) reaches them through a grids object with two methods, `fit`
+(a group's grid) and `quantize` (one column's codes): `GroupGrids` here;
+spqr.py passes its own (small groups, quantized statistics, outliers).
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def inverse_hessian_factor(H: np.ndarray, percdamp: float) -> np.ndarray:
     try:
         L = np.linalg.cholesky(H[::-1, ::-1])  # [in, in] lower, J H J = L Lᵀ
     except np.linalg.LinAlgError:
-        raise UserError("gptq: the Hessian is not positive definite even after dampening; "
+        raise UserError("the Hessian is not positive definite even after dampening; "
                         "raise percdamp or use more calibration samples") from None
     return np.ascontiguousarray(np.linalg.inv(L)[::-1, ::-1])  # [in, in] upper, H⁻¹ = Uᵀ U
 
@@ -119,63 +122,100 @@ def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParam
     return out
 
 
-def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQResult:
-    """Algorithm 1 on W [out, in] with Hessian H [in, in] (see the module docstring)."""
+class GroupGrids:
+    """GPTQ's grids: a `find_grid` scale and integer zero per group and output row.
+
+    The interface through which Algorithm 1 (`obs_columns`) chooses codes;
+    spqr.py supplies another with the same two methods.
+    """
+
+    def __init__(self, bits: int, sym: bool, n_groups: int, n_out: int):
+        self.bits, self.sym = bits, sym
+        self.scales = np.empty((n_groups, n_out), dtype=np.float32)  # [n_groups, out]
+        self.zeros = np.empty((n_groups, n_out), dtype=np.int32)  # [n_groups, out]
+
+    def fit(self, g: int, weights: np.ndarray, hinv_diag) -> None:
+        """Fit group g's grid on its weights [out, width] as they are now (hinv_diag: U_jj of its columns)."""
+        self.scales[g], self.zeros[g] = find_grid(weights, self.bits, self.sym)
+
+    def quantize(self, g: int, j: int, w: np.ndarray, hinv_jj: float) -> tuple[np.ndarray, np.ndarray]:
+        """(codes uint8 [out], quantized weights float32 [out]) of column w [out] at permuted position j."""
+        codes = quantize_to_grid(w.astype(np.float32), self.scales[g], self.zeros[g], self.bits)  # [out]
+        return codes, dequantize_grid(codes, self.scales[g], self.zeros[g])
+
+
+def check_problem(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W float32 [out, in], H float64 [in, in]); UserError unless their shapes fit together."""
     W = np.asarray(W, dtype=np.float32)  # [out, in]
     H = np.asarray(H, dtype=np.float64)  # [in, in]
     if W.ndim != 2 or 0 in W.shape:
-        raise UserError(f"gptq: the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
-    n_out, n_in = W.shape
+        raise UserError(f"the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
+    n_in = W.shape[1]
     if H.shape != (n_in, n_in):
-        raise UserError(f"gptq: the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, "
-                        f"got {list(H.shape)}")
+        raise UserError(f"the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, got {list(H.shape)}")
+    return W, H
+
+
+def prepare(W: np.ndarray, H: np.ndarray, act_order: bool, percdamp: float):
+    """(W0 float64 [out, in] with dead columns zeroed, perm [in] the quantization order, U [in, in] the
+    upper Cholesky factor of the inverse of the permuted, dampened H), the set-up of Algorithm 1."""
+    W0 = W.astype(np.float64)  # [out, in]
+    H = H.copy()  # [in, in]
+    dead = np.diag(H) == 0  # [in]
+    H[dead, dead] = 1
+    W0[:, dead] = 0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(H.shape[0])  # [in]
+    return W0, perm, inverse_hessian_factor(H[np.ix_(perm, perm)], percdamp)
+
+
+def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int, static_groups=None):
+    """Algorithm 1's loop (see the module docstring) over Wq [out, in] (permuted, float64, updated in place).
+
+    Position j is in group j // width, whose grid `grids.fit` fits when its first column comes up; with
+    static_groups [in] (the group of each position) the grids are already fitted. Returns (codes uint8
+    [out, in], Q float32 [out, in], group of each position [in]), all in permuted order.
+    """
+    n_out, n_in = Wq.shape
+    codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
+    Q = np.empty((n_out, n_in), dtype=np.float32)  # [out, in] permuted columns
+    group_of = np.arange(n_in) // width if static_groups is None else static_groups  # [in]
+    for b1 in range(0, n_in, blocksize):
+        b2 = min(b1 + blocksize, n_in)
+        W1 = Wq[:, b1:b2].copy()  # [out, B]
+        E1 = np.zeros_like(W1)  # [out, B] scaled errors of the block
+        for i in range(b2 - b1):
+            j = b1 + i  # permuted position
+            g = group_of[j]
+            if static_groups is None and j % width == 0:  # group start: its grid from the weights updated so far
+                ahead = Wq[:, b2:j + width] - E1[:, :i] @ U[b1:j, b2:j + width]  # [out, past block]
+                grids.fit(g, np.hstack([W1[:, i:i + width], ahead]), np.diag(U)[j:j + width])
+            w = W1[:, i]  # [out]
+            codes[:, j], Q[:, j] = grids.quantize(g, j, w, U[j, j])
+            err = (w - Q[:, j]) / U[j, j]  # [out]
+            W1[:, i:] -= np.outer(err, U[j, j:b2])  # [out, B - i]
+            E1[:, i] = err
+        Wq[:, b2:] -= E1 @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
+    return codes, Q, group_of.astype(np.int32)
+
+
+def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQResult:
+    """Algorithm 1 on W [out, in] with Hessian H [in, in] (see the module docstring)."""
+    W, H = check_problem(W, H)
+    n_out, n_in = W.shape
     group_size = PER_ROW if params.group_size in (0, PER_ROW) else params.group_size
     check_params(params.bits, group_size)
     width = n_in if group_size == PER_ROW else group_size
     n_groups = -(-n_in // width)
 
-    Wq = W.astype(np.float64)  # [out, in] the weights being updated
-    H_work = H.copy()  # [in, in]
-    dead = np.diag(H_work) == 0  # [in]
-    H_work[dead, dead] = 1
-    Wq[:, dead] = 0
-
-    scales = np.empty((n_groups, n_out), dtype=np.float32)  # [n_groups, out]
-    zeros = np.empty((n_groups, n_out), dtype=np.int32)  # [n_groups, out]
+    W0, perm, U = prepare(W, H, params.act_order, params.percdamp)
+    grids = GroupGrids(params.bits, params.sym, n_groups, n_out)
+    static_groups = None
     if params.static_groups:
         for g in range(n_groups):
-            scales[g], zeros[g] = find_grid(Wq[:, g * width:(g + 1) * width], params.bits, params.sym)
-
-    perm = np.argsort(-np.diag(H_work), kind="stable") if params.act_order else np.arange(n_in)  # [in]
-    Wq = Wq[:, perm]  # [out, in] permuted columns
-    U = inverse_hessian_factor(H_work[np.ix_(perm, perm)], params.percdamp)  # [in, in] permuted
-
-    codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
-    Q = np.empty((n_out, n_in), dtype=np.float32)  # [out, in] permuted columns
-    group_of = np.empty(n_in, dtype=np.int32)  # [in] group of each permuted position
-    for b1 in range(0, n_in, params.blocksize):
-        b2 = min(b1 + params.blocksize, n_in)
-        W1 = Wq[:, b1:b2].copy()  # [out, B]
-        E1 = np.zeros_like(W1)  # [out, B] scaled errors of the block
-        for i in range(b2 - b1):
-            j = b1 + i  # permuted position
-            if params.static_groups:
-                g = perm[j] // width
-            else:
-                g = j // width
-                if j % width == 0:  # group start: its grid from the weights updated so far
-                    ahead = Wq[:, b2:j + width] - E1[:, :i] @ U[b1:j, b2:j + width]  # [out, past block]
-                    scales[g], zeros[g] = find_grid(np.hstack([W1[:, i:i + width], ahead]), params.bits,
-                                                    params.sym)
-            group_of[j] = g
-            w = W1[:, i]  # [out]
-            codes[:, j] = quantize_to_grid(w.astype(np.float32), scales[g], zeros[g], params.bits)  # [out]
-            Q[:, j] = dequantize_grid(codes[:, j], scales[g], zeros[g])  # [out]
-            err = (w - Q[:, j]) / U[j, j]  # [out]
-            W1[:, i:] -= np.outer(err, U[j, j:b2])  # [out, B - i]
-            E1[:, i] = err
-        Wq[:, b2:] -= E1 @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
+            grids.fit(g, W0[:, g * width:(g + 1) * width], None)
+        static_groups = perm // width  # [in]
+    codes, Q, group_of = obs_columns(W0[:, perm], U, grids, width, params.blocksize, static_groups)
 
     inverse = np.argsort(perm)  # [in]
-    return GPTQResult(codes=codes[:, inverse], scales=scales, zeros=zeros, g_idx=group_of[inverse],
+    return GPTQResult(codes=codes[:, inverse], scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
                       Q=Q[:, inverse])

@@ -5,6 +5,7 @@ model.safetensors with the packed tensors, tokenizer files) atomically; the
 tag grammar is in runtime/tags.py and the README.
 """
 import argparse
+import json
 from pathlib import Path
 
 from runtime.cli import run_cli
@@ -18,13 +19,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="rtn", choices=sorted(METHOD_BITS))
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=None,
-                   help="weights per scale (rtn/gptq: multiple of 32; nf/fp: default 64); absent or 0: one per row")
+                   help="weights per scale (rtn/gptq: multiple of 32, absent or 0: one per row; nf/fp: default 64; "
+                        "spqr: multiple of 16, default 16)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
     p.add_argument("--mse", action="store_true", help="MSE-optimal clipping search")
     p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
     p.add_argument("--dq", action="store_true", help="nf/fp: double quantization of the block scales")
     p.add_argument("--act-order", action="store_true",
                    help="gptq: quantize columns by descending Hessian diagonal")
+    p.add_argument("--stat-bits", type=int, default=None,
+                   help="spqr: bits of the quantized group statistics (default 3; 16 keeps them in fp16)")
+    p.add_argument("--outlier-threshold", type=float, default=None,
+                   help="spqr: outlier sensitivity threshold tau, in steps of 0.01 (default 0.2)")
+    p.add_argument("--no-outliers", action="store_true", help="spqr: keep no outliers (tau = infinity)")
     p.add_argument("--calib", type=Path, default=None,
                    help="gptq: calibration text file (default: WikiText-2 validation tokens)")
     p.add_argument("--nsamples", type=int, default=None, help="gptq: calibration windows (default 32)")
@@ -44,8 +51,17 @@ def main(argv=None):
     from runtime.quantize_model import CALIBRATED, build_quantized
     from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, resolve_model
     options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor),
-                               ("act", args.act_order), ("dq", args.dq)) if on}
-    spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group or 0, options)
+                               ("act", args.act_order), ("dq", args.dq), ("dense", args.no_outliers)) if on}
+    values = {}
+    if args.stat_bits is not None:
+        values["s"] = args.stat_bits
+    if args.outlier_threshold is not None:
+        percent = round(args.outlier_threshold * 100)
+        if percent <= 0 or abs(percent - args.outlier_threshold * 100) > 1e-6:
+            raise UserError(f"--outlier-threshold {args.outlier_threshold}: give a positive multiple of 0.01 "
+                            f"(e.g. 0.2), or --no-outliers")
+        values["t"] = percent
+    spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group or 0, options, values)
     spec = parse_tag(spec.tag)  # the same checks as a tag typed by hand
     base = resolve_model(args.model)
     if args.lora and not args.out:
@@ -58,7 +74,8 @@ def main(argv=None):
                         f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
     build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora)
-    print(f"wrote {out}")
+    bits = json.loads((out / "config.json").read_text())["quantization"]["bits_per_weight"]
+    print(f"wrote {out}: {bits:.3f} bits per weight in the decoder projections (codes and side data)")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,30 @@ def gptq_method(spec: QuantSpec):
     return lambda names, weights, hessian: gptq.quantize_shared(weights, hessian, params)
 
 
+def spqr_method(spec: QuantSpec):
+    """SpQR with the settings of `spec` (group 16, 3-bit statistics, tau 0.2 unless the tag says otherwise)."""
+    import math
+    import spqr
+    threshold = math.inf if "dense" in spec.options else spec.values.get("t", 20) / 100
+    params = spqr.SpQRParams(bits=spec.bits, group_size=spec.group_size or spqr.SpQRParams.group_size,
+                             outlier_threshold=threshold, stat_bits=spec.values.get("s", spqr.SpQRParams.stat_bits))
+    return lambda names, weights, hessian: spqr.quantize_shared(weights, hessian, params)
+
+
+def quip_method(spec: QuantSpec):
+    """QuIP (incoherence processing + LDLQ on the uniform grid) at `spec.bits`."""
+    import quip
+    params = quip.QuIPParams(bits=spec.bits)
+    return lambda names, weights, hessian: quip.quantize_shared(weights, hessian, params)
+
+
+def quipsharp_method(spec: QuantSpec):
+    """QuIP# (randomized Hadamard transform + BlockLDLQ on E8P, residual stages above 2 bits) at `spec.bits`."""
+    import quipsharp
+    params = quipsharp.QuIPSharpParams(bits=spec.bits)
+    return lambda names, weights, hessian: quipsharp.quantize_shared(weights, hessian, params)
+
+
 def int8_quantize(weight: np.ndarray, spec: QuantSpec):
     """LLM.int8 (int8), naive absmax W8A8 (absmax8) or the W8A8 of SmoothQuant on smoothed weights (smooth8)."""
     import int8
@@ -80,7 +104,7 @@ def int8_quantize(weight: np.ndarray, spec: QuantSpec):
 
 METHODS = {"rtn": rtn_quantize, "nf": lut4_quantize, "fp": lut4_quantize, "int": int8_quantize,
            "absmax": int8_quantize, "smooth": int8_quantize}
-CALIBRATED = {"gptq": gptq_method}
+CALIBRATED = {"gptq": gptq_method, "spqr": spqr_method, "quip": quip_method, "quipsharp": quipsharp_method}
 
 
 def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True,
@@ -114,10 +138,22 @@ def calibrate_projections(base: Path, config: Config, tensors: dict, spec: Quant
     settings = dict(record, tag=spec.tag, base=str(Path(base).resolve()))
     packed, stats = calibrate(config, tensors, CALIBRATED[spec.method](spec), windows, state_dir_for(out_dir),
                               settings, resume, progress, tqdm.write if progress else None)
-    losses = {key: sum(s[key] for s in stats.values()) for key in ("gptq_loss", "rtn_loss")}
+    return packed, {"calibration": record, "proxy_loss": summarize_stats(stats)}
+
+
+def summarize_stats(stats: dict) -> dict:
+    """The per-linear stats of a calibrated method summed over the model (losses, outlier counts), with the
+    mean and max of the per-linear ratio to RTN's loss."""
+    keys = sorted({k for s in stats.values() for k in s} - {"ratio", "bits"})
     ratios = [s["ratio"] for s in stats.values()]
-    return packed, {"calibration": record, "proxy_loss": {
-        **losses, "ratio_mean": sum(ratios) / len(ratios), "ratio_max": max(ratios), "linears": len(ratios)}}
+    return {**{k: sum(s.get(k, 0) for s in stats.values()) for k in keys}, "ratio_mean": sum(ratios) / len(ratios),
+            "ratio_max": max(ratios), "linears": len(ratios)}
+
+
+def bits_per_weight(config: Config, packed: dict) -> float:
+    """Average stored bits per weight of the decoder projections: codes and all side data, from the bytes."""
+    weights = [packed[name] for name in projection_names(config)]
+    return sum(8 * w.nbytes for w in weights) / sum(int(np.prod(w.shape)) for w in weights)
 
 
 def smooth(base: Path, config: Config, tensors: dict) -> tuple[dict, dict]:
@@ -154,8 +190,9 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
     packed = quantize_tensors(config, tensors, spec, progress, projections)
     hf_config = dict(hf_config, quantization={
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
-        "options": sorted(spec.options), "tag": spec.tag, "base": str(base),
-        "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16", **extra,
+        "options": sorted(spec.options), **({"values": spec.values} if spec.values else {}), "tag": spec.tag, "base": str(base),
+        "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
+        "bits_per_weight": round(bits_per_weight(config, packed), 4), **extra,
         **({"lora_merged": str(lora)} if lora is not None else {}),
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})  # Linux: KiB

@@ -1,7 +1,7 @@
 """Every CUDA source in runtime/kernels compiles with nvcc (PTX and cubin); no GPU needed.
 
-Skipped where nvcc is not installed. The uniform kernels' names are the ones
-runtime/kernels/uniform_cuda.py looks up.
+Skipped where nvcc is not installed. The uniform and spqr kernels' names are the
+ones runtime/kernels/uniform_cuda.py and spqr_cuda.py look up.
 """
 import shutil
 import subprocess
@@ -38,3 +38,14 @@ def test_uniform_kernel_names(tmp_path):
     for bits in (2, 3, 4, 8):
         for kind in ("matvec", "dequantize"):
             assert f".entry uniform_{kind}_{bits}(" in ptx
+
+
+def test_spqr_kernel_names(tmp_path):
+    result = nvcc(KERNELS / "spqr.cu", tmp_path / "s.ptx", "-ptx", f"-arch=compute_{ARCH}", "-Werror",
+                  "all-warnings")
+    assert result.returncode == 0, result.stderr
+    ptx = (tmp_path / "s.ptx").read_text()
+    for bits in (2, 3, 4):
+        for kind in ("matvec", "dequantize"):
+            assert f".entry spqr_{kind}_{bits}(" in ptx
+    assert ".entry sparse_add(" in ptx

@@ -8,7 +8,11 @@ from runtime.errors import UserError
 
 FORMAT_CLASSES = {"uniform": "runtime.formats.uniform.UniformTensor",
                   "lut4": "runtime.formats.lut4.Lut4Tensor",
-                  "int8": "runtime.formats.int8.Int8Tensor"}
+                  "int8": "runtime.formats.int8.Int8Tensor",
+                  "sparse": "runtime.formats.sparse.SparseTensor",
+                  "spqr": "runtime.formats.spqr.SpQRTensor",
+                  "incoherent": "runtime.formats.incoherent.IncoherentTensor",
+                  "e8p": "runtime.formats.e8p.E8PTensor"}
 
 
 def format_class(name: str):

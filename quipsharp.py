@@ -1,0 +1,123 @@
+"""QuIP#: randomized Hadamard incoherence and BlockLDLQ onto the E8P lattice codebook.
+
+Follows Tseng, Chee, Sun, Kuleshov, De Sa 2024, "QuIP#: Even Better LLM
+Quantization with Hadamard Incoherence and Lattice Codebooks": §3 (the
+randomized Hadamard transform, RHT), §4.1 (BlockLDLQ), §4.2 (the E8P
+codebook, 2 bits) and §4.3 (residual vector quantization for 3 and 4 bits).
+Fine-tuning (§5) is not done.
+
+For W [out, in] and H [in, in]:
+
+    H ← H + percdamp · mean(diag H) · I                 (dampening; dead columns as in GPTQ)
+    W ← T_out W T_inᵀ,  H ← T_in H T_inᵀ                 (RHT: T = Had · diag(s) / √n, s random ±1;
+                                                          runtime/hadamard.py, Had of order K · 2^p)
+    σ = RMS(W)                                           (processed weights are close to i.i.d. N(0, σ²))
+    Ŵ = BlockLDLQ(W, H) with blocks of 8 columns, each row's 8 weights
+        rounded to the nearest point of σ · (s_1 · E8P)  (2 bits), then the residual
+        to σ · s_2 · (1-bit E8) (3 bits) or σ · s_2 · E8P (4 bits)   (runtime/e8p.py `rvq_encode`)
+
+The stage scales s_k are runtime/e8p.py's `STAGE_SCALES` (fitted there for
+unit-variance Gaussian data, as the paper sets the codebook's scale for
+RMS-normalized weights). The result is an `e8p` tensor that stores the codes,
+the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
+sign vectors, and applies T_in to the input and T_outᵀ to the output at run
+time (W = T_outᵀ Ŵ T_in; T_out W T_inᵀ is runtime/formats/e8p.py's
+`to_incoherent`, done here in float64 with dense Hadamard matrices so the
+Hessian keeps its precision). BlockLDLQ is quip.py's `ldlq` with block 8.
+The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+import rtn
+from gptq import proxy_loss
+from quip import check_problem, damp, ldlq
+from runtime import e8p
+from runtime.errors import UserError
+from runtime.formats.e8p import E8PTensor
+from runtime.formats.uniform import PER_ROW
+from runtime.hadamard import hadamard_matrix, random_signs
+
+BLOCK = e8p.DIM  # columns per BlockLDLQ step: one E8P vector per row
+
+
+@dataclass
+class QuIPSharpParams:
+    bits: int = 2  # 2 (E8P), 3 (E8P + 1-bit E8) or 4 (E8P + E8P)
+    seed: int = 0  # seed of the random signs (stored with the weight)
+    percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
+
+
+def rht_matrix(signs: np.ndarray) -> np.ndarray:
+    """T [n, n] float64 = Had · diag(s) / √n, the matrix `fast_hadamard(x * s)` applies to each row vector."""
+    n = signs.shape[0]
+    return hadamard_matrix(n).astype(np.float64) * signs.astype(np.float64) / math.sqrt(n)
+
+
+def e8p_quantizer(bits: int, rms: float):
+    """Q of one block of 8 columns: target [out, 8] -> (values [out, 8], codes [stages, out, 1])."""
+    def quantize(target):
+        codes = e8p.rvq_encode(target.astype(np.float32), bits, rms)  # one [out] array per stage
+        values = e8p.rvq_decode(codes, bits, rms).astype(np.float64)  # [out, 8]
+        return values, np.stack([c.astype(np.int64) for c in codes])[:, :, None]
+
+    return quantize
+
+
+@dataclass
+class QuIPSharpResult:
+    """What the algorithm chose, and the weight it stands for."""
+    stage_codes: list  # one [out, in/8] array per RVQ stage (uint16 E8P, uint8 1-bit E8)
+    stage_scales: list  # [stages] floats σ · s_k
+    sign_in: np.ndarray  # [in] float32 ±1
+    sign_out: np.ndarray  # [out] float32 ±1
+    Q: np.ndarray  # [out, in] float64 T_outᵀ Ŵ T_in, the quantized weight in the original space
+
+
+def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuIPSharpResult:
+    """The algorithm of the module docstring on W [out, in] with Hessian H [in, in]."""
+    W = np.asarray(W, dtype=np.float32)  # [out, in]
+    H = np.asarray(H, dtype=np.float64)  # [in, in]
+    check_problem(W, H, "quipsharp")
+    e8p.check_bits(params.bits)
+    n_out, n_in = W.shape
+    if n_in % BLOCK:
+        raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
+                        f"for this layer")
+    W, H = damp(W, H, params.percdamp)
+    sign_in = random_signs(n_in, params.seed)  # [in]
+    sign_out = random_signs(n_out, params.seed + 1)  # [out]
+    T_in, T_out = rht_matrix(sign_in), rht_matrix(sign_out)  # [in, in], [out, out]
+    W_t = T_out @ W @ T_in.T  # [out, in]
+    H_t = T_in @ H @ T_in.T  # [in, in]
+    rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
+    Q_t, codes = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
+    stages = e8p.stage_codebooks(params.bits)
+    return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
+                           stage_scales=e8p.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
+                           Q=T_out.T @ Q_t @ T_in)
+
+
+def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> tuple[E8PTensor, dict]:
+    """W [out, in], H [in, in] -> (E8PTensor, stats): stats["loss"] the proxy loss tr((W − Q) H (W − Q)ᵀ)
+    of the stored weight, stats["rtn_loss"] that of per-row RTN at the same bits, stats["ratio"] their ratio."""
+    W = np.asarray(W, dtype=np.float32)  # [out, in]
+    H = np.asarray(H, dtype=np.float64)  # [in, in]
+    result = quantize_codes(W, H, params)
+    packed = E8PTensor.from_codes(result.stage_codes, result.stage_scales, result.sign_in, result.sign_out,
+                                  params.bits, W.shape)
+    loss = proxy_loss(W, packed.dequantize(), H)
+    rtn_loss = proxy_loss(W, rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize(), H)
+    return packed, {"loss": loss, "rtn_loss": rtn_loss, "ratio": loss / rtn_loss if rtn_loss > 0 else 1.0}
+
+
+def quantize_shared(weights: list, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> list:
+    """`quantize` for several weights [out_k, in] that read the same input (one H): [(packed, stats)].
+
+    Each weight has its own scale σ, so each is processed on its own (same seed, same input signs).
+    """
+    return [quantize(W, H, params) for W in weights]

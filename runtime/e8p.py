@@ -1,0 +1,318 @@
+"""The E8P lattice codebook of QuIP# and its residual (RVQ) extensions to 3 and 4 bits.
+
+Tseng, Chee, Sun, Kuleshov, De Sa 2024, "QuIP#: Even Better LLM Quantization
+with Hadamard Incoherence and Lattice Codebooks", §4.2 (E8P) and §4.3 (RVQ).
+
+E8 = D8 ∪ (D8 + ½·1) with D8 = {z ∈ Z^8 : Σ z even}; its half-integer coset
+D̂8 = {x ∈ (Z + ½)^8 : Σ x even} is what E8P is built from. A point of D̂8 is
+σ ⊙ a with a = |x| ∈ {½, 3/2, 5/2, ...}^8 and signs σ; flipping one sign
+changes Σ x by the odd integer 2 a_i, so for a given a exactly half of the 2^8
+sign patterns land in D̂8: the number of minus signs must have the parity of
+Σ a (an integer). E8P ("E8 padded") is
+
+    source set S: the 227 vectors a ∈ {½, 3/2, 5/2, ...}^8 with |a|² ≤ 10, plus
+                  29 of the 56 vectors with five entries 3/2 and three ½ (|a|² = 12)
+    E8P = {σ ⊙ a ± ¼·1 : a ∈ S, σ ⊙ a ∈ D̂8}          2^8 · 2^7 · 2 = 2^16 points
+
+The paper fixes the count (29 of norm √12) but not which 29; here they are
+the first 29 of the 56 in lexicographic order of 2a (which half of the
+positions holds the ½'s changes the Gaussian MSE by well under 1%). The ±¼
+shift makes the codebook symmetric (x in the codebook ⇔ -x in it).
+
+16-bit code (a uint16; bit 0 is the least significant):
+
+    bit  15            8 7                       1   0
+        +---------------+-------------------------+-----+
+        | source index j | neg_7 neg_6 ... neg_1   |shift|
+        +---------------+-------------------------+-----+
+
+    point = σ ⊙ S[j] + (¼ if shift else -¼),  σ_k = -1 iff bit k is set (k = 1..7),
+    σ_0 = -1 iff (bits 1..7 set + Σ S[j]) is odd      (the parity rule of D̂8)
+
+This is the field order of the QuIP# reference (source index in the high
+byte, 7 sign bits, the shift in bit 0 with 1 meaning +¼); the sign of
+coordinate k sits in bit k.
+
+Scales. The codebook is used at a fixed scale: data of RMS σ (incoherent
+weights are close to i.i.d. Gaussian) is quantized as x ≈ σ · s · point with
+the stage scale s of `STAGE_SCALES` (`E8P_SCALE` = 0.965 at 2 bits), fitted
+here to minimise the MSE of unit-variance Gaussian data. The codebook's own
+RMS is `codebook_rms()` (about 1.094): at the 2-bit scale the points stand
+for values of RMS 0.965 · 1.094 σ = 1.056 σ, so matching the two RMS values
+(scale 1 / 1.094 = 0.914) would be close to, but not at, the MSE optimum.
+
+Residual vector quantization (§4.3): a second stage quantizes the residual
+of the first, at a smaller scale.
+  4 bits: E8P + E8P                                  (16 + 16 bits per 8 weights)
+  3 bits: E8P + a 1-bit code of 8-dim E8 points       (16 + 8 bits per 8 weights)
+The 1-bit codebook (`e8_1bit_codebook`) is the 241 points of E8 with |x|² ≤ 2
+(the origin and the 240 roots) plus 15 of the 16 points ±2 e_i, one uint8 per
+8 weights.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from runtime.errors import UserError
+
+DIM = 8
+N_SOURCE = 256
+N_CODES = 1 << 16
+SHIFT = 0.25
+ENCODE_CHUNK = 2048  # vectors per step of `encode` (its [chunk, 256] temporaries are 2 MiB each)
+BITS = (2, 3, 4)
+
+# Stage scales: x ≈ Σ_k s_k · decode_k(code_k) for unit-variance Gaussian x. Fitted
+# here by grid search (s_1 in steps of 0.01, then s_1 / s_2 in steps of 0.05) on
+# 2^15 - 2^16 Gaussian vectors, giving per-coordinate MSEs of 0.0916 (2 bits),
+# 0.0297 (3 bits) and 0.0084 (4 bits). The QuIP# reference implementation states
+# the same quantities as data multipliers (1/s_1) and residual multipliers
+# (s_1/s_2): 1.0 (2 bits), 0.98 and 2.04 (3 bits), 1.03 and 3.45 (4 bits); ours
+# agree within 4% at 2 and 3 bits; at 4 bits our grid finds a lower MSE further out.
+E8P_SCALE = 0.965  # 2 bits: data of RMS σ is quantized as σ · E8P_SCALE · point
+STAGE_SCALES = {2: (E8P_SCALE,), 3: (1.02, 1.02 / 2.05), 4: (1.13, 1.13 / 3.85)}
+
+
+def _odd_vectors(max_doubled: int) -> np.ndarray:
+    """All 8-vectors with odd entries 1, 3, ..., max_doubled (that is 2a for a in {½, 3/2, ...}^8)."""
+    values = range(1, max_doubled + 1, 2)
+    return np.array(list(itertools.product(values, repeat=DIM)), dtype=np.int64)  # [count, 8]
+
+
+@functools.lru_cache(maxsize=None)
+def _source_doubled() -> np.ndarray:
+    """2 · S as int64 [256, 8] (the source set, sorted by norm, then lexicographically; read-only)."""
+    doubled = _odd_vectors(5)  # [3^8, 8]; 7² > 48 so no entry above 5/2 reaches |a|² ≤ 12
+    norm4 = (doubled ** 2).sum(axis=1)  # [3^8] = 4 |a|²
+    inner = doubled[norm4 <= 40]  # [227, 8] |a|² ≤ 10
+    shell = doubled[(norm4 == 48) & ((doubled == 3).sum(axis=1) == 5)]  # [56, 8] five 3/2, three 1/2
+    shell = shell[np.lexsort(shell.T[::-1])][:N_SOURCE - len(inner)]  # [29, 8] first in lexicographic order
+    inner = inner[np.lexsort(np.vstack([inner.T[::-1], (inner ** 2).sum(axis=1)]))]  # by norm, then lex
+    table = np.concatenate([inner, shell])  # [256, 8]
+    table.setflags(write=False)
+    return table
+
+
+def source_codebook() -> np.ndarray:
+    """S [256, 8] float32: the absolute values (entries in {½, 3/2, 5/2}) the codes index."""
+    return (_source_doubled() / 2).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def source_parity() -> np.ndarray:
+    """[256] uint8: Σ S[j] mod 2 (the parity the number of minus signs must have; read-only)."""
+    parity = ((_source_doubled().sum(axis=1) // 2) % 2).astype(np.uint8)  # [256]
+    parity.setflags(write=False)
+    return parity
+
+
+@functools.lru_cache(maxsize=None)
+def signed_source_table() -> np.ndarray:
+    """[256, 8] float32 S with coordinate 0 negated where Σ S[j] is odd (read-only).
+
+    With it a code decodes without a parity lookup: coordinate k ≥ 1 is
+    negated by sign bit k, coordinate 0 by the parity of the 7 sign bits,
+    then the shift is added. The kernels use this table.
+    """
+    table = source_codebook().copy()  # [256, 8]
+    table[:, 0] *= 1.0 - 2.0 * source_parity()
+    table.setflags(write=False)
+    return table
+
+
+def decode(codes) -> np.ndarray:
+    """uint16 codes [...] -> float32 points [..., 8] of the E8P codebook (layout in the module docstring)."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint16:
+        raise UserError(f"E8P decode: codes must be uint16, got {codes.dtype}; cast with .astype(np.uint16)")
+    c = codes.astype(np.int64)
+    source = c >> 8  # [...]
+    neg = (c[..., None] >> np.arange(DIM)) & 1  # [..., 8] bit k for k >= 1; bit 0 is the shift
+    flips = neg[..., 1:].sum(axis=-1)  # [...]
+    neg[..., 0] = (flips + source_parity()[source]) & 1
+    points = source_codebook()[source] * (1.0 - 2.0 * neg).astype(np.float32)  # [..., 8]
+    shift = np.where(c & 1, SHIFT, -SHIFT).astype(np.float32)  # [...]
+    return points + shift[..., None]
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook() -> np.ndarray:
+    points = decode(np.arange(N_CODES, dtype=np.uint16))  # [65536, 8]
+    points.setflags(write=False)
+    return points
+
+
+def codebook() -> np.ndarray:
+    """All 2^16 E8P points [65536, 8] float32, row c = decode(c) (read-only)."""
+    return _codebook()
+
+
+def codebook_rms() -> float:
+    """Root mean square of the coordinates of the 2^16 E8P points (about 1.094)."""
+    return float(np.sqrt(np.mean(np.square(codebook(), dtype=np.float64))))
+
+
+def _check_vectors(x, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 1 or x.shape[-1] != DIM:
+        raise UserError(f"{what}: input must have a last axis of {DIM}, got shape {list(x.shape)}; "
+                        f"reshape the weights into groups of {DIM}")
+    if not np.isfinite(x).all():
+        raise UserError(f"{what}: input has NaN or infinite values; check the weights being quantized")
+    return x
+
+
+def _encode_rows(x: np.ndarray) -> np.ndarray:
+    """x [n, 8] float32 -> uint16 [n]: the exact nearest E8P point.
+
+    For each shift t = ±¼ the nearest point of D̂8 ∩ (±S) to y = x - t is, for
+    each source vector a, σ = sign(y) (the largest Σ σ_i a_i y_i), unless the
+    parity rule forbids that σ; then the cheapest coordinate, min_i a_i |y_i|,
+    is flipped (it costs 4 min_i a_i |y_i| in squared distance). The best
+    (shift, a) pair wins.
+    """
+    source = source_codebook()  # [256, 8]
+    norm2 = (source ** 2).sum(axis=1)  # [256]
+    parity = source_parity().astype(np.int64)  # [256]
+    best_dist = np.full(len(x), np.inf, dtype=np.float32)  # [n]
+    codes = np.zeros(len(x), dtype=np.int64)  # [n]
+    for shift_bit, shift in ((0, -SHIFT), (1, SHIFT)):
+        y = x - np.float32(shift)  # [n, 8]
+        ay = np.abs(y)  # [n, 8]
+        neg = (y < 0).astype(np.int64)  # [n, 8]
+        flip_cost = ay[:, :1] * source[:, 0]  # [n, 256] min_i a_i |y_i|, one coordinate at a time
+        for i in range(1, DIM):
+            np.minimum(flip_cost, ay[:, i:i + 1] * source[:, i], out=flip_cost)
+        wrong_parity = (neg.sum(axis=1)[:, None] + parity[None, :]) & 1  # [n, 256]
+        dist = ((y * y).sum(axis=1)[:, None] - 2.0 * (ay @ source.T) + norm2[None, :]
+                + 4.0 * wrong_parity * flip_cost)  # [n, 256]
+        j = dist.argmin(axis=1)  # [n]
+        rows = np.arange(len(x))
+        better = dist[rows, j] < best_dist  # [n]
+        flip = wrong_parity[rows, j].astype(bool)  # [n]
+        cheapest = (ay * source[j]).argmin(axis=1)  # [n]
+        neg[rows[flip], cheapest[flip]] ^= 1
+        sign_bits = (neg[:, 1:] << np.arange(1, DIM)).sum(axis=1)  # [n]
+        candidate = (j << 8) | sign_bits | shift_bit  # [n]
+        codes = np.where(better, candidate, codes)
+        best_dist = np.where(better, dist[rows, j], best_dist)
+    return codes.astype(np.uint16)
+
+
+def encode(x) -> np.ndarray:
+    """x [..., 8] float32 -> uint16 codes [...] of the nearest E8P points (exact; ties broken arbitrarily)."""
+    x = _check_vectors(x, "E8P encode")
+    rows = x.reshape(-1, DIM)  # [n, 8]
+    codes = np.empty(len(rows), dtype=np.uint16)  # [n]
+    for start in range(0, len(rows), ENCODE_CHUNK):
+        codes[start:start + ENCODE_CHUNK] = _encode_rows(rows[start:start + ENCODE_CHUNK])
+    return codes.reshape(x.shape[:-1])
+
+
+@functools.lru_cache(maxsize=None)
+def e8_1bit_codebook() -> np.ndarray:
+    """[256, 8] float32 points of E8 (read-only): the origin, the 240 roots (|x|² = 2) and
+    15 of the 16 points ±2 e_i (|x|² = 4); sorted by norm then lexicographically, and
+    the last of the 16 in that order, +2 e_0, left out.
+    """
+    small = np.array(list(itertools.product((-2, 0, 2), repeat=DIM)), dtype=np.int64)  # [3^8, 8] 2x, x in {-1,0,1}^8
+    half = np.array(list(itertools.product((-1, 1), repeat=DIM)), dtype=np.int64)  # [256, 8] 2x, x in {±½}^8
+    axis = np.concatenate([4 * np.eye(DIM, dtype=np.int64), -4 * np.eye(DIM, dtype=np.int64)])  # [16, 8] 2x, ±2 e_i
+    doubled = np.concatenate([small, half])  # [3^8 + 256, 8]
+    in_e8 = doubled.sum(axis=1) % 4 == 0  # Σ x even (both cosets)
+    roots = doubled[in_e8 & ((doubled ** 2).sum(axis=1) <= 8)]  # [241, 8] |x|² <= 2
+    axis = axis[np.lexsort(axis.T[::-1])][:N_SOURCE - len(roots)]  # [15, 8]
+    roots = roots[np.lexsort(np.vstack([roots.T[::-1], (roots ** 2).sum(axis=1)]))]
+    points = np.concatenate([roots, axis])  # [256, 8]
+    table = (points / 2).astype(np.float32)  # [256, 8]
+    table.setflags(write=False)
+    return table
+
+
+def e8_1bit_decode(codes) -> np.ndarray:
+    """uint8 codes [...] -> float32 points [..., 8] of `e8_1bit_codebook`."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise UserError(f"E8 1-bit decode: codes must be uint8, got {codes.dtype}")
+    return e8_1bit_codebook()[codes]
+
+
+def e8_1bit_encode(x) -> np.ndarray:
+    """x [..., 8] float32 -> uint8 codes [...] of the nearest of the 256 points (brute force)."""
+    x = _check_vectors(x, "E8 1-bit encode")
+    table = e8_1bit_codebook()  # [256, 8]
+    norm2 = (table ** 2).sum(axis=1)  # [256]
+    rows = x.reshape(-1, DIM)  # [n, 8]
+    codes = np.empty(len(rows), dtype=np.uint8)  # [n]
+    for start in range(0, len(rows), ENCODE_CHUNK):
+        chunk = rows[start:start + ENCODE_CHUNK]  # [c, 8]
+        codes[start:start + ENCODE_CHUNK] = (norm2[None, :] - 2.0 * chunk @ table.T).argmin(axis=1)
+    return codes.reshape(x.shape[:-1])
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One RVQ stage: its codebook's encode / decode, the dtype of its codes, its scale for unit-RMS data."""
+
+    name: str
+    encode: Callable
+    decode: Callable
+    code_dtype: type
+    scale: float
+
+
+def check_bits(bits: int) -> None:
+    """UserError unless bits is 2, 3 or 4."""
+    if bits not in BITS:
+        raise UserError(f"E8P: bits must be one of {BITS} (2: E8P, 3: E8P + 1-bit E8, 4: E8P + E8P), got {bits}")
+
+
+def stage_codebooks(bits: int) -> list[Stage]:
+    """The RVQ stages for 2, 3 or 4 bits per weight, first stage first."""
+    check_bits(bits)
+    e8p = functools.partial(Stage, "e8p", encode, decode, np.uint16)
+    second = {3: functools.partial(Stage, "e8_1bit", e8_1bit_encode, e8_1bit_decode, np.uint8),
+              4: e8p}
+    scales = STAGE_SCALES[bits]
+    stages = [e8p(scales[0])]
+    if bits in second:
+        stages.append(second[bits](scales[1]))
+    return stages
+
+
+def stage_scales(bits: int, rms: float = 1.0) -> list[float]:
+    """The scale of each stage for data of root mean square `rms`."""
+    return [rms * stage.scale for stage in stage_codebooks(bits)]
+
+
+def rvq_encode(x, bits: int, rms: float = 1.0) -> list[np.ndarray]:
+    """x [..., 8] -> one code array [...] per stage (uint16 for E8P, uint8 for 1-bit E8).
+
+    Stage k quantizes the residual r_k = x - Σ_{i<k} scale_i · decode_i(code_i)
+    as code_k = encode_k(r_k / scale_k), with scale_k = stage_scales(bits, rms)[k].
+    """
+    x = _check_vectors(x, "E8P rvq_encode")
+    residual = x
+    codes = []
+    for stage, scale in zip(stage_codebooks(bits), stage_scales(bits, rms)):
+        code = stage.encode(residual * np.float32(1.0 / scale))  # [...]
+        residual = residual - np.float32(scale) * stage.decode(code)  # [..., 8]
+        codes.append(code)
+    return codes
+
+
+def rvq_decode(codes: list, bits: int, rms: float = 1.0) -> np.ndarray:
+    """Σ_k scale_k · decode_k(codes[k]) [..., 8] float32 (the inverse of `rvq_encode` up to the error)."""
+    stages = stage_codebooks(bits)
+    if len(codes) != len(stages):
+        raise UserError(f"E8P rvq_decode: {bits} bits needs {len(stages)} code arrays, got {len(codes)}")
+    out = None
+    for stage, scale, code in zip(stages, stage_scales(bits, rms), codes):
+        part = np.float32(scale) * stage.decode(code)  # [..., 8]
+        out = part if out is None else out + part
+    return out

@@ -1,0 +1,256 @@
+"""The e8p format: QuIP# weights, E8P lattice codes between two randomized Hadamard transforms.
+
+Tseng, Chee, Sun, Kuleshov, De Sa 2024, "QuIP#: Even Better LLM Quantization
+with Hadamard Incoherence and Lattice Codebooks": §3 (randomized Hadamard
+transform), §4.2 (E8P codebook), §4.3 (residual vector quantization). The
+codebooks and the 16-bit code layout are in runtime/e8p.py, the Hadamard
+matrices in runtime/hadamard.py.
+
+A weight W [out, in] is stored as
+
+    W = diag(s_out) · Hₒᵀ · Ŵ · Hᵢ · diag(s_in)        Ŵ = Σ_k scale_k · decode_k(codes_k)
+
+with Hᵢ, Hₒ the orthonormal Hadamard matrices (hadamard_matrix(n) / sqrt(n))
+of sizes in and out, s_in, s_out random ±1 vectors, and Ŵ [out, in] the
+codebook-decoded matrix: entry Ŵ[o, 8g + i] is coordinate i of the point
+that code [o, g] decodes to. So a product is
+
+    y = x Wᵀ = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out
+      = fast_hadamard(fast_hadamard(x ⊙ s_in) Ŵᵀ, transpose=True) ⊙ s_out
+
+and `to_incoherent` gives the matrix a method quantizes: Ŵ_target =
+Hₒ diag(s_out) W diag(s_in) Hᵢᵀ. Inputs seen by Ŵ are x' = (x ⊙ s_in) Hᵢᵀ,
+so the Hessian transforms as H' = Hᵢ diag(s_in) H diag(s_in) Hᵢᵀ
+(`incoherent_hessian`).
+
+Arrays (G = in / 8; in must be a multiple of 8):
+
+    qweight       uint16  [out, G]          stage-1 E8P codes (16 bits per 8 weights)
+    qweight_2     uint16  [out, G]          4 bits: stage-2 E8P codes
+                  uint8   [out, G]          3 bits: stage-2 1-bit E8 codes (8 bits per 8 weights)
+                                            (absent at 2 bits)
+    stage_scales  float32 [n_stages]        scale_k above
+    sign_in       uint8   [ceil(in / 8)]    s_in as bits: bit i % 8 of byte i // 8 set <=> s_in[i] = -1
+    sign_out      uint8   [ceil(out / 8)]   s_out, the same way (LOWEST bit first)
+
+The Hadamard factorizations (K, p) of in and out are stored in the metadata
+and checked against runtime.hadamard on load.
+
+Bits per weight, from the stored bytes (N = in * out):
+
+    codes:        2 (E8P) + 2 (second E8P, 4 bits) or + 1 (1-bit E8, 3 bits)
+    side data:    (32 * n_stages + 8 * ceil(in/8) + 8 * ceil(out/8)) / N
+    e.g. 2 bits, 576 x 576: 2 + (32 + 576 + 576) / 331776 = 2.0036
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runtime import e8p
+from runtime.device import is_cupy
+from runtime.errors import UserError
+from runtime.formats.base import PackedTensor
+from runtime.hadamard import fast_hadamard, hadamard_factor
+
+FUSED_MAX_ROWS = 3  # NumPy input with at most this many rows: fused Numba kernel (not tuned)
+SECOND_STAGE_DTYPE = {3: np.uint8, 4: np.uint16}
+
+
+def pack_signs(signs) -> np.ndarray:
+    """±1 vector [n] -> uint8 [ceil(n/8)], bit i % 8 of byte i // 8 set where signs[i] < 0."""
+    signs = np.asarray(signs)
+    if signs.ndim != 1 or not np.isin(signs, (-1, 1)).all():
+        raise UserError("e8p format: sign vectors must be 1-D arrays of ±1; draw them with "
+                        "runtime.hadamard.random_signs")
+    return np.packbits(signs < 0, bitorder="little")
+
+
+def unpack_signs(packed: np.ndarray, n: int) -> np.ndarray:
+    """uint8 [ceil(n/8)] -> float32 ±1 [n]; the inverse of `pack_signs`."""
+    bits = np.unpackbits(np.asarray(packed), count=n, bitorder="little")  # [n]
+    return (1.0 - 2.0 * bits).astype(np.float32)
+
+
+def to_incoherent(w: np.ndarray, sign_in, sign_out) -> np.ndarray:
+    """Ŵ_target [out, in] = Hₒ diag(s_out) W diag(s_in) Hᵢᵀ for W [out, in] (what a method quantizes)."""
+    rotated_in = fast_hadamard(np.asarray(w, dtype=np.float32) * sign_in)  # [out, in] = W diag(s_in) Hᵢᵀ
+    return np.ascontiguousarray(fast_hadamard((rotated_in * sign_out[:, None]).T).T)  # [out, in]
+
+
+def from_incoherent(w_hat: np.ndarray, sign_in, sign_out) -> np.ndarray:
+    """W [out, in] = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in): the inverse of `to_incoherent`."""
+    rotated_out = fast_hadamard(np.asarray(w_hat, dtype=np.float32).T, transpose=True).T  # [out, in] = Hₒᵀ Ŵ
+    return fast_hadamard(rotated_out, transpose=True) * sign_in * sign_out[:, None]  # [out, in]
+
+
+def incoherent_hessian(h: np.ndarray, sign_in) -> np.ndarray:
+    """H' [in, in] = Hᵢ diag(s_in) H diag(s_in) Hᵢᵀ, the Hessian of the inputs x' = (x ⊙ s_in) Hᵢᵀ."""
+    half = fast_hadamard(np.asarray(h, dtype=np.float32) * sign_in * sign_in[:, None])  # [in, in] = S H S Hᵢᵀ
+    return np.ascontiguousarray(fast_hadamard(half.T).T)  # [in, in]
+
+
+def decode_incoherent(stage_codes: list, stage_scales, bits: int) -> np.ndarray:
+    """Ŵ [out, in] float32 = Σ_k scale_k · decode_k(codes_k) for code arrays [out, in/8] (the reference)."""
+    stages = e8p.stage_codebooks(bits)
+    w_hat = None
+    for stage, scale, codes in zip(stages, stage_scales, stage_codes):
+        part = np.float32(scale) * stage.decode(codes)  # [out, in/8, 8]
+        w_hat = part if w_hat is None else w_hat + part
+    return w_hat.reshape(w_hat.shape[0], -1)  # [out, in]
+
+
+class E8PTensor(PackedTensor):
+    """W [out, in] as E8P (+ residual) codes between random-sign Hadamard transforms (layout above)."""
+
+    FORMAT = "e8p"
+
+    def __init__(self, qweight, stage_scales, sign_in, sign_out, *, bits: int, in_features: int,
+                 qweight_2=None):
+        """Wrap stored arrays (NumPy, or CuPy via `to_device`); UserError when they do not fit together."""
+        self.qweight = qweight  # [out, in/8] uint16
+        self.qweight_2 = qweight_2  # [out, in/8] uint16 (4 bits) / uint8 (3 bits) / None (2 bits)
+        self.stage_scales = stage_scales  # [n_stages] float32
+        self.sign_in = sign_in  # [ceil(in/8)] uint8
+        self.sign_out = sign_out  # [ceil(out/8)] uint8
+        self.bits = int(bits)
+        self.in_features = int(in_features)
+        self.out_features = int(qweight.shape[0]) if getattr(qweight, "ndim", 0) == 2 else -1
+        self._check()
+        self.hadamard_in = hadamard_factor(self.in_features)
+        self.hadamard_out = hadamard_factor(self.out_features)
+        host = {name: (a.get() if is_cupy(a) else a) for name, a in (("sign_in", sign_in), ("sign_out", sign_out))}
+        signs_in = unpack_signs(host["sign_in"], self.in_features)  # [in]
+        signs_out = unpack_signs(host["sign_out"], self.out_features)  # [out]
+        on_gpu = is_cupy(qweight)
+        if on_gpu:
+            import cupy
+
+            signs_in, signs_out = cupy.asarray(signs_in), cupy.asarray(signs_out)
+        self.signs_in = signs_in  # [in] float32 ±1 (derived, not stored)
+        self.signs_out = signs_out  # [out] float32 ±1 (derived, not stored)
+        self.host_scales = [float(s) for s in (stage_scales.get() if on_gpu else stage_scales)]
+
+    @classmethod
+    def from_codes(cls, stage_codes: list, stage_scales: list, sign_in, sign_out, bits: int,
+                   shape: tuple[int, int]) -> "E8PTensor":
+        """Pack per-stage codes [out, in/8], stage scales, ±1 sign vectors [in] / [out] for W of `shape`."""
+        e8p.check_bits(bits)
+        n_out, n_in = shape
+        stages = e8p.stage_codebooks(bits)
+        if len(stage_codes) != len(stages) or len(stage_scales) != len(stages):
+            raise UserError(f"e8p format: {bits} bits needs {len(stages)} code arrays and stage scales, got "
+                            f"{len(stage_codes)} and {len(stage_scales)}")
+        codes = [np.ascontiguousarray(c, dtype=s.code_dtype) for c, s in zip(stage_codes, stages)]
+        if len(np.asarray(sign_in)) != n_in or len(np.asarray(sign_out)) != n_out:
+            raise UserError(f"e8p format: sign vectors must have lengths in={n_in} and out={n_out}, got "
+                            f"{len(np.asarray(sign_in))} and {len(np.asarray(sign_out))}")
+        return cls(codes[0], np.asarray(stage_scales, dtype=np.float32), pack_signs(sign_in), pack_signs(sign_out),
+                   bits=bits, in_features=n_in, qweight_2=codes[1] if len(codes) > 1 else None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * stored bytes / number of weights (codes and all side data)."""
+        return 8.0 * self.nbytes / (self.in_features * self.out_features)
+
+    @property
+    def stage_codes(self) -> list:
+        """The code arrays [out, in/8] of the stages, first stage first."""
+        return [self.qweight] if self.qweight_2 is None else [self.qweight, self.qweight_2]
+
+    def _check(self):
+        def fail(what):
+            raise UserError(f"e8p tensor: {what}; re-quantize the weight or use the file it was saved with")
+
+        if self.bits not in e8p.BITS:
+            fail(f"bits must be one of {e8p.BITS}, got {self.bits}")
+        if self.in_features <= 0 or self.in_features % e8p.DIM:
+            fail(f"in_features {self.in_features} is not a positive multiple of {e8p.DIM}")
+        groups = (self.out_features, self.in_features // e8p.DIM)
+        if getattr(self.qweight, "dtype", None) != np.uint16 or tuple(self.qweight.shape) != groups:
+            fail(f"qweight must be uint16 {list(groups)}, got {getattr(self.qweight, 'dtype', None)} "
+                 f"{list(getattr(self.qweight, 'shape', ()))}")
+        second = SECOND_STAGE_DTYPE.get(self.bits)
+        if second is None and self.qweight_2 is not None:
+            fail("2 bits has one stage, but a qweight_2 was given")
+        if second is not None and (self.qweight_2 is None or self.qweight_2.dtype != second
+                                   or tuple(self.qweight_2.shape) != groups):
+            fail(f"{self.bits} bits needs qweight_2 {np.dtype(second).name} {list(groups)}")
+        n_stages = 1 if second is None else 2
+        if self.stage_scales.dtype != np.float32 or tuple(self.stage_scales.shape) != (n_stages,):
+            fail(f"stage_scales must be float32 [{n_stages}], got {self.stage_scales.dtype} "
+                 f"{list(self.stage_scales.shape)}")
+        for name, n in (("sign_in", self.in_features), ("sign_out", self.out_features)):
+            a = getattr(self, name)
+            if a.dtype != np.uint8 or tuple(a.shape) != (-(-n // 8),):
+                fail(f"{name} must be uint8 [{-(-n // 8)}], got {a.dtype} {list(a.shape)}")
+        if not is_cupy(self.stage_scales) and not np.isfinite(self.stage_scales).all():
+            fail("stage_scales are not all finite")
+
+    def decoded(self) -> np.ndarray:
+        """Ŵ [out, in] float32, the codebook-decoded matrix between the transforms (NumPy)."""
+        host = [c.get() if is_cupy(c) else c for c in self.stage_codes]
+        return decode_incoherent(host, self.host_scales, self.bits)
+
+    def dequantize(self):
+        """W [out, in] float32 = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in) (the NumPy reference; NumPy for CuPy arrays)."""
+        signs_in = self.signs_in.get() if is_cupy(self.signs_in) else self.signs_in
+        signs_out = self.signs_out.get() if is_cupy(self.signs_out) else self.signs_out
+        return from_incoherent(self.decoded(), signs_in, signs_out)
+
+    def matmul_reference(self, x) -> np.ndarray:
+        """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
+        return np.asarray(x, dtype=np.float32) @ self.dequantize().T
+
+    def matmul_rows(self, x, on_gpu: bool):
+        """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba (fused or prefill) for NumPy input."""
+        if on_gpu:
+            from runtime.kernels import e8p_cuda
+            return e8p_cuda.matmul(self, x)  # [m, out]
+        from runtime.kernels import e8p_numba
+        if x.shape[0] <= FUSED_MAX_ROWS:
+            return e8p_numba.matmul_fused(self, x)  # [m, out]
+        return e8p_numba.matmul_prefill(self, x)  # [m, out]
+
+    def tensors(self) -> dict:
+        arrays = {"qweight": self.qweight, "stage_scales": self.stage_scales,
+                  "sign_in": self.sign_in, "sign_out": self.sign_out}
+        if self.qweight_2 is not None:
+            arrays["qweight_2"] = self.qweight_2
+        return arrays
+
+    def meta(self) -> dict:
+        return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features,
+                "hadamard_in": list(self.hadamard_in), "hadamard_out": list(self.hadamard_out)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict) -> "E8PTensor":
+        keys = ("bits", "in_features", "out_features", "hadamard_in", "hadamard_out")
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise UserError(f"e8p tensor: metadata lacks {', '.join(missing)}; re-quantize the model")
+        if meta["bits"] not in e8p.BITS:
+            raise UserError(f"e8p tensor: metadata bits {meta['bits']!r} is not one of {e8p.BITS}; "
+                            f"re-quantize the model")
+        names = {"qweight", "stage_scales", "sign_in", "sign_out"} | ({"qweight_2"} if meta["bits"] > 2 else set())
+        if set(tensors) != names:
+            raise UserError(f"e8p tensor: arrays {sorted(tensors)} do not match the metadata (bits={meta['bits']} "
+                            f"needs {sorted(names)}); the file is corrupt")
+        packed = cls(**tensors, bits=meta["bits"], in_features=meta["in_features"])
+        stated = {k: meta[k] for k in keys}
+        if packed.meta() != stated:
+            raise UserError(f"e8p tensor: the arrays give {packed.meta()}, the metadata says {stated} (a file "
+                            f"from a version with other Hadamard sizes?); re-quantize the model")
+        return packed
+
+    def to_device(self, xp) -> "E8PTensor":
+        def move(a):
+            if xp is np:
+                return a.get() if is_cupy(a) else a
+            return xp.asarray(a)
+
+        moved = {name: move(a) for name, a in self.tensors().items()}
+        return E8PTensor(**moved, bits=self.bits, in_features=self.in_features)

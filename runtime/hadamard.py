@@ -1,0 +1,163 @@
+"""Hadamard matrices of order K * 2**p and the fast (randomized) Hadamard transform.
+
+QuIP# (Tseng, Chee, Sun, Kuleshov, De Sa 2024, "QuIP#: Even Better LLM
+Quantization with Hadamard Incoherence and Lattice Codebooks", §3) makes a
+weight incoherent by multiplying it on both sides by a random orthogonal
+matrix H · diag(s): a Hadamard matrix H (entries ±1, H Hᵀ = n I) scaled by
+1/sqrt(n), times random signs s. A dimension n that is not a power of two is
+written n = K * 2**p with a small Hadamard order K, and H = H_K ⊗ H_{2**p}
+(Kronecker product), so x Hᵀ costs a dense K×K product plus a Walsh–Hadamard
+butterfly of size 2**p: O(n (K + p)) per vector instead of O(n²).
+
+Constructions (all built in code; none is typed in):
+
+- Sylvester: H_1 = [1], H_{2m} = [[H_m, H_m], [H_m, -H_m]] (symmetric).
+- Paley I (q prime, q ≡ 3 mod 4, order q + 1): with χ the quadratic character
+  of GF(q) and the Jacobsthal matrix Q[i, j] = χ(j - i) (skew-symmetric),
+  H = I + [[0, 1ᵀ], [-1, Q]].
+- Paley II (q prime, q ≡ 1 mod 4, order 2(q + 1)): with the symmetric
+  conference matrix C = [[0, 1ᵀ], [1, Q]], H = C ⊗ [[1, 1], [1, -1]] +
+  I ⊗ [[1, -1], [-1, -1]].
+
+The K used for n is the smallest K = m * 2**j (m = the odd part of n, j ≥ 0,
+K dividing n) that one of these builds: K = 1 for powers of two, 12 (Paley I,
+q = 11) for 3 * 2**p, 20 (Paley I, q = 19) for 5 * 2**p, 28 (Paley II,
+q = 13) for 7 * 2**p, 36 (Paley II, q = 17) for 9 * 2**p, and so on.
+
+Convention: `fast_hadamard(x)` returns x Hᵀ / sqrt(n) over the last axis,
+i.e. H v / sqrt(n) for every row vector v; `fast_hadamard(x, transpose=True)`
+returns x H / sqrt(n) = Hᵀ v / sqrt(n). The two are inverses of each other
+(H / sqrt(n) is orthogonal). The Sylvester factor is symmetric; Paley factors
+are not, so the two differ when K > 2.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from runtime.device import array_module_of
+from runtime.errors import UserError
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _paley_kind(k: int) -> str | None:
+    """"I" or "II" when a Paley construction gives order k (> 2), else None."""
+    if k % 4:
+        return None
+    if _is_prime(k - 1) and (k - 1) % 4 == 3:
+        return "I"
+    if _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        return "II"
+    return None
+
+
+def hadamard_factor(n: int) -> tuple[int, int]:
+    """(K, p) with n = K * 2**p and K the smallest order built here (1, or a Paley order).
+
+    UserError when no K = (odd part of n) * 2**j dividing n has a construction.
+    """
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise UserError(f"Hadamard transform: size must be a positive integer, got {n!r}")
+    n = int(n)
+    power = n & -n  # largest power of two dividing n
+    odd = n // power
+    k = odd
+    while n % k == 0:
+        if k == 1 or _paley_kind(k):
+            return k, (n // k).bit_length() - 1
+        k *= 2
+    raise UserError(f"Hadamard transform: no construction for size {n} = {odd} * {power}; supported sizes "
+                    f"are K * 2**p with K = 1 or a Paley order (q + 1 for a prime q ≡ 3 mod 4, 2(q + 1) for "
+                    f"a prime q ≡ 1 mod 4), e.g. 12, 20, 28, 36 times a power of two")
+
+
+def _sylvester(size: int) -> np.ndarray:
+    """Sylvester Hadamard matrix [size, size] (size a power of two), float32 ±1."""
+    h = np.ones((1, 1), dtype=np.float32)
+    while h.shape[0] < size:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    """Q [q, q] int with Q[i, j] = χ(j - i), χ the quadratic character of GF(q) (q prime)."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if a in residues else -1 for a in range(1, q)], dtype=np.int64)  # [q]
+    idx = np.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]  # [q, q]
+
+
+@functools.lru_cache(maxsize=None)
+def _small_hadamard(k: int) -> np.ndarray:
+    """The K×K factor (float32 ±1, read-only): [1] for K = 1, else a Paley matrix."""
+    if k == 1:
+        h = np.ones((1, 1), dtype=np.float32)
+    elif _paley_kind(k) == "I":
+        q = k - 1
+        core = np.zeros((k, k), dtype=np.int64)  # [k, k] skew conference matrix
+        core[0, 1:] = 1
+        core[1:, 0] = -1
+        core[1:, 1:] = _jacobsthal(q)
+        h = (np.eye(k, dtype=np.int64) + core).astype(np.float32)
+    elif _paley_kind(k) == "II":
+        q = k // 2 - 1
+        conf = np.zeros((q + 1, q + 1), dtype=np.int64)  # [q+1, q+1] symmetric conference matrix
+        conf[0, 1:] = 1
+        conf[1:, 0] = 1
+        conf[1:, 1:] = _jacobsthal(q)
+        h = (np.kron(conf, [[1, 1], [1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), [[1, -1], [-1, -1]]))
+        h = h.astype(np.float32)
+    else:
+        raise UserError(f"Hadamard transform: no construction for order {k}")
+    h.setflags(write=False)
+    return h
+
+
+def small_hadamard(k: int) -> np.ndarray:
+    """The unnormalized K×K Hadamard factor used for sizes K * 2**p (read-only, float32 ±1)."""
+    return _small_hadamard(int(k))
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """H [n, n] float32 with entries ±1 and H Hᵀ = n I: small_hadamard(K) ⊗ Sylvester(2**p)."""
+    k, p = hadamard_factor(n)
+    return np.kron(small_hadamard(k), _sylvester(1 << p)).astype(np.float32)  # [n, n]
+
+
+def fast_hadamard(x, normalize: bool = True, transpose: bool = False):
+    """x [..., n] (NumPy or CuPy, float32) -> x Hᵀ / sqrt(n) (transpose=False) or x H / sqrt(n) (True).
+
+    The Walsh–Hadamard butterfly runs on the 2**p axis, the dense K×K factor
+    on the K axis (index i of the last axis = a * 2**p + b, a < K, b < 2**p).
+    Without `normalize` the 1/sqrt(n) factor is left out.
+    """
+    xp = array_module_of(x)
+    n = x.shape[-1]
+    k, p = hadamard_factor(n)
+    size = 1 << p
+    lead = x.shape[:-1]
+    y = xp.asarray(x, dtype=xp.float32).reshape(-1, k, size)  # [rows, K, 2**p]
+    rows = y.shape[0]
+    half = 1
+    while half < size:
+        pairs = y.reshape(rows, k, size // (2 * half), 2, half)  # [rows, K, blocks, 2, half]
+        top, bottom = pairs[:, :, :, 0], pairs[:, :, :, 1]  # [rows, K, blocks, half]
+        y = xp.stack([top + bottom, top - bottom], axis=3).reshape(rows, k, size)  # [rows, K, 2**p]
+        half *= 2
+    if k > 1:
+        h_k = xp.asarray(small_hadamard(k))  # [K, K]
+        y = xp.matmul(h_k.T if transpose else h_k, y)  # [rows, K, 2**p]
+    if normalize:
+        y = y * (1.0 / math.sqrt(n))
+    return y.reshape(*lead, n)
+
+
+def random_signs(n: int, seed: int) -> np.ndarray:
+    """[n] float32 of independent uniform ±1 from a NumPy Generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, size=n) * 2 - 1).astype(np.float32)  # [n]

@@ -1,0 +1,156 @@
+// CUDA kernels of the e8p format (QuIP#, Tseng et al. 2024, §4.2-4.3); layout and semantics in
+// runtime/formats/e8p.py, codebooks and the 16-bit code layout in runtime/e8p.py, launchers
+// in runtime/kernels/e8p_cuda.py. The Hadamard transforms around Ŵ run as CuPy array code.
+//
+// An E8P code c (uint16) decodes with the signed source table T [256][8] (float32; coordinate 0
+// of row j carries the parity of source vector j):
+//   j = c >> 8;  sign_k = bit k of c (k = 1..7);  sign_0 = parity of bits 1..7;
+//   point[k] = (sign_k ? -T[j][k] : T[j][k]) + (c & 1 ? +0.25 : -0.25)
+// A 1-bit E8 code (uint8) is a row of the table E [256][8].
+//
+// *_stage_matmul: y[r, o] (+)= scale * sum_g <point(codes[o, g]), x[r, 8g : 8g + 8]>
+//   one warp per (output row o, input row r); each lane takes groups g = lane, lane + 32, ...
+//   and reads x as two float4; the 8 KiB table lives in shared memory.
+// *_stage_decode: w[o, 8g + i] (+)= scale * point(codes[o, g])[i], one thread per group; the
+//   caller multiplies the decoded Ŵ with cuBLAS (prefill).
+
+#define WARPS_PER_BLOCK 8
+#define TABLE_FLOATS (256 * 8)
+
+__device__ __forceinline__ void load_table(float* s_table, const float* table, int tid, int threads)
+{
+    for (int i = tid; i < TABLE_FLOATS; i += threads) s_table[i] = table[i];
+}
+
+// The 8 coordinates of E8P point `code` into p[0..7] (same float32 operations as the NumPy reference).
+__device__ __forceinline__ void e8p_point(unsigned int code, const float* s_table, float* p)
+{
+    const float* row = s_table + (code >> 8) * 8;
+    const float shift = (code & 1u) ? 0.25f : -0.25f;
+    const unsigned int flips = __popc((code >> 1) & 0x7Fu);
+    p[0] = __fadd_rn((flips & 1u) ? -row[0] : row[0], shift);
+#pragma unroll
+    for (int k = 1; k < 8; ++k) p[k] = __fadd_rn(((code >> k) & 1u) ? -row[k] : row[k], shift);
+}
+
+__device__ __forceinline__ float dot8(const float* p, float4 a, float4 b)
+{
+    return p[0] * a.x + p[1] * a.y + p[2] * a.z + p[3] * a.w + p[4] * b.x + p[5] * b.y + p[6] * b.z + p[7] * b.w;
+}
+
+__device__ __forceinline__ void finish_row(float acc, float scale, float* y, long long at, int accumulate)
+{
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    if (threadIdx.x == 0) y[at] = accumulate ? y[at] + scale * acc : scale * acc;
+}
+
+extern "C" __global__ void e8p_stage_matmul(
+    const unsigned short* __restrict__ codes,  // [out, in/8]
+    const float* __restrict__ table,           // [256, 8] signed source table
+    float scale,
+    const float* __restrict__ x,               // [m, in], 16-byte aligned
+    float* __restrict__ y,                     // [m, out]
+    int n_out, int n_in, int accumulate)
+{
+    __shared__ float s_table[TABLE_FLOATS];
+    load_table(s_table, table, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
+    __syncthreads();
+
+    const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;
+    const int r = blockIdx.y;
+    if (o >= n_out) return;
+    const int n_groups = n_in / 8;
+    const unsigned short* row = codes + (long long)o * n_groups;
+    const float4* xr = reinterpret_cast<const float4*>(x + (long long)r * n_in);
+    float acc = 0.0f;
+    float p[8];
+    for (int g = threadIdx.x; g < n_groups; g += 32) {
+        e8p_point(row[g], s_table, p);
+        acc += dot8(p, xr[2 * g], xr[2 * g + 1]);
+    }
+    finish_row(acc, scale, y, (long long)r * n_out + o, accumulate);
+}
+
+extern "C" __global__ void table_stage_matmul(
+    const unsigned char* __restrict__ codes,   // [out, in/8]
+    const float* __restrict__ table,           // [256, 8] 1-bit E8 points
+    float scale,
+    const float* __restrict__ x,               // [m, in], 16-byte aligned
+    float* __restrict__ y,                     // [m, out]
+    int n_out, int n_in, int accumulate)
+{
+    __shared__ float s_table[TABLE_FLOATS];
+    load_table(s_table, table, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
+    __syncthreads();
+
+    const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;
+    const int r = blockIdx.y;
+    if (o >= n_out) return;
+    const int n_groups = n_in / 8;
+    const unsigned char* row = codes + (long long)o * n_groups;
+    const float4* xr = reinterpret_cast<const float4*>(x + (long long)r * n_in);
+    float acc = 0.0f;
+    for (int g = threadIdx.x; g < n_groups; g += 32) {
+        acc += dot8(s_table + row[g] * 8, xr[2 * g], xr[2 * g + 1]);
+    }
+    finish_row(acc, scale, y, (long long)r * n_out + o, accumulate);
+}
+
+extern "C" __global__ void e8p_stage_decode(
+    const unsigned short* __restrict__ codes,  // [out * in/8]
+    const float* __restrict__ table,           // [256, 8] signed source table
+    float scale,
+    float* __restrict__ w,                     // [out * in], 16-byte aligned
+    long long n_groups, int accumulate)
+{
+    __shared__ float s_table[TABLE_FLOATS];
+    load_table(s_table, table, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    float4* w4 = reinterpret_cast<float4*>(w);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    float p[8];
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
+        e8p_point(codes[g], s_table, p);
+        float4 a = make_float4(__fmul_rn(scale, p[0]), __fmul_rn(scale, p[1]), __fmul_rn(scale, p[2]),
+                               __fmul_rn(scale, p[3]));
+        float4 b = make_float4(__fmul_rn(scale, p[4]), __fmul_rn(scale, p[5]), __fmul_rn(scale, p[6]),
+                               __fmul_rn(scale, p[7]));
+        if (accumulate) {
+            const float4 a0 = w4[2 * g], b0 = w4[2 * g + 1];
+            a = make_float4(a0.x + a.x, a0.y + a.y, a0.z + a.z, a0.w + a.w);
+            b = make_float4(b0.x + b.x, b0.y + b.y, b0.z + b.z, b0.w + b.w);
+        }
+        w4[2 * g] = a;
+        w4[2 * g + 1] = b;
+    }
+}
+
+extern "C" __global__ void table_stage_decode(
+    const unsigned char* __restrict__ codes,   // [out * in/8]
+    const float* __restrict__ table,           // [256, 8] 1-bit E8 points
+    float scale,
+    float* __restrict__ w,                     // [out * in], 16-byte aligned
+    long long n_groups, int accumulate)
+{
+    __shared__ float s_table[TABLE_FLOATS];
+    load_table(s_table, table, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    float4* w4 = reinterpret_cast<float4*>(w);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
+        const float* p = s_table + codes[g] * 8;
+        float4 a = make_float4(__fmul_rn(scale, p[0]), __fmul_rn(scale, p[1]), __fmul_rn(scale, p[2]),
+                               __fmul_rn(scale, p[3]));
+        float4 b = make_float4(__fmul_rn(scale, p[4]), __fmul_rn(scale, p[5]), __fmul_rn(scale, p[6]),
+                               __fmul_rn(scale, p[7]));
+        if (accumulate) {
+            const float4 a0 = w4[2 * g], b0 = w4[2 * g + 1];
+            a = make_float4(a0.x + a.x, a0.y + a.y, a0.z + a.z, a0.w + a.w);
+            b = make_float4(b0.x + b.x, b0.y + b.y, b0.z + b.z, b0.w + b.w);
+        }
+        w4[2 * g] = a;
+        w4[2 * g + 1] = b;
+    }
+}

@@ -1,0 +1,88 @@
+"""CuPy launchers of the e8p CUDA kernels (source: e8p.cu; layout: runtime/formats/e8p.py).
+
+QuIP# (Tseng et al. 2024) inference on the GPU: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out.
+The randomized Hadamard transforms run as CuPy array code
+(`runtime.hadamard.fast_hadamard`, which works on CuPy arrays). A few input
+rows (decode) run the fused decode-and-multiply kernel once per RVQ stage;
+more rows (prefill) decode Ŵ into a temporary float32 array and let cuBLAS
+multiply. CuPy is imported on first use, so this module imports on machines
+without a GPU. The packed arrays must already be CuPy arrays
+(`E8PTensor.to_device(cupy)`).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from runtime import e8p
+from runtime.hadamard import fast_hadamard
+
+SOURCE = Path(__file__).with_name("e8p.cu")
+WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p.cu)
+DECODE_THREADS = 256
+MAX_GRID = 65535
+FUSED_MAX_ROWS = 4  # at most this many input rows: fused kernels; more: decode Ŵ + cuBLAS (not tuned)
+KERNELS = {"e8p": ("e8p_stage_matmul", "e8p_stage_decode"), "e8_1bit": ("table_stage_matmul", "table_stage_decode")}
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The compiled e8p.cu (NVRTC, once per process)."""
+    import cupy
+
+    return cupy.RawModule(code=SOURCE.read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tables(device_id: int) -> dict:
+    """The codebook tables (format constants) as CuPy arrays on GPU `device_id`, by stage name."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return {"e8p": cupy.asarray(e8p.signed_source_table()), "e8_1bit": cupy.asarray(e8p.e8_1bit_codebook())}
+
+
+def _stages(packed) -> list:
+    """(codes, table, scale, kernel names) of each stage."""
+    import cupy
+
+    tables = _device_tables(cupy.cuda.Device().id)
+    return [(codes, tables[stage.name], np.float32(scale), KERNELS[stage.name])
+            for codes, stage, scale in zip(packed.stage_codes, e8p.stage_codebooks(packed.bits), packed.host_scales)]
+
+
+def decoded(packed):
+    """Ŵ [out, in] float32 CuPy array (a temporary: nothing is kept)."""
+    import cupy
+
+    n_out, n_in = packed.shape
+    w_hat = cupy.empty((n_out, n_in), dtype=cupy.float32)  # [out, in]
+    n_groups = n_out * n_in // e8p.DIM
+    grid = min(-(-n_groups // DECODE_THREADS), MAX_GRID)
+    for k, (codes, table, scale, (_, decode_name)) in enumerate(_stages(packed)):
+        _module().get_function(decode_name)(
+            (grid,), (DECODE_THREADS,), (codes, table, scale, w_hat, np.int64(n_groups), np.int32(k > 0)))
+    return w_hat
+
+
+def matmul(packed, x):
+    """y [m, out] = x [m, in] @ W.T for a CuPy x."""
+    import cupy
+
+    n_out, n_in = packed.shape
+    x_rot = cupy.ascontiguousarray(fast_hadamard(cupy.asarray(x, dtype=cupy.float32) * packed.signs_in))  # [m, in]
+    m = x_rot.shape[0]
+    if m > FUSED_MAX_ROWS:
+        y_rot = x_rot @ decoded(packed).T  # [m, out] (cuBLAS)
+    else:
+        if x_rot.data.ptr % 16:  # the kernels read x as float4
+            x_rot = x_rot.copy()
+        y_rot = cupy.empty((m, n_out), dtype=cupy.float32)  # [m, out]
+        grid = (-(-n_out // WARPS_PER_BLOCK), m)
+        for k, (codes, table, scale, (matmul_name, _)) in enumerate(_stages(packed)):
+            _module().get_function(matmul_name)(
+                grid, (32, WARPS_PER_BLOCK),
+                (codes, table, scale, x_rot, y_rot, np.int32(n_out), np.int32(n_in), np.int32(k > 0)))
+    return fast_hadamard(y_rot, transpose=True) * packed.signs_out  # [m, out]

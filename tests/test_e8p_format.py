@@ -1,0 +1,193 @@
+"""The e8p format (runtime/formats/e8p.py) and its Numba / CUDA kernels (QuIP#, Tseng et al. 2024).
+
+The NumPy reference is checked against the convention written out with dense
+Hadamard matrices; the kernels against the reference within a stated
+floating-point tolerance; the byte size against the formula in the docstring;
+a save / load round trip through runtime/packed_checkpoint.
+"""
+import numpy as np
+import pytest
+
+from runtime import e8p, formats
+from runtime.errors import UserError
+from runtime.formats.e8p import (E8PTensor, from_incoherent, incoherent_hessian, pack_signs, to_incoherent,
+                                 unpack_signs)
+from runtime.hadamard import fast_hadamard, hadamard_matrix, random_signs
+from runtime.kernels import e8p_numba
+from runtime.packed_checkpoint import load_packed, save_packed
+
+# kernel vs reference: |y - y_ref| <= TOL * (|x| |W|-scale bound); float32 sums in another order
+TOL = 2e-5
+# (out, in): K = 12 on both sides, Paley sizes 20 / 12 with p = 1, powers of two, SmolLM2's 576 = 36 * 16
+SHAPES = [(96, 192), (40, 24), (64, 128), (576, 576)]
+
+
+def random_tensor(seed, n_out, n_in, bits):
+    """An E8PTensor with uniformly random codes, random signs and stage scales."""
+    rng = np.random.default_rng(seed)
+    codes = [rng.integers(0, np.iinfo(stage.code_dtype).max + 1, (n_out, n_in // 8)).astype(stage.code_dtype)
+             for stage in e8p.stage_codebooks(bits)]
+    scales = e8p.stage_scales(bits, rms=0.03)
+    return E8PTensor.from_codes(codes, scales, random_signs(n_in, seed), random_signs(n_out, seed + 1), bits,
+                                (n_out, n_in))
+
+
+def assert_close(y, ref, x, packed):
+    bound = TOL * np.abs(x).sum(axis=1, keepdims=True) * np.abs(packed.decoded()).max() + 1e-7
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert (np.abs(y - ref) <= bound).all(), float(np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_reference_is_the_documented_product(bits):
+    packed = random_tensor(bits, 96, 192, bits)
+    h_in = hadamard_matrix(192).astype(np.float64) / np.sqrt(192)
+    h_out = hadamard_matrix(96).astype(np.float64) / np.sqrt(96)
+    s_in, s_out = packed.signs_in.astype(np.float64), packed.signs_out.astype(np.float64)
+    w_hat = sum(scale * stage.decode(codes).reshape(96, 192).astype(np.float64)
+                for scale, stage, codes in zip(packed.host_scales, e8p.stage_codebooks(bits), packed.stage_codes))
+    expected = np.diag(s_out) @ h_out.T @ w_hat @ h_in @ np.diag(s_in)
+    assert np.allclose(packed.dequantize(), expected, atol=1e-6)
+    assert np.allclose(packed.decoded(), w_hat, atol=1e-7)
+
+
+def test_incoherence_transforms():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    s_in, s_out = random_signs(24, 1), random_signs(40, 2)
+    h_in = hadamard_matrix(24).astype(np.float64) / np.sqrt(24)
+    h_out = hadamard_matrix(40).astype(np.float64) / np.sqrt(40)
+    target = h_out @ np.diag(s_out) @ w @ np.diag(s_in) @ h_in.T
+    assert np.allclose(to_incoherent(w, s_in, s_out), target, atol=1e-5)
+    assert np.allclose(from_incoherent(to_incoherent(w, s_in, s_out), s_in, s_out), w, atol=1e-5)
+    x = rng.standard_normal((100, 24))
+    hessian = (x.T @ x / 100).astype(np.float32)
+    x_rot = fast_hadamard((x * s_in).astype(np.float32))  # inputs seen by Ŵ
+    assert np.allclose(incoherent_hessian(hessian, s_in), x_rot.T @ x_rot / 100, atol=1e-5)
+
+
+def test_signs_pack_lowest_bit_first():
+    signs = np.array([-1, 1, 1, 1, 1, 1, 1, 1, 1, -1], dtype=np.float32)
+    packed = pack_signs(signs)
+    assert packed.tolist() == [1, 2]
+    assert np.array_equal(unpack_signs(packed, 10), signs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_numba_kernels_match_reference(bits, shape, monkeypatch):
+    n_out, n_in = shape
+    packed = random_tensor(10 * bits + n_in, n_out, n_in, bits)
+    x = np.random.default_rng(n_out).standard_normal((5, n_in)).astype(np.float32)
+    ref = packed.matmul_reference(x)
+    assert np.array_equal(e8p_numba.decode_rows(packed), packed.decoded())
+    for rows in (1, 3):
+        assert_close(e8p_numba.matmul_fused(packed, x[:rows]), ref[:rows], x[:rows], packed)
+    assert_close(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
+    monkeypatch.setattr(e8p_numba, "PREFILL_TILE", 7 * n_in)  # several tiles, a short last one
+    assert_close(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
+
+
+@pytest.mark.parametrize("n, transpose", [(576, False), (576, True), (24, True), (64, False)])
+def test_numba_hadamard_matches_fast_hadamard(n, transpose):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((4, n)).astype(np.float32)
+    before, after = random_signs(n, 1), random_signs(n, 2)
+    y = e8p_numba.hadamard_rows(x, n, before, after, transpose)
+    assert np.allclose(y, fast_hadamard(x * before, transpose=transpose) * after, atol=1e-5)
+
+
+def test_matmul_dispatch_and_leading_axes():
+    packed = random_tensor(7, 96, 192, 3)
+    x = np.random.default_rng(1).standard_normal((2, 3, 192)).astype(np.float32)
+    y = packed.matmul(x)  # 6 rows: prefill path
+    assert y.shape == (2, 3, 96)
+    assert_close(y.reshape(6, 96), packed.matmul_reference(x.reshape(6, 192)), x.reshape(6, 192), packed)
+    y1 = packed.matmul(x[0, :1])  # 1 row: fused path
+    assert_close(y1, packed.matmul_reference(x[0, :1]), x[0, :1], packed)
+
+
+@pytest.mark.parametrize("bits, code_bits", [(2, 2), (3, 3), (4, 4)])
+def test_byte_size(bits, code_bits):
+    packed = random_tensor(1, 576, 1536, bits)
+    n = 576 * 1536
+    n_stages = 1 if bits == 2 else 2
+    expected = code_bits * n / 8 + 4 * n_stages + 1536 / 8 + 576 / 8
+    assert packed.nbytes == expected
+    assert packed.bits_per_weight == pytest.approx(code_bits + (32 * n_stages + 1536 + 576) / n)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantized_gaussian_weight_error(bits):
+    """RVQ codes of a Gaussian weight's incoherent form give about the codebook's Gaussian MSE."""
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((96, 192)) * 0.02).astype(np.float32)
+    s_in, s_out = random_signs(192, 3), random_signs(96, 4)
+    target = to_incoherent(w, s_in, s_out)
+    rms = float(np.sqrt(np.mean(target ** 2)))
+    codes = e8p.rvq_encode(target.reshape(96, 24, 8), bits, rms=rms)
+    packed = E8PTensor.from_codes(codes, e8p.stage_scales(bits, rms), s_in, s_out, bits, (96, 192))
+    relative_mse = float(np.mean((packed.dequantize() - w) ** 2) / np.mean(w ** 2))
+    assert relative_mse < {2: 0.1, 3: 0.033, 4: 0.0095}[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_save_load_round_trip(bits, tmp_path, monkeypatch):
+    monkeypatch.setitem(formats.FORMAT_CLASSES, "e8p", "runtime.formats.e8p.E8PTensor")
+    packed = random_tensor(3, 40, 24, bits)
+    save_packed(tmp_path, {"quantization": {"method": "quip"}}, {"layer.weight": packed,
+                                                                "norm": np.ones(3, dtype=np.float32)})
+    _, tensors = load_packed(tmp_path)
+    loaded = tensors["layer.weight"]
+    assert isinstance(loaded, E8PTensor) and loaded.meta() == packed.meta()
+    for name, a in packed.tensors().items():
+        assert np.array_equal(loaded.tensors()[name], a) and loaded.tensors()[name].dtype == a.dtype
+    assert np.array_equal(loaded.dequantize(), packed.dequantize())
+
+
+def test_bad_inputs_raise():
+    packed = random_tensor(0, 40, 24, 3)
+    arrays, meta = packed.tensors(), packed.meta()
+    with pytest.raises(UserError, match="qweight_2"):
+        E8PTensor.from_tensors({k: v for k, v in arrays.items() if k != "qweight_2"}, meta)
+    with pytest.raises(UserError, match="metadata"):
+        E8PTensor.from_tensors(arrays, dict(meta, hadamard_in=[24, 0]))
+    with pytest.raises(UserError, match="lacks"):
+        E8PTensor.from_tensors(arrays, {"bits": 3})
+    with pytest.raises(UserError, match="multiple of 8"):
+        E8PTensor(np.zeros((40, 3), dtype=np.uint16), arrays["stage_scales"], arrays["sign_in"],
+                  arrays["sign_out"], bits=3, in_features=20, qweight_2=np.zeros((40, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="size 6"):
+        random_tensor(0, 6, 24, 2)
+    with pytest.raises(UserError, match="2 code arrays"):
+        E8PTensor.from_codes([packed.qweight], [1.0], random_signs(24, 0), random_signs(40, 0), 4, (40, 24))
+    with pytest.raises(UserError, match="±1"):
+        pack_signs(np.zeros(8))
+    with pytest.raises(UserError, match="expects 24"):
+        packed.matmul(np.zeros((1, 16), dtype=np.float32))
+
+
+def cupy_with_device():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_matches_reference(bits):
+    cupy = cupy_with_device()
+    from runtime.kernels import e8p_cuda
+
+    packed = random_tensor(20 + bits, 576, 1536, bits)
+    on_gpu = packed.to_device(cupy)
+    assert np.array_equal(cupy.asnumpy(e8p_cuda.decoded(on_gpu)), packed.decoded())
+    x = np.random.default_rng(bits).standard_normal((9, 1536)).astype(np.float32)
+    for rows in (1, 4, 9):  # fused kernels, then decode + cuBLAS
+        y = on_gpu.matmul(cupy.asarray(x[:rows]))
+        assert isinstance(y, cupy.ndarray)
+        assert_close(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)

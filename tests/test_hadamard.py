@@ -1,0 +1,78 @@
+"""Tests of runtime/hadamard.py: the Sylvester and Paley constructions (QuIP# §3) and the fast transform."""
+import numpy as np
+import pytest
+
+from runtime.errors import UserError
+from runtime.hadamard import fast_hadamard, hadamard_factor, hadamard_matrix, random_signs, small_hadamard
+
+# every transform size of SmolLM2-135M and the OPT family (hidden, FFN, and OPT-350m's 512 / 1024)
+MODEL_SIZES = (512, 576, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 7168, 8192, 9216, 10240,
+               16384, 20480, 28672, 36864)
+DENSE_LIMIT = 10240  # build the dense n×n matrix up to this size (bigger ones: the transform only)
+FULL_PRODUCT_LIMIT = 3072  # check all of H Hᵀ up to this size; above it, the rows in ROW_SAMPLE
+ROW_SAMPLE = 48
+
+
+@pytest.mark.parametrize("k", [1, 12, 20, 28, 36, 44, 60])
+def test_small_factors_are_hadamard(k):
+    h = small_hadamard(k)
+    assert set(np.unique(h)) <= {-1.0, 1.0}
+    assert np.array_equal(h @ h.T, k * np.eye(k, dtype=np.float32))
+
+
+def test_factors_of_model_sizes():
+    expected = {576: (36, 4), 768: (12, 6), 1536: (12, 7), 2560: (20, 7), 7168: (28, 8), 9216: (36, 8),
+                36864: (36, 10), 4096: (1, 12), 512: (1, 9)}
+    for n, kp in expected.items():
+        assert hadamard_factor(n) == kp
+    for n in MODEL_SIZES:
+        k, p = hadamard_factor(n)
+        assert k * 2 ** p == n
+
+
+@pytest.mark.parametrize("n", [n for n in MODEL_SIZES if n <= DENSE_LIMIT] + [2, 12, 40, 56, 72])
+def test_dense_matrix_orthogonal_and_fast_transform_matches(n):
+    h = hadamard_matrix(n)  # [n, n]
+    assert h.dtype == np.float32 and set(np.unique(h)) == {-1.0, 1.0}
+    rows = np.arange(n)
+    if n > FULL_PRODUCT_LIMIT:
+        rows = np.random.default_rng(n).choice(n, ROW_SAMPLE, replace=False)
+    # ±1 products summed in float32 are exact integers below 2**24
+    assert np.array_equal(h[rows] @ h.T, n * np.eye(n, dtype=np.float32)[rows])
+    x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)  # [3, n]
+    scale = 1.0 / np.sqrt(n)
+    for transpose, dense in ((False, (x @ h.T) * scale), (True, (x @ h) * scale)):
+        fast = fast_hadamard(x, transpose=transpose)
+        assert fast.dtype == np.float32 and fast.shape == x.shape
+        assert np.linalg.norm(fast - dense) <= 1e-5 * np.linalg.norm(dense)
+
+
+@pytest.mark.parametrize("n", [n for n in MODEL_SIZES if n > DENSE_LIMIT])
+def test_large_sizes_orthonormal(n):
+    x = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)  # [2, n]
+    y = fast_hadamard(x)
+    assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+    assert np.linalg.norm(fast_hadamard(y, transpose=True) - x) <= 1e-5 * np.linalg.norm(x)
+
+
+def test_transform_over_leading_axes_and_unnormalized():
+    x = np.random.default_rng(0).standard_normal((2, 3, 768)).astype(np.float32)  # [2, 3, 768]
+    y = fast_hadamard(x, normalize=False)
+    assert y.shape == x.shape
+    assert np.allclose(y[1, 2], hadamard_matrix(768) @ x[1, 2], rtol=1e-5, atol=1e-3)
+    # Paley factors are not symmetric, so H and Hᵀ differ for 768 = 12 * 64
+    assert not np.allclose(fast_hadamard(x), fast_hadamard(x, transpose=True))
+
+
+def test_random_signs():
+    s = random_signs(1000, seed=3)
+    assert s.dtype == np.float32 and set(np.unique(s)) == {-1.0, 1.0}
+    assert np.array_equal(s, random_signs(1000, seed=3))
+    assert not np.array_equal(s, random_signs(1000, seed=4))
+    assert abs(s.mean()) < 0.15
+
+
+@pytest.mark.parametrize("n", [3, 6, 0, -8])
+def test_unsupported_sizes_raise(n):
+    with pytest.raises(UserError, match=str(n)):
+        hadamard_factor(n)

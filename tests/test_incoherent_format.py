@@ -1,0 +1,126 @@
+"""The incoherent format: orthogonality of the seeded transforms, product against the NumPy reference,
+byte size, metadata checks, save/load round trip."""
+import numpy as np
+import pytest
+
+import quip
+from runtime.errors import UserError
+from runtime.formats import FORMAT_CLASSES
+from runtime.formats.incoherent import IncoherentTensor, KronOrthogonal, kron_sizes, transforms
+from runtime.formats.uniform import UniformTensor
+from runtime.packed_checkpoint import load_packed, save_packed
+
+
+def dense(transform: KronOrthogonal) -> np.ndarray:
+    """M [n, n] as a dense matrix: apply(x) = x Mᵀ, so M = apply(I)ᵀ."""
+    return transform.apply(np.eye(transform.size, dtype=np.float32)).T.astype(np.float64)
+
+
+def quantized(n_out=48, n_in=96, bits=2, seed=0):
+    """A QuIP weight of a random problem: (IncoherentTensor, inputs x [5, in])."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n_out, n_in)).astype(np.float32)  # [out, in]
+    X = rng.standard_normal((n_in, 4 * n_in)) * rng.uniform(0.2, 3.0, (n_in, 1))  # [in, n]
+    packed, _ = quip.quantize(W, X @ X.T / X.shape[1], quip.QuIPParams(bits, seed=seed))
+    return packed, rng.standard_normal((5, n_in)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, sizes", [(576, (24, 24)), (1536, (32, 48)), (96, (8, 12)), (97, (1, 97)), (1, (1, 1))])
+def test_kron_sizes(n, sizes):
+    assert kron_sizes(n) == sizes
+
+
+@pytest.mark.parametrize("n", [576, 96, 97, 10])
+def test_transform_is_orthogonal(n):
+    transform = KronOrthogonal.random(n, seed=3, side=0)
+    M = dense(transform)
+    np.testing.assert_allclose(M @ M.T, np.eye(n), rtol=0, atol=1e-5)
+    x = np.random.default_rng(n).standard_normal((4, n)).astype(np.float32)  # [4, n]
+    np.testing.assert_allclose(transform.apply(transform.apply(x), transpose=True), x, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(transform.apply(transform.apply(x, transpose=True)), x, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(transform.apply(x, transpose=True), x @ M, rtol=0, atol=1e-5)
+
+
+def test_transforms_depend_only_on_seed_size_and_side():
+    U, V = transforms((96, 96), seed=7)
+    U2, V2 = transforms((96, 96), seed=7)
+    np.testing.assert_array_equal(dense(U), dense(U2))
+    np.testing.assert_array_equal(dense(V), dense(V2))
+    assert np.abs(dense(U) - dense(V)).max() > 0.1  # the two sides are independent draws
+    assert np.abs(dense(transforms((96, 96), seed=8)[1]) - dense(V)).max() > 0.1
+
+
+def test_dequantize_is_the_papers_post_processing():
+    # Algorithm 2: W = Uᵀ Ŵ V D⁻¹, with U, V, D as dense matrices
+    packed, _ = quantized()
+    U, V = (dense(t) for t in transforms(packed.shape, packed.seed))
+    expected = U.T @ packed.processed().astype(np.float64) @ V / packed.rescale.astype(np.float64)
+    np.testing.assert_allclose(packed.dequantize(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_matmul_matches_reference(bits, rows):
+    packed, x = quantized(bits=bits, seed=bits)
+    y = packed.matmul(x[:rows])
+    reference = x[:rows] @ packed.dequantize().T  # [rows, out]
+    assert y.dtype == np.float32 and y.shape == (rows, 48)
+    np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    leading = packed.matmul(x[:4].reshape(2, 2, 96))  # [2, 2, out] leading axes kept
+    np.testing.assert_allclose(leading.reshape(4, 48), packed.matmul(x[:4]), rtol=0, atol=1e-6)
+
+
+def test_byte_size():
+    packed, _ = quantized(n_out=64, n_in=128)
+    inner = packed.inner
+    assert packed.nbytes == inner.nbytes + 2 * 128  # the inner arrays and rescale (float16 [in])
+    # inner: per-tensor symmetric 2-bit uniform, one group: qweight + qzeros + scales + g_idx
+    assert inner.nbytes == 4 * 64 * 2 * 4 + 4 * 1 * 2 * 2 + 2 * 64 + 4 * 128
+    assert packed.bits_per_weight == pytest.approx(8 * packed.nbytes / (64 * 128))
+
+
+def test_save_load_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setitem(FORMAT_CLASSES, "incoherent", "runtime.formats.incoherent.IncoherentTensor")
+    packed, x = quantized()
+    save_packed(tmp_path, {"quantization": {"method": "quip"}}, {"layer.w": packed, "norm": np.ones(3, np.float32)})
+    _, loaded = load_packed(tmp_path)
+    w = loaded["layer.w"]
+    assert isinstance(w, IncoherentTensor) and w.meta() == packed.meta()
+    for name, array in packed.tensors().items():
+        np.testing.assert_array_equal(w.tensors()[name], array, err_msg=name)
+    np.testing.assert_array_equal(w.matmul(x), packed.matmul(x))
+
+
+def test_metadata_mismatch_raises_user_error():
+    packed, _ = quantized()
+    tensors, meta = packed.tensors(), packed.meta()
+    with pytest.raises(UserError, match="lacks seed"):
+        IncoherentTensor.from_tensors(tensors, {k: v for k, v in meta.items() if k != "seed"})
+    with pytest.raises(UserError, match="shape"):
+        IncoherentTensor.from_tensors(tensors, dict(meta, shape=[1, 2]))
+    with pytest.raises(UserError, match="unexpected arrays"):
+        IncoherentTensor.from_tensors(dict(tensors, extra=np.zeros(1)), meta)
+    with pytest.raises(UserError, match="rescale must be float16"):
+        IncoherentTensor.from_tensors(dict(tensors, rescale=np.ones(5, np.float16)), meta)
+    asymmetric = UniformTensor.from_codes(np.zeros((4, 32), np.uint8), np.ones((1, 4)), np.zeros((1, 4), np.int32),
+                                          bits=2, group_size=-1, sym=False)
+    with pytest.raises(UserError, match="midrise"):
+        IncoherentTensor(asymmetric, np.ones(32, np.float16), seed=0, midrise=True)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    packed, x = quantized(n_out=96, n_in=576, bits=3)
+    on_gpu = packed.to_device(cupy)
+    for rows in (1, 5):
+        y = on_gpu.matmul(cupy.asarray(x[:rows]))
+        assert isinstance(y, cupy.ndarray)
+        reference = packed.matmul_reference(x[:rows])
+        np.testing.assert_allclose(cupy.asnumpy(y), reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+    np.testing.assert_array_equal(on_gpu.to_device(np).dequantize(), packed.dequantize())

@@ -1,0 +1,223 @@
+"""The spqr and sparse formats: NumPy references, Numba (and, with a GPU, CUDA) kernels against them,
+bilevel statistics, exact outliers, and the stored bytes.
+
+Kernel tolerance: ||y - y_ref|| <= TOL * ||y_ref|| (float32 sums in another
+order; the kernels fold scale and zero once per group and add the outliers
+as corrections value - dense value).
+"""
+import json
+
+import numpy as np
+import pytest
+
+from runtime.errors import UserError
+from runtime.formats.sparse import SparseTensor
+from runtime.formats.spqr import SpQRTensor, check_params, dequantize_stats, quantize_stats
+from runtime.formats.uniform import unpack
+from runtime.kernels import spqr_numba
+from runtime.packed_checkpoint import WEIGHTS, save_packed
+from runtime.safetensors_io import read_safetensors
+
+TOL = 1e-5
+# (n_out, n_in, group_size, stat_group): inputs not a multiple of 32 or of the group, odd outputs
+SHAPES = [(67, 200, 16, 16), (67, 200, 48, 16), (40, 96, 32, 7), (33, 64, 64, 33)]
+
+
+def random_outliers(rng, n_out, n_in, fraction):
+    mask = rng.random((n_out, n_in)) < fraction  # [out, in]
+    rows, cols = np.nonzero(mask)
+    return SparseTensor.from_entries(rows, cols, rng.standard_normal(rows.size) * 0.5, (n_out, n_in))
+
+
+def make_tensor(seed, n_out, n_in, bits, group_size, stat_bits=3, stat_group=16, fraction=0.02, act_order=True):
+    rng = np.random.default_rng(seed)
+    n_groups = -(-n_in // group_size)
+    codes = rng.integers(0, 2**bits, size=(n_out, n_in))  # [out, in]
+    perm = rng.permutation(n_in) if act_order else np.arange(n_in)  # [in]
+    scales = rng.uniform(0.01, 0.1, size=(n_groups, n_out)).astype(np.float32)  # [n_groups, out]
+    zeros = rng.uniform(0, 2**bits - 1, size=(n_groups, n_out)).astype(np.float32)  # [n_groups, out]
+    if stat_bits != 16:
+        scales = quantize_stats(scales, stat_bits, stat_group)
+        zeros = quantize_stats(zeros, stat_bits, stat_group)
+    return SpQRTensor.from_codes(codes, perm, scales, zeros, random_outliers(rng, n_out, n_in, fraction), bits=bits,
+                                 group_size=group_size, stat_bits=stat_bits, stat_group=stat_group)
+
+
+def inputs(seed, rows, n_in):
+    # a non-zero mean, as after an activation: the folded zero term matters
+    return (np.random.default_rng(seed).standard_normal((rows, n_in)) + 0.5).astype(np.float32)
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.linalg.norm(y - ref) <= TOL * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n_out, n_in, group_size, stat_group", SHAPES)
+@pytest.mark.parametrize("stat_bits", [3, 16])
+def test_numba_matches_reference(bits, n_out, n_in, group_size, stat_group, stat_bits):
+    packed = make_tensor(bits, n_out, n_in, bits, group_size, stat_bits, stat_group)
+    assert packed.outliers.nnz > 0
+    for rows in (1, 5):  # fused decode kernel, prefill path
+        x = inputs(rows, rows, n_in)
+        assert_close(packed.matmul(x), packed.matmul_reference(x))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dequantize_kernel_equals_dense_reference(bits):
+    packed = make_tensor(10 + bits, 67, 200, bits, 16)
+    w_t = spqr_numba.dequantize_storage(packed)  # [224, 67] storage order, padded
+    assert np.all(w_t[208:] == 0)  # half runs past the input
+    dense = packed.dequantize_dense()  # [67, 200]
+    np.testing.assert_allclose(w_t[:200].T, dense[:, packed.perm], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_matvec_equals_dense_reference_and_tiles(monkeypatch):
+    monkeypatch.setattr(spqr_numba, "PREFILL_TILE", 64 * 512)  # several prefill tiles
+    packed = make_tensor(20, 1000, 512, 3, 16, stat_group=16)
+    x = inputs(21, 1, 512)
+    assert_close(spqr_numba.matvec_dense(packed, x[0])[None], x @ packed.dequantize_dense().T)
+    x = inputs(22, 4, 512)
+    assert_close(packed.matmul(x), packed.matmul_reference(x))
+
+
+def test_outliers_replace_the_dense_weight_exactly():
+    packed = make_tensor(30, 67, 200, 3, 16, fraction=0.05)
+    outliers = packed.outliers
+    rows, cols = outliers.rows(), outliers.col_idx.astype(np.int64)
+    w, dense = packed.dequantize(), packed.dequantize_dense()
+    np.testing.assert_array_equal(w[rows, cols], outliers.values.astype(np.float32))  # bit-exact float16 values
+    elsewhere = np.ones(w.shape, dtype=bool)
+    elsewhere[rows, cols] = False
+    np.testing.assert_array_equal(w[elsewhere], dense[elsewhere])
+    np.testing.assert_allclose(packed.corrections, w[rows, cols] - dense[rows, cols], rtol=0, atol=1e-6)
+
+
+def test_sparse_kernel_matches_reference():
+    rng = np.random.default_rng(40)
+    sparse = random_outliers(rng, 300, 130, 0.03)
+    dense = sparse.dequantize()  # [300, 130]
+    assert np.count_nonzero(dense) == sparse.nnz > 0
+    for rows in (1, 7):
+        x = inputs(41, rows, 130)
+        y = sparse.matmul(x)
+        assert np.linalg.norm(y - x @ dense.T) <= 1e-6 * np.linalg.norm(x @ dense.T)
+    np.testing.assert_array_equal(sparse.row_ptr, np.concatenate([[0], np.cumsum(np.count_nonzero(dense, axis=1))]))
+
+
+def test_sparse_rejects_bad_entries():
+    with pytest.raises(UserError, match="same position"):
+        SparseTensor.from_entries([1, 1], [2, 2], [1.0, 2.0], (4, 4))
+    with pytest.raises(UserError, match="outside"):
+        SparseTensor.from_entries([4], [0], [1.0], (4, 4))
+    with pytest.raises(UserError, match="row_ptr"):
+        SparseTensor(np.zeros(2, np.float16), np.zeros(2, np.uint16), np.array([0, 1], np.int32), in_features=4)
+
+
+@pytest.mark.parametrize("stat_bits", [2, 3, 4, 8])
+def test_bilevel_statistics_round_trip(stat_bits):
+    rng = np.random.default_rng(stat_bits)
+    values = rng.uniform(0.01, 0.2, size=(5, 70)).astype(np.float32)  # [groups, rows], 70 = 4 blocks of 16 + 6
+    codes, step, low = quantize_stats(values, stat_bits, 16)
+    assert codes.shape == (5, 70) and step.shape == low.shape == (5, 5) and step.dtype == low.dtype == np.float16
+    assert codes.max() < 2**stat_bits
+    decoded = dequantize_stats(codes, step, low, 16)  # [5, 70]
+    block = np.arange(70) // 16
+    assert np.all(np.abs(decoded - values) <= step.astype(np.float32)[:, block] / 2 * (1 + 1e-3))
+    assert np.all(decoded > 0)  # a positive statistic stays positive (low rounded up)
+    # values already on a block's grid come back exactly; a constant block is exact
+    again = quantize_stats(decoded, stat_bits, 16)
+    np.testing.assert_array_equal(dequantize_stats(*again, 16), decoded)
+    flat = np.full((1, 16), 0.03125, np.float32)
+    np.testing.assert_array_equal(dequantize_stats(*quantize_stats(flat, stat_bits, 16), 16), flat)
+
+
+def test_statistics_decode_through_the_packed_layout():
+    packed = make_tensor(50, 67, 96, 3, 32, stat_bits=3, stat_group=16)
+    s, z = packed.statistics()  # [3, 67]
+    codes = unpack(np.ascontiguousarray(packed.stats["scale_codes"].T), 3, 67).T  # [3, 67]
+    expected = dequantize_stats(codes, packed.stats["scale_step"], packed.stats["scale_low"], 16)  # [3, 67]
+    np.testing.assert_array_equal(s, expected)
+    assert np.all(s > 0) and z.shape == (3, 67)
+
+
+@pytest.mark.parametrize("stat_bits", [3, 16])
+def test_bits_equal_the_bytes_on_disk(tmp_path, stat_bits):
+    layers = {"q_proj": make_tensor(60, 96, 64, 3, 16, stat_bits),
+              "down_proj": make_tensor(61, 64, 96, 4, 32, stat_bits)}
+    norm = np.ones(64, dtype=np.float32)
+    save_packed(tmp_path, {"quantization": {"method": "spqr"}}, {**layers, "norm": norm})
+    path = tmp_path / WEIGHTS
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert len(raw) - 8 - header_len == sum(p.nbytes for p in layers.values()) + norm.nbytes
+    arrays, metadata = read_safetensors(path)
+    for name, packed in layers.items():
+        meta = json.loads(metadata[name])
+        assert meta.pop("format") == "spqr"
+        parts = {key[len(name) + 1:]: np.asarray(a) for key, a in arrays.items() if key.startswith(name + ".")}
+        loaded = SpQRTensor.from_tensors(parts, meta)
+        np.testing.assert_array_equal(loaded.dequantize(), packed.dequantize())
+        assert loaded.bits_per_weight == packed.bits_per_weight == 8 * packed.nbytes / (packed.shape[0] * packed.shape[1])
+
+
+def test_bits_per_weight_formula():
+    # b + 2 sb / G + 64 / (G SG) + 32 / out + 32 (out + 1 + nnz) / (in out) when 32 | in, 32 | out, G | in, SG | out
+    packed = make_tensor(70, 128, 256, 3, 16, stat_bits=3, stat_group=16)
+    n_out, n_in = packed.shape
+    expected = 3 + 6 / 16 + 64 / 256 + 32 / n_out + 32 * (n_out + 1 + packed.outliers.nnz) / (n_in * n_out)
+    assert packed.bits_per_weight == pytest.approx(expected, rel=1e-12)
+
+
+def test_bad_parameters_and_arrays_raise_user_error():
+    for args in ((8, 16, 3, 16), (3, 24, 3, 16), (3, 16, 1, 16), (3, 16, 3, 0)):
+        with pytest.raises(UserError, match="spqr"):
+            check_params(*args)
+    packed = make_tensor(80, 40, 64, 3, 16)
+    parts, meta = packed.tensors(), {"format": "spqr", **packed.meta()}
+    meta.pop("format")
+    with pytest.raises(UserError, match="metadata"):
+        SpQRTensor.from_tensors(parts, {**meta, "bits": 4})
+    with pytest.raises(UserError, match="scale_codes|lack"):
+        SpQRTensor.from_tensors({k: v for k, v in parts.items() if k != "scale_codes"}, meta)
+    with pytest.raises(UserError, match="features"):
+        packed.matmul(np.zeros((1, 65), np.float32))
+
+
+def cupy_with_device():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("stat_bits", [3, 16])
+def test_cuda_matches_reference(bits, stat_bits):
+    cupy = cupy_with_device()
+    packed = make_tensor(90 + bits, 1000, 200, bits, 16, stat_bits)
+    on_gpu = packed.to_device(cupy)
+    for rows in (1, 4):
+        x = inputs(rows, rows, 200)
+        y = on_gpu.matmul(cupy.asarray(x))
+        assert isinstance(y, cupy.ndarray)
+        assert_close(cupy.asnumpy(y), packed.matmul_reference(x))
+
+
+@pytest.mark.gpu
+def test_cuda_sparse_and_dequantize_match_reference():
+    cupy = cupy_with_device()
+    from runtime.kernels import spqr_cuda
+
+    packed = make_tensor(95, 67, 200, 3, 32)
+    w_t = cupy.asnumpy(spqr_cuda.dequantize_storage(packed.to_device(cupy)))  # [224, 67]
+    np.testing.assert_allclose(w_t[:200].T, packed.dequantize_dense()[:, packed.perm], rtol=1e-6, atol=1e-6)
+    sparse = packed.outliers
+    x = inputs(96, 3, 200)
+    y = cupy.asnumpy(sparse.to_device(cupy).matmul(cupy.asarray(x)))
+    assert np.linalg.norm(y - sparse.matmul_reference(x)) <= 1e-6 * np.linalg.norm(sparse.matmul_reference(x))
