@@ -44,3 +44,15 @@ def save_tiny_llama(path, **overrides):
     model.save_pretrained(path)
     shutil.copy(DATA / "tokenizers" / "llama2" / "tokenizer.model", Path(path) / "tokenizer.model")
     return model
+
+
+@pytest.fixture(scope="session")
+def cupy():
+    """The cupy module when a CUDA device is usable; the test is skipped otherwise."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cp.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return cp

@@ -167,20 +167,9 @@ def test_bad_inputs_raise():
         packed.matmul(np.zeros((1, 16), dtype=np.float32))
 
 
-def cupy_with_device():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cuda_matches_reference(bits):
-    cupy = cupy_with_device()
+def test_cuda_matches_reference(cupy, bits):
     from runtime.kernels import e8p_cuda
 
     packed = random_tensor(20 + bits, 576, 1536, bits)

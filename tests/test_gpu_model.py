@@ -9,16 +9,6 @@ from runtime.checkpoint import load_checkpoint
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cupy():
-    cp = pytest.importorskip("cupy")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:
-        pytest.skip("no usable NVIDIA GPU")
-    return cp
-
-
 @pytest.mark.parametrize("tag", [None, "rtn4g128", "int8"])  # nf4 needs in % 64 == 0; stories260K has 172
 def test_cuda_forward_matches_cpu(cupy, tag):
     from runtime.quantize_model import quantize_tensors

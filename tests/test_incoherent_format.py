@@ -109,13 +109,7 @@ def test_metadata_mismatch_raises_user_error():
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
+def test_cuda_matches_cpu(cupy):
     packed, x = quantized(n_out=96, n_in=576, bits=3)
     on_gpu = packed.to_device(cupy)
     for rows in (1, 5):

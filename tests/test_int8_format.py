@@ -158,13 +158,7 @@ def test_from_tensors_rejects_mismatches():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_scales, activation, threshold", MODES)
-def test_cuda_kernels_equal_reference(weight_scales, activation, threshold):
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
+def test_cuda_kernels_equal_reference(cupy, weight_scales, activation, threshold):
     rng = np.random.default_rng(12)
     for n_out, n_in in [(37, 61), (64, 256), (300, 1000)]:
         t = random_tensor(rng, n_out, n_in, weight_scales, activation, threshold)

@@ -155,13 +155,7 @@ def test_from_tensors_rejects_mismatches():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_cuda_kernels_match_reference(double_quant):
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
+def test_cuda_kernels_match_reference(cupy, double_quant):
     rng = np.random.default_rng(6)
     for n_out, n_in, block_size in [(1, 64, 64), (1031, 192, 32), (577, 1536, 64), (30, 24, 8)]:
         t = random_tensor(rng, n_out, n_in, block_size, double_quant)

@@ -185,21 +185,10 @@ def test_bad_parameters_and_arrays_raise_user_error():
         packed.matmul(np.zeros((1, 65), np.float32))
 
 
-def cupy_with_device():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("stat_bits", [3, 16])
-def test_cuda_matches_reference(bits, stat_bits):
-    cupy = cupy_with_device()
+def test_cuda_matches_reference(cupy, bits, stat_bits):
     packed = make_tensor(90 + bits, 1000, 200, bits, 16, stat_bits)
     on_gpu = packed.to_device(cupy)
     for rows in (1, 4):
@@ -210,8 +199,7 @@ def test_cuda_matches_reference(bits, stat_bits):
 
 
 @pytest.mark.gpu
-def test_cuda_sparse_and_dequantize_match_reference():
-    cupy = cupy_with_device()
+def test_cuda_sparse_and_dequantize_match_reference(cupy):
     from runtime.kernels import spqr_cuda
 
     packed = make_tensor(95, 67, 200, 3, 32)

@@ -87,21 +87,10 @@ def test_leading_dimensions_and_float64_input():
     assert_close(y.reshape(6, 35), packed.matmul_reference(x.reshape(6, 64).astype(np.float32)))
 
 
-def cupy_with_device():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (128, False), (-1, False), (32, True)])
-def test_cuda_matches_reference(bits, group_size, act_order):
-    cupy = cupy_with_device()
+def test_cuda_matches_reference(cupy, bits, group_size, act_order):
     packed = make_tensor(50 + bits, 1000, 200, bits, group_size, act_order=act_order)
     on_gpu = packed.to_device(cupy)
     for rows in (1, 4):
@@ -113,8 +102,7 @@ def test_cuda_matches_reference(bits, group_size, act_order):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
-def test_cuda_dequantize_equals_reference(bits):
-    cupy = cupy_with_device()
+def test_cuda_dequantize_equals_reference(cupy, bits):
     from runtime.kernels import uniform_cuda
 
     packed = make_tensor(60 + bits, 67, 200, bits, 64)
