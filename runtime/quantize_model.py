@@ -13,6 +13,7 @@ layer by layer, with their state kept in `<out_dir>.partial/` for `resume`.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import shutil
 import sys
@@ -96,9 +97,12 @@ def quipsharp_method(spec: QuantSpec):
 
 
 def int8_quantize(weight: np.ndarray, spec: QuantSpec):
-    """LLM.int8 (int8), naive absmax W8A8 (absmax8) or the W8A8 of SmoothQuant on smoothed weights (smooth8)."""
+    """LLM.int8 (int8; int8tN: outlier threshold N/100), naive absmax W8A8 (absmax8) or the W8A8 of
+    SmoothQuant on smoothed weights (smooth8)."""
     import int8
     params = {"int": int8.LLM_INT8, "absmax": int8.ABSMAX8, "smooth": int8.SMOOTH8}[spec.method]
+    if "t" in spec.values:
+        params = dataclasses.replace(params, outlier_threshold=spec.values["t"] / 100)
     return int8.quantize(np.asarray(weight, dtype=np.float32), params)
 
 

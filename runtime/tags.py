@@ -23,7 +23,8 @@ A quantized model is named `BASE.TAG`, e.g. `smollm2-135m.rtn4g128`:
             | "act"     gptq: act-order (columns by descending Hessian diagonal)
             | "static"  gptq: all group grids fitted before any update (needs GROUP)
             | "s" N     spqr: bits of the quantized group statistics (absent: 3; s16 keeps them in fp16)
-            | "t" N     spqr: outlier threshold tau in hundredths (absent: t20, tau = 0.2)
+            | "t" N     spqr: outlier threshold tau in hundredths (absent: t20, tau = 0.2);
+                        int: LLM.int8's outlier threshold in hundredths (absent: t600, 6.0)
             | "dense"   spqr: no outliers (tau = infinity)
 
 A tag is a request: the saved model's config.json records the method and its
@@ -43,13 +44,13 @@ TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?
 METHOD_BITS = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "nf": (4,), "fp": (4,), "int": (8,), "absmax": (8,),
                "smooth": (8,), "spqr": (2, 3, 4), "quip": (2, 3, 4), "quipsharp": (2, 3, 4)}
 METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "gptq": {"sym", "act", "static"}, "nf": {"dq"}, "fp": {"dq"},
-                  "int": set(), "absmax": set(), "smooth": set(), "spqr": {"s", "t", "dense"}, "quip": set(),
+                  "int": {"t"}, "absmax": set(), "smooth": set(), "spqr": {"s", "t", "dense"}, "quip": set(),
                   "quipsharp": set()}
 GROUP_MULTIPLE = {"rtn": 32, "gptq": 32, "nf": 8, "fp": 8, "spqr": 16}  # methods absent here take no group size
 STAT_BITS = (2, 3, 4, 8, 16)  # spqr "s": statistic widths
 ALIASES = {"q2": "quipsharp2", "q3": "quipsharp3", "q4": "quipsharp4"}  # why these: README, "Short tags"
 EXAMPLES = ("rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, gptq4g128, gptq3, gptq4g128act, "
-            "nf4, nf4dq, fp4, nf4g128, int8, absmax8, smooth8, spqr3, spqr4g16s3t20, spqr3dense, quip2, "
+            "nf4, nf4dq, fp4, nf4g128, int8, int8t150, absmax8, smooth8, spqr3, spqr4g16s3t20, spqr3dense, quip2, "
             "quipsharp2, q2, q3, q4")
 
 

@@ -53,3 +53,10 @@ def test_calibrated_build_saves_loads_and_runs(base, tag):
     reference = float_model.prefill(ids, float_model.new_cache(len(ids)), all_logits=True)  # [T, vocab]
     assert np.isfinite(logits).all()
     np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))
+
+
+@pytest.mark.parametrize("tag,threshold", [("int8", 6.0), ("int8t150", 1.5), ("smooth8", None)])
+def test_int8_tags_set_the_outlier_threshold(tag, threshold):
+    from runtime.quantize_model import int8_quantize
+    W = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    assert int8_quantize(W, parse_tag(tag)).outlier_threshold == threshold

@@ -12,7 +12,7 @@ from runtime.tags import parse_tag
     ("rtn4g32symmse", "rtn", 4, 32, {"sym", "mse"}), ("nf4", "nf", 4, 0, set()), ("nf4dq", "nf", 4, 0, {"dq"}),
     ("fp4g128", "fp", 4, 128, set()), ("int8", "int", 8, 0, set()), ("absmax8", "absmax", 8, 0, set()),
     ("smooth8", "smooth", 8, 0, set()), ("spqr3", "spqr", 3, 0, set()), ("spqr3dense", "spqr", 3, 0, {"dense"}),
-    ("quip2", "quip", 2, 0, set()), ("quipsharp4", "quipsharp", 4, 0, set())])
+    ("quip2", "quip", 2, 0, set()), ("int8t150", "int", 8, 0, set()), ("quipsharp4", "quipsharp", 4, 0, set())])
 def test_valid_tags_parse_and_print_back(tag, method, bits, group, options):
     spec = parse_tag(tag)
     assert (spec.method, spec.bits, spec.group_size, spec.options) == (method, bits, group, options)
@@ -32,7 +32,7 @@ def test_short_tags_name_the_full_tag(short, full):
 
 @pytest.mark.parametrize("tag,message", [
     ("q9", "unknown short tag"), ("spqr3s5", "must be one of"), ("spqr3denset20", "either a positive"),
-    ("spqr3t0", "either a positive"), ("quip2g64", "takes no group size"), ("rtn4t20", "takes the options"),
+    ("spqr3t0", "either a positive"), ("quip2g64", "takes no group size"), ("rtn4t20", "takes the options"), ("absmax8t150", "takes the options none"),
     ("spqr4g24", "multiple of 16"), ("quipsharp8", "supports 2, 3, 4"), ("foo4", "unknown quantization tag"), ("rtn5", "supports 2, 3, 4, 8"),
     ("rtn4g100", "multiple of 32"), ("rtn4g128tensor", "exclude each other"), ("rtn4g128xyz", "unknown"),
     ("nf3", "supports 4"), ("nf4sym", "takes the options dq"), ("rtn4dq", "takes the options"),
