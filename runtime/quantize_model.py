@@ -194,7 +194,8 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
     packed = quantize_tensors(config, tensors, spec, progress, projections)
     hf_config = dict(hf_config, quantization={
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
-        "options": sorted(spec.options), **({"values": spec.values} if spec.values else {}), "tag": spec.tag, "base": str(base),
+        "options": sorted(spec.options), **({"values": spec.values} if spec.values else {}),
+        "tag": spec.tag, "base": str(base),
         "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
         "bits_per_weight": round(bits_per_weight(config, packed), 4), **extra,
         **({"lora_merged": str(lora)} if lora is not None else {}),

@@ -159,7 +159,8 @@ def test_bits_equal_the_bytes_on_disk(tmp_path, stat_bits):
         parts = {key[len(name) + 1:]: np.asarray(a) for key, a in arrays.items() if key.startswith(name + ".")}
         loaded = SpQRTensor.from_tensors(parts, meta)
         np.testing.assert_array_equal(loaded.dequantize(), packed.dequantize())
-        assert loaded.bits_per_weight == packed.bits_per_weight == 8 * packed.nbytes / (packed.shape[0] * packed.shape[1])
+        n_weights = packed.shape[0] * packed.shape[1]
+        assert loaded.bits_per_weight == packed.bits_per_weight == 8 * packed.nbytes / n_weights
 
 
 def test_bits_per_weight_formula():
