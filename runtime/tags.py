@@ -47,7 +47,7 @@ METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "gptq": {"sym", "act", "stati
                   "int": {"t"}, "absmax": set(), "smooth": set(), "spqr": {"s", "t", "dense"}, "quip": set(),
                   "quipsharp": set()}
 GROUP_MULTIPLE = {"rtn": 32, "gptq": 32, "nf": 8, "fp": 8, "spqr": 16}  # methods absent here take no group size
-STAT_BITS = (2, 3, 4, 8, 16)  # spqr "s": statistic widths
+STAT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # spqr "s": statistic widths (runtime/formats/spqr.py)
 ALIASES = {"q2": "quipsharp2", "q3": "quipsharp3", "q4": "quipsharp4"}  # why these: README, "Short tags"
 EXAMPLES = ("rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, gptq4g128, gptq3, gptq4g128act, "
             "nf4, nf4dq, fp4, nf4g128, int8, int8t150, absmax8, smooth8, spqr3, spqr4g16s3t20, spqr3dense, quip2, "
