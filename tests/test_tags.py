@@ -31,7 +31,7 @@ def test_short_tags_name_the_full_tag(short, full):
 
 
 @pytest.mark.parametrize("tag,message", [
-    ("q9", "unknown short tag"), ("spqr3s5", "must be one of"), ("spqr3denset20", "either a positive"),
+    ("q9", "unknown short tag"), ("spqr3s9", "must be one of"), ("spqr3denset20", "either a positive"),
     ("spqr3t0", "either a positive"), ("quip2g64", "takes no group size"), ("rtn4t20", "takes the options"),
     ("absmax8t150", "takes the options none"),
     ("spqr4g24", "multiple of 16"), ("quipsharp8", "supports 2, 3, 4"),
