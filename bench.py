@@ -231,8 +231,9 @@ def main(argv=None):
         f"Speed: prefill of {PREFILL_TOKENS} tokens, then {DECODE_TOKENS} greedy decode steps, each variant in a "
         f"fresh process after a warm-up; median of {args.rounds} interleaved rounds. Peak RSS of that process. "
         f"Perplexity: WikiText-2 test, first {PPL_WINDOWS} windows of {PPL_SEQLEN} tokens. Bits per weight: "
-        f"decoder projections, codes plus scales/zeros/indices (the LM head is 8-bit and the embedding float16 in "
-        f"every quantized row).", "",
+        f"decoder projections, from the stored bytes: codes plus scales/zeros/indices, SpQR's statistics and "
+        f"outliers, QuIP's rescaling, QuIP#'s signs (the LM head is 8-bit and the embedding float16 in every "
+        f"quantized row).", "",
         table(rows, rows[names[0]], rows.get(LLAMA_CPP)), "",
         "![perplexity against bits per weight](benchmarks.png)", ""])
     (PROJECT_ROOT / "BENCHMARKS.md").write_text(text)
