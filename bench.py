@@ -34,8 +34,8 @@ from runtime.resolve import MODELS_DIR, PROJECT_ROOT
 
 BASE = "smollm2-135m"
 TAGS = ["rtn4g128", "rtn4", "rtn3g128", "rtn3", "rtn2g64", "gptq4g128", "gptq4", "gptq3g128", "gptq3",
-        "gptq2g64", "nf4", "nf4dq", "fp4", "int8", "int8t150", "absmax8", "smooth8", "spqr4g32", "spqr3g32t50",
-        "quip2", "quipsharp2", "quipsharp3", "quipsharp4"]
+        "gptq2g64", "gptq3g32", "nf4", "nf4dq", "fp4", "int8", "int8t150", "absmax8", "smooth8", "spqr4g32",
+        "spqr3g32t50", "quip2", "quipsharp2", "quipsharp3", "quipsharp4"]
 GGUF = MODELS_DIR / f"{BASE}.Q4_1.gguf"
 LLAMA_CPP = "llama.cpp Q4_1"
 PREFILL_TOKENS, DECODE_TOKENS = 128, 64
