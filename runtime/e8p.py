@@ -125,6 +125,19 @@ def signed_source_table() -> np.ndarray:
     return table
 
 
+@functools.lru_cache(maxsize=None)
+def sign_table() -> np.ndarray:
+    """[128, 8] float32 (read-only): row b = the signs a code with sign bits b (bits 1..7, shifted down)
+    gives coordinates 0..7 of a `signed_source_table` row: coordinate k ≥ 1 is −1 where bit k − 1 of b
+    is set, coordinate 0 is −1 where b has an odd number of set bits (the parity rule). The kernels
+    decode a code as signed_source_table()[code >> 8] * sign_table()[(code >> 1) & 127] ± ¼."""
+    bits = (np.arange(128)[:, None] >> np.arange(7)) & 1  # [128, 7]
+    negative = np.concatenate([bits.sum(axis=1, keepdims=True) & 1, bits], axis=1)  # [128, 8]
+    table = (1 - 2 * negative).astype(np.float32)  # [128, 8]
+    table.setflags(write=False)
+    return table
+
+
 def decode(codes) -> np.ndarray:
     """uint16 codes [...] -> float32 points [..., 8] of the E8P codebook (layout in the module docstring)."""
     codes = np.asarray(codes)

@@ -142,3 +142,10 @@ def test_bad_input_raises():
         e8p.stage_codebooks(5)
     with pytest.raises(UserError, match="2 code arrays"):
         e8p.rvq_decode([np.zeros(3, dtype=np.uint16)], 4)
+
+
+def test_sign_table_decodes_every_code_as_the_kernels_do():
+    codes = np.arange(e8p.N_CODES, dtype=np.int64)  # [65536]
+    shift = np.where(codes & 1, 0.25, -0.25).astype(np.float32)[:, None]  # [65536, 1]
+    points = e8p.signed_source_table()[codes >> 8] * e8p.sign_table()[(codes >> 1) & 127] + shift  # [65536, 8]
+    np.testing.assert_array_equal(points, e8p.codebook())

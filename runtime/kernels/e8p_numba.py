@@ -6,16 +6,19 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   Walsh–Hadamard butterfly per K-block, the dense K×K factor), parallel over rows.
 - `matmul_fused` (decode, a few input rows): both transforms around a matvec
   that decodes each 16-bit code on the fly from a 256 × 8 table of source
-  vectors (8 KiB, cache resident): coordinate k ≥ 1 takes the sign of code
-  bit k, coordinate 0 the parity of the 7 sign bits (the table's coordinate 0
-  already carries the source parity, `e8p.signed_source_table`), and the ±¼
-  shift adds ±¼ Σ x over the group. A 1-bit E8 stage is a plain table lookup.
+  vectors times a 128 × 8 table of sign patterns (8 + 4 KiB, cache resident):
+  coordinate k ≥ 1 takes the sign of code bit k, coordinate 0 the parity of
+  the 7 sign bits (`e8p.sign_table`; the source table's coordinate 0 already
+  carries the source parity, `e8p.signed_source_table`), and the ±¼ shift
+  adds ±¼ Σ x over the group, summed once per call. A 1-bit E8 stage is a
+  plain table lookup.
   Parallel over output rows.
 - `matmul_prefill` (many rows): Ŵ is decoded tile by tile (about `PREFILL_TILE`
   floats) and multiplied by BLAS, with the transforms around it.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -66,36 +69,38 @@ def _shift(code):
     return np.float32(0.25) if code & 1 else np.float32(-0.25)
 
 
-@njit(cache=True, inline="always")
-def _e8p_dot(code, table, x, base):
-    """<decode(code), x[base : base + 8]> with the signed source table (layout in runtime/e8p.py)."""
-    row = code >> 8
-    bits = code >> 1  # sign bits of coordinates 1..7 in bits 0..6
-    flips = 0
-    acc = np.float32(0.0)
-    total = np.float32(0.0)
-    for i in range(1, 8):
-        bit = (bits >> (i - 1)) & 1
-        flips += bit
-        xi = x[base + i]
-        total += xi
-        acc += table[row, i] * xi * np.float32(1 - 2 * bit)
-    x0 = x[base]
-    total += x0
-    acc += table[row, 0] * x0 * np.float32(1 - 2 * (flips & 1))
-    return acc + _shift(code) * total
+@njit(cache=True)
+def _group_sums(x, xsum):
+    """xsum[r, g] = Σ x[r, 8g : 8g + 8]: what the ±¼ shift of a code in group g adds, per unit of shift."""
+    for r in range(x.shape[0]):
+        for g in range(xsum.shape[1]):
+            acc = np.float32(0.0)
+            for i in range(8):
+                acc += x[r, 8 * g + i]
+            xsum[r, g] = acc
 
 
 @njit(cache=True, parallel=True)
-def _e8p_stage_matvec(codes, table, scale, x, y):
-    """y[r, o] += scale * Σ_g <decode(codes[o, g]), x[r, 8g : 8g + 8]> for E8P codes (uint16)."""
+def _e8p_stage_matvec(codes, table, signs, scale, x, xsum, y):
+    """y[r, o] += scale * Σ_g <decode(codes[o, g]), x[r, 8g : 8g + 8]> for E8P codes (uint16).
+
+    decode(c) = table[c >> 8] ⊙ signs[(c >> 1) & 127] ± ¼ (runtime/e8p.py `sign_table`): the dot of the
+    first term is 8 products with no bit arithmetic between them (about twice as fast here as
+    accumulating the parity bit by bit), the shift adds ±¼ xsum[r, g].
+    """
     n_out, n_groups = codes.shape
     for o in prange(n_out):
         for r in range(x.shape[0]):
-            xr = x[r]  # [in]
             acc = np.float32(0.0)
             for g in range(n_groups):
-                acc += _e8p_dot(np.int32(codes[o, g]), table, xr, 8 * g)
+                code = np.int32(codes[o, g])
+                row = code >> 8
+                pattern = (code >> 1) & 127
+                base = 8 * g
+                dot = np.float32(0.0)
+                for i in range(8):
+                    dot += table[row, i] * signs[pattern, i] * x[r, base + i]
+                acc += dot + _shift(code) * xsum[r, g]
             y[r, o] += scale * acc
 
 
@@ -140,11 +145,17 @@ def _table_stage_decode(codes, table, scale, row0, out):
                 out[t, 8 * g + i] += scale * point[i]
 
 
+@functools.lru_cache(maxsize=None)
+def _stage_kinds(bits: int) -> tuple:
+    """(table, is_e8p) of each stage of a `bits`-bit tensor."""
+    tables = {"e8p": e8p.signed_source_table(), "e8_1bit": e8p.e8_1bit_codebook()}
+    return tuple((tables[stage.name], stage.name == "e8p") for stage in e8p.stage_codebooks(bits))
+
+
 def _stages(packed) -> list:
     """(codes, table, scale, is_e8p) of each stage."""
-    tables = {"e8p": e8p.signed_source_table(), "e8_1bit": e8p.e8_1bit_codebook()}
-    return [(codes, tables[stage.name], np.float32(scale), stage.name == "e8p")
-            for codes, stage, scale in zip(packed.stage_codes, e8p.stage_codebooks(packed.bits), packed.host_scales)]
+    return [(codes, table, np.float32(scale), is_e8p)
+            for codes, (table, is_e8p), scale in zip(packed.stage_codes, _stage_kinds(packed.bits), packed.host_scales)]
 
 
 def hadamard_rows(x: np.ndarray, n: int, sign_before, sign_after, transpose: bool) -> np.ndarray:
@@ -169,9 +180,14 @@ def _transform_out(packed, y):
 def matmul_fused(packed, x: np.ndarray) -> np.ndarray:
     """y [m, out] = x [m, in] @ W.T, decoding the codes inside the dot products (decode path)."""
     x_rot = _transform_in(packed, x)  # [m, in]
+    xsum = np.empty((x.shape[0], packed.in_features // 8), dtype=np.float32)  # [m, in/8]
+    _group_sums(x_rot, xsum)
     y_rot = np.zeros((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     for codes, table, scale, is_e8p in _stages(packed):
-        (_e8p_stage_matvec if is_e8p else _table_stage_matvec)(codes, table, scale, x_rot, y_rot)
+        if is_e8p:
+            _e8p_stage_matvec(codes, table, e8p.sign_table(), scale, x_rot, xsum, y_rot)
+        else:
+            _table_stage_matvec(codes, table, scale, x_rot, y_rot)
     return _transform_out(packed, y_rot)  # [m, out]
 
 
