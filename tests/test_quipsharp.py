@@ -8,7 +8,6 @@ import quip
 import quipsharp
 from runtime import e8p
 from runtime.errors import UserError
-from runtime.formats import FORMAT_CLASSES
 from runtime.packed_checkpoint import load_packed, save_packed
 from test_quip import coherence, outlier_problem
 
@@ -89,8 +88,7 @@ def test_shared_hessian_equals_separate_calls(problem):
         np.testing.assert_array_equal(packed.dequantize(), alone.dequantize())
 
 
-def test_save_load_round_trip(tmp_path, monkeypatch, results):
-    monkeypatch.setitem(FORMAT_CLASSES, "e8p", "runtime.formats.e8p.E8PTensor")
+def test_save_load_round_trip(tmp_path, results):
     packed = results[3][0]
     save_packed(tmp_path, {"quantization": {"method": "quipsharp"}}, {"layer.w": packed})
     _, loaded = load_packed(tmp_path)
