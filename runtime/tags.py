@@ -88,8 +88,9 @@ def parse_tag(tag: str) -> QuantSpec:
     options = {o for o in found if o in OPTIONS}
     values = {o[0]: int(o[1:]) for o in found if o not in OPTIONS}
     if (options | set(values)) - METHOD_OPTIONS[method]:
-        taken = ", ".join(sorted(METHOD_OPTIONS[method])) or "none"
-        raise UserError(f"tag {tag!r}: {method} takes the options {taken}")
+        if not METHOD_OPTIONS[method]:
+            raise UserError(f"tag {tag!r}: {method} takes no options; drop {match['options']!r}")
+        raise UserError(f"tag {tag!r}: {method} takes the options {', '.join(sorted(METHOD_OPTIONS[method]))}")
     if "s" in values and values["s"] not in STAT_BITS:
         raise UserError(f"tag {tag!r}: statistic bits s{values['s']} must be one of {STAT_BITS}")
     if "t" in values and ("dense" in options or values["t"] == 0):
@@ -103,5 +104,6 @@ def parse_tag(tag: str) -> QuantSpec:
         raise UserError(f"tag {tag!r}: {method}{bits} takes no group size")
     multiple = GROUP_MULTIPLE.get(method, 1)
     if match["group"] is not None and (group < multiple or group % multiple):
-        raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} (e.g. 32, 64, 128)")
+        raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} "
+                        f"(e.g. {multiple}, {2 * multiple}, {4 * multiple})")
     return QuantSpec(method, bits, group, options, values)

@@ -33,7 +33,7 @@ def test_short_tags_name_the_full_tag(short, full):
 @pytest.mark.parametrize("tag,message", [
     ("q9", "unknown short tag"), ("spqr3s9", "must be one of"), ("spqr3denset20", "either a positive"),
     ("spqr3t0", "either a positive"), ("quip2g64", "takes no group size"), ("rtn4t20", "takes the options"),
-    ("absmax8t150", "takes the options none"),
+    ("absmax8t150", "takes no options"),
     ("spqr4g24", "multiple of 16"), ("quipsharp8", "supports 2, 3, 4"),
     ("foo4", "unknown quantization tag"), ("rtn5", "supports 2, 3, 4, 8"),
     ("rtn4g100", "multiple of 32"), ("rtn4g128tensor", "exclude each other"), ("rtn4g128xyz", "unknown"),
