@@ -91,10 +91,11 @@ def test_numba_kernels_match_reference(bits, shape, monkeypatch):
 @pytest.mark.parametrize("n, transpose", [(576, False), (576, True), (24, True), (64, False)])
 def test_numba_hadamard_matches_fast_hadamard(n, transpose):
     rng = np.random.default_rng(n)
-    x = rng.standard_normal((4, n)).astype(np.float32)
     before, after = random_signs(n, 1), random_signs(n, 2)
-    y = e8p_numba.hadamard_rows(x, n, before, after, transpose)
-    assert np.allclose(y, fast_hadamard(x * before, transpose=transpose) * after, atol=1e-5)
+    for rows in (1, 9):  # one thread, then parallel over rows
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        y = e8p_numba.hadamard_rows(x, n, before, after, transpose)
+        assert np.allclose(y, fast_hadamard(x * before, transpose=transpose) * after, atol=1e-5)
 
 
 def test_matmul_dispatch_and_leading_axes():

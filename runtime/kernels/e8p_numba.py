@@ -27,40 +27,54 @@ from numba import njit, prange
 from runtime import e8p
 from runtime.hadamard import hadamard_factor, small_hadamard
 
+SERIAL_MAX_ROWS = 4  # rows up to which the Hadamard transforms run on one thread
 PREFILL_TILE = 1 << 20  # floats in the decoded tile of Ŵ in the prefill path (4 MiB)
+
+
+@njit(inline="always")
+def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, out):
+    """out[r] = ((H or Hᵀ) (x[r] ⊙ sign_before)) * scale ⊙ sign_after, H = h_k ⊗ Sylvester(size)."""
+    n = x.shape[1]
+    k = h_k.shape[0]
+    buf = np.empty(n, dtype=np.float32)  # [n]
+    for i in range(n):
+        buf[i] = x[r, i] * sign_before[i]
+    for a in range(k):
+        base = a * size
+        half = 1
+        while half < size:
+            for start in range(base, base + size, 2 * half):
+                for i in range(start, start + half):
+                    u = buf[i]
+                    v = buf[i + half]
+                    buf[i] = u + v
+                    buf[i + half] = u - v
+            half *= 2
+    if k == 1:
+        for i in range(n):
+            out[r, i] = buf[i] * scale * sign_after[i]
+        return
+    for b in range(size):
+        for a in range(k):
+            acc = np.float32(0.0)
+            for c in range(k):
+                coef = h_k[c, a] if transpose else h_k[a, c]
+                acc += coef * buf[c * size + b]
+            out[r, a * size + b] = acc * scale * sign_after[a * size + b]
 
 
 @njit(cache=True, parallel=True)
 def _hadamard_rows(x, sign_before, sign_after, h_k, size, transpose, scale, out):
-    """out[r] = ((H or Hᵀ) (x[r] ⊙ sign_before)) * scale ⊙ sign_after, H = h_k ⊗ Sylvester(size)."""
-    m, n = x.shape
-    k = h_k.shape[0]
-    for r in prange(m):
-        buf = np.empty(n, dtype=np.float32)  # [n]
-        for i in range(n):
-            buf[i] = x[r, i] * sign_before[i]
-        for a in range(k):
-            base = a * size
-            half = 1
-            while half < size:
-                for start in range(base, base + size, 2 * half):
-                    for i in range(start, start + half):
-                        u = buf[i]
-                        v = buf[i + half]
-                        buf[i] = u + v
-                        buf[i + half] = u - v
-                half *= 2
-        if k == 1:
-            for i in range(n):
-                out[r, i] = buf[i] * scale * sign_after[i]
-            continue
-        for b in range(size):
-            for a in range(k):
-                acc = np.float32(0.0)
-                for c in range(k):
-                    coef = h_k[c, a] if transpose else h_k[a, c]
-                    acc += coef * buf[c * size + b]
-                out[r, a * size + b] = acc * scale * sign_after[a * size + b]
+    """`_hadamard_row` for every row of x, in parallel (prefill)."""
+    for r in prange(x.shape[0]):
+        _hadamard_row(x, np.int64(r), sign_before, sign_after, h_k, size, transpose, scale, out)
+
+
+@njit(cache=True)
+def _hadamard_rows_serial(x, sign_before, sign_after, h_k, size, transpose, scale, out):
+    """`_hadamard_row` for every row of x on one thread (decode: waking the workers costs more)."""
+    for r in range(x.shape[0]):
+        _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, out)
 
 
 @njit(cache=True, inline="always")
@@ -162,8 +176,9 @@ def hadamard_rows(x: np.ndarray, n: int, sign_before, sign_after, transpose: boo
     """[m, n] float32: (x ⊙ sign_before) Hᵀ / sqrt(n) ⊙ sign_after (x H / sqrt(n) with `transpose`)."""
     k, p = hadamard_factor(n)
     out = np.empty((x.shape[0], n), dtype=np.float32)  # [m, n]
-    _hadamard_rows(np.ascontiguousarray(x, dtype=np.float32), sign_before, sign_after, small_hadamard(k), 1 << p,
-                   transpose, np.float32(1.0 / math.sqrt(n)), out)
+    kernel = _hadamard_rows_serial if x.shape[0] <= SERIAL_MAX_ROWS else _hadamard_rows
+    kernel(np.ascontiguousarray(x, dtype=np.float32), sign_before, sign_after, small_hadamard(k), 1 << p,
+           transpose, np.float32(1.0 / math.sqrt(n)), out)
     return out
 
 

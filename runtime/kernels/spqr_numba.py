@@ -153,22 +153,34 @@ def _matvec_chunk(qweight, stats, xs, xsum, bits, group_size, stat_bits, stat_gr
     y[n0:n0 + m] = total[:m]
 
 
+@njit(cache=True)
+def _storage_input(x, perm, n_pad, group_size):
+    """(xs [n_pad] = x [in] gathered into storage order and zero padded, xsum [n_groups] its group sums).
+
+    Serial and apart from `_matvec`: in a parallel function every np.zeros is a parallel loop of its
+    own, and each parallel region wakes the sleeping worker threads again (tens of microseconds).
+    """
+    n_in = perm.shape[0]
+    xs = np.zeros(n_pad, dtype=np.float32)  # [runs*32]
+    xsum = np.zeros(-(-n_in // group_size), dtype=np.float32)  # [n_groups]
+    for k in range(n_in):
+        xs[k] = x[perm[k]]
+        xsum[k // group_size] += xs[k]
+    return xs, xsum
+
+
 @njit(cache=True, parallel=True)
 def _matvec(qweight, stats, x, perm, bits, group_size, stat_bits, stat_group, threads):
     """y [out] = W_d x for one input row x [in] (the dense part); perm [in] the storage order."""
     n_in, n_out = perm.shape[0], qweight.shape[1]
-    xs = np.zeros(qweight.shape[0] // bits * RUN, dtype=np.float32)  # [runs*32] storage order, zero padded
-    n_groups = -(-n_in // group_size)
-    xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
-    for k in range(n_in):
-        xs[k] = x[perm[k]]
-        xsum[k // group_size] += xs[k]
+    xs, xsum = _storage_input(x, perm, qweight.shape[0] // bits * RUN, group_size)  # [runs*32], [n_groups]
     # chunks of whole runs of 32 outputs, a multiple of the thread count of them
     n_chunks = -(-(-(-n_out // CHUNK)) // threads) * threads
     width = -(-(-(-n_out // n_chunks)) // RUN) * RUN
     y = np.empty(n_out, dtype=np.float32)  # [out]
     for c in prange(-(-n_out // width)):
-        _matvec_chunk(qweight, stats, xs, xsum, bits, group_size, stat_bits, stat_group, n_in, c * width, width, y)
+        n0 = np.int64(c) * width  # the prange index is unsigned: times a signed int it would be a float
+        _matvec_chunk(qweight, stats, xs, xsum, bits, group_size, stat_bits, stat_group, n_in, n0, width, y)
     return y
 
 
