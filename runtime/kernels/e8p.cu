@@ -13,6 +13,7 @@
 //   and reads x as two float4; the 8 KiB table lives in shared memory.
 // *_stage_decode: w[o, 8g + i] (+)= scale * point(codes[o, g])[i], one thread per group; the
 //   caller multiplies the decoded Ŵ with cuBLAS (prefill).
+// Each pair of entry points (E8P, 1-bit E8) shares one template body; `stage_point` decodes.
 
 #define WARPS_PER_BLOCK 8
 #define TABLE_FLOATS (256 * 8)
@@ -44,13 +45,23 @@ __device__ __forceinline__ void finish_row(float acc, float scale, float* y, lon
     if (threadIdx.x == 0) y[at] = accumulate ? y[at] + scale * acc : scale * acc;
 }
 
-extern "C" __global__ void e8p_stage_matmul(
-    const unsigned short* __restrict__ codes,  // [out, in/8]
-    const float* __restrict__ table,           // [256, 8] signed source table
-    float scale,
-    const float* __restrict__ x,               // [m, in], 16-byte aligned
-    float* __restrict__ y,                     // [m, out]
-    int n_out, int n_in, int accumulate)
+// The 8 coordinates of stage code `code` into p[0..7]: an E8P code (uint16) decodes through the
+// signed source table, a 1-bit E8 code (uint8) is a row of its table.
+__device__ __forceinline__ void stage_point(unsigned short code, const float* s_table, float* p)
+{
+    e8p_point(code, s_table, p);
+}
+
+__device__ __forceinline__ void stage_point(unsigned char code, const float* s_table, float* p)
+{
+#pragma unroll
+    for (int k = 0; k < 8; ++k) p[k] = s_table[code * 8 + k];
+}
+
+template <typename Code>
+__device__ __forceinline__ void stage_matmul(const Code* __restrict__ codes, const float* __restrict__ table,
+                                             float scale, const float* __restrict__ x, float* __restrict__ y,
+                                             int n_out, int n_in, int accumulate)
 {
     __shared__ float s_table[TABLE_FLOATS];
     load_table(s_table, table, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
@@ -60,15 +71,53 @@ extern "C" __global__ void e8p_stage_matmul(
     const int r = blockIdx.y;
     if (o >= n_out) return;
     const int n_groups = n_in / 8;
-    const unsigned short* row = codes + (long long)o * n_groups;
+    const Code* row = codes + (long long)o * n_groups;
     const float4* xr = reinterpret_cast<const float4*>(x + (long long)r * n_in);
     float acc = 0.0f;
     float p[8];
     for (int g = threadIdx.x; g < n_groups; g += 32) {
-        e8p_point(row[g], s_table, p);
+        stage_point(row[g], s_table, p);
         acc += dot8(p, xr[2 * g], xr[2 * g + 1]);
     }
     finish_row(acc, scale, y, (long long)r * n_out + o, accumulate);
+}
+
+template <typename Code>
+__device__ __forceinline__ void stage_decode(const Code* __restrict__ codes, const float* __restrict__ table,
+                                             float scale, float* __restrict__ w, long long n_groups, int accumulate)
+{
+    __shared__ float s_table[TABLE_FLOATS];
+    load_table(s_table, table, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    float4* w4 = reinterpret_cast<float4*>(w);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    float p[8];
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
+        stage_point(codes[g], s_table, p);
+        float4 a = make_float4(__fmul_rn(scale, p[0]), __fmul_rn(scale, p[1]), __fmul_rn(scale, p[2]),
+                               __fmul_rn(scale, p[3]));
+        float4 b = make_float4(__fmul_rn(scale, p[4]), __fmul_rn(scale, p[5]), __fmul_rn(scale, p[6]),
+                               __fmul_rn(scale, p[7]));
+        if (accumulate) {
+            const float4 a0 = w4[2 * g], b0 = w4[2 * g + 1];
+            a = make_float4(a0.x + a.x, a0.y + a.y, a0.z + a.z, a0.w + a.w);
+            b = make_float4(b0.x + b.x, b0.y + b.y, b0.z + b.z, b0.w + b.w);
+        }
+        w4[2 * g] = a;
+        w4[2 * g + 1] = b;
+    }
+}
+
+extern "C" __global__ void e8p_stage_matmul(
+    const unsigned short* __restrict__ codes,  // [out, in/8]
+    const float* __restrict__ table,           // [256, 8] signed source table
+    float scale,
+    const float* __restrict__ x,               // [m, in], 16-byte aligned
+    float* __restrict__ y,                     // [m, out]
+    int n_out, int n_in, int accumulate)
+{
+    stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);
 }
 
 extern "C" __global__ void table_stage_matmul(
@@ -79,21 +128,7 @@ extern "C" __global__ void table_stage_matmul(
     float* __restrict__ y,                     // [m, out]
     int n_out, int n_in, int accumulate)
 {
-    __shared__ float s_table[TABLE_FLOATS];
-    load_table(s_table, table, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
-    __syncthreads();
-
-    const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;
-    const int r = blockIdx.y;
-    if (o >= n_out) return;
-    const int n_groups = n_in / 8;
-    const unsigned char* row = codes + (long long)o * n_groups;
-    const float4* xr = reinterpret_cast<const float4*>(x + (long long)r * n_in);
-    float acc = 0.0f;
-    for (int g = threadIdx.x; g < n_groups; g += 32) {
-        acc += dot8(s_table + row[g] * 8, xr[2 * g], xr[2 * g + 1]);
-    }
-    finish_row(acc, scale, y, (long long)r * n_out + o, accumulate);
+    stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);
 }
 
 extern "C" __global__ void e8p_stage_decode(
@@ -103,27 +138,7 @@ extern "C" __global__ void e8p_stage_decode(
     float* __restrict__ w,                     // [out * in], 16-byte aligned
     long long n_groups, int accumulate)
 {
-    __shared__ float s_table[TABLE_FLOATS];
-    load_table(s_table, table, threadIdx.x, blockDim.x);
-    __syncthreads();
-
-    float4* w4 = reinterpret_cast<float4*>(w);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    float p[8];
-    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
-        e8p_point(codes[g], s_table, p);
-        float4 a = make_float4(__fmul_rn(scale, p[0]), __fmul_rn(scale, p[1]), __fmul_rn(scale, p[2]),
-                               __fmul_rn(scale, p[3]));
-        float4 b = make_float4(__fmul_rn(scale, p[4]), __fmul_rn(scale, p[5]), __fmul_rn(scale, p[6]),
-                               __fmul_rn(scale, p[7]));
-        if (accumulate) {
-            const float4 a0 = w4[2 * g], b0 = w4[2 * g + 1];
-            a = make_float4(a0.x + a.x, a0.y + a.y, a0.z + a.z, a0.w + a.w);
-            b = make_float4(b0.x + b.x, b0.y + b.y, b0.z + b.z, b0.w + b.w);
-        }
-        w4[2 * g] = a;
-        w4[2 * g + 1] = b;
-    }
+    stage_decode(codes, table, scale, w, n_groups, accumulate);
 }
 
 extern "C" __global__ void table_stage_decode(
@@ -133,24 +148,5 @@ extern "C" __global__ void table_stage_decode(
     float* __restrict__ w,                     // [out * in], 16-byte aligned
     long long n_groups, int accumulate)
 {
-    __shared__ float s_table[TABLE_FLOATS];
-    load_table(s_table, table, threadIdx.x, blockDim.x);
-    __syncthreads();
-
-    float4* w4 = reinterpret_cast<float4*>(w);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
-        const float* p = s_table + codes[g] * 8;
-        float4 a = make_float4(__fmul_rn(scale, p[0]), __fmul_rn(scale, p[1]), __fmul_rn(scale, p[2]),
-                               __fmul_rn(scale, p[3]));
-        float4 b = make_float4(__fmul_rn(scale, p[4]), __fmul_rn(scale, p[5]), __fmul_rn(scale, p[6]),
-                               __fmul_rn(scale, p[7]));
-        if (accumulate) {
-            const float4 a0 = w4[2 * g], b0 = w4[2 * g + 1];
-            a = make_float4(a0.x + a.x, a0.y + a.y, a0.z + a.z, a0.w + a.w);
-            b = make_float4(b0.x + b.x, b0.y + b.y, b0.z + b.z, b0.w + b.w);
-        }
-        w4[2 * g] = a;
-        w4[2 * g + 1] = b;
-    }
+    stage_decode(codes, table, scale, w, n_groups, accumulate);
 }
