@@ -180,22 +180,41 @@ def table(rows: dict, base: dict, reference: dict | None) -> str:
     return "\n".join(lines)
 
 
+def family(name: str) -> str:
+    """The method a row belongs to, for the plot's colours: its tag's method, "float" or llama.cpp."""
+    if name == LLAMA_CPP or "." not in name:
+        return name if name == LLAMA_CPP else "float"
+    from runtime.tags import parse_tag
+    return parse_tag(name.rpartition(".")[2]).method
+
+
 def plot(rows: dict, path: Path) -> None:
+    """Perplexity against bits per weight, one colour per method; the float model as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 distinct colours
+    families = {}
     for name, r in rows.items():
-        ax.scatter(r["bits"], r["ppl"])
-        ax.annotate(name.replace(f"{BASE}.", ""), (r["bits"], r["ppl"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        families.setdefault(family(name), []).append((name, r))
+    for method, members in families.items():
+        if method == "float":
+            for _, r in members:
+                ax.axhline(r["ppl"], color="gray", linestyle="--", linewidth=1, label=f"float ({r['bits']:.0f} bits)")
+            continue
+        points = ax.scatter([r["bits"] for _, r in members], [r["ppl"] for _, r in members], label=method, s=22)
+        for name, r in members:
+            ax.annotate(name.rpartition(".")[2] if name != LLAMA_CPP else name, (r["bits"], r["ppl"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=points.get_facecolor()[0])
     ax.set_xlabel("bits per weight (decoder projections, side data included)")
-    ax.set_ylabel("WikiText-2 perplexity (16 x 2048)")
+    ax.set_ylabel(f"WikiText-2 perplexity ({PPL_WINDOWS} x {PPL_SEQLEN})")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M-Instruct: perplexity against size")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
 
 
 def main(argv=None):
