@@ -43,5 +43,10 @@ def array_module_of(a):
 
 
 def to_numpy(a) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array."""
+    """A NumPy array of a NumPy or CuPy array (CuPy: copied to the host; NumPy: itself)."""
     return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def to_module(a, xp):
+    """Array `a` on the device of array module `xp` (numpy or cupy): copied across, or itself."""
+    return to_numpy(a) if xp is np else xp.asarray(a)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime import e8p
-from runtime.device import is_cupy
+from runtime.device import is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.hadamard import fast_hadamard, hadamard_factor
@@ -118,7 +118,7 @@ class E8PTensor(PackedTensor):
         self._check()
         self.hadamard_in = hadamard_factor(self.in_features)
         self.hadamard_out = hadamard_factor(self.out_features)
-        host = {name: (a.get() if is_cupy(a) else a) for name, a in (("sign_in", sign_in), ("sign_out", sign_out))}
+        host = {name: to_numpy(a) for name, a in (("sign_in", sign_in), ("sign_out", sign_out))}
         signs_in = unpack_signs(host["sign_in"], self.in_features)  # [in]
         signs_out = unpack_signs(host["sign_out"], self.out_features)  # [out]
         on_gpu = is_cupy(qweight)
@@ -192,13 +192,12 @@ class E8PTensor(PackedTensor):
 
     def decoded(self) -> np.ndarray:
         """Ŵ [out, in] float32, the codebook-decoded matrix between the transforms (NumPy)."""
-        host = [c.get() if is_cupy(c) else c for c in self.stage_codes]
+        host = [to_numpy(c) for c in self.stage_codes]
         return decode_incoherent(host, self.host_scales, self.bits)
 
     def dequantize(self):
         """W [out, in] float32 = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in) (the NumPy reference; NumPy for CuPy arrays)."""
-        signs_in = self.signs_in.get() if is_cupy(self.signs_in) else self.signs_in
-        signs_out = self.signs_out.get() if is_cupy(self.signs_out) else self.signs_out
+        signs_in, signs_out = to_numpy(self.signs_in), to_numpy(self.signs_out)
         return from_incoherent(self.decoded(), signs_in, signs_out)
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -247,10 +246,5 @@ class E8PTensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "E8PTensor":
-        def move(a):
-            if xp is np:
-                return a.get() if is_cupy(a) else a
-            return xp.asarray(a)
-
-        moved = {name: move(a) for name, a in self.tensors().items()}
+        moved = {name: to_module(a, xp) for name, a in self.tensors().items()}
         return E8PTensor(**moved, bits=self.bits, in_features=self.in_features)

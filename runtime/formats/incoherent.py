@@ -51,7 +51,7 @@ import math
 
 import numpy as np
 
-from runtime.device import array_module_of, is_cupy
+from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
@@ -129,10 +129,8 @@ class KronOrthogonal:
 
     def to_device(self, xp) -> "KronOrthogonal":
         """A copy whose arrays live in array module xp."""
-        def move(a):
-            return (a.get() if is_cupy(a) else a) if xp is np else xp.asarray(a)
-
-        return KronOrthogonal(move(self.factor_a), move(self.factor_b), move(self.perm_pre), move(self.perm_post))
+        return KronOrthogonal(*(to_module(a, xp) for a in (self.factor_a, self.factor_b, self.perm_pre,
+                                                           self.perm_post)))
 
 
 def transforms(shape: tuple[int, int], seed: int) -> tuple[KronOrthogonal, KronOrthogonal]:
@@ -194,7 +192,7 @@ class IncoherentTensor(PackedTensor):
         if is_cupy(w):
             w = w.get()
         if self.midrise:
-            half = self.half_step.get() if is_cupy(self.half_step) else self.half_step
+            half = to_numpy(self.half_step)
             w = w + half[:, None]
         return np.asarray(w, dtype=np.float32)
 
@@ -204,7 +202,7 @@ class IncoherentTensor(PackedTensor):
         transform_in = self.transform_in.to_device(np)
         w = transform_in.apply(self.processed(), transpose=True)  # [out, in]  Ŵ V (rows: Vᵀ r)
         w = transform_out.apply(np.ascontiguousarray(w.T), transpose=True).T  # [out, in]  Uᵀ Ŵ V
-        rescale = self.rescale.get() if is_cupy(self.rescale) else self.rescale
+        rescale = to_numpy(self.rescale)
         return np.ascontiguousarray(w / rescale.astype(np.float32), dtype=np.float32)
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -252,6 +250,5 @@ class IncoherentTensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "IncoherentTensor":
-        rescale = (self.rescale.get() if is_cupy(self.rescale) else self.rescale) if xp is np \
-            else xp.asarray(self.rescale)
-        return IncoherentTensor(self.inner.to_device(xp), rescale, seed=self.seed, midrise=self.midrise)
+        return IncoherentTensor(self.inner.to_device(xp), to_module(self.rescale, xp), seed=self.seed,
+                                midrise=self.midrise)

@@ -48,7 +48,7 @@ import math
 
 import numpy as np
 
-from runtime.device import array_module_of
+from runtime.device import array_module_of, to_module
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -209,5 +209,5 @@ class Int8Tensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "Int8Tensor":
-        return Int8Tensor(xp.asarray(self.qweight), xp.asarray(self.scales), self.granularity, self.activation,
+        return Int8Tensor(to_module(self.qweight, xp), to_module(self.scales, xp), self.granularity, self.activation,
                           self.outlier_threshold)

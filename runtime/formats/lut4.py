@@ -51,7 +51,7 @@ import functools
 
 import numpy as np
 
-from runtime.device import is_cupy
+from runtime.device import is_cupy, to_module
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -234,5 +234,5 @@ class Lut4Tensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "Lut4Tensor":
-        moved = {name: xp.asarray(a) for name, a in self.tensors().items()}
+        moved = {name: to_module(a, xp) for name, a in self.tensors().items()}
         return Lut4Tensor(block_size=self.block_size, **moved)

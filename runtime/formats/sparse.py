@@ -25,16 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.device import array_module_of, is_cupy
+from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
 MAX_COLUMNS = 1 << 16  # col_idx is uint16
-
-
-def _host(a) -> np.ndarray:
-    """A NumPy view or copy of a NumPy or CuPy array."""
-    return a.get() if is_cupy(a) else np.asarray(a)
 
 
 class SparseTensor(PackedTensor):
@@ -87,7 +82,7 @@ class SparseTensor(PackedTensor):
 
     def rows(self) -> np.ndarray:
         """The row of every stored weight, int64 [nnz] (NumPy)."""
-        return np.repeat(np.arange(self.out_features), np.diff(_host(self.row_ptr)))
+        return np.repeat(np.arange(self.out_features), np.diff(to_numpy(self.row_ptr)))
 
     def _check(self):
         """Dtypes, shapes and (NumPy arrays) the CSR invariants."""
@@ -115,7 +110,7 @@ class SparseTensor(PackedTensor):
     def dequantize(self) -> np.ndarray:
         """W [out, in] float32: the stored weights, zeros elsewhere (the NumPy reference)."""
         w = np.zeros(self.shape, dtype=np.float32)  # [out, in]
-        w[self.rows(), _host(self.col_idx)] = _host(self.values)
+        w[self.rows(), to_numpy(self.col_idx)] = to_numpy(self.values)
         return w
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -157,7 +152,5 @@ class SparseTensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "SparseTensor":
-        def move(a):
-            return _host(a) if xp is np else xp.asarray(a)
-
-        return SparseTensor(**{name: move(a) for name, a in self.tensors().items()}, in_features=self.in_features)
+        return SparseTensor(**{name: to_module(a, xp) for name, a in self.tensors().items()},
+                            in_features=self.in_features)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.device import array_module_of, is_cupy
+from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.formats.sparse import SparseTensor
@@ -107,10 +107,6 @@ def dequantize_stats(codes: np.ndarray, step: np.ndarray, low: np.ndarray, stat_
     """Statistics float32 [..., rows] = low + code * step of each row's block (the format's definition)."""
     block = np.arange(codes.shape[-1]) // stat_group  # [rows]
     return (low.astype(np.float32)[..., block] + codes.astype(np.float32) * step.astype(np.float32)[..., block])
-
-
-def _host(a) -> np.ndarray:
-    return a.get() if is_cupy(a) else np.asarray(a)
 
 
 def _frozen(a):
@@ -220,7 +216,7 @@ class SpQRTensor(PackedTensor):
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """(s, z) float32 [n_groups, out]: the decoded scale and zero of every group and output."""
-        stats = {name: _host(a) for name, a in self.stats.items()}
+        stats = {name: to_numpy(a) for name, a in self.stats.items()}
         if self.stat_bits == FP16_STATS:
             return stats["scales"].astype(np.float32), stats["zeros"].astype(np.float32)
         decoded = []
@@ -232,24 +228,24 @@ class SpQRTensor(PackedTensor):
     def dequantize_dense(self) -> np.ndarray:
         """W_d [out, in] float32, the dense part alone, in original column order."""
         s, z = self.statistics()  # [n_groups, out] each
-        codes = unpack(_host(self.qweight), self.bits, self.in_features).astype(np.float32)  # [in, out] storage
+        codes = unpack(to_numpy(self.qweight), self.bits, self.in_features).astype(np.float32)  # [in, out] storage
         groups = np.arange(self.in_features) // self.group_size  # [in] group of each storage position
         w = np.empty(self.shape, dtype=np.float32)  # [out, in]
-        w[:, _host(self.perm)] = ((codes - z[groups]) * s[groups]).T
+        w[:, to_numpy(self.perm)] = ((codes - z[groups]) * s[groups]).T
         return w
 
     def dequantize(self) -> np.ndarray:
         """W [out, in] float32: the dense part with the outliers in place (the NumPy reference)."""
         w = self.dequantize_dense()  # [out, in]
-        w[self.outliers.rows(), _host(self.outliers.col_idx)] = _host(self.outliers.values)
+        w[self.outliers.rows(), to_numpy(self.outliers.col_idx)] = to_numpy(self.outliers.values)
         return w
 
     def _corrections(self):
         """outlier value - dense value at each outlier, float32 [nnz], on the tensor's device."""
         rows = self.outliers.rows()  # [nnz]
-        cols = _host(self.outliers.col_idx).astype(np.int64)  # [nnz]
-        positions = np.argsort(_host(self.perm))[cols]  # [nnz] storage position of each outlier
-        words = _host(self.qweight).view(np.uint32)  # [ceil(in/32)*bits, out]
+        cols = to_numpy(self.outliers.col_idx).astype(np.int64)  # [nnz]
+        positions = np.argsort(to_numpy(self.perm))[cols]  # [nnz] storage position of each outlier
+        words = to_numpy(self.qweight).view(np.uint32)  # [ceil(in/32)*bits, out]
         bit = positions % RUN * self.bits  # [nnz]
         word = positions // RUN * self.bits + bit // 32  # [nnz]
         offset = (bit % 32).astype(np.uint64)  # [nnz]
@@ -260,7 +256,7 @@ class SpQRTensor(PackedTensor):
         s, z = self.statistics()  # [n_groups, out]
         groups = positions // self.group_size  # [nnz]
         dense = (code - z[groups, rows]) * s[groups, rows]  # [nnz]
-        corrections = _host(self.outliers.values).astype(np.float32) - dense  # [nnz]
+        corrections = to_numpy(self.outliers.values).astype(np.float32) - dense  # [nnz]
         return array_module_of(self.qweight).asarray(corrections)
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -306,9 +302,7 @@ class SpQRTensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "SpQRTensor":
-        def move(a):
-            return _host(a) if xp is np else xp.asarray(a)
-
-        return SpQRTensor(move(self.qweight), move(self.perm), {name: move(a) for name, a in self.stats.items()},
+        return SpQRTensor(to_module(self.qweight, xp), to_module(self.perm, xp),
+                          {name: to_module(a, xp) for name, a in self.stats.items()},
                           self.outliers.to_device(xp), bits=self.bits, group_size=self.group_size,
                           stat_bits=self.stat_bits, stat_group=self.stat_group)

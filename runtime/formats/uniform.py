@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.device import array_module_of, is_cupy
+from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
@@ -184,7 +184,7 @@ class UniformTensor(PackedTensor):
         self.in_features = int(g_idx.shape[0])
         self.out_features = int(scales.shape[1])
         self._check()
-        g_idx_host = g_idx.get() if is_cupy(g_idx) else g_idx
+        g_idx_host = to_numpy(g_idx)
         self.act_order = not np.array_equal(g_idx_host, group_index(self.in_features, self.group_size))
         self.perm = None  # [in] int32 storage order, None when it is the identity
         if self.act_order:
@@ -258,7 +258,7 @@ class UniformTensor(PackedTensor):
 
     def dequantize(self):
         """W [out, in] float32 in original column order (the NumPy reference; NumPy arrays for CuPy ones)."""
-        arrays = {name: (a.get() if is_cupy(a) else a) for name, a in self.tensors().items()}
+        arrays = {name: to_numpy(a) for name, a in self.tensors().items()}
         return dequantize(**arrays, bits=self.bits)
 
     def matmul_reference(self, x) -> np.ndarray:
@@ -304,12 +304,7 @@ class UniformTensor(PackedTensor):
         return packed
 
     def to_device(self, xp) -> "UniformTensor":
-        def move(a):
-            if xp is np:
-                return a.get() if is_cupy(a) else a
-            return xp.asarray(a)
-
-        moved = {name: move(a) for name, a in self.tensors().items()}
+        moved = {name: to_module(a, xp) for name, a in self.tensors().items()}
         return UniformTensor(**moved, bits=self.bits, group_size=self.group_size, sym=self.sym,
                              per_tensor=self.per_tensor)
 
