@@ -61,6 +61,13 @@ class PackedTensor:
         """Rebuild from what `tensors` and `meta` returned; raise UserError on a mismatch."""
         raise NotImplementedError
 
+    @classmethod
+    def require_meta(cls, meta: dict, keys) -> None:
+        """UserError naming the keys of `keys` that the saved metadata `meta` lacks (for `from_tensors`)."""
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise UserError(f"{cls.FORMAT} tensor metadata lacks {', '.join(missing)}; re-quantize the model")
+
     def check_input(self, x) -> bool:
         """UserError unless x [..., in] fits this weight and lives on its device; True for CuPy input."""
         n_in = self.shape[1]

@@ -228,9 +228,7 @@ class E8PTensor(PackedTensor):
     @classmethod
     def from_tensors(cls, tensors: dict, meta: dict) -> "E8PTensor":
         keys = ("bits", "in_features", "out_features", "hadamard_in", "hadamard_out")
-        missing = [k for k in keys if k not in meta]
-        if missing:
-            raise UserError(f"e8p tensor: metadata lacks {', '.join(missing)}; re-quantize the model")
+        cls.require_meta(meta, keys)
         if meta["bits"] not in e8p.BITS:
             raise UserError(f"e8p tensor: metadata bits {meta['bits']!r} is not one of {e8p.BITS}; "
                             f"re-quantize the model")

@@ -229,10 +229,7 @@ class IncoherentTensor(PackedTensor):
 
     @classmethod
     def from_tensors(cls, tensors: dict, meta: dict) -> "IncoherentTensor":
-        keys = ("shape", "seed", "midrise", "inner_format", "inner")
-        missing = [k for k in keys if k not in meta]
-        if missing:
-            raise UserError(f"incoherent tensor metadata lacks {', '.join(missing)}; re-quantize the model")
+        cls.require_meta(meta, ("shape", "seed", "midrise", "inner_format", "inner"))
         if type(meta["seed"]) is not int or type(meta["midrise"]) is not bool:
             raise UserError("incoherent tensor metadata: seed must be an integer and midrise a boolean; "
                             "re-quantize the model")

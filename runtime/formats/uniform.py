@@ -288,9 +288,7 @@ class UniformTensor(PackedTensor):
             raise UserError(f"packed tensor arrays {sorted(tensors)} do not match its metadata "
                             f"(format uniform needs {sorted(names)}); re-quantize the model")
         keys = ("bits", "group_size", "sym", "per_tensor", "act_order", "in_features", "out_features")
-        missing = [k for k in keys if k not in meta]
-        if missing:
-            raise UserError(f"packed tensor metadata lacks {', '.join(missing)}; re-quantize the model")
+        cls.require_meta(meta, keys)
         wrong = [k for k in keys if type(meta[k]) is not (bool if k in ("sym", "per_tensor", "act_order") else int)]
         if wrong:
             raise UserError(f"packed tensor metadata has values of the wrong type for {', '.join(wrong)}; "
