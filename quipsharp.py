@@ -21,9 +21,9 @@ unit-variance Gaussian data, as the paper sets the codebook's scale for
 RMS-normalized weights). The result is an `e8p` tensor that stores the codes,
 the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
 sign vectors, and applies T_in to the input and T_outᵀ to the output at run
-time (W = T_outᵀ Ŵ T_in; T_out W T_inᵀ is runtime/formats/e8p.py's
-`to_incoherent`, done here in float64 with dense Hadamard matrices so the
-Hessian keeps its precision). BlockLDLQ is quip.py's `ldlq` with block 8.
+time (W = T_outᵀ Ŵ T_in, runtime/formats/e8p.py's `from_incoherent`; the
+forward transforms are done here in float64 with dense Hadamard matrices so
+the Hessian keeps its precision). BlockLDLQ is quip.py's `ldlq` with block 8.
 The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ Scales. The codebook is used at a fixed scale: data of RMS σ (incoherent
 weights are close to i.i.d. Gaussian) is quantized as x ≈ σ · s · point with
 the stage scale s of `STAGE_SCALES` (`E8P_SCALE` = 0.965 at 2 bits), fitted
 here to minimise the MSE of unit-variance Gaussian data. The codebook's own
-RMS is `codebook_rms()` (about 1.094): at the 2-bit scale the points stand
+RMS (over all coordinates of `codebook()`) is about 1.094: at the 2-bit scale the points stand
 for values of RMS 0.965 · 1.094 σ = 1.056 σ, so matching the two RMS values
 (scale 1 / 1.094 = 0.914) would be close to, but not at, the MSE optimum.
 
@@ -163,11 +163,6 @@ def _codebook() -> np.ndarray:
 def codebook() -> np.ndarray:
     """All 2^16 E8P points [65536, 8] float32, row c = decode(c) (read-only)."""
     return _codebook()
-
-
-def codebook_rms() -> float:
-    """Root mean square of the coordinates of the 2^16 E8P points (about 1.094)."""
-    return float(np.sqrt(np.mean(np.square(codebook(), dtype=np.float64))))
 
 
 def _check_vectors(x, what: str) -> np.ndarray:

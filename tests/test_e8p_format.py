@@ -10,8 +10,8 @@ import pytest
 
 from runtime import e8p
 from runtime.errors import UserError
-from runtime.formats.e8p import (E8PTensor, from_incoherent, incoherent_hessian, pack_signs, to_incoherent,
-                                 unpack_signs)
+from quipsharp import rht_matrix
+from runtime.formats.e8p import E8PTensor, from_incoherent, pack_signs, unpack_signs
 from runtime.hadamard import fast_hadamard, hadamard_matrix, random_signs
 from runtime.kernels import e8p_numba
 from runtime.packed_checkpoint import load_packed, save_packed
@@ -58,12 +58,13 @@ def test_incoherence_transforms():
     h_in = hadamard_matrix(24).astype(np.float64) / np.sqrt(24)
     h_out = hadamard_matrix(40).astype(np.float64) / np.sqrt(40)
     target = h_out @ np.diag(s_out) @ w @ np.diag(s_in) @ h_in.T
-    assert np.allclose(to_incoherent(w, s_in, s_out), target, atol=1e-5)
-    assert np.allclose(from_incoherent(to_incoherent(w, s_in, s_out), s_in, s_out), w, atol=1e-5)
+    assert np.allclose(rht_matrix(s_out) @ w @ rht_matrix(s_in).T, target, atol=1e-5)  # what quipsharp quantizes
+    assert np.allclose(from_incoherent(target.astype(np.float32), s_in, s_out), w, atol=1e-5)
     x = rng.standard_normal((100, 24))
-    hessian = (x.T @ x / 100).astype(np.float32)
+    hessian = x.T @ x / 100
     x_rot = fast_hadamard((x * s_in).astype(np.float32))  # inputs seen by Ŵ
-    assert np.allclose(incoherent_hessian(hessian, s_in), x_rot.T @ x_rot / 100, atol=1e-5)
+    T_in = rht_matrix(s_in)
+    assert np.allclose(T_in @ hessian @ T_in.T, x_rot.T @ x_rot / 100, atol=1e-5)  # quipsharp's Hessian
 
 
 def test_signs_pack_lowest_bit_first():
@@ -124,7 +125,7 @@ def test_quantized_gaussian_weight_error(bits):
     rng = np.random.default_rng(bits)
     w = (rng.standard_normal((96, 192)) * 0.02).astype(np.float32)
     s_in, s_out = random_signs(192, 3), random_signs(96, 4)
-    target = to_incoherent(w, s_in, s_out)
+    target = (rht_matrix(s_out) @ w @ rht_matrix(s_in).T).astype(np.float32)  # [96, 192]
     rms = float(np.sqrt(np.mean(target ** 2)))
     codes = e8p.rvq_encode(target.reshape(96, 24, 8), bits, rms=rms)
     packed = E8PTensor.from_codes(codes, e8p.stage_scales(bits, rms), s_in, s_out, bits, (96, 192))

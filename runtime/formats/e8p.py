@@ -18,10 +18,9 @@ that code [o, g] decodes to. So a product is
     y = x Wᵀ = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out
       = fast_hadamard(fast_hadamard(x ⊙ s_in) Ŵᵀ, transpose=True) ⊙ s_out
 
-and `to_incoherent` gives the matrix a method quantizes: Ŵ_target =
-Hₒ diag(s_out) W diag(s_in) Hᵢᵀ. Inputs seen by Ŵ are x' = (x ⊙ s_in) Hᵢᵀ,
-so the Hessian transforms as H' = Hᵢ diag(s_in) H diag(s_in) Hᵢᵀ
-(`incoherent_hessian`).
+and a method quantizes Ŵ_target = Hₒ diag(s_out) W diag(s_in) Hᵢᵀ (quipsharp.py,
+in float64). Inputs seen by Ŵ are x' = (x ⊙ s_in) Hᵢᵀ, so the Hessian
+transforms as H' = Hᵢ diag(s_in) H diag(s_in) Hᵢᵀ. `from_incoherent` undoes it.
 
 Arrays (G = in / 8; in must be a multiple of 8):
 
@@ -71,22 +70,10 @@ def unpack_signs(packed: np.ndarray, n: int) -> np.ndarray:
     return (1.0 - 2.0 * bits).astype(np.float32)
 
 
-def to_incoherent(w: np.ndarray, sign_in, sign_out) -> np.ndarray:
-    """Ŵ_target [out, in] = Hₒ diag(s_out) W diag(s_in) Hᵢᵀ for W [out, in] (what a method quantizes)."""
-    rotated_in = fast_hadamard(np.asarray(w, dtype=np.float32) * sign_in)  # [out, in] = W diag(s_in) Hᵢᵀ
-    return np.ascontiguousarray(fast_hadamard((rotated_in * sign_out[:, None]).T).T)  # [out, in]
-
-
 def from_incoherent(w_hat: np.ndarray, sign_in, sign_out) -> np.ndarray:
-    """W [out, in] = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in): the inverse of `to_incoherent`."""
+    """W [out, in] = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in): the weight incoherent codes Ŵ [out, in] stand for."""
     rotated_out = fast_hadamard(np.asarray(w_hat, dtype=np.float32).T, transpose=True).T  # [out, in] = Hₒᵀ Ŵ
     return fast_hadamard(rotated_out, transpose=True) * sign_in * sign_out[:, None]  # [out, in]
-
-
-def incoherent_hessian(h: np.ndarray, sign_in) -> np.ndarray:
-    """H' [in, in] = Hᵢ diag(s_in) H diag(s_in) Hᵢᵀ, the Hessian of the inputs x' = (x ⊙ s_in) Hᵢᵀ."""
-    half = fast_hadamard(np.asarray(h, dtype=np.float32) * sign_in * sign_in[:, None])  # [in, in] = S H S Hᵢᵀ
-    return np.ascontiguousarray(fast_hadamard(half.T).T)  # [in, in]
 
 
 def decode_incoherent(stage_codes: list, stage_scales, bits: int) -> np.ndarray:
