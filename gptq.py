@@ -145,7 +145,8 @@ class GroupGrids:
 
 
 def check_problem(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W float32 [out, in], H float64 [in, in]); UserError unless their shapes fit together."""
+    """(W float32 [out, in], H float64 [in, in]); UserError unless their shapes fit together and both
+    are finite (shared by spqr.py, quip.py and quipsharp.py)."""
     W = np.asarray(W, dtype=np.float32)  # [out, in]
     H = np.asarray(H, dtype=np.float64)  # [in, in]
     if W.ndim != 2 or 0 in W.shape:
@@ -153,6 +154,9 @@ def check_problem(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     n_in = W.shape[1]
     if H.shape != (n_in, n_in):
         raise UserError(f"the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, got {list(H.shape)}")
+    if not (np.isfinite(W).all() and np.isfinite(H).all()):
+        raise UserError("the weight or Hessian contains NaN or infinity; check the checkpoint and the calibration "
+                        "data")
     return W, H
 
 

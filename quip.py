@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from gptq import proxy_loss
+from gptq import check_problem, proxy_loss
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
@@ -65,19 +65,6 @@ class Processed:
     W: np.ndarray  # [out, in] float64  U (W diag(d)) Vᵀ
     H: np.ndarray  # [in, in] float64   V diag(d)⁻¹ H diag(d)⁻¹ Vᵀ
     rescale: np.ndarray  # [in] float16  d
-
-
-def check_problem(W: np.ndarray, H: np.ndarray, method: str) -> None:
-    """UserError unless W is a non-empty [out, in] and H an [in, in] matrix, both finite."""
-    if W.ndim != 2 or 0 in W.shape:
-        raise UserError(f"{method}: the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
-    n_in = W.shape[1]
-    if H.shape != (n_in, n_in):
-        raise UserError(f"{method}: the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, "
-                        f"got {list(H.shape)}")
-    if not (np.isfinite(W).all() and np.isfinite(H).all()):
-        raise UserError(f"{method}: the weight or Hessian contains NaN or infinity; check the checkpoint "
-                        f"and the calibration data")
 
 
 def damp(W: np.ndarray, H: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -169,9 +156,7 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
     """W [out, in], H [in, in] -> (IncoherentTensor, stats): stats["loss"] the proxy loss
     tr((W − Q) H (W − Q)ᵀ) of the stored weight in the original space, stats["rtn_loss"] that of
     per-row RTN at the same bits, stats["ratio"] the first over the second."""
-    W = np.asarray(W, dtype=np.float32)  # [out, in]
-    H = np.asarray(H, dtype=np.float64)  # [in, in]
-    check_problem(W, H, "quip")
+    W, H = check_problem(W, H)  # [out, in] float32, [in, in] float64
     check_params(params.bits, PER_ROW)
     if params.range_factor <= 0:
         raise UserError(f"quip: range_factor must be positive, got {params.range_factor}")

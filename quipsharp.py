@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from gptq import proxy_loss
-from quip import check_problem, damp, ldlq
+from gptq import check_problem, proxy_loss
+from quip import damp, ldlq
 from runtime import e8p
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
@@ -80,9 +80,7 @@ class QuIPSharpResult:
 
 def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuIPSharpResult:
     """The algorithm of the module docstring on W [out, in] with Hessian H [in, in]."""
-    W = np.asarray(W, dtype=np.float32)  # [out, in]
-    H = np.asarray(H, dtype=np.float64)  # [in, in]
-    check_problem(W, H, "quipsharp")
+    W, H = check_problem(W, H)  # [out, in] float32, [in, in] float64
     e8p.check_bits(params.bits)
     n_out, n_in = W.shape
     if n_in % BLOCK:

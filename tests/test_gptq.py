@@ -125,3 +125,5 @@ def test_bad_shapes_raise_user_error():
         gptq.quantize(np.ones((4, 64), np.float32), np.eye(32))
     with pytest.raises(UserError, match="2-D"):
         gptq.quantize(np.ones(64, np.float32), np.eye(64))
+    with pytest.raises(UserError, match="NaN or infinity"):
+        gptq.quantize(np.full((4, 64), np.nan, np.float32), np.eye(64))
