@@ -14,6 +14,7 @@ layer by layer, with their state kept in `<out_dir>.partial/` for `resume`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import resource
 import shutil
 import sys
@@ -74,7 +75,6 @@ def gptq_method(spec: QuantSpec):
 
 def spqr_method(spec: QuantSpec):
     """SpQR with the settings of `spec` (group 16, 3-bit statistics, tau 0.2 unless the tag says otherwise)."""
-    import math
     import spqr
     threshold = math.inf if "dense" in spec.options else spec.values.get("t", 20) / 100
     params = spqr.SpQRParams(bits=spec.bits, group_size=spec.group_size or spqr.SpQRParams.group_size,
