@@ -9,9 +9,13 @@
     tuned = load("smollm2-135m.nf4", lora="my-adapter")  # a PEFT LoRA adapter on top
 
 The options are those of `run.py` (see `runtime.sampling.SamplingParams`).
+Every entry point checks its arguments (types, unknown keywords, ranges) when
+it is called, `stream` included, and raises `UserError` with a one-line
+message; non-finite logits also raise `UserError` instead of being sampled.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +23,9 @@ import numpy as np
 
 from model import Config, Model
 from runtime.checkpoint import load_checkpoint
-from runtime.device import array_module, to_numpy
+from runtime.device import DEVICES, array_module, to_numpy
 from runtime.errors import UserError
-from runtime.generate import GenerationStats, check_prompt, generate_text
+from runtime.generate import GenerationStats, check_prompt, generate_text, require_finite
 from runtime.lora import apply_lora, load_adapter
 from runtime.packed_checkpoint import is_packed_model, load_packed
 from runtime.quantize_model import find_or_build
@@ -54,8 +58,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def token_logprobs(model: Model, token_ids) -> np.ndarray:
     """log p(token i+1 | tokens ..i) for i < T-1, in one prefill: [T-1]."""
     logits = to_numpy(model.prefill(token_ids[:-1], model.new_cache(len(token_ids)), all_logits=True))
-    logp = log_softmax(logits)  # [T-1, vocab]
+    logp = log_softmax(require_finite(logits))  # [T-1, vocab]
     return logp[np.arange(len(token_ids) - 1), np.asarray(token_ids[1:])]  # [T-1]
+
+
+def require_str(value, what: str) -> str:
+    """`value` when it is a str; UserError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be a str, got {type(value).__name__}")
+    return value
+
+
+def path_text(value, what: str, fix: str) -> str:
+    """`value` (a str or path object) as a non-empty str; UserError naming `what` and ending in `fix`."""
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+        raise UserError(f"{what} must be a str or a path, got {type(value).__name__}; {fix}")
+    text = os.fspath(value)
+    if not text.strip():
+        raise UserError(f"{what} is empty; {fix}")
+    return text
 
 
 def load_model(path: Path, device: str = "cpu", lora: str | None = None) -> Model:
@@ -84,21 +105,33 @@ class LLM:
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list:
         """Token ids of the prompt, wrapped in the chat template when `chat`."""
+        require_str(prompt, "the prompt")
+        if not isinstance(chat, bool):
+            raise UserError(f"chat must be True or False, got {chat!r:.40}")
+        if system is not None:
+            require_str(system, "the system message")
         if self.tokenizer is None:
             raise UserError(f"{self.path} has no tokenizer: only token ids can be run through it")
         if not prompt.strip():
             raise UserError("the prompt is empty: give some text to continue")
-        if chat:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, system), add_bos=False)
-        return self.tokenizer.encode(prompt)
+        if not chat:
+            return self.tokenizer.encode(prompt)
+        text = self.tokenizer.apply_chat_template(prompt, system)
+        if not text.strip():
+            raise UserError(f"the chat template of {self.path} rendered nothing for this prompt: fix its "
+                            f"chat_template (tokenizer_config.json) or send the prompt without chat")
+        return self.tokenizer.encode(text, add_bos=False)
 
     def stream(self, prompt: str, chat: bool = False, system: str | None = None, **options):
-        """Yield the continuation of `prompt` piece by piece; `options` as SamplingParams."""
-        params = SamplingParams(**options).check()
+        """An iterator over the continuation of `prompt`, piece by piece; `options` as SamplingParams.
+
+        Not a generator function: the arguments are checked (UserError) when it is called, not at the
+        first piece."""
+        params = SamplingParams.from_options(options)
         ids = self.encode_prompt(prompt, chat, system)
         check_prompt(ids, self.model.config.max_positions)
         self.last_stats = GenerationStats()
-        yield from generate_text(self.model, self.tokenizer, ids, params, self.last_stats)
+        return generate_text(self.model, self.tokenizer, ids, params, self.last_stats)
 
     def generate(self, prompt: str, chat: bool = False, system: str | None = None, **options) -> str:
         """The whole continuation of `prompt` as one string."""
@@ -106,7 +139,7 @@ class LLM:
 
     def score(self, text: str) -> Score:
         """Log-likelihood of every token of `text` after the first."""
-        ids = self.encode_prompt(text)
+        ids = self.encode_prompt(require_str(text, "the text to score"))
         if len(ids) < 2:
             raise UserError("scoring needs at least two tokens of text")
         if len(ids) > self.model.config.max_positions:
@@ -121,5 +154,12 @@ def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None 
     None gives the default model. `lora`: a PEFT LoRA adapter directory to apply on top
     (float or quantized base; see runtime/lora.py).
     """
+    if name_or_path is not None:
+        name_or_path = path_text(name_or_path, "the model name", "give a name under models/ (e.g. smollm2-135m), "
+                                 "a directory or a file, or None for the default model")
+    if lora is not None:
+        lora = path_text(lora, "the LoRA adapter", "give the adapter's directory, or None")
+    if not isinstance(device, str) or device not in DEVICES:
+        raise UserError(f"unknown device {device!r:.40}: use one of {', '.join(DEVICES)}")
     path = find_or_build(name_or_path)
     return LLM(load_model(path, device, lora), load_tokenizer(path), path)

@@ -4,6 +4,8 @@ One prefill over the whole prompt, then one decode per new token through the
 KV cache (llama2.c's loop), stopping at an end-of-sequence token, at
 `max_new_tokens` or when the context is full. Text comes out through the
 tokenizer's stream decoder, so no half UTF-8 character is ever yielded.
+Logits that are not all finite (NaN weights, an adapter that overflows)
+stop generation with a UserError instead of being sampled.
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ def check_prompt(prompt_ids, context: int):
                         f"{context}: shorten it")
 
 
+def require_finite(logits: np.ndarray) -> np.ndarray:
+    """`logits` when all are finite; UserError saying what to check otherwise."""
+    if not np.isfinite(logits).all():
+        raise UserError("the model produced non-finite values (NaN or infinity) in its logits: its weights or "
+                        "LoRA adapter hold NaN/infinite values or overflow float32; re-download or rebuild the "
+                        "model and check the adapter")
+    return logits
+
+
 def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: GenerationStats):
     """Yield new token ids after `prompt_ids`, recording counts and timings in `stats`."""
     params.check()
@@ -52,7 +63,7 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
     cache = model.new_cache(min(context, len(prompt_ids) + params.max_new_tokens))
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
-    logits = to_numpy(model.prefill(prompt_ids, cache))  # [vocab]
+    logits = require_finite(to_numpy(model.prefill(prompt_ids, cache)))  # [vocab]
     stats.prefill_seconds = time.perf_counter() - start
     seen = list(prompt_ids)
     while True:
@@ -65,7 +76,7 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
         if stats.generated_tokens == params.max_new_tokens or cache.length == cache.max_len:
             return
         start = time.perf_counter()
-        logits = to_numpy(model.decode(token, cache))  # [vocab]
+        logits = require_finite(to_numpy(model.decode(token, cache)))  # [vocab]
         stats.decode_seconds += time.perf_counter() - start
         stats.decode_steps += 1
 

@@ -5,14 +5,46 @@ Applied in the order of HF transformers' `generate`: repetition penalty
 positive, multiplied when negative), temperature, top-k, top-p (nucleus
 sampling, Holtzman et al. 2020: the smallest set of most likely tokens whose
 probability reaches p). Temperature 0 means greedy (argmax).
+
+Any positive temperature is safe, however small: the largest logit is
+subtracted before dividing (in float64), so the best token's scaled logit is
+exactly 0 and the others go to -inf as T -> 0 instead of inf - inf = NaN; a
+tiny temperature therefore samples like greedy decoding, its limit.
+Options are checked for type and range (finite numbers, integers where
+counts are meant) before anything runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from runtime.errors import UserError
+
+
+MAX_NEW_TOKENS = 1_000_000  # far beyond any context this runtime runs; a larger value is a typo
+# (option, integer?, in range?, the range in words) for each field of SamplingParams
+RULES = (("temperature", False, lambda v: v >= 0, ">= 0 (0 means greedy)"),
+         ("top_k", True, lambda v: v >= 0, ">= 0 (0 disables it)"),
+         ("top_p", False, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)"),
+         ("repetition_penalty", False, lambda v: v > 0, "> 0 (1 disables it)"),
+         ("max_new_tokens", True, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"between 1 and {MAX_NEW_TOKENS}"),
+         ("seed", True, lambda v: v >= 0, ">= 0 (or None for a random seed)"))
+
+
+def is_number(value, integer: bool) -> bool:
+    """True for an integer (`integer`) or a finite real number (not `integer`); bools and strings are neither."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if integer:
+        return isinstance(value, (int, np.integer))
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass
@@ -25,17 +57,25 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 128
 
+    @classmethod
+    def from_options(cls, options: dict) -> "SamplingParams":
+        """Checked params from keyword options (the Python API's **options); UserError for an unknown one."""
+        names = [f.name for f in fields(cls)]
+        unknown = [name for name in options if name not in names]
+        if unknown:
+            raise UserError(f"unknown option {unknown[0]!r}: the sampling options are {', '.join(names)}")
+        return cls(**options).check()
+
     def check(self) -> "SamplingParams":
-        """Raise UserError for any option out of its range; return self."""
-        rules = [(self.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
-                 (self.top_k >= 0, "--top-k must be >= 0 (0 disables it)"),
-                 (0 < self.top_p <= 1, "--top-p must be in (0, 1] (1 disables it)"),
-                 (self.repetition_penalty > 0, "--repetition-penalty must be > 0 (1 disables it)"),
-                 (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                 (self.seed is None or self.seed >= 0, "--seed must be >= 0")]
-        for ok, message in rules:
-            if not ok:
-                raise UserError(message)
+        """Raise UserError for any option of the wrong type or out of its range; return self."""
+        for name, integer, in_range, allowed in RULES:
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if not is_number(value, integer) or not in_range(value):
+                kind = "an integer" if integer else "a finite number"
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be {kind} {allowed}, "
+                                f"got {value!r:.40}")
         return self
 
 
@@ -43,20 +83,23 @@ def penalize_repetition(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
     """CTRL's repetition penalty on the logits [vocab] of every token id in `seen`."""
     if penalty == 1.0 or not len(seen):
         return logits
-    logits = logits.copy()
+    logits = logits.astype(np.float64)  # a copy, wide enough that a large penalty rarely overflows
     ids = np.unique(np.asarray(seen))
     chosen = logits[ids]
-    logits[ids] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
+    with np.errstate(over="ignore", under="ignore"):  # a seen token pushed to -inf is simply never drawn
+        logits[ids] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
     return logits
 
 
 def distribution(logits: np.ndarray, params: SamplingParams, seen=()) -> tuple[np.ndarray, np.ndarray]:
     """The token ids that may be drawn and their probabilities, from logits [vocab]; temperature > 0."""
-    logits = penalize_repetition(logits.astype(np.float64), seen, params.repetition_penalty) / params.temperature
+    logits = penalize_repetition(logits.astype(np.float64), seen, params.repetition_penalty)
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the best tokens to -inf: probability 0
+        logits = (logits - logits.max()) / params.temperature  # the best token at exactly 0
     order = np.argsort(-logits, kind="stable")  # token ids, most likely first
     if params.top_k:
         order = order[:params.top_k]
-    probs = np.exp(logits[order] - logits[order[0]])
+    probs = np.exp(logits[order])  # probs[0] = 1, so the sum is >= 1
     probs /= probs.sum()  # [k]
     if params.top_p < 1:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1  # smallest prefix reaching p
