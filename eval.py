@@ -2,19 +2,20 @@
 
 The GPTQ paper's protocol (see runtime/perplexity.py). `--windows N` takes the
 first N windows only; `--json` prints one JSON object. Finished windows are
-kept in .cache/perplexity/, so an interrupted run resumes.
+kept in .cache/perplexity/, so an interrupted run resumes. Options are checked
+before the model loads; bad input gets a one-line error and exit status 1.
 """
 import argparse
 import json
 
-from runtime.cli import run_cli
+from runtime.cli import ArgumentParser, run_cli
 from runtime.datasets import DATASETS, load_dataset
 from runtime.device import DEVICES
 from runtime.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="name under models/, directory or file (default: smollm2-135m)")
     p.add_argument("--dataset", default="wikitext2", choices=sorted(DATASETS))
     p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the model's context")
@@ -22,7 +23,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-resume", action="store_true", help="ignore windows saved by an earlier run")
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` when --seqlen and --windows are in range; UserError saying what to give otherwise."""
+    if args.seqlen < 2:
+        raise UserError(f"--seqlen must be >= 2 (a window predicts all its tokens but the first), got {args.seqlen}")
+    if args.windows is not None and args.windows < 1:
+        raise UserError(f"--windows must be >= 1 (or left out for all windows), got {args.windows}")
+    return args
 
 
 def main(argv=None):

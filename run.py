@@ -1,20 +1,21 @@
 """Generate text from a model: `python run.py --model NAME_OR_PATH "prompt"`.
 
 Streams the continuation to stdout as it is generated, then prints one line
-to stderr with token counts and prefill / decode speed. Bad input gets a
-one-line error and exit status 1.
+to stderr with token counts and prefill / decode speed. Bad input (a malformed
+or out-of-range option, a model that produces NaN) gets a one-line error and
+exit status 1.
 """
 import argparse
 import sys
 
-from runtime.cli import run_cli
+from runtime.cli import ArgumentParser, run_cli
 from runtime.device import DEVICES
 from runtime.sampling import SamplingParams
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = SamplingParams()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("prompt", help="text to continue (or, with --chat, the user's message)")
     p.add_argument("--model", default=None,
                    help="name under models/, HF directory, .gguf or llama2.c .bin (default: smollm2-135m)")

@@ -4,7 +4,9 @@ A NAME resolves, in order, to: an existing path (an HF model directory, a
 `.gguf` file, a llama2.c `.bin` file), then `models/NAME` (a directory or one
 of those files). With no name, the
 default model `models/smollm2-135m/` (built by `make install`). Anything else
-gets a one-line error that says what to do.
+gets a one-line error that says what to do: that the tag is empty (a name
+ending in "."), that the default model is not built yet, or else which models
+exist.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.tags import TAG_FORMS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = PROJECT_ROOT / "models"
@@ -27,13 +30,17 @@ def available_models(models_dir: Path = MODELS_DIR) -> list[str]:
 
 def not_found(name: str, models_dir: Path) -> UserError:
     """The error for a name that resolves to nothing, with what to do about it."""
-    opt = re.match(r"opt-\d+(?:\.\d+)?[mb]", name.split("/")[-1])
-    base = opt[0] if opt else name.split("/")[-1].split(".")[0]
+    leaf = name.split("/")[-1]
+    if leaf.endswith("."):
+        return UserError(f"model {name!r} has an empty quantization tag after the '.': write BASE for the float "
+                         f"model or BASE.TAG, with TAG = {TAG_FORMS}")
+    opt = re.match(r"opt-\d+(?:\.\d+)?[mb]", leaf)
+    base = opt[0] if opt else leaf.split(".")[0]
     if opt:
         return UserError(f"model {name!r} not found: download the Hugging Face directory facebook/{base} "
                          f"(config.json, pytorch_model.bin or *.safetensors, vocab.json, merges.txt) "
                          f"into {models_dir / base}/")
-    if base == DEFAULT_MODEL:
+    if base == DEFAULT_MODEL and not (models_dir / base / "config.json").is_file():
         return UserError(f"the default model is not built yet ({models_dir / base} is missing): "
                          f"run `make install`")
     names = ", ".join(available_models(models_dir)) or "none yet (run `make install`)"

@@ -52,6 +52,8 @@ ALIASES = {"q2": "quipsharp2", "q3": "quipsharp3", "q4": "quipsharp4"}  # why th
 EXAMPLES = ("rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, gptq4g128, gptq3, gptq4g128act, "
             "nf4, nf4dq, fp4, nf4g128, int8, int8t150, absmax8, smooth8, spqr3, spqr4g16s3t20, spqr3dense, quip2, "
             "quipsharp2, q2, q3, q4")
+TAG_FORMS = (f"METHOD BITS [gGROUP] [{'|'.join(OPTIONS)}|sN|tN] with METHOD one of {', '.join(METHOD_BITS)}, "
+             f"or a short tag {', '.join(ALIASES)} (e.g. {EXAMPLES})")
 
 
 @dataclass
@@ -72,15 +74,15 @@ class QuantSpec:
 
 def parse_tag(tag: str) -> QuantSpec:
     """The spec a tag stands for; UserError listing the valid forms otherwise."""
+    if not tag:
+        raise UserError(f"the quantization tag is empty: valid tags are {TAG_FORMS}")
     if tag.startswith("q") and tag[1:].isdigit():
         if tag not in ALIASES:
             raise UserError(f"unknown short tag {tag!r}: the short tags are {', '.join(ALIASES)}")
         return parse_tag(ALIASES[tag])
     match = TAG_PATTERN.match(tag)
     if not match or match["method"] not in METHOD_BITS:
-        raise UserError(f"unknown quantization tag {tag!r}: valid tags are METHOD BITS [gGROUP] "
-                        f"[{'|'.join(OPTIONS)}|sN|tN] with METHOD one of {', '.join(METHOD_BITS)} "
-                        f"(e.g. {EXAMPLES})")
+        raise UserError(f"unknown quantization tag {tag!r}: valid tags are {TAG_FORMS}")
     method, bits = match["method"], int(match["bits"])
     if bits not in METHOD_BITS[method]:
         raise UserError(f"tag {tag!r}: {method} supports {', '.join(map(str, METHOD_BITS[method]))} bits")
