@@ -20,12 +20,14 @@ An adapter directory is what PEFT's `save_pretrained` writes:
                                 "target_modules": [...], "use_rslora": false, ...}
     adapter_model.safetensors  base_model.model.<module>.lora_A.weight  [r, in]
                                base_model.model.<module>.lora_B.weight  [out, r]
-    (or adapter_model.bin, the same state dict saved by torch.save)
+    (or adapter_model.bin, the same state dict saved by torch.save, read
+    without running its pickle: runtime/torch_pickle.py names the file it refuses)
 
 `<module>` is the module's name in the HF model, so `<module>.weight` is the
 checkpoint name this runtime keeps the base weight under, e.g.
 `model.layers.0.self_attn.q_proj.weight` (Llama) or
-`model.decoder.layers.0.fc1.weight` (OPT).
+`model.decoder.layers.0.fc1.weight` (OPT). Factors holding NaN or infinity
+are refused when the adapter loads, before they could poison the logits.
 """
 from __future__ import annotations
 
@@ -173,6 +175,9 @@ def load_adapter(path: str | os.PathLike) -> LoraAdapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise UserError(f"{path}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
                             f"which are not [r, in] and [out, r]; the adapter file is corrupt")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise UserError(f"{path}: {module}'s lora_A or lora_B holds NaN or infinite values (a diverged "
+                            f"training run or a corrupt file); use a checkpoint of the adapter from before")
         rank = A.shape[0]
         if not config.get("rank_pattern") and rank != config["r"]:
             raise UserError(f"{path}: {module} has rank {rank} but {CONFIG_FILE} says r={config['r']}; "

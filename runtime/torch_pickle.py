@@ -106,14 +106,15 @@ class StateDictUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_GLOBALS:
-            raise UserError(f"refusing to load {module}.{name} from pytorch_model.bin: only tensors are allowed")
+            raise UserError(f"refusing to load {module}.{name} from {self.path}: only tensors are allowed (a pickle "
+                            f"can run code); if you trust its source, re-save it as safetensors")
         return ALLOWED_GLOBALS[(module, name)]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], StorageType) and isinstance(pid[2], str)):
-            raise UserError(f"refusing to load persistent object {pid!r:.80} from pytorch_model.bin: "
-                            "only tensors are allowed")
+            raise UserError(f"refusing to load persistent object {pid!r:.80} from {self.path}: "
+                            "only tensors are allowed; if you trust its source, re-save it as safetensors")
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if key not in self.storages:
             member = f"{self.top}/data/{key}"

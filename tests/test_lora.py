@@ -6,6 +6,7 @@ lora_B is zero at PEFT's initialization (the adapter would be a no-op), so the
 tests fill it with random values under a fixed seed.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -294,3 +295,42 @@ def test_merging_needs_an_output_name(tokenized_case):
     result = subprocess.run([sys.executable, "quantize.py", "--model", str(tokenized_case / "base"), "--lora",
                              str(tokenized_case / "adapter")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_adapter_with_nan_is_refused_naming_the_module(llama_case, tmp_path):
+    _, adapter_dir, _, _ = llama_case
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(adapter_dir, poisoned)
+    weights, _ = read_safetensors(poisoned / "adapter_model.safetensors")
+    weights = {k: np.array(v) for k, v in weights.items()}
+    weights["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"][0, 0] = np.nan
+    write_safetensors(poisoned / "adapter_model.safetensors", weights)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj's lora_A or lora_B holds NaN"):
+        load_adapter(poisoned)
+
+
+def test_pickle_payload_in_adapter_bin_is_refused_naming_the_file(llama_case, tmp_path):
+    """An adapter_model.bin whose pickle would run code: refused, and the message names that file."""
+    import pickle
+    import zipfile
+
+    class Reduce:
+        def __init__(self, *call):
+            self.call = call
+
+        def __reduce__(self):
+            return self.call
+
+    _, adapter_dir, _, _ = llama_case
+    hostile = tmp_path / "hostile"
+    shutil.copytree(adapter_dir, hostile)
+    (hostile / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(hostile / "adapter_model.bin", "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": Reduce(os.system, (f"touch {marker}",))}, protocol=2))
+    with pytest.raises(UserError) as caught:
+        load_adapter(hostile)
+    message = str(caught.value)
+    assert f"from {hostile / 'adapter_model.bin'}" in message and "pytorch_model.bin" not in message
+    assert "re-save it as safetensors" in message and "\n" not in message
+    assert not marker.exists()
