@@ -1,4 +1,7 @@
-"""Sampling against HF transformers' logits processors (repetition penalty, temperature, top-k, top-p)."""
+"""Sampling against HF transformers' logits processors (repetition penalty, temperature, top-k, top-p),
+and the checks of its options."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -60,7 +63,53 @@ def test_same_seed_same_draws():
 @pytest.mark.parametrize("field,value,message", [
     ("temperature", -1.0, "--temperature"), ("top_k", -1, "--top-k"), ("top_p", 0.0, "--top-p"),
     ("top_p", 1.5, "--top-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
-    ("max_new_tokens", 0, "--max-new-tokens"), ("seed", -3, "--seed")])
+    ("max_new_tokens", 0, "--max-new-tokens"), ("seed", -3, "--seed"),
+    ("temperature", float("inf"), "--temperature"), ("temperature", float("nan"), "--temperature"),
+    ("temperature", 10 ** 400, "--temperature"), ("top_p", float("nan"), "--top-p"),
+    ("repetition_penalty", float("nan"), "--repetition-penalty"),
+    ("repetition_penalty", float("inf"), "--repetition-penalty"), ("max_new_tokens", 10 ** 12, "--max-new-tokens")])
 def test_options_out_of_range(field, value, message):
     with pytest.raises(UserError, match=message):
         SamplingParams(**{field: value}).check()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_new_tokens", "5"), ("max_new_tokens", 5.0), ("top_k", 2.5), ("top_k", True), ("temperature", None),
+    ("temperature", "0.7"), ("top_p", [0.9]), ("seed", 1.5), ("seed", "1"), ("repetition_penalty", False)])
+def test_options_of_the_wrong_type(field, value):
+    flag = field.replace("_", "-")
+    with pytest.raises(UserError, match=rf"^{field} \(--{flag}\) must be (an integer|a finite number)"):
+        SamplingParams(**{field: value}).check()
+
+
+def test_numpy_numbers_are_accepted():
+    SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), seed=np.uint8(1)).check()
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(UserError, match="unknown option 'foo': the sampling options are temperature, top_k"):
+        SamplingParams.from_options({"temperature": 0.5, "foo": 1})
+    assert SamplingParams.from_options({"top_k": 3}).top_k == 3
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-300, 1e-30])
+def test_tiny_temperature_samples_like_greedy(temperature):
+    """(logits - max) / T: the best token stays at 0, the others go to -inf, never inf - inf = NaN."""
+    logits = np.random.default_rng(4).normal(0, 3, 300).astype(np.float32)  # [vocab]
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning may reach the user's terminal
+        ids, probs = distribution(logits, params)
+        draws = {sample(logits, params, np.random.default_rng(seed)) for seed in range(10)}
+    assert ids[0] == np.argmax(logits) and probs[0] == 1.0 and np.isfinite(probs).all()
+    assert draws == {int(np.argmax(logits))}
+
+
+def test_huge_repetition_penalty_is_silent_and_finite():
+    logits = np.array([-3.0, 2.0, -1.0, 0.5], dtype=np.float32)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1e308)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids, probs = distribution(logits, params, seen=[0, 1])
+        greedy = sample(logits, SamplingParams(temperature=0, repetition_penalty=1e308), None, seen=[0, 1])
+    assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-12 and greedy == 3
