@@ -10,6 +10,7 @@ exist.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from runtime.errors import UserError
 from runtime.tags import TAG_FORMS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = PROJECT_ROOT / "models"
+# where models live: models/ in the project, or wherever the environment variable QLLM_MODELS_DIR says
+MODELS_DIR = Path(os.environ.get("QLLM_MODELS_DIR") or PROJECT_ROOT / "models").expanduser().resolve()
 DEFAULT_MODEL = "smollm2-135m"
 
 
