@@ -23,9 +23,9 @@ import numpy as np
 
 from model import Config, Model
 from runtime.checkpoint import load_checkpoint
-from runtime.device import DEVICES, array_module, to_numpy
+from runtime.device import DEVICES, array_module
 from runtime.errors import UserError
-from runtime.generate import GenerationStats, check_prompt, generate_text, require_finite
+from runtime.generate import GenerationStats, check_prompt, finite_logits, generate_text
 from runtime.lora import apply_lora, load_adapter
 from runtime.packed_checkpoint import is_packed_model, load_packed
 from runtime.quantize_model import find_or_build
@@ -57,8 +57,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def token_logprobs(model: Model, token_ids) -> np.ndarray:
     """log p(token i+1 | tokens ..i) for i < T-1, in one prefill: [T-1]."""
-    logits = to_numpy(model.prefill(token_ids[:-1], model.new_cache(len(token_ids)), all_logits=True))
-    logp = log_softmax(require_finite(logits))  # [T-1, vocab]
+    logits = finite_logits(lambda: model.prefill(token_ids[:-1], model.new_cache(len(token_ids)), all_logits=True))
+    logp = log_softmax(logits)  # [T-1, vocab]
     return logp[np.arange(len(token_ids) - 1), np.asarray(token_ids[1:])]  # [T-1]
 
 

@@ -45,8 +45,13 @@ def check_prompt(prompt_ids, context: int):
                         f"{context}: shorten it")
 
 
-def require_finite(logits: np.ndarray) -> np.ndarray:
-    """`logits` when all are finite; UserError saying what to check otherwise."""
+def finite_logits(forward) -> np.ndarray:
+    """The logits that `forward()` (one model call) returns, as NumPy; UserError if any is not finite.
+
+    NumPy's overflow / invalid-value warnings are silenced during the call: the
+    non-finite values they warn about are reported here, in one line."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        logits = to_numpy(forward())
     if not np.isfinite(logits).all():
         raise UserError("the model produced non-finite values (NaN or infinity) in its logits: its weights or "
                         "LoRA adapter hold NaN/infinite values or overflow float32; re-download or rebuild the "
@@ -63,7 +68,7 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
     cache = model.new_cache(min(context, len(prompt_ids) + params.max_new_tokens))
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
-    logits = require_finite(to_numpy(model.prefill(prompt_ids, cache)))  # [vocab]
+    logits = finite_logits(lambda: model.prefill(prompt_ids, cache))  # [vocab]
     stats.prefill_seconds = time.perf_counter() - start
     seen = list(prompt_ids)
     while True:
@@ -76,7 +81,7 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
         if stats.generated_tokens == params.max_new_tokens or cache.length == cache.max_len:
             return
         start = time.perf_counter()
-        logits = require_finite(to_numpy(model.decode(token, cache)))  # [vocab]
+        logits = finite_logits(lambda: model.decode(token, cache))  # [vocab]
         stats.decode_seconds += time.perf_counter() - start
         stats.decode_steps += 1
 
