@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-test install-gpu test test-gpu bench
+.PHONY: install install-test install-gpu test test-gpu gpu-check bench
 
 install:  ## run-time dependencies + the default model (models/smollm2-135m)
 	$(PIP) -r requirements.txt
@@ -11,14 +11,22 @@ install:  ## run-time dependencies + the default model (models/smollm2-135m)
 install-test:  ## test-only oracles: pytest, CPU torch, transformers, ml_dtypes, peft
 	$(PIP) -r requirements-test.txt
 
-install-gpu:  ## CuPy for --device cuda (on a machine with an NVIDIA GPU)
-	$(PIP) cupy-cuda12x==14.2.0
+install-gpu:  ## CuPy for --device cuda: nothing when `import cupy` works, else the wheel of nvcc's CUDA major
+	@$(PYTHON) -c "import cupy" 2>/dev/null || { \
+	  major=$$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\..*/\1/p'); \
+	  [ -n "$$major" ] || major=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\)\..*/\1/p'); \
+	  [ -n "$$major" ] || { echo "install-gpu: neither nvcc nor nvidia-smi found: no CUDA here"; exit 1; }; \
+	  $(PIP) "cupy-cuda$${major}x==14.2.0"; }
 
 test: install-test
 	$(PYTHON) -m pytest -q -m "not gpu" tests
 
-test-gpu: install-test install-gpu
+test-gpu: install-gpu  ## the GPU tests need pytest and CuPy only (installed when missing)
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PIP) pytest==9.2.0
 	$(PYTHON) -m pytest -q -m gpu tests
+
+gpu-check:  ## versions, GPU tests and bench_gpu.py in one call: make gpu-check OUT=DIR
+	bash tests/gpu_check.sh $(or $(OUT),gpu-check)
 
 bench:  ## writes BENCHMARKS.md and benchmarks.png
 	$(PIP) -r requirements-bench.txt

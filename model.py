@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.device import to_module
+from runtime.config_schema import check_config
 from runtime.errors import UserError
+from runtime.formats.base import PackedTensor
 from runtime.linear import linear
 
 PREFILL_BLOCK = 256  # queries per attention block in prefill
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "OPTForCausalLM": "opt"}
 
 
 @dataclass
@@ -57,35 +59,22 @@ class Config:
         return self.hidden_size // self.n_heads
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "Config":
-        """Build from an HF config.json dict; UserError for an unsupported architecture."""
-        names = hf.get("architectures") or []
-        arch = ARCHITECTURES.get(names[0] if names else "", {"llama": "llama", "mistral": "llama",
-                                                               "opt": "opt"}.get(hf.get("model_type")))
-        if arch is None:
-            raise UserError(f"unsupported architecture {names or hf.get('model_type')!r} in config.json: "
-                            f"supported are {', '.join(ARCHITECTURES)}")
-        eos = hf.get("eos_token_id")
-        common = dict(arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                      n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                      max_positions=hf.get("max_position_embeddings", 2048),
-                      tie_embeddings=hf.get("tie_word_embeddings", True),
-                      bos_token_id=hf.get("bos_token_id"),
-                      eos_token_id=eos[0] if isinstance(eos, list) else eos)
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        """Build from an HF config.json dict, checked against runtime.config_schema (UserError naming
+        `source` and the field for a missing, mistyped, out-of-range or unsupported value)."""
+        arch, v = check_config(hf, source)
+        eos = v["eos_token_id"]
+        common = dict(arch=arch, vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+                      n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
+                      max_positions=v["max_position_embeddings"], tie_embeddings=v["tie_word_embeddings"],
+                      bos_token_id=v["bos_token_id"], eos_token_id=eos[0] if isinstance(eos, list) else eos)
         if arch == "opt":
-            if hf.get("activation_function", "relu") != "relu":
-                raise UserError(f"unsupported OPT activation {hf['activation_function']!r}: only relu")
-            return cls(**common, n_kv_heads=hf["num_attention_heads"], intermediate_size=hf["ffn_dim"],
-                       norm_eps=1e-5, attention_bias=hf.get("enable_bias", True),
-                       pre_norm=hf.get("do_layer_norm_before", True),
-                       embed_dim=hf.get("word_embed_proj_dim", hf["hidden_size"]))
-        if hf.get("rope_scaling"):
-            raise UserError(f"unsupported rope_scaling {hf['rope_scaling']!r} in config.json")
-        rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        return cls(**common, n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                   intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   rope_theta=rope_theta, attention_bias=hf.get("attention_bias", False),
-                   embed_dim=hf["hidden_size"])
+            return cls(**common, n_kv_heads=v["num_attention_heads"], intermediate_size=v["ffn_dim"],
+                       norm_eps=1e-5, attention_bias=v["enable_bias"], pre_norm=v["do_layer_norm_before"],
+                       embed_dim=v["word_embed_proj_dim"] or v["hidden_size"])
+        return cls(**common, n_kv_heads=v["num_key_value_heads"] or v["num_attention_heads"],
+                   intermediate_size=v["intermediate_size"], norm_eps=v["rms_norm_eps"],
+                   rope_theta=v["rope_theta"], attention_bias=v["attention_bias"], embed_dim=v["hidden_size"])
 
 
 class KVCache:
@@ -112,8 +101,9 @@ class Model:
     def __init__(self, config: Config, tensors: dict, xp=np):
         self.config, self.xp = config, xp
         prefix = "model.decoder." if config.arch == "opt" else "model."
-        to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if hasattr(a, "to_device")
-                                                     else xp.asarray(a))
+        # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
+        to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
+                                                     else to_module(a, xp))
         self.globals = {k[len(prefix):] if k.startswith(prefix) else k: to_device(v)
                         for k, v in tensors.items() if ".layers." not in k}
         self.layers = [{} for _ in range(config.n_layers)]

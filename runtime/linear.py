@@ -4,12 +4,20 @@
 array [out, in]) or for any packed weight (a `PackedTensor`, which picks its
 own NumPy / Numba / CUDA kernel). Swapping float weights for packed ones, or
 for a wrapper that records inputs during calibration, never touches model.py.
+A float16 weight on the GPU multiplies in half precision (cuBLAS, float32
+accumulation) instead of being widened to float32 on every call.
 """
+from runtime.device import is_cupy
 
 
 def linear(x, w, b=None):
     """y [..., out] = x [..., in] @ w.T (+ b [out])."""
-    y = x @ w.T if hasattr(w, "ndim") else w.matmul(x)  # [..., out]
+    if not hasattr(w, "ndim"):
+        y = w.matmul(x)  # [..., out]
+    elif is_cupy(w) and w.dtype != x.dtype:
+        y = (x.astype(w.dtype) @ w.T).astype(x.dtype)  # [..., out]
+    else:
+        y = x @ w.T  # [..., out]
     if b is not None:
         y += b
     return y

@@ -1,12 +1,48 @@
-"""The whole forward pass on CuPy arrays (`--device cuda`) against the NumPy pass; skipped without a GPU."""
+"""The whole forward pass on CuPy arrays (`--device cuda`) against the NumPy pass; skipped without a GPU.
+
+Two kinds of models: the real stories260K checkpoint quantized by the methods
+themselves, and random-weight Llama / OPT models with every packed format
+(codes drawn at random in each format's range by bench_models.py; the CPU and
+GPU kernels must agree whatever the codes are).
+"""
 import numpy as np
 import pytest
 
+import bench_models
 from conftest import STORIES260K
 from model import Config, Model
 from runtime.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.gpu
+
+TOLERANCE = 1e-3  # of the largest |logit|: float32 sums in another order, int8 ties rounded alike
+EVERY_FORMAT = ("rtn2g64", "rtn3g128", "rtn4g128", "rtn4g128sym", "rtn8", "gptq4g128act", "gptq3g64act", "nf4",
+                "nf4dq", "fp4", "int8", "int8t10", "absmax8", "smooth8", "spqr2", "spqr3", "spqr4g32s16",
+                "spqr3dense", "quip2", "quip3", "quip4", "quipsharp2", "quipsharp3", "quipsharp4")
+
+
+def small(arch: str) -> dict:
+    """A config.json of a small model of `arch` whose sizes every format takes (multiples of 128)."""
+    if arch == "opt":
+        return dict(bench_models.hf_config("opt-1.3b"), hidden_size=256, ffn_dim=512, num_hidden_layers=2,
+                    num_attention_heads=4, vocab_size=512, word_embed_proj_dim=256, max_position_embeddings=64)
+    return dict(bench_models.hf_config("tinyllama-1.1b"), hidden_size=256, intermediate_size=512,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                max_position_embeddings=64)
+
+
+def assert_same_logits(cfg: Config, tensors: dict, cupy, ids, tolerance: float = TOLERANCE):
+    """Prefill (every position's logits) and greedy decode steps agree between NumPy and CuPy."""
+    cpu, gpu = Model(cfg, tensors), Model(cfg, tensors, cupy)
+    a = cpu.prefill(ids[:6], cpu.new_cache(16), all_logits=True)  # [6, vocab]
+    b = gpu.prefill(ids[:6], gpu.new_cache(16), all_logits=True).get()  # [6, vocab]
+    scale = np.abs(a).max()
+    assert np.abs(a - b).max() < tolerance * scale
+    cache_a, cache_b = cpu.new_cache(16), gpu.new_cache(16)
+    cpu.prefill(ids[:6], cache_a)
+    gpu.prefill(ids[:6], cache_b)
+    for token in ids[6:]:
+        assert np.abs(cpu.decode(token, cache_a) - gpu.decode(token, cache_b).get()).max() < tolerance * scale
 
 
 @pytest.mark.parametrize("tag", [None, "rtn4g128", "int8"])  # nf4 needs in % 64 == 0; stories260K has 172
@@ -19,13 +55,30 @@ def test_cuda_forward_matches_cpu(cupy, tag):
         spec = parse_tag(tag)
         spec.group_size = 32 if tag.startswith("rtn") else spec.group_size  # stories260K: 64 inputs per row
         tensors = quantize_tensors(cfg, tensors, spec, progress=False)
-    ids = [1, 403, 407, 261, 378, 401, 300, 12]
-    cpu, gpu = Model(cfg, tensors), Model(cfg, tensors, cupy)
-    a = cpu.prefill(ids[:6], cpu.new_cache(16), all_logits=True)  # [6, vocab]
-    b = gpu.prefill(ids[:6], gpu.new_cache(16), all_logits=True).get()  # [6, vocab]
-    assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
-    cache_a, cache_b = cpu.new_cache(16), gpu.new_cache(16)
-    cpu.prefill(ids[:6], cache_a)
-    gpu.prefill(ids[:6], cache_b)
-    for token in ids[6:]:
-        assert np.abs(cpu.decode(token, cache_a) - gpu.decode(token, cache_b).get()).max() < 1e-3 * np.abs(a).max()
+    assert_same_logits(cfg, tensors, cupy, [1, 403, 407, 261, 378, 401, 300, 12])
+
+
+@pytest.mark.parametrize("tag", EVERY_FORMAT)
+def test_every_format_forward_matches_cpu(cupy, tag):
+    hf = small("llama")
+    assert_same_logits(Config.from_hf(hf), bench_models.packed_tensors(hf, tag, seed=3), cupy,
+                       [1, 40, 407, 261, 378, 401, 300, 12])
+
+
+@pytest.mark.parametrize("tag", [None, "rtn4g128", "nf4dq", "int8", "quipsharp2"])
+def test_opt_forward_matches_cpu(cupy, tag):
+    hf = small("opt")
+    tensors = bench_models.float_tensors(hf, seed=4) if tag is None else bench_models.packed_tensors(hf, tag, seed=4)
+    assert_same_logits(Config.from_hf(hf), tensors, cupy, [2, 40, 407, 261, 378, 401, 300, 12])
+
+
+def test_float16_weights_on_the_gpu_match_float32_on_the_cpu(cupy):
+    hf = small("llama")
+    tensors = bench_models.float_tensors(hf, seed=5)
+    half = {name: w.astype(np.float16) if w.ndim == 2 else w for name, w in tensors.items()}
+    cfg = Config.from_hf(hf)
+    ids = [1, 40, 407, 261, 378, 401]
+    a = Model(cfg, tensors).prefill(ids, Model(cfg, tensors).new_cache(16), all_logits=True)  # [6, vocab]
+    gpu = Model(cfg, half, cupy)
+    b = gpu.prefill(ids, gpu.new_cache(16), all_logits=True).get()  # [6, vocab]
+    assert np.abs(a - b).max() < 2e-2 * np.abs(a).max()  # float16 weights and activations: ~3 decimal digits
