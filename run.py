@@ -35,11 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from runtime.api import load
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed,
                    max_new_tokens=args.max_new_tokens)
-    SamplingParams(**options).check()
+    SamplingParams(**options).check()  # before the model loads
+    from runtime.api import load
     llm = load(args.model, args.device, lora=args.lora)
     for piece in llm.stream(args.prompt, chat=args.chat, system=args.system, **options):
         sys.stdout.write(piece)

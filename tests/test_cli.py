@@ -25,7 +25,7 @@ def run(*args):
 
 
 def assert_fails_with(result, message):
-    assert result.returncode != 0
+    assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -72,9 +72,39 @@ def test_prompt_longer_than_context(tiny_model):
 
 
 @pytest.mark.parametrize("option,value", [("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-5"),
-                                          ("--max-new-tokens", "0")])
+                                          ("--max-new-tokens", "0"), ("--temperature", "inf"),
+                                          ("--temperature", "nan"), ("--top-p", "nan"),
+                                          ("--repetition-penalty", "nan"), ("--max-new-tokens", "100000000000"),
+                                          ("--temperature", "warm"), ("--top-k", "2.5"), ("--seed", "x")])
 def test_option_out_of_range(tiny_model, option, value):
+    """Non-finite, absurd and malformed values: one line naming the option, exit status 1."""
     assert_fails_with(run("run.py", "--model", str(tiny_model), option, value, "hi"), option)
+
+
+def test_tiny_temperature_generates_like_greedy(tiny_model):
+    outputs = [run("run.py", "--model", str(tiny_model), "--max-new-tokens", "6", "--temperature", t, "Hello")
+               for t in ("1e-320", "0")]
+    assert all(r.returncode == 0 for r in outputs), outputs[0].stderr
+    assert outputs[0].stdout.strip() and outputs[0].stdout == outputs[1].stdout
+
+
+@pytest.mark.parametrize("args", [("run.py", b"caf\xff"), ("eval.py", "--model", b"m\xff"),
+                                  ("quantize.py", "--model", b"m\xff")], ids=["run", "eval", "quantize"])
+def test_argv_that_is_not_utf8(args):
+    """Bytes that are not UTF-8 on the command line: the argument is named, no traceback."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, timeout=300)
+    stderr = result.stderr.decode("utf-8")
+    assert result.returncode == 1 and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    position = len(args) - 1
+    assert f"command-line argument {position} ({args[-1]!r}) is not valid UTF-8" in stderr, stderr
+
+
+def test_empty_tag_says_so():
+    assert_fails_with(run("run.py", "--model", "smollm2-135m.", "hi"), "has an empty quantization tag after the '.'")
+
+
+def test_empty_model_name():
+    assert_fails_with(run("run.py", "--model", "", "hi"), "the model name is empty")
 
 
 def test_eval_reports_perplexity_as_json(tiny_model):
@@ -86,5 +116,10 @@ def test_eval_reports_perplexity_as_json(tiny_model):
 
 
 def test_eval_unknown_dataset():
-    result = run("eval.py", "--dataset", "c4")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert_fails_with(run("eval.py", "--dataset", "c4"), "argument --dataset: invalid choice: 'c4'")
+
+
+@pytest.mark.parametrize("option,value", [("--seqlen", "1"), ("--seqlen", "0"), ("--seqlen", "-5"),
+                                          ("--windows", "0"), ("--windows", "-2"), ("--seqlen", "abc")])
+def test_eval_options_out_of_range(option, value):
+    assert_fails_with(run("eval.py", option, value), option)
