@@ -1,8 +1,9 @@
-"""The tag grammar of quantized model names."""
+"""The tag grammar of quantized model names, and the errors for names that resolve to nothing."""
 import pytest
 
 from runtime.errors import UserError
 from runtime.quantize_model import split_quantized_name
+from runtime.resolve import DEFAULT_MODEL, resolve_model
 from runtime.tags import parse_tag
 
 
@@ -53,3 +54,24 @@ def test_split_quantized_name():
     assert split_quantized_name("smollm2-135m.rtn4g128") == ("smollm2-135m", "rtn4g128")
     assert split_quantized_name("smollm2-135m") is None
     assert split_quantized_name("models/x.y/z") is None
+
+
+def test_empty_tag_lists_the_tag_forms():
+    with pytest.raises(UserError, match=r"the quantization tag is empty: valid tags are METHOD BITS .*q2, q3, q4"):
+        parse_tag("")
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m.", "opt-1.3b.", "models/other."])
+def test_name_with_an_empty_tag_says_so(tmp_path, name):
+    """Not "the default model is not built" (the old message for smollm2-135m.): the tag is what is missing."""
+    with pytest.raises(UserError, match=r"has an empty quantization tag after the '\.': write BASE .*rtn4g128"):
+        resolve_model(name, tmp_path)
+
+
+def test_default_model_message_only_when_it_is_missing(tmp_path):
+    with pytest.raises(UserError, match="the default model is not built yet"):
+        resolve_model(DEFAULT_MODEL, tmp_path)
+    (tmp_path / DEFAULT_MODEL).mkdir()
+    (tmp_path / DEFAULT_MODEL / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=rf"model '{DEFAULT_MODEL}\.x\.y' not found: .*available: {DEFAULT_MODEL}"):
+        resolve_model(f"{DEFAULT_MODEL}.x.y", tmp_path)
