@@ -2,10 +2,14 @@
 
 Writes models/BASE.TAG/ (config.json with a `quantization` section,
 model.safetensors with the packed tensors, tokenizer files) atomically; the
-tag grammar is in runtime/tags.py and the README.
+tag grammar is in runtime/tags.py and the README. Everything the build needs
+(options, tokenizer, calibration text, output location, group sizes) is
+checked before the work starts; `--out` never removes anything a build did
+not write (runtime/quantize_model.py: check_output).
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 from runtime.cli import run_cli
@@ -41,7 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gptq: continue an interrupted run from OUT.partial/ (same settings required)")
     p.add_argument("--lora", type=Path, default=None,
                    help="PEFT LoRA adapter to merge into the float weights before quantizing (needs --out)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default models/BASE.TAG)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default models/BASE.TAG); it must not exist yet, be empty, or hold a "
+                        "model quantize.py wrote (replaced only with --overwrite); never the base model, the "
+                        "current directory, the project or a parent of them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model quantize.py wrote at OUT, once the new one is complete (a directory "
+                        "holding anything else is still refused)")
     return p.parse_args(argv)
 
 
@@ -56,6 +66,9 @@ def main(argv=None):
     if args.stat_bits is not None:
         values["s"] = args.stat_bits
     if args.outlier_threshold is not None:
+        if not math.isfinite(args.outlier_threshold):
+            raise UserError(f"--outlier-threshold {args.outlier_threshold}: give a finite positive multiple of 0.01 "
+                            f"(e.g. 0.2), or --no-outliers for no outliers")
         percent = round(args.outlier_threshold * 100)
         if percent <= 0 or abs(percent - args.outlier_threshold * 100) > 1e-6:
             raise UserError(f"--outlier-threshold {args.outlier_threshold}: give a positive multiple of 0.01 "
@@ -73,7 +86,8 @@ def main(argv=None):
         raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
                         f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
-    build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora)
+    build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora,
+                    overwrite=args.overwrite)
     bits = json.loads((out / "config.json").read_text())["quantization"]["bits_per_weight"]
     print(f"wrote {out}: {bits:.3f} bits per weight in the decoder projections (codes and side data)")
 

@@ -20,13 +20,17 @@ Transformers", §5 setup, and its reference code IST-DASLab/gptq: `get_wikitext2
 
 After each layer the state is saved atomically to a directory (the finished
 layers' packed tensors, the hidden states, the settings), so an interrupted
-run continues with `resume=True` and gives a bit-identical model.
+run continues with `resume=True` and gives a bit-identical model. Only a
+directory holding nothing but such a state is ever removed (`remove_state`);
+running out of disk space while saving it is one line naming the file, and
+the layers saved before stay resumable.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import Config, Model
-from runtime.atomic import atomic_directory, write_text
+from runtime.atomic import atomic_directory, full_disk_reported, write_text
 from runtime.datasets import CALIBRATION_TEXT, read_text
 from runtime.errors import UserError
 from runtime.packed_checkpoint import load_packed, save_packed
@@ -50,6 +54,10 @@ TRUE_SEQUENTIAL = {
 }
 SETTINGS_FILE = "settings.json"
 HIDDEN_FILE = "hidden.safetensors"
+# what a state directory holds: the settings, the hidden states, one directory per finished layer, and
+# temporaries of those (runtime/atomic.py)
+STATE_ENTRY = re.compile(r"\.?(settings\.json|hidden\.safetensors|layer_\d{4})(\..+\.(tmp|old))?")
+NO_SPACE_HINT = "free some space on that disk, then continue with quantize.py --resume (the finished layers are kept)"
 
 # method(names, [W [out_k, in]], H [in, in]) -> [(packed tensor, {stat name: float})]: one group's linears
 GroupMethod = Callable[[list, list, np.ndarray], list]
@@ -66,6 +74,9 @@ class CalibrationSettings:
 
 def text_tokens(tokenizer, text_path: Path) -> np.ndarray:
     """Token ids [n] of a calibration text file (no BOS)."""
+    if not Path(text_path).is_file():
+        problem = "is a directory" if Path(text_path).is_dir() else "does not exist"
+        raise UserError(f"calibration text {text_path} {problem}: give a UTF-8 text file with --calib FILE")
     return np.asarray(tokenizer.encode(read_text(text_path), add_bos=False), dtype=np.int64)
 
 
@@ -134,11 +145,32 @@ def _start_state(state_dir: Path, settings: dict, resume: bool) -> bool:
                             f"({', '.join(f'{k}: {old.get(k)!r} now {settings.get(k)!r}' for k in changed)}); "
                             f"rerun with the old settings or without --resume to start over")
         return (state_dir / HIDDEN_FILE).is_file()
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
-    state_dir.mkdir(parents=True)
-    write_text(saved, _settings_json(settings))
+    check_state_dir(state_dir)
+    remove_state(state_dir)
+    with full_disk_reported(state_dir):
+        state_dir.mkdir(parents=True)
+        write_text(saved, _settings_json(settings))
     return False
+
+
+def is_state_dir(path: Path) -> bool:
+    """True when `path` is a directory holding nothing but a calibration state (an empty one counts)."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and all(STATE_ENTRY.fullmatch(p.name) for p in path.iterdir())
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """UserError when something other than a calibration state is where one is to be kept."""
+    state_dir = Path(state_dir)
+    if (state_dir.exists() or state_dir.is_symlink()) and not is_state_dir(state_dir):
+        raise UserError(f"{state_dir} is where the calibration state goes, but it holds something else: "
+                        f"move it away (it is never deleted) or choose another --out")
+
+
+def remove_state(state_dir: Path) -> None:
+    """Remove the calibration state at `state_dir`, if one is there; anything else there is left alone."""
+    if is_state_dir(state_dir):
+        shutil.rmtree(state_dir)
 
 
 def _layer_dir(state_dir: Path, i: int) -> Path:
@@ -147,10 +179,11 @@ def _layer_dir(state_dir: Path, i: int) -> Path:
 
 def _save_layer(state_dir: Path, i: int, packed: dict, hidden: np.ndarray, stats: dict) -> None:
     """Layer i's packed tensors, then the hidden states after it with the stats so far (each atomic)."""
-    with atomic_directory(_layer_dir(state_dir, i)) as tmp:
-        save_packed(tmp, {"layer": i}, packed)
-    write_safetensors(state_dir / HIDDEN_FILE, {"hidden": hidden},
-                      {"layers_done": str(i + 1), "stats": json.dumps(stats)})
+    with full_disk_reported(state_dir, NO_SPACE_HINT):
+        with atomic_directory(_layer_dir(state_dir, i)) as tmp:
+            save_packed(tmp, {"layer": i}, packed)
+        write_safetensors(state_dir / HIDDEN_FILE, {"hidden": hidden},
+                          {"layers_done": str(i + 1), "stats": json.dumps(stats)})
 
 
 def _load_state(state_dir: Path) -> tuple[int, np.ndarray, dict, dict]:

@@ -7,7 +7,8 @@ the first is predicted; ppl = exp(mean negative log-likelihood over all
 predicted tokens).
 
 Each finished window's NLL is saved atomically to a state file, so an
-interrupted evaluation resumes where it stopped and gives the same number.
+interrupted evaluation resumes where it stopped and gives the same number. A
+full disk while saving it is one line naming the file (its temporary removed).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.api import token_logprobs
-from runtime.atomic import write_text
+from runtime.atomic import full_disk_reported, write_text
 from runtime.errors import UserError
 from runtime.resolve import PROJECT_ROOT
 
@@ -65,8 +66,9 @@ def save_state(path: Path | None, window_nll: list):
     """Write the finished windows' NLL sums atomically."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps({"window_nll": window_nll}))
+    with full_disk_reported(path, "free some space on that disk, or evaluate with --no-resume (no state saved)"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"window_nll": window_nll}))
 
 
 def perplexity(model, token_ids, seqlen: int, limit: int | None = None, state_path: Path | None = None,
