@@ -13,8 +13,11 @@ single-file formats):
 A sharded index is the JSON `{"metadata": {...}, "weight_map": {tensor name:
 shard file name}}`. Tensor names follow HF transformers; old OPT checkpoints
 that name their tensors "decoder.*" are renamed to "model.decoder.*", as
-OPTForCausalLM names them. Saved models are one directory: config.json +
-model.safetensors, each file written atomically.
+OPTForCausalLM names them. Every tensor name, shape and dtype is checked
+against config.json (runtime.config_schema) before the tensors are returned.
+Saved models are one directory: config.json + model.safetensors (with the
+CRC-32 of every tensor, checked on first use: runtime.content_hash), each
+file written atomically.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.config_schema import check_tensors
+from runtime.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.gguf_io import load_gguf
 from runtime.llama2c import load_llama2c
 from runtime.atomic import atomic_file
-from runtime.safetensors_io import corrupt, read_safetensors, write_safetensors
+from runtime.safetensors_io import corrupt, read_safetensors, require_regular_file, write_safetensors
 from runtime.torch_pickle import load_torch_state_dict
 
 # Weight files of an HF model directory, in the order they are looked for.
@@ -40,6 +45,7 @@ GGUF_MAGIC = b"GGUF"
 
 def read_json(path: Path, fix: str = "fix it or re-download the model") -> dict:
     """A JSON object from `path`; UserError (ending in `fix`) when it is not one."""
+    require_regular_file(path, fix)
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -51,8 +57,9 @@ def read_json(path: Path, fix: str = "fix it or re-download the model") -> dict:
 
 def read_weight_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of one safetensors or pytorch_model.bin file (a whole model or one shard)."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} is missing; re-download the model (all shards the index lists)")
+    require_regular_file(path)
     if path.name.endswith(".safetensors"):
         return read_safetensors(path)
     return load_torch_state_dict(path), {}
@@ -91,12 +98,12 @@ def normalize_config(config: dict) -> dict:
 
 def load_directory(directory: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
     """Config, tensors and safetensors metadata of an HF model directory."""
-    if not (directory / "config.json").is_file():
+    if not (directory / "config.json").exists():
         raise UserError(f"{directory} has no config.json; point at a Hugging Face model directory "
                         "(config.json + model.safetensors), a .gguf file or a llama2.c .bin file")
     config = normalize_config(read_json(directory / "config.json"))
     for name in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX):
-        if (directory / name).is_file():
+        if (directory / name).exists():
             loader = read_sharded if name.endswith(".index.json") else read_weight_file
             return (config, *loader(directory / name))
     raise UserError(f"{directory} has a config.json but no weights ({SAFETENSORS}, {TORCH_BIN} or a sharded "
@@ -106,6 +113,15 @@ def load_directory(directory: Path) -> tuple[dict, dict[str, np.ndarray], dict[s
 def hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename old OPT checkpoints' "decoder.*" tensors to OPTForCausalLM's "model.decoder.*"."""
     return {f"model.{name}" if name.startswith("decoder.") else name: t for name, t in tensors.items()}
+
+
+def read_directly(name: str, tensors: dict) -> bool:
+    """True for a tensor the forward pass reads without runtime.linear: norms, biases and embeddings,
+    except an embedding that is also the (tied) LM head. Their checksums are checked at load."""
+    if not hasattr(tensors[name], "ndim"):
+        return False
+    tied_head = name.endswith("embed_tokens.weight") and "lm_head.weight" not in tensors
+    return tensors[name].ndim < 2 or ("embed_" in name and not tied_head)
 
 
 def as_float32(array: np.ndarray) -> np.ndarray:
@@ -128,7 +144,9 @@ def load_checkpoint_with_metadata(path: str | os.PathLike, to_float32: bool = Tr
         path = path.parent
     if path.is_dir():
         config, tensors, metadata = load_directory(path)
+        sources = (str(path / "config.json"), str(path))
     else:
+        require_regular_file(path)
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == GGUF_MAGIC:
@@ -139,7 +157,12 @@ def load_checkpoint_with_metadata(path: str | os.PathLike, to_float32: bool = Tr
             raise UserError(f"{path} is not a model this runtime reads: give a Hugging Face model directory, "
                             "a .gguf file or a llama2.c .bin file")
         metadata = {}
+        sources = (str(path), str(path))
     tensors = hf_names(tensors)
+    check_tensors(config, tensors, sources[1], sources[0])
+    for name, t in tensors.items():
+        if read_directly(name, tensors) or (to_float32 and t.dtype not in (np.float32, np.bool_)):  # copied
+            run_pending(t)
     if to_float32:
         tensors = {name: as_float32(t) for name, t in tensors.items()}
     return config, tensors, metadata

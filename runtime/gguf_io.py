@@ -13,9 +13,15 @@ so within each head, GGUF row 2j is HF row j and GGUF row 2j+1 is HF row
 j + head_dim/2. `interleaved_to_half_split` inverts it (llama2.c's wq/wk use
 the same interleaved order). Quantized tensors are dequantized with the
 `gguf` package's reference NumPy code (`gguf.quants.dequantize`).
+
+Metadata comes from an untrusted file: every value is read through
+`metadata_value` with the kind it must have (a string that is valid UTF-8, a
+positive count, a list of strings, ...), so a damaged or hostile file fails
+in one line naming the key.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -24,7 +30,7 @@ import gguf
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.safetensors_io import corrupt
+from runtime.safetensors_io import corrupt, require_regular_file
 
 # GGUF tensor names outside the blocks -> HF names.
 GLOBAL_NAMES = {
@@ -61,15 +67,51 @@ def half_split_to_interleaved(w: np.ndarray, n_head: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(w.shape)  # [out, (in)]
 
 
-def metadata_value(reader: gguf.GGUFReader, key: str, default=None):
-    """The value of a GGUF metadata key (a Python scalar, str or list), or `default`."""
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# What a metadata value of each kind must be: (test, description for the error).
+KINDS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean"),
+    "int": (is_int, "an integer"),
+    "size": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "count": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "float": (is_number, "a finite number"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(is_int(i) for i in v), "an array of integers"),
+    "floats": (lambda v: isinstance(v, list) and all(is_number(f) for f in v), "an array of finite numbers"),
+}
+
+
+def metadata_value(reader: gguf.GGUFReader, key: str, default=None, kind: str | None = None):
+    """The value of a GGUF metadata key (a Python scalar, str or list), or `default` when absent.
+
+    With `kind` (a key of KINDS) the value must be of that kind; UserError otherwise.
+    """
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    path = getattr(reader.data, "filename", "the GGUF file")
+    try:
+        value = field.contents()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: metadata {key!r} is not valid UTF-8; the file is damaged: re-download "
+                        "or re-convert it") from None
+    if kind is not None and not KINDS[kind][0](value):
+        raise UserError(f"{path}: metadata {key!r} must be {KINDS[kind][1]}; the file is damaged: "
+                        "re-download or re-convert it")
+    return value
 
 
-def required_value(reader: gguf.GGUFReader, key: str):
+def required_value(reader: gguf.GGUFReader, key: str, kind: str | None = None):
     """The value of a metadata key the model cannot do without; UserError when it is absent."""
-    value = metadata_value(reader, key)
+    value = metadata_value(reader, key, kind=kind)
     if value is None:
         raise UserError(f"GGUF file lacks metadata key {key!r}; re-convert it with a current llama.cpp")
     return value
@@ -94,33 +136,33 @@ def hf_name(name: str) -> str:
 
 def read_config(reader: gguf.GGUFReader, tensors: dict[str, np.ndarray]) -> dict:
     """Build an HF LlamaConfig-style dict from the GGUF metadata and the tensors' shapes."""
-    hidden = int(required_value(reader, "llama.embedding_length"))
-    n_head = int(required_value(reader, "llama.attention.head_count"))
+    hidden = required_value(reader, "llama.embedding_length", "count")
+    n_head = required_value(reader, "llama.attention.head_count", "count")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(required_value(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(required_value(reader, "llama.block_count")),
+        "intermediate_size": required_value(reader, "llama.feed_forward_length", "count"),
+        "num_hidden_layers": required_value(reader, "llama.block_count", "size"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(metadata_value(reader, "llama.attention.head_count_kv", n_head)),
-        "head_dim": int(metadata_value(reader, "llama.attention.key_length", hidden // n_head)),
-        "rms_norm_eps": short_float(required_value(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": short_float(metadata_value(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(required_value(reader, "llama.context_length")),
+        "num_key_value_heads": metadata_value(reader, "llama.attention.head_count_kv", n_head, "count"),
+        "head_dim": metadata_value(reader, "llama.attention.key_length", hidden // n_head, "count"),
+        "rms_norm_eps": short_float(required_value(reader, "llama.attention.layer_norm_rms_epsilon", "float")),
+        "rope_theta": short_float(metadata_value(reader, "llama.rope.freq_base", 10000.0, "float")),
+        "max_position_embeddings": required_value(reader, "llama.context_length", "count"),
         "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
         "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id", kind="int"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id", kind="int"),
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
-    scaling = metadata_value(reader, "llama.rope.scaling.type", "none")
+    scaling = metadata_value(reader, "llama.rope.scaling.type", "none", "str")
     if scaling != "none":
         config["rope_scaling"] = {"rope_type": scaling,
-                                  "factor": short_float(required_value(reader, "llama.rope.scaling.factor"))}
+                                  "factor": short_float(required_value(reader, "llama.rope.scaling.factor", "float"))}
     return config
 
 
@@ -132,8 +174,7 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     Q and K rows come back in HF half-split RoPE order.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; check the model path or rebuild/re-download it")
+    require_regular_file(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader fails in many ways on a damaged file; all mean the same to the user
@@ -143,11 +184,11 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
 def read_llama(reader: gguf.GGUFReader, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The config and HF-named float32 tensors of an opened GGUF file (`path` names it in errors)."""
-    architecture = metadata_value(reader, "general.architecture")
+    architecture = metadata_value(reader, "general.architecture", kind="str")
     if architecture != "llama":
         raise UserError(f"{path} has GGUF architecture {architecture!r}; only 'llama' is supported")
-    n_head = int(required_value(reader, "llama.attention.head_count"))
-    n_head_kv = int(metadata_value(reader, "llama.attention.head_count_kv", n_head))
+    n_head = required_value(reader, "llama.attention.head_count", "count")
+    n_head_kv = metadata_value(reader, "llama.attention.head_count_kv", n_head, "count")
     tensors = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -158,11 +199,16 @@ def read_llama(reader: gguf.GGUFReader, path: Path) -> tuple[dict, dict[str, np.
                             "dequantized; re-convert the model with a common type (F16, Q8_0, Q4_K, ...)") from None
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists ne0 (the row length) first
         values = values.astype(np.float32, copy=False).reshape(shape)  # [out, in] or [n]
-        if ".self_attn.q_proj." in name:
-            values = interleaved_to_half_split(values, n_head)
-        elif ".self_attn.k_proj." in name:
-            values = interleaved_to_half_split(values, n_head_kv)
+        heads = n_head if ".self_attn.q_proj." in name else n_head_kv if ".self_attn.k_proj." in name else 0
+        if heads and (shape[0] % heads or (shape[0] // heads) % 2):
+            raise corrupt(path, f"tensor {tensor.name!r} has {shape[0]} rows, which {heads} heads do not split")
+        if heads:
+            values = interleaved_to_half_split(values, heads)
         tensors[name] = values
     if "model.embed_tokens.weight" not in tensors:
         raise corrupt(path, "it has no token_embd.weight tensor")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    rows = tensors["model.embed_tokens.weight"].shape[0]
+    if tokens is not None and len(tokens.data) > rows:
+        raise corrupt(path, f"its tokenizer has {len(tokens.data)} tokens, but token_embd.weight only {rows} rows")
     return read_config(reader, tensors), tensors

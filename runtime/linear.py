@@ -6,12 +6,16 @@ own NumPy / Numba / CUDA kernel). Swapping float weights for packed ones, or
 for a wrapper that records inputs during calibration, never touches model.py.
 A float16 weight on the GPU multiplies in half precision (cuBLAS, float32
 accumulation) instead of being widened to float32 on every call.
+A weight mapped from a file this project wrote has its recorded checksum
+checked here, the first time it is used (runtime.content_hash).
 """
+from runtime.content_hash import run_pending
 from runtime.device import is_cupy
 
 
 def linear(x, w, b=None):
     """y [..., out] = x [..., in] @ w.T (+ b [out])."""
+    run_pending(w)
     if not hasattr(w, "ndim"):
         y = w.matmul(x)  # [..., out]
     elif is_cupy(w) and w.dtype != x.dtype:

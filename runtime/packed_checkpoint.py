@@ -7,7 +7,10 @@ and the tokenizer files. A packed weight named N is stored as the arrays
 a JSON object with its format name and parameters, so the format of every
 tensor is read from the file, never guessed from the model's name. Arrays
 that are not packed are stored as they are (norms in float32, embeddings in
-float16).
+float16). The file records the CRC-32 of every array (runtime.content_hash);
+a packed tensor's arrays are checked the first time it is multiplied by, the
+other arrays at load. A model's tensors (not a calibration state's) are
+checked against its config.json (runtime.config_schema) before they are returned.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import json
 from pathlib import Path
 
 from runtime.atomic import write_text
+from runtime.checkpoint import read_directly, read_json
+from runtime.config_schema import check_tensors
+from runtime.content_hash import ContentCheck, defer, run_pending, take
 from runtime.errors import UserError
 from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
@@ -24,10 +30,11 @@ WEIGHTS = "model.safetensors"
 
 
 def is_packed_model(path: Path) -> bool:
-    """True when `path` is a directory whose config.json has a quantization section."""
+    """True when `path` is a directory whose config.json (a regular file) has a quantization section."""
+    config = Path(path) / "config.json"
     try:
-        return "quantization" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        return config.is_file() and "quantization" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
         return False
 
 
@@ -47,7 +54,7 @@ def save_packed(directory: Path, config: dict, tensors: dict) -> None:
 def load_packed(directory: Path) -> tuple[dict, dict]:
     """(config, {name: array or PackedTensor}) of a quantized model directory."""
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json", "re-quantize the model")
     arrays, metadata = read_safetensors(directory / WEIGHTS)
     tensors = {}
     for name, text in metadata.items():
@@ -58,6 +65,13 @@ def load_packed(directory: Path) -> tuple[dict, dict]:
             raise UserError(f"{directory / WEIGHTS}: the metadata of {name!r} is not a packed-tensor "
                             f"description; re-quantize the model") from None
         parts = {key[len(name) + 1:]: arrays.pop(key) for key in list(arrays) if key.startswith(name + ".")}
+        checks = [take(a) for a in parts.values()]  # checked together when the packed tensor is first used
         tensors[name] = fmt.from_tensors(parts, meta)
+        defer(tensors[name], ContentCheck(directory / WEIGHTS, [i for c in checks if c for i in c.items]))
     tensors.update(arrays)
+    if "quantization" in config:
+        check_tensors(config, tensors, str(directory / WEIGHTS), str(directory / "config.json"))
+    for name, value in tensors.items():
+        if read_directly(name, tensors):
+            run_pending(value)
     return config, tensors

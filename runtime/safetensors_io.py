@@ -15,17 +15,21 @@ The reader memory-maps the file once and returns read-only `np.memmap` views
 into it, so loading costs no RAM until a tensor is touched. BF16 has no NumPy
 dtype: BF16 tensors are widened to float32 on read (that one dtype is copied).
 The writer streams each array to a temporary file in the target directory and
-renames it into place, so a crash never leaves a half-written file behind.
+renames it into place, so a crash never leaves a half-written file behind, and
+records the CRC-32 of every tensor in the metadata (runtime.content_hash); the
+reader attaches each recorded checksum to its tensor, to be checked on first use.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from runtime.atomic import atomic_file
+from runtime.content_hash import HASH_KEY, ContentCheck, defer, hash_record, read_record, run_pending
 from runtime.errors import UserError
 
 # safetensors dtype code -> NumPy dtype (little-endian); BF16 is read as its raw bits.
@@ -59,6 +63,17 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 def corrupt(path: Path, reason: str) -> UserError:
     """The error for a damaged weight file: names it, says why, says what to do."""
     return UserError(f"{path} is truncated or corrupt ({reason}); delete it and rebuild/re-download")
+
+
+def require_regular_file(path: Path, fix: str = "check the model path or rebuild/re-download it") -> None:
+    """UserError unless `path` is a regular file: a FIFO or device would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise UserError(f"{path} does not exist; {fix}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path} is not a regular file (a directory, FIFO, socket or device); "
+                        "give the path of the model file itself")
 
 
 def read_header(path: Path) -> tuple[dict, int, int]:
@@ -110,26 +125,37 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     truncated or its header is inconsistent.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; check the model path or rebuild/re-download it")
+    require_regular_file(path)
     header, start, data_size = read_header(path)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise corrupt(path, "__metadata__ is not a JSON object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt(path, "__metadata__ is not a JSON object of strings")
+    record = read_record(path, metadata)
+    metadata.pop(HASH_KEY, None)
     entries = {name: check_entry(path, name, entry, data_size) for name, entry in header.items()}
+    unknown = sorted(record.keys() - entries.keys())
+    if unknown:
+        raise corrupt(path, f"its checksums name tensor {unknown[0]!r}, which it does not hold")
     if not entries:
         return {}, metadata
     buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_size,))  # [data_size]
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
         array = buffer[begin:end].view(dtype).reshape(shape)
-        tensors[name] = bf16_to_float32(array) if header[name]["dtype"] == "BF16" else array
+        if name in record:
+            defer(array, ContentCheck(path, [(name, record[name], array)]))
+        if header[name]["dtype"] == "BF16":  # widened into a copy now, so checked now
+            run_pending(array)
+            array = bf16_to_float32(array)
+        tensors[name] = array
     return tensors, metadata
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (and string `metadata`) to a standard .safetensors file, atomically.
+
+    The metadata also records the CRC-32 of every tensor (runtime.content_hash).
 
     Tensors are laid out widest dtype first so every tensor starts aligned to
     its item size; each array is streamed to disk on its own (a non-contiguous
@@ -147,7 +173,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                             f"convert it to one of {sorted(str(d) for d in CODES)}")
         arrays[name] = array.astype(dtype, copy=False)
     order = sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
-    header = {"__metadata__": metadata} if metadata else {}
+    header = {"__metadata__": {**(metadata or {}), HASH_KEY: hash_record(arrays)}}
     offset = 0
     for name in order:
         array = arrays[name]

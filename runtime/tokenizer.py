@@ -24,9 +24,12 @@ that is new and complete (the method of HF text-generation-inference's
 """
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import jinja2
+import jinja2.compiler
 import jinja2.sandbox
 import sentencepiece
 import tokenizers
@@ -36,6 +39,8 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from runtime.atomic import write_text
 from runtime.checkpoint import read_json
 from runtime.errors import UserError
+from runtime.gguf_io import metadata_value
+from runtime.safetensors_io import require_regular_file
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 TOKEN_NORMAL = 1
@@ -81,7 +86,8 @@ class Tokenizer:
     def load(cls, path):
         """Load from a directory of tokenizer files, a `.gguf` file or a `.model` file."""
         path = Path(path)
-        if path.is_file():
+        if path.exists() and not path.is_dir():
+            require_regular_file(path)
             if path.suffix == ".gguf":
                 return cls._from_gguf(path)
             if path.suffix == ".model":
@@ -176,43 +182,57 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path):
+        require_regular_file(path)
         try:
             reader = GGUFReader(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from e
+        except Exception as e:  # the reader fails in many ways on a damaged file; all mean the same to the user
+            raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
 
-        def field(key, default=None):
-            found = reader.fields.get(key)
-            return found.contents() if found is not None else default
+        def field(key, kind, default=None):
+            return metadata_value(reader, key, default, kind)
 
-        kind = field("tokenizer.ggml.model")
-        tokens = field("tokenizer.ggml.tokens")
-        if tokens is None:
+        kind = field("tokenizer.ggml.model", "str")
+        tokens = field("tokenizer.ggml.tokens", "strs")
+        if not tokens:
             raise UserError(
                 f"{path}: this GGUF has no embedded vocabulary; give the model's tokenizer directory instead")
-        types = field("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+        types = field("tokenizer.ggml.token_type", "ints", [TOKEN_NORMAL] * len(tokens))
+        if len(types) != len(tokens):
+            raise UserError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
+                            "tokens; the file is damaged: re-download or re-convert it")
         if kind == "gpt2":
-            pre = field("tokenizer.ggml.pre", "default")
+            pre = field("tokenizer.ggml.pre", "str", "default")
             if pre not in GPT2_PRE_NAMES | {"smollm"}:
                 raise UserError(f"{path}: GGUF pre-tokenizer '{pre}' is not supported (supported: gpt2, smollm); "
                                 "use the model's tokenizer.json instead")
-            merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges", [])]
-            backend = _byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, digits_first=pre == "smollm")
+            vocab = {t: i for i, t in enumerate(tokens)}
+            merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges", "strs", [])]
+            bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab), None)
+            if bad is not None:
+                raise UserError(f"{path}: tokenizer.ggml.merges holds {' '.join(bad)!r}, not two tokens of the "
+                                "vocabulary; the file is damaged: re-download or re-convert it")
+            backend = _byte_level_bpe(vocab, merges, digits_first=pre == "smollm")
             _add_gguf_special_tokens(backend, tokens, types)
-            add_bos = field("tokenizer.ggml.add_bos_token", False)
+            add_bos = field("tokenizer.ggml.add_bos_token", "bool", False)
         elif kind == "llama":
-            scores = field("tokenizer.ggml.scores")
-            if scores is None:
-                raise UserError(f"{path}: GGUF 'llama' vocabulary has no tokenizer.ggml.scores; re-convert the model")
-            backend = _sentencepiece_bpe(tokens, scores, types, field("tokenizer.ggml.add_space_prefix", True))
-            add_bos = field("tokenizer.ggml.add_bos_token", True)
+            scores = field("tokenizer.ggml.scores", "floats")
+            if scores is None or len(scores) != len(tokens):
+                raise UserError(f"{path}: GGUF 'llama' vocabulary lacks one tokenizer.ggml.scores entry per "
+                                "token; re-convert the model")
+            backend = _sentencepiece_bpe(tokens, scores, types, field("tokenizer.ggml.add_space_prefix", "bool", True))
+            add_bos = field("tokenizer.ggml.add_bos_token", "bool", True)
         else:
             raise UserError(f"{path}: GGUF tokenizer model '{kind}' is not supported (supported: gpt2, llama)")
-        bos_id = field("tokenizer.ggml.bos_token_id")
-        eos_ids = [field(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+        ids = {name: field(f"tokenizer.ggml.{name}_token_id", "int") for name in ("bos", "eos", "eot", "eom")}
+        outside = next((name for name, i in ids.items() if i is not None and not 0 <= i < len(tokens)), None)
+        if outside is not None:
+            raise UserError(f"{path}: tokenizer.ggml.{outside}_token_id is {ids[outside]}, outside the vocabulary "
+                            f"of {len(tokens)} tokens; the file is damaged: re-download or re-convert it")
+        eos_ids = [ids["eos"], ids["eot"], ids["eom"]]
         eos_ids += [i for i, (t, k) in enumerate(zip(tokens, types))
                     if k == TOKEN_CONTROL and t in END_OF_GENERATION_TOKENS]
-        return cls(backend, bos_id, _unique_ids(eos_ids), bool(add_bos), field("tokenizer.chat_template"))
+        return cls(backend, ids["bos"], _unique_ids(eos_ids), bool(add_bos),
+                   field("tokenizer.chat_template", "str"))
 
     # ---- encoding and decoding ----
 
@@ -271,16 +291,16 @@ class Tokenizer:
             raise UserError("this model has no chat template; send the prompt as plain text instead")
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = BoundedTemplateEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_template_error
         names = {"bos_token": self.bos_id, "eos_token": self.eos_ids[0] if self.eos_ids else None}
         specials = {k: self.id_to_token(v) if v is not None else "" for k, v in names.items()}
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, **specials)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the model's chat template failed ({e}); send the prompt as plain text instead") from e
+            return env.render_bounded(self.chat_template, messages=messages, add_generation_prompt=True, **specials)
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:
+            raise UserError(f"the model's chat template failed ({type(e).__name__}: {e}); "
+                            "send the prompt as plain text instead") from None
 
     # ---- saving ----
 
@@ -308,6 +328,83 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         write_text(directory / "tokenizer.json", backend.to_str(pretty=True))
         write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+class BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Jinja's code generator, with every `~` concatenation checked by the environment's length cap."""
+
+    def visit_Concat(self, node, frame):
+        self.write("environment.bounded(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class BoundedTemplateEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja's sandbox with bounds on what a chat template from a model file may cost.
+
+    The sandbox already stops templates from reaching Python internals and caps
+    range() at 100000 items; this adds a time budget (checked on every line
+    the template's code runs, so nested loops stop), a cap on the length of the
+    output and of every string or list that repetition (*), addition (+) or
+    concatenation (~) builds, a cap on powers (**), and a cap on the integers
+    passed to any call (so 'a'.center(10**12) never allocates).
+    """
+
+    code_generator_class = BoundedCodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+"])
+    max_seconds = 2.0
+    max_length = 1_000_000  # characters of output, items or characters of any built value
+    max_power_bits = 100_000
+
+    def call_binop(self, context, operator, left, right):
+        """`left operator right`, refused when its result would exceed the bounds."""
+        if operator == "*":
+            counts = [v for v in (left, right) if isinstance(v, int)]
+            sized = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
+            if counts and sized and len(sized[0]) * counts[0] > self.max_length:
+                raise UserError(self.limit_message(f"repeats a value to more than {self.max_length} items"))
+        if (operator == "**" and isinstance(left, int) and isinstance(right, int)
+                and right * max(abs(left).bit_length(), 1) > self.max_power_bits):
+            raise UserError(self.limit_message(f"computes a power of more than {self.max_power_bits} bits"))
+        return self.bounded(super().call_binop(context, operator, left, right))
+
+    def call(self, __context, __obj, *args, **kwargs):
+        """A call from the template, refused when it passes an integer above the length cap."""
+        if any(isinstance(a, int) and abs(a) > self.max_length for a in (*args, *kwargs.values())):
+            raise UserError(self.limit_message(f"passes a number above {self.max_length} to a function"))
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def bounded(self, value):
+        """`value`, unless it is a string or list longer than the cap."""
+        if isinstance(value, (str, list, tuple)) and len(value) > self.max_length:
+            raise UserError(self.limit_message(f"builds a value of more than {self.max_length} items"))
+        return value
+
+    def limit_message(self, what: str) -> str:
+        return f"the model's chat template {what}; send the prompt as plain text instead (without --chat)"
+
+    def render_bounded(self, source: str, **context) -> str:
+        """Render template `source` within the time budget and the output cap."""
+        template = self.from_string(source)
+        deadline = time.monotonic() + self.max_seconds
+
+        def trace(frame, event, arg):
+            if time.monotonic() > deadline:
+                raise UserError(self.limit_message(f"ran longer than {self.max_seconds:g} s"))
+            return trace
+
+        pieces, length = [], 0
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            for piece in template.generate(**context):
+                length += len(piece)
+                if length > self.max_length:
+                    raise UserError(self.limit_message(f"writes more than {self.max_length} characters"))
+                pieces.append(piece)
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
 
 
 class StreamDecoder:

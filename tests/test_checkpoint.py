@@ -137,12 +137,15 @@ def test_saved_checkpoint_is_read_by_transformers_and_safetensors(tmp_path):
 
 
 def test_to_float32_false_keeps_stored_dtypes(tmp_path):
-    packed = {"codes": np.arange(6, dtype=np.uint8), "scales": np.ones(3, np.float16)}
-    save_checkpoint(tmp_path, {"model_type": "llama"}, packed)
-    _, tensors, _ = load_checkpoint_with_metadata(tmp_path, to_float32=False)
-    assert {name: t.dtype for name, t in tensors.items()} == {"codes": np.uint8, "scales": np.float16}
-    _, tensors = load_checkpoint(tmp_path)
-    assert {name: t.dtype for name, t in tensors.items()} == {"codes": np.uint8, "scales": np.float32}
+    tiny_llama().save_pretrained(tmp_path / "original")
+    config, tensors = load_checkpoint(tmp_path / "original")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.float16)
+    save_checkpoint(tmp_path / "saved", config, tensors)
+    _, stored, _ = load_checkpoint_with_metadata(tmp_path / "saved", to_float32=False)
+    assert stored["model.norm.weight"].dtype == np.float16
+    assert stored["model.embed_tokens.weight"].dtype == np.float32
+    _, widened = load_checkpoint(tmp_path / "saved")
+    assert {t.dtype for t in widened.values()} == {np.dtype(np.float32)}
 
 
 @pytest.mark.parametrize("problem, message", [

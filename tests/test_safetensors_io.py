@@ -9,6 +9,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from runtime.content_hash import HASH_KEY, crc32
 from runtime.errors import UserError
 from runtime.safetensors_io import read_safetensors, write_safetensors
 
@@ -42,7 +43,9 @@ def test_reference_reads_what_we_write(tmp_path):
     for name, expected in tensors.items():
         assert loaded[name].dtype == expected.dtype and np.array_equal(loaded[name], expected), name
     with safetensors.safe_open(path, framework="np") as f:
-        assert f.metadata() == {"format": "np", "note": "x"}
+        metadata = f.metadata()
+    assert json.loads(metadata.pop(HASH_KEY)) == {name: crc32(t) for name, t in tensors.items()}
+    assert metadata == {"format": "np", "note": "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
 
 
