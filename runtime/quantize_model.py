@@ -198,8 +198,8 @@ def foreign_entries(directory: Path) -> list[str]:
 def check_output(out_dir: Path, base: Path, overwrite: bool) -> None:
     """UserError unless a model may be written to `out_dir`.
 
-    Never: the base model or a folder holding it, the current directory, the project or a parent of
-    either, a symbolic link, an existing file, or a directory holding anything a build did not write.
+    Never: the base model or a folder holding it, the current directory, the project, the models
+    directory or a parent of one of them, a symbolic link, an existing file, or a directory holding anything a build did not write.
     A model written by a build is replaced only with `overwrite`; an empty directory always may be.
     """
     out_dir = Path(out_dir)
@@ -207,7 +207,8 @@ def check_output(out_dir: Path, base: Path, overwrite: bool) -> None:
     if target == base or target in base.parents:
         what = "the base model" if target == base else f"a folder holding the base model {base}"
         raise UserError(f"{out_dir} is {what}: write the quantized model elsewhere (--out)")
-    for place, what in ((Path.cwd().resolve(), "the current directory"), (PROJECT_ROOT, "the project")):
+    for place, what in ((Path.cwd().resolve(), "the current directory"), (PROJECT_ROOT, "the project"),
+                        (MODELS_DIR, "the models directory")):
         if target == place or target in place.parents:
             raise UserError(f"{out_dir} is {what} or one of its parents, which a build never replaces: "
                             f"give a new directory as --out (default: models/BASE.TAG)")

@@ -27,8 +27,9 @@ def tiny(tmp_path_factory):
     return path
 
 
-def quantize(*args, cwd=ROOT, fault=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(HOOKS), **({"QLLM_FAULT": fault} if fault else {}))
+def quantize(*args, cwd=ROOT, fault=None, models=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(HOOKS), **({"QLLM_FAULT": fault} if fault else {}),
+               **({"QLLM_MODELS_DIR": str(models)} if models else {}))
     return subprocess.run([sys.executable, str(ROOT / "quantize.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -73,6 +74,14 @@ def test_out_the_project_is_refused(tiny, tmp_path):
     refused(quantize("--model", tiny, "--method", "rtn", "--bits", "8", "--out", ROOT, cwd=tmp_path),
             "is the project or one of its parents")
     assert (ROOT / "README.md").is_file() and (ROOT / "quantize.py").is_file()
+
+
+def test_out_the_models_directory_is_refused_even_when_empty(tiny, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    refused(quantize("--model", tiny, "--method", "rtn", "--bits", "8", "--out", models, models=models),
+            "is the models directory")
+    assert list(models.iterdir()) == []
 
 
 def test_out_the_base_model_or_its_folder_is_refused(tiny, tmp_path):
