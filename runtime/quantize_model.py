@@ -199,8 +199,9 @@ def check_output(out_dir: Path, base: Path, overwrite: bool) -> None:
     """UserError unless a model may be written to `out_dir`.
 
     Never: the base model or a folder holding it, the current directory, the project, the models
-    directory or a parent of one of them, a symbolic link, an existing file, or a directory holding anything a build did not write.
-    A model written by a build is replaced only with `overwrite`; an empty directory always may be.
+    directory or a parent of one of them, a symbolic link, an existing file, or a directory holding
+    anything a build did not write. A model written by a build is replaced only with `overwrite`;
+    an empty directory always may be.
     """
     out_dir = Path(out_dir)
     target, base = out_dir.resolve(), Path(base).resolve()

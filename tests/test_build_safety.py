@@ -87,6 +87,11 @@ def leftovers(models: Path, name: str) -> list[str]:
     return found
 
 
+def temporaries(root: Path) -> list[Path]:
+    """The temporaries of runtime/atomic.py anywhere under `root`."""
+    return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
     """{tag: (models directory, snapshot of an uninterrupted first-use build of tiny.TAG in it)}, built once."""
@@ -159,6 +164,23 @@ def test_kill_while_replacing_a_model_then_rebuild(reference):
     assert snapshot(models / "tiny.rtn8") == expected
 
 
+def test_resume_after_kill_keeps_the_saved_layers_and_removes_the_rest(tiny, tmp_path):
+    def quantize(out, fault=None, *extra):
+        return subprocess.run([sys.executable, "quantize.py", "--model", str(tiny), "--method", "gptq", "--bits", "4",
+                               "--nsamples", "4", "--seqlen", "32", "--out", str(out), *extra], cwd=ROOT,
+                              env=environment(tmp_path, fault), capture_output=True, text=True, timeout=600)
+
+    assert quantize(tmp_path / "reference" / "tiny.gptq4").returncode == 0
+    out = tmp_path / "run" / "tiny.gptq4"
+    killed = quantize(out, r"replace:layer_0001$:kill")  # layer 0 and its hidden states saved
+    assert killed.returncode == -9, killed.stderr
+    assert temporaries(out.with_name("tiny.gptq4.partial"))  # layer 1's half-saved state directory
+    resumed = quantize(out, r"replace:layer_0000$:kill", "--resume")  # killed if it did layer 0 again
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == [".tiny.gptq4.lock", "tiny.gptq4"]
+    assert snapshot(out) == snapshot(tmp_path / "reference" / "tiny.gptq4")
+
+
 def test_only_temporaries_of_gone_owners_are_removed(tmp_path):
     target = tmp_path / "model"
     mine = temporary_name(target, "tmp")
@@ -186,10 +208,6 @@ def no_space_on(monkeypatch, pattern: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return fsync(fd)
     monkeypatch.setattr(atomic.os, "fsync", full)
-
-
-def temporaries(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
 def test_full_disk_in_a_file_names_it_and_removes_the_temporary(tmp_path):
