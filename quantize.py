@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default models/BASE.TAG); it must not exist yet, be empty, or hold a "
                         "model quantize.py wrote (replaced only with --overwrite); never the base model, the "
-                        "current directory, the project or a parent of them")
+                        "current directory, the project, the models directory or a parent of them")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model quantize.py wrote at OUT, once the new one is complete (a directory "
                         "holding anything else is still refused)")
