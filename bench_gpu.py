@@ -158,11 +158,11 @@ def decode_and_prefill(cp, model: Model, steps: int, prefill_tokens: int) -> dic
     return {"decode_tok_s": round(steps / decode_s, 1), "prefill_tok_s": round(prefill_tokens / prefill_s, 1)}
 
 
-def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, log) -> list[dict]:
-    """End-to-end rows of a random-weight model with the shapes of `shape_name`."""
+def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, log, rows: list, on_row) -> None:
+    """End-to-end rows of a random-weight model with the shapes of `shape_name`, appended to `rows`;
+    `on_row()` after each (the results so far survive a time-out)."""
     hf = bench_models.hf_config(shape_name)
     config = Config.from_hf(hf)
-    rows = []
     t0 = time.perf_counter()
     packed = in_parallel(bench_models.packed_tensors, [hf] * len(formats), formats)
     log(f"  packed {len(formats)} models in {time.perf_counter() - t0:.1f} s")
@@ -177,9 +177,9 @@ def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, lo
         rows.append({"model": shape_name, "weights": name, "gpu_gib": round(used / 2**30, 2),
                      **decode_and_prefill(cp, model, steps, prefill_tokens)})
         log(f"    {rows[-1]}")
+        on_row()
         del model
         cp.get_default_memory_pool().free_all_blocks()
-    return rows
 
 
 def markdown(info: dict, copy_gbs: float, kernels: list, models: list) -> str:
@@ -227,10 +227,10 @@ def main(argv=None):
     write = lambda models: ((args.out / "bench_gpu.json").write_text(json.dumps(
         {"device": info, "copy_gbs": round(copy_gbs, 1), "kernels": kernels, "models": models}, indent=1)),
         (args.out / "bench_gpu.md").write_text(markdown(info, copy_gbs, kernels, models)))
-    write([])  # the kernel table survives a time-out in the model part
-    models = model_rows(cp, "tinyllama-1.1b", MODEL_FORMATS[:2] if args.quick else MODEL_FORMATS,
-                        8 if args.quick else 64, 64 if args.quick else 512, log)
-    write(models)
+    models = []
+    write(models)  # the kernel table survives a time-out in the model part
+    model_rows(cp, "tinyllama-1.1b", MODEL_FORMATS[:2] if args.quick else MODEL_FORMATS,
+               8 if args.quick else 64, 64 if args.quick else 512, log, models, lambda: write(models))
     log(f"wrote {args.out / 'bench_gpu.json'} and {args.out / 'bench_gpu.md'}")
 
 

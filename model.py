@@ -115,6 +115,7 @@ class Model:
         self.lm_head = self.globals.get("lm_head.weight", self.embed)  # [vocab, hidden]
         self.block = self.llama_block if config.arch == "llama" else self.opt_block
         self.inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
+        self.rope_cos = self.rope_sin = None  # [n, hd/2] each, built by rope_table
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_len` positions (default: the model's context)."""
@@ -237,13 +238,22 @@ class Model:
 
     # ---- elementwise pieces ----------------------------------------------------------
 
+    def rope_table(self, end: int):
+        """(cos, sin) [>= end, hd/2] float32 of the rotary angles on the model's device: computed once (in
+        float64, as HF does) and grown by doubling, so a decode step copies nothing to the GPU."""
+        if self.rope_cos is None or self.rope_cos.shape[0] < end:
+            n = max(end, 256, 2 * (0 if self.rope_cos is None else self.rope_cos.shape[0]))
+            angles = np.arange(n)[:, None] * self.inv_freq[None, :]  # [n, hd/2]
+            self.rope_cos = self.xp.asarray(np.cos(angles), dtype=self.xp.float32)  # [n, hd/2]
+            self.rope_sin = self.xp.asarray(np.sin(angles), dtype=self.xp.float32)  # [n, hd/2]
+        return self.rope_cos, self.rope_sin
+
     def rope(self, x, start: int):
         """Rotary embedding, HF half-split layout: x [h, T, hd] at positions start.. ."""
         xp = self.xp
         half = x.shape[-1] // 2
-        angles = np.arange(start, start + x.shape[1])[:, None] * self.inv_freq[None, :]  # [T, hd/2]
-        cos = xp.asarray(np.cos(angles), dtype=xp.float32)  # [T, hd/2]
-        sin = xp.asarray(np.sin(angles), dtype=xp.float32)  # [T, hd/2]
+        cos, sin = self.rope_table(start + x.shape[1])
+        cos, sin = cos[start:start + x.shape[1]], sin[start:start + x.shape[1]]  # [T, hd/2] each
         x1, x2 = x[..., :half], x[..., half:]  # [h, T, hd/2] each
         return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [h, T, hd]
 

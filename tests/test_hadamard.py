@@ -76,3 +76,18 @@ def test_random_signs():
 def test_unsupported_sizes_raise(n):
     with pytest.raises(UserError, match=str(n)):
         hadamard_factor(n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8, 96, 4096, 5632, 12288, 13824])  # 13824 > one block's shared memory: CuPy path
+def test_cuda_hadamard_rows_match_numpy(cupy, n):
+    from runtime.kernels.hadamard_cuda import hadamard_rows
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3, n)).astype(np.float32)  # [3, n]
+    pre, post = random_signs(n, 1), random_signs(n, 2)  # [n] each
+    for transpose in (False, True):
+        ref = fast_hadamard(x * pre, transpose=transpose) * post  # [3, n]
+        y = hadamard_rows(cupy.asarray(x), cupy.asarray(pre), cupy.asarray(post), transpose).get()
+        assert np.abs(y - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+        plain = hadamard_rows(cupy.asarray(x), transpose=transpose).get()
+        assert np.abs(plain - fast_hadamard(x, transpose=transpose)).max() < 1e-5 * max(1.0, np.abs(ref).max())

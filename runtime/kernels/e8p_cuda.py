@@ -1,8 +1,8 @@
 """CuPy launchers of the e8p CUDA kernels (source: e8p.cu; layout: runtime/formats/e8p.py).
 
 QuIP# (Tseng et al. 2024) inference on the GPU: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out.
-The randomized Hadamard transforms run as CuPy array code
-(`runtime.hadamard.fast_hadamard`, which works on CuPy arrays). A few input
+The randomized Hadamard transforms run as one kernel launch each, signs fused
+(`runtime.kernels.hadamard_cuda`). A few input
 rows (decode) run the fused decode-and-multiply kernel once per RVQ stage;
 more rows (prefill) decode Ŵ into a temporary float32 array and let cuBLAS
 multiply. CuPy is imported on first use, so this module imports on machines
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import e8p
-from runtime.hadamard import fast_hadamard
+from runtime.kernels.hadamard_cuda import hadamard_rows
 
 SOURCE = Path(__file__).with_name("e8p.cu")
 WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p.cu)
@@ -72,7 +72,7 @@ def matmul(packed, x):
     import cupy
 
     n_out, n_in = packed.shape
-    x_rot = cupy.ascontiguousarray(fast_hadamard(cupy.asarray(x, dtype=cupy.float32) * packed.signs_in))  # [m, in]
+    x_rot = hadamard_rows(cupy.asarray(x, dtype=cupy.float32), pre=packed.signs_in)  # [m, in]
     m = x_rot.shape[0]
     if m > FUSED_MAX_ROWS:
         y_rot = x_rot @ decoded(packed).T  # [m, out] (cuBLAS)
@@ -85,4 +85,4 @@ def matmul(packed, x):
             _module().get_function(matmul_name)(
                 grid, (32, WARPS_PER_BLOCK),
                 (codes, table, scale, x_rot, y_rot, np.int32(n_out), np.int32(n_in), np.int32(k > 0)))
-    return fast_hadamard(y_rot, transpose=True) * packed.signs_out  # [m, out]
+    return hadamard_rows(y_rot, post=packed.signs_out, transpose=True)  # [m, out]

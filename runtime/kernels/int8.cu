@@ -10,6 +10,9 @@
 //   pairs at a time with __dp4a into an int32 accumulator, the warp sums its
 //   lanes with shuffles (integer, exact). Rows whose byte length is not a
 //   multiple of 4 are not 32-bit aligned: those take a byte-wise loop.
+//   LLM.int8's outlier columns (has_outliers) are fused in: their xq is 0, and
+//   the same pass adds sw[o] * sum over them of x[r, i] * qweight[o, i] in
+//   float, so no host round trip decides which columns they are.
 //
 // Rounding matches the NumPy reference exactly: IEEE division (__fdiv_rn),
 // round-to-nearest-even conversions, and two float32 products in the
@@ -59,24 +62,44 @@ extern "C" __global__ void int8_matmul_dp4a(
     const float* __restrict__ sw,               // [out] (the one scale repeated for "tensor")
     const signed char* __restrict__ xq,         // [m, in]
     const float* __restrict__ sx,               // [m]
+    const unsigned char* __restrict__ outliers, // [in], 1 = outlier column (read when has_outliers)
+    const float* __restrict__ x,                // [m, in] float input (read when has_outliers)
     float* __restrict__ y,                      // [m, out]
-    int n_out, int n_in)
+    int n_out, int n_in, int has_outliers)
 {
     const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;  // blockDim = (32, WARPS_PER_BLOCK)
     const int r = blockIdx.y;
     if (o >= n_out) return;
     const signed char* w_row = qweight + (long long)o * n_in;
     const signed char* x_row = xq + (long long)r * n_in;
+    const float* xf_row = x + (long long)r * n_in;
     int acc = 0;
+    float outlier_acc = 0.0f;  // sum over outlier columns of x * qweight (their xq is 0)
     if (n_in % 4 == 0) {
         const int* w4 = reinterpret_cast<const int*>(w_row);
         const int* x4 = reinterpret_cast<const int*>(x_row);
-        for (int k = threadIdx.x; k < n_in / 4; k += 32) acc = __dp4a(w4[k], x4[k], acc);
+        const int* mask4 = reinterpret_cast<const int*>(outliers);
+        for (int k = threadIdx.x; k < n_in / 4; k += 32) {
+            acc = __dp4a(w4[k], x4[k], acc);
+            if (has_outliers && mask4[k]) {
+                for (int j = 0; j < 4; ++j) {
+                    if (outliers[4 * k + j]) outlier_acc += xf_row[4 * k + j] * (float)w_row[4 * k + j];
+                }
+            }
+        }
     } else {
-        for (int i = threadIdx.x; i < n_in; i += 32) acc += (int)w_row[i] * (int)x_row[i];
+        for (int i = threadIdx.x; i < n_in; i += 32) {
+            acc += (int)w_row[i] * (int)x_row[i];
+            if (has_outliers && outliers[i]) outlier_acc += xf_row[i] * (float)w_row[i];
+        }
     }
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        acc += __shfl_down_sync(0xffffffffu, acc, offset);
+        outlier_acc += __shfl_down_sync(0xffffffffu, outlier_acc, offset);
+    }
     if (threadIdx.x == 0) {
-        y[(long long)r * n_out + o] = __fmul_rn(__fmul_rn(__int2float_rn(acc), sx[r]), sw[o]);
+        float value = __fmul_rn(__fmul_rn(__int2float_rn(acc), sx[r]), sw[o]);
+        if (has_outliers) value += outlier_acc * sw[o];
+        y[(long long)r * n_out + o] = value;
     }
 }

@@ -3,8 +3,8 @@
 CuPy is imported on first use, so this module imports on machines without a
 GPU. The activations are quantized per token (or per tensor) by
 `int8_quantize_tokens`, multiplied by `int8_matmul_dp4a` (int32
-accumulation with __dp4a), and the LLM.int8 outlier columns' float product
-is added by CuPy / cuBLAS. The packed arrays must already be CuPy arrays
+accumulation with __dp4a), which adds the LLM.int8 outlier columns' float
+product in the same pass (nothing comes back to the host). The packed arrays must already be CuPy arrays
 (`Int8Tensor.to_device(cupy)`). The dp4a kernel is a GEMV run once per input
 row; prefill has no tiled GEMM yet.
 """
@@ -55,14 +55,12 @@ def matmul(packed, x):
     n_out, n_in = packed.shape
     x = cupy.ascontiguousarray(x, dtype=cupy.float32)  # [m, in]
     m = x.shape[0]
-    outliers = outlier_columns(x, packed.outlier_threshold)  # [in]
+    outliers = outlier_columns(x, packed.outlier_threshold)  # [in] bool, on the GPU
     xq, sx = quantize_tokens(x, outliers, packed.activation == "tensor")
     sw = cupy.ascontiguousarray(packed.weight_scales())  # [out]
     y = cupy.empty((m, n_out), dtype=cupy.float32)  # [m, out]
     _module().get_function("int8_matmul_dp4a")(
         (-(-n_out // WARPS_PER_BLOCK), m), (32, WARPS_PER_BLOCK),
-        (packed.qweight, sw, xq, sx, y, np.int32(n_out), np.int32(n_in)))
-    extra = packed.outlier_product(x, outliers)
-    if extra is not None:
-        y += extra
+        (packed.qweight, sw, xq, sx, outliers.astype(cupy.uint8), x, y, np.int32(n_out), np.int32(n_in),
+         np.int32(packed.outlier_threshold is not None)))
     return y

@@ -37,10 +37,13 @@ def _kernel_args(packed) -> tuple:
 
 
 def _storage_input(packed, x):
-    """x [m, in] -> [m, n_runs * 32] float32: gathered into storage order, zero padded to whole runs."""
+    """x [m, in] -> [m, n_runs * 32] float32: gathered into storage order, zero padded to whole runs (x itself
+    when it is in that order already)."""
     import cupy
 
     n_pad = packed.qweight.shape[0] // packed.bits * RUN
+    if packed.perm is None and n_pad == packed.in_features:
+        return cupy.ascontiguousarray(x, dtype=cupy.float32)  # already in storage order, whole runs
     xs = cupy.zeros((x.shape[0], n_pad), dtype=cupy.float32)  # [m, in_pad]
     xs[:, :packed.in_features] = x if packed.perm is None else x[:, packed.perm]
     return xs
