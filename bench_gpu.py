@@ -25,6 +25,7 @@ on the values. Writes DIR/bench_gpu.json and DIR/bench_gpu.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -171,14 +172,16 @@ def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, lo
     builds += [(tag, lambda tensors=tensors: tensors) for tag, tensors in zip(formats, packed)]
     for name, build in builds:
         t0 = time.perf_counter()
+        before = cp.get_default_memory_pool().used_bytes()
         model = Model(config, build(), cp)  # each layer's arrays copied to the GPU on their own
-        used = cp.get_default_memory_pool().used_bytes()
+        used = cp.get_default_memory_pool().used_bytes() - before
         log(f"  {shape_name} {name}: built in {time.perf_counter() - t0:.1f} s, {used / 2**30:.2f} GiB on the GPU")
         rows.append({"model": shape_name, "weights": name, "gpu_gib": round(used / 2**30, 2),
                      **decode_and_prefill(cp, model, steps, prefill_tokens)})
         log(f"    {rows[-1]}")
         on_row()
         del model
+        gc.collect()  # Model holds bound methods of itself (a cycle): free its GPU arrays before the next row
         cp.get_default_memory_pool().free_all_blocks()
 
 
