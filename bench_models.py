@@ -12,10 +12,22 @@ that need a Hessian (GPTQ, SpQR, QuIP, QuIP#) would take minutes at these
 sizes, and their codes are stored in the same formats as random ones. A
 projection shared by every layer would fit a GPU's L2 cache and read as
 impossibly fast, so each layer gets its own arrays (`layer_copies`).
+
+For the CPU benchmark (bench.py) a model is saved once: `save_random_model`
+writes a float or random-code model directory with its shape's tokenizer
+files (Llama 2's SentencePiece model, GPT-2's BPE), and `write_llama_gguf`
+writes a Llama as an F16 GGUF with that vocabulary, which llama.cpp loads
+and quantizes itself.
 """
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
+import gguf
 import numpy as np
+import sentencepiece
 
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.incoherent import IncoherentTensor
@@ -25,7 +37,14 @@ from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, quantize_stats
 from runtime.formats.uniform import PER_ROW, UniformTensor, group_index
 from runtime import e8p
+from runtime.atomic import atomic_directory, temporary_name
+from runtime.checkpoint import save_checkpoint
+from runtime.datasets import DATA_DIR
+from runtime.gguf_io import half_split_to_interleaved
+from runtime.packed_checkpoint import save_packed
+from runtime.quantize_model import HEAD_SPEC, bits_per_weight
 from runtime.tags import QuantSpec, parse_tag
+from model import Config
 
 # config.json fields of the shapes the benchmarks run (values from each model's published config.json).
 SHAPES = {
@@ -226,3 +245,99 @@ def packed_tensors(config: dict, tag: str, seed: int = 0, layer_copies=None) -> 
         tensors.update(layer_norms(config, i))
         tensors.update({f"{layer_prefix(config, i)}{name}.weight": copy(packed) for name, packed in layer.items()})
     return tensors
+
+
+
+def tokenizer_files(config: dict) -> list[Path]:
+    """The tokenizer files (../shared/data/tokenizers) of a known shape: Llama 2's SentencePiece model for
+    the Llama shapes (its 32000 pieces are TinyLlama's and Llama 2's vocabulary), GPT-2's BPE for OPT."""
+    if config["model_type"] == "opt":
+        return [DATA_DIR / "tokenizers" / "gpt2" / "encoder.json", DATA_DIR / "tokenizers" / "gpt2" / "vocab.bpe"]
+    return [DATA_DIR / "tokenizers" / "llama2" / "tokenizer.model"]
+
+
+def save_random_model(directory, config: dict, tag: str | None = None, seed: int = 0) -> None:
+    """Write a random-weight model of `config` into `directory` atomically, with its shape's tokenizer files:
+    float32 weights when `tag` is None, else every projection packed as `tag` with random codes (its
+    config.json's quantization section says `random_codes`)."""
+    with atomic_directory(directory) as tmp:
+        if tag is None:
+            save_checkpoint(tmp, config, float_tensors(config, seed))
+        else:
+            spec = parse_tag(tag)
+            tensors = packed_tensors(config, tag, seed)
+            quantization = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+                            "options": sorted(spec.options), **({"values": spec.values} if spec.values else {}),
+                            "random_codes": True, "lm_head": HEAD_SPEC.tag, "embed_tokens": "float16",
+                            "bits_per_weight": round(bits_per_weight(Config.from_hf(config), tensors), 4)}
+            save_packed(tmp, dict(config, quantization=quantization), tensors)
+        for source in tokenizer_files(config):
+            shutil.copyfile(source, tmp / source.name)
+
+
+def sentencepiece_vocabulary(tokenizer_model: Path) -> tuple[list, list, list]:
+    """(pieces, scores, GGUF token types) of a SentencePiece model, in id order."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
+    ids = range(sp.vocab_size())
+    kinds = [gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+             else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+             else gguf.TokenType.NORMAL for i in ids]
+    return [sp.id_to_piece(i) for i in ids], [sp.get_score(i) for i in ids], kinds
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_tensors(config: dict, tensors: dict) -> dict:
+    """{GGUF name: array} of a Llama's HF-named float tensors: matrices in float16, norms in float32, Q and K
+    rows in llama.cpp's interleaved RoPE order (as its converter writes them)."""
+    heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
+    out = {"token_embd.weight": tensors["model.embed_tokens.weight"], "output_norm.weight": tensors["model.norm.weight"],
+           "output.weight": tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])}
+    for i in range(config["num_hidden_layers"]):
+        for hf, short in GGUF_NAMES.items():
+            weight = tensors[f"model.layers.{i}.{hf}.weight"]
+            out[f"blk.{i}.{short}.weight"] = half_split_to_interleaved(weight, heads[hf]) if hf in heads else weight
+    return {name: np.asarray(w, np.float16 if w.ndim == 2 else np.float32) for name, w in out.items()}
+
+
+def write_llama_gguf(path: Path, config: dict, tensors: dict, tokenizer_model: Path) -> None:
+    """Write a Llama's float tensors as an F16 GGUF that llama.cpp loads (llama architecture metadata and the
+    SentencePiece vocabulary of `tokenizer_model`), atomically: under a temporary name, then renamed."""
+    path = Path(path)
+    pieces, scores, kinds = sentencepiece_vocabulary(tokenizer_model)
+    tmp = temporary_name(path, "tmp")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    try:
+        writer.add_name(path.stem)
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_block_count(config["num_hidden_layers"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+        writer.add_head_count(config["num_attention_heads"])
+        writer.add_head_count_kv(config["num_key_value_heads"])
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        writer.add_rope_freq_base(config["rope_theta"])
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces[:config["vocab_size"]])
+        writer.add_token_scores(scores[:config["vocab_size"]])
+        writer.add_token_types(kinds[:config["vocab_size"]])
+        writer.add_bos_token_id(config["bos_token_id"])
+        writer.add_eos_token_id(config["eos_token_id"])
+        writer.add_unk_token_id(0)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        for name, array in gguf_tensors(config, tensors).items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
