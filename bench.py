@@ -1,212 +1,395 @@
-"""The benchmark table: `make bench` writes BENCHMARKS.md and benchmarks.png.
+"""The CPU benchmark: `make bench` writes BENCHMARKS.md, benchmarks.png and the README's benchmark tables.
 
-For the float SmolLM2-135M and each quantized variant (built first if
-missing): bits per weight of the decoder projections (side data included),
-file size, WikiText-2 perplexity on the first 16 windows of 2048 tokens (the
-same subset for every row), prefill and decode tokens/s on the CPU and peak
-RSS. Speed and memory are measured in a fresh child process per variant and
-round; the rounds interleave the variants (this machine is shared and noisy),
-and the table reports medians, so rows are comparable as ratios. When
-llama-cpp-python is installed, llama.cpp runs the same Q4_1 GGUF in the same
-rounds.
+Rows, each a model run by one engine:
+- SmolLM2-135M-Instruct: our float model and its quantized variants (built
+  first if missing), and llama.cpp on the Q4_1 GGUF they come from; bits per
+  weight, file size and WikiText-2 perplexity (first 16 windows of 2048).
+- 1B-class shapes with random weights (speed does not depend on the values),
+  built by this benchmark under .cache/bench/ once: a Llama with
+  TinyLlama-1.1B's shapes (float32; RTN, NF4 and int8 quantized from it; GPTQ,
+  SpQR, QuIP and QuIP# as packed codes drawn at random, labelled "random
+  codes") and the same Llama converted to an F16 GGUF and quantized by
+  llama.cpp itself (Q8_0, Q4_0, Q2_K); a model with OPT-1.3b's shapes (no
+  llama.cpp row: llama.cpp has no OPT architecture).
 
-    python bench.py [--rounds 5] [--variants smollm2-135m,smollm2-135m.rtn4g128]
-    python bench.py --child NAME      (one speed/memory measurement, JSON on stdout)
+Every measurement runs in a fresh process with its engine's own defaults:
+ours is `bench.py --child` (importing `runtime` sets its thread defaults),
+llama.cpp is bench_llamacpp.py in an environment without the variables our
+runtime sets; both get the same thread count (ours NUMBA_NUM_THREADS,
+llama.cpp n_threads / n_threads_batch), the same 128 prompt tokens of
+WikiText-2 and the same number of greedy decode steps. The rounds interleave
+the rows (row 1, row 2, ..., then round 2) and the table gives medians, each
+of our rows beside the llama.cpp row of its size.
+
+    python bench.py [--rows PATTERN,...] [--rounds 5] [--steps 64] [--threads 2] [--no-write]
+    python bench.py --child DIR --ids 1,2,3 --steps 64     (one measurement of ours, JSON on stdout)
 """
 from __future__ import annotations
 
-import runtime  # noqa: F401  (sets the thread defaults before NumPy loads)
 import argparse
+import fnmatch
+import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from bench_llamacpp import cmake_args, cpu_flags, status_mb
 
-from runtime.cli import run_cli
-from runtime.resolve import MODELS_DIR, PROJECT_ROOT
-
-BASE = "smollm2-135m"
-TAGS = ["rtn4g128", "rtn4", "rtn3g128", "rtn3", "rtn2g64", "gptq4g128", "gptq4", "gptq3g128", "gptq3",
-        "gptq2g64", "gptq3g32", "nf4", "nf4dq", "fp4", "int8", "int8t150", "absmax8", "smooth8", "spqr4g32",
-        "spqr3g32t50", "quip2", "quipsharp2", "quipsharp3", "quipsharp4"]
-GGUF = MODELS_DIR / f"{BASE}.Q4_1.gguf"
-LLAMA_CPP = "llama.cpp Q4_1"
-PREFILL_TOKENS, DECODE_TOKENS = 128, 64
+PROJECT = Path(__file__).resolve().parent
+CACHE = PROJECT / ".cache" / "bench"
+SMOLLM = "smollm2-135m"
+SMOLLM_TAGS = ("rtn4g128", "rtn4", "rtn3g128", "rtn3", "rtn2g64", "gptq4g128", "gptq4", "gptq3g128", "gptq3",
+               "gptq2g64", "gptq3g32", "nf4", "nf4dq", "fp4", "int8", "int8t150", "absmax8", "smooth8", "spqr4g32",
+               "spqr3g32t50", "quip2", "quipsharp2", "quipsharp3", "quipsharp4")
+LLAMA_1B, OPT_1B = "tinyllama-1.1b", "opt-1.3b"  # keys of bench_models.SHAPES
+LLAMA_1B_TAGS = ("rtn4g128", "rtn2g64", "nf4", "int8", "gptq4g128", "gptq2g64", "spqr3", "quip2", "quipsharp2",
+                 "quipsharp4")
+OPT_1B_TAGS = ("rtn4g128", "rtn2g64", "nf4", "int8", "quipsharp2")
+LLAMA_1B_GGUF = ("F16", "Q8_0", "Q4_0", "Q2_K")
+RANDOM_CODE_METHODS = ("gptq", "spqr", "quip", "quipsharp")  # Hessian-based: minutes per layer at 1B
+FLOAT = "float"
+LLAMA_CPP = "llama.cpp"
+OUR_VARIABLES = ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")  # what runtime/__init__.py sets
+OUR_PREFIXES = ("NUMBA_",)
+PREFILL_TOKENS = 128
 PPL_WINDOWS, PPL_SEQLEN = 16, 2048
+SECTIONS = {SMOLLM: "SmolLM2-135M-Instruct (real weights)",
+            LLAMA_1B: "Llama with TinyLlama-1.1B's shapes (random weights)",
+            OPT_1B: "OPT-1.3b's shapes (random weights)"}
+README_START, README_END = "<!-- bench tables: written by bench.py -->", "<!-- end of bench tables -->"
 
 
-def bench_ids(tokenizer) -> list:
-    """The fixed prompt of every speed run: the first PREFILL_TOKENS tokens of WikiText-2."""
-    from runtime.datasets import load_dataset
-    return tokenizer.encode(load_dataset("wikitext2")[:4000])[:PREFILL_TOKENS]
+@dataclass(frozen=True)
+class Row:
+    """One benchmark row: `engine` (ours or llama.cpp) running `base` as `kind` (a tag, FLOAT or a GGUF type)."""
+    engine: str
+    base: str
+    kind: str
+
+    @property
+    def name(self) -> str:
+        model = self.base if self.kind == FLOAT else f"{self.base}.{self.kind}"
+        return f"{LLAMA_CPP} {model}" if self.engine == LLAMA_CPP else model
+
+    @property
+    def random_codes(self) -> bool:
+        """Packed codes drawn at random (1B shapes, methods that need a Hessian)."""
+        return self.engine == "ours" and self.base != SMOLLM and self.kind != FLOAT and \
+            tag_method(self.kind) in RANDOM_CODE_METHODS
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (random codes)" if self.random_codes else self.name
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it does not inherit the parent's peak across exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def tag_method(tag: str) -> str:
+    from runtime.tags import parse_tag
+    return parse_tag(tag).method
 
 
-def child_ours(name: str) -> dict:
-    """Prefill PREFILL_TOKENS, then decode DECODE_TOKENS greedily, after a warm-up (JIT)."""
-    from runtime.api import load
-    llm = load(name)
-    model, ids = llm.model, bench_ids(llm.tokenizer)
+def default_rows() -> list[Row]:
+    """Every row of the full benchmark, in table order."""
+    rows = [Row("ours", SMOLLM, FLOAT)] + [Row("ours", SMOLLM, t) for t in SMOLLM_TAGS]
+    rows.append(Row(LLAMA_CPP, SMOLLM, "Q4_1"))
+    rows += [Row("ours", LLAMA_1B, FLOAT)] + [Row("ours", LLAMA_1B, t) for t in LLAMA_1B_TAGS]
+    rows += [Row(LLAMA_CPP, LLAMA_1B, t) for t in LLAMA_1B_GGUF]
+    return rows + [Row("ours", OPT_1B, FLOAT)] + [Row("ours", OPT_1B, t) for t in OPT_1B_TAGS]
+
+
+def reference(row: Row) -> Row | None:
+    """The llama.cpp row that `row` is compared with: the one GGUF of SmolLM2; for the 1B Llama the GGUF of the
+    tag's bit width (float: F16, 8 bits: Q8_0, 3-4 bits: Q4_0, 2 bits: Q2_K); none for OPT."""
+    from runtime.tags import parse_tag
+    if row.engine == LLAMA_CPP or row.base == OPT_1B:
+        return None
+    if row.base == SMOLLM:
+        return Row(LLAMA_CPP, SMOLLM, "Q4_1")
+    bits = 16 if row.kind == FLOAT else parse_tag(row.kind).bits
+    return Row(LLAMA_CPP, row.base, "F16" if bits == 16 else "Q8_0" if bits == 8 else "Q4_0" if bits > 2 else "Q2_K")
+
+
+def select(rows: list[Row], patterns: str | None) -> list[Row]:
+    """The rows whose name matches one of the comma-separated shell patterns (all when None), plus the
+    llama.cpp rows they are compared with, in table order."""
+    from runtime.errors import UserError
+    if patterns is None:
+        return rows
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = {row for row in rows if any(fnmatch.fnmatchcase(row.name, p) for p in wanted)}
+    if not chosen:
+        raise UserError(f"--rows {patterns!r} matches no row; rows are named like {rows[1].name}, "
+                        f"'{LLAMA_CPP} {LLAMA_1B}.Q4_0' (patterns: 'tinyllama*', '*Q4_0')")
+    chosen |= {reference(row) for row in chosen} - {None}
+    return [row for row in rows if row in chosen]
+
+
+def schedule(rows: list[Row], rounds: int) -> list[tuple[int, Row]]:
+    """The order of the measurements: every row once per round, round after round (interleaved)."""
+    return [(r, row) for r in range(rounds) for row in rows]
+
+
+def engine_environment(engine: str, threads: int, environ: dict) -> dict:
+    """The environment of a measurement process: `environ` without the variables our runtime sets (its thread
+    defaults, Numba's settings), so each engine starts from its own defaults; ours gets NUMBA_NUM_THREADS."""
+    env = {k: v for k, v in environ.items() if k not in OUR_VARIABLES and not k.startswith(OUR_PREFIXES)}
+    if engine == "ours":
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    return env
+
+
+def measure_command(row: Row, path: Path, ids: list[int], steps: int, threads: int) -> list[str]:
+    """The command line of one measurement of `row` (model at `path`)."""
+    ids_text = ",".join(str(i) for i in ids)
+    if row.engine == LLAMA_CPP:
+        return [sys.executable, str(PROJECT / "bench_llamacpp.py"), "measure", str(path), "--ids", ids_text,
+                "--steps", str(steps), "--threads", str(threads)]
+    return [sys.executable, str(PROJECT / "bench.py"), "--child", str(path), "--ids", ids_text, "--steps", str(steps)]
+
+
+def run_json(command: list[str], engine: str, threads: int) -> dict:
+    """Run a measurement or llama.cpp process in its engine's environment; its last stdout line as JSON."""
+    done = subprocess.run(command, cwd=PROJECT, env=engine_environment(engine, threads, dict(os.environ)),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_ours(path: str, ids: list[int], steps: int) -> dict:
+    """Prefill `ids`, then `steps` greedy decode steps, after a warm-up (JIT); RSS after the imports and peak."""
+    import runtime  # noqa: F401  (first: its thread defaults must precede NumPy)
+    import numpy as np
+    from runtime.api import load_model
+    import_rss = status_mb("VmRSS")
+    model = load_model(Path(path))
     warm = model.new_cache(64)
     model.decode(int(np.argmax(model.prefill(ids[:16], warm))), warm)
-    cache = model.new_cache(PREFILL_TOKENS + DECODE_TOKENS + 1)
+    cache = model.new_cache(len(ids) + steps + 1)
     start = time.perf_counter()
     logits = model.prefill(ids, cache)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
+    for _ in range(steps):
         logits = model.decode(int(np.argmax(logits)), cache)
     decode = time.perf_counter() - start
-    return {"prefill": PREFILL_TOKENS / prefill, "decode": DECODE_TOKENS / decode, "rss": peak_rss_mb()}
+    return {"prefill": len(ids) / prefill, "decode": steps / decode, "rss": status_mb("VmHWM"),
+            "import_rss": import_rss}
 
 
-def child_llama_cpp() -> dict:
-    """The same measurement with llama.cpp (llama-cpp-python) on the Q4_1 GGUF, 2 threads."""
-    from llama_cpp import Llama
+# ---- the models ----
+
+def model_path(row: Row) -> Path:
+    """Where `row`'s model lives: models/ for SmolLM2 (our builds), .cache/bench/ for the 1B shapes."""
+    from runtime.resolve import MODELS_DIR
+    if row.engine == LLAMA_CPP:
+        return (MODELS_DIR if row.base == SMOLLM else CACHE) / f"{row.base}.{row.kind}.gguf"
+    if row.base == SMOLLM:
+        return MODELS_DIR / row.name
+    return CACHE / (f"{row.name}-random" if row.random_codes else row.name)
+
+
+def prepare(row: Row, threads: int) -> Path:
+    """`row`'s model, made first when missing: SmolLM2 variants built as `run.py` builds them; 1B shapes from
+    random floats (quantized by the method, or random codes) and the GGUFs by llama.cpp's quantizer."""
+    import bench_models
+    from runtime.errors import UserError
+    from runtime.quantize_model import build_quantized, find_or_build
+    from runtime.tags import parse_tag
+    path = model_path(row)
+    if row.base == SMOLLM and row.engine == "ours":
+        return find_or_build(row.name)
+    if path.exists():
+        return path
+    if row.base == SMOLLM:
+        raise UserError(f"{path} is missing: `make install` downloads it")
+    config = bench_models.hf_config(row.base)
+    if row.engine == "ours" and row.kind == FLOAT:
+        print(f"writing random float weights with {row.base}'s shapes to {path} ...", flush=True)
+        bench_models.save_random_model(path, config)
+        return path
+    base = prepare(Row("ours", row.base, FLOAT), threads)
+    if row.random_codes:
+        print(f"writing {row.name} with random codes to {path} ...", flush=True)
+        bench_models.save_random_model(path, config, row.kind)
+    elif row.engine == "ours":
+        build_quantized(base, parse_tag(row.kind), path)
+    elif row.kind == "F16":
+        from runtime.checkpoint import load_checkpoint
+        print(f"converting {base} to {path} ...", flush=True)
+        bench_models.write_llama_gguf(path, config, load_checkpoint(base)[1], bench_models.tokenizer_files(config)[0])
+    else:
+        source = prepare(Row(LLAMA_CPP, row.base, "F16"), threads)
+        print(f"quantizing {source} to {row.kind} with llama.cpp ...", flush=True)
+        run_json([sys.executable, str(PROJECT / "bench_llamacpp.py"), "quantize", str(source), str(path), row.kind],
+                 LLAMA_CPP, threads)
+    return path
+
+
+def prompt_ids(base_path: Path) -> list[int]:
+    """The prompt of every speed run of a model family: the first PREFILL_TOKENS tokens of WikiText-2 test."""
+    from runtime.datasets import load_dataset
     from runtime.tokenizer import Tokenizer
-    ids = bench_ids(Tokenizer.load(GGUF))
-    llm = Llama(str(GGUF), n_ctx=512, n_threads=2, n_batch=512, verbose=False)  # scores has n_batch rows
-    llm.eval(ids[:16])
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(ids)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    decode = time.perf_counter() - start
-    return {"prefill": PREFILL_TOKENS / prefill, "decode": DECODE_TOKENS / decode, "rss": peak_rss_mb()}
+    return Tokenizer.load(base_path).encode(load_dataset("wikitext2")[:4000])[:PREFILL_TOKENS]
 
 
-def measure(name: str) -> dict:
-    """One speed/memory measurement of `name` in a fresh process."""
-    done = subprocess.run([sys.executable, __file__, "--child", name], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark child for {name} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def gguf_bits(path: Path) -> float:
+    """Bits per weight of a GGUF's decoder projections (blk.*, 2-D) from their stored bytes."""
+    import gguf
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
-def has_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return GGUF.is_file()
+def size_info(row: Row, path: Path) -> dict:
+    """Bits per weight of the decoder projections (codes and side data), file MB, quantization time."""
+    if row.engine == LLAMA_CPP:
+        return {"bits": gguf_bits(path), "file_mb": path.stat().st_size / 1e6}
+    quantization = json.loads((path / "config.json").read_text()).get("quantization", {})
+    return {"bits": quantization.get("bits_per_weight", 32.0), "file_mb": sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6,
+            "quant_s": None if quantization.get("random_codes") else quantization.get("seconds")}
 
 
-def perplexity_of(name: str) -> float:
+# ---- perplexity (SmolLM2 only: random weights have none worth reporting) ----
+
+def perplexity_ours(path: Path) -> float:
     """WikiText-2 perplexity on the first PPL_WINDOWS windows (resumable, see runtime/perplexity.py)."""
     from runtime.api import load
     from runtime.datasets import load_dataset
     from runtime.perplexity import perplexity, state_path
-    llm = load(name)
+    llm = load(str(path))
     ids = llm.tokenizer.encode(load_dataset("wikitext2"))
     return perplexity(llm.model, ids, PPL_SEQLEN, PPL_WINDOWS, state_path(llm.path, ids, PPL_SEQLEN))["ppl"]
 
 
-class LlamaCppScorer:
-    """llama.cpp behind the two calls runtime.perplexity makes of a model (new_cache, prefill)."""
-
-    def __init__(self, path: Path, n_ctx: int):
-        from llama_cpp import Llama
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=512, logits_all=True, verbose=False)
-
-    def new_cache(self, max_len=None):
-        self.llm.reset()
-
-    def prefill(self, tokens, cache, all_logits=True):
-        self.llm.eval([int(t) for t in tokens])
-        return np.asarray(self.llm.scores[:len(tokens)])  # [T, vocab]
-
-
-def perplexity_llama_cpp() -> float:
-    """The same perplexity from llama.cpp's logits on the same windows (resumable like ours)."""
+def perplexity_llama_cpp(path: Path, threads: int) -> float:
+    """The same perplexity from llama.cpp's logits on the same windows, in its own process; cached by file."""
+    import numpy as np
+    from runtime.atomic import write_text
     from runtime.datasets import load_dataset
-    from runtime.perplexity import perplexity, state_path
     from runtime.tokenizer import Tokenizer
-    ids = Tokenizer.load(GGUF).encode(load_dataset("wikitext2"))
-    state = state_path(GGUF, ids, PPL_SEQLEN, engine="llama.cpp")
-    return perplexity(LlamaCppScorer(GGUF, PPL_SEQLEN), ids, PPL_SEQLEN, PPL_WINDOWS, state)["ppl"]
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = CACHE / "perplexity" / f"{path.name}.{PPL_WINDOWS}x{PPL_SEQLEN}.{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["ppl"]
+    ids = Tokenizer.load(path).encode(load_dataset("wikitext2"))
+    windows = np.asarray(ids[:PPL_WINDOWS * PPL_SEQLEN], np.int32).reshape(PPL_WINDOWS, PPL_SEQLEN)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "windows.npy", windows)
+        result = run_json([sys.executable, str(PROJECT / "bench_llamacpp.py"), "perplexity", str(path),
+                           "--windows", str(Path(tmp) / "windows.npy"), "--threads", str(threads)], LLAMA_CPP, threads)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text(cached, json.dumps(result))
+    return result["ppl"]
 
 
-def size_info(name: str) -> dict:
-    """Bits per weight of the decoder projections (codes + side data), file size, quantization time."""
-    from model import Config
-    from runtime.checkpoint import load_checkpoint
-    from runtime.packed_checkpoint import is_packed_model, load_packed
-    from runtime.quantize_model import bits_per_weight, find_or_build
-    path = find_or_build(name)
-    config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
-    bits = bits_per_weight(Config.from_hf(config), tensors)
-    quantization = config.get("quantization", {})
-    return {"bits": bits, "file_mb": (path / "model.safetensors").stat().st_size / 1e6,
-            "quant_s": quantization.get("seconds"), "quant_mb": quantization.get("peak_rss_mb")}
+# ---- the tables ----
+
+def medians(results: list[dict]) -> dict:
+    """Median of each measured quantity over the rounds, and the decode range (min, max)."""
+    out = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    out["decode_range"] = (min(r["decode"] for r in results), max(r["decode"] for r in results))
+    return out
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else ""
 
 
-def table(rows: dict, base: dict, reference: dict | None) -> str:
-    """The markdown table; decode speed as a ratio to the float row and, when measured, to llama.cpp."""
-    ref = " | decode vs llama.cpp" if reference else ""
-    lines = ["| model | bits/weight | file MB | WikiText-2 ppl | prefill tok/s | decode tok/s | "
-             f"decode vs float{ref} | peak RSS MB | RSS vs float | quantize s | quantize peak MB |",
-             "| --- |" + " ---: |" * (11 if reference else 10)]
-    for name, r in rows.items():
-        quant = f"{r['quant_s']:.1f}" if r.get("quant_s") else ""
-        quant_mb = f"{r['quant_mb']}" if r.get("quant_mb") else ""
-        vs_ref = f" | {r['decode'] / reference['decode']:.2f}x" if reference else ""
-        lines.append(f"| {name} | {r['bits']:.3f} | {r['file_mb']:.1f} | {r['ppl']:.3f} | {r['prefill']:.1f} | "
-                     f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f}x{vs_ref} | {r['rss']:.0f} | "
-                     f"{r['rss'] / base['rss']:.2f} | {quant} | {quant_mb} |")
+def row_cells(row: Row, stats: dict, measured: dict) -> dict:
+    """The table cells of `row` from its medians (`stats`) and the other rows' (`measured`: {Row: stats})."""
+    ref_row = reference(row)
+    ref = measured.get(ref_row) if ref_row else None
+    base = measured.get(Row("ours", row.base, FLOAT))
+    low, high = stats["decode_range"]
+    return {
+        "model": row.label,
+        "bits/weight": f"{stats['bits']:.3f}",
+        "file MB": f"{stats['file_mb']:.1f}",
+        "WikiText-2 ppl": f"{stats['ppl']:.3f}" if stats.get("ppl") else "",
+        "prefill tok/s": f"{stats['prefill']:.1f}",
+        "decode tok/s": f"{stats['decode']:.1f}",
+        "decode min-max": f"{low:.1f}-{high:.1f}",
+        "decode vs our float": ratio(stats["decode"], base["decode"]) if base and row.engine == "ours" else "",
+        "llama.cpp row": ref_row.kind if ref else "",
+        "decode vs llama.cpp": ratio(stats["decode"], ref["decode"]) if ref else "",
+        "prefill vs llama.cpp": ratio(stats["prefill"], ref["prefill"]) if ref else "",
+        "peak RSS MB": f"{stats['rss']:.0f}",
+        "RSS after import MB": f"{stats['import_rss']:.0f}",
+        "RSS vs llama.cpp": f"{stats['rss'] / ref['rss']:.2f}" if ref else "",
+        "quantize s": f"{stats['quant_s']:.1f}" if stats.get("quant_s") else "",
+    }
+
+
+def table(rows: list[Row], measured: dict) -> str:
+    """A markdown table of `rows`; a column that is empty for every row is left out."""
+    cells = [row_cells(row, measured[row], measured) for row in rows]
+    headers = [h for h in cells[0] if any(c[h] for c in cells)]
+    lines = ["| " + " | ".join(headers) + " |", "| --- |" + " ---: |" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(c[h] for h in headers) + " |" for c in cells]
     return "\n".join(lines)
 
 
-def family(name: str) -> str:
-    """The method a row belongs to, for the plot's colours: its tag's method, "float" or llama.cpp."""
-    if name == LLAMA_CPP or "." not in name:
-        return name if name == LLAMA_CPP else "float"
-    from runtime.tags import parse_tag
-    return parse_tag(name.rpartition(".")[2]).method
+def sections(rows: list[Row], measured: dict) -> str:
+    """One table per model family, with its heading."""
+    parts = []
+    for base, title in SECTIONS.items():
+        members = [row for row in rows if row.base == base]
+        if members:
+            parts += [f"### {title}", "", table(members, measured), ""]
+    return "\n".join(parts)
 
 
-def plot(rows: dict, path: Path) -> None:
-    """Perplexity against bits per weight, one colour per method; the float model as a dashed line."""
+def anchor_check(rows: list[Row], measured: dict) -> str:
+    """llama.cpp's rows timed by our clock beside its own counters (llama_perf_context) of the same runs."""
+    lines = ["| llama.cpp row | prefill tok/s (our clock) | prefill tok/s (llama_perf) | decode tok/s (our clock) | "
+             "decode tok/s (llama_perf) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if row.engine == LLAMA_CPP:
+            s = measured[row]
+            lines.append(f"| {row.name} | {s['prefill']:.1f} | {s['perf_prefill']:.1f} | {s['decode']:.1f} | "
+                         f"{s['perf_decode']:.1f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, cores and the software versions of our side."""
+    import numba
+    import numpy as np
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, Numba {numba.__version__}")
+
+
+def plot(rows: list[Row], measured: dict, path: Path) -> None:
+    """Perplexity against bits per weight of the SmolLM2 rows, one colour per method; float as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 distinct colours
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
     families = {}
-    for name, r in rows.items():
-        families.setdefault(family(name), []).append((name, r))
-    for method, members in families.items():
-        if method == "float":
-            for _, r in members:
-                ax.axhline(r["ppl"], color="gray", linestyle="--", linewidth=1, label=f"float ({r['bits']:.0f} bits)")
+    for row in rows:
+        if row.base == SMOLLM and measured[row].get("ppl"):
+            family = row.name if row.engine == LLAMA_CPP else FLOAT if row.kind == FLOAT else tag_method(row.kind)
+            families.setdefault(family, []).append(row)
+    for family, members in families.items():
+        points = [(row, measured[row]) for row in members]
+        if family == FLOAT:
+            ax.axhline(points[0][1]["ppl"], color="gray", linestyle="--", linewidth=1, label="float (32 bits)")
             continue
-        points = ax.scatter([r["bits"] for _, r in members], [r["ppl"] for _, r in members], label=method, s=22)
-        for name, r in members:
-            ax.annotate(name.rpartition(".")[2] if name != LLAMA_CPP else name, (r["bits"], r["ppl"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points", color=points.get_facecolor()[0])
+        dots = ax.scatter([s["bits"] for _, s in points], [s["ppl"] for _, s in points], label=family, s=22)
+        for row, s in points:
+            ax.annotate(row.kind if row.engine == "ours" else row.name, (s["bits"], s["ppl"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=dots.get_facecolor()[0])
     ax.set_xlabel("bits per weight (decoder projections, side data included)")
     ax.set_ylabel(f"WikiText-2 perplexity ({PPL_WINDOWS} x {PPL_SEQLEN})")
     ax.set_yscale("log")
@@ -217,48 +400,124 @@ def plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
-def main(argv=None):
+def document(command: str, rows: list[Row], measured: dict, settings: dict) -> str:
+    """The text of BENCHMARKS.md."""
+    llama = settings.get("llama_cpp")
+    llama_text = (f"llama-cpp-python {llama['version']} (`make bench` builds it from source with the CMAKE_ARGS "
+                  f"of `python bench_llamacpp.py cmake-args`, here `{settings['cmake_args']}`); its "
+                  f"`llama_print_system_info()`: `{llama['system_info']}`"
+                  if llama else "llama-cpp-python is not installed: no llama.cpp rows")
+    return "\n".join([
+        "# Benchmarks", "",
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
+        f"Machine: {machine()}; load average {settings['load']} when the run started. CPU only.", "",
+        f"llama.cpp: {llama_text}.", "",
+        f"How: each measurement is a fresh process running one engine with its own defaults. Ours "
+        f"(`bench.py --child`) imports `runtime`, which sets OMP_WAIT_POLICY=PASSIVE and OPENBLAS_NUM_THREADS=1 "
+        f"for itself, with NUMBA_NUM_THREADS={settings['threads']}; llama.cpp (`bench_llamacpp.py`) runs in an "
+        f"environment without those variables (nor any NUMBA_*), with n_threads = n_threads_batch = "
+        f"{settings['threads']}. Both prefill the same {PREFILL_TOKENS} tokens of WikiText-2 test (our tokenizer's "
+        f"ids, given to both), then decode {settings['steps']} tokens greedily (argmax of the last logits each "
+        f"step), after a warm-up on the first 16 tokens. Every row is measured once per round and the rounds "
+        f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
+        f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
+        f"importing the engine (ours: `runtime.api` with NumPy and Numba; llama.cpp: `llama_cpp`), before any "
+        f"model, the floor of the Python process. Ratios are to the llama.cpp row of the same model and size "
+        f"(column llama.cpp row) and to our float row, from the medians above.", "",
+        f"Bits per weight: decoder projections, from the stored bytes (codes plus scales, zeros, statistics, "
+        f"outliers, signs; for a GGUF its blk.* matrices). Perplexity (SmolLM2 only): WikiText-2 test, first "
+        f"{PPL_WINDOWS} windows of {PPL_SEQLEN} tokens; llama.cpp's from its logits on the same windows.", "",
+        "The 1B-class rows have random weights (bench_models.py; speed does not depend on the values), built "
+        "once under .cache/bench/: float32 normal(0, 0.02) weights, RTN / NF4 / int8 quantized from them, and "
+        "for GPTQ, SpQR, QuIP and QuIP# (whose Hessian-based quantization takes long at this size) packed codes "
+        "drawn at random in the format's valid range, labelled \"random codes\". The Llama is converted to an "
+        "F16 GGUF with Llama 2's SentencePiece vocabulary (TinyLlama's) and quantized by llama.cpp's own "
+        "`llama_model_quantize`. llama.cpp has no OPT architecture, so the OPT rows have no llama.cpp anchor.", "",
+        sections(rows, measured),
+        "### llama.cpp's own counters", "",
+        "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
+        "and eval times), medians over the rounds:", "",
+        anchor_check(rows, measured), "",
+        "![perplexity against bits per weight](benchmarks.png)", ""])
+
+
+def update_readme(readme: Path, tables: str) -> None:
+    """Replace the README's benchmark tables (between the markers) with `tables`."""
+    from runtime.atomic import write_text
+    from runtime.errors import UserError
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise UserError(f"{readme} lacks the markers {README_START} ... {README_END} around its benchmark tables")
+    head, _, rest = text.partition(README_START)
+    write_text(readme, head + README_START + "\n\n" + tables + "\n" + README_END + rest.partition(README_END)[2])
+
+
+def check_args(args) -> None:
+    from runtime.errors import UserError
+    for name in ("rounds", "steps", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+def llama_cpp_settings(threads: int) -> dict | None:
+    """llama-cpp-python's version and build flags, or None when it is not installed."""
+    try:
+        return run_json([sys.executable, str(PROJECT / "bench_llamacpp.py"), "info"], LLAMA_CPP, threads)
+    except RuntimeError:
+        return None
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=None,
+                   help="comma-separated shell patterns of row names (default: all), e.g. "
+                        f"'{SMOLLM},{SMOLLM}.rtn4g128,{LLAMA_1B}.rtn*'; their llama.cpp rows are added")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--variants", default=",".join([BASE] + [f"{BASE}.{t}" for t in TAGS]))
+    p.add_argument("--steps", type=int, default=64, help="greedy decode steps per measurement")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-write", action="store_true", help="print the tables; leave BENCHMARKS.md and README alone")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child_llama_cpp() if args.child == LLAMA_CPP else child_ours(args.child)))
+        print(json.dumps(child_ours(args.child, [int(t) for t in args.ids.split(",")], args.steps)))
         return
-    names = args.variants.split(",")
-    rows = {name: size_info(name) for name in names}  # builds missing variants first
-    for name in names:
-        print(f"perplexity of {name} ...", flush=True)
-        rows[name]["ppl"] = perplexity_of(name)
-    if has_llama_cpp():
-        gguf = {"bits": 4 + 2 * 16 / 32, "file_mb": GGUF.stat().st_size / 1e6}  # Q4_1: fp16 scale + min per 32
-        rows[LLAMA_CPP] = dict(gguf, ppl=perplexity_llama_cpp())
-    runs = {name: [] for name in rows}
-    for round_ in range(args.rounds):
-        for name in rows:
-            print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
-            runs[name].append(measure(name))
-    for name, results in runs.items():
-        rows[name].update({key: statistics.median(r[key] for r in results) for key in ("prefill", "decode", "rss")})
-    command = " ".join(["python bench.py"] + sys.argv[1:])
-    text = "\n".join([
-        "# Benchmarks", "",
-        f"Written by `{command}` (`make bench`) on {time.strftime('%Y-%m-%d')}.", "",
-        f"Machine: {machine()}. CPU only; our runtime with its defaults (Numba kernels on every core, BLAS on one "
-        f"thread: runtime/__init__.py), llama.cpp (llama-cpp-python) with 2 threads.", "",
-        f"Speed: prefill of {PREFILL_TOKENS} tokens, then {DECODE_TOKENS} greedy decode steps, each variant in a "
-        f"fresh process after a warm-up; median of {args.rounds} interleaved rounds. Peak RSS of that process. "
-        f"Perplexity: WikiText-2 test, first {PPL_WINDOWS} windows of {PPL_SEQLEN} tokens. Bits per weight: "
-        f"decoder projections, from the stored bytes: codes plus scales/zeros/indices, SpQR's statistics and "
-        f"outliers, QuIP's rescaling, QuIP#'s signs (the LM head is 8-bit and the embedding float16 in every "
-        f"quantized row).", "",
-        table(rows, rows[names[0]], rows.get(LLAMA_CPP)), "",
-        "![perplexity against bits per weight](benchmarks.png)", ""])
-    (PROJECT_ROOT / "BENCHMARKS.md").write_text(text)
-    plot(rows, PROJECT_ROOT / "benchmarks.png")
+    check_args(args)
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    llama = llama_cpp_settings(args.threads)
+    rows = [row for row in select(default_rows(), args.rows) if llama is not None or row.engine != LLAMA_CPP]
+    paths = {row: prepare(row, args.threads) for row in rows}
+    measured = {row: size_info(row, paths[row]) for row in rows}
+    ids = {base: prompt_ids(prepare(Row("ours", base, FLOAT), args.threads)) for base in {row.base for row in rows}}
+    for row in rows:
+        if row.base == SMOLLM:
+            print(f"perplexity of {row.name} ...", flush=True)
+            measured[row]["ppl"] = (perplexity_llama_cpp(paths[row], args.threads) if row.engine == LLAMA_CPP
+                                    else perplexity_ours(paths[row]))
+    runs = {row: [] for row in rows}
+    for round_, row in schedule(rows, args.rounds):
+        result = run_json(measure_command(row, paths[row], ids[row.base], args.steps, args.threads), row.engine,
+                          args.threads)
+        runs[row].append(result)
+        print(f"round {round_ + 1}/{args.rounds} {row.label}: prefill {result['prefill']:.1f} tok/s, decode "
+              f"{result['decode']:.1f} tok/s, peak RSS {result['rss']:.0f} MB", flush=True)
+    for row in rows:
+        measured[row].update(medians(runs[row]))
+    settings = {"load": load, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+                "llama_cpp": llama, "cmake_args": cmake_args(cpu_flags(), platform.machine())}
+    command = " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv))
+    text = document(command, rows, measured, settings)
     print(text)
+    if not args.no_write:
+        from runtime.atomic import write_text
+        write_text(PROJECT / "BENCHMARKS.md", text)
+        update_readme(PROJECT / "README.md", f"From `{command}` ([BENCHMARKS.md](BENCHMARKS.md)).\n\n" +
+                      sections(rows, measured))
+        if any(row.base == SMOLLM for row in rows):
+            plot(rows, measured, PROJECT / "benchmarks.png")
 
 
 if __name__ == "__main__":
+    import runtime  # noqa: F401  (its thread defaults before NumPy loads, in the parent as in the children)
+    from runtime.cli import run_cli
     run_cli(main)
