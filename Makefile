@@ -28,6 +28,6 @@ test-gpu: install-gpu  ## the GPU tests need pytest and CuPy only (installed whe
 gpu-check:  ## versions, GPU tests and bench_gpu.py in one call: make gpu-check OUT=DIR
 	bash tests/gpu_check.sh $(or $(OUT),gpu-check)
 
-bench:  ## writes BENCHMARKS.md and benchmarks.png
-	$(PIP) -r requirements-bench.txt
-	$(PYTHON) bench.py
+bench:  ## writes BENCHMARKS.md, benchmarks.png and the README's tables; a subset: make bench BENCH_ARGS="--rows 'tinyllama*' --rounds 1"
+	CMAKE_ARGS="$$($(PYTHON) bench_llamacpp.py cmake-args)" $(PIP) -r requirements-bench.txt
+	$(PYTHON) bench.py $(BENCH_ARGS)
