@@ -21,7 +21,7 @@ WikiText-2 and the same number of greedy decode steps. The rounds interleave
 the rows (row 1, row 2, ..., then round 2) and the table gives medians, each
 of our rows beside the llama.cpp row of its size.
 
-    python bench.py [--rows PATTERN,...] [--rounds 5] [--steps 64] [--threads 2] [--no-write]
+    python bench.py [--rows PATTERN,...] [--rounds 5] [--steps 64] [--threads 2] [--no-perplexity] [--no-write]
     python bench.py --child DIR --ids 1,2,3 --steps 64     (one measurement of ours, JSON on stdout)
 """
 from __future__ import annotations
@@ -165,6 +165,7 @@ def run_json(command: list[str], engine: str, threads: int) -> dict:
 def child_ours(path: str, ids: list[int], steps: int) -> dict:
     """Prefill `ids`, then `steps` greedy decode steps, after a warm-up (JIT); RSS after the imports and peak."""
     import runtime  # noqa: F401  (first: its thread defaults must precede NumPy)
+    import numba  # noqa: F401  (loaded with the first kernel; part of the floor)
     import numpy as np
     from runtime.api import load_model
     import_rss = status_mb("VmRSS")
@@ -359,14 +360,15 @@ def anchor_check(rows: list[Row], measured: dict) -> str:
 
 
 def machine() -> str:
-    """CPU model, cores and the software versions of our side."""
+    """CPU model, cores, its vector extensions and the software versions of our side."""
     import numba
     import numpy as np
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
                    platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, Numba {numba.__version__}")
+    vector = sorted(flag for flag in cpu_flags() if flag.startswith(("avx", "amx")) or flag in ("fma", "f16c"))
+    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(vector) or 'no x86 vector flags'}), Linux "
+            f"{platform.release()}, Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}")
 
 
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
@@ -421,7 +423,7 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"step), after a warm-up on the first 16 tokens. Every row is measured once per round and the rounds "
         f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
         f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
-        f"importing the engine (ours: `runtime.api` with NumPy and Numba; llama.cpp: `llama_cpp`), before any "
+        f"importing the engine (ours: `runtime.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
         f"model, the floor of the Python process. Ratios are to the llama.cpp row of the same model and size "
         f"(column llama.cpp row) and to our float row, from the medians above.", "",
         f"Bits per weight: decoder projections, from the stored bytes (codes plus scales, zeros, statistics, "
@@ -434,10 +436,10 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         "F16 GGUF with Llama 2's SentencePiece vocabulary (TinyLlama's) and quantized by llama.cpp's own "
         "`llama_model_quantize`. llama.cpp has no OPT architecture, so the OPT rows have no llama.cpp anchor.", "",
         sections(rows, measured),
-        "### llama.cpp's own counters", "",
-        "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
-        "and eval times), medians over the rounds:", "",
-        anchor_check(rows, measured), "",
+        *(["### llama.cpp's own counters", "",
+           "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
+           "and eval times), medians over the rounds:", "",
+           anchor_check(rows, measured), ""] if any(row.engine == LLAMA_CPP for row in rows) else []),
         "![perplexity against bits per weight](benchmarks.png)", ""])
 
 
@@ -475,6 +477,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=64, help="greedy decode steps per measurement")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-perplexity", action="store_true", help="speed and memory only (SmolLM2's perplexity "
+                   "takes minutes per row the first time)")
     p.add_argument("--no-write", action="store_true", help="print the tables; leave BENCHMARKS.md and README alone")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
@@ -490,7 +494,7 @@ def main(argv=None) -> None:
     measured = {row: size_info(row, paths[row]) for row in rows}
     ids = {base: prompt_ids(prepare(Row("ours", base, FLOAT), args.threads)) for base in {row.base for row in rows}}
     for row in rows:
-        if row.base == SMOLLM:
+        if row.base == SMOLLM and not args.no_perplexity:
             print(f"perplexity of {row.name} ...", flush=True)
             measured[row]["ppl"] = (perplexity_llama_cpp(paths[row], args.threads) if row.engine == LLAMA_CPP
                                     else perplexity_ours(paths[row]))

@@ -22,9 +22,9 @@ OURS = "ours"
 def tiny_config(model_type: str = "llama") -> dict:
     """A config of one of the benchmark's shapes, made tiny (the vocabulary stays the tokenizer's)."""
     if model_type == "opt":
-        return dict(bench_models.hf_config(OPT_1B), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256)
-    return dict(bench_models.hf_config(LLAMA_1B), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        return dict(bench_models.hf_config(OPT_1B), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                    num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256)
+    return dict(bench_models.hf_config(LLAMA_1B), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
@@ -250,3 +250,21 @@ def test_llama_cpp_loads_quantizes_and_runs_the_random_gguf(tmp_path):
         assert result["decode"] > 0 and result["perf_decode"] > 0 and result["rss"] > result["import_rss"] > 0
     info = bench.llama_cpp_settings(2)
     assert info["version"] and "AMX_INT8 = 1" not in info["system_info"]
+
+
+def test_prepare_builds_each_1b_row_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    monkeypatch.setitem(bench_models.SHAPES, LLAMA_1B, tiny_config())
+    monkeypatch.setitem(bench_models.SHAPES, OPT_1B, tiny_config("opt"))
+    for row in (Row(OURS, LLAMA_1B, "rtn4g128"), Row(OURS, LLAMA_1B, "spqr3"), Row(OURS, OPT_1B, "nf4")):
+        path = bench.prepare(row, 2)
+        quantization = json.loads((path / "config.json").read_text())["quantization"]
+        assert quantization.get("random_codes", False) == row.random_codes == (row.kind == "spqr3")
+        assert path.name == (f"{row.name}-random" if row.random_codes else row.name)
+        assert (tmp_path / row.base / "config.json").is_file()  # the float model they come from
+    stamp = (tmp_path / f"{LLAMA_1B}.rtn4g128" / "model.safetensors").stat().st_mtime_ns
+    assert bench.prepare(Row(OURS, LLAMA_1B, "rtn4g128"), 2).name == f"{LLAMA_1B}.rtn4g128"
+    assert (tmp_path / f"{LLAMA_1B}.rtn4g128" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    gguf_path = bench.prepare(Row(LLAMA_CPP, LLAMA_1B, "F16"), 2)
+    assert gguf_path == tmp_path / f"{LLAMA_1B}.F16.gguf" and load_gguf(gguf_path)[0]["vocab_size"] == 32000
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
