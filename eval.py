@@ -1,9 +1,12 @@
-"""Perplexity of a model on WikiText-2: `python eval.py --model NAME --dataset wikitext2`.
+"""Perplexity of a model on a text: `python eval.py --model NAME --dataset wikitext2|FILE`.
 
-The GPTQ paper's protocol (see runtime/perplexity.py). `--windows N` takes the
-first N windows only; `--json` prints one JSON object. Finished windows are
-kept in .cache/perplexity/, so an interrupted run resumes. Options are checked
-before the model loads; bad input gets a one-line error and exit status 1.
+The GPTQ paper's protocol (see runtime/perplexity.py) on WikiText-2's test
+split (../shared/data, or the Hub's copy; runtime/datasets.py) or on any UTF-8
+text file (PTB, C4, your own data). `--windows N` takes the first N windows
+only; `--json` prints one JSON object. Finished windows are kept in
+.cache/perplexity/, so an interrupted run resumes. Options and the text file
+are checked before the model loads (missing, empty, binary), its length once
+it is tokenized; bad input gets a one-line error and exit status 1.
 """
 import argparse
 import json
@@ -16,8 +19,10 @@ from runtime.errors import UserError
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="name under models/, directory or file (default: smollm2-135m)")
-    p.add_argument("--dataset", default="wikitext2", choices=sorted(DATASETS))
+    p.add_argument("--model", default=None, help="name under models/, directory, file, or Hugging Face Hub model "
+                   "(org/name[@revision], or a short name such as opt-1.3b); default: smollm2-135m")
+    p.add_argument("--dataset", default="wikitext2", metavar="wikitext2|FILE",
+                   help=f"a data set ({', '.join(DATASETS)}) or the path of any UTF-8 text file")
     p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the model's context")
     p.add_argument("--windows", type=int, default=None, help="evaluate the first N windows only")
     p.add_argument("--device", default="cpu", choices=DEVICES)
@@ -45,6 +50,9 @@ def main(argv=None):
         raise UserError(f"{llm.path} has no tokenizer, so it cannot read {args.dataset}")
     seqlen = min(args.seqlen, llm.model.config.max_positions)
     ids = llm.tokenizer.encode(text)
+    if len(ids) < seqlen:
+        raise UserError(f"{args.dataset} is too short: {len(ids)} tokens, fewer than one window of {seqlen}: "
+                        f"give a longer text or a smaller --seqlen")
     state = state_path(llm.path, ids, seqlen)
     if args.no_resume and state.exists():
         state.unlink()

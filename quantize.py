@@ -19,7 +19,8 @@ from runtime.tags import METHOD_BITS, QuantSpec, parse_tag
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="base checkpoint: name under models/, directory or file")
+    p.add_argument("--model", default=None, help="base checkpoint: name under models/, directory, file, or a "
+                   "Hugging Face Hub model (org/name[@revision], or a short name such as opt-1.3b)")
     p.add_argument("--method", default="rtn", choices=sorted(METHOD_BITS))
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=None,
@@ -59,7 +60,7 @@ def main(argv=None):
     args = parse_args(argv)
     from runtime.calibration import CalibrationSettings
     from runtime.quantize_model import CALIBRATED, build_quantized
-    from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, resolve_model
+    from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, base_dir_name, resolve_model
     options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor),
                                ("act", args.act_order), ("dq", args.dq), ("dense", args.no_outliers)) if on}
     values = {}
@@ -79,7 +80,7 @@ def main(argv=None):
     base = resolve_model(args.model)
     if args.lora and not args.out:
         raise UserError("--lora merges an adapter into the model: name the result with --out DIR")
-    out = args.out or MODELS_DIR / f"{Path(args.model or DEFAULT_MODEL).name}.{spec.tag}"
+    out = args.out or MODELS_DIR / f"{base_dir_name(args.model or DEFAULT_MODEL)}.{spec.tag}"
     given = {k: v for k, v in (("text", args.calib), ("nsamples", args.nsamples), ("seqlen", args.seqlen),
                                ("seed", args.seed)) if v is not None}
     if (given or args.resume) and args.method not in CALIBRATED:

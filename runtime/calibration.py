@@ -73,11 +73,10 @@ class CalibrationSettings:
 
 
 def text_tokens(tokenizer, text_path: Path) -> np.ndarray:
-    """Token ids [n] of a calibration text file (no BOS)."""
-    if not Path(text_path).is_file():
-        problem = "is a directory" if Path(text_path).is_dir() else "does not exist"
-        raise UserError(f"calibration text {text_path} {problem}: give a UTF-8 text file with --calib FILE")
-    return np.asarray(tokenizer.encode(read_text(text_path), add_bos=False), dtype=np.int64)
+    """Token ids [n] of a calibration text file (no BOS); the default one comes from the Hub when
+    ../shared is missing (runtime/datasets.py)."""
+    text = read_text(text_path, "calibration text", "give a UTF-8 text file with --calib FILE")
+    return np.asarray(tokenizer.encode(text, add_bos=False), dtype=np.int64)
 
 
 def sample_windows(tokens: np.ndarray, nsamples: int, seqlen: int, seed: int) -> np.ndarray:

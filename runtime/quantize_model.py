@@ -44,7 +44,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.errors import UserError
 from runtime.lora import load_adapter, merge_lora
 from runtime.packed_checkpoint import save_packed
-from runtime.resolve import MODELS_DIR, PROJECT_ROOT, find_model, resolve_model
+from runtime.resolve import MODELS_DIR, PROJECT_ROOT, base_dir_name, find_model, hub_model, resolve_model
 from runtime.tags import QuantSpec, parse_tag
 from runtime.tokenizer import Tokenizer
 
@@ -352,20 +352,31 @@ def split_quantized_name(name: str) -> tuple[str, str] | None:
     return (base, tag) if dot and base and tag and "/" not in tag else None
 
 
+def parsed_tag(tag: str) -> QuantSpec | None:
+    """The spec that `tag` names, or None when it is not a tag."""
+    try:
+        return parse_tag(tag)
+    except UserError:
+        return None
+
+
 def find_or_build(name: str | None, progress: bool = True) -> Path:
-    """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE."""
+    """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE, a local
+    model or one downloaded from the Hub (runtime/resolve.py). A Hub name whose last dot is not a tag
+    ("facebook/opt-1.3b": "3b") is the float model itself."""
     path = find_model(name)
     if path is not None:
         return path
     parts = split_quantized_name(name or "")
-    base_path = find_model(parts[0]) if parts else None
-    if base_path is None:
-        return resolve_model(name)  # raises the error that says what to do
+    if (parts is None or (parsed_tag(parts[1]) is None and hub_model(name))
+            or (find_model(parts[0]) is None and hub_model(parts[0]) is None)):
+        return resolve_model(name)  # a Hub model, or the error that says what to do
     base, tag = parts
     spec = parse_tag(tag)
-    out_dir = MODELS_DIR / f"{Path(base).name}.{spec.tag}"
+    out_dir = MODELS_DIR / f"{base_dir_name(base)}.{spec.tag}"
     if (out_dir / "config.json").is_file():
         return out_dir
+    base_path = resolve_model(base)
     if progress:
         print(f"{name} is not built yet: building it from {base_path} with {spec.tag} ...", file=sys.stderr,
               flush=True)
