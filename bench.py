@@ -426,6 +426,9 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"importing the engine (ours: `runtime.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
         f"model, the floor of the Python process. Ratios are to the llama.cpp row of the same model and size "
         f"(column llama.cpp row) and to our float row, from the medians above.", "",
+        "All rows: `make bench`. A subset (the llama.cpp rows a row is compared with come along): "
+        "`python bench.py --rows 'tinyllama-1.1b.rtn*,smollm2-135m.q*' --rounds 1 --steps 16 --no-perplexity "
+        "--no-write` (shell patterns of the row names below).", "",
         f"Bits per weight: decoder projections, from the stored bytes (codes plus scales, zeros, statistics, "
         f"outliers, signs; for a GGUF its blk.* matrices). Perplexity (SmolLM2 only): WikiText-2 test, first "
         f"{PPL_WINDOWS} windows of {PPL_SEQLEN} tokens; llama.cpp's from its logits on the same windows.", "",
