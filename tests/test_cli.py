@@ -1,5 +1,6 @@
 """The command-line tools: bad input gets its one-line message and a non-zero exit, never a traceback."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,8 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def assert_fails_with(result, message):
@@ -38,8 +39,12 @@ def test_generates_text_and_prints_stats(tiny_model):
     assert "prompt 2 tokens" in result.stderr and "decode" in result.stderr
 
 
-def test_unknown_opt_name_says_where_to_put_it():
-    assert_fails_with(run("run.py", "--model", "opt-1.3b", "hi"), "facebook/opt-1.3b")
+def test_opt_name_goes_to_the_hub(tmp_path):
+    """A short Hub name offline with an empty cache: one line naming the repository (tests/test_hub.py
+    downloads from a fake Hub)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), QLLM_MODELS_DIR=str(tmp_path / "models"))
+    result = run("run.py", "--model", "opt-1.3b", "hi", env=env)
+    assert_fails_with(result, "facebook/opt-1.3b is not (completely) in the Hugging Face cache")
 
 
 def test_unknown_name_lists_what_exists():
@@ -116,7 +121,7 @@ def test_eval_reports_perplexity_as_json(tiny_model):
 
 
 def test_eval_unknown_dataset():
-    assert_fails_with(run("eval.py", "--dataset", "c4"), "argument --dataset: invalid choice: 'c4'")
+    assert_fails_with(run("eval.py", "--dataset", "c4"), "--dataset c4: not a data set (wikitext2) and no such file")
 
 
 @pytest.mark.parametrize("option,value", [("--seqlen", "1"), ("--seqlen", "0"), ("--seqlen", "-5"),
