@@ -16,7 +16,7 @@ from runtime.sampling import SamplingParams
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = SamplingParams()
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("prompt", help="text to continue (or, with --chat, the user's message)")
+    p.add_argument("prompt", nargs="?", help="text to continue (or, with --chat, the user's message)")
     p.add_argument("--model", default=None,
                    help="name under models/, HF directory, .gguf or llama2.c .bin (default: smollm2-135m)")
     p.add_argument("--lora", default=None, metavar="DIR",
@@ -30,7 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    return p.parse_args(argv)
+    p.add_argument("--verify", action="store_true", help="first check every tensor of the model in full "
+                   "(recorded checksums, finite values); without a prompt, only that")
+    args = p.parse_args(argv)
+    if args.prompt is None and not args.verify:
+        p.error("the prompt is missing: give the text to continue (or --verify alone to check the model)")
+    return args
 
 
 def main(argv=None):
@@ -39,8 +44,13 @@ def main(argv=None):
                    repetition_penalty=args.repetition_penalty, seed=args.seed,
                    max_new_tokens=args.max_new_tokens)
     SamplingParams(**options).check()  # before the model loads
+    if args.prompt is None:  # --verify alone
+        from runtime.quantize_model import find_or_build
+        from runtime.verify import verify_model
+        print(verify_model(find_or_build(args.model)))
+        return
     from runtime.api import load
-    llm = load(args.model, args.device, lora=args.lora)
+    llm = load(args.model, args.device, lora=args.lora, verify=args.verify)
     for piece in llm.stream(args.prompt, chat=args.chat, system=args.system, **options):
         sys.stdout.write(piece)
         sys.stdout.flush()

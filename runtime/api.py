@@ -31,6 +31,7 @@ from runtime.packed_checkpoint import is_packed_model, load_packed
 from runtime.quantize_model import find_or_build
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
+from runtime.verify import verify_model
 
 
 @dataclass
@@ -148,12 +149,16 @@ class LLM:
         return Score(list(ids), token_logprobs(self.model, ids))
 
 
-def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None = None) -> LLM:
+def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None = None,
+         verify: bool = False) -> LLM:
     """Load a model by name (models/NAME, or BASE.TAG built on first use), directory or file.
 
     None gives the default model. `lora`: a PEFT LoRA adapter directory to apply on top
-    (float or quantized base; see runtime/lora.py).
+    (float or quantized base; see runtime/lora.py). `verify`: check every tensor in full
+    first (recorded checksums, finite values; see runtime/verify.py).
     """
+    if not isinstance(verify, bool):
+        raise UserError(f"verify must be True or False, not {verify!r:.40}")
     if name_or_path is not None:
         name_or_path = path_text(name_or_path, "the model name", "give a name under models/ (e.g. smollm2-135m), "
                                  "a directory or a file, or None for the default model")
@@ -162,4 +167,6 @@ def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None 
     if not isinstance(device, str) or device not in DEVICES:
         raise UserError(f"unknown device {device!r:.40}: use one of {', '.join(DEVICES)}")
     path = find_or_build(name_or_path)
+    if verify:
+        verify_model(path)
     return LLM(load_model(path, device, lora), load_tokenizer(path), path)

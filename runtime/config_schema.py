@@ -210,12 +210,12 @@ def check_tensors(hf: dict, tensors: dict, source: str, config_source: str = "co
     their formats check their own arrays.
     """
     arch, values = check_config(hf, config_source)
-    required, optional = expected_tensors(arch, values)
     layers = values["num_hidden_layers"]
     stored = {layer_of(n) for n in tensors} - {None}
-    if stored and max(stored) >= layers or stored and len(stored) < layers:
+    if layers != len(stored) or stored and max(stored) >= layers:  # before listing `layers` layers' names
         raise UserError(f"{config_source} says num_hidden_layers is {layers}, but {source} holds tensors of "
-                        f"{len(stored)} layers (0..{max(stored)}); fix num_hidden_layers or re-download the model")
+                        f"{len(stored)} layers; fix num_hidden_layers or re-download the model")
+    required, optional = expected_tensors(arch, values)
     for name in required:
         if name not in tensors:
             raise UserError(f"{source} lacks tensor {name!r}, which {config_source} implies; the file is "
