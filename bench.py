@@ -55,7 +55,7 @@ OPT_1B_TAGS = ("rtn4g128", "rtn2g64", "nf4", "int8", "quipsharp2")
 LLAMA_1B_GGUF = ("F16", "Q8_0", "Q4_0", "Q2_K")
 RANDOM_CODE_METHODS = ("gptq", "spqr", "quip", "quipsharp")  # Hessian-based: minutes per layer at 1B
 FLOAT = "float"
-LLAMA_CPP = "llama.cpp"
+OURS, LLAMA_CPP = "ours", "llama.cpp"  # the engines
 OUR_VARIABLES = ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")  # what runtime/__init__.py sets
 OUR_PREFIXES = ("NUMBA_",)
 PREFILL_TOKENS = 128
@@ -81,7 +81,7 @@ class Row:
     @property
     def random_codes(self) -> bool:
         """Packed codes drawn at random (1B shapes, methods that need a Hessian)."""
-        return self.engine == "ours" and self.base != SMOLLM and self.kind != FLOAT and \
+        return self.engine == OURS and self.base != SMOLLM and self.kind != FLOAT and \
             tag_method(self.kind) in RANDOM_CODE_METHODS
 
     @property
@@ -90,17 +90,18 @@ class Row:
 
 
 def tag_method(tag: str) -> str:
+    """The method of a quantization tag (rtn, gptq, quipsharp, ...)."""
     from runtime.tags import parse_tag
     return parse_tag(tag).method
 
 
 def default_rows() -> list[Row]:
     """Every row of the full benchmark, in table order."""
-    rows = [Row("ours", SMOLLM, FLOAT)] + [Row("ours", SMOLLM, t) for t in SMOLLM_TAGS]
+    rows = [Row(OURS, SMOLLM, FLOAT)] + [Row(OURS, SMOLLM, t) for t in SMOLLM_TAGS]
     rows.append(Row(LLAMA_CPP, SMOLLM, "Q4_1"))
-    rows += [Row("ours", LLAMA_1B, FLOAT)] + [Row("ours", LLAMA_1B, t) for t in LLAMA_1B_TAGS]
+    rows += [Row(OURS, LLAMA_1B, FLOAT)] + [Row(OURS, LLAMA_1B, t) for t in LLAMA_1B_TAGS]
     rows += [Row(LLAMA_CPP, LLAMA_1B, t) for t in LLAMA_1B_GGUF]
-    return rows + [Row("ours", OPT_1B, FLOAT)] + [Row("ours", OPT_1B, t) for t in OPT_1B_TAGS]
+    return rows + [Row(OURS, OPT_1B, FLOAT)] + [Row(OURS, OPT_1B, t) for t in OPT_1B_TAGS]
 
 
 def reference(row: Row) -> Row | None:
@@ -139,7 +140,7 @@ def engine_environment(engine: str, threads: int, environ: dict) -> dict:
     """The environment of a measurement process: `environ` without the variables our runtime sets (its thread
     defaults, Numba's settings), so each engine starts from its own defaults; ours gets NUMBA_NUM_THREADS."""
     env = {k: v for k, v in environ.items() if k not in OUR_VARIABLES and not k.startswith(OUR_PREFIXES)}
-    if engine == "ours":
+    if engine == OURS:
         env["NUMBA_NUM_THREADS"] = str(threads)
     return env
 
@@ -204,22 +205,22 @@ def prepare(row: Row, threads: int) -> Path:
     from runtime.quantize_model import build_quantized, find_or_build
     from runtime.tags import parse_tag
     path = model_path(row)
-    if row.base == SMOLLM and row.engine == "ours":
+    if row.base == SMOLLM and row.engine == OURS:
         return find_or_build(row.name)
     if path.exists():
         return path
     if row.base == SMOLLM:
         raise UserError(f"{path} is missing: `make install` downloads it")
     config = bench_models.hf_config(row.base)
-    if row.engine == "ours" and row.kind == FLOAT:
+    if row.engine == OURS and row.kind == FLOAT:
         print(f"writing random float weights with {row.base}'s shapes to {path} ...", flush=True)
         bench_models.save_random_model(path, config)
         return path
-    base = prepare(Row("ours", row.base, FLOAT), threads)
+    base = prepare(Row(OURS, row.base, FLOAT), threads)
     if row.random_codes:
         print(f"writing {row.name} with random codes to {path} ...", flush=True)
         bench_models.save_random_model(path, config, row.kind)
-    elif row.engine == "ours":
+    elif row.engine == OURS:
         build_quantized(base, parse_tag(row.kind), path)
     elif row.kind == "F16":
         from runtime.checkpoint import load_checkpoint
@@ -300,6 +301,7 @@ def medians(results: list[dict]) -> dict:
 
 
 def ratio(a: float | None, b: float | None) -> str:
+    """a / b as "1.23x", empty when either is missing."""
     return f"{a / b:.2f}x" if a and b else ""
 
 
@@ -307,7 +309,7 @@ def row_cells(row: Row, stats: dict, measured: dict) -> dict:
     """The table cells of `row` from its medians (`stats`) and the other rows' (`measured`: {Row: stats})."""
     ref_row = reference(row)
     ref = measured.get(ref_row) if ref_row else None
-    base = measured.get(Row("ours", row.base, FLOAT))
+    base = measured.get(Row(OURS, row.base, FLOAT))
     low, high = stats["decode_range"]
     return {
         "model": row.label,
@@ -317,7 +319,7 @@ def row_cells(row: Row, stats: dict, measured: dict) -> dict:
         "prefill tok/s": f"{stats['prefill']:.1f}",
         "decode tok/s": f"{stats['decode']:.1f}",
         "decode min-max": f"{low:.1f}-{high:.1f}",
-        "decode vs our float": ratio(stats["decode"], base["decode"]) if base and row.engine == "ours" else "",
+        "decode vs our float": ratio(stats["decode"], base["decode"]) if base and row.engine == OURS else "",
         "llama.cpp row": ref_row.kind if ref else "",
         "decode vs llama.cpp": ratio(stats["decode"], ref["decode"]) if ref else "",
         "prefill vs llama.cpp": ratio(stats["prefill"], ref["prefill"]) if ref else "",
@@ -390,7 +392,7 @@ def plot(rows: list[Row], measured: dict, path: Path) -> None:
             continue
         dots = ax.scatter([s["bits"] for _, s in points], [s["ppl"] for _, s in points], label=family, s=22)
         for row, s in points:
-            ax.annotate(row.kind if row.engine == "ours" else row.name, (s["bits"], s["ppl"]), fontsize=6,
+            ax.annotate(row.kind if row.engine == OURS else row.name, (s["bits"], s["ppl"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points", color=dots.get_facecolor()[0])
     ax.set_xlabel("bits per weight (decoder projections, side data included)")
     ax.set_ylabel(f"WikiText-2 perplexity ({PPL_WINDOWS} x {PPL_SEQLEN})")
@@ -458,6 +460,7 @@ def update_readme(readme: Path, tables: str) -> None:
 
 
 def check_args(args) -> None:
+    """UserError for a count below 1."""
     from runtime.errors import UserError
     for name in ("rounds", "steps", "threads"):
         if getattr(args, name) < 1:
@@ -495,7 +498,7 @@ def main(argv=None) -> None:
     rows = [row for row in select(default_rows(), args.rows) if llama is not None or row.engine != LLAMA_CPP]
     paths = {row: prepare(row, args.threads) for row in rows}
     measured = {row: size_info(row, paths[row]) for row in rows}
-    ids = {base: prompt_ids(prepare(Row("ours", base, FLOAT), args.threads)) for base in {row.base for row in rows}}
+    ids = {base: prompt_ids(prepare(Row(OURS, base, FLOAT), args.threads)) for base in {row.base for row in rows}}
     for row in rows:
         if row.base == SMOLLM and not args.no_perplexity:
             print(f"perplexity of {row.name} ...", flush=True)

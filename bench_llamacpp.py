@@ -73,6 +73,12 @@ def open_model(path: str, threads: int, n_ctx: int, logits_all: bool = False):
     return llama_cpp, llm
 
 
+def next_token(llama_cpp, llm, np) -> int:
+    """The argmax of the logits of the last token evaluated (Llama.scores holds them only with logits_all)."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))  # [vocab]
+    return int(np.argmax(logits))
+
+
 def measure(path: str, ids: list[int], steps: int, threads: int) -> dict:
     """Prefill `ids`, then `steps` greedy decode steps (argmax of the last logits each step), after a warm-up."""
     import llama_cpp  # noqa: F401  (measured: the RSS of the engine before any model)
@@ -80,7 +86,7 @@ def measure(path: str, ids: list[int], steps: int, threads: int) -> dict:
     import_rss = status_mb("VmRSS")
     llama_cpp, llm = open_model(path, threads, n_ctx=max(512, len(ids) + steps + 1))
     llm.eval(ids[:16])
-    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    llm.eval([next_token(llama_cpp, llm, np)])
     llm.reset()
     llama_cpp.llama_perf_context_reset(llm.ctx)
     start = time.perf_counter()
@@ -88,7 +94,7 @@ def measure(path: str, ids: list[int], steps: int, threads: int) -> dict:
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([next_token(llama_cpp, llm, np)])
     decode = time.perf_counter() - start
     perf = llama_cpp.llama_perf_context(llm.ctx)
     return {"prefill": len(ids) / prefill, "decode": steps / decode, "rss": status_mb("VmHWM"),

@@ -11,12 +11,10 @@ import pytest
 import bench
 import bench_llamacpp
 import bench_models
-from bench import FLOAT, LLAMA_1B, LLAMA_CPP, OPT_1B, SMOLLM, Row
+from bench import FLOAT, LLAMA_1B, LLAMA_CPP, OPT_1B, OURS, SMOLLM, Row
 from runtime.errors import UserError
 from runtime.gguf_io import load_gguf
 from runtime.tokenizer import Tokenizer
-
-OURS = "ours"
 
 
 def tiny_config(model_type: str = "llama") -> dict:
