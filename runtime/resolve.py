@@ -57,14 +57,12 @@ class HubModel:
 def hub_model(name: str) -> HubModel | None:
     """The Hub model that `name` stands for (a short name of HUB_NAMES or owner/name[@revision]), or None."""
     base, at, revision = name.partition("@")
-    if base in HUB_NAMES and not at:
-        return HubModel(HUB_NAMES[base], None, base)
-    match = HUB_ID.fullmatch(name)
+    match = HUB_ID.fullmatch(HUB_NAMES.get(base, base) + at + revision)
     if match is None or ".." in match["repo"] or match["repo"].endswith("."):
         return None
     repo, revision = match["repo"], match["revision"]
     short = {v: k for k, v in HUB_NAMES.items()}.get(repo)
-    dir_name = repo.replace("/", "--") if short is None or revision else short
+    dir_name = short or repo.replace("/", "--")
     if revision:
         dir_name += "@" + revision.replace("/", "--")
     return HubModel(repo, revision, dir_name)

@@ -207,3 +207,25 @@ def test_wikitext_from_the_hub_when_shared_data_is_missing(hub, tiny_llama, tmp_
                   "eval.py", "--dataset", "wikitext2", *args)
     assert_fails_with(nowhere, "could not be fetched from the Hub dataset Salesforce/wikitext")
     assert "--dataset FILE" in nowhere.stderr
+
+
+@pytest.mark.parametrize("name,repo,revision,dir_name", [
+    ("opt-1.3b", "facebook/opt-1.3b", None, "opt-1.3b"),
+    ("facebook/opt-1.3b", "facebook/opt-1.3b", None, "opt-1.3b"),
+    ("opt-1.3b@refs/pr/1", "facebook/opt-1.3b", "refs/pr/1", "opt-1.3b@refs--pr--1"),
+    ("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", None, "tinyllama-1.1b"),
+    ("org/name@v1.0", "org/name", "v1.0", "org--name@v1.0"),
+    ("smollm2-135m", None, None, None), ("a/b/c", None, None, None), ("/abs/dir", None, None, None),
+    ("org/name.", None, None, None), ("opt-1.3b@", None, None, None), ("org/..", None, None, None),
+])
+def test_hub_names(name, repo, revision, dir_name):
+    from runtime.resolve import hub_model
+    ref = hub_model(name)
+    assert (ref and (ref.repo_id, ref.revision, ref.dir_name)) == (repo and (repo, revision, dir_name))
+
+
+def test_quantize_cli_takes_a_hub_base(hub, tmp_path):
+    result = run(environment(hub, tmp_path), "quantize.py", "--model", "org/tiny-llama", "--method", "rtn",
+                 "--bits", "4")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models" / "org--tiny-llama.rtn4" / "config.json").is_file()
