@@ -1,5 +1,8 @@
 """Numba (and, with a GPU, CUDA) kernels of the uniform format against its NumPy reference.
 
+These are the float-activation kernels (QLLM_UNIFORM_ACTIVATIONS=float for every
+test here); the int8-activation kernels are in test_uniform_int8_kernels.py.
+
 Tolerance: ||y - y_ref|| <= TOL * ||y_ref|| (float32 sums in another order;
 the kernels fold scale and zero once per group).
 """
@@ -13,6 +16,11 @@ TOL = 1e-5
 BITS = (2, 3, 4, 8)
 # (n_out, n_in, group_size, per_tensor): odd outputs, inputs not a multiple of 32 or of the group
 GRIDS = [(67, 200, 32, False), (67, 200, 128, False), (67, 200, -1, False), (33, 96, -1, True)]
+
+
+@pytest.fixture(autouse=True)
+def float_activations(monkeypatch):
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
 
 
 def make_tensor(seed, n_out, n_in, bits, group_size, sym=False, per_tensor=False, act_order=False):

@@ -136,6 +136,52 @@ def matmul(x, qweight, qzeros, scales, g_idx, bits: int) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) @ dequantize(qweight, qzeros, scales, g_idx, bits).T
 
 
+def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None) -> np.ndarray:
+    """x_hat [m, in]: each row of x [m, in] float32 as the int8-activation kernels see it.
+
+    In storage order (perm; None: column order), zero-padded to whole runs of 32, each run quantized
+    as llama.cpp's Q8_0 (runtime/kernels/quant_activations_numba.py: d = max|x| / 127, q = rint(x * (1/d))
+    in float32), then dequantized to d * q and put back in column order. The NumPy reference of the
+    int8 kernels is x_hat @ W.T.
+    """
+    m, n_in = x.shape
+    runs = -(-n_in // RUN)
+    stored = np.zeros((m, runs * RUN), dtype=np.float32)  # [m, runs*32]
+    stored[:, :n_in] = x if perm is None else x[:, perm]
+    blocks = stored.reshape(m, runs, RUN)  # [m, runs, 32]
+    d = np.abs(blocks).max(axis=2) / np.float32(127.0)  # [m, runs]
+    inverse = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)  # [m, runs]
+    x_hat = (np.rint(blocks * inverse[..., None]) * d[..., None]).reshape(m, -1)[:, :n_in]  # [m, in] storage
+    if perm is None:
+        return x_hat
+    out = np.empty_like(x_hat)  # [m, in]
+    out[:, perm] = x_hat
+    return out
+
+
+def activation_mode() -> tuple[str, str]:
+    """(mode, kernel) of the CPU products, from the environment.
+
+    QLLM_UNIFORM_ACTIVATIONS: `int8` (default) quantizes the activation of a one-row product (decode)
+    to int8 per run of 32 and multiplies in integer lanes, more rows (prefill) go through float tiles
+    and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
+    the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
+    (the reference kernel). QLLM_UNIFORM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
+    best the CPU has).
+    """
+    import os
+
+    from runtime.kernels.uniform_int8_numba import KERNELS, best_kernel
+
+    mode = os.environ.get("QLLM_UNIFORM_ACTIVATIONS", "int8")
+    kernel = os.environ.get("QLLM_UNIFORM_INT8_KERNEL") or best_kernel()
+    if mode not in ("int8", "int8-all", "float"):
+        raise UserError(f"QLLM_UNIFORM_ACTIVATIONS={mode!r}: use int8, int8-all or float")
+    if kernel not in KERNELS:
+        raise UserError(f"QLLM_UNIFORM_INT8_KERNEL={kernel!r}: use one of {', '.join(KERNELS)}")
+    return mode, kernel
+
+
 def group_index(n_in: int, group_size: int) -> np.ndarray:
     """g_idx [in] without act-order: column j in group j // group_size (all 0 per row)."""
     if group_size == PER_ROW:
@@ -265,8 +311,27 @@ class UniformTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
+    def matmul_reference_int8(self, x) -> np.ndarray:
+        """y [m, out] = x_hat @ W.T, x_hat = x [m, in] quantized as the int8 kernels do (the reference of
+        the int8-activation path)."""
+        return quantize_activation(x, None if self.perm is None else to_numpy(self.perm)) @ self.dequantize().T
+
+    def matmul(self, x):
+        """y [..., out] = x [..., in] @ W.T (PackedTensor.matmul); on the CPU the rows `activation_mode`
+        picks (by default one row: decode) go through the int8-activation kernel. Formats that wrap
+        this one call `matmul_rows`, which keeps float activations."""
+        if not is_cupy(x):
+            mode, kernel = activation_mode()
+            if mode == "int8-all" or (mode == "int8" and x.size == x.shape[-1]):
+                from runtime.kernels import uniform_int8_numba
+                self.check_input(x)
+                rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
+                y = np.stack([uniform_int8_numba.matvec(self, row, kernel) for row in rows])  # [m, out]
+                return y.reshape(*x.shape[:-1], self.out_features)
+        return super().matmul(x)
+
     def matmul_rows(self, x, on_gpu: bool):
-        """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""
+        """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""
         if on_gpu:
             from runtime.kernels import uniform_cuda
             return uniform_cuda.matmul(self, x)  # [m, out]

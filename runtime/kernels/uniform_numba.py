@@ -178,7 +178,7 @@ def _unpack_run(words, w0, bits, out, o):
 
 
 @njit(inline="always")
-def _group_grid(qzeros, scales, g, bits, sym, n0, m, s, z):
+def group_grid(qzeros, scales, g, bits, sym, n0, m, s, z):
     """s[i], z[i] = float32 scale and zero of output n0 + i in group g (n0 a multiple of 32)."""
     row_scales = scales[g, n0:n0 + m]  # [m]
     for i in range(m):
@@ -212,7 +212,7 @@ def _matvec_chunk(qweight, qzeros, scales, xs, xsum, bits, group_runs, sym, n0, 
         acc[:] = 0
         for run in range(g * group_runs, min(n_runs, (g + 1) * group_runs)):
             _dot_run(qweight, run, bits, xs, acc, n0, m)
-        _group_grid(qzeros, scales, g, bits, sym, n0, m, s, z)
+        group_grid(qzeros, scales, g, bits, sym, n0, m, s, z)
         for i in range(m):
             total[i] += s[i] * (acc[i] - z[i] * xsum[g])
     y[n0:n0 + m] = total[:m]
@@ -263,7 +263,7 @@ def _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, run, n0, m, 
     width = -(-m // RUN) * RUN
     s = np.empty(width, dtype=np.float32)  # [width]
     z = np.empty(width, dtype=np.float32)  # [width]
-    _group_grid(qzeros, scales, run // group_runs, bits, sym, n0, m, s, z)
+    group_grid(qzeros, scales, run // group_runs, bits, sym, n0, m, s, z)
     sz = s * z  # [width]
     _deq_run(qweight, run, bits, s, sz, out, n0, m)
 
@@ -276,14 +276,14 @@ def _dequantize_tile(qweight, qzeros, scales, bits, group_runs, sym, n0, m, out)
         _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, np.int64(run), n0, m, out)
 
 
-def _readonly(x):
+def readonly(x):
     """A read-only view of x: read-only and writable inputs then share one compiled signature."""
     view = x.view()
     view.flags.writeable = False
     return view
 
 
-def _arrays(packed) -> tuple:
+def kernel_arrays(packed) -> tuple:
     """(qweight, qzeros as uint32, scales as uint16 (float16 bits), perm) as the kernels take them
     (read-only views: UniformTensor keeps its arrays read-only)."""
     perm = NO_PERM if packed.perm is None else packed.perm
@@ -297,14 +297,14 @@ def group_runs(packed) -> int:
 
 def matvec(packed, x: np.ndarray) -> np.ndarray:
     """y [out] = W x for x [in] float32 (the fused decode kernel)."""
-    qweight, qzeros, scales, perm = _arrays(packed)
-    return _matvec(qweight, qzeros, scales, _readonly(x), perm, packed.bits, group_runs(packed),
+    qweight, qzeros, scales, perm = kernel_arrays(packed)
+    return _matvec(qweight, qzeros, scales, readonly(x), perm, packed.bits, group_runs(packed),
                    packed.sym, numba.get_num_threads())
 
 
 def dequantize_storage(packed, n0: int = 0, cols: int | None = None) -> np.ndarray:
     """W[n0 : n0 + cols].T in storage row order, zero-padded: [ceil(in/32) * 32, cols] float32."""
-    qweight, qzeros, scales, _ = _arrays(packed)
+    qweight, qzeros, scales, _ = kernel_arrays(packed)
     cols = packed.out_features - n0 if cols is None else cols
     out = np.empty((qweight.shape[0] // packed.bits * RUN, cols), dtype=np.float32)  # [in_pad, cols]
     _dequantize_tile(qweight, qzeros, scales, packed.bits, group_runs(packed), packed.sym, n0, cols, out)
@@ -315,7 +315,7 @@ def matmul(packed, x: np.ndarray) -> np.ndarray:
     """y [m, out] = x [m, in] @ W.T for float32 x: `matvec` for one row, else dequantized tiles + BLAS."""
     if x.shape[0] == 1:
         return matvec(packed, x[0])[None]
-    qweight, qzeros, scales, _ = _arrays(packed)
+    qweight, qzeros, scales, _ = kernel_arrays(packed)
     n_pad = qweight.shape[0] // packed.bits * RUN
     n_out = packed.out_features
     xs = np.zeros((x.shape[0], n_pad), dtype=np.float32)  # [m, in_pad] storage order, zero padded

@@ -1,0 +1,319 @@
+"""Integer-activation matvec of the uniform format (layout: runtime/formats/uniform.py).
+
+The decode product y = W x with x quantized once per call to int8 per block
+of 32 (llama.cpp's Q8_0 activations, runtime/kernels/quant_activations_numba.py),
+the block being one packed run of 32 input rows in storage order. With codes
+q, zero z and scale s of group g, activation scale d_r and int8 values xq of
+run r:
+
+    y[n] = sum_g s[g, n] * ( sum_{r in g} d_r * dot_r[n]  -  z[g, n] * xsum[g] )
+    dot_r[n] = sum_{k < 32} q[32 r + k, n] * xq[32 r + k]       (exact, int32)
+    xsum[g]  = sum_{r in g} d_r * sum_k xq[32 r + k]
+
+The reference is the float kernel fed the dequantized activation d * xq
+(`UniformTensor.matmul_reference_int8`).
+
+Lanes are outputs: qweight [runs * bits, out] has each word row contiguous
+over outputs, and one 32-bit word holds 32/bits codes of one output. For 2, 4
+and 8 bits, byte i of word t of a run holds the codes 32t/bits + (8/bits) i + s,
+s < 8/bits, at bit offset bits * s of the byte; so `(word >> bits*s) & mask`
+(mask = 2**bits - 1 in every byte) is four unsigned codes, one per byte, and
+the activations are permuted once per call into the matching byte order
+(`xw`: eight 32-bit words per run, one per (t, s)). Then one u8 x s8 dot
+product of four bytes per 32-bit lane does four multiply-adds of one output:
+
+- `avx512vnni`: `vpdpbusd` on 16 outputs (llvm.x86.avx512.vpdpbusd.512);
+  2, 4 and 8 bits.
+- `avx2`: `vpmaddubsw` into int16 pairs, the run summed in int16 lanes, then
+  one `vpmaddwd` by ones to int32 on 8 outputs; 2 and 4 bits (a run's int16
+  sum is at most 16 * 15 * 127 = 30480; 8-bit codes would saturate).
+- `portable`: plain Numba integer code (shift, mask, multiply), which LLVM
+  vectorizes on any CPU; every bit width (3 bits: codes 10 and 21 straddle
+  two words) and the outputs past the last whole SIMD tile.
+
+The x86 paths are written as Numba intrinsics over LLVM vector types and are
+compiled only when called, so a CPU without them (ARM) never sees them;
+`best_kernel` picks one from the CPU Numba compiles for. One parallel region
+per call: the activation is quantized before the `prange` over output chunks.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
+from runtime.kernels.uniform_numba import group_grid, group_runs, kernel_arrays, readonly
+
+KERNELS = ("avx512vnni", "avx2", "portable")
+SIMD_BITS = {"avx512vnni": (2, 4, 8), "avx2": (2, 4), "portable": ()}  # bit widths with SIMD tiles
+LANES = {"avx512vnni": 16, "avx2": 8, "portable": 0}  # outputs per SIMD tile
+WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def best_kernel() -> str:
+    """The fastest kernel the CPU that Numba compiles for supports (NUMBA_CPU_NAME set: `portable`)."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return "portable"
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512vnni") and features.get("avx512bw"):
+        return "avx512vnni"
+    return "avx2" if features.get("avx2") else "portable"
+
+
+# ---- the SIMD tiles: LLVM IR for one run of 32 inputs on one tile of outputs -------------------
+
+def _splat(builder, value, lanes):
+    """<lanes x T> with every lane = value (a scalar IR value of type T)."""
+    vector = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+
+
+def _codes(builder, word, bits, s):
+    """<L x i32>: the four codes at bit offset bits*s of every byte of each lane, one per byte."""
+    if bits == 8:
+        return word
+    lanes = word.type.count
+    mask = ir.Constant(word.type, [((1 << bits) - 1) * 0x01010101] * lanes)
+    shifted = builder.lshr(word, ir.Constant(word.type, [bits * s] * lanes)) if s else word
+    return builder.and_(shifted, mask)
+
+
+def _dot_vnni(builder, acc, codes, xword):
+    """acc + per-lane dot of four u8 codes with four s8 activations (vpdpbusd); acc None: from zero."""
+    vector = codes.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [ir.Constant(vector, None) if acc is None else acc, codes, xword])
+
+
+def _dot_avx2(builder, acc, codes, xword):
+    """acc (<16 x i16>) + the int16 pair sums of u8 codes times s8 activations (vpmaddubsw)."""
+    bytes32 = ir.VectorType(_I8, 32)
+    pairs = ir.VectorType(_I16, 16)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(pairs, [bytes32, bytes32]),
+                                        "llvm.x86.avx2.pmadd.ub.sw")
+    product = builder.call(fn, [builder.bitcast(codes, bytes32), builder.bitcast(xword, bytes32)])
+    return product if acc is None else builder.add(acc, product)
+
+
+def _widen_avx2(builder, acc):
+    """<8 x i32> sums of adjacent int16 pairs of acc (vpmaddwd by ones)."""
+    pairs = ir.VectorType(_I16, 16)
+    fn = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ir.VectorType(_I32, 8), [pairs, pairs]),
+                                        "llvm.x86.avx2.pmadd.wd")
+    return builder.call(fn, [acc, ir.Constant(pairs, [1] * 16)])
+
+
+def _tile_intrinsic(bits: int, kernel: str):
+    """An intrinsic tile(qweight, row0, n, xw, w0, d, facc, f0) adding, for the L outputs n .. n+L-1,
+    d * dot(codes of word rows row0 .. row0+bits-1, activations xw[w0 : w0+8] as int32 words)
+    into facc[f0 : f0+L] (L = LANES[kernel]; qweight C-contiguous)."""
+    lanes = LANES[kernel]
+    dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
+
+    def codegen(context, builder, signature, args):
+        qweight, row0, n, xw, w0, d, facc, f0 = args
+        q_array = context.make_array(signature.args[0])(context, builder, qweight)
+        x_data = context.make_array(signature.args[3])(context, builder, xw).data
+        f_data = context.make_array(signature.args[6])(context, builder, facc).data
+        n_cols = cgutils.unpack_tuple(builder, q_array.shape)[1]
+        vector = ir.VectorType(_I32, lanes)
+        acc = None
+        for t in range(bits):
+            offset = builder.add(builder.mul(builder.add(row0, ir.Constant(row0.type, t)), n_cols), n)
+            word = builder.load(builder.bitcast(builder.gep(q_array.data, [offset]), vector.as_pointer()), align=4)
+            for s in range(8 // bits):
+                index = builder.add(w0, ir.Constant(w0.type, t * (8 // bits) + s))
+                x_ptr = builder.bitcast(builder.gep(x_data, [builder.mul(index, ir.Constant(index.type, 4))]),
+                                        _I32.as_pointer())
+                acc = dot(builder, acc, _codes(builder, word, bits, s), _splat(builder, builder.load(x_ptr, align=1),
+                                                                               lanes))
+        if kernel == "avx2":
+            acc = _widen_avx2(builder, acc)
+        floats = ir.VectorType(_F32, lanes)
+        f_ptr = builder.bitcast(builder.gep(f_data, [f0]), floats.as_pointer())
+        scaled = builder.fmul(builder.sitofp(acc, floats), _splat(builder, d, lanes))
+        builder.store(builder.fadd(builder.load(f_ptr, align=4), scaled), f_ptr, align=4)
+        return context.get_dummy_value()
+
+    def typer(typingctx, qweight, row0, n, xw, w0, d, facc, f0):
+        return types.void(qweight, types.int64, types.int64, xw, types.int64, types.float32, facc,
+                          types.int64), codegen
+
+    return intrinsic(typer)
+
+
+_VNNI2, _VNNI4, _VNNI8 = (_tile_intrinsic(b, "avx512vnni") for b in (2, 4, 8))
+_AVX2_2, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 4))
+
+
+@njit(inline="always")
+def _tiles_vnni(qweight, run, bits, xw, d, facc, n0, full):
+    """facc[i] += d * dot_run[n0 + i] for i < full (a multiple of 16), by vpdpbusd tiles."""
+    for i in range(0, full, 16):
+        if bits == 4:
+            _VNNI4(qweight, run * 4, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+        elif bits == 2:
+            _VNNI2(qweight, run * 2, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+        else:
+            _VNNI8(qweight, run * 8, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+
+
+@njit(inline="always")
+def _tiles_avx2(qweight, run, bits, xw, d, facc, n0, full):
+    """facc[i] += d * dot_run[n0 + i] for i < full (a multiple of 8), by vpmaddubsw tiles."""
+    for i in range(0, full, 8):
+        if bits == 4:
+            _AVX2_4(qweight, run * 4, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+        else:
+            _AVX2_2(qweight, run * 2, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+
+
+@njit(inline="always")
+def _tiles_none(qweight, run, bits, xw, d, facc, n0, full):
+    """The portable kernel has no SIMD tiles (full is 0)."""
+
+
+# ---- the portable lanes ------------------------------------------------------------------------
+
+@njit(inline="always")
+def _lanes_words(qweight, run, bits, xq, d, facc, n0, a, m):
+    """facc[i] += d * dot_run[n0 + i] for a <= i < m; bits 2, 4 or 8 (no code straddles words)."""
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    for i in range(a, m):
+        dot = np.int32(0)
+        for t in range(bits):
+            v = qweight[run * bits + t, n0 + i]
+            for j in range(per_word):
+                dot += ((v >> (j * bits)) & mask) * np.int32(xq[run * BLOCK + t * per_word + j])
+        facc[i] += d * np.float32(dot)
+
+
+@njit(inline="always")
+def _lanes3(qweight, run, xq, d, facc, n0, a, m):
+    """`_lanes_words` for 3 bits (codes 10 and 21 straddle two words)."""
+    base = run * BLOCK
+    for i in range(a, m):
+        v0 = qweight[3 * run, n0 + i]
+        v1 = qweight[3 * run + 1, n0 + i]
+        v2 = qweight[3 * run + 2, n0 + i]
+        dot = np.int32(0)
+        for j in range(10):
+            dot += ((v0 >> (3 * j)) & 7) * np.int32(xq[base + j])
+            dot += ((v1 >> (3 * j + 1)) & 7) * np.int32(xq[base + 11 + j])
+            dot += ((v2 >> (3 * j + 2)) & 7) * np.int32(xq[base + 22 + j])
+        dot += (((v0 >> 30) & 3) | ((v1 & 1) << 2)) * np.int32(xq[base + 10])
+        dot += (((v1 >> 31) & 1) | ((v2 & 3) << 1)) * np.int32(xq[base + 21])
+        facc[i] += d * np.float32(dot)
+
+
+@njit(inline="always")
+def _lanes(qweight, run, bits, xq, d, facc, n0, a, m):
+    """facc[i] += d * dot_run[n0 + i] for a <= i < m, any bit width, in plain integer code."""
+    if bits == 4:
+        _lanes_words(qweight, run, 4, xq, d, facc, n0, a, m)
+    elif bits == 2:
+        _lanes_words(qweight, run, 2, xq, d, facc, n0, a, m)
+    elif bits == 8:
+        _lanes_words(qweight, run, 8, xq, d, facc, n0, a, m)
+    else:
+        _lanes3(qweight, run, xq, d, facc, n0, a, m)
+
+
+# ---- the matvec --------------------------------------------------------------------------------
+
+@njit(cache=True)
+def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
+    """(xq [runs*32] int8, xw [runs*32] int8, d [runs] float32, xsum [n_groups] float32) of x [in]:
+    x gathered into storage order (perm; empty: identity) and zero-padded to whole runs, quantized
+    per run (Q8_0); xw is xq in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: xq)."""
+    xs = np.zeros(n_runs * BLOCK, dtype=np.float32)  # [runs*32]
+    if perm.shape[0] > 0:
+        for k in range(perm.shape[0]):
+            xs[k] = x[perm[k]]
+    else:
+        xs[:x.shape[0]] = x
+    xq = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    d = np.empty(n_runs, dtype=np.float32)  # [runs]
+    quantize_blocks(xs, xq, d)
+    xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
+    for r in range(n_runs):
+        total = np.int32(0)
+        for k in range(r * BLOCK, (r + 1) * BLOCK):
+            total += xq[k]
+        xsum[r // group_runs] += d[r] * np.float32(total)
+    xw = xq.copy()  # [runs*32]
+    if bits != 3:
+        per_word = 32 // bits
+        sub = 8 // bits  # codes per byte
+        for r in range(n_runs):
+            for t in range(bits):
+                for s in range(sub):
+                    for i in range(4):
+                        xw[r * BLOCK + 4 * (t * sub + s) + i] = xq[r * BLOCK + t * per_word + sub * i + s]
+    return xq, xw, d, xsum
+
+
+@njit(cache=True, fastmath=True)
+def _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym, r0, r1, y):
+    """y [out] = the share of runs r0 .. r1-1 in W x: SIMD tiles over the whole tiles of outputs,
+    portable lanes after; a group's zero-point term goes with its first run."""
+    n_out = qweight.shape[1]
+    full = n_out // lanes * lanes if lanes > 0 else 0
+    width = -(-n_out // BLOCK) * BLOCK
+    facc = np.empty(n_out, dtype=np.float32)  # [out] sum_r d_r dot_r over the group's runs in r0 .. r1-1
+    s = np.empty(width, dtype=np.float32)  # [out padded to runs of 32]
+    z = np.empty(width, dtype=np.float32)  # [out padded]
+    y[:] = 0
+    for g in range(r0 // group_runs, -(-r1 // group_runs)):
+        first = max(r0, g * group_runs)
+        facc[:] = 0
+        for run in range(first, min(r1, (g + 1) * group_runs)):
+            tiles(qweight, run, bits, xw, d[run], facc, 0, full)
+            _lanes(qweight, run, bits, xq, d[run], facc, 0, full, n_out)
+        group_grid(qzeros, scales, g, bits, sym, 0, n_out, s, z)
+        zero_term = xsum[g] if first == g * group_runs else np.float32(0.0)
+        for i in range(n_out):
+            y[i] += s[i] * (facc[i] - z[i] * zero_term)
+
+
+@njit(cache=True, parallel=True)
+def _matvec(tiles, lanes, qweight, qzeros, scales, x, perm, bits, group_runs, sym, threads):
+    """y [out] = W x with int8 activations; `tiles` / `lanes`: the SIMD tile function and its width.
+
+    Split over the input: each of `threads` tasks streams one contiguous slice of qweight (whole word
+    rows of a range of runs) into its own partial y; the partials are summed at the end.
+    """
+    n_runs = qweight.shape[0] // bits
+    n_out = qweight.shape[1]
+    xq, xw, d, xsum = quantize_input(x, perm, bits, n_runs, group_runs, scales.shape[0])
+    tasks = min(threads, n_runs)
+    partial = np.empty((tasks, n_out), dtype=np.float32)  # [tasks, out]
+    for t in prange(tasks):
+        _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym,
+                 t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t])
+    y = partial[0].copy()  # [out]
+    for t in range(1, tasks):
+        y += partial[t]
+    return y
+
+
+def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [out] = W x for x [in] float32 with int8 activations; `kernel` one of KERNELS (SIMD tiles
+    for the bit widths in SIMD_BITS[kernel], portable code for the rest)."""
+    qweight, qzeros, scales, perm = kernel_arrays(packed)
+    simd = packed.bits in SIMD_BITS[kernel]
+    tiles = {"avx512vnni": _tiles_vnni, "avx2": _tiles_avx2}[kernel] if simd else _tiles_none
+    return _matvec(tiles, LANES[kernel] if simd else 0, qweight, qzeros, scales, readonly(x), perm, packed.bits,
+                   group_runs(packed), packed.sym, numba.get_num_threads())

@@ -1,0 +1,105 @@
+"""The int8-activation kernels of the uniform format against its NumPy reference.
+
+The reference quantizes the activation as the kernels do (`quantize_activation`:
+Q8_0 per run of 32 in storage order) and multiplies by the dequantized weight,
+so the only difference left is float32 summation order:
+||y - y_ref|| <= TOL * ||y_ref||. Every kernel the CPU supports is checked
+(the portable one everywhere), on odd shapes: outputs not a multiple of the
+SIMD width, inputs not a multiple of 32 or of the group, per-row and
+per-tensor grids, act-order, 2/3/4/8 bits.
+"""
+import re
+
+import numpy as np
+import pytest
+from llvmlite import binding as llvm
+
+from runtime.errors import UserError
+from runtime.formats.uniform import quantize_activation
+from runtime.kernels import uniform_int8_numba
+from runtime.kernels.quant_activations_numba import quantize_blocks
+from test_uniform_kernels import BITS, inputs, make_tensor
+
+TOL = 1e-5
+FEATURES = llvm.get_host_cpu_features()
+AVAILABLE = [k for k, needs in (("avx512vnni", ("avx512vnni", "avx512bw")), ("avx2", ("avx2",)), ("portable", ()))
+             if all(FEATURES.get(f) for f in needs)]
+# (n_out, n_in, group_size, per_tensor): odd outputs, inputs not a multiple of 32 or of the group
+GRIDS = [(67, 200, 32, False), (1000, 512, 128, False), (67, 200, -1, False), (33, 96, -1, True),
+         (1, 40, 32, False)]
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.linalg.norm(y - ref) <= TOL * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS)
+@pytest.mark.parametrize("sym", [False, True])
+def test_int8_kernel_matches_reference(kernel, bits, n_out, n_in, group_size, per_tensor, sym):
+    packed = make_tensor(bits, n_out, n_in, bits, group_size, sym=sym, per_tensor=per_tensor)
+    x = inputs(bits, 1, n_in)  # [1, in]
+    assert_close(uniform_int8_numba.matvec(packed, x[0], kernel), packed.matmul_reference_int8(x)[0])
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize("bits", BITS)
+def test_int8_kernel_act_order(kernel, bits):
+    packed = make_tensor(10 + bits, 45, 160, bits, 32, act_order=True)
+    assert packed.act_order
+    x = inputs(bits, 1, 160)  # [1, in]
+    assert_close(uniform_int8_numba.matvec(packed, x[0], kernel), packed.matmul_reference_int8(x)[0])
+
+
+def test_activation_quantization_is_q8_0_bit_for_bit():
+    # the kernel's quantizer and the NumPy reference agree exactly, zero blocks included
+    x = inputs(3, 1, 96)[0] * 7  # [96]
+    x[32:64] = 0
+    q = np.empty(96, dtype=np.int8)
+    d = np.empty(3, dtype=np.float32)
+    quantize_blocks(x, q, d)
+    assert np.abs(q).max() == 127 and d[1] == 0
+    assert np.array_equal(np.repeat(d, 32) * q.astype(np.float32), quantize_activation(x[None])[0])
+    # and the reference is a close approximation: at most half a step of each block away
+    assert (np.abs(quantize_activation(x[None])[0] - x) <= np.repeat(d, 32) / 2 + 1e-7).all()
+
+
+def test_int8_path_is_close_to_float_activations():
+    # what the int8 activations cost in accuracy on one product (4-bit, group 128)
+    packed = make_tensor(5, 256, 576, 4, 128)
+    x = inputs(5, 1, 576)  # [1, in]
+    ref = packed.matmul_reference(x)[0]
+    y = packed.matmul(x)[0]
+    assert 0 < np.linalg.norm(y - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+def test_activation_modes_pick_the_kernel(monkeypatch):
+    packed = make_tensor(6, 67, 200, 4, 32)
+    x = inputs(6, 3, 200)  # [3, in]
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
+    assert_close(packed.matmul(x[:1]), packed.matmul_reference_int8(x[:1]))  # decode: int8
+    assert_close(packed.matmul(x), packed.matmul_reference(x))  # prefill: float tiles
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8-all")
+    assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
+    assert_close(packed.matmul(x[:1]), packed.matmul_reference(x[:1]))
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int4")
+    with pytest.raises(UserError, match="QLLM_UNIFORM_ACTIVATIONS"):
+        packed.matmul(x)
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
+    monkeypatch.setenv("QLLM_UNIFORM_INT8_KERNEL", "neon")
+    with pytest.raises(UserError, match="QLLM_UNIFORM_INT8_KERNEL"):
+        packed.matmul(x[:1])
+
+
+@pytest.mark.parametrize("kernel, tiles, instructions", [("avx512vnni", "_tiles_vnni", {"vpdpbusd"}),
+                                                         ("avx2", "_tiles_avx2", {"vpmaddubsw", "vpmaddwd"})])
+def test_simd_kernels_use_dot_product_instructions(kernel, tiles, instructions):
+    if kernel not in AVAILABLE:
+        pytest.skip(f"the CPU lacks {kernel}")
+    packed = make_tensor(7, 64, 128, 4, 128)
+    uniform_int8_numba.matvec(packed, inputs(7, 1, 128)[0], kernel)
+    asm = [text for sig, text in uniform_int8_numba._partial.inspect_asm().items() if tiles in str(sig[0])]
+    assert asm and instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm[0]))
