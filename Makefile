@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-test install-gpu test test-gpu gpu-check bench
+.PHONY: install install-test install-gpu test test-gpu gpu-check fuzz bench
 
 install:  ## run-time dependencies + the default model (models/smollm2-135m)
 	$(PIP) -r requirements.txt
@@ -27,6 +27,9 @@ test-gpu: install-gpu  ## the GPU tests need pytest and CuPy only (installed whe
 
 gpu-check:  ## versions, GPU tests and bench_gpu.py in one call: make gpu-check OUT=DIR
 	bash tests/gpu_check.sh $(or $(OUT),gpu-check)
+
+fuzz: install-test  ## the fuzz test of damaged model files, 1000 cases per target instead of 60
+	FUZZ_CASES=1000 $(PYTHON) -m pytest -q -s tests/test_fuzz.py
 
 bench:  ## writes BENCHMARKS.md, benchmarks.png and the README's tables; a subset: make bench BENCH_ARGS="--rows 'tinyllama*' --rounds 1"
 	CMAKE_ARGS="$$($(PYTHON) bench_llamacpp.py cmake-args)" $(PIP) -r requirements-bench.txt
