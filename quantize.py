@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output directory (default models/BASE.TAG); it must not exist yet, be empty, or hold a "
                         "model quantize.py wrote (replaced only with --overwrite); never the base model, the "
                         "current directory, the project, the models directory or a parent of them")
+    p.add_argument("--export", choices=("gptq", "gguf"), default=None,
+                   help="also write the model as a GPTQ checkpoint (transformers) or a GGUF file (llama.cpp); a model "
+                        "already built with these settings is exported as it is (runtime/export/)")
+    p.add_argument("--export-out", type=Path, default=None,
+                   help="where --export writes (default: OUT-gptq/ or OUT.gguf beside the model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model quantize.py wrote at OUT, once the new one is complete (a directory "
                         "holding anything else is still refused)")
@@ -87,10 +92,17 @@ def main(argv=None):
         raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
                         f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
-    build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora,
-                    overwrite=args.overwrite)
+    from runtime.export import check_destination, default_destination, export_model
+    from runtime.quantize_model import built_as
+    if args.export:  # checked before the build, which can take minutes
+        check_destination(args.export_out or default_destination(out, args.export))
+    if not (args.export and not args.overwrite and built_as(out, {"tag": spec.tag, "base": str(base.resolve())})):
+        build_quantized(base, spec, out, calibration=calibration, resume=args.resume, lora=args.lora,
+                        overwrite=args.overwrite)
     bits = json.loads((out / "config.json").read_text())["quantization"]["bits_per_weight"]
     print(f"wrote {out}: {bits:.3f} bits per weight in the decoder projections (codes and side data)")
+    if args.export:
+        print(f"exported {export_model(out, args.export, args.export_out)} ({args.export})")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.device import DEVICES, array_module
 from runtime.errors import UserError
 from runtime.generate import GenerationStats, check_prompt, finite_logits, generate_text
+from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import apply_lora, load_adapter
 from runtime.packed_checkpoint import is_packed_model, load_packed
 from runtime.quantize_model import find_or_build
@@ -84,7 +85,12 @@ def load_model(path: Path, device: str = "cpu", lora: str | None = None) -> Mode
     """The model stored at `path` (any checkpoint the loader reads), on `device`, with the LoRA
     adapter in directory `lora` applied at run time when given."""
     adapter = load_adapter(lora) if lora is not None else None  # a bad adapter fails before the model loads
-    hf_config, tensors = load_packed(path) if is_packed_model(path) else load_checkpoint(path)
+    if is_packed_model(path):
+        hf_config, tensors = load_packed(path)
+    elif is_quantized_checkpoint(path):  # GPTQ, AWQ, bitsandbytes, QuIP# (runtime/importers)
+        hf_config, tensors = load_quantized_checkpoint(path)
+    else:
+        hf_config, tensors = load_checkpoint(path)
     if adapter is not None:
         tensors = apply_lora(tensors, adapter)
     return Model(Config.from_hf(hf_config), tensors, array_module(device))

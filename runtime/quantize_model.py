@@ -42,6 +42,7 @@ from runtime.calibration import CalibrationSettings, calibrate, check_state_dir,
     sample_windows, settings_record, state_dir_for, text_tokens
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import UserError
+from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import load_adapter, merge_lora
 from runtime.packed_checkpoint import save_packed
 from runtime.resolve import MODELS_DIR, PROJECT_ROOT, base_dir_name, find_model, hub_model, resolve_model
@@ -317,7 +318,8 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
             print(f"{out_dir} was built by another process meanwhile: using it", file=sys.stderr, flush=True)
             return out_dir
         check_output(out_dir, base, overwrite)
-        hf_config, tensors = load_checkpoint(base)
+        hf_config, tensors = (load_quantized_checkpoint(base, dequantize=True) if is_quantized_checkpoint(base)
+                              else load_checkpoint(base))
         config = Config.from_hf(hf_config)
         check_shapes(config, tensors, spec)
         remove_leftovers(out_dir)
