@@ -266,3 +266,25 @@ def test_prepare_builds_each_1b_row_once(tmp_path, monkeypatch):
     gguf_path = bench.prepare(Row(LLAMA_CPP, LLAMA_1B, "F16"), 2)
     assert gguf_path == tmp_path / f"{LLAMA_1B}.F16.gguf" and load_gguf(gguf_path)[0]["vocab_size"] == 32000
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_the_gguf_as_the_same_model(tmp_path):
+    """llama.cpp's perplexity of the F16 GGUF equals ours on the same weights (scaled up so that attention, and so
+    the RoPE order of Q and K rows, matters: writing them unpermuted moves llama.cpp's perplexity by 13%)."""
+    pytest.importorskip("llama_cpp")
+    from model import Config, Model
+    from runtime.perplexity import perplexity
+    config = tiny_config()
+    tensors = {k: v * 8 if v.ndim == 2 else v for k, v in bench_models.float_tensors(config).items()}
+    windows = np.random.default_rng(0).integers(3, config["vocab_size"], size=(2, 128)).astype(np.int32)
+    np.save(tmp_path / "windows.npy", windows)
+    gguf_path = tmp_path / "tiny.F16.gguf"
+    bench_models.write_llama_gguf(gguf_path, config, tensors, bench_models.tokenizer_files(config)[0])
+    script = str(Path(bench.__file__).parent / "bench_llamacpp.py")
+    theirs = bench.run_json([sys.executable, script, "perplexity", str(gguf_path), "--windows",
+                             str(tmp_path / "windows.npy"), "--threads", "2"], LLAMA_CPP, 2)
+    ours = perplexity(Model(Config.from_hf(config), tensors, np), windows.reshape(-1).tolist(), 128, 2, None,
+                      progress=False)
+    assert theirs["count"] == ours["tokens"] == 2 * 127
+    assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=2e-3)  # float16 weights on llama.cpp's side
