@@ -41,13 +41,13 @@ AMX_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 def cmake_args(cpu_flags: set[str], machine: str) -> str:
     """CMAKE_ARGS for llama-cpp-python on a CPU with `cpu_flags` (/proc/cpuinfo): on x86 each feature named
-    (no -march=native) and AMX off; elsewhere the native build."""
+    (no -march=native) and AMX off; elsewhere the native build. Never the multimodal library (unused here)."""
     if machine not in ("x86_64", "AMD64", "i686"):
-        return "-DGGML_NATIVE=ON"
+        return "-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
     options = {option: flag in cpu_flags for flag, option in X86_FEATURES.items()}
     options["GGML_AVX512"] = all(flag in cpu_flags for flag in AVX512_BASE)
     options.update({option: False for option in AMX_OFF})
-    return " ".join(["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v else 'OFF'}" for k, v in sorted(options.items())])
+    return " ".join(["-DLLAVA_BUILD=OFF", "-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v else 'OFF'}" for k, v in sorted(options.items())])
 
 
 def cpu_flags() -> set[str]:
