@@ -16,9 +16,10 @@ of m); an 8-bit projection is written exactly when symmetric, else
 re-quantized to Q8_0 (within its rounding). The LM head (8-bit, per row,
 symmetric) is Q8_0 exactly, the embedding F16, norms F32. Q and K rows go
 into llama.cpp's interleaved RoPE order (runtime/gguf_io.py). The
-tokenizer is embedded: a byte-level BPE tokenizer.json as "gpt2" (tokens,
-merges; pre-tokenizer "smollm" when it splits digits one by one, else
-"gpt2"), a SentencePiece tokenizer.model as "llama" (pieces, scores).
+tokenizer is embedded: a SentencePiece tokenizer.model as "llama" (pieces,
+scores), a byte-level BPE tokenizer.json as "gpt2" (tokens, merges;
+pre-tokenizer "smollm" when it splits digits one by one, else "gpt2"), a
+SentencePiece model converted to tokenizer.json (byte fallback) as "llama".
 Everything else (2/3-bit codes, act-order, other formats, OPT) is refused
 with the list of what can be exported.
 """
@@ -91,12 +92,14 @@ def encode(packed: UniformTensor, model_dir: Path, name: str) -> tuple[np.ndarra
     return np.concatenate(parts, axis=2).reshape(n_out, -1), kind
 
 
-def gpt2_vocabulary(path: Path) -> dict:
-    """Tokens, types, merges and pre-tokenizer name of a byte-level BPE tokenizer.json."""
+def bpe_vocabulary(path: Path) -> dict:
+    """The GGUF vocabulary of a BPE tokenizer.json: byte-level ones as "gpt2" (tokens, merges, pre-tokenizer),
+    SentencePiece ones converted to BPE (byte fallback) as "llama", with score -id (SentencePiece orders its
+    pieces by score, so the merge priorities are kept)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
     if model.get("type") != "BPE":
-        raise UserError(f"{path}: only byte-level BPE tokenizer.json files can be embedded in GGUF")
+        raise UserError(f"{path}: only BPE tokenizer.json files can be embedded in GGUF")
     vocab = dict(model["vocab"])
     special = set()
     for added in data.get("added_tokens", []):
@@ -107,11 +110,19 @@ def gpt2_vocabulary(path: Path) -> dict:
     for token, index in vocab.items():
         tokens[index] = token
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    digits = "individual_digits\": true" in json.dumps(data.get("pre_tokenizer"))
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
-    return {"model": "gpt2", "pre": "smollm" if digits else "gpt2", "tokens": tokens, "types": types,
-            "merges": merges}
+    if "ByteLevel" in json.dumps(data.get("pre_tokenizer")):
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        digits = "individual_digits\": true" in json.dumps(data.get("pre_tokenizer"))
+        types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        return {"model": "gpt2", "pre": "smollm" if digits else "gpt2", "tokens": tokens, "types": types,
+                "merges": merges}
+    if not model.get("byte_fallback"):
+        raise UserError(f"{path}: a BPE tokenizer that is neither byte-level nor SentencePiece cannot be embedded")
+    types = [gguf.TokenType.UNKNOWN if t == model.get("unk_token") else gguf.TokenType.CONTROL if i in special
+             else gguf.TokenType.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+             else gguf.TokenType.NORMAL for i, t in enumerate(tokens)]
+    return {"model": "llama", "tokens": tokens,
+            "scores": [-float(i) for i in range(len(tokens))], "types": types}
 
 
 def llama_vocabulary(path: Path) -> dict:
@@ -129,10 +140,10 @@ def llama_vocabulary(path: Path) -> dict:
 
 def vocabulary(model_dir: Path, vocab_size: int) -> dict:
     """The tokenizer of `model_dir` as GGUF metadata values, padded to `vocab_size` tokens."""
-    if (model_dir / "tokenizer.json").is_file():
-        vocab = gpt2_vocabulary(model_dir / "tokenizer.json")
-    elif (model_dir / "tokenizer.model").is_file():
+    if (model_dir / "tokenizer.model").is_file():
         vocab = llama_vocabulary(model_dir / "tokenizer.model")
+    elif (model_dir / "tokenizer.json").is_file():
+        vocab = bpe_vocabulary(model_dir / "tokenizer.json")
     else:
         raise UserError(f"{model_dir} has no tokenizer.json or tokenizer.model to embed in the GGUF file")
     extra = vocab_size - len(vocab["tokens"])
