@@ -29,7 +29,8 @@ from runtime.device import to_module
 from runtime.config_schema import check_config
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
-from runtime.linear import linear
+from runtime.kernels import decode_step_numba as step
+from runtime.linear import linear, linear_many
 
 PREFILL_BLOCK = 256  # queries per attention block in prefill
 
@@ -98,8 +99,10 @@ class KVCache:
 class Model:
     """An OPT or Llama model: float or packed weights, and its forward passes."""
 
-    def __init__(self, config: Config, tensors: dict, xp=np):
+    def __init__(self, config: Config, tensors: dict, xp=np, fused_decode: bool = True):
         self.config, self.xp = config, xp
+        # decode on the CPU: q/k/v and gate/up in one product each; Llama's elementwise work in Numba kernels
+        self.fused_decode = fused_decode and xp is np
         prefix = "model.decoder." if config.arch == "opt" else "model."
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
         to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
@@ -139,11 +142,35 @@ class Model:
         """Run one token after what the cache holds; logits [vocab]."""
         if cache.length + 1 > cache.max_len:
             raise UserError(f"the context of {cache.max_len} tokens is full: lower --max-new-tokens")
-        x = self.embed_tokens(np.array([token]), cache.length)  # [1, d]
-        for i, layer in enumerate(self.layers):
-            x = self.block(layer, x, cache, i, self.attend_decode)  # [1, d]
+        if self.fused_decode and self.config.arch == "llama":
+            logits = self.llama_decode_step(token, cache)  # [vocab]
+        else:
+            x = self.embed_tokens(np.array([token]), cache.length)  # [1, d]
+            for i, layer in enumerate(self.layers):
+                x = self.block(layer, x, cache, i, self.attend_decode)  # [1, d]
+            logits = self.logits(x)[0]  # [vocab]
         cache.length += 1
-        return self.logits(x)[0]  # [vocab]
+        return logits
+
+    def llama_decode_step(self, token: int, cache: KVCache):
+        """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
+        product for q/k/v and one for gate/up (`linear_many`), norms, RoPE, attention with the cache
+        write and SiLU·up each one Numba call (runtime/kernels/decode_step_numba.py)."""
+        c, position = self.config, cache.length
+        cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
+        x = np.asarray(self.embed[token], dtype=np.float32)  # [d]
+        for i, w in enumerate(self.layers):
+            n = step.rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [d]
+            q, k, v = linear_many(n, [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
+                                  [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"])  # [H*hd], [KV*hd] x 2
+            step.rope(q, c.head_dim, cos, sin)
+            step.rope(k, c.head_dim, cos, sin)
+            o = step.attend(q, k, v, cache.k[i], cache.v[i], position)  # [H*hd]
+            h = x + linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))  # [d]
+            n = step.rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)  # [d]
+            gate, up = linear_many(n, [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])  # [ffn] each
+            x = h + linear(step.silu_mul(gate, up), w["mlp.down_proj.weight"])  # [d]
+        return linear(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps), self.lm_head)  # [vocab]
 
     # ---- embeddings and head ---------------------------------------------------------
 
@@ -196,9 +223,10 @@ class Model:
         """Multi-head (grouped-query) self-attention of x [T, d] against the cache."""
         c, T = self.config, x.shape[0]
         out_name = "self_attn.out_proj" if c.arch == "opt" else "self_attn.o_proj"
-        q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))  # [T, H*hd]
-        k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))  # [T, KV*hd]
-        v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))  # [T, KV*hd]
+        weights = [w[f"self_attn.{p}_proj.weight"] for p in "qkv"]
+        biases = [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"]
+        q, k, v = (linear_many(x, weights, biases) if self.fused_decode
+                   else [linear(x, wp, b) for wp, b in zip(weights, biases)])  # [T, H*hd], [T, KV*hd] x 2
         q = q.reshape(T, c.n_heads, c.head_dim).transpose(1, 0, 2)  # [H, T, hd]
         k = k.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
         v = v.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]

@@ -8,6 +8,10 @@ A float16 weight on the GPU multiplies in half precision (cuBLAS, float32
 accumulation) instead of being widened to float32 on every call.
 A weight mapped from a file this project wrote has its recorded checksum
 checked here, the first time it is used (runtime.content_hash).
+
+`linear_many(x, weights, biases)` is the same for several weights sharing
+the input (q/k/v, gate/up): packed weights whose format has `matmul_parts`
+multiply in one kernel call (one parallel region, one quantization of x).
 """
 from runtime.content_hash import run_pending
 from runtime.device import is_cupy
@@ -25,3 +29,17 @@ def linear(x, w, b=None):
     if b is not None:
         y += b
     return y
+
+
+def linear_many(x, weights, biases=None) -> list:
+    """[x @ w.T (+ b) for w, b in zip(weights, biases)], x [..., in]; one call where the format fuses them."""
+    for w in weights:
+        run_pending(w)
+    fused = getattr(weights[0], "matmul_parts", None)
+    ys = fused(weights, x) if fused is not None else None
+    if ys is None:
+        return [linear(x, w, b) for w, b in zip(weights, biases or [None] * len(weights))]
+    for y, b in zip(ys, biases or []):
+        if b is not None:
+            y += b
+    return ys

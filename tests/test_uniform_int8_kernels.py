@@ -103,3 +103,32 @@ def test_simd_kernels_use_dot_product_instructions(kernel, tiles, instructions):
     uniform_int8_numba.matvec(packed, inputs(7, 1, 128)[0], kernel)
     asm = [text for sig, text in uniform_int8_numba._partial.inspect_asm().items() if tiles in str(sig[0])]
     assert asm and instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm[0]))
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize("bits", BITS)
+def test_parts_in_one_call_equal_one_call_each(kernel, bits):
+    # q/k/v-like: one input, outputs of different widths; act-order with the storage order shared
+    parts = [make_tensor(20 + bits, n_out, 200, bits, 64) for n_out in (96, 40, 33)]
+    x = inputs(bits, 1, 200)[0]  # [in]
+    assert uniform_int8_numba.fusable(parts)
+    y = uniform_int8_numba.matvec_parts(parts, x, kernel)  # [169]
+    assert_close(y, np.concatenate([uniform_int8_numba.matvec(p, x, kernel) for p in parts]))
+    assert not uniform_int8_numba.fusable(parts + [make_tensor(1, 8, 200, bits, 32)])  # another grid
+    shuffled = [make_tensor(1, 8, 200, bits, 64, act_order=True), parts[0]]
+    assert not uniform_int8_numba.fusable(shuffled)
+
+
+def test_linear_many_fuses_uniform_weights_and_adds_biases():
+    from runtime.linear import linear, linear_many
+
+    parts = [make_tensor(30 + i, n_out, 200, 4, 64) for i, n_out in enumerate((64, 32))]
+    biases = [np.arange(64, dtype=np.float32), None]
+    x = inputs(30, 1, 200)  # [1, in]
+    ys = linear_many(x, parts, biases)
+    assert [y.shape for y in ys] == [(1, 64), (1, 32)]
+    for y, w, b in zip(ys, parts, biases):
+        assert_close(y, linear(x, w, b))
+    x3 = inputs(31, 3, 200)  # [3, in]: prefill rows go one weight at a time
+    for y, w in zip(linear_many(x3, parts), parts):
+        assert_close(y, linear(x3, w))

@@ -330,6 +330,22 @@ class UniformTensor(PackedTensor):
                 return y.reshape(*x.shape[:-1], self.out_features)
         return super().matmul(x)
 
+    def matmul_parts(self, parts, x):
+        """[x @ W.T for W in parts] (this tensor first) in one int8-activation kernel call, for one row
+        x [..., in] on the CPU; None where that does not apply (other formats, float activations, more
+        rows, different grids or storage orders): the caller multiplies one by one."""
+        if is_cupy(x) or x.size != x.shape[-1] or not all(isinstance(p, UniformTensor) for p in parts):
+            return None
+        mode, kernel = activation_mode()
+        from runtime.kernels import uniform_int8_numba
+        if mode == "float" or not uniform_int8_numba.fusable(parts):
+            return None
+        self.check_input(x)
+        y = uniform_int8_numba.matvec_parts(parts, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
+                                            kernel)  # [sum of outs]
+        ends = np.cumsum([p.out_features for p in parts])
+        return [part.reshape(*x.shape[:-1], -1) for part in np.split(y, ends[:-1])]
+
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""
         if on_gpu:

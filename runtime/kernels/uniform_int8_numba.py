@@ -289,31 +289,54 @@ def _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group
 
 
 @njit(cache=True, parallel=True)
-def _matvec(tiles, lanes, qweight, qzeros, scales, x, perm, bits, group_runs, sym, threads):
-    """y [out] = W x with int8 activations; `tiles` / `lanes`: the SIMD tile function and its width.
+def _matvec(tiles, lanes, qweights, qzeros, scales, x, perm, bits, group_runs, sym, threads):
+    """y [sum of outs] = (W_0 x, W_1 x, ...) concatenated, with int8 activations, for weights sharing
+    in_features, bits, grid and storage order (tuples of their arrays); `tiles` / `lanes`: the SIMD
+    tile function and its width.
 
-    Split over the input: each of `threads` tasks streams one contiguous slice of qweight (whole word
-    rows of a range of runs) into its own partial y; the partials are summed at the end.
+    One parallel region for all of them, split over the input: each task streams one contiguous
+    slice of one qweight (whole word rows of a range of runs) into its own partial y; the partials
+    are summed at the end.
     """
-    n_runs = qweight.shape[0] // bits
-    n_out = qweight.shape[1]
-    xq, xw, d, xsum = quantize_input(x, perm, bits, n_runs, group_runs, scales.shape[0])
-    tasks = min(threads, n_runs)
-    partial = np.empty((tasks, n_out), dtype=np.float32)  # [tasks, out]
-    for t in prange(tasks):
-        _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym,
-                 t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t])
-    y = partial[0].copy()  # [out]
+    n_runs = qweights[0].shape[0] // bits
+    xq, xw, d, xsum = quantize_input(x, perm, bits, n_runs, group_runs, scales[0].shape[0])
+    starts = np.zeros(len(qweights) + 1, dtype=np.int64)  # [parts+1] where each part's outputs start
+    for p in range(len(qweights)):
+        starts[p + 1] = starts[p] + qweights[p].shape[1]
+    tasks = min(threads, n_runs)  # per part
+    partial = np.empty((tasks, starts[-1]), dtype=np.float32)  # [tasks, sum of outs]
+    for job in prange(len(qweights) * tasks):
+        p, t = job // tasks, job % tasks
+        _partial(tiles, lanes, qweights[p], qzeros[p], scales[p], xq, xw, d, xsum, bits, group_runs, sym,
+                 t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
+    y = partial[0].copy()  # [sum of outs]
     for t in range(1, tasks):
         y += partial[t]
     return y
 
 
-def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
-    """y [out] = W x for x [in] float32 with int8 activations; `kernel` one of KERNELS (SIMD tiles
-    for the bit widths in SIMD_BITS[kernel], portable code for the rest)."""
-    qweight, qzeros, scales, perm = kernel_arrays(packed)
-    simd = packed.bits in SIMD_BITS[kernel]
+def fusable(parts) -> bool:
+    """Whether `matvec_parts` takes these uniform tensors in one call (same input, grid and order)."""
+    first = parts[0]
+    same_perm = all((p.perm is None) == (first.perm is None) for p in parts) and (
+        first.perm is None or all(np.array_equal(p.perm, first.perm) for p in parts))
+    return same_perm and all((p.in_features, p.bits, p.group_size, p.sym) ==
+                             (first.in_features, first.bits, first.group_size, first.sym) for p in parts)
+
+
+def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [sum of outs] = (W x for W in parts) concatenated, x [in] float32, int8 activations; parts
+    `fusable`; `kernel` one of KERNELS (SIMD tiles for the bit widths in SIMD_BITS[kernel], portable
+    code for the rest)."""
+    first = parts[0]
+    arrays = [kernel_arrays(p) for p in parts]
+    simd = first.bits in SIMD_BITS[kernel]
     tiles = {"avx512vnni": _tiles_vnni, "avx2": _tiles_avx2}[kernel] if simd else _tiles_none
-    return _matvec(tiles, LANES[kernel] if simd else 0, qweight, qzeros, scales, readonly(x), perm, packed.bits,
-                   group_runs(packed), packed.sym, numba.get_num_threads())
+    return _matvec(tiles, LANES[kernel] if simd else 0, tuple(a[0] for a in arrays), tuple(a[1] for a in arrays),
+                   tuple(a[2] for a in arrays), readonly(x), arrays[0][3], first.bits, group_runs(first),
+                   first.sym, numba.get_num_threads())
+
+
+def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [out] = W x for x [in] float32 with int8 activations (`matvec_parts` of one tensor)."""
+    return matvec_parts([packed], x, kernel)

@@ -287,7 +287,8 @@ def kernel_arrays(packed) -> tuple:
     """(qweight, qzeros as uint32, scales as uint16 (float16 bits), perm) as the kernels take them
     (read-only views: UniformTensor keeps its arrays read-only)."""
     perm = NO_PERM if packed.perm is None else packed.perm
-    return packed.qweight, packed.qzeros.view(np.uint32), packed.scales.view(np.uint16), perm
+    return (readonly(packed.qweight), readonly(packed.qzeros.view(np.uint32)),
+            readonly(packed.scales.view(np.uint16)), perm)
 
 
 def group_runs(packed) -> int:

@@ -1,0 +1,91 @@
+"""Numba kernels of the elementwise work of one Llama decode step (one token), each one call.
+
+The forward pass of model.py does these with several NumPy calls each; for a
+single token the calls, not the arithmetic, are the cost (llama2.c's `forward`
+does them as plain loops). Same operations as the NumPy path, in float32:
+
+- `rms_norm`: x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019), the mean
+  accumulated in float32.
+- `rope`: the rotary embedding (Su et al. 2021) in the half-split layout of HF
+  checkpoints: for each head, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
+  x1 the first half of the head, x2 the second.
+- `attend`: writes the step's key and value into the KV cache and runs
+  softmax(q k^T / sqrt(hd)) v of every query head over the cached positions,
+  grouped-query heads sharing a kv head (Ainslie et al. 2023).
+- `silu_mul`: SwiGLU's silu(gate) * up (Shazeer 2020), silu as
+  g * (0.5 + 0.5 tanh(g / 2)) like the NumPy path (no overflow).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, fastmath=True)
+def rms_norm(x, weight, eps):
+    """[d] x / sqrt(mean(x^2) + eps) * weight, for x [d] float32."""
+    total = np.float32(0.0)
+    for j in range(x.shape[0]):
+        total += x[j] * x[j]
+    inverse = np.float32(1.0) / np.sqrt(total / np.float32(x.shape[0]) + np.float32(eps))
+    out = np.empty_like(x)  # [d]
+    for j in range(x.shape[0]):
+        out[j] = x[j] * inverse * weight[j]
+    return out
+
+
+@njit(cache=True)
+def rope(x, head_dim, cos, sin):
+    """Rotate x [heads*hd] in place, head by head (half-split layout); cos, sin [hd/2] of the position."""
+    half = head_dim // 2
+    for h in range(x.shape[0] // head_dim):
+        base = h * head_dim
+        for j in range(half):
+            x1 = x[base + j]
+            x2 = x[base + half + j]
+            x[base + j] = x1 * cos[j] - x2 * sin[j]
+            x[base + half + j] = x2 * cos[j] + x1 * sin[j]
+
+
+@njit(cache=True, fastmath=True)
+def attend(q, k, v, keys, values, position):
+    """o [H*hd]: store k, v [KV*hd] at `position` of keys, values [KV, max_len, hd], then attention of
+    the H query heads in q [H*hd] over positions 0 .. position (query head h reads kv head h // (H/KV))."""
+    n_kv, _, hd = keys.shape
+    n_heads = q.shape[0] // hd
+    for g in range(n_kv):
+        keys[g, position] = k[g * hd:(g + 1) * hd]
+        values[g, position] = v[g * hd:(g + 1) * hd]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    scores = np.empty(position + 1, dtype=np.float32)  # [S]
+    out = np.zeros(n_heads * hd, dtype=np.float32)  # [H*hd]
+    for h in range(n_heads):
+        g = h // (n_heads // n_kv)
+        qh = q[h * hd:(h + 1) * hd]  # [hd]
+        top = np.float32(-np.inf)
+        for s in range(position + 1):
+            dot = np.float32(0.0)
+            for j in range(hd):
+                dot += qh[j] * keys[g, s, j]
+            scores[s] = dot * scale
+            top = max(top, scores[s])
+        total = np.float32(0.0)
+        for s in range(position + 1):
+            scores[s] = np.exp(scores[s] - top)
+            total += scores[s]
+        oh = out[h * hd:(h + 1) * hd]  # [hd]
+        for s in range(position + 1):
+            p = scores[s] / total
+            for j in range(hd):
+                oh[j] += p * values[g, s, j]
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def silu_mul(gate, up):
+    """[ffn] silu(gate) * up, for gate, up [ffn] float32."""
+    out = np.empty_like(gate)  # [ffn]
+    for j in range(gate.shape[0]):
+        g = gate[j]
+        out[j] = g * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * g)) * up[j]
+    return out

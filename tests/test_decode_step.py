@@ -1,0 +1,67 @@
+"""The fused CPU decode step (Model.fused_decode) against the unfused forward pass with the same kernels.
+
+Fused: q/k/v and gate/up in one product each (`linear_many`), and for Llama
+the norms, RoPE, attention with the cache write and SiLU·up as Numba kernels
+(runtime/kernels/decode_step_numba.py). Unfused: one product per projection
+and the NumPy elementwise code. Both run the same weights, float or packed
+(RTN 4-bit), through prefill and several decode steps:
+max |difference| <= TOL * max |logit|.
+
+Int8 activations are compared on the small oracle models. On SmolLM2 the
+packed model is compared with float activations (QLLM_UNIFORM_ACTIVATIONS=float):
+its activations have outliers of several hundred, so the last-bit difference
+between the Numba and NumPy norms flips the rounding of some int8 activations
+(steps of outlier/127) and the two paths land 1-3% of max |logit| apart, as
+far as int8 and float activations are from each other (measured); that is
+the noise of the activation quantization, which tests/test_uniform_int8_kernels.py
+pins down kernel by kernel and the perplexity check bounds.
+"""
+import numpy as np
+import pytest
+
+import rtn
+from model import Config, Model
+from runtime.checkpoint import load_checkpoint
+from test_model_oracle import CASES, build_hf
+
+TOL = 1e-4
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+def packed(tensors: dict, group_size: int) -> dict:
+    """Every decoder linear RTN-quantized to 4 bits with groups of `group_size` (the rest as it is)."""
+    params = rtn.RTNParams(bits=4, group_size=group_size)
+    return {name: rtn.quantize(np.asarray(t), params) if ".layers." in name and name.endswith(".weight")
+            and name.split(".")[-2] in LINEARS else t for name, t in tensors.items()}
+
+
+def assert_decode_steps_match(config: Config, tensors: dict, prompt, steps):
+    fused, unfused = Model(config, tensors), Model(config, tensors, fused_decode=False)
+    assert fused.fused_decode and not unfused.fused_decode
+    caches = fused.new_cache(len(prompt) + len(steps)), unfused.new_cache(len(prompt) + len(steps))
+    fused.prefill(prompt, caches[0])
+    unfused.prefill(prompt, caches[1])
+    for token in steps:
+        a, b = fused.decode(int(token), caches[0]), unfused.decode(int(token), caches[1])  # [vocab] each
+        assert a.dtype == np.float32 and np.abs(b).max() > 0
+        assert np.abs(a - b).max() <= TOL * np.abs(b).max()
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the step wrote the same cache
+        assert np.abs(a - b).max() <= TOL * np.abs(b).max()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("quantized", [False, True])
+def test_oracle_configs(case, quantized, tmp_path):
+    build_hf(*CASES[case]).save_pretrained(tmp_path)
+    hf_config, tensors = load_checkpoint(tmp_path)
+    tensors = packed(tensors, 32) if quantized else tensors
+    ids = np.random.default_rng(2).integers(0, 120, 14)
+    assert_decode_steps_match(Config.from_hf(hf_config), tensors, ids[:8], ids[8:])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_smollm2(smollm2_dir, quantized, monkeypatch):
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
+    hf_config, tensors = load_checkpoint(smollm2_dir)
+    tensors = packed(tensors, 128) if quantized else tensors
+    assert_decode_steps_match(Config.from_hf(hf_config), tensors, [1, 504, 3458, 314], [282, 4077, 30])
