@@ -22,6 +22,8 @@ the rows (row 1, row 2, ..., then round 2) and the table gives medians, each
 of our rows beside the llama.cpp row of its size.
 
     python bench.py [--rows PATTERN,...] [--rounds 5] [--steps 64] [--threads 2] [--no-perplexity] [--no-write]
+    python bench.py --prepare-only      (build every model and perplexity first: hours for SmolLM2's GPTQ,
+                                         SpQR and QuIP# variants; the timed rounds then take about an hour)
     python bench.py --child DIR --ids 1,2,3 --steps 64     (one measurement of ours, JSON on stdout)
 """
 from __future__ import annotations
@@ -486,6 +488,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-perplexity", action="store_true", help="speed and memory only (SmolLM2's perplexity "
                    "takes minutes per row the first time)")
     p.add_argument("--no-write", action="store_true", help="print the tables; leave BENCHMARKS.md and README alone")
+    p.add_argument("--prepare-only", action="store_true", help="build the models, GGUFs and perplexities the rows "
+                   "need, then stop (each is kept: an interrupted preparation continues where it stopped)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -504,6 +508,9 @@ def main(argv=None) -> None:
             print(f"perplexity of {row.name} ...", flush=True)
             measured[row]["ppl"] = (perplexity_llama_cpp(paths[row], args.threads) if row.engine == LLAMA_CPP
                                     else perplexity_ours(paths[row]))
+    if args.prepare_only:
+        print(f"prepared {len(rows)} rows", flush=True)
+        return
     runs = {row: [] for row in rows}
     for round_, row in schedule(rows, args.rounds):
         result = run_json(measure_command(row, paths[row], ids[row.base], args.steps, args.threads), row.engine,
