@@ -288,3 +288,13 @@ def test_llama_cpp_reads_the_gguf_as_the_same_model(tmp_path):
                       progress=False)
     assert theirs["count"] == ours["tokens"] == 2 * 127
     assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=2e-3)  # float16 weights on llama.cpp's side
+
+
+def test_prepare_only_builds_and_measures_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    monkeypatch.setitem(bench_models.SHAPES, LLAMA_1B, tiny_config())
+    monkeypatch.setattr(bench, "llama_cpp_settings", lambda threads: None)  # as without llama-cpp-python
+    monkeypatch.setattr(bench, "run_json", lambda command, engine, threads: pytest.fail(f"ran {command[1:3]}"))
+    bench.main(["--rows", "tinyllama-1.1b.rtn4g128", "--prepare-only"])
+    assert (tmp_path / f"{LLAMA_1B}.rtn4g128" / "config.json").is_file()
+    assert "prepared 1 rows" in capsys.readouterr().out
