@@ -416,7 +416,7 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
     return "\n".join([
         "# Benchmarks", "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-        f"Machine: {machine()}; load average {settings['load']} when the run started. CPU only.", "",
+        f"Machine: {machine()}; load average (1/5/15 minutes) {settings['load']}. CPU only.", "",
         f"llama.cpp: {llama_text}.", "",
         f"How: each measurement is a fresh process running one engine with its own defaults. Ours "
         f"(`bench.py --child`) imports `runtime`, which sets OMP_WAIT_POLICY=PASSIVE and OPENBLAS_NUM_THREADS=1 "
@@ -461,6 +461,11 @@ def update_readme(readme: Path, tables: str) -> None:
     write_text(readme, head + README_START + "\n\n" + tables + "\n" + README_END + rest.partition(README_END)[2])
 
 
+def load_average() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def check_args(args) -> None:
     """UserError for a count below 1."""
     from runtime.errors import UserError
@@ -497,7 +502,7 @@ def main(argv=None) -> None:
         print(json.dumps(child_ours(args.child, [int(t) for t in args.ids.split(",")], args.steps)))
         return
     check_args(args)
-    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     llama = llama_cpp_settings(args.threads)
     rows = [row for row in select(default_rows(), args.rows) if llama is not None or row.engine != LLAMA_CPP]
     paths = {row: prepare(row, args.threads) for row in rows}
@@ -520,7 +525,7 @@ def main(argv=None) -> None:
               f"{result['decode']:.1f} tok/s, peak RSS {result['rss']:.0f} MB", flush=True)
     for row in rows:
         measured[row].update(medians(runs[row]))
-    settings = {"load": load, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+    settings = {"load": f"{load} when the run started and {load_average()} when it ended", "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
                 "llama_cpp": llama, "cmake_args": cmake_args(cpu_flags(), platform.machine())}
     command = " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv))
     text = document(command, rows, measured, settings)
@@ -530,7 +535,7 @@ def main(argv=None) -> None:
         write_text(PROJECT / "BENCHMARKS.md", text)
         update_readme(PROJECT / "README.md", f"From `{command}` ([BENCHMARKS.md](BENCHMARKS.md)).\n\n" +
                       sections(rows, measured))
-        if any(row.base == SMOLLM for row in rows):
+        if any(measured[row].get("ppl") for row in rows):
             plot(rows, measured, PROJECT / "benchmarks.png")
 
 

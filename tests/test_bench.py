@@ -148,10 +148,10 @@ def test_document_names_the_machine_and_llama_cpp_build():
     measured = {Row(OURS, SMOLLM, FLOAT): dict(stats(20.0, bits=32.0), ppl=20.8),
                 Row(LLAMA_CPP, SMOLLM, "Q4_1"): dict(stats(70.0, bits=5.0), ppl=20.9, perf_prefill=280.0,
                                                       perf_decode=72.0)}
-    settings = {"load": "0.10/0.20/0.30", "threads": 2, "steps": 64, "rounds": 5, "cmake_args": "-DGGML_AMX_INT8=OFF",
+    settings = {"load": "0.10/0.20/0.30 when the run started and 0.40/0.30/0.20 when it ended", "threads": 2, "steps": 64, "rounds": 5, "cmake_args": "-DGGML_AMX_INT8=OFF",
                 "llama_cpp": {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1"}}
     text = bench.document("python bench.py", list(measured), measured, settings)
-    assert "cores" in text and "0.3.36" in text and "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text
+    assert "cores" in text and "0.40/0.30/0.20 when it ended" in text and "0.3.36" in text and "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text
     assert "| llama.cpp smollm2-135m.Q4_1 | 100.0 | 280.0 | 70.0 | 72.0 |" in text
     assert f"| smollm2-135m | 32.000 | 1.0 | 20.800 |" in text and f"{20 / 70:.2f}x" in text
 
