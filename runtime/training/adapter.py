@@ -1,0 +1,79 @@
+"""A new LoRA adapter for training, and saving it as the PEFT directory runtime/lora.py and PEFT read.
+
+Initialization follows LoRA (Hu et al. 2021, §4.1) as PEFT implements it: A
+drawn from Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)),
+and B = 0, so training starts from the base model's own outputs (QLoRA,
+Dettmers et al. 2023, trains the same adapters over a quantized base).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model import Model
+from runtime.atomic import atomic_directory
+from runtime.errors import UserError
+from runtime.lora import CONFIG_FILE, KEY_PREFIX
+from runtime.safetensors_io import write_safetensors
+from runtime.training.backward import LLAMA_PROJECTIONS, Adapter, layer_prefix
+
+WEIGHT_FILE = "adapter_model.safetensors"
+
+
+def target_names(model: Model, targets: list) -> list:
+    """Checkpoint names of the weights the module names `targets` (q_proj, ...) select in every layer;
+    UserError naming a target that no projection of the model has."""
+    modules = LLAMA_PROJECTIONS
+    names = []
+    for target in targets:
+        chosen = [m for m in modules if m.rsplit(".", 1)[1] == target]
+        if not chosen:
+            short = ", ".join(m.rsplit(".", 1)[1] for m in modules)
+            raise UserError(f"--targets: the model has no {target!r} projection; choose among {short}")
+        names += [f"{layer_prefix(model, i)}{m}.weight" for i in range(model.config.n_layers) for m in chosen]
+    return sorted(set(names))
+
+
+def new_adapter(model: Model, targets: list, rank: int, alpha: float, rng: np.random.Generator) -> Adapter:
+    """Fresh factors for `targets`: A ~ U(-1/sqrt(in), 1/sqrt(in)) [r, in], B = 0 [out, r]."""
+    A, B = {}, {}
+    for name in target_names(model, targets):
+        i = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+        n_out, n_in = model.layers[i][name.split(f".layers.{i}.", 1)[1]].shape
+        bound = 1 / np.sqrt(n_in)
+        A[name] = rng.uniform(-bound, bound, (rank, n_in)).astype(np.float32)  # [r, in]
+        B[name] = np.zeros((n_out, rank), dtype=np.float32)  # [out, r]
+    return Adapter(A, B, rank, float(alpha), list(targets))
+
+
+def adapter_tensors(adapter: Adapter) -> dict:
+    """The PEFT state dict: base_model.model.<module>.lora_A.weight [r, in] and lora_B.weight [out, r]."""
+    tensors = {}
+    for name in adapter.names():
+        module = name.removesuffix(".weight")
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = adapter.A[name]  # [r, in]
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = adapter.B[name]  # [out, r]
+    return tensors
+
+
+def adapter_config(adapter: Adapter, base_model: str, dropout: float) -> dict:
+    """adapter_config.json as PEFT's save_pretrained writes it for a plain LoRA."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": dropout,
+            "target_modules": sorted(adapter.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None}
+
+
+def write_adapter(directory: Path, adapter: Adapter, base_model: str, dropout: float) -> None:
+    """Write the two adapter files into an existing directory."""
+    (directory / CONFIG_FILE).write_text(json.dumps(adapter_config(adapter, base_model, dropout), indent=2) + "\n")
+    write_safetensors(directory / WEIGHT_FILE, adapter_tensors(adapter))
+
+
+def save_adapter(path: Path, adapter: Adapter, base_model: str, dropout: float) -> None:
+    """Replace directory `path` atomically with the adapter's PEFT directory."""
+    with atomic_directory(path) as tmp:
+        write_adapter(tmp, adapter, base_model, dropout)

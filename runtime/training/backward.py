@@ -1,0 +1,291 @@
+"""The training forward and backward pass of a Llama model with LoRA adapters on a frozen base.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+§4.1) trains, beside each targeted frozen weight W [out, in], two factors
+
+    y = x Wᵀ + s · (dropout(x) Aᵀ) Bᵀ        A [r, in], B [out, r], s = alpha / r
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+§3) keeps W quantized and back-propagates through its dequantized value: the
+input gradient of the frozen product is dx = dy W, with W = `dequantize()` of
+the packed tensor (any format of runtime/formats), multiplied by BLAS. Only A
+and B receive gradients; the embedding, the norms and the LM head stay frozen.
+
+The forward here mirrors `model.Model.llama_block` / `attention` /
+`attend_prefill` / `logits` step by step, batched over [B, T] windows that all
+start at position 0 (no KV cache), and computes every projection with the
+dequantized weight, exactly the function whose gradient is taken. Each
+backward function sits right after the forward step it differentiates.
+
+Activation checkpointing (per layer): the first forward keeps only each
+layer's input; the backward recomputes one layer at a time, keeping that
+layer's activations and its dequantized weights, then differentiates it. So
+memory is the frozen base plus the layer inputs plus about one layer's work.
+Dropout masks come from a generator seeded by (seed, layer, projection), so
+the recomputation draws the same masks as the first forward.
+
+The loss is the sum of token cross-entropies over the targets that are not
+IGNORE; gradients are of that sum, so gradient accumulation divides by the
+token count of the whole optimizer step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from model import Model
+from runtime.content_hash import run_pending
+from runtime.errors import UserError
+from runtime.formats.base import PackedTensor
+
+IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
+HEAD_ROWS = 1024  # LM-head rows per chunk: the logits of one chunk are [HEAD_ROWS, vocab]
+LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class Adapter:
+    """The trained LoRA factors, keyed by the checkpoint name of the weight they update."""
+    A: dict  # name -> [r, in] float32
+    B: dict  # name -> [out, r] float32
+    rank: int
+    alpha: float
+    targets: list  # module names as given (q_proj, ...), for adapter_config.json
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def names(self) -> list:
+        return sorted(self.A)
+
+
+def layer_prefix(model: Model, i: int) -> str:
+    """Checkpoint-name prefix of layer i's weights."""
+    return f"model.decoder.layers.{i}." if model.config.arch == "opt" else f"model.layers.{i}."
+
+
+def dense(weight) -> np.ndarray:
+    """The float32 matrix of a frozen weight: a packed one is dequantized (its checksum checked first)."""
+    run_pending(weight)
+    if isinstance(weight, PackedTensor):
+        return np.asarray(weight.dequantize(), dtype=np.float32)  # [out, in]
+    return np.asarray(weight, dtype=np.float32)  # [out, in]
+
+
+def dense_layer(layer: dict) -> dict:
+    """Every weight of one layer as float32 arrays (projections dequantized)."""
+    return {name: dense(w) for name, w in layer.items()}
+
+
+class Pass:
+    """One micro-batch's forward and backward through a model with an adapter."""
+
+    def __init__(self, model: Model, adapter: Adapter, dropout: float = 0.0, seed: int = 0):
+        if model.config.arch != "llama":
+            raise UserError(f"training supports Llama-family models for now, not {model.config.arch}")
+        self.model, self.adapter, self.dropout, self.seed = model, adapter, dropout, seed
+        self.grads_A = {name: np.zeros_like(a) for name, a in adapter.A.items()}  # name -> [r, in]
+        self.grads_B = {name: np.zeros_like(b) for name, b in adapter.B.items()}  # name -> [out, r]
+
+    # ---- the whole pass --------------------------------------------------------------
+
+    def run(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+        """Forward and backward of inputs [B, T] against targets [B, T] (IGNORE = no loss).
+
+        Adds the gradients of the summed loss to grads_A / grads_B; returns (summed loss, token count)."""
+        m = self.model
+        inputs = np.asarray(inputs, dtype=np.int64)  # [B, T]
+        if inputs.shape[1] > m.config.max_positions:
+            raise UserError(f"windows of {inputs.shape[1]} tokens exceed the model's context of "
+                            f"{m.config.max_positions}: lower --seqlen")
+        x = np.asarray(m.embed[inputs], dtype=np.float32)  # [B, T, d]
+        layer_inputs = []
+        for i in range(m.config.n_layers):
+            layer_inputs.append(x)
+            x = self.llama_layer(i, dense_layer(m.layers[i]), x, None)  # [B, T, d]
+        loss, count, dx = self.head(x, targets)  # dx [B, T, d]
+        for i in reversed(range(m.config.n_layers)):
+            weights, saved = dense_layer(m.layers[i]), {}
+            self.llama_layer(i, weights, layer_inputs.pop(), saved)  # recompute, keeping activations
+            dx = self.llama_layer_backward(i, weights, dx, saved)  # [B, T, d]
+        return loss, count
+
+    # ---- final norm, LM head and cross-entropy ---------------------------------------
+
+    def head(self, x: np.ndarray, targets: np.ndarray) -> tuple[float, int, np.ndarray]:
+        """Summed cross-entropy of rms(x) @ lm_headᵀ against targets, its count, and dL/dx [B, T, d].
+
+        Only rows with a target are projected, in chunks of HEAD_ROWS, so the logits never exceed
+        [HEAD_ROWS, vocab]."""
+        m = self.model
+        B, T, d = x.shape
+        norm_w = dense(m.globals["norm.weight"])  # [d]
+        head = dense(m.lm_head)  # [vocab, d]
+        n, r = rms_norm(x, norm_w, m.config.norm_eps)  # [B, T, d], [B, T, 1]
+        rows = n.reshape(B * T, d)  # [BT, d]
+        flat = np.asarray(targets, dtype=np.int64).reshape(B * T)  # [BT]
+        if flat.max(initial=-1) >= head.shape[0]:
+            raise UserError(f"a target token id {flat.max()} is outside the vocabulary of {head.shape[0]}")
+        chosen = np.flatnonzero(flat != IGNORE)  # [N]
+        dn = np.zeros_like(rows)  # [BT, d]
+        loss = 0.0
+        for s in range(0, len(chosen), HEAD_ROWS):
+            idx = chosen[s:s + HEAD_ROWS]  # [c]
+            logits = rows[idx] @ head.T  # [c, vocab]
+            top = logits.max(axis=1, keepdims=True)  # [c, 1]
+            p = np.exp(logits - top)  # [c, vocab]
+            total = p.sum(axis=1, keepdims=True)  # [c, 1]
+            picked = logits[np.arange(len(idx)), flat[idx]]  # [c]
+            loss += float(np.sum(np.log(total[:, 0]) + top[:, 0] - picked, dtype=np.float64))
+            p /= total  # softmax [c, vocab]
+            p[np.arange(len(idx)), flat[idx]] -= 1  # dL/dlogits [c, vocab]
+            dn[idx] = p @ head  # [c, d]
+        dx = rms_norm_backward(x, norm_w, r, dn.reshape(B, T, d))  # [B, T, d]
+        return loss, len(chosen), dx
+
+    # ---- one layer -------------------------------------------------------------------
+
+    def llama_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
+        """model.Model.llama_block over x [B, T, d]; `saved` (when a dict) receives what the backward needs."""
+        c = self.model.config
+        keep = saved if saved is not None else {}
+        n1, r1 = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [B, T, d], [B, T, 1]
+        h = x + self.attention(i, w, n1, keep)  # [B, T, d]
+        n2, r2 = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)  # [B, T, d], [B, T, 1]
+        gate = self.project(i, w, "mlp.gate_proj", n2, keep)  # [B, T, ffn]
+        up = self.project(i, w, "mlp.up_proj", n2, keep)  # [B, T, ffn]
+        sig = 0.5 + 0.5 * np.tanh(0.5 * gate)  # sigmoid(gate), no overflow  [B, T, ffn]
+        out = h + self.project(i, w, "mlp.down_proj", gate * sig * up, keep)  # [B, T, d]
+        keep.update(x=x, r1=r1, h=h, r2=r2, gate=gate, up=up, sig=sig)
+        return out
+
+    def llama_layer_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the layer's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
+        c = self.model.config
+        gate, up, sig = s["gate"], s["up"], s["sig"]  # [B, T, ffn] each
+        dact = self.project_backward(i, w, "mlp.down_proj", dout, s)  # [B, T, ffn]
+        dgate = dact * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)(1 + g(1 - σ(g)))  [B, T, ffn]
+        dup = dact * gate * sig  # [B, T, ffn]
+        dn2 = (self.project_backward(i, w, "mlp.gate_proj", dgate, s)
+               + self.project_backward(i, w, "mlp.up_proj", dup, s))  # [B, T, d]
+        dh = dout + rms_norm_backward(s["h"], w["post_attention_layernorm.weight"], s["r2"], dn2)  # [B, T, d]
+        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
+        return dh + rms_norm_backward(s["x"], w["input_layernorm.weight"], s["r1"], dn1)  # [B, T, d]
+
+    # ---- attention -------------------------------------------------------------------
+
+    def attention(self, i: int, w: dict, x: np.ndarray, keep: dict) -> np.ndarray:
+        """Causal grouped-query self-attention of x [B, T, d] (model.Model.attention + attend_prefill)."""
+        c = self.model.config
+        B, T, _ = x.shape
+        H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        q = self.project(i, w, "self_attn.q_proj", x, keep).reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+        k = self.project(i, w, "self_attn.k_proj", x, keep).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+        v = self.project(i, w, "self_attn.v_proj", x, keep).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+        cos, sin = (t[:T] for t in self.model.rope_table(T))  # [T, hd/2] each
+        q = rope(q, cos, sin).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]: heads sharing a kv head
+        k = rope(k, cos, sin)[:, :, None]  # [B, KV, 1, T, hd]
+        v = v[:, :, None]  # [B, KV, 1, T, hd]
+        scores = q @ k.transpose(0, 1, 2, 4, 3) / math.sqrt(hd)  # [B, KV, G, T, T]
+        future = np.arange(T)[None, :] > np.arange(T)[:, None]  # [T, T]
+        p = softmax(np.where(future, -np.inf, scores))  # [B, KV, G, T, T]
+        o = (p @ v).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
+        keep.update(q=q, k=k, v=v, p=p, cos=cos, sin=sin)
+        return self.project(i, w, "self_attn.o_proj", o, keep)  # [B, T, d]
+
+    def attention_backward(self, i: int, w: dict, dy: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the attention's input from dL/dy [B, T, d]."""
+        c = self.model.config
+        B, T, _ = dy.shape
+        H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        q, k, v, p = s["q"], s["k"], s["v"], s["p"]  # [B, KV, G, T, hd], [B, KV, 1, T, hd] x 2, [B, KV, G, T, T]
+        do = self.project_backward(i, w, "self_attn.o_proj", dy, s)  # [B, T, H*hd]
+        do = do.reshape(B, T, H, hd).transpose(0, 2, 1, 3).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]
+        dv = (p.transpose(0, 1, 2, 4, 3) @ do).sum(axis=2)  # [B, KV, T, hd]
+        dp = do @ v.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
+        dscores = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) / math.sqrt(hd)  # softmax'  [B, KV, G, T, T]
+        dq = dscores @ k  # [B, KV, G, T, hd]
+        dk = (dscores.transpose(0, 1, 2, 4, 3) @ q).sum(axis=2)  # [B, KV, T, hd]
+        dq = rope_backward(dq.reshape(B, H, T, hd), s["cos"], s["sin"])  # [B, H, T, hd]
+        dk = rope_backward(dk, s["cos"], s["sin"])  # [B, KV, T, hd]
+        rows = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, h, T, hd] -> [B, T, h*hd]
+        return (self.project_backward(i, w, "self_attn.q_proj", rows(dq), s)
+                + self.project_backward(i, w, "self_attn.k_proj", rows(dk), s)
+                + self.project_backward(i, w, "self_attn.v_proj", rows(dv), s))  # [B, T, d]
+
+    # ---- a frozen projection with its LoRA branch ------------------------------------
+
+    def project(self, i: int, w: dict, module: str, x: np.ndarray, keep: dict) -> np.ndarray:
+        """y = x Wᵀ (+ b) + s · (dropout(x) Aᵀ) Bᵀ for the weight `module` of layer i; x [B, T, in]."""
+        W, bias = w[f"{module}.weight"], w.get(f"{module}.bias")  # [out, in], [out] or None
+        y = x @ W.T  # [B, T, out]
+        if bias is not None:
+            y += bias
+        name = f"{layer_prefix(self.model, i)}{module}.weight"
+        if name not in self.adapter.A:
+            return y
+        mask = self.dropout_mask(i, module, x.shape)  # [B, T, in] or None
+        xd = x if mask is None else x * mask  # [B, T, in]
+        down = xd @ self.adapter.A[name].T  # [B, T, r]
+        keep[module] = (mask, xd, down)
+        return y + np.float32(self.adapter.scale) * (down @ self.adapter.B[name].T)  # [B, T, out]
+
+    def project_backward(self, i: int, w: dict, module: str, dy: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, in] from dL/dy [B, T, out]: dy W through the frozen weight (dequantized), plus the
+        LoRA branch, whose gradients dA = s (dy B)ᵀ xd and dB = s dyᵀ (xd Aᵀ) are added to grads_A / grads_B."""
+        dx = dy @ w[f"{module}.weight"]  # [B, T, in]
+        name = f"{layer_prefix(self.model, i)}{module}.weight"
+        if name not in self.adapter.A:
+            return dx
+        mask, xd, down = s[module]  # [B, T, in] or None, [B, T, in], [B, T, r]
+        scale = np.float32(self.adapter.scale)
+        r, n_in, n_out = down.shape[-1], xd.shape[-1], dy.shape[-1]
+        g = scale * (dy @ self.adapter.B[name])  # dL/d(down)  [B, T, r]
+        self.grads_B[name] += scale * dy.reshape(-1, n_out).T @ down.reshape(-1, r)  # [out, r]
+        self.grads_A[name] += g.reshape(-1, r).T @ xd.reshape(-1, n_in)  # [r, in]
+        dxd = g @ self.adapter.A[name]  # [B, T, in]
+        return dx + (dxd if mask is None else dxd * mask)  # [B, T, in]
+
+    def dropout_mask(self, i: int, module: str, shape: tuple):
+        """Inverted-dropout mask (0 or 1/(1-p)) [shape] drawn from (seed, layer, projection), or None."""
+        if self.dropout == 0:
+            return None
+        rng = np.random.default_rng([self.seed, i, LLAMA_PROJECTIONS.index(module)])
+        keep = rng.random(shape, dtype=np.float32) >= self.dropout  # [shape]
+        return keep.astype(np.float32) / np.float32(1 - self.dropout)  # [shape]
+
+
+# ---- elementwise pieces, each with its backward ------------------------------------------
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x · r · weight, r) with r = 1 / sqrt(mean(x²) + eps) [..., 1] (model.Model.rms_norm)."""
+    r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))  # [..., 1]
+    return x * r * weight, r
+
+
+def rms_norm_backward(x: np.ndarray, weight: np.ndarray, r: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dL/dx [..., d] of rms_norm: r·u - x·r³·mean(u·x), u = weight·dy."""
+    u = dy * weight  # [..., d]
+    return r * u - x * (r ** 3) * np.mean(u * x, axis=-1, keepdims=True)  # [..., d]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Half-split rotary embedding of x [..., T, hd] (model.Model.rope): cos, sin [T, hd/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # [..., T, hd/2] each
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [..., T, hd]
+
+
+def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """dL/dx of rope: the rotation transposed, i.e. rope by the opposite angle."""
+    return rope(dy, cos, -sin)  # [..., T, hd]
+
+
+def softmax(s: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, stable for -inf entries."""
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
