@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model import Model
-from runtime.atomic import atomic_directory
+from runtime.atomic import write_text
 from runtime.errors import UserError
 from runtime.lora import CONFIG_FILE, KEY_PREFIX
 from runtime.safetensors_io import write_safetensors
@@ -68,12 +68,7 @@ def adapter_config(adapter: Adapter, base_model: str, dropout: float) -> dict:
 
 
 def write_adapter(directory: Path, adapter: Adapter, base_model: str, dropout: float) -> None:
-    """Write the two adapter files into an existing directory."""
-    (directory / CONFIG_FILE).write_text(json.dumps(adapter_config(adapter, base_model, dropout), indent=2) + "\n")
+    """Write (each atomically) adapter_config.json and adapter_model.safetensors into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text(directory / CONFIG_FILE, json.dumps(adapter_config(adapter, base_model, dropout), indent=2) + "\n")
     write_safetensors(directory / WEIGHT_FILE, adapter_tensors(adapter))
-
-
-def save_adapter(path: Path, adapter: Adapter, base_model: str, dropout: float) -> None:
-    """Replace directory `path` atomically with the adapter's PEFT directory."""
-    with atomic_directory(path) as tmp:
-        write_adapter(tmp, adapter, base_model, dropout)
