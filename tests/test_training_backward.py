@@ -4,7 +4,7 @@ Oracle: a tiny random HF Llama (GQA: 4 heads, 2 kv heads; tied and untied LM
 head) wrapped by PEFT with LoRA on every projection and random lora_B; the
 loss of one batch with masked labels and the gradients torch autograd gives
 lora_A and lora_B must equal ours within 1e-4 relative. With a packed base
-(NF4 with double quantization, uniform 4-bit) the oracle runs on the
+(NF4 with double quantization, uniform 4-bit, QuIP#'s E8P) the oracle runs on the
 dequantized weights, which is what QLoRA differentiates.
 """
 import numpy as np
@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import nf4  # noqa: E402
+import quipsharp  # noqa: E402
 import rtn  # noqa: E402
 from model import Config, Model  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
@@ -29,7 +30,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 def quantizer(kind):
     return {"nf4dq": lambda W: nf4.quantize(W, nf4.NF4Params(double_quant=True)),
-            "rtn4": lambda W: rtn.quantize(W, rtn.RTNParams(bits=4, group_size=32))}[kind]
+            "rtn4": lambda W: rtn.quantize(W, rtn.RTNParams(bits=4, group_size=32)),
+            "e8p": lambda W: quipsharp.quantize(W, np.eye(W.shape[1], dtype=np.float32))[0]}[kind]
 
 
 def peft_case(tmp_path, tied: bool, packed: str | None):
@@ -41,7 +43,10 @@ def peft_case(tmp_path, tied: bool, packed: str | None):
         for name in list(tensors):
             if name.endswith("_proj.weight"):
                 tensors[name] = quantizer(packed)(tensors[name])
-                state[name].copy_(torch.from_numpy(tensors[name].dequantize()))
+                W = tensors[name].dequantize()  # [out, in]: what training multiplies by
+                x = np.random.default_rng(3).standard_normal((24, W.shape[1])).astype(np.float32)  # [24, in]
+                assert np.abs(tensors[name].matmul(x) - x @ W.T).max() < 1e-3, "run time must compute x Wᵀ too"
+                state[name].copy_(torch.from_numpy(W))
     model = Model(Config.from_hf(config), tensors)
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                          lora_dropout=0.0))
@@ -72,8 +77,9 @@ def relative(ours, theirs) -> float:
     return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
 
-@pytest.mark.parametrize("tied,packed", [(True, None), (False, None), (True, "nf4dq"), (False, "rtn4")],
-                         ids=["tied", "untied", "nf4dq", "rtn4-untied"])
+@pytest.mark.parametrize("tied,packed", [(True, None), (False, None), (True, "nf4dq"), (False, "rtn4"),
+                                                (True, "e8p")],
+                         ids=["tied", "untied", "nf4dq", "rtn4-untied", "e8p"])
 def test_loss_and_lora_gradients_match_peft_autograd(tmp_path, tied, packed):
     model, adapter, peft_model = peft_case(tmp_path, tied, packed)
     ids, labels = batch()
