@@ -10,20 +10,19 @@ per-tensor grids, act-order, 2/3/4/8 bits.
 """
 import re
 
+import numba
 import numpy as np
 import pytest
-from llvmlite import binding as llvm
 
 from runtime.errors import UserError
 from runtime.formats.uniform import quantize_activation
 from runtime.kernels import uniform_int8_numba
 from runtime.kernels.quant_activations_numba import quantize_blocks
+from runtime.kernels.uniform_numba import kernel_arrays
 from test_uniform_kernels import BITS, inputs, make_tensor
 
 TOL = 1e-5
-FEATURES = llvm.get_host_cpu_features()
-AVAILABLE = [k for k, needs in (("avx512vnni", ("avx512vnni", "avx512bw")), ("avx2", ("avx2",)), ("portable", ()))
-             if all(FEATURES.get(f) for f in needs)]
+AVAILABLE = uniform_int8_numba.available_kernels()
 # (n_out, n_in, group_size, per_tensor): odd outputs, inputs not a multiple of 32 or of the group
 GRIDS = [(67, 200, 32, False), (1000, 512, 128, False), (67, 200, -1, False), (33, 96, -1, True),
          (1, 40, 32, False)]
@@ -89,20 +88,26 @@ def test_activation_modes_pick_the_kernel(monkeypatch):
     with pytest.raises(UserError, match="QLLM_UNIFORM_ACTIVATIONS"):
         packed.matmul(x)
     monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    monkeypatch.setenv("QLLM_UNIFORM_INT8_KERNEL", "neon")
+    monkeypatch.setenv("QLLM_UNIFORM_INT8_KERNEL", "neon")  # unknown (and one this CPU lacks would be refused)
     with pytest.raises(UserError, match="QLLM_UNIFORM_INT8_KERNEL"):
         packed.matmul(x[:1])
 
 
-@pytest.mark.parametrize("kernel, tiles, instructions", [("avx512vnni", "_tiles_vnni", {"vpdpbusd"}),
-                                                         ("avx2", "_tiles_avx2", {"vpmaddubsw", "vpmaddwd"})])
-def test_simd_kernels_use_dot_product_instructions(kernel, tiles, instructions):
+@pytest.mark.parametrize("kernel, instructions", [("avx512vnni", {"vpdpbusd"}),
+                                                  ("avx2", {"vpmaddubsw", "vpmaddwd"})])
+def test_simd_kernels_use_dot_product_instructions(kernel, instructions):
     if kernel not in AVAILABLE:
         pytest.skip(f"the CPU lacks {kernel}")
     packed = make_tensor(7, 64, 128, 4, 128)
-    uniform_int8_numba.matvec(packed, inputs(7, 1, 128)[0], kernel)
-    asm = [text for sig, text in uniform_int8_numba._partial.inspect_asm().items() if tiles in str(sig[0])]
-    assert asm and instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm[0]))
+    x = inputs(7, 1, 128)[0]  # [in]
+    fresh = numba.njit(uniform_int8_numba._partial.py_func)  # compiled here (not from the cache): asm at hand
+    qweight, qzeros, scales, perm = kernel_arrays(packed)
+    xq, xw, d, xsum = uniform_int8_numba.quantize_input(x, perm, 4, 4, 4, 1)
+    y = np.empty(64, dtype=np.float32)  # [out]
+    fresh(uniform_int8_numba.KERNEL_IDS[kernel], qweight, qzeros, scales, xq, xw, d, xsum, 4, 4, False, 0, 4, y)
+    assert_close(y, packed.matmul_reference_int8(x[None])[0])
+    asm = "".join(fresh.inspect_asm().values())
+    assert instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm))
 
 
 @pytest.mark.parametrize("kernel", AVAILABLE)
@@ -132,3 +137,16 @@ def test_linear_many_fuses_uniform_weights_and_adds_biases():
     x3 = inputs(31, 3, 200)  # [3, in]: prefill rows go one weight at a time
     for y, w in zip(linear_many(x3, parts), parts):
         assert_close(y, linear(x3, w))
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize("bits", BITS)
+def test_parallel_and_serial_paths_agree(kernel, bits, monkeypatch):
+    # small products run on the calling thread; PARALLEL_BYTES = 0 sends them through the parallel region
+    parts = [make_tensor(40 + bits, n_out, 200, bits, 64) for n_out in (96, 40)]
+    x = inputs(bits, 1, 200)[0]  # [in]
+    serial = uniform_int8_numba.matvec_parts(parts, x, kernel)  # [136]
+    monkeypatch.setattr(uniform_int8_numba, "PARALLEL_BYTES", 0)
+    assert_close(uniform_int8_numba.matvec_parts(parts, x, kernel), serial)
+    single = make_tensor(50 + bits, 67, 200, bits, -1)
+    assert_close(uniform_int8_numba.matvec(single, x, kernel), single.matmul_reference_int8(x[None])[0])

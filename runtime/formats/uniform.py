@@ -167,18 +167,18 @@ def activation_mode() -> tuple[str, str]:
     and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
     the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
     (the reference kernel). QLLM_UNIFORM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
-    best the CPU has).
+    best the CPU has; one it lacks is refused).
     """
     import os
 
-    from runtime.kernels.uniform_int8_numba import KERNELS, best_kernel
+    from runtime.kernels.uniform_int8_numba import available_kernels
 
     mode = os.environ.get("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    kernel = os.environ.get("QLLM_UNIFORM_INT8_KERNEL") or best_kernel()
+    kernel = os.environ.get("QLLM_UNIFORM_INT8_KERNEL") or available_kernels()[0]
     if mode not in ("int8", "int8-all", "float"):
         raise UserError(f"QLLM_UNIFORM_ACTIVATIONS={mode!r}: use int8, int8-all or float")
-    if kernel not in KERNELS:
-        raise UserError(f"QLLM_UNIFORM_INT8_KERNEL={kernel!r}: use one of {', '.join(KERNELS)}")
+    if kernel not in available_kernels():
+        raise UserError(f"QLLM_UNIFORM_INT8_KERNEL={kernel!r}: this CPU runs {', '.join(available_kernels())}")
     return mode, kernel
 
 
@@ -326,7 +326,9 @@ class UniformTensor(PackedTensor):
                 from runtime.kernels import uniform_int8_numba
                 self.check_input(x)
                 rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
-                y = np.stack([uniform_int8_numba.matvec(self, row, kernel) for row in rows])  # [m, out]
+                y = np.empty((rows.shape[0], self.out_features), dtype=np.float32)  # [m, out]
+                for r, row in enumerate(rows):
+                    y[r] = uniform_int8_numba.matvec(self, row, kernel)
                 return y.reshape(*x.shape[:-1], self.out_features)
         return super().matmul(x)
 
@@ -343,8 +345,8 @@ class UniformTensor(PackedTensor):
         self.check_input(x)
         y = uniform_int8_numba.matvec_parts(parts, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
                                             kernel)  # [sum of outs]
-        ends = np.cumsum([p.out_features for p in parts])
-        return [part.reshape(*x.shape[:-1], -1) for part in np.split(y, ends[:-1])]
+        ends = np.cumsum([0] + [p.out_features for p in parts])
+        return [y[a:b].reshape(*x.shape[:-1], -1) for a, b in zip(ends[:-1], ends[1:])]
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""

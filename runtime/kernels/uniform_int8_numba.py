@@ -32,11 +32,13 @@ product of four bytes per 32-bit lane does four multiply-adds of one output:
   two words) and the outputs past the last whole SIMD tile.
 
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
-compiled only when called, so a CPU without them (ARM) never sees them;
-`best_kernel` picks one from the CPU Numba compiles for. One parallel region
+compiled to nothing on a CPU without them (ARM), where `available_kernels`
+never offers them. One parallel region
 per call: the activation is quantized before the `prange` over output chunks.
 """
 from __future__ import annotations
+
+import functools
 
 import numba
 import numpy as np
@@ -52,19 +54,22 @@ from runtime.kernels.uniform_numba import group_grid, group_runs, kernel_arrays,
 KERNELS = ("avx512vnni", "avx2", "portable")
 SIMD_BITS = {"avx512vnni": (2, 4, 8), "avx2": (2, 4), "portable": ()}  # bit widths with SIMD tiles
 LANES = {"avx512vnni": 16, "avx2": 8, "portable": 0}  # outputs per SIMD tile
+KERNEL_IDS = {"portable": 0, "avx2": 1, "avx512vnni": 2}  # how `_matvec` is told which tiles to run
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
+MAX_PARTS = 3  # weights one call multiplies (q/k/v)
+PARALLEL_BYTES = 4 << 20  # packed codes below which a product runs on one thread (see `_matvec`)
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
-def best_kernel() -> str:
-    """The fastest kernel the CPU that Numba compiles for supports (NUMBA_CPU_NAME set: `portable`)."""
+@functools.cache
+def available_kernels() -> tuple:
+    """The kernels the CPU that Numba compiles for supports, fastest first (NUMBA_CPU_NAME set: portable)."""
     if numba.config.CPU_NAME not in (None, "host"):
-        return "portable"
+        return ("portable",)
     features = llvm.get_host_cpu_features()
-    if features.get("avx512vnni") and features.get("avx512bw"):
-        return "avx512vnni"
-    return "avx2" if features.get("avx2") else "portable"
+    needs = {"avx512vnni": ("avx512vnni", "avx512bw"), "avx2": ("avx2",), "portable": ()}
+    return tuple(k for k in KERNELS if all(features.get(f) for f in needs[k]))
 
 
 # ---- the SIMD tiles: LLVM IR for one run of 32 inputs on one tile of outputs -------------------
@@ -122,6 +127,8 @@ def _tile_intrinsic(bits: int, kernel: str):
     dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
 
     def codegen(context, builder, signature, args):
+        if kernel not in available_kernels():  # compiled, never run: Python picks only available kernels
+            return context.get_dummy_value()
         qweight, row0, n, xw, w0, d, facc, f0 = args
         q_array = context.make_array(signature.args[0])(context, builder, qweight)
         x_data = context.make_array(signature.args[3])(context, builder, xw).data
@@ -177,11 +184,6 @@ def _tiles_avx2(qweight, run, bits, xw, d, facc, n0, full):
             _AVX2_4(qweight, run * 4, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
         else:
             _AVX2_2(qweight, run * 2, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
-
-
-@njit(inline="always")
-def _tiles_none(qweight, run, bits, xw, d, facc, n0, full):
-    """The portable kernel has no SIMD tiles (full is 0)."""
 
 
 # ---- the portable lanes ------------------------------------------------------------------------
@@ -266,11 +268,12 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
 
 
 @njit(cache=True, fastmath=True)
-def _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym, r0, r1, y):
+def _partial(kernel_id, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym, r0, r1, y):
     """y [out] = the share of runs r0 .. r1-1 in W x: SIMD tiles over the whole tiles of outputs,
     portable lanes after; a group's zero-point term goes with its first run."""
     n_out = qweight.shape[1]
-    full = n_out // lanes * lanes if lanes > 0 else 0
+    lanes = 16 if kernel_id == 2 else 8  # KERNEL_IDS, LANES
+    full = n_out // lanes * lanes if kernel_id > 0 else 0
     width = -(-n_out // BLOCK) * BLOCK
     facc = np.empty(n_out, dtype=np.float32)  # [out] sum_r d_r dot_r over the group's runs in r0 .. r1-1
     s = np.empty(width, dtype=np.float32)  # [out padded to runs of 32]
@@ -280,7 +283,10 @@ def _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group
         first = max(r0, g * group_runs)
         facc[:] = 0
         for run in range(first, min(r1, (g + 1) * group_runs)):
-            tiles(qweight, run, bits, xw, d[run], facc, 0, full)
+            if kernel_id == 2:
+                _tiles_vnni(qweight, run, bits, xw, d[run], facc, 0, full)
+            elif kernel_id == 1:
+                _tiles_avx2(qweight, run, bits, xw, d[run], facc, 0, full)
             _lanes(qweight, run, bits, xq, d[run], facc, 0, full, n_out)
         group_grid(qzeros, scales, g, bits, sym, 0, n_out, s, z)
         zero_term = xsum[g] if first == g * group_runs else np.float32(0.0)
@@ -288,31 +294,70 @@ def _partial(tiles, lanes, qweight, qzeros, scales, xq, xw, d, xsum, bits, group
             y[i] += s[i] * (facc[i] - z[i] * zero_term)
 
 
-@njit(cache=True, parallel=True)
-def _matvec(tiles, lanes, qweights, qzeros, scales, x, perm, bits, group_runs, sym, threads):
-    """y [sum of outs] = (W_0 x, W_1 x, ...) concatenated, with int8 activations, for weights sharing
-    in_features, bits, grid and storage order (tuples of their arrays); `tiles` / `lanes`: the SIMD
-    tile function and its width.
-
-    One parallel region for all of them, split over the input: each task streams one contiguous
-    slice of one qweight (whole word rows of a range of runs) into its own partial y; the partials
-    are summed at the end.
-    """
-    n_runs = qweights[0].shape[0] // bits
-    xq, xw, d, xsum = quantize_input(x, perm, bits, n_runs, group_runs, scales[0].shape[0])
-    starts = np.zeros(len(qweights) + 1, dtype=np.int64)  # [parts+1] where each part's outputs start
-    for p in range(len(qweights)):
+@njit(cache=True)
+def _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, n_groups, threads):
+    """(xq, xw, d, xsum) of `quantize_input`, starts [parts+1] of each part's outputs, tasks per part and
+    the partial sums [tasks, sum of outs] of `_matvec`."""
+    qweights = (q0, q1, q2)
+    n_runs = q0.shape[0] // bits
+    starts = np.zeros(n_parts + 1, dtype=np.int64)  # [parts+1]
+    for p in range(n_parts):
         starts[p + 1] = starts[p] + qweights[p].shape[1]
-    tasks = min(threads, n_runs)  # per part
+    tasks = min(threads, n_runs)
     partial = np.empty((tasks, starts[-1]), dtype=np.float32)  # [tasks, sum of outs]
-    for job in prange(len(qweights) * tasks):
-        p, t = job // tasks, job % tasks
-        _partial(tiles, lanes, qweights[p], qzeros[p], scales[p], xq, xw, d, xsum, bits, group_runs, sym,
-                 t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
-    y = partial[0].copy()  # [sum of outs]
-    for t in range(1, tasks):
-        y += partial[t]
-    return y
+    return quantize_input(x, perm, bits, n_runs, group_runs, n_groups), starts, tasks, partial
+
+
+@njit(inline="always")
+def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, starts,
+         partial):
+    """Task `job` of `_matvec`: runs t*R/tasks .. (t+1)*R/tasks of part job // tasks into partial[t]."""
+    xq, xw, d, xsum = quantized
+    p, t = job // tasks, job % tasks
+    n_runs = q0.shape[0] // bits
+    _partial(kernel_id, (q0, q1, q2)[p], (z0, z1, z2)[p], (s0, s1, s2)[p], xq, xw, d, xsum, bits, group_runs,
+             sym, t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
+
+
+@njit(cache=True, parallel=True)
+def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym,
+                     threads):
+    """`_matvec` in one parallel region of `threads` tasks per part."""
+    quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0],
+                                                 threads)
+    for job in prange(n_parts * tasks):
+        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym,
+             starts, partial)
+    return partial.sum(axis=0)  # [sum of outs]
+
+
+@njit(cache=True)
+def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym):
+    """`_matvec` on the calling thread alone."""
+    quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0], 1)
+    for job in range(n_parts):
+        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym,
+             starts, partial)
+    return partial[0]  # [sum of outs]
+
+
+def _matvec(kernel_id, n_parts, *arrays_and_grid):
+    """y [sum of outs] = (W_0 x, ..., W_{n_parts-1} x) concatenated, with int8 activations, for up to
+    MAX_PARTS weights sharing in_features, bits, grid and storage order. Arguments: kernel_id
+    (KERNEL_IDS of the SIMD tiles to run, 0: none), n_parts, qweight, qzeros, scales of each of
+    MAX_PARTS slots (unused ones repeat part 0: arrays as separate arguments go through Numba's fast
+    typing path, tuples of them cost ~12 us a call), x, perm, bits, group_runs, sym.
+
+    Split over the input: each task streams one contiguous slice of one qweight (whole word rows of
+    a range of runs) into its own partial y; the partials are summed at the end. Products of fewer
+    than PARALLEL_BYTES of codes run on the calling thread: waking sleeping workers
+    (OMP_WAIT_POLICY=PASSIVE, runtime/__init__.py) cost more than such a product on the 2-core
+    machine this was measured on (SmolLM2 decode 58 tok/s on one thread, 28 with a region per call).
+    """
+    code_bytes = sum(arrays_and_grid[3 * p].nbytes for p in range(n_parts))
+    if code_bytes < PARALLEL_BYTES or numba.get_num_threads() == 1:
+        return _matvec_serial(kernel_id, n_parts, *arrays_and_grid)
+    return _matvec_parallel(kernel_id, n_parts, *arrays_and_grid, numba.get_num_threads())
 
 
 def fusable(parts) -> bool:
@@ -320,8 +365,9 @@ def fusable(parts) -> bool:
     first = parts[0]
     same_perm = all((p.perm is None) == (first.perm is None) for p in parts) and (
         first.perm is None or all(np.array_equal(p.perm, first.perm) for p in parts))
-    return same_perm and all((p.in_features, p.bits, p.group_size, p.sym) ==
-                             (first.in_features, first.bits, first.group_size, first.sym) for p in parts)
+    grid = (first.in_features, first.bits, first.group_size, first.sym)
+    return len(parts) <= MAX_PARTS and same_perm and all(
+        (p.in_features, p.bits, p.group_size, p.sym) == grid for p in parts)
 
 
 def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
@@ -330,11 +376,10 @@ def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
     code for the rest)."""
     first = parts[0]
     arrays = [kernel_arrays(p) for p in parts]
-    simd = first.bits in SIMD_BITS[kernel]
-    tiles = {"avx512vnni": _tiles_vnni, "avx2": _tiles_avx2}[kernel] if simd else _tiles_none
-    return _matvec(tiles, LANES[kernel] if simd else 0, tuple(a[0] for a in arrays), tuple(a[1] for a in arrays),
-                   tuple(a[2] for a in arrays), readonly(x), arrays[0][3], first.bits, group_runs(first),
-                   first.sym, numba.get_num_threads())
+    slots = [a[:3] for a in arrays] + [arrays[0][:3]] * (MAX_PARTS - len(parts))
+    kernel_id = KERNEL_IDS[kernel] if first.bits in SIMD_BITS[kernel] else 0
+    return _matvec(kernel_id, len(parts), *(a for slot in slots for a in slot), readonly(x), arrays[0][3],
+                   first.bits, group_runs(first), first.sym)
 
 
 def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
