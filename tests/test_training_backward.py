@@ -119,3 +119,26 @@ def test_masked_tokens_add_nothing(tmp_path):
         for grads in ("grads_A", "grads_B"):
             whole, part, rest = (getattr(run, grads)[name] for run in runs)
             assert relative(rest, whole - part) < TOLERANCE, name
+
+
+def test_lora_dropout_branch_matches_autograd(tmp_path):
+    """y = x Wᵀ + s (m ⊙ x) Aᵀ Bᵀ with an inverted-dropout mask m: dx, dA, dB equal torch autograd, and the
+    recomputation of the layer (activation checkpointing) draws the same mask."""
+    model, adapter, _ = peft_case(tmp_path, True, None)
+    w = {"mlp.up_proj.weight": np.asarray(model.layers[0]["mlp.up_proj.weight"])}  # [128, 64]
+    name = "model.layers.0.mlp.up_proj.weight"
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)  # [B, T, in]
+    dy = rng.standard_normal((2, 5, 128)).astype(np.float32)  # [B, T, out]
+    step, kept, again = Pass(model, adapter, dropout=0.3, seed=5), {}, {}
+    y = step.project(0, w, "mlp.up_proj", x, kept)  # [B, T, out]
+    step.project(0, w, "mlp.up_proj", x, again)
+    mask = kept["mlp.up_proj"][0]  # [B, T, in]
+    assert np.array_equal(mask, again["mlp.up_proj"][0]) and 0.5 < (mask == 0).mean() / 0.3 < 1.5
+    dx = step.project_backward(0, w, "mlp.up_proj", dy, kept)  # [B, T, in]
+    tx, tA, tB = (torch.tensor(a, requires_grad=True) for a in (x, adapter.A[name], adapter.B[name]))
+    ty = tx @ torch.from_numpy(w["mlp.up_proj.weight"]).T + 2.0 * ((tx * torch.from_numpy(mask)) @ tA.T) @ tB.T
+    (ty * torch.from_numpy(dy)).sum().backward()
+    assert relative(y, ty.detach().numpy()) < 1e-6
+    for ours, theirs in ((dx, tx), (step.grads_A[name], tA), (step.grads_B[name], tB)):
+        assert relative(ours, theirs.grad.numpy()) < TOLERANCE
