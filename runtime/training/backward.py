@@ -165,7 +165,6 @@ class Pass:
 
     def llama_layer_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
         """dL/dx [B, T, d] of the layer's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
-        c = self.model.config
         gate, up, sig = s["gate"], s["up"], s["sig"]  # [B, T, ffn] each
         dact = self.project_backward(i, w, "mlp.down_proj", dout, s)  # [B, T, ffn]
         dgate = dact * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)(1 + g(1 - σ(g)))  [B, T, ffn]

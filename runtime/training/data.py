@@ -41,10 +41,6 @@ class Dataset:
         """Micro-batches in one pass over the examples (the last one may be smaller)."""
         return math.ceil(len(self.examples) / self.batch)
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(inputs) for inputs, _ in self.examples)
-
     def micro_batch(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Micro-batch j (counted over all epochs): inputs and targets [B, T], right-padded with IGNORE
         targets to the longest example (pad inputs are token 0: causal attention never lets earlier
