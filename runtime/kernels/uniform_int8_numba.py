@@ -190,34 +190,42 @@ def _tiles_avx2(qweight, run, bits, xw, d, facc, n0, full):
 
 @njit(inline="always")
 def _lanes_words(qweight, run, bits, xq, d, facc, n0, a, m):
-    """facc[i] += d * dot_run[n0 + i] for a <= i < m; bits 2, 4 or 8 (no code straddles words)."""
+    """facc[i] += d * dot_run[n0 + i] for a <= i < m; bits 2, 4 or 8 (no code straddles words).
+    Word by word over the outputs, so LLVM vectorizes across outputs (int32 lanes)."""
     per_word = 32 // bits
-    mask = (1 << bits) - 1
-    for i in range(a, m):
-        dot = np.int32(0)
-        for t in range(bits):
-            v = qweight[run * bits + t, n0 + i]
-            for j in range(per_word):
-                dot += ((v >> (j * bits)) & mask) * np.int32(xq[run * BLOCK + t * per_word + j])
-        facc[i] += d * np.float32(dot)
+    mask = np.int32((1 << bits) - 1)
+    dot = np.zeros(m - a, dtype=np.int32)  # [m - a]
+    for t in range(bits):
+        words = qweight[run * bits + t, n0 + a:n0 + m]  # [m - a]
+        for j in range(per_word):
+            xj = np.int32(xq[run * BLOCK + t * per_word + j])
+            shift = np.int32(j * bits)
+            for i in range(m - a):
+                dot[i] += ((words[i] >> shift) & mask) * xj
+    for i in range(m - a):
+        facc[a + i] += d * np.float32(dot[i])
 
 
 @njit(inline="always")
 def _lanes3(qweight, run, xq, d, facc, n0, a, m):
     """`_lanes_words` for 3 bits (codes 10 and 21 straddle two words)."""
     base = run * BLOCK
-    for i in range(a, m):
-        v0 = qweight[3 * run, n0 + i]
-        v1 = qweight[3 * run + 1, n0 + i]
-        v2 = qweight[3 * run + 2, n0 + i]
-        dot = np.int32(0)
-        for j in range(10):
-            dot += ((v0 >> (3 * j)) & 7) * np.int32(xq[base + j])
-            dot += ((v1 >> (3 * j + 1)) & 7) * np.int32(xq[base + 11 + j])
-            dot += ((v2 >> (3 * j + 2)) & 7) * np.int32(xq[base + 22 + j])
-        dot += (((v0 >> 30) & 3) | ((v1 & 1) << 2)) * np.int32(xq[base + 10])
-        dot += (((v1 >> 31) & 1) | ((v2 & 3) << 1)) * np.int32(xq[base + 21])
-        facc[i] += d * np.float32(dot)
+    words0 = qweight[3 * run, n0 + a:n0 + m]  # [m - a]
+    words1 = qweight[3 * run + 1, n0 + a:n0 + m]  # [m - a]
+    words2 = qweight[3 * run + 2, n0 + a:n0 + m]  # [m - a]
+    seven = np.int32(7)
+    dot = np.zeros(m - a, dtype=np.int32)  # [m - a]
+    for j in range(10):
+        x0, x1, x2 = np.int32(xq[base + j]), np.int32(xq[base + 11 + j]), np.int32(xq[base + 22 + j])
+        s0, s1, s2 = np.int32(3 * j), np.int32(3 * j + 1), np.int32(3 * j + 2)
+        for i in range(m - a):
+            dot[i] += (((words0[i] >> s0) & seven) * x0 + ((words1[i] >> s1) & seven) * x1
+                       + ((words2[i] >> s2) & seven) * x2)
+    x10, x21 = np.int32(xq[base + 10]), np.int32(xq[base + 21])
+    for i in range(m - a):
+        code10 = ((words0[i] >> np.int32(30)) & np.int32(3)) | ((words1[i] & np.int32(1)) << np.int32(2))
+        code21 = ((words1[i] >> np.int32(31)) & np.int32(1)) | ((words2[i] & np.int32(3)) << np.int32(1))
+        facc[a + i] += d * np.float32(dot[i] + code10 * x10 + code21 * x21)
 
 
 @njit(inline="always")
