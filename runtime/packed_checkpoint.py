@@ -52,9 +52,23 @@ def save_packed(directory: Path, config: dict, tensors: dict) -> None:
 
 
 def load_packed(directory: Path) -> tuple[dict, dict]:
-    """(config, {name: array or PackedTensor}) of a quantized model directory."""
+    """(config, {name: array or PackedTensor}) of a quantized model directory, every tensor checked against
+    the model its config describes."""
     directory = Path(directory)
     config = read_json(directory / "config.json", "re-quantize the model")
+    tensors = read_packed(directory)
+    if "quantization" in config:
+        check_tensors(config, tensors, str(directory / WEIGHTS), str(directory / "config.json"))
+    for name, value in tensors.items():
+        if read_directly(name, tensors):
+            run_pending(value)
+    return config, tensors
+
+
+def read_packed(directory: Path) -> dict:
+    """{name: array or PackedTensor} of the weights file in `directory`, each rebuilt in its recorded format
+    (not checked against a model: the format tests use this for tensors of no model)."""
+    directory = Path(directory)
     arrays, metadata = read_safetensors(directory / WEIGHTS)
     tensors = {}
     for name, text in metadata.items():
@@ -69,9 +83,4 @@ def load_packed(directory: Path) -> tuple[dict, dict]:
         tensors[name] = fmt.from_tensors(parts, meta)
         defer(tensors[name], ContentCheck(directory / WEIGHTS, [i for c in checks if c for i in c.items]))
     tensors.update(arrays)
-    if "quantization" in config:
-        check_tensors(config, tensors, str(directory / WEIGHTS), str(directory / "config.json"))
-    for name, value in tensors.items():
-        if read_directly(name, tensors):
-            run_pending(value)
-    return config, tensors
+    return tensors

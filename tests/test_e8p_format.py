@@ -14,7 +14,7 @@ from quipsharp import rht_matrix
 from runtime.formats.e8p import E8PTensor, from_incoherent, pack_signs, unpack_signs
 from runtime.hadamard import fast_hadamard, hadamard_matrix, random_signs
 from runtime.kernels import e8p_numba
-from runtime.packed_checkpoint import load_packed, save_packed
+from runtime.packed_checkpoint import read_packed, save_packed
 
 # kernel vs reference: |y - y_ref| <= TOL * (|x| |W|-scale bound); float32 sums in another order
 TOL = 2e-5
@@ -138,7 +138,7 @@ def test_save_load_round_trip(bits, tmp_path):
     packed = random_tensor(3, 40, 24, bits)
     save_packed(tmp_path, {"quantization": {"method": "quip"}}, {"layer.weight": packed,
                                                                 "norm": np.ones(3, dtype=np.float32)})
-    _, tensors = load_packed(tmp_path)
+    tensors = read_packed(tmp_path)
     loaded = tensors["layer.weight"]
     assert isinstance(loaded, E8PTensor) and loaded.meta() == packed.meta()
     for name, a in packed.tensors().items():

@@ -7,7 +7,7 @@ import quip
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, KronOrthogonal, kron_sizes, transforms
 from runtime.formats.uniform import UniformTensor
-from runtime.packed_checkpoint import load_packed, save_packed
+from runtime.packed_checkpoint import read_packed, save_packed
 
 
 def dense(transform: KronOrthogonal) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_byte_size():
 def test_save_load_round_trip(tmp_path):
     packed, x = quantized()
     save_packed(tmp_path, {"quantization": {"method": "quip"}}, {"layer.w": packed, "norm": np.ones(3, np.float32)})
-    _, loaded = load_packed(tmp_path)
+    loaded = read_packed(tmp_path)
     w = loaded["layer.w"]
     assert isinstance(w, IncoherentTensor) and w.meta() == packed.meta()
     for name, array in packed.tensors().items():

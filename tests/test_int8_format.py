@@ -17,7 +17,7 @@ from runtime.formats import FORMAT_CLASSES
 from runtime.formats import int8 as fmt
 from runtime.formats.int8 import Int8Tensor
 from runtime.kernels import int8_numba
-from runtime.packed_checkpoint import WEIGHTS, load_packed, save_packed
+from runtime.packed_checkpoint import WEIGHTS, read_packed, save_packed
 
 EPS32 = float(np.finfo(np.float32).eps)
 MODES = [("row", "token", None), ("row", "token", 3.0), ("tensor", "tensor", None), ("row", "tensor", 3.0),
@@ -123,7 +123,7 @@ def test_bytes_on_disk_equal_the_formula(tmp_path, monkeypatch, weight_scales, e
     header = json.loads(raw[8:8 + header_len])
     assert len(raw) - 8 - header_len == expected  # safetensors: 8-byte length, JSON header, then the data
     assert header["w.qweight"]["dtype"] == "I8"
-    _, loaded = load_packed(tmp_path)
+    loaded = read_packed(tmp_path)
     assert isinstance(loaded["w"], Int8Tensor) and np.array_equal(loaded["w"].qweight, t.qweight)
 
 

@@ -8,7 +8,7 @@ import quip
 import quipsharp
 from runtime import e8p
 from runtime.errors import UserError
-from runtime.packed_checkpoint import load_packed, save_packed
+from runtime.packed_checkpoint import read_packed, save_packed
 from test_quip import coherence, outlier_problem
 
 
@@ -91,7 +91,7 @@ def test_shared_hessian_equals_separate_calls(problem):
 def test_save_load_round_trip(tmp_path, results):
     packed = results[3][0]
     save_packed(tmp_path, {"quantization": {"method": "quipsharp"}}, {"layer.w": packed})
-    _, loaded = load_packed(tmp_path)
+    loaded = read_packed(tmp_path)
     w = loaded["layer.w"]
     assert type(w) is type(packed) and w.meta() == packed.meta()
     for name, array in packed.tensors().items():
