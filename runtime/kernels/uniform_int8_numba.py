@@ -33,8 +33,10 @@ product of four bytes per 32-bit lane does four multiply-adds of one output:
 
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
 compiled to nothing on a CPU without them (ARM), where `available_kernels`
-never offers them. One parallel region
-per call: the activation is quantized before the `prange` over output chunks.
+never offers them. Several weights sharing the input (q/k/v, gate/up) go in
+one call (`matvec_parts`): x is quantized once. Work is split over the input
+(each task streams a contiguous slice of qweight); small products run on the
+calling thread, large ones (the LM head) in one parallel region (`_matvec`).
 """
 from __future__ import annotations
 
