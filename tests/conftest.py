@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths of the real data and of the built default model."""
+"""Shared test fixtures: paths of the real data and of the built default model, and the CLI helpers."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +57,16 @@ def cupy():
     except cp.cuda.runtime.CUDARuntimeError:
         pytest.skip("no CUDA device")
     return cp
+
+
+def run_script(*args, env=None) -> subprocess.CompletedProcess:
+    """Run a Python command line (a script of the project and its arguments) from the project root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def assert_fails_with(result: subprocess.CompletedProcess, message: str) -> None:
+    """A CLI refusal as the README promises it: exit status 1 and one line on stderr holding `message`."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

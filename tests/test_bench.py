@@ -153,7 +153,7 @@ def test_document_names_the_machine_and_llama_cpp_build():
     text = bench.document("python bench.py", list(measured), measured, settings)
     assert "cores" in text and "0.40/0.30/0.20 when it ended" in text and "0.3.36" in text and "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text
     assert "| llama.cpp smollm2-135m.Q4_1 | 100.0 | 280.0 | 70.0 | 72.0 |" in text
-    assert f"| smollm2-135m | 32.000 | 1.0 | 20.800 |" in text and f"{20 / 70:.2f}x" in text
+    assert "| smollm2-135m | 32.000 | 1.0 | 20.800 |" in text and f"{20 / 70:.2f}x" in text
 
 
 def test_readme_tables_are_replaced_between_the_markers(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, save_tiny_llama
+from conftest import ROOT, assert_fails_with, run_script, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,19 +21,8 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def run(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-
-
-def assert_fails_with(result, message):
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
 def test_generates_text_and_prints_stats(tiny_model):
-    result = run("run.py", "--model", str(tiny_model), "--max-new-tokens", "5", "--seed", "1", "Hello")
+    result = run_script("run.py", "--model", str(tiny_model), "--max-new-tokens", "5", "--seed", "1", "Hello")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "prompt 2 tokens" in result.stderr and "decode" in result.stderr
@@ -43,12 +32,12 @@ def test_opt_name_goes_to_the_hub(tmp_path):
     """A short Hub name offline with an empty cache: one line naming the repository (tests/test_hub.py
     downloads from a fake Hub)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), QLLM_MODELS_DIR=str(tmp_path / "models"))
-    result = run("run.py", "--model", "opt-1.3b", "hi", env=env)
+    result = run_script("run.py", "--model", "opt-1.3b", "hi", env=env)
     assert_fails_with(result, "facebook/opt-1.3b is not (completely) in the Hugging Face cache")
 
 
 def test_unknown_name_lists_what_exists():
-    assert_fails_with(run("run.py", "--model", "no-such-model", "hi"), "not found")
+    assert_fails_with(run_script("run.py", "--model", "no-such-model", "hi"), "not found")
 
 
 def test_truncated_weights(tiny_model, tmp_path):
@@ -56,7 +45,7 @@ def test_truncated_weights(tiny_model, tmp_path):
     shutil.copytree(tiny_model, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    assert_fails_with(run("run.py", "--model", str(broken), "hi"), "truncated or corrupt")
+    assert_fails_with(run_script("run.py", "--model", str(broken), "hi"), "truncated or corrupt")
 
 
 def test_unsupported_architecture(tiny_model, tmp_path):
@@ -65,15 +54,15 @@ def test_unsupported_architecture(tiny_model, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config.update(architectures=["BloomForCausalLM"], model_type="bloom")
     (other / "config.json").write_text(json.dumps(config))
-    assert_fails_with(run("run.py", "--model", str(other), "hi"), "unsupported architecture")
+    assert_fails_with(run_script("run.py", "--model", str(other), "hi"), "unsupported architecture")
 
 
 def test_empty_prompt(tiny_model):
-    assert_fails_with(run("run.py", "--model", str(tiny_model), "   "), "prompt is empty")
+    assert_fails_with(run_script("run.py", "--model", str(tiny_model), "   "), "prompt is empty")
 
 
 def test_prompt_longer_than_context(tiny_model):
-    assert_fails_with(run("run.py", "--model", str(tiny_model), "word " * 40), "longer than the model's context")
+    assert_fails_with(run_script("run.py", "--model", str(tiny_model), "word " * 40), "longer than the model's context")
 
 
 @pytest.mark.parametrize("option,value", [("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-5"),
@@ -83,11 +72,11 @@ def test_prompt_longer_than_context(tiny_model):
                                           ("--temperature", "warm"), ("--top-k", "2.5"), ("--seed", "x")])
 def test_option_out_of_range(tiny_model, option, value):
     """Non-finite, absurd and malformed values: one line naming the option, exit status 1."""
-    assert_fails_with(run("run.py", "--model", str(tiny_model), option, value, "hi"), option)
+    assert_fails_with(run_script("run.py", "--model", str(tiny_model), option, value, "hi"), option)
 
 
 def test_tiny_temperature_generates_like_greedy(tiny_model):
-    outputs = [run("run.py", "--model", str(tiny_model), "--max-new-tokens", "6", "--temperature", t, "Hello")
+    outputs = [run_script("run.py", "--model", str(tiny_model), "--max-new-tokens", "6", "--temperature", t, "Hello")
                for t in ("1e-320", "0")]
     assert all(r.returncode == 0 for r in outputs), outputs[0].stderr
     assert outputs[0].stdout.strip() and outputs[0].stdout == outputs[1].stdout
@@ -105,15 +94,15 @@ def test_argv_that_is_not_utf8(args):
 
 
 def test_empty_tag_says_so():
-    assert_fails_with(run("run.py", "--model", "smollm2-135m.", "hi"), "has an empty quantization tag after the '.'")
+    assert_fails_with(run_script("run.py", "--model", "smollm2-135m.", "hi"), "has an empty quantization tag after the '.'")
 
 
 def test_empty_model_name():
-    assert_fails_with(run("run.py", "--model", "", "hi"), "the model name is empty")
+    assert_fails_with(run_script("run.py", "--model", "", "hi"), "the model name is empty")
 
 
 def test_eval_reports_perplexity_as_json(tiny_model):
-    result = run("eval.py", "--model", str(tiny_model), "--seqlen", "16", "--windows", "3", "--json",
+    result = run_script("eval.py", "--model", str(tiny_model), "--seqlen", "16", "--windows", "3", "--json",
                  "--no-resume")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -121,10 +110,10 @@ def test_eval_reports_perplexity_as_json(tiny_model):
 
 
 def test_eval_unknown_dataset():
-    assert_fails_with(run("eval.py", "--dataset", "c4"), "--dataset c4: not a data set (wikitext2) and no such file")
+    assert_fails_with(run_script("eval.py", "--dataset", "c4"), "--dataset c4: not a data set (wikitext2) and no such file")
 
 
 @pytest.mark.parametrize("option,value", [("--seqlen", "1"), ("--seqlen", "0"), ("--seqlen", "-5"),
                                           ("--windows", "0"), ("--windows", "-2"), ("--seqlen", "abc")])
 def test_eval_options_out_of_range(option, value):
-    assert_fails_with(run("eval.py", option, value), option)
+    assert_fails_with(run_script("eval.py", option, value), option)

@@ -2,13 +2,11 @@
 bad files get one line each."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, save_tiny_llama
+from conftest import assert_fails_with, run_script, save_tiny_llama
 from runtime.api import load, token_logprobs
 
 pytest.importorskip("torch")
@@ -26,21 +24,10 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def assert_fails_with(result, message):
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
 def test_file_perplexity_equals_the_api(tiny_model, tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_bytes(TEXT.encode("utf-8"))
-    result = run("eval.py", "--model", str(tiny_model), "--dataset", str(text_file), "--seqlen", str(SEQLEN),
+    result = run_script("eval.py", "--model", str(tiny_model), "--dataset", str(text_file), "--seqlen", str(SEQLEN),
                  "--json", "--no-resume")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -65,11 +52,11 @@ def test_bad_files_get_one_line(tiny_model, tmp_path, content, message):
     path = tmp_path / "data.txt"
     if content is not None:
         path.write_bytes(content)
-    result = run("eval.py", "--model", str(tiny_model), "--dataset", str(path), "--seqlen", str(SEQLEN))
+    result = run_script("eval.py", "--model", str(tiny_model), "--dataset", str(path), "--seqlen", str(SEQLEN))
     assert_fails_with(result, message)
     assert str(path) in result.stderr
 
 
 def test_directory_and_unknown_name(tmp_path):
-    assert_fails_with(run("eval.py", "--dataset", str(tmp_path)), "is a directory")
-    assert_fails_with(run("eval.py", "--dataset", "ptb"), "not a data set (wikitext2) and no such file")
+    assert_fails_with(run_script("eval.py", "--dataset", str(tmp_path)), "is a directory")
+    assert_fails_with(run_script("eval.py", "--dataset", "ptb"), "not a data set (wikitext2) and no such file")

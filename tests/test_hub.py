@@ -9,12 +9,10 @@ reads its settings when imported).
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import DATA, ROOT, save_tiny_llama
+from conftest import DATA, assert_fails_with, run_script, save_tiny_llama
 from fake_hub import FakeHub
 
 torch = pytest.importorskip("torch")
@@ -74,23 +72,14 @@ def environment(hub, tmp_path, **extra) -> dict:
     return env
 
 
-def run(env, *args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-
-
-def assert_fails_with(result, message):
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_hub_name_builds_the_same_model_as_a_local_directory(hub, tiny_opt, tmp_path):
     env = environment(hub, tmp_path)
-    from_hub = run(env, "run.py", "--model", "org/tiny-opt.rtn4g32", *PROMPT)
+    from_hub = run_script("run.py", "--model", "org/tiny-opt.rtn4g32", *PROMPT, env=env)
     assert from_hub.returncode == 0, from_hub.stderr
     assert (tmp_path / "models" / "org--tiny-opt.rtn4g32" / "config.json").is_file()
-    local = run(env, "run.py", "--model", f"{tiny_opt}.rtn4g32", *PROMPT)
+    local = run_script("run.py", "--model", f"{tiny_opt}.rtn4g32", *PROMPT, env=env)
     assert local.returncode == 0, local.stderr
     assert from_hub.stdout.strip() and from_hub.stdout == local.stdout
     downloaded = hub.downloads()
@@ -99,26 +88,26 @@ def test_hub_name_builds_the_same_model_as_a_local_directory(hub, tiny_opt, tmp_
         ["config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt"])
     assert not [p for m, p in hub.requests if p.endswith((".msgpack", ".h5", ".onnx", ".bin", ".md"))]
     before = len(hub.requests)
-    again = run(env, "run.py", "--model", "org/tiny-opt.rtn4g32", *PROMPT)
+    again = run_script("run.py", "--model", "org/tiny-opt.rtn4g32", *PROMPT, env=env)
     assert again.returncode == 0 and again.stdout == from_hub.stdout
     assert len(hub.requests) == before  # built once: the second call needs no Hub at all
 
 
 def test_float_model_is_downloaded_once_then_runs_offline(hub, tiny_llama, tmp_path):
     env = environment(hub, tmp_path)
-    first = run(env, "run.py", "--model", "org/tiny-llama", *PROMPT)
+    first = run_script("run.py", "--model", "org/tiny-llama", *PROMPT, env=env)
     assert first.returncode == 0, first.stderr
     count = len(hub.downloads())
-    second = run(env, "run.py", "--model", "org/tiny-llama", *PROMPT)
+    second = run_script("run.py", "--model", "org/tiny-llama", *PROMPT, env=env)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert len(hub.downloads()) == count  # nothing downloaded again
-    local = run(env, "run.py", "--model", str(tiny_llama), *PROMPT)
+    local = run_script("run.py", "--model", str(tiny_llama), *PROMPT, env=env)
     assert local.stdout == first.stdout
     before = len(hub.requests)
-    offline = run(dict(env, HF_HUB_OFFLINE="1"), "run.py", "--model", "org/tiny-llama", *PROMPT)
+    offline = run_script("run.py", "--model", "org/tiny-llama", *PROMPT, env=dict(env, HF_HUB_OFFLINE="1"))
     assert offline.returncode == 0 and offline.stdout == first.stdout, offline.stderr
     assert len(hub.requests) == before
-    cold = run(environment(hub, tmp_path / "cold", HF_HUB_OFFLINE="1"), "run.py", "--model", "org/tiny-llama", "hi")
+    cold = run_script("run.py", "--model", "org/tiny-llama", "hi", env=environment(hub, tmp_path / "cold", HF_HUB_OFFLINE="1"))
     assert_fails_with(cold, "HF_HUB_OFFLINE=1 forbids downloading it")
     assert len(hub.requests) == before
 
@@ -126,26 +115,26 @@ def test_float_model_is_downloaded_once_then_runs_offline(hub, tiny_llama, tmp_p
 def test_revision_is_honoured(hub, tmp_path):
     env = environment(hub, tmp_path)
     sha = hub.repos[("models", "org/tiny-llama")].sha
-    assert run(env, "run.py", "--model", f"org/tiny-llama@{sha}", *PROMPT).returncode == 0
-    assert_fails_with(run(env, "run.py", "--model", "org/tiny-llama@nope", "hi"), "has no revision 'nope'")
+    assert run_script("run.py", "--model", f"org/tiny-llama@{sha}", *PROMPT, env=env).returncode == 0
+    assert_fails_with(run_script("run.py", "--model", "org/tiny-llama@nope", "hi", env=env), "has no revision 'nope'")
 
 
 def test_repository_that_does_not_exist(hub, tmp_path):
-    assert_fails_with(run(environment(hub, tmp_path), "run.py", "--model", "org/no-such-model", "hi"),
+    assert_fails_with(run_script("run.py", "--model", "org/no-such-model", "hi", env=environment(hub, tmp_path)),
                       "is neither a local path, a name under models/ or a repository on the Hub")
 
 
 def test_gated_repository_needs_a_token(hub, tiny_llama, tmp_path):
     hub.add("org/gated", files_of(tiny_llama), token="hf_secret")
-    assert_fails_with(run(environment(hub, tmp_path), "run.py", "--model", "org/gated", "hi"),
+    assert_fails_with(run_script("run.py", "--model", "org/gated", "hi", env=environment(hub, tmp_path)),
                       "is a gated repository")
-    with_token = run(environment(hub, tmp_path, HF_TOKEN="hf_secret"), "run.py", "--model", "org/gated", *PROMPT)
+    with_token = run_script("run.py", "--model", "org/gated", *PROMPT, env=environment(hub, tmp_path, HF_TOKEN="hf_secret"))
     assert with_token.returncode == 0, with_token.stderr
 
 
 def test_rate_limit(hub, tiny_llama, tmp_path):
     hub.add("org/busy", files_of(tiny_llama), status=429)
-    assert_fails_with(run(environment(hub, tmp_path), "run.py", "--model", "org/busy", "hi"), "rate-limiting")
+    assert_fails_with(run_script("run.py", "--model", "org/busy", "hi", env=environment(hub, tmp_path)), "rate-limiting")
 
 
 def test_unsupported_architecture_is_refused_before_the_weights(hub, tiny_llama, tmp_path):
@@ -153,7 +142,7 @@ def test_unsupported_architecture_is_refused_before_the_weights(hub, tiny_llama,
     config = json.loads(files["config.json"])
     files["config.json"] = json.dumps(dict(config, architectures=["BloomForCausalLM"], model_type="bloom")).encode()
     hub.add("org/bloom", files)
-    assert_fails_with(run(environment(hub, tmp_path), "run.py", "--model", "org/bloom", "hi"),
+    assert_fails_with(run_script("run.py", "--model", "org/bloom", "hi", env=environment(hub, tmp_path)),
                       "unsupported architecture")
     assert [p.rsplit("/", 1)[1] for p in hub.downloads()] == ["config.json"]
 
@@ -161,20 +150,20 @@ def test_unsupported_architecture_is_refused_before_the_weights(hub, tiny_llama,
 def test_broken_download_is_reported_then_completed(hub, tiny_llama, tmp_path):
     repo = hub.add("org/flaky", files_of(tiny_llama), broken={"model.safetensors"})
     env = environment(hub, tmp_path)
-    assert_fails_with(run(env, "run.py", "--model", "org/flaky", "hi"), "broke off midway")
+    assert_fails_with(run_script("run.py", "--model", "org/flaky", "hi", env=env), "broke off midway")
     ranges = [p for m, p in hub.requests if m == "GET" and p.endswith("model.safetensors")]
     assert len(ranges) > 1  # huggingface_hub tried to resume before giving up
     repo.broken.clear()
-    retry = run(env, "run.py", "--model", "org/flaky", *PROMPT)
+    retry = run_script("run.py", "--model", "org/flaky", *PROMPT, env=env)
     assert retry.returncode == 0, retry.stderr
-    assert retry.stdout == run(env, "run.py", "--model", "org/tiny-llama", *PROMPT).stdout
+    assert retry.stdout == run_script("run.py", "--model", "org/tiny-llama", *PROMPT, env=env).stdout
 
 
 def test_no_network_says_so(tmp_path):
     """An endpoint where nothing listens: the connection error, not a traceback."""
     with FakeHub(lifetime=30) as hub:
         env = environment(hub, tmp_path)
-    assert_fails_with(run(env, "run.py", "--model", "org/tiny-llama", "hi"), "cannot reach the Hub")
+    assert_fails_with(run_script("run.py", "--model", "org/tiny-llama", "hi", env=env), "cannot reach the Hub")
 
 
 def parquet_of(rows) -> bytes:
@@ -193,18 +182,17 @@ def test_wikitext_from_the_hub_when_shared_data_is_missing(hub, tiny_llama, tmp_
     joined = tmp_path / "joined.txt"
     joined.write_text("\n\n".join(test_rows), encoding="utf-8")
     args = ("--model", str(tiny_llama), "--seqlen", "16", "--json", "--no-resume")
-    from_hub = run(env, "eval.py", "--dataset", "wikitext2", *args)
+    from_hub = run_script("eval.py", "--dataset", "wikitext2", *args, env=env)
     assert from_hub.returncode == 0, from_hub.stderr
-    from_file = run(env, "eval.py", "--dataset", str(joined), *args)
+    from_file = run_script("eval.py", "--dataset", str(joined), *args, env=env)
     assert json.loads(from_hub.stdout)["ppl"] == json.loads(from_file.stdout)["ppl"]
-    calibration = run(env, "-c", "from runtime.datasets import CALIBRATION_TEXT, read_text; "
-                                 "print(repr(read_text(CALIBRATION_TEXT)))")
+    calibration = run_script("-c", "from runtime.datasets import CALIBRATION_TEXT, read_text; "
+                                 "print(repr(read_text(CALIBRATION_TEXT)))", env=env)
     assert calibration.returncode == 0, calibration.stderr
     assert calibration.stdout.strip() == repr("\n\n".join(valid_rows))
     assert not [p for m, p in hub.requests if "/resolve/" in p and "wikitext-2-raw-v1/test" not in p
                 and "wikitext-2-v1/validation" not in p and "/datasets/" in p]
-    nowhere = run(environment(hub, tmp_path / "cold", QLLM_DATA_DIR=str(tmp_path / "no-data"), HF_HUB_OFFLINE="1"),
-                  "eval.py", "--dataset", "wikitext2", *args)
+    nowhere = run_script("eval.py", "--dataset", "wikitext2", *args, env=environment(hub, tmp_path / "cold", QLLM_DATA_DIR=str(tmp_path / "no-data"), HF_HUB_OFFLINE="1"))
     assert_fails_with(nowhere, "could not be fetched from the Hub dataset Salesforce/wikitext")
     assert "--dataset FILE" in nowhere.stderr
 
@@ -225,7 +213,7 @@ def test_hub_names(name, repo, revision, dir_name):
 
 
 def test_quantize_cli_takes_a_hub_base(hub, tmp_path):
-    result = run(environment(hub, tmp_path), "quantize.py", "--model", "org/tiny-llama", "--method", "rtn",
-                 "--bits", "4")
+    result = run_script("quantize.py", "--model", "org/tiny-llama", "--method", "rtn",
+                 "--bits", "4", env=environment(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "models" / "org--tiny-llama.rtn4" / "config.json").is_file()
