@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from runtime.errors import UserError
+from layerwise import check_problem, damp, inverse_hessian_factor, layer_stats, zero_dead_columns
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
 
@@ -59,28 +59,6 @@ class GPTQParams:
     static_groups: bool = False  # fit all group grids on the original W before any update
 
 
-def proxy_loss(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
-    """tr((W − Q) H (W − Q)ᵀ): the layer-wise squared output error the Hessian H measures."""
-    D = (np.asarray(W, np.float64) - np.asarray(Q, np.float64))  # [out, in]
-    return float(np.einsum("oi,ij,oj->", D, H, D, optimize=True))
-
-
-def inverse_hessian_factor(H: np.ndarray, percdamp: float) -> np.ndarray:
-    """U [in, in]: the upper Cholesky factor of (H + damp·I)⁻¹, float64 (§4 Step 3).
-
-    The reference computes it as cholesky(inverse(H)).T; here with one factorisation:
-    with J the reversal permutation and J H J = L Lᵀ, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and
-    J L⁻¹ J is upper triangular with a positive diagonal, hence that (unique) factor.
-    """
-    H = H + percdamp * np.mean(np.diag(H)) * np.eye(H.shape[0])  # [in, in]
-    try:
-        L = np.linalg.cholesky(H[::-1, ::-1])  # [in, in] lower, J H J = L Lᵀ
-    except np.linalg.LinAlgError:
-        raise UserError("the Hessian is not positive definite even after dampening; "
-                        "raise percdamp or use more calibration samples") from None
-    return np.ascontiguousarray(np.linalg.inv(L)[::-1, ::-1])  # [in, in] upper, H⁻¹ = Uᵀ U
-
-
 @dataclass
 class GPTQResult:
     """What Algorithm 1 chose, in the original column order."""
@@ -92,9 +70,9 @@ class GPTQResult:
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: GPTQParams = GPTQParams()) -> tuple[UniformTensor, dict]:
-    """W [out, in], H [in, in] -> (UniformTensor, stats): stats["gptq_loss"] and stats["rtn_loss"] are
+    """W [out, in], H [in, in] -> (UniformTensor, stats): stats["loss"] and stats["rtn_loss"] are
     the proxy losses of GPTQ and of RTN with the same grid settings, both measured with H, and
-    stats["ratio"] the first over the second."""
+    stats["ratio"] the first over the second (layerwise.layer_stats)."""
     return quantize_shared([W], H, params)[0]
 
 
@@ -115,10 +93,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParam
         packed = UniformTensor.from_codes(result.codes[rows], result.scales[:, rows], result.zeros[:, rows],
                                           bits=params.bits, group_size=group_size, sym=params.sym,
                                           g_idx=result.g_idx)
-        gptq_loss = proxy_loss(W, result.Q[rows], H)
-        rtn_loss = proxy_loss(W, rtn.quantize(W, rtn_params).dequantize(), H)
-        out.append((packed, {"gptq_loss": gptq_loss, "rtn_loss": rtn_loss,
-                             "ratio": gptq_loss / rtn_loss if rtn_loss > 0 else 1.0}))
+        out.append((packed, layer_stats(W, result.Q[rows], rtn.quantize(W, rtn_params).dequantize(), H)))
     return out
 
 
@@ -144,32 +119,12 @@ class GroupGrids:
         return codes, dequantize_grid(codes, self.scales[g], self.zeros[g])
 
 
-def check_problem(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W float32 [out, in], H float64 [in, in]); UserError unless their shapes fit together and both
-    are finite (shared by spqr.py, quip.py and quipsharp.py)."""
-    W = np.asarray(W, dtype=np.float32)  # [out, in]
-    H = np.asarray(H, dtype=np.float64)  # [in, in]
-    if W.ndim != 2 or 0 in W.shape:
-        raise UserError(f"the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
-    n_in = W.shape[1]
-    if H.shape != (n_in, n_in):
-        raise UserError(f"the Hessian must be [{n_in}, {n_in}] for a weight {list(W.shape)}, got {list(H.shape)}")
-    if not (np.isfinite(W).all() and np.isfinite(H).all()):
-        raise UserError("the weight or Hessian contains NaN or infinity; check the checkpoint and the calibration "
-                        "data")
-    return W, H
-
-
 def prepare(W: np.ndarray, H: np.ndarray, act_order: bool, percdamp: float):
     """(W0 float64 [out, in] with dead columns zeroed, perm [in] the quantization order, U [in, in] the
     upper Cholesky factor of the inverse of the permuted, dampened H), the set-up of Algorithm 1."""
-    W0 = W.astype(np.float64)  # [out, in]
-    H = H.copy()  # [in, in]
-    dead = np.diag(H) == 0  # [in]
-    H[dead, dead] = 1
-    W0[:, dead] = 0
+    W0, H = zero_dead_columns(W, H)  # [out, in], [in, in]
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(H.shape[0])  # [in]
-    return W0, perm, inverse_hessian_factor(H[np.ix_(perm, perm)], percdamp)
+    return W0, perm, inverse_hessian_factor(damp(H[np.ix_(perm, perm)], percdamp))
 
 
 def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int, static_groups=None):

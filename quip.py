@@ -12,7 +12,7 @@ errors of the columns before fed forward:
     Ŵ_k = Q(W_k + (W_{<k} − Ŵ_{<k}) Ů_{<k, k})
 
 The paper shows (§3, "LDLQ is equivalent to OPTQ") that this is GPTQ's
-update rule; `ldlq` also runs the block form of QuIP# (Tseng et al. 2024,
+update rule; `ldlq` (layerwise.py, shared with quipsharp.py) also runs the block form of QuIP# (Tseng et al. 2024,
 §4.1 BlockLDLQ: Ů block strictly upper triangular, D block diagonal, Q a
 vector quantizer of a block of g columns). Factoring: with the reversal J
 and J H J = L Lᵀ (Cholesky), H = R Rᵀ for the upper triangular R = J L J;
@@ -41,13 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from gptq import check_problem, proxy_loss
+from layerwise import check_problem, damp, layer_stats, ldlq, zero_dead_columns
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import fp16_ceil
-
-LAZY_BLOCK = 128  # columns between lazy batch updates of the fed-back errors in `ldlq`
 
 
 @dataclass
@@ -67,65 +65,10 @@ class Processed:
     rescale: np.ndarray  # [in] float16  d
 
 
-def damp(W: np.ndarray, H: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(W, H) float64 with dead columns zeroed (H_jj = 1) and H + percdamp · mean(diag H) · I."""
-    W = np.array(W, dtype=np.float64)  # [out, in]
-    H = np.array(H, dtype=np.float64)  # [in, in]
-    dead = np.diag(H) == 0  # [in]
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H[np.diag_indices_from(H)] += percdamp * float(np.mean(np.diag(H)))
-    return W, H
-
-
-def block_ldl(H: np.ndarray, block: int) -> np.ndarray:
-    """Ů [in, in]: H = (Ů + I) D (Ů + I)ᵀ with Ů block strictly upper triangular (blocks of `block`)."""
-    n = H.shape[0]
-    try:
-        L = np.linalg.cholesky(H[::-1, ::-1])  # [in, in] lower, J H J = L Lᵀ
-    except np.linalg.LinAlgError:
-        raise UserError("ldlq: the Hessian is not positive definite; raise percdamp or use more "
-                        "calibration samples") from None
-    R = L[::-1, ::-1]  # [in, in] upper, H = R Rᵀ
-    feedback = np.empty_like(R)  # [in, in] R B⁻¹ − I
-    for k0 in range(0, n, block):
-        k1 = min(k0 + block, n)
-        diag_block = R[k0:k1, k0:k1]  # [g, g] upper
-        feedback[:, k0:k1] = np.linalg.solve(diag_block.T, R[:, k0:k1].T).T  # [in, g]  R_k B_kk⁻¹
-        feedback[k0:k1, k0:k1] = 0  # the unit diagonal block minus I
-    return np.triu(feedback, 1)
-
-
-def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
-    """LDLQ / BlockLDLQ of W [out, in] with Hessian H [in, in] (module docstring): (Ŵ [out, in], codes).
-
-    `quantizer(target [out, g]) -> (values [out, g], codes [..., out, c])` rounds one block of
-    columns; the codes of all blocks are joined along their last axis. `block` must divide in.
-    """
-    n_out, n_in = W.shape
-    if n_in % block:
-        raise UserError(f"ldlq: the block size {block} must divide the input features {n_in}")
-    feedback = block_ldl(np.asarray(H, dtype=np.float64), block)  # [in, in]
-    W = np.asarray(W, dtype=np.float64)  # [out, in]
-    errors = np.zeros((n_out, n_in))  # [out, in] W − Ŵ of the columns done
-    quantized = np.empty((n_out, n_in))  # [out, in]
-    codes = []
-    for b0 in range(0, n_in, LAZY_BLOCK):
-        b1 = min(b0 + LAZY_BLOCK, n_in)
-        targets = W[:, b0:b1] + errors[:, :b0] @ feedback[:b0, b0:b1]  # [out, B] feedback of earlier batches
-        for k0 in range(b0, b1, block):
-            k1 = k0 + block
-            target = targets[:, k0 - b0:k1 - b0] + errors[:, b0:k0] @ feedback[b0:k0, k0:k1]  # [out, g]
-            values, block_codes = quantizer(target)
-            quantized[:, k0:k1] = values
-            errors[:, k0:k1] = W[:, k0:k1] - values
-            codes.append(block_codes)
-    return quantized, np.concatenate(codes, axis=-1)
-
-
 def preprocess(W: np.ndarray, H: np.ndarray, params: QuIPParams) -> Processed:
     """Algorithm 1 up to the grid: dampening, diagonal rescaling, W ← U W Vᵀ, H ← V H Vᵀ."""
-    W, H = damp(W, H, params.percdamp)
+    W, H = zero_dead_columns(W, H)  # [out, in], [in, in]
+    H = damp(H, params.percdamp)  # [in, in]
     rescale = np.ones(W.shape[1], dtype=np.float16)  # [in]
     if params.rescale:
         column_norms = np.maximum(np.einsum("oi,oi->i", W, W), 1e-8)  # [in] diag(WᵀW)
@@ -170,9 +113,8 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
                                      np.full((1, n_out), 1 << (params.bits - 1), dtype=np.int32),
                                      bits=params.bits, group_size=PER_ROW, sym=True, per_tensor=True)
     packed = IncoherentTensor(inner, processed.rescale, seed=params.seed, midrise=True)
-    loss = proxy_loss(W, packed.dequantize(), H)
-    rtn_loss = proxy_loss(W, rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize(), H)
-    return packed, {"loss": loss, "rtn_loss": rtn_loss, "ratio": loss / rtn_loss if rtn_loss > 0 else 1.0}
+    rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
+    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H)
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPParams = QuIPParams()) -> list:

@@ -23,7 +23,7 @@ the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
 sign vectors, and applies T_in to the input and T_outᵀ to the output at run
 time (W = T_outᵀ Ŵ T_in, runtime/formats/e8p.py's `from_incoherent`; the
 forward transforms are done here in float64 with dense Hadamard matrices so
-the Hessian keeps its precision). BlockLDLQ is quip.py's `ldlq` with block 8.
+the Hessian keeps its precision). BlockLDLQ is layerwise.py's `ldlq` with block 8.
 The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
 """
 from __future__ import annotations
@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from gptq import check_problem, proxy_loss
-from quip import damp, ldlq
+from layerwise import check_problem, damp, layer_stats, ldlq, zero_dead_columns
 from runtime import e8p
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
@@ -86,7 +85,8 @@ def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuI
     if n_in % BLOCK:
         raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
                         f"for this layer")
-    W, H = damp(W, H, params.percdamp)
+    W, H = zero_dead_columns(W, H)  # [out, in], [in, in]
+    H = damp(H, params.percdamp)  # [in, in]
     sign_in = random_signs(n_in, params.seed)  # [in]
     sign_out = random_signs(n_out, params.seed + 1)  # [out]
     T_in, T_out = rht_matrix(sign_in), rht_matrix(sign_out)  # [in, in], [out, out]
@@ -108,9 +108,8 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpPa
     result = quantize_codes(W, H, params)
     packed = E8PTensor.from_codes(result.stage_codes, result.stage_scales, result.sign_in, result.sign_out,
                                   params.bits, W.shape)
-    loss = proxy_loss(W, packed.dequantize(), H)
-    rtn_loss = proxy_loss(W, rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize(), H)
-    return packed, {"loss": loss, "rtn_loss": rtn_loss, "ratio": loss / rtn_loss if rtn_loss > 0 else 1.0}
+    rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
+    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H)
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> list:

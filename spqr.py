@@ -31,10 +31,10 @@ column is quantized (`SpQRGrids`):
    float16, its error (w − fp16(w)) / U_jj is spread like any other, and its
    dense code is the one nearest 0 (the format replaces it).
 
-stats: "loss" = tr((W − Q) H (W − Q)ᵀ) of the packed weight, "rtn_loss" the
-same for round-to-nearest with the same group size (GPTQ's grid per group, no
-error feedback), "ratio" their quotient, "outliers" the outlier count and
-"bits" the stored bits per weight.
+stats: layerwise.layer_stats ("loss" of the packed weight, "rtn_loss" of
+round-to-nearest with the same group size: GPTQ's grid per group, no error
+feedback, "ratio" their quotient), plus "outliers", the outlier count, and
+"bits", the stored bits per weight.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import gptq
+from layerwise import check_problem, layer_stats
 from runtime.errors import UserError
 from runtime.formats.sparse import MAX_COLUMNS, SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, check_params, dequantize_stats, quantize_stats
@@ -206,7 +207,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
     weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each
     if any(W.ndim != 2 for W in weights):
         raise UserError(f"the weights must be 2-D arrays [out, in], got shapes {[list(W.shape) for W in weights]}")
-    W, H = gptq.check_problem(np.concatenate(weights), H)  # [out, in], [in, in]
+    W, H = check_problem(np.concatenate(weights), H)  # [out, in], [in, in]
     n_out, n_in = W.shape
     if n_in > MAX_COLUMNS:
         raise UserError(f"spqr: at most {MAX_COLUMNS} input columns (16-bit outlier indices), got {n_in}")
@@ -234,8 +235,6 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
         packed = SpQRTensor.from_codes(codes[rows], perm, scales, zeros, outliers, bits=params.bits,
                                        group_size=params.group_size, stat_bits=params.stat_bits,
                                        stat_group=params.stat_group)
-        loss = gptq.proxy_loss(Wk, packed.dequantize(), H)
-        rtn_loss = gptq.proxy_loss(Wk, rtn_dequantized(Wk, params.bits, params.group_size), H)
-        results.append((packed, {"loss": loss, "rtn_loss": rtn_loss, "ratio": loss / rtn_loss if rtn_loss > 0 else 1.0,
-                                 "outliers": outliers.nnz, "bits": packed.bits_per_weight}))
+        stats = layer_stats(Wk, packed.dequantize(), rtn_dequantized(Wk, params.bits, params.group_size), H)
+        results.append((packed, {**stats, "outliers": outliers.nnz, "bits": packed.bits_per_weight}))
     return results
