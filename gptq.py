@@ -45,7 +45,9 @@ import numpy as np
 import rtn
 from layerwise import check_problem, damp, inverse_hessian_factor, layer_stats, zero_dead_columns
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
+from runtime.errors import UserError
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
+from runtime.tags import MethodContract, Option, QuantSpec
 
 
 @dataclass
@@ -57,6 +59,23 @@ class GPTQParams:
     percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
     blocksize: int = 128  # columns per lazy batch update
     static_groups: bool = False  # fit all group grids on the original W before any update
+
+    @property
+    def groups(self) -> int:
+        """The group size the format stores: PER_ROW for one group per row."""
+        return PER_ROW if self.group_size in (0, PER_ROW) else self.group_size
+
+    def check(self) -> None:
+        """UserError unless the uniform format stores these bits and groups."""
+        check_params(self.bits, self.groups)
+
+
+def from_tag(spec: QuantSpec) -> GPTQParams:
+    """The parameters a tag asks for: absent group, one per row."""
+    if "static" in spec.options and not spec.group_size:
+        raise UserError(f"tag {spec.tag!r}: 'static' fixes the grids of groups; give a group size (e.g. g128)")
+    return GPTQParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
+                      act_order="act" in spec.options, static_groups="static" in spec.options)
 
 
 @dataclass
@@ -84,7 +103,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParam
     """
     weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each
     result = quantize_columns(np.concatenate(weights), H, params)
-    group_size = PER_ROW if params.group_size in (0, PER_ROW) else params.group_size
+    group_size = params.groups
     rtn_params = rtn.RTNParams(bits=params.bits, group_size=group_size, sym=params.sym)
     out, start = [], 0
     for W in weights:
@@ -161,8 +180,8 @@ def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQRe
     """Algorithm 1 on W [out, in] with Hessian H [in, in] (see the module docstring)."""
     W, H = check_problem(W, H)
     n_out, n_in = W.shape
-    group_size = PER_ROW if params.group_size in (0, PER_ROW) else params.group_size
-    check_params(params.bits, group_size)
+    params.check()
+    group_size = params.groups
     width = n_in if group_size == PER_ROW else group_size
     n_groups = -(-n_in // width)
 
@@ -178,3 +197,12 @@ def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQRe
     inverse = np.argsort(perm)  # [in]
     return GPTQResult(codes=codes[:, inverse], scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
                       Q=Q[:, inverse])
+
+
+CONTRACTS = (MethodContract(
+    "gptq", "GPTQ: second-order updates on calibration data", bits=(2, 3, 4, 8), params=from_tag,
+    quantize=quantize_shared, examples=("gptq4g128", "gptq3", "gptq4g128act"),
+    options=(Option("sym", "--sym", "symmetric grid (no zero point)"),
+             Option("act", "--act-order", "quantize columns by descending Hessian diagonal"),
+             Option("static", "--static-groups", "fit every group's grid before any update (needs a group)")),
+    group_multiple=32, group_field="group_size", calibration="hessian"),)

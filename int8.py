@@ -26,12 +26,14 @@ Symmetric absmax quantization throughout: q = round(w / s), s = absmax / 127.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.errors import UserError
 from runtime.formats.int8 import ACTIVATIONS, GRANULARITIES, Int8Tensor, QMAX, absmax_scale
+from runtime.tags import MethodContract, Option, QuantSpec
 
 LLM_INT8_THRESHOLD = 6.0  # LLM.int8 §3.2: outlier features have magnitude >= 6
 SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant §4: migration strength
@@ -47,18 +49,32 @@ class Int8Params:
     activation: str = "token"
     outlier_threshold: float | None = LLM_INT8_THRESHOLD
 
+    def check(self) -> None:
+        """UserError unless the scale granularities are known and the threshold, if any, positive."""
+        if self.weight_scales not in GRANULARITIES or self.activation not in ACTIVATIONS:
+            raise UserError(f"int8: weight_scales must be one of {GRANULARITIES} and activation one of "
+                            f"{ACTIVATIONS}, got {self.weight_scales!r}, {self.activation!r}")
+        if self.outlier_threshold is not None and not self.outlier_threshold > 0:
+            raise UserError(f"int8: the outlier threshold must be positive, got {self.outlier_threshold}")
+
 
 LLM_INT8 = Int8Params()
 ABSMAX8 = Int8Params(weight_scales="tensor", activation="tensor", outlier_threshold=None)
 SMOOTH8 = Int8Params(weight_scales="row", activation="token", outlier_threshold=None)
 
 
+def from_tag(spec: QuantSpec) -> Int8Params:
+    """The parameters a tag asks for: int8 (tN: outlier threshold N/100), absmax8 or smooth8."""
+    params = {"int": LLM_INT8, "absmax": ABSMAX8, "smooth": SMOOTH8}[spec.method]
+    if "t" in spec.values:
+        return dataclasses.replace(params, outlier_threshold=spec.values["t"] / 100)
+    return params
+
+
 def quantize(W: np.ndarray, params: Int8Params | None = None) -> Int8Tensor:
     """W [out, in] float -> Int8Tensor: q = rint(W / s), s = absmax / 127 per row or per tensor."""
     params = params or Int8Params()
-    if params.weight_scales not in GRANULARITIES or params.activation not in ACTIVATIONS:
-        raise UserError(f"int8: weight_scales must be one of {GRANULARITIES} and activation one of "
-                        f"{ACTIVATIONS}, got {params.weight_scales!r}, {params.activation!r}")
+    params.check()
     W = np.asarray(W, dtype=np.float32)
     if W.ndim != 2:
         raise UserError(f"int8: expected a weight matrix [out, in], got shape {W.shape}")
@@ -88,3 +104,15 @@ def smoothing_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray,
     act = np.asarray(act_absmax, dtype=np.float64)  # [in]
     weight = np.maximum(np.asarray(weight_absmax, dtype=np.float64), MIN_SMOOTHING)  # [in]
     return np.maximum(act**alpha / weight ** (1.0 - alpha), MIN_SMOOTHING).astype(np.float32)  # [in]
+
+
+CONTRACTS = (
+    MethodContract("int", "LLM.int8(): vector-wise W8A8 with the outlier decomposition", bits=(8,), params=from_tag,
+                   quantize=quantize, examples=("int8", "int8t150"),
+                   options=(Option("t", "--outlier-threshold", "LLM.int8's outlier threshold, in steps of 0.01",
+                                   field="outlier_threshold", scale=100),)),
+    MethodContract("absmax", "naive W8A8: one scale per weight and per activation tensor", bits=(8,),
+                   params=from_tag, quantize=quantize, examples=("absmax8",)),
+    MethodContract("smooth", "SmoothQuant, then per-row / per-token W8A8", bits=(8,), params=from_tag,
+                   quantize=quantize, examples=("smooth8",), calibration="activations"),
+)

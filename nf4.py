@@ -28,6 +28,7 @@ import numpy as np
 from runtime import fptypes
 from runtime.errors import UserError
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, Lut4Tensor, dynamic_map, pack_nibbles
+from runtime.tags import MethodContract, Option, QuantSpec
 
 NF4_OFFSET = 0.9677083  # QLoRA / bitsandbytes: the outermost quantile, (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
 DTYPES = ("nf4", "fp4")
@@ -41,6 +42,19 @@ class NF4Params:
     dtype: str = "nf4"
     block_size: int = 64
     double_quant: bool = False
+
+    def check(self) -> None:
+        """UserError unless the dtype is known and the block size a positive multiple of 8."""
+        if self.dtype not in DTYPES:
+            raise UserError(f"nf4: unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 8:
+            raise UserError(f"nf4: block_size {self.block_size!r} must be a positive multiple of 8")
+
+
+def from_tag(spec: QuantSpec) -> NF4Params:
+    """The parameters a tag asks for: nf or fp, GROUP weights per absmax, dq for double quantization."""
+    return NF4Params(dtype=f"{spec.method}4", block_size=spec.group_size or NF4Params.block_size,
+                     double_quant="dq" in spec.options)
 
 
 def nf4_table() -> np.ndarray:
@@ -100,14 +114,11 @@ def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 def quantize(W: np.ndarray, params: NF4Params | None = None) -> Lut4Tensor:
     """W [out, in] float -> Lut4Tensor of NF4 or FP4 codes with one absmax per block (default NF4Params())."""
     params = params or NF4Params()
-    if params.dtype not in DTYPES:
-        raise UserError(f"nf4: unknown dtype {params.dtype!r}; use one of {', '.join(DTYPES)}")
+    params.check()
     W = np.asarray(W, dtype=np.float32)
     block = params.block_size
     if W.ndim != 2:
         raise UserError(f"nf4: expected a weight matrix [out, in], got shape {W.shape}")
-    if not isinstance(block, int) or block <= 0 or block % 8:
-        raise UserError(f"nf4: block_size {block!r} must be a positive multiple of 8 (64 is QLoRA's)")
     n_out, n_in = W.shape
     if n_in % block:
         raise UserError(f"nf4: in_features {n_in} is not a multiple of block_size {block}; "
@@ -126,3 +137,13 @@ def quantize(W: np.ndarray, params: NF4Params | None = None) -> Lut4Tensor:
     absmax_q, absmax_scale, absmax_mean = double_quantize(absmax)
     return Lut4Tensor(qweight, table, block, absmax_q=absmax_q, absmax_scale=absmax_scale,
                       absmax_mean=absmax_mean)
+
+
+DOUBLE_QUANT = Option("dq", "--dq", "double quantization of the block scales")
+CONTRACTS = (
+    MethodContract("nf", "NF4 of QLoRA: 4-bit NormalFloat codes, absmax per block", bits=(4,), params=from_tag,
+                   quantize=quantize, examples=("nf4", "nf4dq", "nf4g128"), options=(DOUBLE_QUANT,),
+                   group_multiple=8, group_field="block_size"),
+    MethodContract("fp", "FP4 (E2M1) codes, absmax per block", bits=(4,), params=from_tag, quantize=quantize,
+                   examples=("fp4",), options=(DOUBLE_QUANT,), group_multiple=8, group_field="block_size"),
+)

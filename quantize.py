@@ -2,7 +2,8 @@
 
 Writes models/BASE.TAG/ (config.json with a `quantization` section,
 model.safetensors with the packed tensors, tokenizer files) atomically; the
-tag grammar is in runtime/tags.py and the README. Everything the build needs
+tag grammar is in runtime/tags.py, each method's options and defaults in its own file
+(CONTRACTS), which this help lists. Everything the build needs
 (options, tokenizer, calibration text, output location, group sizes) is
 checked before the work starts; `--out` never removes anything a build did
 not write (runtime/quantize_model.py: check_output).
@@ -14,36 +15,60 @@ from pathlib import Path
 
 from runtime.cli import run_cli
 from runtime.errors import UserError
-from runtime.tags import METHOD_BITS, QuantSpec, parse_tag
+from runtime.tags import Option, QuantSpec, contracts, parse_tag
+
+
+def flag_options() -> dict:
+    """{flag: [(method contract, its Option)]}: every option of every method, by quantize.py's flag."""
+    flags = {}
+    for contract in contracts().values():
+        for option in contract.options:
+            flags.setdefault(option.flag, []).append((contract, option))
+    return flags
+
+
+def option_help(users: list) -> str:
+    """The help of one flag: each method's own words, with the default its declaration gives."""
+    return "; ".join(f"{contract.name}: {option.help}"
+                     + (f" (default {getattr(contract.defaults(), option.field)})" if option.field else "")
+                     for contract, option in users)
+
+
+def tag_number(flag: str, option: Option, value: float) -> int:
+    """The number a tag writes for `flag VALUE`: VALUE * scale; UserError unless a positive whole one."""
+    number = value * option.scale
+    if not (math.isfinite(number) and number > 0 and abs(number - round(number)) <= 1e-6):
+        raise UserError(f"{flag} {value}: give a finite positive multiple of {1 / option.scale:g}")
+    return round(number)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    known = contracts()
+    calibrated = ", ".join(c.name for c in known.values() if c.calibration == "hessian")
+    groups = "; ".join(f"{c.name}: a multiple of {c.group_multiple}, default "
+                       f"{getattr(c.defaults(), c.group_field) or 'one per row'}"
+                       for c in known.values() if c.group_multiple)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="base checkpoint: name under models/, directory, file, or a "
                    "Hugging Face Hub model (org/name[@revision], or a short name such as opt-1.3b)")
-    p.add_argument("--method", default="rtn", choices=sorted(METHOD_BITS))
+    p.add_argument("--method", default="rtn", choices=sorted(known),
+                   help="; ".join(f"{c.name}: {c.summary}" for c in known.values()))
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group", type=int, default=None,
-                   help="weights per scale (rtn/gptq: multiple of 32, absent or 0: one per row; nf/fp: default 64; "
-                        "spqr: multiple of 16, default 16)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
-    p.add_argument("--mse", action="store_true", help="MSE-optimal clipping search")
-    p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
-    p.add_argument("--dq", action="store_true", help="nf/fp: double quantization of the block scales")
-    p.add_argument("--act-order", action="store_true",
-                   help="gptq: quantize columns by descending Hessian diagonal")
-    p.add_argument("--stat-bits", type=int, default=None,
-                   help="spqr: bits of the quantized group statistics (default 3; 16 keeps them in fp16)")
-    p.add_argument("--outlier-threshold", type=float, default=None,
-                   help="spqr: outlier sensitivity threshold tau, in steps of 0.01 (default 0.2)")
-    p.add_argument("--no-outliers", action="store_true", help="spqr: keep no outliers (tau = infinity)")
+    p.add_argument("--group", type=int, default=None, help=f"weights per scale ({groups})")
+    for flag, users in flag_options().items():
+        option = users[0][1]
+        if option.scale:
+            p.add_argument(flag, type=float if option.scale > 1 else int, default=None, help=option_help(users))
+        else:
+            p.add_argument(flag, action="store_true", help=option_help(users))
     p.add_argument("--calib", type=Path, default=None,
-                   help="gptq: calibration text file (default: WikiText-2 validation tokens)")
-    p.add_argument("--nsamples", type=int, default=None, help="gptq: calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=None, help="gptq: tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=None, help="gptq: seed of the window offsets (default 0)")
+                   help=f"{calibrated}: calibration text file (default: WikiText-2 validation tokens)")
+    p.add_argument("--nsamples", type=int, default=None, help=f"{calibrated}: calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"{calibrated}: tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help=f"{calibrated}: seed of the window offsets (default 0)")
     p.add_argument("--resume", action="store_true",
-                   help="gptq: continue an interrupted run from OUT.partial/ (same settings required)")
+                   help=f"{calibrated}: continue an interrupted run from OUT.partial/ (same settings required)")
     p.add_argument("--lora", type=Path, default=None,
                    help="PEFT LoRA adapter to merge into the float weights before quantizing (needs --out)")
     p.add_argument("--out", type=Path, default=None,
@@ -64,23 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     from runtime.calibration import CalibrationSettings
-    from runtime.quantize_model import CALIBRATED, build_quantized
+    from runtime.quantize_model import build_quantized
     from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, base_dir_name, resolve_model
-    options = {o for o, on in (("sym", args.sym), ("mse", args.mse), ("tensor", args.per_tensor),
-                               ("act", args.act_order), ("dq", args.dq), ("dense", args.no_outliers)) if on}
-    values = {}
-    if args.stat_bits is not None:
-        values["s"] = args.stat_bits
-    if args.outlier_threshold is not None:
-        if not math.isfinite(args.outlier_threshold):
-            raise UserError(f"--outlier-threshold {args.outlier_threshold}: give a finite positive multiple of 0.01 "
-                            f"(e.g. 0.2), or --no-outliers for no outliers")
-        percent = round(args.outlier_threshold * 100)
-        if percent <= 0 or abs(percent - args.outlier_threshold * 100) > 1e-6:
-            raise UserError(f"--outlier-threshold {args.outlier_threshold}: give a positive multiple of 0.01 "
-                            f"(e.g. 0.2), or --no-outliers")
-        values["t"] = percent
-    spec = QuantSpec(args.method, args.bits, 0 if args.per_tensor else args.group or 0, options, values)
+    options, values = set(), {}
+    for flag, users in flag_options().items():
+        option, given = users[0][1], getattr(args, flag[2:].replace("-", "_"))
+        if option.scale and given is not None:
+            values[option.name] = tag_number(flag, option, given)
+        elif not option.scale and given:
+            options.add(option.name)
+    spec = QuantSpec(args.method, args.bits, args.group or 0, options, values)
     spec = parse_tag(spec.tag)  # the same checks as a tag typed by hand
     base = resolve_model(args.model)
     if args.lora and not args.out:
@@ -88,9 +106,10 @@ def main(argv=None):
     out = args.out or MODELS_DIR / f"{base_dir_name(args.model or DEFAULT_MODEL)}.{spec.tag}"
     given = {k: v for k, v in (("text", args.calib), ("nsamples", args.nsamples), ("seqlen", args.seqlen),
                                ("seed", args.seed)) if v is not None}
-    if (given or args.resume) and args.method not in CALIBRATED:
+    if (given or args.resume) and contracts()[args.method].calibration != "hessian":
+        calibrated = ", ".join(c.name for c in contracts().values() if c.calibration == "hessian")
         raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
-                        f"({', '.join(CALIBRATED)}), not to {args.method}: drop them")
+                        f"({calibrated}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
     from runtime.export import check_destination, default_destination, export_model
     from runtime.quantize_model import built_as

@@ -46,6 +46,7 @@ from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import fp16_ceil
+from runtime.tags import MethodContract
 
 
 @dataclass
@@ -55,6 +56,12 @@ class QuIPParams:
     percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
     rescale: bool = True  # diagonal rescaling of W and H before the transforms
     range_factor: float = 2.4  # ρ: the grid spans ±ρ · RMS of the processed weight
+
+    def check(self) -> None:
+        """UserError unless the uniform format stores these bits and the grid has a positive range."""
+        check_params(self.bits, PER_ROW)
+        if self.range_factor <= 0:
+            raise UserError(f"quip: range_factor must be positive, got {self.range_factor}")
 
 
 @dataclass
@@ -99,10 +106,8 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
     """W [out, in], H [in, in] -> (IncoherentTensor, stats): stats["loss"] the proxy loss
     tr((W − Q) H (W − Q)ᵀ) of the stored weight in the original space, stats["rtn_loss"] that of
     per-row RTN at the same bits, stats["ratio"] the first over the second."""
+    params.check()
     W, H = check_problem(W, H)  # [out, in] float32, [in, in] float64
-    check_params(params.bits, PER_ROW)
-    if params.range_factor <= 0:
-        raise UserError(f"quip: range_factor must be positive, got {params.range_factor}")
     n_out, n_in = W.shape
     processed = preprocess(W, H, params)
     rms = float(np.sqrt(np.mean(processed.W ** 2)))
@@ -123,3 +128,9 @@ def quantize_shared(weights: list, H: np.ndarray, params: QuIPParams = QuIPParam
     Each weight has its own rescaling and grid, so each is processed on its own (same seed).
     """
     return [quantize(W, H, params) for W in weights]
+
+
+CONTRACTS = (MethodContract(
+    "quip", "QuIP: incoherence processing + LDLQ on the uniform grid", bits=(2, 3, 4),
+    params=lambda spec: QuIPParams(bits=spec.bits), quantize=quantize_shared, examples=("quip2",),
+    calibration="hessian"),)

@@ -40,6 +40,7 @@ from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.uniform import PER_ROW
 from runtime.hadamard import hadamard_matrix, random_signs
+from runtime.tags import MethodContract
 
 BLOCK = e8p.DIM  # columns per BlockLDLQ step: one E8P vector per row
 
@@ -49,6 +50,10 @@ class QuIPSharpParams:
     bits: int = 2  # 2 (E8P), 3 (E8P + 1-bit E8) or 4 (E8P + E8P)
     seed: int = 0  # seed of the random signs (stored with the weight)
     percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
+
+    def check(self) -> None:
+        """UserError unless E8P with its residual stages has these bits."""
+        e8p.check_bits(self.bits)
 
 
 def rht_matrix(signs: np.ndarray) -> np.ndarray:
@@ -79,8 +84,8 @@ class QuIPSharpResult:
 
 def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuIPSharpResult:
     """The algorithm of the module docstring on W [out, in] with Hessian H [in, in]."""
+    params.check()
     W, H = check_problem(W, H)  # [out, in] float32, [in, in] float64
-    e8p.check_bits(params.bits)
     n_out, n_in = W.shape
     if n_in % BLOCK:
         raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
@@ -118,3 +123,9 @@ def quantize_shared(weights: list, H: np.ndarray, params: QuIPSharpParams = QuIP
     Each weight has its own scale σ, so each is processed on its own (same seed, same input signs).
     """
     return [quantize(W, H, params) for W in weights]
+
+
+CONTRACTS = (MethodContract(
+    "quipsharp", "QuIP#: Hadamard incoherence + BlockLDLQ on the E8P lattice codebook", bits=(2, 3, 4),
+    params=lambda spec: QuIPSharpParams(bits=spec.bits), quantize=quantize_shared, examples=("quipsharp2",),
+    calibration="hessian"),)

@@ -23,6 +23,7 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import find_grid, quantize_to_grid
+from runtime.tags import MethodContract, Option, QuantSpec
 
 
 @dataclass
@@ -33,15 +34,32 @@ class RTNParams:
     sym: bool = False  # zero point fixed at 2**(bits-1)
     mse_clip: bool = False  # shrink each group's range to minimise the 2.4-norm error
 
+    @property
+    def groups(self) -> int:
+        """The group size the format stores: PER_ROW for one group per row or per tensor."""
+        return PER_ROW if self.per_tensor or self.group_size in (0, PER_ROW) else self.group_size
+
+    def check(self) -> None:
+        """UserError unless the uniform format stores these bits and groups."""
+        check_params(self.bits, self.groups)
+
+
+def from_tag(spec: QuantSpec) -> RTNParams:
+    """The parameters a tag asks for: absent group, one per row."""
+    if spec.group_size and "tensor" in spec.options:
+        raise UserError(f"tag {spec.tag!r}: a group size and 'tensor' exclude each other")
+    return RTNParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
+                     mse_clip="mse" in spec.options, per_tensor="tensor" in spec.options)
+
 
 def quantize(W: np.ndarray, params: RTNParams = RTNParams()) -> UniformTensor:
     """W [out, in] float -> UniformTensor with every weight rounded to its group's grid."""
+    params.check()
     W = np.asarray(W, dtype=np.float32)  # [out, in]
     if W.ndim != 2 or 0 in W.shape:
         raise UserError(f"rtn: the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
     n_out, n_in = W.shape
-    group_size = PER_ROW if params.per_tensor or params.group_size in (0, PER_ROW) else params.group_size
-    check_params(params.bits, group_size)
+    group_size = params.groups
     if params.per_tensor:
         scale, zero = find_grid(W.reshape(1, -1), params.bits, params.sym, params.mse_clip)  # [1], [1]
         scales = np.full((1, n_out), scale[0], dtype=np.float32)  # [1, out]
@@ -59,3 +77,12 @@ def quantize(W: np.ndarray, params: RTNParams = RTNParams()) -> UniformTensor:
             codes[:, g * width:(g + 1) * width] = quantize_to_grid(block, scales[g], zeros[g], params.bits)
     return UniformTensor.from_codes(codes, scales, zeros, bits=params.bits, group_size=group_size,
                                     sym=params.sym, per_tensor=params.per_tensor)
+
+
+CONTRACTS = (MethodContract(
+    "rtn", "round-to-nearest, no calibration", bits=(2, 3, 4, 8), params=from_tag, quantize=quantize,
+    examples=("rtn4g128", "rtn4", "rtn3g64sym", "rtn2g64mse", "rtn8tensor"),
+    options=(Option("sym", "--sym", "symmetric grid (no zero point)"),
+             Option("mse", "--mse", "MSE-optimal clipping search"),
+             Option("tensor", "--per-tensor", "one scale for the whole tensor")),
+    group_multiple=32, group_field="group_size"),)

@@ -49,6 +49,7 @@ from runtime.errors import UserError
 from runtime.formats.sparse import MAX_COLUMNS, SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
+from runtime.tags import MethodContract, Option, QuantSpec
 
 
 @dataclass
@@ -62,16 +63,26 @@ class SpQRParams:
     percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
     blocksize: int = 128  # columns per lazy batch update
 
+    def check(self) -> None:
+        """UserError unless every parameter is in range."""
+        check_params(self.bits, self.group_size, self.stat_bits, self.stat_group)
+        if not self.outlier_threshold > 0:
+            raise UserError(f"spqr: outlier_threshold must be > 0 (math.inf: no outliers), "
+                            f"got {self.outlier_threshold}")
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise UserError(f"spqr: percdamp must be a finite number >= 0, got {self.percdamp}")
+        if self.blocksize < 1:
+            raise UserError(f"spqr: blocksize must be a positive number of columns, got {self.blocksize}")
 
-def check_method_params(params: SpQRParams) -> None:
-    """UserError unless every parameter is in range."""
-    check_params(params.bits, params.group_size, params.stat_bits, params.stat_group)
-    if not params.outlier_threshold > 0:
-        raise UserError(f"spqr: outlier_threshold must be > 0 (math.inf: no outliers), got {params.outlier_threshold}")
-    if not (math.isfinite(params.percdamp) and params.percdamp >= 0):
-        raise UserError(f"spqr: percdamp must be a finite number >= 0, got {params.percdamp}")
-    if params.blocksize < 1:
-        raise UserError(f"spqr: blocksize must be a positive number of columns, got {params.blocksize}")
+
+def from_tag(spec: QuantSpec) -> SpQRParams:
+    """The parameters a tag asks for: tN sets tau to N/100, dense to infinity, sN the statistic bits."""
+    if "t" in spec.values and ("dense" in spec.options or spec.values["t"] == 0):
+        raise UserError(f"tag {spec.tag!r}: give either a positive outlier threshold tN or 'dense' (no outliers)")
+    threshold = spec.values["t"] / 100 if "t" in spec.values else SpQRParams.outlier_threshold
+    return SpQRParams(bits=spec.bits, group_size=spec.group_size or SpQRParams.group_size,
+                      outlier_threshold=math.inf if "dense" in spec.options else threshold,
+                      stat_bits=spec.values.get("s", SpQRParams.stat_bits))
 
 
 def leave_one_out_gain(w: np.ndarray, hinv_diag: np.ndarray, fit: "RowGridFit") -> np.ndarray:
@@ -203,7 +214,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
     Rows never interact in Algorithm 1, so the weights are stacked and quantized in one pass; thresholds
     and statistics blocks are per weight, so each result equals `quantize` of that weight alone.
     """
-    check_method_params(params)
+    params.check()
     weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each
     if any(W.ndim != 2 for W in weights):
         raise UserError(f"the weights must be 2-D arrays [out, in], got shapes {[list(W.shape) for W in weights]}")
@@ -238,3 +249,14 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
         stats = layer_stats(Wk, packed.dequantize(), rtn_dequantized(Wk, params.bits, params.group_size), H)
         results.append((packed, {**stats, "outliers": outliers.nnz, "bits": packed.bits_per_weight}))
     return results
+
+
+CONTRACTS = (MethodContract(
+    "spqr", "SpQR: small groups, quantized statistics, float16 outliers", bits=(2, 3, 4), params=from_tag,
+    quantize=quantize_shared, examples=("spqr3", "spqr4g16s3t20", "spqr3dense"),
+    options=(Option("s", "--stat-bits", "bits of the quantized group statistics (16 keeps them in float16)",
+                    field="stat_bits", scale=1),
+             Option("t", "--outlier-threshold", "outlier sensitivity threshold tau, in steps of 0.01",
+                    field="outlier_threshold", scale=100),
+             Option("dense", "--no-outliers", "keep no outliers (tau = infinity)")),
+    group_multiple=16, group_field="group_size", calibration="hessian"),)

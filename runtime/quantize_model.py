@@ -6,7 +6,7 @@ o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2) goes through the
 method. As llama.cpp does for this project's default model (its Q4_1 file
 keeps `token_embd` at Q8_0), the LM head is kept at 8 bits (per-row
 round-to-nearest) and the token embedding in float16, whatever the method.
-Methods that need calibration data (`CALIBRATED`) run through
+Methods whose contract asks for the Hessian (runtime/tags.py) run through
 runtime/calibration.py, layer by layer, with their state kept in
 `<out_dir>.partial/` for `resume`.
 
@@ -23,9 +23,7 @@ interrupted builds found beside it are leftovers, which are removed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import resource
 import sys
@@ -46,7 +44,7 @@ from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import load_adapter, merge_lora
 from runtime.packed_checkpoint import save_packed
 from runtime.resolve import MODELS_DIR, PROJECT_ROOT, base_dir_name, find_model, hub_model, resolve_model
-from runtime.tags import QuantSpec, parse_tag
+from runtime.tags import QuantSpec, contracts, parse_tag
 from runtime.tokenizer import Tokenizer
 
 PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -63,66 +61,17 @@ def projection_names(config: Config) -> list[str]:
     return [f"{prefix}.{i}.{p}.weight" for i in range(config.n_layers) for p in PROJECTIONS[config.arch]]
 
 
-def rtn_quantize(weight: np.ndarray, spec: QuantSpec):
-    """Round-to-nearest with the settings of `spec`."""
-    import rtn
-    params = rtn.RTNParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
-                           mse_clip="mse" in spec.options, per_tensor="tensor" in spec.options)
-    return rtn.quantize(np.asarray(weight, dtype=np.float32), params)
+def quantize_weight(weight: np.ndarray, spec: QuantSpec):
+    """The packed weight [out, in] of a method that needs no calibration, with the settings of `spec`."""
+    contract = contracts()[spec.method]
+    return contract.quantize(np.asarray(weight, dtype=np.float32), contract.params(spec))
 
 
-def lut4_quantize(weight: np.ndarray, spec: QuantSpec):
-    """NF4 or FP4 blockwise (QLoRA) with the settings of `spec`; blocks of 64 unless a group is given."""
-    import nf4
-    params = nf4.NF4Params(dtype=f"{spec.method}4", block_size=spec.group_size or nf4.NF4Params.block_size,
-                           double_quant="dq" in spec.options)
-    return nf4.quantize(np.asarray(weight, dtype=np.float32), params)
-
-
-def gptq_method(spec: QuantSpec):
-    """GPTQ with the settings of `spec`, as a calibration method: (names, weights, H) -> [(packed, stats)]."""
-    import gptq
-    params = gptq.GPTQParams(bits=spec.bits, group_size=spec.group_size, sym="sym" in spec.options,
-                             act_order="act" in spec.options, static_groups="static" in spec.options)
-    return lambda names, weights, hessian: gptq.quantize_shared(weights, hessian, params)
-
-
-def spqr_method(spec: QuantSpec):
-    """SpQR with the settings of `spec` (group 16, 3-bit statistics, tau 0.2 unless the tag says otherwise)."""
-    import spqr
-    threshold = math.inf if "dense" in spec.options else spec.values.get("t", 20) / 100
-    params = spqr.SpQRParams(bits=spec.bits, group_size=spec.group_size or spqr.SpQRParams.group_size,
-                             outlier_threshold=threshold, stat_bits=spec.values.get("s", spqr.SpQRParams.stat_bits))
-    return lambda names, weights, hessian: spqr.quantize_shared(weights, hessian, params)
-
-
-def quip_method(spec: QuantSpec):
-    """QuIP (incoherence processing + LDLQ on the uniform grid) at `spec.bits`."""
-    import quip
-    params = quip.QuIPParams(bits=spec.bits)
-    return lambda names, weights, hessian: quip.quantize_shared(weights, hessian, params)
-
-
-def quipsharp_method(spec: QuantSpec):
-    """QuIP# (randomized Hadamard transform + BlockLDLQ on E8P, residual stages above 2 bits) at `spec.bits`."""
-    import quipsharp
-    params = quipsharp.QuIPSharpParams(bits=spec.bits)
-    return lambda names, weights, hessian: quipsharp.quantize_shared(weights, hessian, params)
-
-
-def int8_quantize(weight: np.ndarray, spec: QuantSpec):
-    """LLM.int8 (int8; int8tN: outlier threshold N/100), naive absmax W8A8 (absmax8) or the W8A8 of
-    SmoothQuant on smoothed weights (smooth8)."""
-    import int8
-    params = {"int": int8.LLM_INT8, "absmax": int8.ABSMAX8, "smooth": int8.SMOOTH8}[spec.method]
-    if "t" in spec.values:
-        params = dataclasses.replace(params, outlier_threshold=spec.values["t"] / 100)
-    return int8.quantize(np.asarray(weight, dtype=np.float32), params)
-
-
-METHODS = {"rtn": rtn_quantize, "nf": lut4_quantize, "fp": lut4_quantize, "int": int8_quantize,
-           "absmax": int8_quantize, "smooth": int8_quantize}
-CALIBRATED = {"gptq": gptq_method, "spqr": spqr_method, "quip": quip_method, "quipsharp": quipsharp_method}
+def calibrated_method(spec: QuantSpec):
+    """A method that needs the Hessian, as runtime/calibration.py calls it: (names, weights, H) -> [(packed, stats)]."""
+    contract = contracts()[spec.method]
+    params = contract.params(spec)
+    return lambda names, weights, hessian: contract.quantize(weights, hessian, params)
 
 
 def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: bool = True,
@@ -135,9 +84,9 @@ def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: b
         out.update(projections)
     else:
         for name in tqdm(names, desc=f"quantizing {spec.tag}", unit="linear", disable=not progress):
-            out[name] = METHODS[spec.method](tensors[name], spec)
+            out[name] = quantize_weight(tensors[name], spec)
     embed_name = "model.decoder.embed_tokens.weight" if config.arch == "opt" else "model.embed_tokens.weight"
-    out["lm_head.weight"] = rtn_quantize(tensors.get("lm_head.weight", tensors[embed_name]), HEAD_SPEC)
+    out["lm_head.weight"] = quantize_weight(tensors.get("lm_head.weight", tensors[embed_name]), HEAD_SPEC)
     out[embed_name] = np.asarray(tensors[embed_name], dtype=np.float16)
     return out
 
@@ -154,7 +103,7 @@ def calibrate_projections(base: Path, config: Config, tensors: dict, spec: Quant
     """(packed projections, summary for config.json) of a calibrated method on the windows [nsamples, seqlen]."""
     record = settings_record(calibration)
     settings = dict(record, tag=spec.tag, base=str(Path(base).resolve()))
-    packed, stats = calibrate(config, tensors, CALIBRATED[spec.method](spec), windows, state_dir_for(out_dir),
+    packed, stats = calibrate(config, tensors, calibrated_method(spec), windows, state_dir_for(out_dir),
                               settings, resume, progress, tqdm.write if progress else None)
     return packed, {"calibration": record, "proxy_loss": summarize_stats(stats)}
 
@@ -271,10 +220,10 @@ def check_shapes(config: Config, tensors: dict, spec: QuantSpec) -> None:
     if spec.group_size > width:
         raise UserError(f"group {spec.group_size} of {spec.tag} is larger than a row of the model ({name} has "
                         f"rows of {width} weights): choose a group of at most {width}, or none (one per row)")
-    if spec.method in METHODS:
+    if contracts()[spec.method].calibration != "hessian":
         rows = np.random.default_rng(0).standard_normal((1, max(widths.values())), dtype=np.float32)  # [1, in]
         for width in sorted(set(widths.values())):
-            METHODS[spec.method](rows[:, :width], spec)
+            quantize_weight(rows[:, :width], spec)
 
 
 def remove_leftovers(out_dir: Path) -> None:
@@ -305,10 +254,11 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
     out_dir = Path(os.path.abspath(out_dir))  # "a/.." spelled out, so the names beside it are right
     tokenizer = Tokenizer.load(base)
     windows = sequences = None
-    if spec.method in CALIBRATED:
+    needs = contracts()[spec.method].calibration
+    if needs == "hessian":
         check_state_dir(state_dir_for(out_dir))
         windows = calibration_windows(tokenizer, calibration)  # [nsamples, seqlen]
-    if spec.method == "smooth":
+    if needs == "activations":
         from runtime.smoothing import calibration_sequences
         sequences = calibration_sequences(tokenizer)
     adapter = load_adapter(lora) if lora is not None else None

@@ -2,58 +2,75 @@
 
 A quantized model is named `BASE.TAG`, e.g. `smollm2-135m.rtn4g128`:
 
-    TAG     = METHOD BITS [ "g" GROUP ] { OPTION }
-    METHOD  = "rtn"                  round-to-nearest (rtn.py), BITS 2 | 3 | 4 | 8
-            | "gptq"                 GPTQ with calibration data (gptq.py), BITS 2 | 3 | 4 | 8
-            | "nf" | "fp"            NF4 / FP4 of QLoRA (nf4.py), BITS 4
-            | "int"                  LLM.int8(): vector-wise W8A8 + outlier decomposition at 6.0 (int8.py), BITS 8
-            | "absmax"               naive W8A8, one scale per weight and per activation tensor, BITS 8
-            | "smooth"               SmoothQuant (alpha 0.5), then per-row / per-token W8A8, BITS 8
-            | "spqr"                 SpQR: small groups, 3-bit statistics, fp16 outliers (spqr.py), BITS 2 | 3 | 4
-            | "quip"                 QuIP: incoherence processing + LDLQ, uniform grid (quip.py), BITS 2 | 3 | 4
-            | "quipsharp"            QuIP#: Hadamard incoherence + BlockLDLQ on E8P (quipsharp.py), BITS 2 | 3 | 4
-            | "q"                    the best method at that width (ALIASES): q2 = quipsharp2, q3, q4
-    GROUP   = weights sharing one scale: rtn / gptq, a multiple of 32 (absent: one per row);
-              nf / fp, a multiple of 8 (absent: 64); spqr, a multiple of 16 (absent: 16);
-              int / absmax / smooth / quip / quipsharp take none
-    OPTION  = "sym"     rtn / gptq: symmetric grid (no zero point)
-            | "mse"     rtn: MSE-optimal clipping search
-            | "tensor"  rtn: one scale for the whole tensor
-            | "dq"      nf / fp: double quantization of the scales
-            | "act"     gptq: act-order (columns by descending Hessian diagonal)
-            | "static"  gptq: all group grids fitted before any update (needs GROUP)
-            | "s" N     spqr: bits of the quantized group statistics (absent: 3; s16 keeps them in fp16)
-            | "t" N     spqr: outlier threshold tau in hundredths (absent: t20, tau = 0.2);
-                        int: LLM.int8's outlier threshold in hundredths (absent: t600, 6.0)
-            | "dense"   spqr: no outliers (tau = infinity)
+    TAG     = METHOD BITS [ "g" GROUP ] { OPTION }  |  SHORT
+    OPTION  = WORD | LETTER NUMBER                   e.g. "sym", "s3"
+    SHORT   = q2 | q3 | q4                           the best method at that width (ALIASES)
+
+Which METHOD letters exist, their BITS, whether and how they take a GROUP,
+their OPTIONs and their defaults is not written here: each method file
+declares it once, as `CONTRACTS` (MethodContract), and METHOD_MODULES lists
+those files. The parser, the build driver (runtime/quantize_model.py) and
+quantize.py's help loop over the declarations. runtime/ never imports the
+method files when it is imported: `contracts()` imports them on first use.
 
 A tag is a request: the saved model's config.json records the method and its
 parameters, and that record, never the name, is what the loader trusts.
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from runtime.errors import UserError
 
-OPTIONS = ("sym", "mse", "tensor", "dq", "act", "static", "dense")
-VALUE_OPTIONS = ("s", "t")  # options followed by a number
-TAG_PATTERN = re.compile(r"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?"
-                         r"(?P<options>(?:" + "|".join(OPTIONS) + r"|[st]\d+)*)$")
-METHOD_BITS = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "nf": (4,), "fp": (4,), "int": (8,), "absmax": (8,),
-               "smooth": (8,), "spqr": (2, 3, 4), "quip": (2, 3, 4), "quipsharp": (2, 3, 4)}
-METHOD_OPTIONS = {"rtn": {"sym", "mse", "tensor"}, "gptq": {"sym", "act", "static"}, "nf": {"dq"}, "fp": {"dq"},
-                  "int": {"t"}, "absmax": set(), "smooth": set(), "spqr": {"s", "t", "dense"}, "quip": set(),
-                  "quipsharp": set()}
-GROUP_MULTIPLE = {"rtn": 32, "gptq": 32, "nf": 8, "fp": 8, "spqr": 16}  # methods absent here take no group size
-STAT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # spqr "s": statistic widths (runtime/formats/spqr.py)
+METHOD_MODULES = (
+    "rtn",        # round-to-nearest
+    "gptq",       # GPTQ
+    "spqr",       # SpQR
+    "quip",       # QuIP
+    "quipsharp",  # QuIP#
+    "nf4",        # NF4 / FP4 of QLoRA
+    "int8",       # LLM.int8, absmax W8A8, SmoothQuant
+)
 ALIASES = {"q2": "quipsharp2", "q3": "quipsharp3", "q4": "quipsharp4"}  # why these: README, "Short tags"
-EXAMPLES = ("rtn4g128, rtn4, rtn3g64sym, rtn2g64mse, rtn8tensor, gptq4g128, gptq3, gptq4g128act, "
-            "nf4, nf4dq, fp4, nf4g128, int8, int8t150, absmax8, smooth8, spqr3, spqr4g16s3t20, spqr3dense, quip2, "
-            "quipsharp2, q2, q3, q4")
-TAG_FORMS = (f"METHOD BITS [gGROUP] [{'|'.join(OPTIONS)}|sN|tN] with METHOD one of {', '.join(METHOD_BITS)}, "
-             f"or a short tag {', '.join(ALIASES)} (e.g. {EXAMPLES})")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method's tag: a switch written as a word ("sym"), or a letter followed by a
+    number ("s3"), the number being the value of quantize.py's flag times `scale`."""
+    name: str  # as written in the tag
+    flag: str  # quantize.py's flag
+    help: str  # what it does
+    field: str = ""  # numbers: the parameters field it sets, whose default the help states
+    scale: int = 0  # numbers: tag number = flag value * scale (t: hundredths); 0: a switch
+
+
+@dataclass(frozen=True)
+class MethodContract:
+    """What a method accepts, declared once in its own file (`CONTRACTS`)."""
+    name: str  # the tag's METHOD letters
+    summary: str  # one line: what it is
+    bits: tuple  # the BITS it supports
+    params: Callable  # QuantSpec -> the method's parameters dataclass (UserError on conflicting parts)
+    quantize: Callable  # no calibration: (W, params) -> packed; "hessian": (weights, H, params) -> [(packed, stats)]
+    examples: tuple  # tags, for the messages that list the valid ones
+    options: tuple = ()  # Option, in the order the tag writes them
+    group_multiple: int = 0  # a GROUP must be a multiple of this; 0: takes no group size
+    group_field: str = ""  # the parameters field GROUP sets, whose default the help states
+    calibration: str = ""  # the data it needs: "", "hessian" (runtime/calibration.py) or "activations"
+    #                         (runtime/smoothing.py)
+
+    def defaults(self):
+        """The parameters of the bare tag (the method at its first width, nothing else given)."""
+        return self.params(QuantSpec(self.name, self.bits[0]))
+
+
+def contracts() -> dict:
+    """{METHOD letters: MethodContract} of every method module, imported here on first use."""
+    return {c.name: c for module in METHOD_MODULES for c in importlib.import_module(module).CONTRACTS}
 
 
 @dataclass
@@ -61,51 +78,66 @@ class QuantSpec:
     """A parsed tag: the method and the settings it was asked for."""
     method: str
     bits: int
-    group_size: int = 0          # 0 = one group per row
+    group_size: int = 0          # 0 = absent
     options: set = field(default_factory=set)
     values: dict = field(default_factory=dict)  # numeric options, e.g. {"s": 3, "t": 20}
 
     @property
     def tag(self) -> str:
+        contract = contracts().get(self.method)
+        rank = {o.name: i for i, o in enumerate(contract.options if contract else ())}
+
+        def order(name):
+            return rank.get(name, len(rank)), name
+
         group = f"g{self.group_size}" if self.group_size else ""
-        numbers = "".join(f"{k}{self.values[k]}" for k in VALUE_OPTIONS if k in self.values)
-        return f"{self.method}{self.bits}{group}{''.join(o for o in OPTIONS if o in self.options)}{numbers}"
+        numbers = "".join(f"{k}{self.values[k]}" for k in sorted(self.values, key=order))
+        return f"{self.method}{self.bits}{group}{''.join(sorted(self.options, key=order))}{numbers}"
+
+
+def tag_forms() -> str:
+    """The valid tag forms, with examples, for messages."""
+    known = contracts().values()
+    words = dict.fromkeys(o.name for c in known for o in c.options if not o.scale)
+    letters = dict.fromkeys(f"{o.name}N" for c in known for o in c.options if o.scale)
+    examples = ", ".join(e for c in known for e in c.examples)
+    return (f"METHOD BITS [gGROUP] [{'|'.join([*words, *letters])}] with METHOD one of "
+            f"{', '.join(c.name for c in known)}, or a short tag {', '.join(ALIASES)} "
+            f"(e.g. {examples}, {', '.join(ALIASES)})")
 
 
 def parse_tag(tag: str) -> QuantSpec:
     """The spec a tag stands for; UserError listing the valid forms otherwise."""
     if not tag:
-        raise UserError(f"the quantization tag is empty: valid tags are {TAG_FORMS}")
+        raise UserError(f"the quantization tag is empty: valid tags are {tag_forms()}")
     if tag.startswith("q") and tag[1:].isdigit():
         if tag not in ALIASES:
             raise UserError(f"unknown short tag {tag!r}: the short tags are {', '.join(ALIASES)}")
         return parse_tag(ALIASES[tag])
-    match = TAG_PATTERN.match(tag)
-    if not match or match["method"] not in METHOD_BITS:
-        raise UserError(f"unknown quantization tag {tag!r}: valid tags are {TAG_FORMS}")
-    method, bits = match["method"], int(match["bits"])
-    if bits not in METHOD_BITS[method]:
-        raise UserError(f"tag {tag!r}: {method} supports {', '.join(map(str, METHOD_BITS[method]))} bits")
-    found = re.findall("|".join(OPTIONS) + r"|[st]\d+", match["options"])
-    options = {o for o in found if o in OPTIONS}
-    values = {o[0]: int(o[1:]) for o in found if o not in OPTIONS}
-    if (options | set(values)) - METHOD_OPTIONS[method]:
-        if not METHOD_OPTIONS[method]:
-            raise UserError(f"tag {tag!r}: {method} takes no options; drop {match['options']!r}")
-        raise UserError(f"tag {tag!r}: {method} takes the options {', '.join(sorted(METHOD_OPTIONS[method]))}")
-    if "s" in values and values["s"] not in STAT_BITS:
-        raise UserError(f"tag {tag!r}: statistic bits s{values['s']} must be one of {STAT_BITS}")
-    if "t" in values and ("dense" in options or values["t"] == 0):
-        raise UserError(f"tag {tag!r}: give either a positive outlier threshold tN or 'dense' (no outliers)")
+    known = contracts()
+    words = "|".join(dict.fromkeys(o.name for c in known.values() for o in c.options if not o.scale))
+    letters = "".join(dict.fromkeys(o.name for c in known.values() for o in c.options if o.scale))
+    option = f"{words}|[{letters}]\\d+"
+    match = re.match(rf"^(?P<method>[a-z]+?)(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<options>(?:{option})*)$", tag)
+    if not match or match["method"] not in known:
+        raise UserError(f"unknown quantization tag {tag!r}: valid tags are {tag_forms()}")
+    contract, bits = known[match["method"]], int(match["bits"])
+    if bits not in contract.bits:
+        raise UserError(f"tag {tag!r}: {contract.name} supports {', '.join(map(str, contract.bits))} bits")
+    found = {o: o.rstrip("0123456789") for o in re.findall(option, match["options"])}  # {"s3": "s", "sym": "sym"}
+    allowed = {o.name for o in contract.options}
+    if set(found.values()) - allowed:
+        if not allowed:
+            raise UserError(f"tag {tag!r}: {contract.name} takes no options; drop {match['options']!r}")
+        raise UserError(f"tag {tag!r}: {contract.name} takes the options {', '.join(sorted(allowed))}")
+    multiple = contract.group_multiple
+    if match["group"] is not None and not multiple:
+        raise UserError(f"tag {tag!r}: {contract.name}{bits} takes no group size")
     group = int(match["group"] or 0)
-    if group and "tensor" in options:
-        raise UserError(f"tag {tag!r}: a group size and 'tensor' exclude each other")
-    if "static" in options and not group:
-        raise UserError(f"tag {tag!r}: 'static' fixes the grids of groups; give a group size (e.g. g128)")
-    if match["group"] is not None and method not in GROUP_MULTIPLE:
-        raise UserError(f"tag {tag!r}: {method}{bits} takes no group size")
-    multiple = GROUP_MULTIPLE.get(method, 1)
     if match["group"] is not None and (group < multiple or group % multiple):
         raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} "
                         f"(e.g. {multiple}, {2 * multiple}, {4 * multiple})")
-    return QuantSpec(method, bits, group, options, values)
+    spec = QuantSpec(contract.name, bits, group, {o for o, name in found.items() if o == name},
+                     {name: int(o[len(name):]) for o, name in found.items() if o != name})
+    contract.params(spec).check()
+    return spec

@@ -17,7 +17,7 @@ from runtime.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sam
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import UserError
 from runtime.packed_checkpoint import save_packed
-from runtime.quantize_model import gptq_method, projection_names
+from runtime.quantize_model import calibrated_method, projection_names
 from runtime.tags import parse_tag
 
 NSAMPLES, SEQLEN = 4, 48
@@ -67,7 +67,7 @@ def test_hessian_recorder_is_two_over_n_x_xt():
 def test_end_to_end_gptq_on_stories260k(stories, tmp_path):
     config, tensors, windows = stories
     lines = []
-    packed, stats = calibrate(config, tensors, gptq_method(parse_tag("gptq4g32act")), windows,
+    packed, stats = calibrate(config, tensors, calibrated_method(parse_tag("gptq4g32act")), windows,
                               tmp_path / "state", {"tag": "gptq4g32act"}, progress=False, report=lines.append)
     names = projection_names(config)
     assert sorted(packed) == sorted(names) and len(lines) == len(names)
@@ -117,7 +117,7 @@ def test_true_sequential_order(stories, tmp_path):
 
 def test_interrupted_run_resumes_bit_identical(stories, tmp_path):
     config, tensors, windows = stories
-    method = gptq_method(parse_tag("gptq3g32"))
+    method = calibrated_method(parse_tag("gptq3g32"))
     settings = {"tag": "gptq3g32"}
     full, full_stats = calibrate(config, tensors, method, windows, tmp_path / "full", settings, progress=False)
 

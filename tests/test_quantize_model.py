@@ -57,6 +57,6 @@ def test_calibrated_build_saves_loads_and_runs(base, tag):
 
 @pytest.mark.parametrize("tag,threshold", [("int8", 6.0), ("int8t150", 1.5), ("smooth8", None)])
 def test_int8_tags_set_the_outlier_threshold(tag, threshold):
-    from runtime.quantize_model import int8_quantize
+    from runtime.quantize_model import quantize_weight
     W = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
-    assert int8_quantize(W, parse_tag(tag)).outlier_threshold == threshold
+    assert quantize_weight(W, parse_tag(tag)).outlier_threshold == threshold

@@ -1,4 +1,5 @@
 """The tag grammar of quantized model names, and the errors for names that resolve to nothing."""
+import numpy as np
 import pytest
 
 from runtime.errors import UserError
@@ -75,3 +76,40 @@ def test_default_model_message_only_when_it_is_missing(tmp_path):
     (tmp_path / DEFAULT_MODEL / "config.json").write_text("{}")
     with pytest.raises(UserError, match=rf"model '{DEFAULT_MODEL}\.x\.y' not found: .*available: {DEFAULT_MODEL}"):
         resolve_model(f"{DEFAULT_MODEL}.x.y", tmp_path)
+
+
+def test_defaults_are_read_from_the_method_declarations(monkeypatch, capsys):
+    """Each method's defaults live in its own file: with every declared default changed there (to 977),
+    quantize.py's help and the build driver show and use the changed value, and neither they nor the
+    tag parser restate a default (SpQR's tau 0.2 and LLM.int8's 6.0 used to appear in three places)."""
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    import quantize
+    from runtime.quantize_model import calibrated_method, quantize_weight
+    from runtime.tags import METHOD_MODULES, QuantSpec, contracts
+
+    def changed(contract):
+        fields = [o.field for o in contract.options if o.field] + [contract.group_field] * bool(contract.group_field)
+        return dataclasses.replace(contract, quantize=lambda *args: args[-1], params=lambda spec: dataclasses.replace(
+            contract.params(spec), **{name: 977 for name in fields}))
+
+    for module in map(importlib.import_module, METHOD_MODULES):
+        monkeypatch.setattr(module, "CONTRACTS", tuple(map(changed, module.CONTRACTS)))
+    with pytest.raises(SystemExit):
+        quantize.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    known = contracts().values()
+    assert help_text.count("(default 977)") == sum(bool(o.field) for c in known for o in c.options)
+    for contract in known:
+        if contract.group_multiple:
+            assert f"{contract.name}: a multiple of {contract.group_multiple}, default 977" in help_text
+        spec = QuantSpec(contract.name, contract.bits[0])
+        params = (calibrated_method(spec)([], [], None) if contract.calibration == "hessian"
+                  else quantize_weight(np.zeros((1, 8)), spec))
+        assert all(getattr(params, o.field) == 977 for o in contract.options if o.field)
+    root = Path(__file__).parent.parent
+    for path in ("runtime/tags.py", "runtime/quantize_model.py", "quantize.py"):
+        source = (root / path).read_text()
+        assert "0.2" not in source and "6.0" not in source and "t20" not in source, path
