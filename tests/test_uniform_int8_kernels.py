@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.formats.uniform import quantize_activation
+from runtime.formats.uniform import int8_pays, quantize_activation
 from runtime.kernels import uniform_int8_numba
 from runtime.kernels.quant_activations_numba import quantize_blocks
 from runtime.kernels.uniform_numba import kernel_arrays
@@ -78,7 +78,8 @@ def test_activation_modes_pick_the_kernel(monkeypatch):
     packed = make_tensor(6, 67, 200, 4, 32)
     x = inputs(6, 3, 200)  # [3, in]
     monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    assert_close(packed.matmul(x[:1]), packed.matmul_reference_int8(x[:1]))  # decode: int8
+    decode_reference = packed.matmul_reference_int8 if int8_pays(4, AVAILABLE[0]) else packed.matmul_reference
+    assert_close(packed.matmul(x[:1]), decode_reference(x[:1]))  # decode: int8 where SIMD tiles exist
     assert_close(packed.matmul(x), packed.matmul_reference(x))  # prefill: float tiles
     monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8-all")
     assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
@@ -91,6 +92,15 @@ def test_activation_modes_pick_the_kernel(monkeypatch):
     monkeypatch.setenv("QLLM_UNIFORM_INT8_KERNEL", "neon")  # unknown (and one this CPU lacks would be refused)
     with pytest.raises(UserError, match="QLLM_UNIFORM_INT8_KERNEL"):
         packed.matmul(x[:1])
+
+
+def test_decode_keeps_float_activations_at_widths_without_simd_tiles(monkeypatch):
+    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
+    packed = make_tensor(7, 67, 200, 3, 32)  # no kernel has 3-bit tiles: the float kernel is faster there
+    x = inputs(7, 1, 200)  # [1, in]
+    assert not int8_pays(3, AVAILABLE[0])
+    assert_close(packed.matmul(x), packed.matmul_reference(x))
+    assert packed.matmul_parts([packed, packed], x) is None
 
 
 @pytest.mark.parametrize("kernel, instructions", [("avx512vnni", {"vpdpbusd"}),

@@ -163,7 +163,8 @@ def activation_mode() -> tuple[str, str]:
     """(mode, kernel) of the CPU products, from the environment.
 
     QLLM_UNIFORM_ACTIVATIONS: `int8` (default) quantizes the activation of a one-row product (decode)
-    to int8 per run of 32 and multiplies in integer lanes, more rows (prefill) go through float tiles
+    to int8 per run of 32 and multiplies in integer lanes where the CPU has SIMD tiles for the bit
+    width (`int8_pays`; float activations otherwise), more rows (prefill) go through float tiles
     and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
     the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
     (the reference kernel). QLLM_UNIFORM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
@@ -180,6 +181,14 @@ def activation_mode() -> tuple[str, str]:
     if kernel not in available_kernels():
         raise UserError(f"QLLM_UNIFORM_INT8_KERNEL={kernel!r}: this CPU runs {', '.join(available_kernels())}")
     return mode, kernel
+
+
+def int8_pays(bits: int, kernel: str) -> bool:
+    """Whether the int8-activation decode kernel beats the float one at `bits`: only where `kernel` has SIMD
+    tiles for that width (the portable integer lanes measured 189 against 87 µs at 3 bits, 1536x576)."""
+    from runtime.kernels.uniform_int8_numba import SIMD_BITS
+
+    return bits in SIMD_BITS[kernel]
 
 
 def group_index(n_in: int, group_size: int) -> np.ndarray:
@@ -322,7 +331,7 @@ class UniformTensor(PackedTensor):
         this one call `matmul_rows`, which keeps float activations."""
         if not is_cupy(x):
             mode, kernel = activation_mode()
-            if mode == "int8-all" or (mode == "int8" and x.size == x.shape[-1]):
+            if mode == "int8-all" or (mode == "int8" and x.size == x.shape[-1] and int8_pays(self.bits, kernel)):
                 from runtime.kernels import uniform_int8_numba
                 self.check_input(x)
                 rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
@@ -340,7 +349,8 @@ class UniformTensor(PackedTensor):
             return None
         mode, kernel = activation_mode()
         from runtime.kernels import uniform_int8_numba
-        if mode == "float" or not uniform_int8_numba.fusable(parts):
+        if mode == "float" or not uniform_int8_numba.fusable(parts) or (
+                mode == "int8" and not int8_pays(self.bits, kernel)):
             return None
         self.check_input(x)
         y = uniform_int8_numba.matvec_parts(parts, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
