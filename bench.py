@@ -447,7 +447,19 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
            "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
            "and eval times), medians over the rounds:", "",
            anchor_check(rows, measured), ""] if any(row.engine == LLAMA_CPP for row in rows) else []),
-        "![perplexity against bits per weight](benchmarks.png)", ""])
+        "![perplexity against bits per weight](benchmarks.png)", "", *gpu_section()])
+
+
+def gpu_section() -> list[str]:
+    """BENCHMARKS.md's GPU section: links to the results `tests/gpu_check.sh` wrote on a GPU machine and
+    that were committed under benchmarks/ (GPU runs happen on lent machines, not in `make bench`)."""
+    runs = sorted((PROJECT / "benchmarks").glob("gpu-*.md"))
+    if not runs:
+        return []
+    return ["## GPU", "", "Measured by `bash tests/gpu_check.sh DIR` (`make gpu-check OUT=DIR`) on a machine with "
+            "an NVIDIA GPU; each run's tables, versions and findings:", "",
+            *[f"- [{run.stem}](benchmarks/{run.name}): {run.read_text(encoding='utf-8').splitlines()[0][2:]}"
+              for run in runs], ""]
 
 
 def update_readme(readme: Path, tables: str) -> None:

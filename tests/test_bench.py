@@ -298,3 +298,11 @@ def test_prepare_only_builds_and_measures_nothing(tmp_path, monkeypatch, capsys)
     bench.main(["--rows", "tinyllama-1.1b.rtn4g128", "--prepare-only"])
     assert (tmp_path / f"{LLAMA_1B}.rtn4g128" / "config.json").is_file()
     assert "prepared 1 rows" in capsys.readouterr().out
+
+
+def test_benchmarks_md_links_every_committed_gpu_run():
+    lines = bench.gpu_section()
+    runs = sorted((bench.PROJECT / "benchmarks").glob("gpu-*.md"))
+    assert runs and lines[0] == "## GPU"
+    for run in runs:
+        assert any(f"(benchmarks/{run.name})" in line for line in lines)
