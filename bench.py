@@ -93,7 +93,7 @@ class Row:
 
 def tag_method(tag: str) -> str:
     """The method of a quantization tag (rtn, gptq, quipsharp, ...)."""
-    from runtime.tags import parse_tag
+    from pipeline.tags import parse_tag
     return parse_tag(tag).method
 
 
@@ -109,7 +109,7 @@ def default_rows() -> list[Row]:
 def reference(row: Row) -> Row | None:
     """The llama.cpp row that `row` is compared with: the one GGUF of SmolLM2; for the 1B Llama the GGUF of the
     tag's bit width (float: F16, 8 bits: Q8_0, 3-4 bits: Q4_0, 2 bits: Q2_K); none for OPT."""
-    from runtime.tags import parse_tag
+    from pipeline.tags import parse_tag
     if row.engine == LLAMA_CPP or row.base == OPT_1B:
         return None
     if row.base == SMOLLM:
@@ -170,7 +170,7 @@ def child_ours(path: str, ids: list[int], steps: int) -> dict:
     import runtime  # noqa: F401  (first: its thread defaults must precede NumPy)
     import numba  # noqa: F401  (loaded with the first kernel; part of the floor)
     import numpy as np
-    from runtime.api import load_model
+    from pipeline.api import load_model
     import_rss = status_mb("VmRSS")
     model = load_model(Path(path))
     warm = model.new_cache(64)
@@ -204,8 +204,9 @@ def prepare(row: Row, threads: int) -> Path:
     random floats (quantized by the method, or random codes) and the GGUFs by llama.cpp's quantizer."""
     import bench_models
     from runtime.errors import UserError
-    from runtime.quantize_model import build_quantized, find_or_build
-    from runtime.tags import parse_tag
+    from pipeline.first_use import find_or_build
+    from pipeline.quantize_model import build_quantized
+    from pipeline.tags import parse_tag
     path = model_path(row)
     if row.base == SMOLLM and row.engine == OURS:
         return find_or_build(row.name)
@@ -262,10 +263,10 @@ def size_info(row: Row, path: Path) -> dict:
 # ---- perplexity (SmolLM2 only: random weights have none worth reporting) ----
 
 def perplexity_ours(path: Path) -> float:
-    """WikiText-2 perplexity on the first PPL_WINDOWS windows (resumable, see runtime/perplexity.py)."""
-    from runtime.api import load
+    """WikiText-2 perplexity on the first PPL_WINDOWS windows (resumable, see pipeline/perplexity.py)."""
+    from pipeline.api import load
     from runtime.datasets import load_dataset
-    from runtime.perplexity import perplexity, state_path
+    from pipeline.perplexity import perplexity, state_path
     llm = load(str(path))
     ids = llm.tokenizer.encode(load_dataset("wikitext2"))
     return perplexity(llm.model, ids, PPL_SEQLEN, PPL_WINDOWS, state_path(llm.path, ids, PPL_SEQLEN))["ppl"]
@@ -427,7 +428,7 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"step), after a warm-up on the first 16 tokens. Every row is measured once per round and the rounds "
         f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
         f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
-        f"importing the engine (ours: `runtime.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
+        f"importing the engine (ours: `pipeline.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
         f"model, the floor of the Python process. Ratios are to the llama.cpp row of the same model and size "
         f"(column llama.cpp row) and to our float row, from the medians above.", "",
         "All rows: `make bench`. A subset (the llama.cpp rows a row is compared with come along): "

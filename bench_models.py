@@ -42,8 +42,9 @@ from runtime.checkpoint import save_checkpoint
 from runtime.datasets import DATA_DIR
 from runtime.gguf_io import half_split_to_interleaved
 from runtime.packed_checkpoint import save_packed
-from runtime.quantize_model import HEAD_SPEC, bits_per_weight
-from runtime.tags import QuantSpec, parse_tag
+from pipeline.quantize_model import HEAD_SPEC, bits_per_weight
+from pipeline.tags import parse_tag
+from runtime.method_contract import QuantSpec
 from model import Config
 
 # config.json fields of the shapes the benchmarks run (values from each model's published config.json).

@@ -1,6 +1,6 @@
 """Perplexity of a model on a text: `python eval.py --model NAME --dataset wikitext2|FILE`.
 
-The GPTQ paper's protocol (see runtime/perplexity.py) on WikiText-2's test
+The GPTQ paper's protocol (see pipeline/perplexity.py) on WikiText-2's test
 split (../shared/data, or the Hub's copy; runtime/datasets.py) or on any UTF-8
 text file (PTB, C4, your own data). `--windows N` takes the first N windows
 only; `--json` prints one JSON object. Finished windows are kept in
@@ -42,8 +42,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from runtime.api import load
-    from runtime.perplexity import perplexity, state_path
+    from pipeline.api import load
+    from pipeline.perplexity import perplexity, state_path
     text = load_dataset(args.dataset)
     llm = load(args.model, args.device)
     if llm.tokenizer is None:

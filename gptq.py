@@ -47,7 +47,7 @@ from layerwise import check_problem, damp, inverse_hessian_factor, layer_stats, 
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.errors import UserError
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
-from runtime.tags import MethodContract, Option, QuantSpec
+from runtime.method_contract import MethodContract, Option, QuantSpec
 
 
 @dataclass

@@ -17,7 +17,7 @@ Three methods, one format (`Int8Tensor`, runtime/formats/int8.py), pure NumPy:
   Models", §4): per input channel j, s_j = max|X_j|^α / max|W_j|^(1-α)
   (`smoothing_factors`, α = 0.5) moves the activation outliers into the
   weights: X diag(s)^-1 · diag(s) Wᵀ = X Wᵀ. The division is folded offline
-  into the preceding norm (runtime/smoothing.py), the multiplication into
+  into the preceding norm (pipeline/smoothing.py), the multiplication into
   the weights; the smoothed weights are then quantized per row with
   per-token activation scales (`SMOOTH8` / tag `smooth8`; the paper's
   "O1"-style dynamic per-token setting, not its static per-tensor O3).
@@ -33,7 +33,7 @@ import numpy as np
 
 from runtime.errors import UserError
 from runtime.formats.int8 import ACTIVATIONS, GRANULARITIES, Int8Tensor, QMAX, absmax_scale
-from runtime.tags import MethodContract, Option, QuantSpec
+from runtime.method_contract import MethodContract, Option, QuantSpec
 
 LLM_INT8_THRESHOLD = 6.0  # LLM.int8 §3.2: outlier features have magnitude >= 6
 SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant §4: migration strength

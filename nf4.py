@@ -28,7 +28,7 @@ import numpy as np
 from runtime import fptypes
 from runtime.errors import UserError
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, Lut4Tensor, dynamic_map, pack_nibbles
-from runtime.tags import MethodContract, Option, QuantSpec
+from runtime.method_contract import MethodContract, Option, QuantSpec
 
 NF4_OFFSET = 0.9677083  # QLoRA / bitsandbytes: the outermost quantile, (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
 DTYPES = ("nf4", "fp4")

@@ -2,11 +2,11 @@
 
 Writes models/BASE.TAG/ (config.json with a `quantization` section,
 model.safetensors with the packed tensors, tokenizer files) atomically; the
-tag grammar is in runtime/tags.py, each method's options and defaults in its own file
+tag grammar is in pipeline/tags.py, each method's options and defaults in its own file
 (CONTRACTS), which this help lists. Everything the build needs
 (options, tokenizer, calibration text, output location, group sizes) is
 checked before the work starts; `--out` never removes anything a build did
-not write (runtime/quantize_model.py: check_output).
+not write (pipeline/quantize_model.py: check_output).
 """
 import argparse
 import json
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from runtime.cli import run_cli
 from runtime.errors import UserError
-from runtime.tags import Option, QuantSpec, contracts, parse_tag
+from pipeline.tags import contracts, parse_tag
+from runtime.method_contract import Option
 
 
 def flag_options() -> dict:
@@ -88,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from runtime.calibration import CalibrationSettings
-    from runtime.quantize_model import build_quantized
+    from pipeline.calibration import CalibrationSettings
+    from pipeline.quantize_model import build_quantized
     from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, base_dir_name, resolve_model
     options, values = set(), {}
     for flag, users in flag_options().items():
@@ -98,7 +99,7 @@ def main(argv=None):
             values[option.name] = tag_number(flag, option, given)
         elif not option.scale and given:
             options.add(option.name)
-    spec = QuantSpec(args.method, args.bits, args.group or 0, options, values)
+    spec = contracts()[args.method].spec(args.bits, args.group or 0, options, values)
     spec = parse_tag(spec.tag)  # the same checks as a tag typed by hand
     base = resolve_model(args.model)
     if args.lora and not args.out:
@@ -112,7 +113,7 @@ def main(argv=None):
                         f"({calibrated}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
     from runtime.export import check_destination, default_destination, export_model
-    from runtime.quantize_model import built_as
+    from pipeline.quantize_model import built_as
     if args.export:  # checked before the build, which can take minutes
         check_destination(args.export_out or default_destination(out, args.export))
     if not (args.export and not args.overwrite and built_as(out, {"tag": spec.tag, "base": str(base.resolve())})):

@@ -46,7 +46,7 @@ from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import fp16_ceil
-from runtime.tags import MethodContract
+from runtime.method_contract import MethodContract
 
 
 @dataclass

@@ -40,7 +40,7 @@ from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.uniform import PER_ROW
 from runtime.hadamard import hadamard_matrix, random_signs
-from runtime.tags import MethodContract
+from runtime.method_contract import MethodContract
 
 BLOCK = e8p.DIM  # columns per BlockLDLQ step: one E8P vector per row
 

@@ -23,7 +23,7 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.quant_grid import find_grid, quantize_to_grid
-from runtime.tags import MethodContract, Option, QuantSpec
+from runtime.method_contract import MethodContract, Option, QuantSpec
 
 
 @dataclass

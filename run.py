@@ -45,11 +45,11 @@ def main(argv=None):
                    max_new_tokens=args.max_new_tokens)
     SamplingParams(**options).check()  # before the model loads
     if args.prompt is None:  # --verify alone
-        from runtime.quantize_model import find_or_build
+        from pipeline.first_use import find_or_build
         from runtime.verify import verify_model
         print(verify_model(find_or_build(args.model)))
         return
-    from runtime.api import load
+    from pipeline.api import load
     llm = load(args.model, args.device, lora=args.lora, verify=args.verify)
     for piece in llm.stream(args.prompt, chat=args.chat, system=args.system, **options):
         sys.stdout.write(piece)

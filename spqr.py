@@ -49,7 +49,7 @@ from runtime.errors import UserError
 from runtime.formats.sparse import MAX_COLUMNS, SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
-from runtime.tags import MethodContract, Option, QuantSpec
+from runtime.method_contract import MethodContract, Option, QuantSpec
 
 
 @dataclass

@@ -4,7 +4,7 @@ QLoRA (Dettmers et al. 2023) trains LoRA adapters (Hu et al. 2021) through a
 frozen base kept in NF4 (`smollm2-135m.nf4dq`) or any other packed format, with
 AdamW (Loshchilov & Hutter 2019). The data is a plain text file (loss on every
 token) or a JSONL file of {"prompt", "response"} / {"messages"} records (loss
-on the response only); see runtime/training/. DIR receives the PEFT adapter
+on the response only); see pipeline/training/. DIR receives the PEFT adapter
 (adapter_config.json + adapter_model.safetensors, for `run.py --lora DIR` and
 PEFT) and DIR/checkpoint, written every --save-every steps, which `--resume`
 continues from, bit-identically. Bad input gets a one-line error, exit status 1.
@@ -13,13 +13,13 @@ import argparse
 import math
 from pathlib import Path
 
-from runtime.api import load_model, load_tokenizer
+from pipeline.api import load_model, load_tokenizer
 from runtime.cli import ArgumentParser, run_cli
 from runtime.errors import UserError
-from runtime.quantize_model import find_or_build
-from runtime.training.data import load_dataset
-from runtime.training.optimizer import SCHEDULES
-from runtime.training.trainer import TrainSettings, train
+from pipeline.first_use import find_or_build
+from pipeline.training.data import load_dataset
+from pipeline.training.optimizer import SCHEDULES
+from pipeline.training.trainer import TrainSettings, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""The runtime: formats and kernels, checkpoint IO, tokenizer, sampling, the Python API (runtime.api).
+"""The runtime: formats and kernels, checkpoint IO, tokenizer, sampling, generation; the machinery below model.py,
+the method files and pipeline/, importing none of them.
 
 Importing it first sets two thread defaults (an environment variable already
 set wins). On a small shared CPU, threads that busy-wait for work steal the

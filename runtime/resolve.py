@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.tags import tag_forms
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # where models live: models/ in the project, or wherever the environment variable QLLM_MODELS_DIR says
@@ -86,7 +85,7 @@ def not_found(name: str, models_dir: Path) -> UserError:
     leaf = name.split("/")[-1]
     if leaf.endswith("."):
         return UserError(f"model {name!r} has an empty quantization tag after the '.': write BASE for the float "
-                         f"model or BASE.TAG, with TAG = {tag_forms()}")
+                         f"model or BASE.TAG, e.g. BASE.rtn4g128 (`python quantize.py --help` lists the tags)")
     if leaf.split(".")[0] == DEFAULT_MODEL and not (models_dir / DEFAULT_MODEL / "config.json").is_file():
         return UserError(f"the default model is not built yet ({models_dir / DEFAULT_MODEL} is missing): "
                          f"run `make install` (or use its original weights from the Hub: "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, save_tiny_llama
-from runtime.api import load
+from pipeline.api import load
 from runtime.errors import UserError
 from runtime.safetensors_io import read_safetensors, write_safetensors
 

@@ -202,7 +202,7 @@ def test_random_gguf_loads_with_its_weights_and_vocabulary(tmp_path):
 
 
 def test_random_models_are_saved_with_tokenizer_and_label(tmp_path):
-    from runtime.api import load_model
+    from pipeline.api import load_model
     for model_type in ("llama", "opt"):
         config = tiny_config(model_type)
         float_dir, packed_dir = tmp_path / f"{model_type}-float", tmp_path / f"{model_type}-q2"
@@ -274,7 +274,7 @@ def test_llama_cpp_reads_the_gguf_as_the_same_model(tmp_path):
     the RoPE order of Q and K rows, matters: writing them unpermuted moves llama.cpp's perplexity by 13%)."""
     pytest.importorskip("llama_cpp")
     from model import Config, Model
-    from runtime.perplexity import perplexity
+    from pipeline.perplexity import perplexity
     config = tiny_config()
     tensors = {k: v * 8 if v.ndim == 2 else v for k, v in bench_models.float_tensors(config).items()}
     windows = np.random.default_rng(0).integers(3, config["vocab_size"], size=(2, 128)).astype(np.int32)

@@ -22,16 +22,16 @@ import pytest
 from conftest import ROOT, save_tiny_llama
 from runtime import atomic
 from runtime.atomic import DiskFull, atomic_directory, atomic_file, remove_temporaries, temporary_name
-from runtime.calibration import CalibrationSettings
-from runtime.quantize_model import BUILD_FILES, build_quantized
-from runtime.tags import parse_tag
+from pipeline.calibration import CalibrationSettings
+from pipeline.quantize_model import BUILD_FILES, build_quantized
+from pipeline.tags import parse_tag
 
 HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 # find_or_build NAME, after waiting for the file GO when given; prints the sha256 of the weights it loads
 BUILD = """import hashlib, os, sys, time
 from pathlib import Path
 from runtime.packed_checkpoint import load_packed
-from runtime.quantize_model import find_or_build
+from pipeline.first_use import find_or_build
 if len(sys.argv) > 2:
     Path(sys.argv[2] + f".ready{os.getpid()}").touch()
     while not os.path.exists(sys.argv[2]):
@@ -239,7 +239,7 @@ def test_full_disk_while_saving_calibration_state(tiny, tmp_path, monkeypatch):
 
 
 def test_full_disk_while_saving_perplexity_state(tmp_path, monkeypatch):
-    from runtime import perplexity
+    from pipeline import perplexity
     no_space_on(monkeypatch, "state.json")
     monkeypatch.setattr(perplexity, "token_logprobs", lambda model, window: np.zeros(len(window) - 1))
     with pytest.raises(DiskFull, match=f"write {tmp_path / 'state.json'}: .*--no-resume"):

@@ -1,4 +1,4 @@
-"""The layer-by-layer calibration driver (runtime/calibration.py) on the real stories260K checkpoint.
+"""The layer-by-layer calibration driver (pipeline/calibration.py) on the real stories260K checkpoint.
 
 stories260K has no tokenizer, so the driver gets random token ids with a fixed
 seed. The references are NumPy: H = 2/n X Xᵀ computed from the inputs a plain
@@ -13,12 +13,12 @@ import pytest
 import rtn
 from conftest import STORIES260K
 from model import Config, Model
-from runtime.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sample_windows
+from pipeline.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sample_windows
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import UserError
 from runtime.packed_checkpoint import save_packed
-from runtime.quantize_model import calibrated_method, projection_names
-from runtime.tags import parse_tag
+from pipeline.quantize_model import calibrated_method, projection_names
+from pipeline.tags import parse_tag
 
 NSAMPLES, SEQLEN = 4, 48
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, save_tiny_llama
-from runtime.api import load
+from pipeline.api import load
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.content_hash import HASH_KEY
 from runtime.errors import UserError
-from runtime.quantize_model import build_quantized
+from pipeline.quantize_model import build_quantized
 from runtime.safetensors_io import read_safetensors
-from runtime.tags import parse_tag
+from pipeline.tags import parse_tag
 from runtime.verify import verify_model
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_fails_with, run_script, save_tiny_llama
-from runtime.api import load, token_logprobs
+from pipeline.api import load, token_logprobs
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -23,8 +23,8 @@ from runtime.formats.uniform import UniformTensor
 from runtime.gguf_io import interleaved_to_half_split
 from runtime.importers import load_quantized_checkpoint
 from runtime.packed_checkpoint import load_packed, save_packed
-from runtime.quantize_model import build_quantized
-from runtime.tags import parse_tag
+from pipeline.quantize_model import build_quantized
+from pipeline.tags import parse_tag
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
@@ -76,7 +76,7 @@ def test_gguf_blocks_dequantize_to_our_weights(base, tmp_path, tag, kind, exact)
 
 
 def test_gguf_export_loads_in_our_runtime_and_llama_cpp(base, tmp_path):
-    from runtime.api import load_model
+    from pipeline.api import load_model
     model = built(base, tmp_path, "rtn4g32sym")
     out = export_model(model, "gguf")
     ids = [1, 450, 4996, 17354, 1701, 29916]

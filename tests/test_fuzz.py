@@ -6,7 +6,7 @@ model of ours built from it (rtn4), a GGUF with an
 embedded byte-level tokenizer and a chat template, and each directory's
 config.json. Every case copies one of them, damages it with a seeded
 mutation (byte flips, weighted towards the headers, truncation, edits of the
-safetensors header or of config.json as JSON) and runs `runtime.api.load`
+safetensors header or of config.json as JSON) and runs `pipeline.api.load`
 plus a short generation. Every outcome must be a `UserError` or a successful
 run; any other exception fails the test with the seed that reproduces it. In
 the models we write (with checksums) a flip in tensor data must never load.
@@ -26,11 +26,11 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from conftest import save_tiny_llama
-from runtime.api import load
+from pipeline.api import load
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import UserError
-from runtime.quantize_model import build_quantized
-from runtime.tags import parse_tag
+from pipeline.quantize_model import build_quantized
+from pipeline.tags import parse_tag
 from test_gguf_io import converter_permute
 
 CASES = int(os.environ.get("FUZZ_CASES", "60"))

@@ -47,8 +47,8 @@ def assert_same_logits(cfg: Config, tensors: dict, cupy, ids, tolerance: float =
 
 @pytest.mark.parametrize("tag", [None, "rtn4g128", "int8"])  # nf4 needs in % 64 == 0; stories260K has 172
 def test_cuda_forward_matches_cpu(cupy, tag):
-    from runtime.quantize_model import quantize_tensors
-    from runtime.tags import parse_tag
+    from pipeline.quantize_model import quantize_tensors
+    from pipeline.tags import parse_tag
     config, tensors = load_checkpoint(STORIES260K)
     cfg = Config.from_hf(config)
     if tag:

@@ -453,7 +453,7 @@ def test_wrong_shapes_and_bad_configs_are_one_line(tmp_path, base):
 
 
 def test_api_loads_and_generates_an_imported_checkpoint(tmp_path, base):
-    from runtime.api import load
+    from pipeline.api import load
     path, _ = gptq_checkpoint(tmp_path / "gptq", base, 4, 32, True, False, "gptq")
     text = load(str(path)).generate("Hello", max_new_tokens=3, temperature=0)
     assert isinstance(text, str)

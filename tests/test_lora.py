@@ -22,7 +22,7 @@ peft = pytest.importorskip("peft")
 
 import nf4  # noqa: E402
 from model import Config, Model  # noqa: E402
-from runtime.api import load, token_logprobs  # noqa: E402
+from pipeline.api import load, token_logprobs  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.lora import LoraWeight, apply_lora, load_adapter, merge_lora  # noqa: E402
@@ -242,8 +242,8 @@ def test_broken_adapter_directories_are_refused(llama_case, tmp_path):
 @pytest.fixture(scope="module")
 def tokenized_case(tmp_path_factory):
     """A tiny Llama with the real Llama 2 tokenizer, its NF4 build, and a LoRA adapter for it."""
-    from runtime.quantize_model import build_quantized
-    from runtime.tags import parse_tag
+    from pipeline.quantize_model import build_quantized
+    from pipeline.tags import parse_tag
 
     path = tmp_path_factory.mktemp("cli")
     hf_model = save_tiny_llama(path / "base", hidden_size=64, intermediate_size=128, num_attention_heads=4,

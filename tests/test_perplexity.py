@@ -4,7 +4,7 @@ import pytest
 
 from model import Config, Model
 from runtime.errors import UserError
-from runtime.perplexity import perplexity, windows_of
+from pipeline.perplexity import perplexity, windows_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

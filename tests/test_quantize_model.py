@@ -1,4 +1,4 @@
-"""Building a saved quantized model with every calibrated method (runtime/quantize_model.py), then loading it.
+"""Building a saved quantized model with every calibrated method (pipeline/quantize_model.py), then loading it.
 
 A tiny random HF Llama (hidden 64, MLP 96 = 12·8, so QuIP#'s Hadamard and
 E8P blocks fit) is quantized through `build_quantized` on a few windows of
@@ -13,11 +13,11 @@ import pytest
 
 from conftest import save_tiny_llama
 from model import Config, Model
-from runtime.calibration import CalibrationSettings
+from pipeline.calibration import CalibrationSettings
 from runtime.formats.base import PackedTensor
 from runtime.packed_checkpoint import load_packed
-from runtime.quantize_model import build_quantized, projection_names
-from runtime.tags import parse_tag
+from pipeline.quantize_model import build_quantized, projection_names
+from pipeline.tags import parse_tag
 
 FORMATS = {"spqr3": "spqr", "spqr4g32s16dense": "spqr", "quip2": "incoherent", "quipsharp2": "e8p",
            "quipsharp3": "e8p", "gptq3g32": "uniform"}
@@ -57,6 +57,6 @@ def test_calibrated_build_saves_loads_and_runs(base, tag):
 
 @pytest.mark.parametrize("tag,threshold", [("int8", 6.0), ("int8t150", 1.5), ("smooth8", None)])
 def test_int8_tags_set_the_outlier_threshold(tag, threshold):
-    from runtime.quantize_model import quantize_weight
+    from pipeline.quantize_model import quantize_weight
     W = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
     assert quantize_weight(W, parse_tag(tag)).outlier_threshold == threshold

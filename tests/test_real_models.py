@@ -4,7 +4,7 @@ import pytest
 
 from conftest import STORIES260K
 from model import Config, Model
-from runtime.api import load
+from pipeline.api import load
 from runtime.checkpoint import load_checkpoint
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""SmoothQuant's offline part (runtime/smoothing.py) on small random HF Llama and OPT models.
+"""SmoothQuant's offline part (pipeline/smoothing.py) on small random HF Llama and OPT models.
 
 The recorded activation maxima are checked against forward hooks on the HF
 transformers model itself; folding the factors into norms and weights must
@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model import Config, Model  # noqa: E402
-from runtime import smoothing  # noqa: E402
+from pipeline import smoothing  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 

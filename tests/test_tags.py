@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.quantize_model import split_quantized_name
+from pipeline.first_use import split_quantized_name
 from runtime.resolve import DEFAULT_MODEL, resolve_model
-from runtime.tags import parse_tag
+from pipeline.tags import parse_tag
 
 
 @pytest.mark.parametrize("tag,method,bits,group,options", [
@@ -87,8 +87,8 @@ def test_defaults_are_read_from_the_method_declarations(monkeypatch, capsys):
     from pathlib import Path
 
     import quantize
-    from runtime.quantize_model import calibrated_method, quantize_weight
-    from runtime.tags import METHOD_MODULES, QuantSpec, contracts
+    from pipeline.quantize_model import calibrated_method, quantize_weight
+    from pipeline.tags import METHOD_MODULES, contracts
 
     def changed(contract):
         fields = [o.field for o in contract.options if o.field] + [contract.group_field] * bool(contract.group_field)
@@ -105,11 +105,11 @@ def test_defaults_are_read_from_the_method_declarations(monkeypatch, capsys):
     for contract in known:
         if contract.group_multiple:
             assert f"{contract.name}: a multiple of {contract.group_multiple}, default 977" in help_text
-        spec = QuantSpec(contract.name, contract.bits[0])
+        spec = contract.spec(contract.bits[0])
         params = (calibrated_method(spec)([], [], None) if contract.calibration == "hessian"
                   else quantize_weight(np.zeros((1, 8)), spec))
         assert all(getattr(params, o.field) == 977 for o in contract.options if o.field)
     root = Path(__file__).parent.parent
-    for path in ("runtime/tags.py", "runtime/quantize_model.py", "quantize.py"):
+    for path in ("pipeline/tags.py", "pipeline/quantize_model.py", "quantize.py"):
         source = (root / path).read_text()
         assert "0.2" not in source and "6.0" not in source and "t20" not in source, path

@@ -1,4 +1,4 @@
-"""The LoRA training backward pass (runtime/training/backward.py) against PEFT + torch autograd.
+"""The LoRA training backward pass (pipeline/training/backward.py) against PEFT + torch autograd.
 
 Oracle: a tiny random HF Llama (GQA: 4 heads, 2 kv heads; tied and untied LM
 head) wrapped by PEFT with LoRA on every projection and random lora_B; the
@@ -20,7 +20,7 @@ import quipsharp  # noqa: E402
 import rtn  # noqa: E402
 from model import Config, Model  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
-from runtime.training.backward import IGNORE, Adapter, Pass  # noqa: E402
+from pipeline.training.backward import IGNORE, Adapter, Pass  # noqa: E402
 
 TOLERANCE = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

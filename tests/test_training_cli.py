@@ -24,8 +24,8 @@ from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.lora import apply_lora, load_adapter  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from runtime.training.backward import IGNORE, Pass  # noqa: E402
-from runtime.training.data import load_dataset  # noqa: E402
+from pipeline.training.backward import IGNORE, Pass  # noqa: E402
+from pipeline.training.data import load_dataset  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)

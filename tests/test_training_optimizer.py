@@ -1,11 +1,11 @@
-"""AdamW, global-norm clipping and the schedules (runtime/training/optimizer.py) against torch.optim.AdamW,
+"""AdamW, global-norm clipping and the schedules (pipeline/training/optimizer.py) against torch.optim.AdamW,
 torch.nn.utils.clip_grad_norm_ and a LambdaLR with the same warm-up and decay."""
 import math
 
 import numpy as np
 import pytest
 
-from runtime.training.optimizer import AdamW, AdamWSettings, clip_grad_norm, lr_factor
+from pipeline.training.optimizer import AdamW, AdamWSettings, clip_grad_norm, lr_factor
 
 torch = pytest.importorskip("torch")
 

@@ -17,7 +17,7 @@ from runtime.atomic import write_text
 from runtime.errors import UserError
 from runtime.lora import CONFIG_FILE, KEY_PREFIX
 from runtime.safetensors_io import write_safetensors
-from runtime.training.backward import LLAMA_PROJECTIONS, Adapter, layer_prefix
+from pipeline.training.backward import LLAMA_PROJECTIONS, Adapter, layer_prefix
 
 WEIGHT_FILE = "adapter_model.safetensors"
 

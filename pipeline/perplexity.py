@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.api import token_logprobs
+from pipeline.api import token_logprobs
 from runtime.atomic import full_disk_reported, write_text
 from runtime.errors import UserError
 from runtime.resolve import PROJECT_ROOT

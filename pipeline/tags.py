@@ -8,10 +8,11 @@ A quantized model is named `BASE.TAG`, e.g. `smollm2-135m.rtn4g128`:
 
 Which METHOD letters exist, their BITS, whether and how they take a GROUP,
 their OPTIONs and their defaults is not written here: each method file
-declares it once, as `CONTRACTS` (MethodContract), and METHOD_MODULES lists
-those files. The parser, the build driver (runtime/quantize_model.py) and
-quantize.py's help loop over the declarations. runtime/ never imports the
-method files when it is imported: `contracts()` imports them on first use.
+declares it once, as `CONTRACTS` (runtime/method_contract.py's MethodContract),
+and METHOD_MODULES lists those files. The parser, the build driver
+(pipeline/quantize_model.py) and quantize.py's help loop over the declarations.
+The method files are imported on first use (`contracts()`), so importing this
+module imports no method.
 
 A tag is a request: the saved model's config.json records the method and its
 parameters, and that record, never the name, is what the loader trusts.
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
-from typing import Callable
 
 from runtime.errors import UserError
+from runtime.method_contract import QuantSpec
 
 METHOD_MODULES = (
     "rtn",        # round-to-nearest
@@ -37,62 +37,9 @@ METHOD_MODULES = (
 ALIASES = {"q2": "quipsharp2", "q3": "quipsharp3", "q4": "quipsharp4"}  # why these: README, "Short tags"
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option of a method's tag: a switch written as a word ("sym"), or a letter followed by a
-    number ("s3"), the number being the value of quantize.py's flag times `scale`."""
-    name: str  # as written in the tag
-    flag: str  # quantize.py's flag
-    help: str  # what it does
-    field: str = ""  # numbers: the parameters field it sets, whose default the help states
-    scale: int = 0  # numbers: tag number = flag value * scale (t: hundredths); 0: a switch
-
-
-@dataclass(frozen=True)
-class MethodContract:
-    """What a method accepts, declared once in its own file (`CONTRACTS`)."""
-    name: str  # the tag's METHOD letters
-    summary: str  # one line: what it is
-    bits: tuple  # the BITS it supports
-    params: Callable  # QuantSpec -> the method's parameters dataclass (UserError on conflicting parts)
-    quantize: Callable  # no calibration: (W, params) -> packed; "hessian": (weights, H, params) -> [(packed, stats)]
-    examples: tuple  # tags, for the messages that list the valid ones
-    options: tuple = ()  # Option, in the order the tag writes them
-    group_multiple: int = 0  # a GROUP must be a multiple of this; 0: takes no group size
-    group_field: str = ""  # the parameters field GROUP sets, whose default the help states
-    calibration: str = ""  # the data it needs: "", "hessian" (runtime/calibration.py) or "activations"
-    #                         (runtime/smoothing.py)
-
-    def defaults(self):
-        """The parameters of the bare tag (the method at its first width, nothing else given)."""
-        return self.params(QuantSpec(self.name, self.bits[0]))
-
-
 def contracts() -> dict:
     """{METHOD letters: MethodContract} of every method module, imported here on first use."""
     return {c.name: c for module in METHOD_MODULES for c in importlib.import_module(module).CONTRACTS}
-
-
-@dataclass
-class QuantSpec:
-    """A parsed tag: the method and the settings it was asked for."""
-    method: str
-    bits: int
-    group_size: int = 0          # 0 = absent
-    options: set = field(default_factory=set)
-    values: dict = field(default_factory=dict)  # numeric options, e.g. {"s": 3, "t": 20}
-
-    @property
-    def tag(self) -> str:
-        contract = contracts().get(self.method)
-        rank = {o.name: i for i, o in enumerate(contract.options if contract else ())}
-
-        def order(name):
-            return rank.get(name, len(rank)), name
-
-        group = f"g{self.group_size}" if self.group_size else ""
-        numbers = "".join(f"{k}{self.values[k]}" for k in sorted(self.values, key=order))
-        return f"{self.method}{self.bits}{group}{''.join(sorted(self.options, key=order))}{numbers}"
 
 
 def tag_forms() -> str:
@@ -137,7 +84,7 @@ def parse_tag(tag: str) -> QuantSpec:
     if match["group"] is not None and (group < multiple or group % multiple):
         raise UserError(f"tag {tag!r}: the group size must be a multiple of {multiple} "
                         f"(e.g. {multiple}, {2 * multiple}, {4 * multiple})")
-    spec = QuantSpec(contract.name, bits, group, {o for o, name in found.items() if o == name},
-                     {name: int(o[len(name):]) for o, name in found.items() if o != name})
+    spec = contract.spec(bits, group, {o for o, name in found.items() if o == name},
+                         {name: int(o[len(name):]) for o, name in found.items() if o != name})
     contract.params(spec).check()
     return spec

@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.errors import UserError
 from runtime.tokenizer import Tokenizer
-from runtime.training.backward import IGNORE
+from pipeline.training.backward import IGNORE
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 

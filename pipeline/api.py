@@ -1,6 +1,6 @@
 """The Python API for embedding the runtime in an application.
 
-    from runtime.api import load
+    from pipeline.api import load
     llm = load("smollm2-135m")                   # once: name, directory or file
     for piece in llm.stream("Once upon a time", max_new_tokens=40):
         print(piece, end="", flush=True)
@@ -29,7 +29,7 @@ from runtime.generate import GenerationStats, check_prompt, finite_logits, gener
 from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import apply_lora, load_adapter
 from runtime.packed_checkpoint import is_packed_model, load_packed
-from runtime.quantize_model import find_or_build
+from pipeline.first_use import find_or_build
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 from runtime.verify import verify_model

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from model import Model
 from runtime.errors import UserError
-from runtime.training.adapter import new_adapter, write_adapter
-from runtime.training.backward import Adapter, Pass
-from runtime.training.checkpoint import load_checkpoint, save_checkpoint
-from runtime.training.data import Dataset
-from runtime.training.optimizer import AdamW, AdamWSettings, clip_grad_norm, lr_factor
+from pipeline.training.adapter import new_adapter, write_adapter
+from pipeline.training.backward import Adapter, Pass
+from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.training.data import Dataset
+from pipeline.training.optimizer import AdamW, AdamWSettings, clip_grad_norm, lr_factor
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Quantize every linear layer of a checkpoint with a method and save the packed model.
 
 The driver behind `quantize.py` and behind `run.py --model BASE.TAG` when the
-quantized model is not built yet. Every decoder projection (Llama: q, k, v,
+quantized model is not built yet (pipeline/first_use.py imports it only then). Every decoder projection (Llama: q, k, v,
 o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2) goes through the
 method. As llama.cpp does for this project's default model (its Q4_1 file
 keeps `token_embd` at Q8_0), the LM head is kept at 8 bits (per-row
 round-to-nearest) and the token embedding in float16, whatever the method.
-Methods whose contract asks for the Hessian (runtime/tags.py) run through
-runtime/calibration.py, layer by layer, with their state kept in
+Methods whose contract asks for the Hessian (pipeline/tags.py) run through
+pipeline/calibration.py, layer by layer, with their state kept in
 `<out_dir>.partial/` for `resume`.
 
 Writing never loses a user's files: a build checks everything it needs
@@ -36,15 +36,16 @@ from tqdm import tqdm
 
 from model import Config
 from runtime.atomic import atomic_directory, full_disk_reported, remove_temporaries
-from runtime.calibration import CalibrationSettings, calibrate, check_state_dir, is_state_dir, remove_state, \
+from pipeline.calibration import CalibrationSettings, calibrate, check_state_dir, is_state_dir, remove_state, \
     sample_windows, settings_record, state_dir_for, text_tokens
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import UserError
 from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import load_adapter, merge_lora
 from runtime.packed_checkpoint import save_packed
-from runtime.resolve import MODELS_DIR, PROJECT_ROOT, base_dir_name, find_model, hub_model, resolve_model
-from runtime.tags import QuantSpec, contracts, parse_tag
+from runtime.resolve import MODELS_DIR, PROJECT_ROOT
+from pipeline.tags import contracts
+from runtime.method_contract import QuantSpec
 from runtime.tokenizer import Tokenizer
 
 PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -68,7 +69,7 @@ def quantize_weight(weight: np.ndarray, spec: QuantSpec):
 
 
 def calibrated_method(spec: QuantSpec):
-    """A method that needs the Hessian, as runtime/calibration.py calls it: (names, weights, H) -> [(packed, stats)]."""
+    """A method that needs the Hessian, as pipeline/calibration.py calls it: (names, weights, H) -> [(packed, stats)]."""
     contract = contracts()[spec.method]
     params = contract.params(spec)
     return lambda names, weights, hessian: contract.quantize(weights, hessian, params)
@@ -127,7 +128,7 @@ def smooth(config: Config, tensors: dict, sequences: list) -> tuple[dict, dict]:
     """SmoothQuant's offline step: per-channel activation maxima of the calibration `sequences`, folded
     into the norms and the linears that follow them; (smoothed tensors, summary for config.json)."""
     import int8
-    from runtime import smoothing
+    from pipeline import smoothing
     smoothed = smoothing.smooth_model(config, tensors, sequences, int8.SMOOTHQUANT_ALPHA)
     return smoothed, {"smoothing": {"alpha": int8.SMOOTHQUANT_ALPHA, "sequences": len(sequences),
                                     "length": len(sequences[0])}}
@@ -259,7 +260,7 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
         check_state_dir(state_dir_for(out_dir))
         windows = calibration_windows(tokenizer, calibration)  # [nsamples, seqlen]
     if needs == "activations":
-        from runtime.smoothing import calibration_sequences
+        from pipeline.smoothing import calibration_sequences
         sequences = calibration_sequences(tokenizer)
     adapter = load_adapter(lora) if lora is not None else None
     request = {"tag": spec.tag, "base": str(base.resolve()), "lora_merged": None if lora is None else str(lora)}
@@ -296,40 +297,3 @@ def build_quantized(base: Path, spec: QuantSpec, out_dir: Path, progress: bool =
             tokenizer.save(tmp)
         remove_state(state_dir_for(out_dir))
     return out_dir
-
-
-def split_quantized_name(name: str) -> tuple[str, str] | None:
-    """("smollm2-135m", "rtn4g128") for "smollm2-135m.rtn4g128"; None when there is no tag."""
-    base, dot, tag = name.rpartition(".")
-    return (base, tag) if dot and base and tag and "/" not in tag else None
-
-
-def parsed_tag(tag: str) -> QuantSpec | None:
-    """The spec that `tag` names, or None when it is not a tag."""
-    try:
-        return parse_tag(tag)
-    except UserError:
-        return None
-
-
-def find_or_build(name: str | None, progress: bool = True) -> Path:
-    """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE, a local
-    model or one downloaded from the Hub (runtime/resolve.py). A Hub name whose last dot is not a tag
-    ("facebook/opt-1.3b": "3b") is the float model itself."""
-    path = find_model(name)
-    if path is not None:
-        return path
-    parts = split_quantized_name(name or "")
-    if (parts is None or (parsed_tag(parts[1]) is None and hub_model(name))
-            or (find_model(parts[0]) is None and hub_model(parts[0]) is None)):
-        return resolve_model(name)  # a Hub model, or the error that says what to do
-    base, tag = parts
-    spec = parse_tag(tag)
-    out_dir = MODELS_DIR / f"{base_dir_name(base)}.{spec.tag}"
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    base_path = resolve_model(base)
-    if progress:
-        print(f"{name} is not built yet: building it from {base_path} with {spec.tag} ...", file=sys.stderr,
-              flush=True)
-    return build_quantized(base_path, spec, out_dir, progress)
