@@ -21,7 +21,6 @@ and quantizes itself.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -37,9 +36,10 @@ from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, quantize_stats
 from runtime.formats.uniform import PER_ROW, UniformTensor, group_index
 from runtime import e8p
-from runtime.atomic import atomic_directory, temporary_name
+from runtime.atomic import atomic_directory
 from runtime.checkpoint import save_checkpoint
 from runtime.datasets import DATA_DIR
+from runtime.export.gguf import write_gguf
 from runtime.gguf_io import half_split_to_interleaved
 from runtime.packed_checkpoint import save_packed
 from pipeline.quantize_model import HEAD_SPEC, bits_per_weight
@@ -309,9 +309,8 @@ def write_llama_gguf(path: Path, config: dict, tensors: dict, tokenizer_model: P
     SentencePiece vocabulary of `tokenizer_model`), atomically: under a temporary name, then renamed."""
     path = Path(path)
     pieces, scores, kinds = sentencepiece_vocabulary(tokenizer_model)
-    tmp = temporary_name(path, "tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    try:
+
+    def fill(writer):
         writer.add_name(path.stem)
         writer.add_context_length(config["max_position_embeddings"])
         writer.add_embedding_length(config["hidden_size"])
@@ -335,10 +334,5 @@ def write_llama_gguf(path: Path, config: dict, tensors: dict, tokenizer_model: P
         writer.add_add_eos_token(False)
         for name, array in gguf_tensors(config, tensors).items():
             writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_gguf(path, fill)

@@ -233,17 +233,26 @@ def export(model_dir: Path, config: dict, tensors: dict, out: Path) -> None:
                   Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
     file_type = file_types[sorted(kinds)[0]] if kinds else gguf.LlamaFileType.MOSTLY_F16
     vocab = vocabulary(Path(model_dir), config["vocab_size"])
-    out = Path(out)
-    tmp = temporary_name(out, "tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    try:
+
+    def fill(writer):
         write_metadata(writer, config, vocab, tokenizer_settings(Path(model_dir)), file_type)
         for target, (array, kind) in encoded.items():
             writer.add_tensor(target, array, raw_dtype=kind)
+
+    write_gguf(Path(out), fill)
+
+
+def write_gguf(path: Path, fill) -> None:
+    """Write a llama-architecture GGUF atomically: `fill(writer)` adds the metadata and tensors to a
+    gguf.GGUFWriter on a temporary name beside `path`, renamed onto `path` once the file is complete."""
+    tmp = temporary_name(path, "tmp")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    try:
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
