@@ -6,7 +6,9 @@ transformers needs optimum or gptqmodel with their kernels, not installed
 here). GGUF: the `gguf` package's own dequantization of the written blocks
 equals our weights (Q4_0 exactly, Q4_1 within fp16 rounding of m, Q8_0
 exactly for symmetric codes), our loader reads the file back, and
-llama-cpp-python (when installed) loads it and generates.
+llama-cpp-python (when installed) loads it, generates, and gives the perplexity
+our runtime gives on our model (bench_llamacpp.py's perplexity, the
+benchmark's own llama.cpp code path).
 """
 import json
 import subprocess
@@ -16,6 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
+from bench_llamacpp import perplexity as llama_cpp_perplexity
 from conftest import ROOT, save_tiny_llama
 from runtime.errors import UserError
 from runtime.export import export_model
@@ -23,6 +26,7 @@ from runtime.formats.uniform import UniformTensor
 from runtime.gguf_io import interleaved_to_half_split
 from runtime.importers import load_quantized_checkpoint
 from runtime.packed_checkpoint import load_packed, save_packed
+from pipeline.perplexity import perplexity, windows_of
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag
 
@@ -89,6 +93,41 @@ def test_gguf_export_loads_in_our_runtime_and_llama_cpp(base, tmp_path):
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, verbose=False)
     result = llm("The cat", max_tokens=4, temperature=0)
     assert result["usage"]["completion_tokens"] >= 1
+
+
+PPL_SEQLEN, PPL_WINDOWS = 48, 4
+PPL_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+            "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+            "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the "
+            "world, a title it held for 41 years until the Chrysler Building in New York City was finished in 1930. ")
+
+
+@pytest.fixture(scope="module")
+def sharp_base(tmp_path_factory):
+    """A random Llama whose weights are large enough (initializer_range 0.15) that its logits are far from
+    uniform, so a perplexity that ignored a layer would show; room for the perplexity windows."""
+    path = tmp_path_factory.mktemp("sharp")
+    save_tiny_llama(path, **SHAPE, num_hidden_layers=2, initializer_range=0.15, max_position_embeddings=64)
+    return path
+
+
+@pytest.mark.parametrize("tag,kind", [("rtn4g32sym", "Q4_0"), ("rtn4g32", "Q4_1")])
+def test_gguf_export_perplexity_in_llama_cpp_matches_ours(sharp_base, tmp_path, tag, kind):
+    pytest.importorskip("llama_cpp")
+    from pipeline.api import load
+    model = built(sharp_base, tmp_path, tag)
+    out = export_model(model, "gguf")
+    assert gguf_weights(out)["blk.0.attn_q.weight"][0].name == kind
+    llm = load(str(model))
+    ids = llm.tokenizer.encode(PPL_TEXT * 4)
+    ours = perplexity(llm.model, ids, PPL_SEQLEN, PPL_WINDOWS, progress=False)
+    assert ours["windows"] == PPL_WINDOWS
+    windows = np.asarray(windows_of(ids, PPL_SEQLEN, PPL_WINDOWS), np.int32)  # [windows, seqlen]
+    np.save(tmp_path / "windows.npy", windows)
+    theirs = llama_cpp_perplexity(str(out), str(tmp_path / "windows.npy"), threads=2)
+    assert theirs["count"] == ours["tokens"]
+    assert abs(np.log(ours["ppl"] / 32000)) > 0.1  # far from uniform logits: the weights decide it
+    assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=0.005)
 
 
 @pytest.mark.parametrize("tag", ["rtn3g32", "rtn2g64", "nf4"])
