@@ -25,6 +25,9 @@ of our rows beside the llama.cpp row of its size.
     python bench.py --prepare-only      (build every model and perplexity first: hours for SmolLM2's GPTQ,
                                          SpQR and QuIP# variants; the timed rounds then take about an hour)
     python bench.py --child DIR --ids 1,2,3 --steps 64     (one measurement of ours, JSON on stdout)
+    python bench.py --export-comparison  (WikiText-2 perplexity in llama.cpp of our SmolLM2 gptq4g32sym exported
+                                          as GGUF Q4_0 beside llama.cpp's own Q4_0 of the Q4_1 base; a markdown
+                                          section on stdout, for BENCHMARKS.md)
 """
 from __future__ import annotations
 
@@ -294,6 +297,40 @@ def perplexity_llama_cpp(path: Path, threads: int) -> float:
     return result["ppl"]
 
 
+def export_comparison(threads: int) -> str:
+    """A BENCHMARKS.md section: WikiText-2 perplexity (PPL_WINDOWS windows of PPL_SEQLEN) of SmolLM2 in llama.cpp
+    as our gptq4g32sym exported to GGUF (Q4_0 blocks; built and exported first when missing) and as llama.cpp's
+    own Q4_0 requantized from the Q4_1 base, with the base and our runtime on the GPTQ model for reference."""
+    from pipeline.first_use import find_or_build
+    from runtime.export import default_destination, export_model
+    tag = "gptq4g32sym"
+    ours = find_or_build(f"{SMOLLM}.{tag}")
+    exported = default_destination(ours, "gguf")
+    if not exported.exists():
+        export_model(ours, "gguf")
+    base = prepare(Row(LLAMA_CPP, SMOLLM, "Q4_1"), threads)
+    requantized = CACHE / f"{SMOLLM}.Q4_0-from-Q4_1.gguf"
+    if not requantized.exists():
+        requantized.parent.mkdir(parents=True, exist_ok=True)
+        run_json([sys.executable, str(PROJECT / "bench_llamacpp.py"), "quantize", str(base), str(requantized),
+                  "Q4_0"], LLAMA_CPP, threads)
+    rows = [(f"llama.cpp on our `{tag}` exported (`quantize.py --export gguf`)", exported),
+            ("llama.cpp on its own Q4_0 (`llama_model_quantize` of the Q4_1 file)", requantized),
+            ("llama.cpp on the Q4_1 base both start from", base)]
+    lines = ["| model | bits/weight | WikiText-2 ppl |", "|---|---:|---:|"]
+    for label, path in rows:
+        print(f"perplexity of {path.name} in llama.cpp ...", flush=True)
+        lines.append(f"| {label} | {gguf_bits(path):.2f} | {perplexity_llama_cpp(path, threads):.2f} |")
+    print(f"perplexity of {ours.name} in our runtime ...", flush=True)
+    lines.append(f"| our runtime on `{tag}` | {size_info(Row(OURS, SMOLLM, tag), ours)['bits']:.2f} | "
+                 f"{perplexity_ours(ours):.2f} |")
+    return "\n".join(["## GPTQ export in llama.cpp", "",
+                      f"From `python bench.py --export-comparison --threads {threads}` on {machine()}: SmolLM2-135M-"
+                      f"Instruct, WikiText-2 test, the first {PPL_WINDOWS} windows of {PPL_SEQLEN} tokens. Both Q4_0 "
+                      "files hold the same 4-bit blocks of 32 with one scale each; ours chooses the codes with GPTQ "
+                      "from the float model, llama.cpp rounds the Q4_1 file's weights to nearest.", "", *lines, ""])
+
+
 # ---- the tables ----
 
 def medians(results: list[dict]) -> dict:
@@ -508,6 +545,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-write", action="store_true", help="print the tables; leave BENCHMARKS.md and README alone")
     p.add_argument("--prepare-only", action="store_true", help="build the models, GGUFs and perplexities the rows "
                    "need, then stop (each is kept: an interrupted preparation continues where it stopped)")
+    p.add_argument("--export-comparison", action="store_true", help="print the section comparing our GPTQ export "
+                   "(GGUF Q4_0) with llama.cpp's own Q4_0 in llama.cpp's perplexity, then stop")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -515,6 +554,9 @@ def main(argv=None) -> None:
         print(json.dumps(child_ours(args.child, [int(t) for t in args.ids.split(",")], args.steps)))
         return
     check_args(args)
+    if args.export_comparison:
+        print(export_comparison(args.threads))
+        return
     load = load_average()
     llama = llama_cpp_settings(args.threads)
     rows = [row for row in select(default_rows(), args.rows) if llama is not None or row.engine != LLAMA_CPP]

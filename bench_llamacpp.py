@@ -12,7 +12,8 @@ prints one JSON object on stdout:
         peak RSS (VmHWM) and the RSS after `import llama_cpp`
     python bench_llamacpp.py perplexity GGUF --windows FILE.npy --threads 2
         NLL of every predicted token of each window ([n, seqlen] int32 ids)
-    python bench_llamacpp.py quantize SRC DST TYPE      llama_model_quantize (TYPE: Q4_0, Q2_K, Q8_0, ...)
+    python bench_llamacpp.py quantize SRC DST TYPE      llama_model_quantize (TYPE: Q4_0, Q2_K, Q8_0, ...;
+                                                        a quantized SRC is requantized)
     python bench_llamacpp.py info                        version and build flags (llama_print_system_info)
     python bench_llamacpp.py cmake-args                  CMAKE_ARGS to build llama-cpp-python for this CPU
 
@@ -120,13 +121,15 @@ def perplexity(path: str, windows_file: str, threads: int) -> dict:
 
 
 def quantize(source: str, target: str, kind: str) -> dict:
-    """Quantize GGUF `source` to `target` with llama.cpp's own quantizer (written beside, then renamed)."""
+    """Quantize GGUF `source` to `target` with llama.cpp's own quantizer (written beside, then renamed); a
+    `source` that is itself quantized (SmolLM2's Q4_1) is requantized (llama-quantize's --allow-requantize)."""
     import llama_cpp
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None)
     if ftype is None:
         raise SystemExit(f"llama.cpp has no file type MOSTLY_{kind}: use Q4_0, Q2_K, Q8_0, F16, ...")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
+    params.allow_requantize = True
     tmp = f"{target}.{os.getpid()}.tmp"
     start = time.perf_counter()
     try:
