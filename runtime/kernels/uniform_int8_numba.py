@@ -51,6 +51,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
+from runtime.kernels.uniform_numba import storage_input
 from runtime.kernels.uniform_numba import group_grid, group_runs, kernel_arrays, readonly
 
 KERNELS = ("avx512vnni", "avx2", "portable")
@@ -250,12 +251,7 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     """(xq [runs*32] int8, xw [runs*32] int8, d [runs] float32, xsum [n_groups] float32) of x [in]:
     x gathered into storage order (perm; empty: identity) and zero-padded to whole runs, quantized
     per run (Q8_0); xw is xq in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: xq)."""
-    xs = np.zeros(n_runs * BLOCK, dtype=np.float32)  # [runs*32]
-    if perm.shape[0] > 0:
-        for k in range(perm.shape[0]):
-            xs[k] = x[perm[k]]
-    else:
-        xs[:x.shape[0]] = x
+    xs = storage_input(x, perm, n_runs)  # [runs*32]
     xq = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     d = np.empty(n_runs, dtype=np.float32)  # [runs]
     quantize_blocks(xs, xq, d)

@@ -219,17 +219,24 @@ def _matvec_chunk(qweight, qzeros, scales, xs, xsum, bits, group_runs, sym, n0, 
 
 
 @njit(cache=True)
-def _storage_input(x, perm, bits, n_runs, group_runs, n_groups):
-    """(x' [runs*32], xsum [n_groups]) for `_matvec_chunk`: x [in] gathered into storage order,
-    zero-padded to whole runs, its sum over each group; then each x'[k] whose code sits below bit
-    31 of one word (bit offset o = k * bits % 32, o + bits < 32) is divided by 2**o, because the
-    kernel reads that code as code * 2**o (masked in place, not shifted)."""
+def storage_input(x, perm, n_runs):
+    """x [in] gathered into storage order (perm; empty: identity), zero-padded to whole runs: [runs*32]."""
     xs = np.zeros(n_runs * RUN, dtype=np.float32)  # [runs*32]
     if perm.shape[0] > 0:
         for k in range(perm.shape[0]):
             xs[k] = x[perm[k]]
     else:
         xs[:x.shape[0]] = x
+    return xs
+
+
+@njit(cache=True)
+def _storage_input(x, perm, bits, n_runs, group_runs, n_groups):
+    """(x' [runs*32], xsum [n_groups]) for `_matvec_chunk`: x [in] gathered into storage order,
+    zero-padded to whole runs, its sum over each group; then each x'[k] whose code sits below bit
+    31 of one word (bit offset o = k * bits % 32, o + bits < 32) is divided by 2**o, because the
+    kernel reads that code as code * 2**o (masked in place, not shifted)."""
+    xs = storage_input(x, perm, n_runs)  # [runs*32]
     xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
     for k in range(n_runs * RUN):
         xsum[k // (RUN * group_runs)] += xs[k]
