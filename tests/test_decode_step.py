@@ -8,7 +8,7 @@ and the NumPy elementwise code. Both run the same weights, float or packed
 max |difference| <= TOL * max |logit|.
 
 Int8 activations are compared on the small oracle models. On SmolLM2 the
-packed model is compared with float activations (QLLM_UNIFORM_ACTIVATIONS=float):
+packed model is compared with float activations (QLLM_ACTIVATIONS=float):
 its activations have outliers of several hundred, so the last-bit difference
 between the Numba and NumPy norms flips the rounding of some int8 activations
 (steps of outlier/127) and the two paths land 1-3% of max |logit| apart, as
@@ -61,7 +61,7 @@ def test_oracle_configs(case, quantized, tmp_path):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_smollm2(smollm2_dir, quantized, monkeypatch):
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     hf_config, tensors = load_checkpoint(smollm2_dir)
     tensors = packed(tensors, 128) if quantized else tensors
     assert_decode_steps_match(Config.from_hf(hf_config), tensors, [1, 504, 3458, 314], [282, 4077, 30])

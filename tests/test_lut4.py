@@ -1,7 +1,7 @@
 """The lut4 format (runtime/formats/lut4.py) and its Numba / CUDA kernels.
 
 The NumPy reference is checked against the layout written out by hand here;
-the kernels are checked against the reference within a floating-point
+the float-activation kernels are checked against the reference within a floating-point
 summation bound; the byte size against QLoRA's bits-per-weight figures.
 """
 import numpy as np
@@ -13,6 +13,12 @@ from runtime.formats.lut4 import DQ_BLOCK_SIZE, DQ_MAX_ERROR, Lut4Tensor, dynami
 from runtime.kernels import lut4_numba
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(autouse=True)
+def float_activations(monkeypatch):
+    """These are the float-activation kernels (the int8 decode path: test_lut4_int8_kernels.py)."""
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
 
 
 def random_tensor(rng, n_out, n_in, block_size=64, double_quant=False):

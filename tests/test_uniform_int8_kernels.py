@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.formats.uniform import int8_pays, quantize_activation
+from runtime.formats.base import quantize_activation
 from runtime.kernels import uniform_int8_numba
 from runtime.kernels.quant_activations_numba import quantize_blocks
 from runtime.kernels.uniform_numba import kernel_arrays
@@ -77,28 +77,28 @@ def test_int8_path_is_close_to_float_activations():
 def test_activation_modes_pick_the_kernel(monkeypatch):
     packed = make_tensor(6, 67, 200, 4, 32)
     x = inputs(6, 3, 200)  # [3, in]
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    decode_reference = packed.matmul_reference_int8 if int8_pays(4, AVAILABLE[0]) else packed.matmul_reference
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    decode_reference = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(4, AVAILABLE[0]) else packed.matmul_reference
     assert_close(packed.matmul(x[:1]), decode_reference(x[:1]))  # decode: int8 where SIMD tiles exist
     assert_close(packed.matmul(x), packed.matmul_reference(x))  # prefill: float tiles
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8-all")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")
     assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     assert_close(packed.matmul(x[:1]), packed.matmul_reference(x[:1]))
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int4")
-    with pytest.raises(UserError, match="QLLM_UNIFORM_ACTIVATIONS"):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int4")
+    with pytest.raises(UserError, match="QLLM_ACTIVATIONS"):
         packed.matmul(x)
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    monkeypatch.setenv("QLLM_UNIFORM_INT8_KERNEL", "neon")  # unknown (and one this CPU lacks would be refused)
-    with pytest.raises(UserError, match="QLLM_UNIFORM_INT8_KERNEL"):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    monkeypatch.setenv("QLLM_INT8_KERNEL", "neon")  # unknown (and one this CPU lacks would be refused)
+    with pytest.raises(UserError, match="QLLM_INT8_KERNEL"):
         packed.matmul(x[:1])
 
 
 def test_decode_keeps_float_activations_at_widths_without_simd_tiles(monkeypatch):
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "int8")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
     packed = make_tensor(7, 67, 200, 3, 32)  # no kernel has 3-bit tiles: the float kernel is faster there
     x = inputs(7, 1, 200)  # [1, in]
-    assert not int8_pays(3, AVAILABLE[0])
+    assert not uniform_int8_numba.simd_tiles(3, AVAILABLE[0])
     assert_close(packed.matmul(x), packed.matmul_reference(x))
     assert packed.matmul_parts([packed, packed], x) is None
 
@@ -114,7 +114,8 @@ def test_simd_kernels_use_dot_product_instructions(kernel, instructions):
     qweight, qzeros, scales, perm = kernel_arrays(packed)
     xq, xw, d, xsum = uniform_int8_numba.quantize_input(x, perm, 4, 4, 4, 1)
     y = np.empty(64, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS[kernel], qweight, qzeros, scales, xq, xw, d, xsum, 4, 4, False, 0, 4, y)
+    fresh(uniform_int8_numba.KERNEL_IDS[kernel], qweight, qzeros, scales, xq, xw, d, xsum, 4, 4, False,
+          uniform_int8_numba.NO_LUT, 0, 4, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
     assert instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm))

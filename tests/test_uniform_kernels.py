@@ -1,6 +1,6 @@
 """Numba (and, with a GPU, CUDA) kernels of the uniform format against its NumPy reference.
 
-These are the float-activation kernels (QLLM_UNIFORM_ACTIVATIONS=float for every
+These are the float-activation kernels (QLLM_ACTIVATIONS=float for every
 test here); the int8-activation kernels are in test_uniform_int8_kernels.py.
 
 Tolerance: ||y - y_ref|| <= TOL * ||y_ref|| (float32 sums in another order;
@@ -20,7 +20,7 @@ GRIDS = [(67, 200, 32, False), (67, 200, 128, False), (67, 200, -1, False), (33,
 
 @pytest.fixture(autouse=True)
 def float_activations(monkeypatch):
-    monkeypatch.setenv("QLLM_UNIFORM_ACTIVATIONS", "float")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
 
 
 def make_tensor(seed, n_out, n_in, bits, group_size, sym=False, per_tensor=False, act_order=False):

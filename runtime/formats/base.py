@@ -14,6 +14,56 @@ from runtime.device import is_cupy
 from runtime.errors import UserError
 
 
+def activation_mode() -> tuple[str, str]:
+    """(mode, kernel) of the CPU products, from the environment.
+
+    For the formats with int8-activation decode kernels (uniform, lut4). QLLM_ACTIVATIONS: `int8`
+    (default) quantizes the activation of a one-row product (decode) to int8 per run of 32 and
+    multiplies in integer lanes where the CPU has SIMD tiles for the format's codes (float activations
+    otherwise), more rows (prefill) go through float tiles
+    and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
+    the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
+    (the reference kernel). QLLM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
+    best the CPU has; one it lacks is refused).
+    """
+    import os
+
+    from runtime.kernels.uniform_int8_numba import available_kernels
+
+    mode = os.environ.get("QLLM_ACTIVATIONS", "int8")
+    kernel = os.environ.get("QLLM_INT8_KERNEL") or available_kernels()[0]
+    if mode not in ("int8", "int8-all", "float"):
+        raise UserError(f"QLLM_ACTIVATIONS={mode!r}: use int8, int8-all or float")
+    if kernel not in available_kernels():
+        raise UserError(f"QLLM_INT8_KERNEL={kernel!r}: this CPU runs {', '.join(available_kernels())}")
+    return mode, kernel
+
+
+def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None) -> np.ndarray:
+    """x_hat [m, in]: each row of x [m, in] float32 as the int8-activation kernels see it.
+
+    In storage order (perm; None: column order), zero-padded to whole runs of 32, each run quantized
+    as llama.cpp's Q8_0 (runtime/kernels/quant_activations_numba.py: d = max|x| / 127, q = rint(x * (1/d))
+    in float32), then dequantized to d * q and put back in column order. The NumPy reference of the
+    int8 kernels is x_hat @ W.T.
+    """
+    from runtime.kernels.quant_activations_numba import BLOCK as RUN
+
+    m, n_in = x.shape
+    runs = -(-n_in // RUN)
+    stored = np.zeros((m, runs * RUN), dtype=np.float32)  # [m, runs*32]
+    stored[:, :n_in] = x if perm is None else x[:, perm]
+    blocks = stored.reshape(m, runs, RUN)  # [m, runs, 32]
+    d = np.abs(blocks).max(axis=2) / np.float32(127.0)  # [m, runs]
+    inverse = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)  # [m, runs]
+    x_hat = (np.rint(blocks * inverse[..., None]) * d[..., None]).reshape(m, -1)[:, :n_in]  # [m, in] storage
+    if perm is None:
+        return x_hat
+    out = np.empty_like(x_hat)  # [m, in]
+    out[:, perm] = x_hat
+    return out
+
+
 class PackedTensor:
     """A quantized weight W [out, in] stored in a packed layout.
 
@@ -33,11 +83,57 @@ class PackedTensor:
         raise NotImplementedError
 
     def matmul(self, x):
-        """y = x @ W.T for x [..., in] float32 -> y [..., out] float32 (leading axes flattened for `matmul_rows`)."""
+        """y = x @ W.T for x [..., in] float32 -> y [..., out] float32 (leading axes flattened for `matmul_rows`);
+        on the CPU the rows `activation_mode` picks (by default one row: decode) go through the
+        int8-activation kernel where the format has one (`int8_weight`)."""
         on_gpu = self.check_input(x)
         n_out, n_in = self.shape
         rows = x.reshape(-1, n_in) if on_gpu else np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
-        return self.matmul_rows(rows, on_gpu).reshape(*x.shape[:-1], n_out)
+        y = None if on_gpu else self._matmul_int8(rows)
+        if y is None:
+            y = self.matmul_rows(rows, on_gpu)  # [m, out]
+        return y.reshape(*x.shape[:-1], n_out)
+
+    def int8_weight(self):
+        """This weight as the int8-activation decode kernel takes it (a KernelWeight of
+        runtime/kernels/uniform_int8_numba.py), or None: the format multiplies float activations only."""
+        return None
+
+    def _matmul_int8(self, rows):
+        """y [m, out] = rows [m, in] @ W.T with int8 activations, one row at a time, where `activation_mode`
+        picks that path for these rows; None where it does not."""
+        weight = self.int8_weight()
+        if weight is None:
+            return None
+        from runtime.kernels import uniform_int8_numba
+        mode, kernel = activation_mode()
+        if mode == "float" or (mode == "int8" and (rows.shape[0] != 1 or not uniform_int8_numba.simd_tiles(
+                weight.bits, kernel, weight.lut.shape[0] > 0))):
+            return None
+        y = np.empty((rows.shape[0], self.shape[0]), dtype=np.float32)  # [m, out]
+        for r, row in enumerate(rows):
+            y[r] = uniform_int8_numba.matvec(weight, row, kernel)
+        return y
+
+    def matmul_parts(self, parts, x):
+        """[x @ W.T for W in parts] (this tensor first) in one int8-activation kernel call, for one row
+        x [..., in] on the CPU; None where that does not apply (formats without the kernel, float
+        activations, more rows, different grids, storage orders or tables): the caller multiplies one by one."""
+        if is_cupy(x) or x.size != x.shape[-1]:
+            return None
+        weights = [getattr(p, "int8_weight", lambda: None)() for p in parts]
+        if any(w is None for w in weights):
+            return None
+        from runtime.kernels import uniform_int8_numba
+        mode, kernel = activation_mode()
+        if mode == "float" or not uniform_int8_numba.fusable(weights) or (mode == "int8" and not (
+                uniform_int8_numba.simd_tiles(weights[0].bits, kernel, weights[0].lut.shape[0] > 0))):
+            return None
+        self.check_input(x)
+        y = uniform_int8_numba.matvec_parts(weights, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
+                                            kernel)  # [sum of outs]
+        ends = np.cumsum([0] + [p.shape[0] for p in parts])
+        return [y[a:b].reshape(*x.shape[:-1], -1) for a, b in zip(ends[:-1], ends[1:])]
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] for x [m, in] (contiguous float32 on the CPU).

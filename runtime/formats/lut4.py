@@ -53,9 +53,10 @@ import numpy as np
 
 from runtime.device import is_cupy, to_module
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, quantize_activation
 
 TABLE_SIZE = 16
+LUT_ZERO = 128  # zero point of the int8 kernel's table (`lut_table`)
 DQ_BLOCK_SIZE = 256
 DQ_MAX_ERROR = 0.9 / 128  # max |absmax error| / absmax_scale under double quantization
 FUSED_MAX_ROWS = 3  # NumPy input with at most this many rows: fused Numba kernel (measured crossover)
@@ -82,6 +83,14 @@ def dynamic_map() -> np.ndarray:
     values = np.sort(np.concatenate([positive, -positive, [0.0, 1.0]])).astype(np.float32)  # [256]
     values.setflags(write=False)
     return values
+
+
+def lut_table(table: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """(lut uint8 [16], step) of the int8-activation decode kernel (runtime/kernels/lut4_numba.py): the
+    table [16] float32 rounded to lut = rint(table / step) + 128, step = max|table| / 127; code c then
+    stands for (lut[c] - 128) * step * absmax (`matmul_reference_int8`)."""
+    step = np.float32(np.abs(table).max() / np.float32(127.0)) or np.float32(1.0)
+    return (np.rint(table / step) + LUT_ZERO).astype(np.uint8), step
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -124,6 +133,7 @@ class Lut4Tensor(PackedTensor):
         self.absmax_scale = absmax_scale  # [ceil(out*in/B / 256)] float32
         self.absmax_mean = absmax_mean  # [1] float32
         self._check()
+        self._int8_weight = None  # the int8 decode kernel's repacked codes, built on first use
 
     @property
     def double_quant(self) -> bool:
@@ -190,6 +200,23 @@ class Lut4Tensor(PackedTensor):
     def matmul_reference(self, x) -> np.ndarray:
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
+
+    def matmul_reference_int8(self, x) -> np.ndarray:
+        """y [m, out] = x_hat @ W_hat.T, the reference of the int8-activation decode path: x [m, in] quantized
+        as the int8 kernels do (`quantize_activation`), the table rounded as `lut_table` does."""
+        lut, step = lut_table(self.table)
+        values = (lut.astype(np.float32) - LUT_ZERO) * step  # [16]
+        codes = unpack_nibbles(self.qweight)  # [out, in]
+        w_hat = values[codes] * np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
+        return quantize_activation(np.asarray(x, dtype=np.float32)) @ w_hat.T
+
+    def int8_weight(self):
+        """The codes repacked for the int8-activation decode kernel (PackedTensor.int8_weight), built on first
+        use and kept (as many bytes as qweight); None on the GPU or for blocks that are not whole runs of 32."""
+        if self._int8_weight is None and not is_cupy(self.qweight):
+            from runtime.kernels import lut4_numba
+            self._int8_weight = lut4_numba.decode_weight(self)
+        return self._int8_weight
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba for NumPy input."""

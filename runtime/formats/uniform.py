@@ -75,7 +75,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, quantize_activation
 
 BITS = (2, 3, 4, 8)
 RUN = 32  # codes per packed run (a run of b words)
@@ -134,61 +134,6 @@ def dequantize(qweight, qzeros, scales, g_idx, bits: int) -> np.ndarray:
 def matmul(x, qweight, qzeros, scales, g_idx, bits: int) -> np.ndarray:
     """The reference product: y [..., out] = x [..., in] @ dequantize(...).T."""
     return np.asarray(x, dtype=np.float32) @ dequantize(qweight, qzeros, scales, g_idx, bits).T
-
-
-def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None) -> np.ndarray:
-    """x_hat [m, in]: each row of x [m, in] float32 as the int8-activation kernels see it.
-
-    In storage order (perm; None: column order), zero-padded to whole runs of 32, each run quantized
-    as llama.cpp's Q8_0 (runtime/kernels/quant_activations_numba.py: d = max|x| / 127, q = rint(x * (1/d))
-    in float32), then dequantized to d * q and put back in column order. The NumPy reference of the
-    int8 kernels is x_hat @ W.T.
-    """
-    m, n_in = x.shape
-    runs = -(-n_in // RUN)
-    stored = np.zeros((m, runs * RUN), dtype=np.float32)  # [m, runs*32]
-    stored[:, :n_in] = x if perm is None else x[:, perm]
-    blocks = stored.reshape(m, runs, RUN)  # [m, runs, 32]
-    d = np.abs(blocks).max(axis=2) / np.float32(127.0)  # [m, runs]
-    inverse = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)  # [m, runs]
-    x_hat = (np.rint(blocks * inverse[..., None]) * d[..., None]).reshape(m, -1)[:, :n_in]  # [m, in] storage
-    if perm is None:
-        return x_hat
-    out = np.empty_like(x_hat)  # [m, in]
-    out[:, perm] = x_hat
-    return out
-
-
-def activation_mode() -> tuple[str, str]:
-    """(mode, kernel) of the CPU products, from the environment.
-
-    QLLM_UNIFORM_ACTIVATIONS: `int8` (default) quantizes the activation of a one-row product (decode)
-    to int8 per run of 32 and multiplies in integer lanes where the CPU has SIMD tiles for the bit
-    width (`int8_pays`; float activations otherwise), more rows (prefill) go through float tiles
-    and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
-    the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
-    (the reference kernel). QLLM_UNIFORM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
-    best the CPU has; one it lacks is refused).
-    """
-    import os
-
-    from runtime.kernels.uniform_int8_numba import available_kernels
-
-    mode = os.environ.get("QLLM_UNIFORM_ACTIVATIONS", "int8")
-    kernel = os.environ.get("QLLM_UNIFORM_INT8_KERNEL") or available_kernels()[0]
-    if mode not in ("int8", "int8-all", "float"):
-        raise UserError(f"QLLM_UNIFORM_ACTIVATIONS={mode!r}: use int8, int8-all or float")
-    if kernel not in available_kernels():
-        raise UserError(f"QLLM_UNIFORM_INT8_KERNEL={kernel!r}: this CPU runs {', '.join(available_kernels())}")
-    return mode, kernel
-
-
-def int8_pays(bits: int, kernel: str) -> bool:
-    """Whether the int8-activation decode kernel beats the float one at `bits`: only where `kernel` has SIMD
-    tiles for that width (the portable integer lanes measured 189 against 87 µs at 3 bits, 1536x576)."""
-    from runtime.kernels.uniform_int8_numba import SIMD_BITS
-
-    return bits in SIMD_BITS[kernel]
 
 
 def group_index(n_in: int, group_size: int) -> np.ndarray:
@@ -325,38 +270,10 @@ class UniformTensor(PackedTensor):
         the int8-activation path)."""
         return quantize_activation(x, None if self.perm is None else to_numpy(self.perm)) @ self.dequantize().T
 
-    def matmul(self, x):
-        """y [..., out] = x [..., in] @ W.T (PackedTensor.matmul); on the CPU the rows `activation_mode`
-        picks (by default one row: decode) go through the int8-activation kernel. Formats that wrap
-        this one call `matmul_rows`, which keeps float activations."""
-        if not is_cupy(x):
-            mode, kernel = activation_mode()
-            if mode == "int8-all" or (mode == "int8" and x.size == x.shape[-1] and int8_pays(self.bits, kernel)):
-                from runtime.kernels import uniform_int8_numba
-                self.check_input(x)
-                rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [m, in]
-                y = np.empty((rows.shape[0], self.out_features), dtype=np.float32)  # [m, out]
-                for r, row in enumerate(rows):
-                    y[r] = uniform_int8_numba.matvec(self, row, kernel)
-                return y.reshape(*x.shape[:-1], self.out_features)
-        return super().matmul(x)
-
-    def matmul_parts(self, parts, x):
-        """[x @ W.T for W in parts] (this tensor first) in one int8-activation kernel call, for one row
-        x [..., in] on the CPU; None where that does not apply (other formats, float activations, more
-        rows, different grids or storage orders): the caller multiplies one by one."""
-        if is_cupy(x) or x.size != x.shape[-1] or not all(isinstance(p, UniformTensor) for p in parts):
-            return None
-        mode, kernel = activation_mode()
-        from runtime.kernels import uniform_int8_numba
-        if mode == "float" or not uniform_int8_numba.fusable(parts) or (
-                mode == "int8" and not int8_pays(self.bits, kernel)):
-            return None
-        self.check_input(x)
-        y = uniform_int8_numba.matvec_parts(parts, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
-                                            kernel)  # [sum of outs]
-        ends = np.cumsum([0] + [p.out_features for p in parts])
-        return [y[a:b].reshape(*x.shape[:-1], -1) for a, b in zip(ends[:-1], ends[1:])]
+    def int8_weight(self):
+        """This weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight)."""
+        from runtime.kernels.uniform_int8_numba import kernel_weight
+        return kernel_weight(self)
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""

@@ -12,18 +12,31 @@ packed codes directly (no dequantized copy is kept between calls):
 
 The kernels read the absmax either as float32 or double-quantized (decoded
 on the fly from the 8-bit code, the run's scale and the mean).
+
+Decode with int8 activations (the default on CPUs with AVX-512 VNNI,
+`runtime.formats.base.activation_mode`) goes through the uniform format's
+integer kernel (runtime/kernels/uniform_int8_numba.py) with a table:
+`decode_weight` repacks the codes once into that kernel's layout (int32 words
+of eight codes of one output, packed along the input, first code in the
+lowest nibble), stores the table as uint8 rint(127 * value / max|value|) + 128
+and one float32 scale absmax * max|value| / 127 per block. The weight it
+multiplies by is therefore the table rounded to 255 levels (`lut_table`),
+within 0.5/127 of max|value| times absmax of the stored one.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map
+from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map, lut_table
+from runtime.kernels.uniform_int8_numba import KernelWeight
+from runtime.kernels.uniform_numba import NO_PERM, RUN, readonly
 
 PREFILL_TILE = 1 << 20  # floats in the dequantized tile of the prefill path (4 MiB)
 NO_DQ_CODES = np.zeros((0, 0), dtype=np.uint8)  # stands for "absmax is stored as float32"
 NO_ABSMAX = np.zeros((0, 0), dtype=np.float32)  # stands for "absmax is double-quantized"
 NO_SCALES = np.zeros(0, dtype=np.float32)
+NO_ZEROS = np.zeros((0, 0), dtype=np.uint32)  # the int8 kernel's qzeros: the table's zero point is fixed
 
 
 @njit(cache=True, inline="always")
@@ -124,3 +137,30 @@ def matmul_prefill(packed, x: np.ndarray) -> np.ndarray:
         _dequantize_rows(*args, row0, tile[:rows])
         np.matmul(x, tile[:rows].T, out=y[:, row0:row0 + rows])  # [m, rows]
     return y
+
+
+@njit(cache=True, parallel=True)
+def _repack(qweight, words):
+    """words int32 [in/8, out] <- qweight uint8 [out, in/2]: word w of output o holds inputs 8w .. 8w+7,
+    input 8w + j in nibble j (lowest first), as the uniform format packs 4-bit codes."""
+    for w in prange(words.shape[0]):
+        for o in range(qweight.shape[0]):
+            v = np.uint32(0)
+            for b in range(4):
+                byte = np.uint32(qweight[o, 4 * w + b])
+                v |= ((byte >> 4) | ((byte & 15) << 4)) << (8 * b)  # high nibble is the first input
+            words[w, o] = np.int32(v)
+
+
+def decode_weight(packed) -> KernelWeight | None:
+    """The weight as the int8-activation decode kernel takes it (codes repacked, table as `lut_table`), or
+    None when the blocks are not whole runs of 32 inputs."""
+    if packed.block_size % RUN:
+        return None
+    n_out, n_in = packed.shape
+    words = np.empty((n_in // 8, n_out), dtype=np.int32)  # [runs*4, out]
+    _repack(packed.qweight, words)
+    lut, step = lut_table(packed.table)
+    scales = np.ascontiguousarray((packed.block_absmax() * step).T, dtype=np.float32)  # [in/B, out]
+    return KernelWeight(readonly(words), NO_ZEROS, readonly(scales), NO_PERM, n_in, 4, packed.block_size // RUN,
+                        True, readonly(lut))

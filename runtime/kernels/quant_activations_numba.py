@@ -8,7 +8,7 @@ The activation side of llama.cpp's Q8_0 block format (ggml-quants.c,
 so |q| <= 127 and a product of an unsigned code (< 2**8) with q fits the
 CPU's u8 x s8 dot-product instructions. The division is done as a multiply
 by 1/d, in float32, without fastmath: NumPy's reference
-(`runtime.formats.uniform.quantize_activation`) repeats the same float32
+(`runtime.formats.base.quantize_activation`) repeats the same float32
 operations and gets the same q bit for bit.
 """
 from __future__ import annotations

@@ -31,6 +31,14 @@ product of four bytes per 32-bit lane does four multiply-adds of one output:
   vectorizes on any CPU; every bit width (3 bits: codes 10 and 21 straddle
   two words) and the outputs past the last whole SIMD tile.
 
+Tables. The same kernel runs 4-bit codes that index a 16-value table (NF4 and
+FP4, the lut4 format repacked into this layout: runtime/kernels/lut4_numba.py):
+the table is stored as uint8 lut[c] = rint(127 * value[c] / max|value|) + 128,
+each code is replaced by lut[code] in the register (`vpshufb`, 16 bytes
+looked up per 128-bit lane) before `vpdpbusd`, and the zero point is 128; the
+group scale carries absmax * max|value| / 127. Only avx512vnni has table
+tiles (`LUT_KERNELS`; avx2's `vpmaddubsw` would saturate on values up to 255).
+
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
 compiled to nothing on a CPU without them (ARM), where `available_kernels`
 never offers them. Several weights sharing the input (q/k/v, gate/up) go in
@@ -41,6 +49,7 @@ calling thread, large ones (the LM head) in one parallel region (`_matvec`).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -50,12 +59,16 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from runtime.formats.lut4 import LUT_ZERO
 from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
 from runtime.kernels.uniform_numba import storage_input
 from runtime.kernels.uniform_numba import group_grid, group_runs, kernel_arrays, readonly
 
 KERNELS = ("avx512vnni", "avx2", "portable")
 SIMD_BITS = {"avx512vnni": (2, 4, 8), "avx2": (2, 4), "portable": ()}  # bit widths with SIMD tiles
+LUT_KERNELS = ("avx512vnni",)  # kernels with SIMD tiles for 4-bit codes through a table (vpshufb)
+NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
+NO_LUT.flags.writeable = False
 LANES = {"avx512vnni": 16, "avx2": 8, "portable": 0}  # outputs per SIMD tile
 KERNEL_IDS = {"portable": 0, "avx2": 1, "avx512vnni": 2}  # how `_matvec` is told which tiles to run
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
@@ -122,22 +135,39 @@ def _widen_avx2(builder, acc):
     return builder.call(fn, [acc, ir.Constant(pairs, [1] * 16)])
 
 
-def _tile_intrinsic(bits: int, kernel: str):
-    """An intrinsic tile(qweight, row0, n, xw, w0, d, facc, f0) adding, for the L outputs n .. n+L-1,
-    d * dot(codes of word rows row0 .. row0+bits-1, activations xw[w0 : w0+8] as int32 words)
-    into facc[f0 : f0+L] (L = LANES[kernel]; qweight C-contiguous)."""
+def _lookup_vnni(builder, codes, table):
+    """<16 x i32> with each byte b of codes (a value < 16) replaced by table[b] (vpshufb; table <16 x i8>)."""
+    bytes64 = ir.VectorType(_I8, 64)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes64, [bytes64, bytes64]),
+                                        "llvm.x86.avx512.pshuf.b.512")
+    table64 = builder.shuffle_vector(table, ir.Constant(table.type, ir.Undefined),
+                                     ir.Constant(ir.VectorType(_I32, 64), [i % 16 for i in range(64)]))
+    return builder.bitcast(builder.call(fn, [table64, builder.bitcast(codes, bytes64)]), codes.type)
+
+
+def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
+    """An intrinsic tile(qweight, row0, n, xw, w0, d, facc, f0[, table, offset]) adding, for the L outputs
+    n .. n+L-1, d * dot(codes of word rows row0 .. row0+bits-1, activations xw[w0 : w0+8] as int32
+    words) into facc[f0 : f0+L] (L = LANES[kernel]; qweight C-contiguous). With `lut` (4 bits,
+    avx512vnni) each code is first replaced by table[code] (uint8 [16]) and the int32 `offset` (the
+    table's zero point times the run's sum of activations) is subtracted from the exact integer dot
+    product before it is scaled: no float cancellation."""
     lanes = LANES[kernel]
     dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
 
     def codegen(context, builder, signature, args):
         if kernel not in available_kernels():  # compiled, never run: Python picks only available kernels
             return context.get_dummy_value()
-        qweight, row0, n, xw, w0, d, facc, f0 = args
+        qweight, row0, n, xw, w0, d, facc, f0 = args[:8]
         q_array = context.make_array(signature.args[0])(context, builder, qweight)
         x_data = context.make_array(signature.args[3])(context, builder, xw).data
         f_data = context.make_array(signature.args[6])(context, builder, facc).data
         n_cols = cgutils.unpack_tuple(builder, q_array.shape)[1]
         vector = ir.VectorType(_I32, lanes)
+        table = None
+        if lut:
+            t_data = context.make_array(signature.args[8])(context, builder, args[8]).data
+            table = builder.load(builder.bitcast(t_data, ir.VectorType(_I8, 16).as_pointer()), align=1)
         acc = None
         for t in range(bits):
             offset = builder.add(builder.mul(builder.add(row0, ir.Constant(row0.type, t)), n_cols), n)
@@ -146,10 +176,14 @@ def _tile_intrinsic(bits: int, kernel: str):
                 index = builder.add(w0, ir.Constant(w0.type, t * (8 // bits) + s))
                 x_ptr = builder.bitcast(builder.gep(x_data, [builder.mul(index, ir.Constant(index.type, 4))]),
                                         _I32.as_pointer())
-                acc = dot(builder, acc, _codes(builder, word, bits, s), _splat(builder, builder.load(x_ptr, align=1),
-                                                                               lanes))
+                codes = _codes(builder, word, bits, s)
+                if lut:
+                    codes = _lookup_vnni(builder, codes, table)
+                acc = dot(builder, acc, codes, _splat(builder, builder.load(x_ptr, align=1), lanes))
         if kernel == "avx2":
             acc = _widen_avx2(builder, acc)
+        if lut:
+            acc = builder.sub(acc, _splat(builder, args[9], lanes))
         floats = ir.VectorType(_F32, lanes)
         f_ptr = builder.bitcast(builder.gep(f_data, [f0]), floats.as_pointer())
         scaled = builder.fmul(builder.sitofp(acc, floats), _splat(builder, d, lanes))
@@ -160,10 +194,15 @@ def _tile_intrinsic(bits: int, kernel: str):
         return types.void(qweight, types.int64, types.int64, xw, types.int64, types.float32, facc,
                           types.int64), codegen
 
-    return intrinsic(typer)
+    def typer_lut(typingctx, qweight, row0, n, xw, w0, d, facc, f0, table, offset):
+        return types.void(qweight, types.int64, types.int64, xw, types.int64, types.float32, facc,
+                          types.int64, table, types.int32), codegen
+
+    return intrinsic(typer_lut if lut else typer)
 
 
 _VNNI2, _VNNI4, _VNNI8 = (_tile_intrinsic(b, "avx512vnni") for b in (2, 4, 8))
+_VNNI4_LUT = _tile_intrinsic(4, "avx512vnni", lut=True)
 _AVX2_2, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 4))
 
 
@@ -177,6 +216,13 @@ def _tiles_vnni(qweight, run, bits, xw, d, facc, n0, full):
             _VNNI2(qweight, run * 2, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
         else:
             _VNNI8(qweight, run * 8, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i)
+
+
+@njit(inline="always")
+def _tiles_vnni_lut(qweight, run, xw, d, facc, n0, full, lut, offset):
+    """`_tiles_vnni` for 4-bit codes looked up in lut (uint8 [16]), minus offset, before scaling by d."""
+    for i in range(0, full, 16):
+        _VNNI4_LUT(qweight, run * 4, n0 + i, xw, run * WORDS_PER_RUN, d, facc, i, lut, offset)
 
 
 @njit(inline="always")
@@ -207,6 +253,21 @@ def _lanes_words(qweight, run, bits, xq, d, facc, n0, a, m):
                 dot[i] += ((words[i] >> shift) & mask) * xj
     for i in range(m - a):
         facc[a + i] += d * np.float32(dot[i])
+
+
+@njit(inline="always")
+def _lanes_lut4(qweight, run, xq, d, facc, n0, a, m, lut, offset):
+    """`_lanes_words` for 4-bit codes looked up in lut (uint8 [16]): facc[i] += d * (sum lut[code] xq - offset)."""
+    dot = np.zeros(m - a, dtype=np.int32)  # [m - a]
+    for t in range(4):
+        words = qweight[run * 4 + t, n0 + a:n0 + m]  # [m - a]
+        for j in range(8):
+            xj = np.int32(xq[run * BLOCK + t * 8 + j])
+            shift = np.int32(4 * j)
+            for i in range(m - a):
+                dot[i] += np.int32(lut[(words[i] >> shift) & np.int32(15)]) * xj
+    for i in range(m - a):
+        facc[a + i] += d * np.float32(dot[i] - offset)
 
 
 @njit(inline="always")
@@ -274,9 +335,11 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
 
 
 @njit(cache=True, fastmath=True)
-def _partial(kernel_id, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym, r0, r1, y):
+def _partial(kernel_id, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_runs, sym, lut, r0, r1, y):
     """y [out] = the share of runs r0 .. r1-1 in W x: SIMD tiles over the whole tiles of outputs,
-    portable lanes after; a group's zero-point term goes with its first run."""
+    portable lanes after; a group's zero-point term goes with its first run. lut (uint8 [16], 4 bits,
+    sym; empty: none) replaces each code by lut[code], whose zero point LUT_ZERO is taken off each
+    run's integer dot product (LUT_ZERO * sum of the run's xq) instead."""
     n_out = qweight.shape[1]
     lanes = 16 if kernel_id == 2 else 8  # KERNEL_IDS, LANES
     full = n_out // lanes * lanes if kernel_id > 0 else 0
@@ -289,12 +352,23 @@ def _partial(kernel_id, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_ru
         first = max(r0, g * group_runs)
         facc[:] = 0
         for run in range(first, min(r1, (g + 1) * group_runs)):
+            if lut.shape[0] > 0:
+                offset = np.int32(0)
+                for k in range(run * BLOCK, (run + 1) * BLOCK):
+                    offset += np.int32(xq[k])
+                offset *= np.int32(LUT_ZERO)
+                if kernel_id == 2:
+                    _tiles_vnni_lut(qweight, run, xw, d[run], facc, 0, full, lut, offset)
+                _lanes_lut4(qweight, run, xq, d[run], facc, 0, full, n_out, lut, offset)
+                continue
             if kernel_id == 2:
                 _tiles_vnni(qweight, run, bits, xw, d[run], facc, 0, full)
             elif kernel_id == 1:
                 _tiles_avx2(qweight, run, bits, xw, d[run], facc, 0, full)
             _lanes(qweight, run, bits, xq, d[run], facc, 0, full, n_out)
         group_grid(qzeros, scales, g, bits, sym, 0, n_out, s, z)
+        if lut.shape[0] > 0:
+            z[:] = 0  # taken off run by run above
         zero_term = xsum[g] if first == g * group_runs else np.float32(0.0)
         for i in range(n_out):
             y[i] += s[i] * (facc[i] - z[i] * zero_term)
@@ -315,34 +389,34 @@ def _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, n_groups, threads):
 
 
 @njit(inline="always")
-def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, starts,
-         partial):
+def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
+         starts, partial):
     """Task `job` of `_matvec`: runs t*R/tasks .. (t+1)*R/tasks of part job // tasks into partial[t]."""
     xq, xw, d, xsum = quantized
     p, t = job // tasks, job % tasks
     n_runs = q0.shape[0] // bits
     _partial(kernel_id, (q0, q1, q2)[p], (z0, z1, z2)[p], (s0, s1, s2)[p], xq, xw, d, xsum, bits, group_runs,
-             sym, t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
+             sym, lut, t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
 
 
 @njit(cache=True, parallel=True)
 def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym,
-                     threads):
+                     lut, threads):
     """`_matvec` in one parallel region of `threads` tasks per part."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0],
                                                  threads)
     for job in prange(n_parts * tasks):
-        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym,
+        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
              starts, partial)
     return partial.sum(axis=0)  # [sum of outs]
 
 
 @njit(cache=True)
-def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym):
+def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym, lut):
     """`_matvec` on the calling thread alone."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0], 1)
     for job in range(n_parts):
-        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym,
+        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
              starts, partial)
     return partial[0]  # [sum of outs]
 
@@ -352,7 +426,7 @@ def _matvec(kernel_id, n_parts, *arrays_and_grid):
     MAX_PARTS weights sharing in_features, bits, grid and storage order. Arguments: kernel_id
     (KERNEL_IDS of the SIMD tiles to run, 0: none), n_parts, qweight, qzeros, scales of each of
     MAX_PARTS slots (unused ones repeat part 0: arrays as separate arguments go through Numba's fast
-    typing path, tuples of them cost ~12 us a call), x, perm, bits, group_runs, sym.
+    typing path, tuples of them cost ~12 us a call), x, perm, bits, group_runs, sym, lut.
 
     Split over the input: each task streams one contiguous slice of one qweight (whole word rows of
     a range of runs) into its own partial y; the partials are summed at the end. Products of fewer
@@ -366,28 +440,57 @@ def _matvec(kernel_id, n_parts, *arrays_and_grid):
     return _matvec_parallel(kernel_id, n_parts, *arrays_and_grid, numba.get_num_threads())
 
 
+class KernelWeight(NamedTuple):
+    """One weight as `_matvec` takes it: the uniform format's packed layout, or a 4-bit layout whose codes
+    index a table (the lut4 format repacked, runtime/kernels/lut4_numba.py)."""
+    qweight: np.ndarray  # int32 [runs * bits, out], read-only
+    qzeros: np.ndarray  # uint32 [groups, ceil(out/32) * bits] (not read when sym)
+    scales: np.ndarray  # [groups, out]: uint16 (float16 bits) or float32
+    perm: np.ndarray  # int32 [in] storage order (empty: identity)
+    in_features: int
+    bits: int
+    group_runs: int
+    sym: bool
+    lut: np.ndarray  # uint8 [16] code -> value with zero point LUT_ZERO (4 bits, sym); empty: none
+
+
+def kernel_weight(packed) -> KernelWeight:
+    """The KernelWeight of a UniformTensor (a KernelWeight is returned as it is)."""
+    if isinstance(packed, KernelWeight):
+        return packed
+    qweight, qzeros, scales, perm = kernel_arrays(packed)
+    return KernelWeight(qweight, qzeros, scales, perm, packed.in_features, packed.bits, group_runs(packed),
+                        packed.sym, NO_LUT)
+
+
 def fusable(parts) -> bool:
-    """Whether `matvec_parts` takes these uniform tensors in one call (same input, grid and order)."""
-    first = parts[0]
-    same_perm = all((p.perm is None) == (first.perm is None) for p in parts) and (
-        first.perm is None or all(np.array_equal(p.perm, first.perm) for p in parts))
-    grid = (first.in_features, first.bits, first.group_size, first.sym)
-    return len(parts) <= MAX_PARTS and same_perm and all(
-        (p.in_features, p.bits, p.group_size, p.sym) == grid for p in parts)
+    """Whether `matvec_parts` takes these weights (UniformTensor or KernelWeight) in one call: same input,
+    grid, storage order and table."""
+    weights = [kernel_weight(p) for p in parts]
+    first = weights[0]
+    grid = (first.in_features, first.bits, first.group_runs, first.sym, first.scales.dtype)
+    return len(parts) <= MAX_PARTS and all(
+        (w.in_features, w.bits, w.group_runs, w.sym, w.scales.dtype) == grid and np.array_equal(w.perm, first.perm)
+        and np.array_equal(w.lut, first.lut) for w in weights)
 
 
 def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
     """y [sum of outs] = (W x for W in parts) concatenated, x [in] float32, int8 activations; parts
-    `fusable`; `kernel` one of KERNELS (SIMD tiles for the bit widths in SIMD_BITS[kernel], portable
-    code for the rest)."""
-    first = parts[0]
-    arrays = [kernel_arrays(p) for p in parts]
-    slots = [a[:3] for a in arrays] + [arrays[0][:3]] * (MAX_PARTS - len(parts))
-    kernel_id = KERNEL_IDS[kernel] if first.bits in SIMD_BITS[kernel] else 0
-    return _matvec(kernel_id, len(parts), *(a for slot in slots for a in slot), readonly(x), arrays[0][3],
-                   first.bits, group_runs(first), first.sym)
+    (UniformTensor or KernelWeight) `fusable`; `kernel` one of KERNELS (SIMD tiles where the kernel has
+    them for the bit width and table, `simd_tiles`; portable code for the rest)."""
+    weights = [kernel_weight(p) for p in parts]
+    first = weights[0]
+    slots = [w[:3] for w in weights] + [first[:3]] * (MAX_PARTS - len(weights))
+    kernel_id = KERNEL_IDS[kernel] if simd_tiles(first.bits, kernel, first.lut.shape[0] > 0) else 0
+    return _matvec(kernel_id, len(weights), *(a for slot in slots for a in slot), readonly(x), first.perm,
+                   first.bits, first.group_runs, first.sym, first.lut)
 
 
 def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
-    """y [out] = W x for x [in] float32 with int8 activations (`matvec_parts` of one tensor)."""
+    """y [out] = W x for x [in] float32 with int8 activations (`matvec_parts` of one weight)."""
     return matvec_parts([packed], x, kernel)
+
+
+def simd_tiles(bits: int, kernel: str, lut: bool = False) -> bool:
+    """Whether `kernel` has SIMD tiles for `bits` (with a table: only 4 bits on avx512vnni, `LUT_KERNELS`)."""
+    return kernel in LUT_KERNELS and bits == 4 if lut else bits in SIMD_BITS[kernel]

@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 RUN = 32  # codes per packed run (runtime/formats/uniform.py)
 CHUNK = 256  # target output columns per parallel task of matvec
@@ -43,6 +43,18 @@ def _half_to_float(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+def scale_value(value):
+    """float32 of one stored scale: float16 bits (uint16) or float32; compiled through the overload below."""
+    raise NotImplementedError("called from compiled code only")
+
+
+@overload(scale_value, inline="always")
+def _scale_value(value):
+    if value == types.uint16:
+        return lambda value: _half_to_float(value)
+    return lambda value: np.float32(value)
 
 
 @njit(inline="always")
@@ -179,10 +191,11 @@ def _unpack_run(words, w0, bits, out, o):
 
 @njit(inline="always")
 def group_grid(qzeros, scales, g, bits, sym, n0, m, s, z):
-    """s[i], z[i] = float32 scale and zero of output n0 + i in group g (n0 a multiple of 32)."""
+    """s[i], z[i] = float32 scale and zero of output n0 + i in group g (n0 a multiple of 32); scales
+    as float16 bits (uint16) or float32."""
     row_scales = scales[g, n0:n0 + m]  # [m]
     for i in range(m):
-        s[i] = _half_to_float(row_scales[i])
+        s[i] = scale_value(row_scales[i])
     if sym:
         z[:m] = 1 << (bits - 1)
         return

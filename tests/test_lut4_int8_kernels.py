@@ -1,0 +1,127 @@
+"""The int8-activation decode kernel of the lut4 format (NF4 / FP4) against its NumPy reference.
+
+The lut4 codes are repacked into the uniform int8 kernel's layout and looked
+up in a table rounded to 255 levels (`lut_table`). The reference
+(`Lut4Tensor.matmul_reference_int8`) quantizes the activation as the kernel
+does and multiplies by the weight with that rounded table, so what is left
+is float32 summation order: ||y - y_ref|| <= TOL * ||y_ref||. Every kernel
+the CPU supports is checked (portable everywhere), on odd shapes: outputs
+not a multiple of the SIMD width, per-block absmax and double-quantized.
+"""
+import re
+
+import numba
+import numpy as np
+import pytest
+
+import nf4
+from runtime.formats.lut4 import lut_table
+from runtime.kernels import lut4_numba, uniform_int8_numba
+from test_lut4 import random_tensor
+
+TOL = 1e-5
+AVAILABLE = uniform_int8_numba.available_kernels()
+SHAPES = [(67, 128, 64), (1000, 576, 64), (17, 96, 32), (33, 256, 128), (1, 64, 64)]  # (out, in, block)
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.linalg.norm(y - ref) <= TOL * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize("n_out, n_in, block_size", SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_lut_kernel_matches_reference(kernel, n_out, n_in, block_size, double_quant):
+    rng = np.random.default_rng(n_out + n_in)
+    packed = random_tensor(rng, n_out, n_in, block_size, double_quant)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)  # [1, in]
+    y = uniform_int8_numba.matvec(packed.int8_weight(), x[0], kernel)  # [out]
+    assert_close(y, packed.matmul_reference_int8(x)[0])
+
+
+def test_table_rounding_is_within_half_a_step():
+    table = nf4.nf4_table()
+    lut, step = lut_table(table)
+    assert lut.dtype == np.uint8 and step == np.float32(1.0 / 127)  # NF4's largest magnitude is 1
+    assert lut[0] == 1 and lut[7] == 128 and lut[15] == 255  # -1, 0 and 1
+    assert np.abs((lut.astype(np.float32) - 128) * step - table).max() <= step / 2
+
+
+def test_blocks_that_are_not_whole_runs_keep_float_activations(monkeypatch):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    rng = np.random.default_rng(3)
+    packed = random_tensor(rng, 20, 48, 16)  # blocks of 16 inputs: no int8 kernel
+    assert packed.int8_weight() is None
+    x = rng.standard_normal((1, 48)).astype(np.float32)  # [1, in]
+    assert np.allclose(packed.matmul(x), packed.matmul_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_goes_through_the_int8_kernel_by_default(monkeypatch):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    rng = np.random.default_rng(4)
+    packed = random_tensor(rng, 48, 128)
+    x = rng.standard_normal((1, 128)).astype(np.float32)  # [1, in]
+    simd = uniform_int8_numba.simd_tiles(4, AVAILABLE[0], lut=True)
+    reference = packed.matmul_reference_int8 if simd else packed.matmul_reference
+    assert_close(packed.matmul(x), reference(x))
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    assert_close(packed.matmul(x), packed.matmul_reference(x))
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")  # every row, any kernel
+    x3 = rng.standard_normal((3, 128)).astype(np.float32)  # [3, in]
+    assert_close(packed.matmul(x3), packed.matmul_reference_int8(x3))
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
+def test_parts_in_one_call_equal_one_call_each(kernel, monkeypatch):
+    monkeypatch.setenv("QLLM_INT8_KERNEL", kernel)
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((96, 192)) * 0.02).astype(np.float32)  # [out, in]
+    parts = [nf4.quantize(w[:64]), nf4.quantize(w[64:80]), nf4.quantize(w[80:])]  # q/k/v: one table
+    x = rng.standard_normal((1, 192)).astype(np.float32)  # [1, in]
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    if not uniform_int8_numba.simd_tiles(4, kernel, lut=True):
+        assert parts[0].matmul_parts(parts, x) is None  # float activations where there are no table tiles
+        monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")
+    ys = parts[0].matmul_parts(parts, x)
+    for y, p in zip(ys, parts):
+        assert_close(y[0], uniform_int8_numba.matvec(p.int8_weight(), x[0], kernel))
+    other = random_tensor(rng, 16, 192)  # another table: not fusable
+    assert parts[0].matmul_parts(parts[:2] + [other], x) is None
+
+
+def test_nf4_model_weight_int8_product_is_close_to_float():
+    # what the int8 activations and the rounded table cost on one NF4-quantized product
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((256, 576)) * 0.02).astype(np.float32)  # [out, in]
+    packed = nf4.quantize(w)
+    x = rng.standard_normal((1, 576)).astype(np.float32)  # [1, in]
+    ref = packed.matmul_reference(x)[0]
+    y = packed.matmul_reference_int8(x)[0]
+    assert 0 < np.linalg.norm(y - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+def test_repack_puts_the_codes_where_the_uniform_kernel_reads_them():
+    rng = np.random.default_rng(7)
+    packed = random_tensor(rng, 5, 64, 32)
+    words = packed.int8_weight().qweight.view(np.uint32)  # [in/8, out]
+    codes = np.stack([packed.qweight >> 4, packed.qweight & 15], axis=-1).reshape(5, 64)  # [out, in]
+    for i in range(64):
+        assert np.array_equal((words[i // 8] >> np.uint32(4 * (i % 8))) & 15, codes[:, i])
+
+
+def test_vnni_lut_tile_uses_the_byte_shuffle():
+    if "avx512vnni" not in AVAILABLE:
+        pytest.skip("the CPU lacks avx512vnni")
+    rng = np.random.default_rng(8)
+    packed = random_tensor(rng, 32, 64)
+    weight = packed.int8_weight()
+    x = rng.standard_normal(64).astype(np.float32)  # [in]
+    fresh = numba.njit(uniform_int8_numba._partial.py_func)  # compiled here (not from the cache): asm at hand
+    xq, xw, d, xsum = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1)
+    y = np.empty(32, dtype=np.float32)  # [out]
+    fresh(uniform_int8_numba.KERNEL_IDS["avx512vnni"], weight.qweight, weight.qzeros, weight.scales, xq, xw, d,
+          xsum, 4, 2, True, weight.lut, 0, 2, y)
+    assert_close(y, packed.matmul_reference_int8(x[None])[0])
+    asm = "".join(fresh.inspect_asm().values())
+    assert {"vpshufb", "vpdpbusd"} <= set(re.findall(r"\b(vpshufb|vpdpbusd)\b", asm))
