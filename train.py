@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA scale is alpha / rank")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the LoRA input")
-    p.add_argument("--targets", default=",".join(d.targets), help="comma-separated projections to adapt")
+    p.add_argument("--targets", default=None, help="comma-separated projections to adapt (default: every "
+                   "projection of a layer: q_proj,...,down_proj for Llama, q_proj,...,fc2 for OPT)")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per window / longest record")
     p.add_argument("--batch", type=int, default=d.batch, help="windows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -60,9 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option, ok in checks:
         if not ok:
             p.error(f"{option} {getattr(args, option[2:].replace('-', '_'))} is out of range")
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not args.targets:
-        p.error("--targets is empty: name the projections to adapt, e.g. q_proj,v_proj")
+    if args.targets is not None:
+        args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        if not args.targets:
+            p.error("--targets is empty: name the projections to adapt, e.g. q_proj,v_proj")
     return args
 
 
@@ -75,7 +77,7 @@ def main(argv=None):
         raise UserError(f"{path} has no tokenizer, so text cannot be turned into training tokens")
     if args.seqlen > model.config.max_positions:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {model.config.max_positions}")
-    settings = TrainSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
+    settings = TrainSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets or ()),
                              seqlen=args.seqlen, batch=args.batch, grad_accum=args.grad_accum, steps=args.steps,
                              epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                              weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed)

@@ -1,16 +1,19 @@
 """The LoRA training backward pass (pipeline/training/backward.py) against PEFT + torch autograd.
 
 Oracle: a tiny random HF Llama (GQA: 4 heads, 2 kv heads; tied and untied LM
-head) wrapped by PEFT with LoRA on every projection and random lora_B; the
-loss of one batch with masked labels and the gradients torch autograd gives
-lora_A and lora_B must equal ours within 1e-4 relative. With a packed base
-(NF4 with double quantization, uniform 4-bit, QuIP#'s E8P) the oracle runs on the
-dequantized weights, which is what QLoRA differentiates.
+head) or OPT (pre-LN and post-LN, with and without project_in/out; random
+LayerNorms and biases) wrapped by PEFT with LoRA on every projection and
+random lora_B; the loss of one batch with masked labels and the gradients
+torch autograd gives lora_A and lora_B must equal ours within 1e-4 relative.
+With a packed base (NF4 with double quantization, uniform 4-bit, QuIP#'s E8P)
+the oracle runs on the dequantized weights, which is what QLoRA differentiates.
 """
+import shutil
+
 import numpy as np
 import pytest
 
-from conftest import save_tiny_llama
+from conftest import DATA, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -26,6 +29,14 @@ TOLERANCE = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.1)
+OPT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+OPT_TINY = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=50272,
+                max_position_embeddings=32, word_embed_proj_dim=64, init_std=0.1, dropout=0.0,
+                bos_token_id=2, eos_token_id=2, pad_token_id=1)
+OPT_CASES = {"opt-pre-ln": (dict(), None), "opt-post-ln": (dict(do_layer_norm_before=False), None),
+             "opt-project-in-out": (dict(do_layer_norm_before=False, word_embed_proj_dim=32), None),
+             "opt-pre-ln-rtn4": (dict(), "rtn4"),
+             "opt-project-in-out-nf4dq": (dict(word_embed_proj_dim=32), "nf4dq")}
 
 
 def quantizer(kind):
@@ -34,21 +45,45 @@ def quantizer(kind):
             "e8p": lambda W: quipsharp.quantize(W, np.eye(W.shape[1], dtype=np.float32))[0]}[kind]
 
 
+def save_tiny_opt(path, **overrides):
+    """Save a random tiny HF OPT with the GPT-2 byte-level BPE files (vocab.json + merges.txt); return the model.
+
+    Its LayerNorm weights and all biases are drawn at random too (HF starts them at 1 and 0), so that a
+    backward step that forgot one of them would show."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(**dict(OPT_TINY, **overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "layer_norm" in name:
+                p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(path)
+    shutil.copy(DATA / "tokenizers" / "gpt2" / "encoder.json", path / "vocab.json")
+    shutil.copy(DATA / "tokenizers" / "gpt2" / "vocab.bpe", path / "merges.txt")
+    return model
+
+
 def peft_case(tmp_path, tied: bool, packed: str | None):
-    """(our Model, our Adapter, PEFT model): the same base weights (dequantized when packed) and factors."""
-    hf = save_tiny_llama(tmp_path, tie_word_embeddings=tied, **TINY)
+    """(our Model, our Adapter, PEFT model) of a tiny Llama: the same base weights (dequantized when packed)
+    and factors."""
+    return wrap(tmp_path, save_tiny_llama(tmp_path, tie_word_embeddings=tied, **TINY), TARGETS, packed)
+
+
+def wrap(tmp_path, hf, targets: list, packed: str | None):
+    """(our Model, our Adapter, PEFT model) of the HF model saved in tmp_path, LoRA on `targets`."""
     config, tensors = load_checkpoint(tmp_path)
     if packed is not None:
         state = hf.state_dict()
         for name in list(tensors):
-            if name.endswith("_proj.weight"):
+            if name.endswith(tuple(f".{t}.weight" for t in targets)):
                 tensors[name] = quantizer(packed)(tensors[name])
                 W = tensors[name].dequantize()  # [out, in]: what training multiplies by
                 x = np.random.default_rng(3).standard_normal((24, W.shape[1])).astype(np.float32)  # [24, in]
                 assert np.abs(tensors[name].matmul(x) - x @ W.T).max() < 1e-3, "run time must compute x Wᵀ too"
                 state[name].copy_(torch.from_numpy(W))
     model = Model(Config.from_hf(config), tensors)
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                          lora_dropout=0.0))
     generator = torch.Generator().manual_seed(2)
     A, B = {}, {}
@@ -61,7 +96,7 @@ def peft_case(tmp_path, tied: bool, packed: str | None):
             key = name.removeprefix("base_model.model.").replace(".lora_A.default", "").replace(
                 ".lora_B.default", "")
             (A if "lora_A" in name else B)[key] = p.detach().numpy().copy()
-    return model, Adapter(A, B, rank=4, alpha=8.0, targets=TARGETS), peft_model
+    return model, Adapter(A, B, rank=4, alpha=8.0, targets=targets), peft_model
 
 
 def batch():
@@ -81,7 +116,20 @@ def relative(ours, theirs) -> float:
                                                 (True, "e8p")],
                          ids=["tied", "untied", "nf4dq", "rtn4-untied", "e8p"])
 def test_loss_and_lora_gradients_match_peft_autograd(tmp_path, tied, packed):
-    model, adapter, peft_model = peft_case(tmp_path, tied, packed)
+    assert_matches_peft(*peft_case(tmp_path, tied, packed), 2 * 7 * 2)
+
+
+@pytest.mark.parametrize("case", sorted(OPT_CASES))
+def test_opt_loss_and_lora_gradients_match_peft_autograd(tmp_path, case):
+    overrides, packed = OPT_CASES[case]
+    model, adapter, peft_model = wrap(tmp_path, save_tiny_opt(tmp_path, **overrides), OPT_TARGETS, packed)
+    assert ("project_in.weight" in model.globals) == ("word_embed_proj_dim" in overrides)
+    assert ("final_layer_norm.weight" in model.globals) == model.config.pre_norm
+    assert_matches_peft(model, adapter, peft_model, 2 * 6 * 2)
+
+
+def assert_matches_peft(model, adapter, peft_model, n_factors: int):
+    """Our loss and LoRA gradients of one masked batch equal PEFT + torch autograd's, all n_factors of them."""
     ids, labels = batch()
     loss = peft_model(input_ids=torch.tensor(ids), labels=torch.tensor(labels)).loss
     loss.backward()
@@ -98,7 +146,7 @@ def test_loss_and_lora_gradients_match_peft_autograd(tmp_path, tied, packed):
             ours = (step.grads_A if "lora_A" in name else step.grads_B)[key] / count
             assert relative(ours, p.grad.numpy()) < TOLERANCE, name
             checked += 1
-    assert checked == 2 * 7 * 2
+    assert checked == n_factors
 
 
 def test_masked_tokens_add_nothing(tmp_path):

@@ -1,6 +1,8 @@
 """train.py end to end on a tiny random Llama: the adapter it writes, resume after a kill, data masking, errors.
 
 - The adapter directory loads in runtime/lora.py and in PEFT, with the same logits.
+- On a tiny random OPT (post-LN with project_in/out, as OPT-350m) the adapter it writes lowers the loss of
+  the training text under the run-time forward pass, and PEFT gives the same logits with it.
 - A run killed mid-step and resumed from its last checkpoint writes byte-identical adapter files to an
   uninterrupted run.
 - JSONL records carry a loss on the response tokens (and EOS) only.
@@ -26,6 +28,7 @@ from runtime.lora import apply_lora, load_adapter  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 from pipeline.training.backward import IGNORE, Pass  # noqa: E402
 from pipeline.training.data import load_dataset  # noqa: E402
+from test_training_backward import save_tiny_opt  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
@@ -59,6 +62,38 @@ def test_trained_adapter_gives_peft_logits(base, tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf, out).eval()
     with torch.no_grad():
         theirs = peft_model(torch.tensor(ids)[None]).logits[0].numpy()  # [12, vocab]
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_opt_adapter_lowers_the_loss(tmp_path):
+    base_dir, data = tmp_path / "opt", tmp_path / "data.txt"
+    save_tiny_opt(base_dir, do_layer_norm_before=False, word_embed_proj_dim=32, max_position_embeddings=64)
+    data.write_text(TEXT)
+    common = ["--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "adapter"), *ARGS]
+    with pytest.raises(UserError, match="no 'gate_proj' projection; choose among q_proj, k_proj, v_proj, out_proj, "
+                                        "fc1, fc2$"):
+        train.main([*common, "--steps", "1", "--targets", "gate_proj"])
+    train.main([*common, "--steps", "6", "--lr", "5e-2"])
+    adapter = load_adapter(tmp_path / "adapter")
+    assert sorted(adapter.factors) == sorted(f"model.decoder.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"))
+    config, tensors = load_checkpoint(base_dir)
+    ids = np.array(Tokenizer.load(base_dir).encode(TEXT)[:64])
+
+    def logits_and_loss(model):
+        logits = model.prefill(ids, model.new_cache(), all_logits=True)  # [64, vocab]
+        shifted = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)  # [63, vocab]
+        nll = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(63), ids[1:]]  # [63]
+        return logits, float(nll.mean())
+
+    _, before = logits_and_loss(Model(Config.from_hf(config), tensors))
+    ours, after = logits_and_loss(Model(Config.from_hf(config), apply_lora(tensors, adapter)))
+    assert after < before - 0.5, (before, after)
+    import transformers
+    peft_model = peft.PeftModel.from_pretrained(transformers.OPTForCausalLM.from_pretrained(base_dir),
+                                                tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids)[None]).logits[0].numpy()  # [64, vocab]
     assert np.abs(ours - theirs).max() < 1e-4
 
 

@@ -17,21 +17,26 @@ from runtime.atomic import write_text
 from runtime.errors import UserError
 from runtime.lora import CONFIG_FILE, KEY_PREFIX
 from runtime.safetensors_io import write_safetensors
-from pipeline.training.backward import LLAMA_PROJECTIONS, Adapter, layer_prefix
+from pipeline.training.backward import PROJECTIONS, Adapter, layer_prefix
 
 WEIGHT_FILE = "adapter_model.safetensors"
+
+
+def module_names(model: Model) -> list:
+    """The module names (q_proj, ..., fc1, ...) of every projection of one layer: the default targets."""
+    return [m.rsplit(".", 1)[-1] for m in PROJECTIONS[model.config.arch]]
 
 
 def target_names(model: Model, targets: list) -> list:
     """Checkpoint names of the weights the module names `targets` (q_proj, ...) select in every layer;
     UserError naming a target that no projection of the model has."""
-    modules = LLAMA_PROJECTIONS
+    modules = PROJECTIONS[model.config.arch]
     names = []
     for target in targets:
-        chosen = [m for m in modules if m.rsplit(".", 1)[1] == target]
+        chosen = [m for m in modules if m.rsplit(".", 1)[-1] == target]
         if not chosen:
-            short = ", ".join(m.rsplit(".", 1)[1] for m in modules)
-            raise UserError(f"--targets: the model has no {target!r} projection; choose among {short}")
+            raise UserError(f"--targets: the model has no {target!r} projection; choose among "
+                            f"{', '.join(module_names(model))}")
         names += [f"{layer_prefix(model, i)}{m}.weight" for i in range(model.config.n_layers) for m in chosen]
     return sorted(set(names))
 

@@ -1,4 +1,4 @@
-"""The training forward and backward pass of a Llama model with LoRA adapters on a frozen base.
+"""The training forward and backward pass of a Llama or OPT model with LoRA adapters on a frozen base.
 
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
 §4.1) trains, beside each targeted frozen weight W [out, in], two factors
@@ -11,11 +11,15 @@ input gradient of the frozen product is dx = dy W, with W = `dequantize()` of
 the packed tensor (any format of runtime/formats), multiplied by BLAS. Only A
 and B receive gradients; the embedding, the norms and the LM head stay frozen.
 
-The forward here mirrors `model.Model.llama_block` / `attention` /
-`attend_prefill` / `logits` step by step, batched over [B, T] windows that all
-start at position 0 (no KV cache), and computes every projection with the
-dequantized weight, exactly the function whose gradient is taken. Each
-backward function sits right after the forward step it differentiates.
+The forward here mirrors `model.Model.embed_tokens` / `llama_block` /
+`opt_block` / `attention` / `attend_prefill` / `logits` step by step, batched
+over [B, T] windows that all start at position 0 (no KV cache), and computes
+every projection with the dequantized weight, exactly the function whose
+gradient is taken. Each backward function sits right after the forward step it
+differentiates. OPT (Zhang et al. 2022, as transformers' `modeling_opt.py`):
+LayerNorm, pre-LN or post-LN layers, a ReLU MLP, biases on every projection,
+learned positions offset by 2, and `project_in` / `project_out` around the
+layers when the embedding is narrower than them; all of those stay frozen.
 
 Activation checkpointing (per layer): the first forward keeps only each
 layer's input; the backward recomputes one layer at a time, keeping that
@@ -42,8 +46,10 @@ from runtime.formats.base import PackedTensor
 
 IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
 HEAD_ROWS = 1024  # LM-head rows per chunk: the logits of one chunk are [HEAD_ROWS, vocab]
-LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+               "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "fc1", "fc2")}  # arch -> the projections of one layer, as named in its checkpoint
 
 
 @dataclass
@@ -85,9 +91,10 @@ class Pass:
     """One micro-batch's forward and backward through a model with an adapter."""
 
     def __init__(self, model: Model, adapter: Adapter, dropout: float = 0.0, seed: int = 0):
-        if model.config.arch != "llama":
-            raise UserError(f"training supports Llama-family models for now, not {model.config.arch}")
         self.model, self.adapter, self.dropout, self.seed = model, adapter, dropout, seed
+        llama = model.config.arch == "llama"
+        self.layer = self.llama_layer if llama else self.opt_layer
+        self.layer_backward = self.llama_layer_backward if llama else self.opt_layer_backward
         self.grads_A = {name: np.zeros_like(a) for name, a in adapter.A.items()}  # name -> [r, in]
         self.grads_B = {name: np.zeros_like(b) for name, b in adapter.B.items()}  # name -> [out, r]
 
@@ -102,36 +109,48 @@ class Pass:
         if inputs.shape[1] > m.config.max_positions:
             raise UserError(f"windows of {inputs.shape[1]} tokens exceed the model's context of "
                             f"{m.config.max_positions}: lower --seqlen")
-        x = np.asarray(m.embed[inputs], dtype=np.float32)  # [B, T, d]
+        x = self.embed(inputs)  # [B, T, d]
         layer_inputs = []
         for i in range(m.config.n_layers):
             layer_inputs.append(x)
-            x = self.llama_layer(i, dense_layer(m.layers[i]), x, None)  # [B, T, d]
+            x = self.layer(i, dense_layer(m.layers[i]), x, None)  # [B, T, d]
         loss, count, dx = self.head(x, targets)  # dx [B, T, d]
         for i in reversed(range(m.config.n_layers)):
             weights, saved = dense_layer(m.layers[i]), {}
-            self.llama_layer(i, weights, layer_inputs.pop(), saved)  # recompute, keeping activations
-            dx = self.llama_layer_backward(i, weights, dx, saved)  # [B, T, d]
+            self.layer(i, weights, layer_inputs.pop(), saved)  # recompute, keeping activations
+            dx = self.layer_backward(i, weights, dx, saved)  # [B, T, d]
         return loss, count
+
+    # ---- embeddings (frozen: nothing below the first layer needs a gradient) ---------
+
+    def embed(self, inputs: np.ndarray) -> np.ndarray:
+        """model.Model.embed_tokens of windows inputs [B, T] at positions 0..T-1: [B, T, d]."""
+        m, g = self.model, self.model.globals
+        x = np.asarray(m.embed[inputs], dtype=np.float32)  # [B, T, embed_dim]
+        if m.config.arch == "llama":
+            return x
+        if "project_in.weight" in g:
+            x = x @ dense(g["project_in.weight"]).T  # [B, T, d]
+        T = inputs.shape[1]
+        return x + np.asarray(g["embed_positions.weight"][2:T + 2], dtype=np.float32)  # offset by 2  [B, T, d]
 
     # ---- final norm, LM head and cross-entropy ---------------------------------------
 
     def head(self, x: np.ndarray, targets: np.ndarray) -> tuple[float, int, np.ndarray]:
-        """Summed cross-entropy of rms(x) @ lm_headᵀ against targets, its count, and dL/dx [B, T, d].
+        """Summed cross-entropy of final(x) @ lm_headᵀ against targets, its count, and dL/dx [B, T, d].
 
         Only rows with a target are projected, in chunks of HEAD_ROWS, so the logits never exceed
         [HEAD_ROWS, vocab]."""
-        m = self.model
-        B, T, d = x.shape
-        norm_w = dense(m.globals["norm.weight"])  # [d]
-        head = dense(m.lm_head)  # [vocab, d]
-        n, r = rms_norm(x, norm_w, m.config.norm_eps)  # [B, T, d], [B, T, 1]
-        rows = n.reshape(B * T, d)  # [BT, d]
+        B, T, _ = x.shape
+        head = dense(self.model.lm_head)  # [vocab, e]
+        kept = {}
+        n = self.final(x, kept)  # [B, T, e]
+        rows = n.reshape(B * T, -1)  # [BT, e]
         flat = np.asarray(targets, dtype=np.int64).reshape(B * T)  # [BT]
         if flat.max(initial=-1) >= head.shape[0]:
             raise UserError(f"a target token id {flat.max()} is outside the vocabulary of {head.shape[0]}")
         chosen = np.flatnonzero(flat != IGNORE)  # [N]
-        dn = np.zeros_like(rows)  # [BT, d]
+        dn = np.zeros_like(rows)  # [BT, e]
         loss = 0.0
         for s in range(0, len(chosen), HEAD_ROWS):
             idx = chosen[s:s + HEAD_ROWS]  # [c]
@@ -143,9 +162,36 @@ class Pass:
             loss += float(np.sum(np.log(total[:, 0]) + top[:, 0] - picked, dtype=np.float64))
             p /= total  # softmax [c, vocab]
             p[np.arange(len(idx)), flat[idx]] -= 1  # dL/dlogits [c, vocab]
-            dn[idx] = p @ head  # [c, d]
-        dx = rms_norm_backward(x, norm_w, r, dn.reshape(B, T, d))  # [B, T, d]
-        return loss, len(chosen), dx
+            dn[idx] = p @ head  # [c, e]
+        return loss, len(chosen), self.final_backward(dn.reshape(B, T, -1), kept)
+
+    def final(self, x: np.ndarray, keep: dict) -> np.ndarray:
+        """model.Model.logits up to the LM head: the final norm of x [B, T, d] (OPT: if any, then project_out),
+        [B, T, e]; `keep` receives the norm's input and scale."""
+        c, g = self.model.config, self.model.globals
+        if c.arch == "llama":
+            n, r = rms_norm(x, dense(g["norm.weight"]), c.norm_eps)  # [B, T, d], [B, T, 1]
+            keep.update(x=x, r=r)
+            return n
+        if "final_layer_norm.weight" in g:
+            n, r = layer_norm(x, dense(g["final_layer_norm.weight"]), dense(g["final_layer_norm.bias"]),
+                              c.norm_eps)  # [B, T, d], [B, T, 1]
+            keep.update(x=x, r=r)
+            x = n
+        if "project_out.weight" in g:
+            x = x @ dense(g["project_out.weight"]).T  # [B, T, e]
+        return x
+
+    def final_backward(self, dy: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of final's input from dL/dy [B, T, e]."""
+        c, g = self.model.config, self.model.globals
+        if c.arch == "llama":
+            return rms_norm_backward(s["x"], dense(g["norm.weight"]), s["r"], dy)  # [B, T, d]
+        if "project_out.weight" in g:
+            dy = dy @ dense(g["project_out.weight"])  # [B, T, d]
+        if "final_layer_norm.weight" in g:
+            dy = layer_norm_backward(s["x"], dense(g["final_layer_norm.weight"]), s["r"], dy)  # [B, T, d]
+        return dy
 
     # ---- one layer -------------------------------------------------------------------
 
@@ -175,26 +221,69 @@ class Pass:
         dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
         return dh + rms_norm_backward(s["x"], w["input_layernorm.weight"], s["r1"], dn1)  # [B, T, d]
 
+    def opt_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
+        """model.Model.opt_block over x [B, T, d], pre-LN or post-LN; `saved` (when a dict) receives what the
+        backward needs."""
+        pre = self.model.config.pre_norm
+        keep = saved if saved is not None else {}
+        h = x + self.attention(i, w, self.norm(w, "self_attn_layer_norm", x, keep) if pre else x, keep)  # [B, T, d]
+        h = h if pre else self.norm(w, "self_attn_layer_norm", h, keep)  # [B, T, d]
+        n = self.norm(w, "final_layer_norm", h, keep) if pre else h  # [B, T, d]
+        f = np.maximum(self.project(i, w, "fc1", n, keep), 0)  # ReLU  [B, T, ffn]
+        out = h + self.project(i, w, "fc2", f, keep)  # [B, T, d]
+        keep.update(f=f)
+        return out if pre else self.norm(w, "final_layer_norm", out, keep)  # [B, T, d]
+
+    def opt_layer_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the layer's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
+        pre = self.model.config.pre_norm
+        dout = dout if pre else self.norm_backward(w, "final_layer_norm", dout, s)  # [B, T, d]
+        df = self.project_backward(i, w, "fc2", dout, s) * (s["f"] > 0)  # ReLU': 1 where it passed  [B, T, ffn]
+        dn2 = self.project_backward(i, w, "fc1", df, s)  # [B, T, d]
+        dh = dout + (self.norm_backward(w, "final_layer_norm", dn2, s) if pre else dn2)  # [B, T, d]
+        dh = dh if pre else self.norm_backward(w, "self_attn_layer_norm", dh, s)  # [B, T, d]
+        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
+        return dh + (self.norm_backward(w, "self_attn_layer_norm", dn1, s) if pre else dn1)  # [B, T, d]
+
+    def norm(self, w: dict, name: str, x: np.ndarray, keep: dict) -> np.ndarray:
+        """The LayerNorm `name` of a layer over x [B, T, d]; keep[name] receives its input and scale."""
+        y, r = layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], self.model.config.norm_eps)  # [B, T, d]
+        keep[name] = (x, r)
+        return y
+
+    def norm_backward(self, w: dict, name: str, dy: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the LayerNorm `name` from dL/dy [B, T, d]."""
+        x, r = s[name]  # [B, T, d], [B, T, 1]
+        return layer_norm_backward(x, w[f"{name}.weight"], r, dy)  # [B, T, d]
+
     # ---- attention -------------------------------------------------------------------
 
     def attention(self, i: int, w: dict, x: np.ndarray, keep: dict) -> np.ndarray:
-        """Causal grouped-query self-attention of x [B, T, d] (model.Model.attention + attend_prefill)."""
+        """Causal grouped-query self-attention of x [B, T, d] (model.Model.attention + attend_prefill); Llama
+        rotates q and k (RoPE), OPT's positions were added to the embedding."""
         c = self.model.config
         B, T, _ = x.shape
         H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
         q = self.project(i, w, "self_attn.q_proj", x, keep).reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
         k = self.project(i, w, "self_attn.k_proj", x, keep).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # [B, KV, T, hd]
         v = self.project(i, w, "self_attn.v_proj", x, keep).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # [B, KV, T, hd]
-        cos, sin = (t[:T] for t in self.model.rope_table(T))  # [T, hd/2] each
-        q = rope(q, cos, sin).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]: heads sharing a kv head
-        k = rope(k, cos, sin)[:, :, None]  # [B, KV, 1, T, hd]
+        if c.arch == "llama":
+            cos, sin = (t[:T] for t in self.model.rope_table(T))  # [T, hd/2] each
+            q, k = rope(q, cos, sin), rope(k, cos, sin)  # [B, H, T, hd], [B, KV, T, hd]
+            keep.update(cos=cos, sin=sin)
+        q = q.reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]: heads sharing a kv head
+        k = k[:, :, None]  # [B, KV, 1, T, hd]
         v = v[:, :, None]  # [B, KV, 1, T, hd]
         scores = q @ k.transpose(0, 1, 2, 4, 3) / math.sqrt(hd)  # [B, KV, G, T, T]
         future = np.arange(T)[None, :] > np.arange(T)[:, None]  # [T, T]
         p = softmax(np.where(future, -np.inf, scores))  # [B, KV, G, T, T]
         o = (p @ v).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
-        keep.update(q=q, k=k, v=v, p=p, cos=cos, sin=sin)
-        return self.project(i, w, "self_attn.o_proj", o, keep)  # [B, T, d]
+        keep.update(q=q, k=k, v=v, p=p)
+        return self.project(i, w, self.out_proj(), o, keep)  # [B, T, d]
+
+    def out_proj(self) -> str:
+        """The attention's output projection (model.Model.attention's out_name)."""
+        return "self_attn.out_proj" if self.model.config.arch == "opt" else "self_attn.o_proj"
 
     def attention_backward(self, i: int, w: dict, dy: np.ndarray, s: dict) -> np.ndarray:
         """dL/dx [B, T, d] of the attention's input from dL/dy [B, T, d]."""
@@ -202,15 +291,16 @@ class Pass:
         B, T, _ = dy.shape
         H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
         q, k, v, p = s["q"], s["k"], s["v"], s["p"]  # [B, KV, G, T, hd], [B, KV, 1, T, hd] x 2, [B, KV, G, T, T]
-        do = self.project_backward(i, w, "self_attn.o_proj", dy, s)  # [B, T, H*hd]
+        do = self.project_backward(i, w, self.out_proj(), dy, s)  # [B, T, H*hd]
         do = do.reshape(B, T, H, hd).transpose(0, 2, 1, 3).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]
         dv = (p.transpose(0, 1, 2, 4, 3) @ do).sum(axis=2)  # [B, KV, T, hd]
         dp = do @ v.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
         dscores = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) / math.sqrt(hd)  # softmax'  [B, KV, G, T, T]
         dq = dscores @ k  # [B, KV, G, T, hd]
         dk = (dscores.transpose(0, 1, 2, 4, 3) @ q).sum(axis=2)  # [B, KV, T, hd]
-        dq = rope_backward(dq.reshape(B, H, T, hd), s["cos"], s["sin"])  # [B, H, T, hd]
-        dk = rope_backward(dk, s["cos"], s["sin"])  # [B, KV, T, hd]
+        dq = dq.reshape(B, H, T, hd)  # [B, H, T, hd]
+        if c.arch == "llama":
+            dq, dk = rope_backward(dq, s["cos"], s["sin"]), rope_backward(dk, s["cos"], s["sin"])  # as q, k
         rows = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, h, T, hd] -> [B, T, h*hd]
         return (self.project_backward(i, w, "self_attn.q_proj", rows(dq), s)
                 + self.project_backward(i, w, "self_attn.k_proj", rows(dk), s)
@@ -253,7 +343,7 @@ class Pass:
         """Inverted-dropout mask (0 or 1/(1-p)) [shape] drawn from (seed, layer, projection), or None."""
         if self.dropout == 0:
             return None
-        rng = np.random.default_rng([self.seed, i, LLAMA_PROJECTIONS.index(module)])
+        rng = np.random.default_rng([self.seed, i, PROJECTIONS[self.model.config.arch].index(module)])
         keep = rng.random(shape, dtype=np.float32) >= self.dropout  # [shape]
         return keep.astype(np.float32) / np.float32(1 - self.dropout)  # [shape]
 
@@ -270,6 +360,20 @@ def rms_norm_backward(x: np.ndarray, weight: np.ndarray, r: np.ndarray, dy: np.n
     """dL/dx [..., d] of rms_norm: r·u - x·r³·mean(u·x), u = weight·dy."""
     u = dy * weight  # [..., d]
     return r * u - x * (r ** 3) * np.mean(u * x, axis=-1, keepdims=True)  # [..., d]
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """((x - mean) · r · weight + bias, r) with r = 1 / sqrt(var(x) + eps) [..., 1] (model.Model.layer_norm)."""
+    xc = x - np.mean(x, axis=-1, keepdims=True)  # [..., d]
+    r = 1 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + np.float32(eps))  # [..., 1]
+    return xc * r * weight + bias, r
+
+
+def layer_norm_backward(x: np.ndarray, weight: np.ndarray, r: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dL/dx [..., d] of layer_norm: r·(u - mean(u) - x̂·mean(u·x̂)), u = weight·dy, x̂ = (x - mean)·r."""
+    u = dy * weight  # [..., d]
+    xhat = (x - np.mean(x, axis=-1, keepdims=True)) * r  # [..., d]
+    return r * (u - np.mean(u, axis=-1, keepdims=True) - xhat * np.mean(u * xhat, axis=-1, keepdims=True))
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

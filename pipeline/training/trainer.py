@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from model import Model
 from runtime.errors import UserError
-from pipeline.training.adapter import new_adapter, write_adapter
+from pipeline.training.adapter import module_names, new_adapter, write_adapter
 from pipeline.training.backward import Adapter, Pass
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.data import Dataset
@@ -33,7 +33,7 @@ class TrainSettings:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets: tuple = ()  # module names (q_proj, ...); empty: every projection of the model
     seqlen: int = 512
     batch: int = 4
     grad_accum: int = 4
@@ -66,7 +66,7 @@ def parameters(adapter: Adapter) -> dict:
 def train(model: Model, dataset: Dataset, settings: TrainSettings, out: Path, base_name: str,
           save_every: int = 0, resume: bool = False, progress: bool = True) -> Adapter:
     """Train an adapter on `dataset`, checkpoint every `save_every` steps, write it to `out` (PEFT layout)."""
-    adapter = new_adapter(model, list(settings.targets), settings.rank, settings.alpha,
+    adapter = new_adapter(model, list(settings.targets) or module_names(model), settings.rank, settings.alpha,
                           np.random.default_rng(settings.seed))
     params = parameters(adapter)
     optimizer = AdamW(params, AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay))
