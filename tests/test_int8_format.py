@@ -2,13 +2,16 @@
 
 The NumPy reference is checked against a hand-worked example; the integer
 kernels must equal it exactly (the int32 sums are exact and the float steps
-are done in the same order); the decomposition with every column an outlier
+are done in the same order; one row with outlier columns sums their float
+product in its own order, within float32 rounding); the decomposition with every column an outlier
 must equal the float product; the stored bytes must match the documented
 bits per weight.
 """
 import json
+import re
 import struct
 
+import numba
 import numpy as np
 import pytest
 
@@ -16,7 +19,7 @@ from runtime.errors import UserError
 from runtime.formats import FORMAT_CLASSES
 from runtime.formats import int8 as fmt
 from runtime.formats.int8 import Int8Tensor
-from runtime.kernels import int8_numba
+from runtime.kernels import int8_numba, uniform_int8_numba
 from runtime.packed_checkpoint import WEIGHTS, read_packed, save_packed
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -61,7 +64,14 @@ def test_numba_matmul_equals_reference_exactly(weight_scales, activation, thresh
     rng = np.random.default_rng(rows * 1000 + n_out)
     t = random_tensor(rng, n_out, n_in, weight_scales, activation, threshold)
     x = random_input(rng, rows, n_in) if n_in > 3 else rng.standard_normal((rows, n_in)).astype(np.float32)
-    assert np.array_equal(t.matmul(x), t.matmul_reference(x))
+    y, ref = t.matmul(x), t.matmul_reference(x)
+    outliers = fmt.outlier_columns(x, threshold)  # [in]
+    if rows > 1 or not outliers.any():
+        assert np.array_equal(y, ref)
+        return
+    # one row (decode) sums the outlier columns' float product in its own order, not BLAS's
+    extra = np.abs(x[:, outliers]).astype(np.float64) @ np.abs(t.dequantize()[:, outliers]).T  # [1, out]
+    assert np.all(np.abs(y - ref) <= (outliers.sum() + 2) * EPS32 * (extra + np.abs(ref)))
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -79,6 +89,29 @@ def test_numba_pieces_equal_numpy(per_tensor):
     exact = xq.astype(np.int64) @ W.astype(np.int64).T
     assert np.array_equal(int8_numba.int_matmul_decode(W, xq), exact)
     assert np.array_equal(int8_numba.int_matmul_prefill(W, xq), exact)
+
+
+@pytest.mark.parametrize("kernel", uniform_int8_numba.available_kernels())
+@pytest.mark.parametrize("n_out, n_in", [(37, 61), (64, 640), (3, 1), (130, 64)])
+@pytest.mark.parametrize("threshold", [None, 3.0])
+def test_decode_matvec_equals_the_definition(kernel, n_out, n_in, threshold, monkeypatch):
+    # the one-row kernel (VNNI chunks of 64 plus a scalar tail, or the portable loop), serial and parallel
+    rng = np.random.default_rng(n_out + n_in)
+    t = random_tensor(rng, n_out, n_in, "row", "token", threshold)
+    x = random_input(rng, 1, n_in) if n_in > 3 else rng.standard_normal((1, n_in)).astype(np.float32)
+    outliers = fmt.outlier_columns(x, threshold)  # [in]
+    xq, sx = fmt.quantize_activations(x, "token", outliers)
+    acc = xq.astype(np.int64) @ t.qweight.astype(np.int64).T  # [1, out] exact
+    int_part = acc.astype(np.float32) * sx[:, None] * t.scales[None, :]  # [1, out]
+    extra = x[:, outliers].astype(np.float64) @ t.dequantize()[:, outliers].T.astype(np.float64)  # [1, out]
+    for parallel_bytes in (int8_numba.PARALLEL_BYTES, 0):
+        monkeypatch.setattr(int8_numba, "PARALLEL_BYTES", parallel_bytes)
+        y = int8_numba.matvec(t.qweight, t.scales, x[0], threshold, kernel)  # [out]
+        if not outliers.any():
+            assert np.array_equal(y, int_part[0])
+        else:
+            bound = (outliers.sum() + 2) * EPS32 * (np.abs(x[:, outliers]) @ np.abs(t.dequantize()[:, outliers]).T)
+            assert np.all(np.abs(y - (int_part + extra)[0]) <= bound[0] + EPS32 * np.abs(int_part[0]))
 
 
 def test_quantized_activations_within_half_a_step():
@@ -174,3 +207,15 @@ def test_cuda_kernels_equal_reference(cupy, weight_scales, activation, threshold
                 assert np.allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         with pytest.raises(UserError):
             on_gpu.matmul(x)
+
+
+def test_vnni_decode_uses_the_byte_dot_product():
+    if "avx512vnni" not in uniform_int8_numba.available_kernels():
+        pytest.skip("the CPU lacks avx512vnni")
+    rng = np.random.default_rng(9)
+    t = random_tensor(rng, 16, 128)
+    x = rng.standard_normal(128).astype(np.float32)  # [in]
+    fresh = numba.njit(int8_numba._matvec_serial.py_func)  # compiled here (not from the cache): asm at hand
+    y = fresh(t.qweight, t.scales, x, -1.0, True)  # [out]
+    assert np.array_equal(y, t.matmul_reference(x[None])[0])
+    assert "vpdpbusd" in re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values()))

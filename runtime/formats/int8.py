@@ -48,9 +48,9 @@ import math
 
 import numpy as np
 
-from runtime.device import array_module_of, to_module
+from runtime.device import array_module_of, is_cupy, to_module
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, activation_mode
 
 QMAX = 127
 GRANULARITIES = ("row", "tensor")  # weight scales
@@ -107,6 +107,7 @@ class Int8Tensor(PackedTensor):
         self.activation = activation
         self.outlier_threshold = None if outlier_threshold is None else float(outlier_threshold)
         self._check()
+        self._row_scales = None if is_cupy(scales) else np.ascontiguousarray(self.weight_scales())  # [out]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -172,13 +173,17 @@ class Int8Tensor(PackedTensor):
             from runtime.kernels import int8_cuda
             return int8_cuda.matmul(self, x2)  # [m, out]
         from runtime.kernels import int8_numba
+        if x2.shape[0] == 1:
+            y = int8_numba.matvec(self.qweight, self._row_scales, x2[0], self.outlier_threshold,
+                                  activation_mode()[1])  # [out]
+            return y[None]
         outliers = outlier_columns(x2, self.outlier_threshold)  # [in]
         xq, sx = int8_numba.quantize_tokens(x2, outliers, self.activation == "tensor")
         if x2.shape[0] <= FUSED_MAX_ROWS:
             acc = int8_numba.int_matmul_decode(self.qweight, xq)  # [m, out]
         else:
             acc = int8_numba.int_matmul_prefill(self.qweight, xq)  # [m, out]
-        y = int8_numba.apply_scales(acc, sx, np.ascontiguousarray(self.weight_scales()))  # [m, out]
+        y = int8_numba.apply_scales(acc, sx, self._row_scales)  # [m, out]
         extra = self.outlier_product(x2, outliers)
         if extra is not None:
             y += extra

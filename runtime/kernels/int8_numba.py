@@ -11,6 +11,15 @@ Each kernel equals its NumPy counterpart in the format module bit for bit:
   rows times `TOKEN_BLOCK` input rows, so each block of W is read from
   memory once per block of tokens and stays in cache.
 - `apply_scales`: y[r, o] = float32(acc[r, o]) * sx[r] * sw[o].
+- `matvec` (decode, one input row): all of the above in one call, outlier
+  columns included (their float product added in the same pass). The
+  integer dot product of a weight row runs 64 bytes at a time on AVX-512
+  VNNI (`vpdpbusd` multiplies unsigned by signed bytes, so the weight bytes
+  w are flipped to w + 128 with one xor and 128 * sum(xq) is taken off the
+  exact int32 sum), or in the portable loop (`_dot`) elsewhere; both give
+  the same int32 as the format's definition, bit for bit. Products of fewer
+  than PARALLEL_BYTES weight bytes run on the calling thread (waking the
+  sleeping workers costs more), larger ones (the LM head) over the rows.
 
 The integer dot products are kept apart from the float scaling: with both
 in one loop LLVM stops vectorizing the int8 dot product (measured 3x slower).
@@ -18,12 +27,20 @@ The outlier columns' float product is added by NumPy in the format module.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from runtime.kernels.uniform_int8_numba import available_kernels
 
 QMAX = np.float32(127.0)
 ROW_BLOCK = 16  # weight rows per prefill block
 TOKEN_BLOCK = 32  # input rows per prefill block
+VNNI_BYTES = 64  # weight bytes per vpdpbusd
+PARALLEL_BYTES = 4 << 20  # weight bytes below which `matvec` runs on the calling thread
 
 
 @njit(cache=True, inline="always")
@@ -117,3 +134,115 @@ def apply_scales(acc: np.ndarray, sx: np.ndarray, sw: np.ndarray) -> np.ndarray:
     y = np.empty(acc.shape, dtype=np.float32)  # [m, out]
     _scale(acc, sx, sw, y)
     return y
+
+
+@intrinsic
+def _dot_vnni_biased(typingctx, qweight, o, xq, chunks):
+    """int32 sum_{k < 64 chunks} (qweight[o, k] + 128) * xq[k] by vpdpbusd, 64 bytes per step (qweight int8
+    [out, in] C-contiguous, xq int8 [in]); compiled to 0 on a CPU without AVX-512 VNNI (never called there)."""
+    def codegen(context, builder, signature, args):
+        if "avx512vnni" not in available_kernels():
+            return ir.Constant(ir.IntType(32), 0)
+        q_array = context.make_array(signature.args[0])(context, builder, args[0])
+        x_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        n_cols = cgutils.unpack_tuple(builder, q_array.shape)[1]
+        words = ir.VectorType(ir.IntType(32), 16)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(words, None))
+        row = builder.gep(q_array.data, [builder.mul(args[1], n_cols)])
+        flip = ir.Constant(words, [0x80808080 - (1 << 32)] * 16)  # xor 0x80 in every byte: w -> w + 128
+        with cgutils.for_range(builder, args[3]) as loop:
+            k = builder.mul(loop.index, ir.Constant(loop.index.type, VNNI_BYTES))
+            w = builder.load(builder.bitcast(builder.gep(row, [k]), words.as_pointer()), align=1)
+            x = builder.load(builder.bitcast(builder.gep(x_data, [k]), words.as_pointer()), align=1)
+            builder.store(builder.call(fn, [builder.load(acc), builder.xor(w, flip), x]), acc)
+        total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [words]),
+                                               "llvm.vector.reduce.add.v16i32")
+        return builder.call(total, [builder.load(acc)])
+
+    return types.int32(qweight, types.int64, xq, types.int64), codegen
+
+
+@njit(inline="always")
+def _row_dot(qweight, o, xq, vnni, bias):
+    """sum_i qweight[o, i] * xq[i] in int32, exact; vnni: the first 64-byte chunks by `_dot_vnni_biased`,
+    whose bias 128 * sum(xq over those chunks) is `bias`."""
+    n = qweight.shape[1]
+    acc = np.int32(0)
+    start = 0
+    if vnni:
+        chunks = n // VNNI_BYTES
+        acc = _dot_vnni_biased(qweight, o, xq, chunks) - bias
+        start = chunks * VNNI_BYTES
+    for i in range(start, n):
+        acc += np.int32(qweight[o, i]) * np.int32(xq[i])
+    return acc
+
+
+@njit(inline="always")
+def _matvec_rows(qweight, sw, x, xq, sx, outliers, n_outliers, vnni, bias, o, y):
+    """y[o] = float32(row_dot) * sx * sw[o] + (sum over outlier columns j of x[j] * (qweight[o, j] * sw[o]))."""
+    value = np.float32(_row_dot(qweight, o, xq, vnni, bias)) * sx * sw[o]
+    if n_outliers > 0:
+        extra = np.float32(0.0)
+        for t in range(n_outliers):
+            j = outliers[t]
+            extra += x[j] * (np.float32(qweight[o, j]) * sw[o])
+        value += extra
+    y[o] = value
+
+
+@njit(cache=True)
+def _prepare_row(qweight, x, threshold):
+    """(xq [in] int8, sx, outlier columns [k] int64, their count, 128 * sum of xq over whole 64-byte chunks)
+    of one row x [in] (threshold < 0: no outlier decomposition), as `_quantize` does it for one row."""
+    n = x.shape[0]
+    outliers = np.empty(n, dtype=np.int64)  # [in], the first k used
+    flags = np.zeros(n, dtype=np.bool_)  # [in]
+    k = 0
+    if threshold >= 0:
+        t = np.float32(threshold)  # compared in float32, as `outlier_columns`
+        for i in range(n):
+            if abs(x[i]) >= t:
+                flags[i] = True
+                outliers[k] = i
+                k += 1
+    xq = np.empty((1, n), dtype=np.int8)  # [1, in]
+    sx = np.empty(1, dtype=np.float32)  # [1]
+    _quantize(x.reshape(1, n), flags, False, xq, sx)
+    bias = np.int32(0)
+    for i in range(n // VNNI_BYTES * VNNI_BYTES):
+        bias += np.int32(xq[0, i])
+    return xq[0], sx[0], outliers, k, bias * np.int32(128)
+
+
+@njit(cache=True)
+def _matvec_serial(qweight, sw, x, threshold, vnni):
+    """`matvec` on the calling thread."""
+    xq, sx, outliers, k, bias = _prepare_row(qweight, x, threshold)
+    y = np.empty(qweight.shape[0], dtype=np.float32)  # [out]
+    for o in range(qweight.shape[0]):
+        _matvec_rows(qweight, sw, x, xq, sx, outliers, k, vnni, bias, o, y)
+    return y
+
+
+@njit(cache=True, parallel=True)
+def _matvec_parallel(qweight, sw, x, threshold, vnni):
+    """`matvec` in one parallel region over the output rows."""
+    xq, sx, outliers, k, bias = _prepare_row(qweight, x, threshold)
+    y = np.empty(qweight.shape[0], dtype=np.float32)  # [out]
+    for o in prange(qweight.shape[0]):
+        _matvec_rows(qweight, sw, x, xq, sx, outliers, k, vnni, bias, o, y)
+    return y
+
+
+def matvec(qweight: np.ndarray, sw: np.ndarray, x: np.ndarray, threshold: float | None, kernel: str) -> np.ndarray:
+    """y [out] = the int8 format's product of one row x [in] float32 (C-contiguous) by qweight [out, in]
+    with row scales sw [out] float32: activation quantized per token with outlier columns (|x| >= threshold;
+    None: none) zeroed and multiplied in float. kernel: "avx512vnni" (dot products by vpdpbusd) or any
+    other of uniform_int8_numba.KERNELS (the portable loop)."""
+    args = (qweight, sw, x, -1.0 if threshold is None else float(threshold), kernel == "avx512vnni")
+    if qweight.nbytes < PARALLEL_BYTES or numba.get_num_threads() == 1:
+        return _matvec_serial(*args)
+    return _matvec_parallel(*args)
