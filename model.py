@@ -2,9 +2,18 @@
 
 Follows the Hugging Face transformers reference implementations
 (`modeling_opt.py`, `modeling_llama.py`) operation by operation, in float32
-NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c: one function
-per step, a preallocated KV cache, prefill (many tokens) and decode (one token)
-as separate paths.
+NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
+
+    prefill(tokens) / decode(token)      the two public passes, each with its own checks
+      forward: embed_tokens -> block per layer        (decode: one token; prefill: T tokens)
+        opt_block | llama_block                        one function per architecture
+          attention                                    shared: q/k/v, RoPE, cache write, softmax
+            attend_decode | attend_prefill             one query / causal blocks of queries
+      logits: final norm -> LM head
+    llama_decode_step                    decode on the CPU with fused Numba kernels (Llama)
+
+`Model.__init__` is the one place that picks the architecture; the embedding
+and the head follow from the tensors the checkpoint holds.
 
 - OPT (Zhang et al. 2022): learned positions with offset 2, pre-LN or post-LN
   layers (`do_layer_norm_before`), `project_in` / `project_out` when
@@ -103,7 +112,11 @@ class Model:
         self.config, self.xp = config, xp
         # decode on the CPU: q/k/v and gate/up in one product each; Llama's elementwise work in Numba kernels
         self.fused_decode = fused_decode and xp is np
-        prefix = "model.decoder." if config.arch == "opt" else "model."
+        # the one place that picks the architecture: checkpoint names, decoder layer, decode step
+        llama = config.arch == "llama"
+        prefix = "model." if llama else "model.decoder."
+        self.block = self.llama_block if llama else self.opt_block
+        self.decode_step = self.llama_decode_step if llama and self.fused_decode else self.unfused_decode_step
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
         to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
                                                      else to_module(a, xp))
@@ -116,7 +129,6 @@ class Model:
                 self.layers[int(index)][suffix] = to_device(value)
         self.embed = self.globals["embed_tokens.weight"]  # [vocab, embed_dim]
         self.lm_head = self.globals.get("lm_head.weight", self.embed)  # [vocab, hidden]
-        self.block = self.llama_block if config.arch == "llama" else self.opt_block
         self.inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
         self.rope_cos = self.rope_sin = None  # [n, hd/2] each, built by rope_table
 
@@ -124,7 +136,7 @@ class Model:
         """An empty KV cache for up to `max_len` positions (default: the model's context)."""
         return KVCache(self.config, max_len or self.config.max_positions, self.xp)
 
-    # ---- the two public passes -------------------------------------------------------
+    # ---- prefill: T tokens at once ---------------------------------------------------
 
     def prefill(self, tokens, cache: KVCache, all_logits: bool = False):
         """Run T tokens at once after what the cache holds; logits [T, vocab] or of the last [vocab]."""
@@ -132,25 +144,23 @@ class Model:
         if cache.length + len(tokens) > cache.max_len:
             raise UserError(f"{cache.length + len(tokens)} tokens do not fit the context of "
                             f"{cache.max_len}: shorten the prompt or --max-new-tokens")
-        x = self.embed_tokens(tokens, cache.length)  # [T, d]
-        for i, layer in enumerate(self.layers):
-            x = self.block(layer, x, cache, i, self.attend_prefill)  # [T, d]
+        x = self.forward(tokens, cache)  # [T, d]
         cache.length += len(tokens)
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]  # [T, vocab] or [vocab]
+
+    # ---- decode: one token -----------------------------------------------------------
 
     def decode(self, token: int, cache: KVCache):
         """Run one token after what the cache holds; logits [vocab]."""
         if cache.length + 1 > cache.max_len:
             raise UserError(f"the context of {cache.max_len} tokens is full: lower --max-new-tokens")
-        if self.fused_decode and self.config.arch == "llama":
-            logits = self.llama_decode_step(token, cache)  # [vocab]
-        else:
-            x = self.embed_tokens(np.array([token]), cache.length)  # [1, d]
-            for i, layer in enumerate(self.layers):
-                x = self.block(layer, x, cache, i, self.attend_decode)  # [1, d]
-            logits = self.logits(x)[0]  # [vocab]
+        logits = self.decode_step(token, cache)  # [vocab]
         cache.length += 1
         return logits
+
+    def unfused_decode_step(self, token: int, cache: KVCache):
+        """Logits [vocab] of one token at position cache.length through the layer functions of prefill."""
+        return self.logits(self.forward(np.array([token]), cache))[0]  # [vocab]
 
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
@@ -172,57 +182,56 @@ class Model:
             x = h + linear(step.silu_mul(gate, up), w["mlp.down_proj.weight"])  # [d]
         return linear(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps), self.lm_head)  # [vocab]
 
-    # ---- embeddings and head ---------------------------------------------------------
+    # ---- the layers, in the order they run -------------------------------------------
+
+    def forward(self, tokens, cache: KVCache):
+        """Hidden states [T, d] after the last layer of tokens [T] at positions cache.length.. ;
+        writes their keys and values into the cache and leaves cache.length to the caller."""
+        x = self.embed_tokens(tokens, cache.length)  # [T, d]
+        for i, layer in enumerate(self.layers):
+            x = self.block(layer, x, cache, i)  # [T, d]
+        return x
 
     def embed_tokens(self, tokens, start: int):
-        """Token (and for OPT, learned position) embeddings of tokens at positions start.. ."""
+        """Embeddings [T, d] of tokens at positions start.. : the token embedding, then where the checkpoint
+        has them OPT's `project_in` and learned positions."""
         xp, g = self.xp, self.globals
         x = xp.asarray(self.embed[xp.asarray(tokens)], dtype=xp.float32)  # [T, embed_dim]
-        if self.config.arch == "llama":
-            return x
         if "project_in.weight" in g:
             x = linear(x, g["project_in.weight"])  # [T, d]
-        positions = xp.arange(start, start + len(tokens)) + 2  # OPT's learned positions are offset by 2
-        return x + g["embed_positions.weight"][positions]  # [T, d]
+        if "embed_positions.weight" in g:
+            positions = xp.arange(start, start + len(tokens)) + 2  # OPT's learned positions are offset by 2
+            x = x + g["embed_positions.weight"][positions]  # [T, d]
+        return x
 
-    def logits(self, x):
-        """Final norm, projection out and LM head: x [T, d] -> logits [T, vocab]."""
-        g = self.globals
-        if self.config.arch == "llama":
-            x = self.rms_norm(x, g["norm.weight"])  # [T, d]
-        else:
-            if "final_layer_norm.weight" in g:
-                x = self.layer_norm(x, g["final_layer_norm.weight"], g["final_layer_norm.bias"])  # [T, d]
-            if "project_out.weight" in g:
-                x = linear(x, g["project_out.weight"])  # [T, embed_dim]
-        return linear(x, self.lm_head)  # [T, vocab]
+    def opt_block(self, w: dict, x, cache: KVCache, i: int):
+        """One OPT decoder layer over x [T, d]: LayerNorm before attention and FFN (pre-LN) or after
+        each residual add (post-LN, do_layer_norm_before=False); biases, ReLU FFN."""
+        norm = lambda t, name: self.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"])
+        pre = self.config.pre_norm
+        h = x + self.attention(w, norm(x, "self_attn_layer_norm") if pre else x, cache, i,
+                               "out_proj", rotary=False)  # [T, d]
+        h = h if pre else norm(h, "self_attn_layer_norm")  # [T, d]
+        n = norm(h, "final_layer_norm") if pre else h  # [T, d]
+        f = self.xp.maximum(linear(n, w["fc1.weight"], w["fc1.bias"]), 0)  # [T, ffn]
+        out = h + linear(f, w["fc2.weight"], w["fc2.bias"])  # [T, d]
+        return out if pre else norm(out, "final_layer_norm")  # [T, d]
 
-    # ---- layers ----------------------------------------------------------------------
-
-    def llama_block(self, w: dict, x, cache: KVCache, i: int, attend):
-        """One Llama decoder layer: x + attn(rms(x)), then h + swiglu(rms(h))."""
-        h = x + self.attention(w, self.rms_norm(x, w["input_layernorm.weight"]), cache, i, attend)  # [T, d]
+    def llama_block(self, w: dict, x, cache: KVCache, i: int):
+        """One Llama decoder layer over x [T, d]: h = x + attn(rms(x)) with RoPE, then h + swiglu(rms(h))."""
+        n = self.rms_norm(x, w["input_layernorm.weight"])  # [T, d]
+        h = x + self.attention(w, n, cache, i, "o_proj", rotary=True)  # [T, d]
         n = self.rms_norm(h, w["post_attention_layernorm.weight"])  # [T, d]
         gate = linear(n, w["mlp.gate_proj.weight"])  # [T, ffn]
         up = linear(n, w["mlp.up_proj.weight"])  # [T, ffn]
         silu = gate * (0.5 + 0.5 * self.xp.tanh(0.5 * gate))  # gate·sigmoid(gate), no overflow  [T, ffn]
         return h + linear(silu * up, w["mlp.down_proj.weight"])  # [T, d]
 
-    def opt_block(self, w: dict, x, cache: KVCache, i: int, attend):
-        """One OPT decoder layer, pre-LN or post-LN (do_layer_norm_before)."""
-        norm = lambda t, name: self.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"])
-        pre = self.config.pre_norm
-        h = x + self.attention(w, norm(x, "self_attn_layer_norm") if pre else x, cache, i, attend)  # [T, d]
-        h = h if pre else norm(h, "self_attn_layer_norm")
-        n = norm(h, "final_layer_norm") if pre else h  # [T, d]
-        f = self.xp.maximum(linear(n, w["fc1.weight"], w["fc1.bias"]), 0)  # [T, ffn]
-        out = h + linear(f, w["fc2.weight"], w["fc2.bias"])  # [T, d]
-        return out if pre else norm(out, "final_layer_norm")
-
-    def attention(self, w: dict, x, cache: KVCache, i: int, attend):
-        """Multi-head (grouped-query) self-attention of x [T, d] against the cache."""
+    def attention(self, w: dict, x, cache: KVCache, i: int, out: str, rotary: bool):
+        """Multi-head (grouped-query) self-attention of x [T, d] at positions cache.length.. against the
+        cache, for both architectures: rotary embedding when `rotary`, output projection `self_attn.{out}`.
+        One token (decode) attends to every cached key; several (prefill) under the causal mask."""
         c, T = self.config, x.shape[0]
-        out_name = "self_attn.out_proj" if c.arch == "opt" else "self_attn.o_proj"
         weights = [w[f"self_attn.{p}_proj.weight"] for p in "qkv"]
         biases = [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"]
         q, k, v = (linear_many(x, weights, biases) if self.fused_decode
@@ -230,12 +239,23 @@ class Model:
         q = q.reshape(T, c.n_heads, c.head_dim).transpose(1, 0, 2)  # [H, T, hd]
         k = k.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
         v = v.reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
-        if c.arch == "llama":
-            q, k = self.rope(q, cache.length), self.rope(k, cache.length)
+        if rotary:
+            q, k = self.rope(q, cache.length), self.rope(k, cache.length)  # [H, T, hd], [KV, T, hd]
         keys, values = cache.store(i, k, v)  # [KV, S, hd] each
-        o = attend(q, keys, values, cache.length)  # [H, T, hd]
+        if T == 1:
+            o = self.attend_decode(q, keys, values)  # [H, 1, hd]
+        else:
+            o = self.attend_prefill(q, keys, values, cache.length)  # [H, T, hd]
         o = o.transpose(1, 0, 2).reshape(T, c.n_heads * c.head_dim)  # [T, H*hd]
-        return linear(o, w[f"{out_name}.weight"], w.get(f"{out_name}.bias"))  # [T, d]
+        return linear(o, w[f"self_attn.{out}.weight"], w.get(f"self_attn.{out}.bias"))  # [T, d]
+
+    def attend_decode(self, q, keys, values):
+        """Softmax attention of one query [H, 1, hd] over all S cached keys (nothing to mask)."""
+        c = self.config
+        H, _, hd = q.shape
+        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, hd)  # [KV, G, hd]: heads sharing a kv head
+        p = self.softmax(q @ keys.transpose(0, 2, 1) / math.sqrt(hd))  # [KV, G, S]
+        return (p @ values).reshape(H, 1, hd)  # [H, 1, hd]
 
     def attend_prefill(self, q, keys, values, start: int):
         """Causal softmax attention of T queries at positions start.. over S = start+T keys.
@@ -254,15 +274,19 @@ class Model:
             future = xp.arange(seen)[None, :] > xp.arange(start + s, start + e)[:, None]  # [b, S]
             scores = xp.where(future, -xp.inf, scores)  # [KV, G, b, S]
             out[:, :, s:e] = self.softmax(scores) @ values[:, None, :seen]  # [KV, G, b, hd]
-        return out.reshape(H, T, hd)
+        return out.reshape(H, T, hd)  # [H, T, hd]
 
-    def attend_decode(self, q, keys, values, start: int):
-        """Softmax attention of one query [H, 1, hd] over all S cached keys (nothing to mask)."""
-        c = self.config
-        H, _, hd = q.shape
-        q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, hd)  # [KV, G, hd]
-        p = self.softmax(q @ keys.transpose(0, 2, 1) / math.sqrt(hd))  # [KV, G, S]
-        return (p @ values).reshape(H, 1, hd)  # [H, 1, hd]
+    def logits(self, x):
+        """x [T, d] -> logits [T, vocab]: the final norm (Llama's RMSNorm; pre-LN OPT's LayerNorm), where
+        the checkpoint has it OPT's `project_out`, then the LM head."""
+        g = self.globals
+        if "norm.weight" in g:
+            x = self.rms_norm(x, g["norm.weight"])  # [T, d]
+        if "final_layer_norm.weight" in g:
+            x = self.layer_norm(x, g["final_layer_norm.weight"], g["final_layer_norm.bias"])  # [T, d]
+        if "project_out.weight" in g:
+            x = linear(x, g["project_out.weight"])  # [T, embed_dim]
+        return linear(x, self.lm_head)  # [T, vocab]
 
     # ---- elementwise pieces ----------------------------------------------------------
 

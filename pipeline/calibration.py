@@ -200,7 +200,7 @@ def _run_layer(model: Model, weights: dict, hidden: np.ndarray, i: int, bar, out
     cache = model.new_cache(hidden.shape[1])  # its length stays 0: each sample starts at position 0
     for s in range(hidden.shape[0]):
         try:
-            y = model.block(weights, hidden[s], cache, i, model.attend_prefill)  # [seqlen, d]
+            y = model.block(weights, hidden[s], cache, i)  # [seqlen, d]
             if out is not None:
                 out[s] = y
         except _StopForward:

@@ -105,7 +105,7 @@ def test_true_sequential_order(stories, tmp_path):
         weights = dict(model.layers[0], **layer)
         weights["self_attn.o_proj.weight"] = Spy(weights["self_attn.o_proj.weight"])
         for w in windows:
-            model.block(weights, model.embed_tokens(w, 0), model.new_cache(SEQLEN), 0, model.attend_prefill)
+            model.block(weights, model.embed_tokens(w, 0), model.new_cache(SEQLEN), 0)
         X = np.concatenate(seen)  # [n, in]
         return 2 / len(X) * X.T @ X
 
