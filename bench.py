@@ -61,7 +61,7 @@ LLAMA_1B_GGUF = ("F16", "Q8_0", "Q4_0", "Q2_K")
 RANDOM_CODE_METHODS = ("gptq", "spqr", "quip", "quipsharp")  # Hessian-based: minutes per layer at 1B
 FLOAT = "float"
 OURS, LLAMA_CPP = "ours", "llama.cpp"  # the engines
-OUR_VARIABLES = ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")  # what runtime/__init__.py sets
+OUR_VARIABLES = ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")  # thread settings: each engine runs with its own
 OUR_PREFIXES = ("NUMBA_",)
 PREFILL_TOKENS = 128
 PPL_WINDOWS, PPL_SEQLEN = 16, 2048
@@ -457,8 +457,8 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"Machine: {machine()}; load average (1/5/15 minutes) {settings['load']}. CPU only.", "",
         f"llama.cpp: {llama_text}.", "",
         f"How: each measurement is a fresh process running one engine with its own defaults. Ours "
-        f"(`bench.py --child`) imports `runtime`, which sets OMP_WAIT_POLICY=PASSIVE and OPENBLAS_NUM_THREADS=1 "
-        f"for itself, with NUMBA_NUM_THREADS={settings['threads']}; llama.cpp (`bench_llamacpp.py`) runs in an "
+        f"(`bench.py --child`) imports `runtime`, which sets OPENBLAS_NUM_THREADS=1 for itself, with "
+        f"NUMBA_NUM_THREADS={settings['threads']} and no OMP_WAIT_POLICY; llama.cpp (`bench_llamacpp.py`) runs in an "
         f"environment without those variables (nor any NUMBA_*), with n_threads = n_threads_batch = "
         f"{settings['threads']}. Both prefill the same {PREFILL_TOKENS} tokens of WikiText-2 test (our tokenizer's "
         f"ids, given to both), then decode {settings['steps']} tokens greedily (argmax of the last logits each "

@@ -8,6 +8,9 @@ checkpoint writer calls `tensors` / `meta`; the reader rebuilds the object with
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from runtime.device import is_cupy
@@ -26,12 +29,15 @@ def activation_mode() -> tuple[str, str]:
     (the reference kernel). QLLM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
     best the CPU has; one it lacks is refused).
     """
-    import os
+    return _checked_mode(os.environ.get("QLLM_ACTIVATIONS", "int8"), os.environ.get("QLLM_INT8_KERNEL"))
 
+
+@functools.lru_cache(maxsize=None)
+def _checked_mode(mode: str, kernel: str | None) -> tuple[str, str]:
+    """`activation_mode` of these variables' values (checked once per pair of values)."""
     from runtime.kernels.uniform_int8_numba import available_kernels
 
-    mode = os.environ.get("QLLM_ACTIVATIONS", "int8")
-    kernel = os.environ.get("QLLM_INT8_KERNEL") or available_kernels()[0]
+    kernel = kernel or available_kernels()[0]
     if mode not in ("int8", "int8-all", "float"):
         raise UserError(f"QLLM_ACTIVATIONS={mode!r}: use int8, int8-all or float")
     if kernel not in available_kernels():
@@ -102,17 +108,16 @@ class PackedTensor:
     def _matmul_int8(self, rows):
         """y [m, out] = rows [m, in] @ W.T with int8 activations, one row at a time, where `activation_mode`
         picks that path for these rows; None where it does not."""
-        weight = self.int8_weight()
-        if weight is None:
+        if self.int8_weight() is None:
+            return None
+        mode, kernel = activation_mode()
+        call = None if mode == "int8" and rows.shape[0] != 1 else self._int8_call([self], mode, kernel)
+        if call is None:
             return None
         from runtime.kernels import uniform_int8_numba
-        mode, kernel = activation_mode()
-        if mode == "float" or (mode == "int8" and (rows.shape[0] != 1 or not uniform_int8_numba.simd_tiles(
-                weight.bits, kernel, weight.lut.shape[0] > 0))):
-            return None
         y = np.empty((rows.shape[0], self.shape[0]), dtype=np.float32)  # [m, out]
         for r, row in enumerate(rows):
-            y[r] = uniform_int8_numba.matvec(weight, row, kernel)
+            y[r] = uniform_int8_numba.run(call, row)
         return y
 
     def matmul_parts(self, parts, x):
@@ -121,19 +126,33 @@ class PackedTensor:
         activations, more rows, different grids, storage orders or tables): the caller multiplies one by one."""
         if is_cupy(x) or x.size != x.shape[-1]:
             return None
-        weights = [getattr(p, "int8_weight", lambda: None)() for p in parts]
-        if any(w is None for w in weights):
-            return None
-        from runtime.kernels import uniform_int8_numba
         mode, kernel = activation_mode()
-        if mode == "float" or not uniform_int8_numba.fusable(weights) or (mode == "int8" and not (
-                uniform_int8_numba.simd_tiles(weights[0].bits, kernel, weights[0].lut.shape[0] > 0))):
+        call = self._int8_call(parts, mode, kernel)
+        if call is None:
             return None
         self.check_input(x)
-        y = uniform_int8_numba.matvec_parts(weights, np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
-                                            kernel)  # [sum of outs]
+        from runtime.kernels import uniform_int8_numba
+        y = uniform_int8_numba.run(call, np.ascontiguousarray(x, dtype=np.float32).reshape(-1))  # [sum of outs]
         ends = np.cumsum([0] + [p.shape[0] for p in parts])
         return [y[a:b].reshape(*x.shape[:-1], -1) for a, b in zip(ends[:-1], ends[1:])]
+
+    def _int8_call(self, parts, mode: str, kernel: str):
+        """The int8-activation kernel call (uniform_int8_numba.prepare) for parts (this tensor first) under
+        `mode` and `kernel`, or None where that path does not apply; prepared on the first decode step and
+        kept on this tensor (with the parts it was made for, so a key is never reused by other objects)."""
+        calls = self.__dict__.setdefault("_int8_calls", {})
+        key = (mode, kernel, *map(id, parts))
+        if key in calls and all(a is b for a, b in zip(calls[key][0], parts)):
+            return calls[key][1]
+        call = None
+        weights = [getattr(p, "int8_weight", lambda: None)() for p in parts]
+        if mode != "float" and all(w is not None for w in weights):
+            from runtime.kernels import uniform_int8_numba
+            call = uniform_int8_numba.prepare(weights, kernel)
+            if call is not None and mode == "int8" and not call.simd:
+                call = None
+        calls[key] = (tuple(parts), call)
+        return call
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] for x [m, in] (contiguous float32 on the CPU).

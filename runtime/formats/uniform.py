@@ -184,6 +184,7 @@ class UniformTensor(PackedTensor):
         self.in_features = int(g_idx.shape[0])
         self.out_features = int(scales.shape[1])
         self._check()
+        self._int8_weight = None  # the int8 decode kernel's view of the arrays, made on first use
         g_idx_host = to_numpy(g_idx)
         self.act_order = not np.array_equal(g_idx_host, group_index(self.in_features, self.group_size))
         self.perm = None  # [in] int32 storage order, None when it is the identity
@@ -271,9 +272,11 @@ class UniformTensor(PackedTensor):
         return quantize_activation(x, None if self.perm is None else to_numpy(self.perm)) @ self.dequantize().T
 
     def int8_weight(self):
-        """This weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight)."""
-        from runtime.kernels.uniform_int8_numba import kernel_weight
-        return kernel_weight(self)
+        """This weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight); None on the GPU."""
+        if self._int8_weight is None and not is_cupy(self.qweight):
+            from runtime.kernels.uniform_int8_numba import kernel_weight
+            self._int8_weight = kernel_weight(self)
+        return self._int8_weight
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""

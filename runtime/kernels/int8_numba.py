@@ -18,8 +18,8 @@ Each kernel equals its NumPy counterpart in the format module bit for bit:
   w are flipped to w + 128 with one xor and 128 * sum(xq) is taken off the
   exact int32 sum), or in the portable loop (`_dot`) elsewhere; both give
   the same int32 as the format's definition, bit for bit. Products of fewer
-  than PARALLEL_BYTES weight bytes run on the calling thread (waking the
-  sleeping workers costs more), larger ones (the LM head) over the rows.
+  than PARALLEL_BYTES weight bytes run on the calling thread (a parallel
+  region costs more), larger ones over the output rows.
 
 The integer dot products are kept apart from the float scaling: with both
 in one loop LLVM stops vectorizing the int8 dot product (measured 3x slower).
@@ -40,7 +40,7 @@ QMAX = np.float32(127.0)
 ROW_BLOCK = 16  # weight rows per prefill block
 TOKEN_BLOCK = 32  # input rows per prefill block
 VNNI_BYTES = 64  # weight bytes per vpdpbusd
-PARALLEL_BYTES = 4 << 20  # weight bytes below which `matvec` runs on the calling thread
+PARALLEL_BYTES = 32 << 10  # weight bytes below which `matvec` runs on the calling thread
 
 
 @njit(cache=True, inline="always")

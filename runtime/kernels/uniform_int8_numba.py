@@ -42,9 +42,11 @@ tiles (`LUT_KERNELS`; avx2's `vpmaddubsw` would saturate on values up to 255).
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
 compiled to nothing on a CPU without them (ARM), where `available_kernels`
 never offers them. Several weights sharing the input (q/k/v, gate/up) go in
-one call (`matvec_parts`): x is quantized once. Work is split over the input
-(each task streams a contiguous slice of qweight); small products run on the
-calling thread, large ones (the LM head) in one parallel region (`_matvec`).
+one call (`matvec_parts`): x is quantized once. A call's arguments are
+gathered once per list of weights (`prepare`) and reused every step (`run`).
+Work is split over the input (each task streams a contiguous slice of
+qweight); tiny products run on the calling thread, the rest in one parallel
+region.
 """
 from __future__ import annotations
 
@@ -70,10 +72,10 @@ LUT_KERNELS = ("avx512vnni",)  # kernels with SIMD tiles for 4-bit codes through
 NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
 NO_LUT.flags.writeable = False
 LANES = {"avx512vnni": 16, "avx2": 8, "portable": 0}  # outputs per SIMD tile
-KERNEL_IDS = {"portable": 0, "avx2": 1, "avx512vnni": 2}  # how `_matvec` is told which tiles to run
+KERNEL_IDS = {"portable": 0, "avx2": 1, "avx512vnni": 2}  # how the matvec is told which tiles to run
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
 MAX_PARTS = 3  # weights one call multiplies (q/k/v)
-PARALLEL_BYTES = 4 << 20  # packed codes below which a product runs on one thread (see `_matvec`)
+PARALLEL_BYTES = 32 << 10  # packed codes below which a product runs on the calling thread (`prepare`)
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -377,7 +379,7 @@ def _partial(kernel_id, qweight, qzeros, scales, xq, xw, d, xsum, bits, group_ru
 @njit(cache=True)
 def _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, n_groups, threads):
     """(xq, xw, d, xsum) of `quantize_input`, starts [parts+1] of each part's outputs, tasks per part and
-    the partial sums [tasks, sum of outs] of `_matvec`."""
+    the partial sums [tasks, sum of outs] of the matvec."""
     qweights = (q0, q1, q2)
     n_runs = q0.shape[0] // bits
     starts = np.zeros(n_parts + 1, dtype=np.int64)  # [parts+1]
@@ -391,7 +393,7 @@ def _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, n_groups, threads):
 @njit(inline="always")
 def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
          starts, partial):
-    """Task `job` of `_matvec`: runs t*R/tasks .. (t+1)*R/tasks of part job // tasks into partial[t]."""
+    """Task `job` of the matvec: runs t*R/tasks .. (t+1)*R/tasks of part job // tasks into partial[t]."""
     xq, xw, d, xsum = quantized
     p, t = job // tasks, job % tasks
     n_runs = q0.shape[0] // bits
@@ -402,7 +404,7 @@ def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, b
 @njit(cache=True, parallel=True)
 def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym,
                      lut, threads):
-    """`_matvec` in one parallel region of `threads` tasks per part."""
+    """The prepared call (`prepare`) in one parallel region of `threads` tasks per part."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0],
                                                  threads)
     for job in prange(n_parts * tasks):
@@ -413,7 +415,7 @@ def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, 
 
 @njit(cache=True)
 def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym, lut):
-    """`_matvec` on the calling thread alone."""
+    """The prepared call (`prepare`) on the calling thread alone."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0], 1)
     for job in range(n_parts):
         _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
@@ -421,27 +423,8 @@ def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, pe
     return partial[0]  # [sum of outs]
 
 
-def _matvec(kernel_id, n_parts, *arrays_and_grid):
-    """y [sum of outs] = (W_0 x, ..., W_{n_parts-1} x) concatenated, with int8 activations, for up to
-    MAX_PARTS weights sharing in_features, bits, grid and storage order. Arguments: kernel_id
-    (KERNEL_IDS of the SIMD tiles to run, 0: none), n_parts, qweight, qzeros, scales of each of
-    MAX_PARTS slots (unused ones repeat part 0: arrays as separate arguments go through Numba's fast
-    typing path, tuples of them cost ~12 us a call), x, perm, bits, group_runs, sym, lut.
-
-    Split over the input: each task streams one contiguous slice of one qweight (whole word rows of
-    a range of runs) into its own partial y; the partials are summed at the end. Products of fewer
-    than PARALLEL_BYTES of codes run on the calling thread: waking sleeping workers
-    (OMP_WAIT_POLICY=PASSIVE, runtime/__init__.py) cost more than such a product on the 2-core
-    machine this was measured on (SmolLM2 decode 58 tok/s on one thread, 28 with a region per call).
-    """
-    code_bytes = sum(arrays_and_grid[3 * p].nbytes for p in range(n_parts))
-    if code_bytes < PARALLEL_BYTES or numba.get_num_threads() == 1:
-        return _matvec_serial(kernel_id, n_parts, *arrays_and_grid)
-    return _matvec_parallel(kernel_id, n_parts, *arrays_and_grid, numba.get_num_threads())
-
-
 class KernelWeight(NamedTuple):
-    """One weight as `_matvec` takes it: the uniform format's packed layout, or a 4-bit layout whose codes
+    """One weight as the matvec takes it: the uniform format's packed layout, or a 4-bit layout whose codes
     index a table (the lut4 format repacked, runtime/kernels/lut4_numba.py)."""
     qweight: np.ndarray  # int32 [runs * bits, out], read-only
     qzeros: np.ndarray  # uint32 [groups, ceil(out/32) * bits] (not read when sym)
@@ -474,16 +457,49 @@ def fusable(parts) -> bool:
         and np.array_equal(w.lut, first.lut) for w in weights)
 
 
-def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
-    """y [sum of outs] = (W x for W in parts) concatenated, x [in] float32, int8 activations; parts
-    (UniformTensor or KernelWeight) `fusable`; `kernel` one of KERNELS (SIMD tiles where the kernel has
-    them for the bit width and table, `simd_tiles`; portable code for the rest)."""
+class PreparedCall(NamedTuple):
+    """`_matvec_serial` / `_matvec_parallel`'s arguments but x, for one list of fusable weights and one kernel:
+    built once (`prepare`), run every decode step (`run`)."""
+    head: tuple  # kernel_id, n_parts, then qweight, qzeros, scales of each of MAX_PARTS slots
+    tail: tuple  # perm, bits, group_runs, sym, lut
+    parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
+    simd: bool  # whether the kernel has SIMD tiles for these codes (`simd_tiles`)
+
+
+def prepare(parts, kernel: str) -> PreparedCall | None:
+    """The call computing (W x for W in parts) concatenated with int8 activations, for up to MAX_PARTS
+    weights (UniformTensor or KernelWeight) sharing in_features, bits, grid, storage order and table;
+    None when they do not (`fusable`). `kernel` one of KERNELS: SIMD tiles where it has them for the
+    codes, portable code for the rest.
+
+    Unused slots repeat part 0: arrays as separate arguments go through Numba's fast typing path
+    (tuples of them cost ~12 us a call). The work is split over the input: each task streams one
+    contiguous slice of one qweight (whole word rows of a range of runs) into its own partial y, and
+    the partials are summed at the end. Products of fewer than PARALLEL_BYTES of codes run on the
+    calling thread, where a parallel region costs more than it saves.
+    """
+    if not fusable(parts):
+        return None
     weights = [kernel_weight(p) for p in parts]
     first = weights[0]
+    simd = simd_tiles(first.bits, kernel, first.lut.shape[0] > 0)
     slots = [w[:3] for w in weights] + [first[:3]] * (MAX_PARTS - len(weights))
-    kernel_id = KERNEL_IDS[kernel] if simd_tiles(first.bits, kernel, first.lut.shape[0] > 0) else 0
-    return _matvec(kernel_id, len(weights), *(a for slot in slots for a in slot), readonly(x), first.perm,
-                   first.bits, first.group_runs, first.sym, first.lut)
+    head = (KERNEL_IDS[kernel] if simd else 0, len(weights), *(a for slot in slots for a in slot))
+    parallel = sum(w.qweight.nbytes for w in weights) >= PARALLEL_BYTES
+    return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.sym, first.lut), parallel, simd)
+
+
+def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
+    """y [sum of outs] of a prepared call for x [in] float32."""
+    if call.parallel and numba.get_num_threads() > 1:
+        return _matvec_parallel(*call.head, readonly(x), *call.tail, numba.get_num_threads())
+    return _matvec_serial(*call.head, readonly(x), *call.tail)
+
+
+def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [sum of outs] = (W x for W in parts) concatenated, x [in] float32, int8 activations (parts
+    `fusable`; see `prepare`)."""
+    return run(prepare(parts, kernel), x)
 
 
 def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
