@@ -48,7 +48,7 @@ import numpy as np
 from runtime import e8p
 from runtime.device import is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, activation_mode, quantize_activation
 from runtime.hadamard import fast_hadamard, hadamard_factor
 
 FUSED_MAX_ROWS = 3  # NumPy input with at most this many rows: fused Numba kernel (not tuned)
@@ -191,12 +191,22 @@ class E8PTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
 
+    def matmul_reference_int8(self, x) -> np.ndarray:
+        """y [m, out] for x [m, in], the reference of the int8-activation decode path: the rotated activation
+        (x ⊙ s_in) Hᵢᵀ quantized as the int8 kernels do (`quantize_activation`), times Ŵᵀ, rotated back."""
+        x_rot = fast_hadamard(np.asarray(x, dtype=np.float32) * to_numpy(self.signs_in))  # [m, in]
+        y_rot = quantize_activation(x_rot) @ self.decoded().T  # [m, out]
+        return fast_hadamard(y_rot, transpose=True) * to_numpy(self.signs_out)  # [m, out]
+
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba (fused or prefill) for NumPy input."""
         if on_gpu:
             from runtime.kernels import e8p_cuda
             return e8p_cuda.matmul(self, x)  # [m, out]
         from runtime.kernels import e8p_numba
+        mode = activation_mode()[0]
+        if (mode == "int8-all" or (mode == "int8" and x.shape[0] == 1)) and e8p_numba.int8_applies(self):
+            return e8p_numba.matmul_int8(self, x)  # [m, out]
         if x.shape[0] <= FUSED_MAX_ROWS:
             return e8p_numba.matmul_fused(self, x)  # [m, out]
         return e8p_numba.matmul_prefill(self, x)  # [m, out]

@@ -13,8 +13,16 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   adds ±¼ Σ x over the group, summed once per call. A 1-bit E8 stage is a
   plain table lookup.
   Parallel over output rows.
-- `matmul_prefill` (many rows): Ŵ is decoded tile by tile (about `PREFILL_TILE`
-  floats) and multiplied by BLAS, with the transforms around it.
+- `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2 and 4 bits): the rotated
+  activation is quantized to int8 per block of 32 (llama.cpp's Q8_0,
+  runtime/kernels/quant_activations_numba.py) and each E8P code becomes eight
+  exact bytes: 4·point is an odd integer in [-11, 11], so `byte_table` holds
+  4·point + 16 (shift −¼) for each of the 2^15 (source, signs) pairs as one
+  uint64 (256 KiB, cache resident) and the +¼ shift adds 2 to every byte.
+  Eight codes (64 bytes) then meet 64 int8 activations in one `vpdpbusd`
+  (unsigned × signed bytes), the accumulator starting from −16·Σxq of each
+  lane's four activations, so the integer sum is exactly 4·Σ point·xq;
+  each block's activation scale is applied to its lanes in float.
 """
 from __future__ import annotations
 
@@ -22,13 +30,20 @@ import functools
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from runtime import e8p
 from runtime.hadamard import hadamard_factor, small_hadamard
+from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
+from runtime.kernels.uniform_int8_numba import available_kernels
 
 SERIAL_MAX_ROWS = 4  # rows up to which the Hadamard transforms run on one thread
 PREFILL_TILE = 1 << 20  # floats in the decoded tile of Ŵ in the prefill path (4 MiB)
+CODES_PER_DOT = 8  # E8P codes (64 weights) per vpdpbusd
+BYTE_ZERO = 16  # `byte_table` holds 4·point + BYTE_ZERO
 
 
 @njit(inline="always")
@@ -54,13 +69,15 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
         for i in range(n):
             out[r, i] = buf[i] * scale * sign_after[i]
         return
-    for b in range(size):
-        for a in range(k):
-            acc = np.float32(0.0)
-            for c in range(k):
-                coef = h_k[c, a] if transpose else h_k[a, c]
-                acc += coef * buf[c * size + b]
-            out[r, a * size + b] = acc * scale * sign_after[a * size + b]
+    acc = np.zeros(size, dtype=np.float32)  # [2**p] one block of the K x K factor's output
+    for a in range(k):
+        acc[:] = 0
+        for c in range(k):  # summed over c in order for each element; the loop over b vectorizes
+            coef = h_k[c, a] if transpose else h_k[a, c]
+            for b in range(size):
+                acc[b] += coef * buf[c * size + b]
+        for b in range(size):
+            out[r, a * size + b] = acc[b] * scale * sign_after[a * size + b]
 
 
 @njit(cache=True, parallel=True)
@@ -230,3 +247,127 @@ def matmul_prefill(packed, x: np.ndarray) -> np.ndarray:
             (_e8p_stage_decode if is_e8p else _table_stage_decode)(codes, table, scale, row0, tile[:rows])
         np.matmul(x_rot, tile[:rows].T, out=y_rot[:, row0:row0 + rows])  # [m, rows]
     return _transform_out(packed, y_rot)  # [m, out]
+
+
+@functools.cache
+def byte_table() -> np.ndarray:
+    """uint64 [2^15]: entry (code >> 1) holds the E8P point of that source and sign pattern with the −¼
+    shift as bytes 4·point + BYTE_ZERO, coordinate i in byte i (little-endian); read-only."""
+    points = e8p.signed_source_table()[:, None, :] * e8p.sign_table()[None, :, :] - e8p.SHIFT  # [256, 128, 8]
+    table = np.rint(4 * points + BYTE_ZERO).astype(np.uint8).reshape(-1, 8).view("<u8").reshape(-1)  # [2^15]
+    table.flags.writeable = False
+    return table
+
+
+@intrinsic
+def _e8p_row_dot_vnni(typingctx, codes, o, xq, start, d, table):
+    """float32 Σ_k Σ_lanes d(lane) · (start[16k + lane] + Σ_4 bytes (4·point + 16) · xq): 4 Σ_i point_i d xq_i
+    over row o of codes [out, in/8] uint16 (C-contiguous), xq int8 [in], start int32 [in/4] (−16 Σ of each
+    lane's four xq), d float32 [in/32], table `byte_table`; compiled to 0 on a CPU without VNNI."""
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        if "avx512vnni" not in available_kernels():
+            return ir.Constant(f32, 0.0)
+        i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        c_array = context.make_array(signature.args[0])(context, builder, args[0])
+        x_data, s_data, d_data, t_data = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                          for i in (2, 3, 4, 5))
+        groups = cgutils.unpack_tuple(builder, c_array.shape)[1]
+        words, floats = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        quads = ir.VectorType(i64, CODES_PER_DOT)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(floats, None))
+        row = builder.gep(c_array.data, [builder.mul(args[1], groups)])
+        chunks = builder.udiv(groups, ir.Constant(groups.type, CODES_PER_DOT))
+        with cgutils.for_range(builder, chunks) as loop:
+            k = loop.index
+            c_ptr = builder.gep(row, [builder.mul(k, ir.Constant(k.type, CODES_PER_DOT))])
+            codes8 = builder.zext(builder.load(builder.bitcast(c_ptr, ir.VectorType(i16, CODES_PER_DOT).as_pointer()),
+                                               align=2), quads)
+            index = builder.lshr(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
+            points = ir.Constant(quads, ir.Undefined)
+            for j in range(CODES_PER_DOT):
+                entry = builder.gep(t_data, [builder.extract_element(index, ir.Constant(i32, j))])
+                points = builder.insert_element(points, builder.load(entry, align=8), ir.Constant(i32, j))
+            shift = builder.and_(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
+            points = builder.add(points, builder.mul(shift, ir.Constant(quads, [0x0202020202020202] * CODES_PER_DOT)))
+            offset = builder.mul(k, ir.Constant(k.type, 64))
+            x = builder.load(builder.bitcast(builder.gep(x_data, [offset]), words.as_pointer()), align=1)
+            lane0 = builder.mul(k, ir.Constant(k.type, 16))
+            begin = builder.load(builder.bitcast(builder.gep(s_data, [lane0]), words.as_pointer()), align=4)
+            total = builder.call(dot, [begin, builder.bitcast(points, words), x])
+            d_pair = builder.load(builder.bitcast(builder.gep(d_data, [builder.mul(k, ir.Constant(k.type, 2))]),
+                                                  ir.VectorType(f32, 2).as_pointer()), align=4)
+            scales = builder.shuffle_vector(d_pair, ir.Constant(d_pair.type, ir.Undefined),
+                                            ir.Constant(ir.VectorType(i32, 16), [0] * 8 + [1] * 8))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(total, floats), scales)), acc)
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, floats]),
+                                                "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)])
+
+    return types.float32(codes, types.int64, xq, start, d, table), codegen
+
+
+@njit(cache=True)
+def _quantize_rotated(x_rot):
+    """(xq int8 [in], d float32 [in/32], start int32 [in/4]) of one rotated row x_rot [in] (in a multiple of
+    64): Q8_0 blocks, and −BYTE_ZERO times the sum of each group of four xq (the lanes of `vpdpbusd`)."""
+    n = x_rot.shape[0]
+    xq = np.empty(n, dtype=np.int8)  # [in]
+    d = np.empty(n // BLOCK, dtype=np.float32)  # [in/32]
+    quantize_blocks(x_rot, xq, d)
+    start = np.empty(n // 4, dtype=np.int32)  # [in/4]
+    for lane in range(n // 4):
+        start[lane] = -BYTE_ZERO * (np.int32(xq[4 * lane]) + np.int32(xq[4 * lane + 1]) + np.int32(xq[4 * lane + 2])
+                                    + np.int32(xq[4 * lane + 3]))
+    return xq, d, start
+
+
+@njit(cache=True, parallel=True)
+def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1, codes_2, n_stages,
+                 scale_1, scale_2, table, y):
+    """y [out] = W x for one row x [in] in one call: x_rot = (x ⊙ s_in) Hᵢᵀ / sqrt(in) on this thread,
+    quantized to Q8_0, y_rot = Σ_stages scale · Ŵ_stage x̂ over the outputs in parallel (E8P stages only:
+    2 bits one, 4 bits two), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
+    n_out = y.shape[0]
+    xq, d, start = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
+    y_rot = np.empty(n_out, dtype=np.float32)  # [out]
+    for o in prange(n_out):
+        value = scale_1 * np.float32(0.25) * _e8p_row_dot_vnni(codes_1, o, xq, start, d, table)
+        if n_stages == 2:
+            value += scale_2 * np.float32(0.25) * _e8p_row_dot_vnni(codes_2, o, xq, start, d, table)
+        y_rot[o] = value
+    y[:] = _rotate_row(y_rot, signs_out, h_out, size_out, True)
+
+
+@njit(cache=True)
+def _rotate_row(x, signs, h_k, size, transpose):
+    """(x ⊙ signs) Hᵀ / sqrt(n), or (x H / sqrt(n)) ⊙ signs with `transpose`, of one row x [n] on this thread
+    (a function of its own, so that the parallel caller does not turn its loops into parallel regions)."""
+    n = x.shape[0]
+    ones = np.ones(n, dtype=np.float32)  # [n]
+    out = np.empty((1, n), dtype=np.float32)  # [1, n]
+    before, after = (ones, signs) if transpose else (signs, ones)
+    _hadamard_row(x.reshape(1, n), 0, before, after, h_k, size, transpose, np.float32(1.0 / np.sqrt(n)), out)
+    return out[0]
+
+
+def int8_applies(packed) -> bool:
+    """Whether `matmul_int8` runs this tensor: AVX-512 VNNI, E8P stages only (2 and 4 bits), whole 64-input chunks."""
+    return ("avx512vnni" in available_kernels() and packed.bits in (2, 4)
+            and packed.in_features % (CODES_PER_DOT * e8p.DIM) == 0)
+
+
+def matmul_int8(packed, x: np.ndarray) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T with the rotated activations quantized to int8 (Q8_0), one row per call
+    (`int8_applies` must hold)."""
+    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
+    codes = packed.stage_codes
+    scales = [np.float32(s) for s in packed.host_scales]
+    y = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
+    for r in range(x.shape[0]):
+        _decode_int8(x[r], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
+                     1 << p_out, codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(), y[r])
+    return y
+
