@@ -14,7 +14,7 @@ from runtime.errors import UserError
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.formats.uniform import unpack
-from runtime.kernels import spqr_numba
+from runtime.kernels import spqr_numba, uniform_int8_numba
 from runtime.packed_checkpoint import WEIGHTS, save_packed
 from runtime.safetensors_io import read_safetensors
 
@@ -29,11 +29,13 @@ def random_outliers(rng, n_out, n_in, fraction):
     return SparseTensor.from_entries(rows, cols, rng.standard_normal(rows.size) * 0.5, (n_out, n_in))
 
 
-def make_tensor(seed, n_out, n_in, bits, group_size, stat_bits=3, stat_group=16, fraction=0.02, act_order=True):
+def make_tensor(seed, n_out, n_in, bits, group_size, stat_bits=3, stat_group=16, fraction=0.02, act_order=True,
+                perm=None):
     rng = np.random.default_rng(seed)
     n_groups = -(-n_in // group_size)
     codes = rng.integers(0, 2**bits, size=(n_out, n_in))  # [out, in]
-    perm = rng.permutation(n_in) if act_order else np.arange(n_in)  # [in]
+    if perm is None:
+        perm = rng.permutation(n_in) if act_order else np.arange(n_in)  # [in]
     scales = rng.uniform(0.01, 0.1, size=(n_groups, n_out)).astype(np.float32)  # [n_groups, out]
     zeros = rng.uniform(0, 2**bits - 1, size=(n_groups, n_out)).astype(np.float32)  # [n_groups, out]
     if stat_bits != 16:
@@ -56,12 +58,35 @@ def assert_close(y, ref):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n_out, n_in, group_size, stat_group", SHAPES)
 @pytest.mark.parametrize("stat_bits", [3, 16])
-def test_numba_matches_reference(bits, n_out, n_in, group_size, stat_group, stat_bits):
+def test_numba_matches_reference(bits, n_out, n_in, group_size, stat_group, stat_bits, monkeypatch):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")  # the float kernels (int8 decode: the test below)
     packed = make_tensor(bits, n_out, n_in, bits, group_size, stat_bits, stat_group)
     assert packed.outliers.nnz > 0
     for rows in (1, 5):  # fused decode kernel, prefill path
         x = inputs(rows, rows, n_in)
         assert_close(packed.matmul(x), packed.matmul_reference(x))
+
+
+@pytest.mark.parametrize("kernel", uniform_int8_numba.available_kernels())
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n_out, n_in, group_size", [(67, 200, 32), (40, 96, 64), (1000, 512, 32)])
+def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size, monkeypatch):
+    # the dense part through the uniform int8 kernel (float32 statistics), the outliers in float
+    monkeypatch.setenv("QLLM_INT8_KERNEL", kernel)
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")  # every kernel and width, tiles or not
+    packed = make_tensor(30 + bits, n_out, n_in, bits, group_size)
+    assert packed.outliers.nnz > 0 and packed.int8_weight() is not None
+    x = inputs(31, 2, n_in)  # [2, in]
+    assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
+    parts = [packed, make_tensor(40 + bits, 20, n_in, bits, group_size, perm=packed.perm)]  # one storage order
+    ys = packed.matmul_parts(parts, x[:1])  # q/k/v-style: one call, each part's outliers added
+    for y, part in zip(ys, parts):
+        assert_close(y, part.matmul_reference_int8(x[:1]))
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    expected = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(bits, kernel) else packed.matmul_reference
+    assert_close(packed.matmul(x[:1]), expected(x[:1]))  # decode: int8 where the kernel has tiles
+    assert make_tensor(5, 20, 96, bits, 16).int8_weight() is None  # groups of 16: float activations
+
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -74,6 +99,7 @@ def test_dequantize_kernel_equals_dense_reference(bits):
 
 
 def test_fused_matvec_equals_dense_reference_and_tiles(monkeypatch):
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     monkeypatch.setattr(spqr_numba, "PREFILL_TILE", 64 * 512)  # several prefill tiles
     packed = make_tensor(20, 1000, 512, 3, 16, stat_group=16)
     x = inputs(21, 1, 512)

@@ -56,7 +56,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, quantize_activation
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.uniform import RUN, pack, unpack
 from runtime.quant_grid import fp16_ceil
@@ -138,6 +138,7 @@ class SpQRTensor(PackedTensor):
         self.out_features = int(np.shape(qweight)[1]) if np.ndim(qweight) == 2 else -1
         self._check()
         self.corrections = self._corrections()  # [nnz] float32 outlier value - dense value (derived)
+        self._int8_weight = None  # the int8 decode kernel's view, made on first use
 
     @classmethod
     def from_codes(cls, codes, perm, scales, zeros, outliers: SparseTensor, *, bits: int, group_size: int,
@@ -262,6 +263,51 @@ class SpQRTensor(PackedTensor):
     def matmul_reference(self, x) -> np.ndarray:
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
+
+    def matmul_reference_int8(self, x) -> np.ndarray:
+        """y [m, out] for x [m, in], the reference of the int8-activation decode path: the dense part times x
+        quantized as the int8 kernels do (in storage order, `quantize_activation`), the outliers' corrections
+        (W - W_d, zero elsewhere) times x itself."""
+        x = np.asarray(x, dtype=np.float32)
+        dense = self.dequantize_dense()  # [out, in]
+        return quantize_activation(x, to_numpy(self.perm)) @ dense.T + x @ (self.dequantize() - dense).T
+
+    def int8_weight(self):
+        """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes as
+        they are, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
+        None on the GPU or for groups that are not whole runs of 32."""
+        if self._int8_weight is None and not is_cupy(self.qweight) and self.group_size % RUN == 0:
+            from runtime.kernels.uniform_int8_numba import KernelWeight, NO_LUT
+            from runtime.kernels.uniform_numba import readonly
+            s, z = (readonly(np.ascontiguousarray(a, dtype=np.float32)) for a in self.statistics())
+            self._int8_weight = KernelWeight(readonly(self.qweight), z, s, readonly(self.perm), self.in_features,
+                                             self.bits, self.group_size // RUN, False, NO_LUT)
+        return self._int8_weight
+
+    def _matmul_int8(self, rows):
+        """The dense part through the int8-activation kernel (PackedTensor._matmul_int8), then the outliers."""
+        y = super()._matmul_int8(rows)
+        if y is not None:
+            self._add_outliers(rows, y)
+        return y
+
+    def matmul_parts(self, parts, x):
+        """PackedTensor.matmul_parts for SpQR parts: the dense parts in one int8 kernel call, then each part's
+        outliers."""
+        if not all(isinstance(p, SpQRTensor) for p in parts):
+            return None
+        ys = super().matmul_parts(parts, x)
+        if ys is not None:
+            rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [1, in]
+            for part, y in zip(parts, ys):
+                part._add_outliers(rows, y.reshape(1, -1))
+        return ys
+
+    def _add_outliers(self, x, y) -> None:
+        """y [m, out] += x [m, in] @ (W - W_d).T: each outlier's correction (CSR kernel)."""
+        if self.outliers.nnz:
+            from runtime.kernels import sparse_numba
+            sparse_numba.add_product(self.outliers.row_ptr, self.outliers.col_idx, self.corrections, x, y)
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T: CUDA for CuPy input, Numba for NumPy input (dense + outliers)."""

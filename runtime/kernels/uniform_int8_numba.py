@@ -424,10 +424,11 @@ def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, pe
 
 
 class KernelWeight(NamedTuple):
-    """One weight as the matvec takes it: the uniform format's packed layout, or a 4-bit layout whose codes
-    index a table (the lut4 format repacked, runtime/kernels/lut4_numba.py)."""
+    """One weight as the matvec takes it: the uniform format's packed layout, SpQR's dense part (the same
+    layout with float32 statistics), or a 4-bit layout whose codes index a table (the lut4 format
+    repacked, runtime/kernels/lut4_numba.py)."""
     qweight: np.ndarray  # int32 [runs * bits, out], read-only
-    qzeros: np.ndarray  # uint32 [groups, ceil(out/32) * bits] (not read when sym)
+    qzeros: np.ndarray  # uint32 [groups, ceil(out/32) * bits] codes, or float32 [groups, out] (not read when sym)
     scales: np.ndarray  # [groups, out]: uint16 (float16 bits) or float32
     perm: np.ndarray  # int32 [in] storage order (empty: identity)
     in_features: int
@@ -451,9 +452,9 @@ def fusable(parts) -> bool:
     grid, storage order and table."""
     weights = [kernel_weight(p) for p in parts]
     first = weights[0]
-    grid = (first.in_features, first.bits, first.group_runs, first.sym, first.scales.dtype)
+    grid = (first.in_features, first.bits, first.group_runs, first.sym, first.scales.dtype, first.qzeros.dtype)
     return len(parts) <= MAX_PARTS and all(
-        (w.in_features, w.bits, w.group_runs, w.sym, w.scales.dtype) == grid and np.array_equal(w.perm, first.perm)
+        (w.in_features, w.bits, w.group_runs, w.sym, w.scales.dtype, w.qzeros.dtype) == grid and np.array_equal(w.perm, first.perm)
         and np.array_equal(w.lut, first.lut) for w in weights)
 
 

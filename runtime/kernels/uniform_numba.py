@@ -199,6 +199,26 @@ def group_grid(qzeros, scales, g, bits, sym, n0, m, s, z):
     if sym:
         z[:m] = 1 << (bits - 1)
         return
+    zero_values(qzeros, g, bits, n0, m, z)
+
+
+def zero_values(qzeros, g, bits, n0, m, z):
+    """z[i] = zero point of output n0 + i in group g: qzeros packed uint32 codes, or float32 [groups, out]
+    values (SpQR's decoded statistics); compiled through the overload below."""
+    raise NotImplementedError("called from compiled code only")
+
+
+@overload(zero_values, inline="always")
+def _zero_values(qzeros, g, bits, n0, m, z):
+    if qzeros.dtype == types.float32:
+        def read_values(qzeros, g, bits, n0, m, z):
+            z[:m] = qzeros[g, n0:n0 + m]
+        return read_values
+    return _unpack_zeros
+
+
+def _unpack_zeros(qzeros, g, bits, n0, m, z):
+    """z[i] = the packed zero code of output n0 + i in group g (qzeros uint32 [groups, ceil(out/32) * bits])."""
     row = qzeros[g]  # [ceil(out/32) * bits] uint32
     for r in range(-(-m // RUN)):
         w0 = (n0 // RUN + r) * bits
