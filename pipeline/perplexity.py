@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.api import token_logprobs
 from runtime.atomic import full_disk_reported, write_text
 from runtime.errors import UserError
+from runtime.formats.base import activation_mode
 from runtime.resolve import PROJECT_ROOT
 
 STATE_DIR = PROJECT_ROOT / ".cache" / "perplexity"
@@ -44,11 +45,12 @@ def state_path(model_path: Path, token_ids, seqlen: int, engine: str = "") -> Pa
     """Where the resumable state of one (model, text, seqlen, engine) evaluation lives.
 
     The key includes the model directory's modification time, so a rebuilt model starts afresh;
-    `engine` tells apart another runtime scoring the same file (the benchmark's llama.cpp rows).
+    `engine` tells apart another runtime scoring the same file (the benchmark's llama.cpp rows), and
+    the activation mode (QLLM_ACTIVATIONS, QLLM_INT8_KERNEL) a run with other kernels.
     """
     digest = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
     digest.update(f"{Path(model_path).resolve()}@{Path(model_path).stat().st_mtime_ns}|{seqlen}".encode())
-    digest.update(engine.encode())
+    digest.update(f"{engine}|{activation_mode()}".encode())
     return STATE_DIR / f"{digest.hexdigest()[:24]}.json"
 
 

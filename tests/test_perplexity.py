@@ -4,7 +4,7 @@ import pytest
 
 from model import Config, Model
 from runtime.errors import UserError
-from pipeline.perplexity import perplexity, windows_of
+from pipeline.perplexity import perplexity, state_path, windows_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -52,3 +52,15 @@ def test_interrupted_run_resumes_to_the_same_number(tiny, tmp_path):
     ours.prefill = original
     assert len(calls) == fresh["windows"] - 4  # only the missing windows were run
     assert resumed["ppl"] == fresh["ppl"]
+
+
+def test_saved_windows_belong_to_one_activation_mode(tmp_path, monkeypatch):
+    # a run with int8 activations everywhere must not hand its windows to a float run, nor back
+    (tmp_path / "model").mkdir()
+    keys = {}
+    for mode in ("float", "int8-all", "int8"):
+        monkeypatch.setenv("QLLM_ACTIVATIONS", mode)
+        keys[mode] = state_path(tmp_path / "model", [1, 2, 3], 16)
+    assert len(set(keys.values())) == 3
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    assert state_path(tmp_path / "model", [1, 2, 3], 16) == keys["float"]
