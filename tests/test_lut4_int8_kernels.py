@@ -1,7 +1,7 @@
 """The int8-activation decode kernel of the lut4 format (NF4 / FP4) against its NumPy reference.
 
 The lut4 codes are repacked into the uniform int8 kernel's layout and looked
-up in a table rounded to 255 levels (`lut_table`). The reference
+up in a table of two-byte values (`lut_table`). The reference
 (`Lut4Tensor.matmul_reference_int8`) quantizes the activation as the kernel
 does and multiplies by the weight with that rounded table, so what is left
 is float32 summation order: ||y - y_ref|| <= TOL * ||y_ref||. Every kernel
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import nf4
-from runtime.formats.lut4 import lut_table
+from runtime.formats.lut4 import lut_table, lut_values
 from runtime.kernels import lut4_numba, uniform_int8_numba
 from test_lut4 import random_tensor
 
@@ -43,9 +43,10 @@ def test_lut_kernel_matches_reference(kernel, n_out, n_in, block_size, double_qu
 def test_table_rounding_is_within_half_a_step():
     table = nf4.nf4_table()
     lut, step = lut_table(table)
-    assert lut.dtype == np.uint8 and step == np.float32(1.0 / 127)  # NF4's largest magnitude is 1
-    assert lut[0] == 1 and lut[7] == 128 and lut[15] == 255  # -1, 0 and 1
-    assert np.abs((lut.astype(np.float32) - 128) * step - table).max() <= step / 2
+    assert lut.dtype == np.uint8 and lut.shape == (32,) and step == np.float32(1.0 / 32512)  # max |NF4| is 1
+    values = lut_values(lut)  # [16] 256 hi + lo
+    assert values[0] == 32768 - 32512 and values[7] == 32768 and values[15] == 32768 + 32512  # -1, 0 and 1
+    assert np.abs((values - 32768) * np.float64(step) - table).max() <= step / 2
 
 
 def test_blocks_that_are_not_whole_runs_keep_float_activations(monkeypatch):

@@ -56,7 +56,8 @@ from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, quantize_activation
 
 TABLE_SIZE = 16
-LUT_ZERO = 128  # zero point of the int8 kernel's table (`lut_table`)
+LUT_ZERO = 32768  # zero point of the int8 kernel's two-byte table values (`lut_table`)
+LUT_LEVELS = 32512  # max|table| maps to this (127 * 256: 256 hi + lo stays in [256, 65280])
 DQ_BLOCK_SIZE = 256
 DQ_MAX_ERROR = 0.9 / 128  # max |absmax error| / absmax_scale under double quantization
 FUSED_MAX_ROWS = 3  # NumPy input with at most this many rows: fused Numba kernel (measured crossover)
@@ -86,11 +87,18 @@ def dynamic_map() -> np.ndarray:
 
 
 def lut_table(table: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """(lut uint8 [16], step) of the int8-activation decode kernel (runtime/kernels/lut4_numba.py): the
-    table [16] float32 rounded to lut = rint(table / step) + 128, step = max|table| / 127; code c then
-    stands for (lut[c] - 128) * step * absmax (`matmul_reference_int8`)."""
-    step = np.float32(np.abs(table).max() / np.float32(127.0)) or np.float32(1.0)
-    return (np.rint(table / step) + LUT_ZERO).astype(np.uint8), step
+    """(lut uint8 [32], step) of the int8-activation decode kernel (runtime/kernels/uniform_int8_numba.py): the
+    table [16] float32 rounded to V = rint(table / step) + LUT_ZERO, step = max|table| / 32512, stored as
+    its high bytes lut[:16] and low bytes lut[16:] (V = 256 hi + lo); code c then stands for
+    (V[c] - LUT_ZERO) * step * absmax (`matmul_reference_int8`)."""
+    step = np.float32(np.abs(table).max() / np.float32(LUT_LEVELS)) or np.float32(1.0)
+    values = (np.rint(table / step) + LUT_ZERO).astype(np.int64)  # [16] in [256, 65280]
+    return np.concatenate([values >> 8, values & 255]).astype(np.uint8), step
+
+
+def lut_values(lut: np.ndarray) -> np.ndarray:
+    """V [16] int64 of a `lut_table` (256 hi + lo)."""
+    return lut[:TABLE_SIZE].astype(np.int64) * 256 + lut[TABLE_SIZE:]
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -205,7 +213,7 @@ class Lut4Tensor(PackedTensor):
         """y [m, out] = x_hat @ W_hat.T, the reference of the int8-activation decode path: x [m, in] quantized
         as the int8 kernels do (`quantize_activation`), the table rounded as `lut_table` does."""
         lut, step = lut_table(self.table)
-        values = (lut.astype(np.float32) - LUT_ZERO) * step  # [16]
+        values = (lut_values(lut) - LUT_ZERO).astype(np.float32) * step  # [16]
         codes = unpack_nibbles(self.qweight)  # [out, in]
         w_hat = values[codes] * np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
         return quantize_activation(np.asarray(x, dtype=np.float32)) @ w_hat.T

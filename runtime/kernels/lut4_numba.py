@@ -18,10 +18,10 @@ Decode with int8 activations (the default on CPUs with AVX-512 VNNI,
 integer kernel (runtime/kernels/uniform_int8_numba.py) with a table:
 `decode_weight` repacks the codes once into that kernel's layout (int32 words
 of eight codes of one output, packed along the input, first code in the
-lowest nibble), stores the table as uint8 rint(127 * value / max|value|) + 128
-and one float32 scale absmax * max|value| / 127 per block. The weight it
-multiplies by is therefore the table rounded to 255 levels (`lut_table`),
-within 0.5/127 of max|value| times absmax of the stored one.
+lowest nibble), stores the table as two-byte values rint(32512 * value /
+max|value|) + 32768 (`lut_table`) and one float32 scale
+absmax * max|value| / 32512 per block: the weight it multiplies by is within
+0.5/32512 of max|value| times absmax of the stored one.
 """
 from __future__ import annotations
 
