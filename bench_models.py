@@ -35,7 +35,7 @@ from runtime.formats.lut4 import Lut4Tensor
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, quantize_stats
 from runtime.formats.uniform import PER_ROW, UniformTensor, group_index
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.atomic import atomic_directory
 from runtime.checkpoint import save_checkpoint
 from runtime.datasets import DATA_DIR
@@ -205,11 +205,11 @@ def random_incoherent(spec: QuantSpec, shape, rng) -> IncoherentTensor:
 def random_e8p(spec: QuantSpec, shape, rng) -> E8PTensor:
     """QuIP#: E8P codes (and the residual stage above 2 bits) with random signs."""
     n_out, n_in = shape
-    stages = e8p.stage_codebooks(spec.bits)
+    stages = e8p_codebook.stage_codebooks(spec.bits)
     codes = [rng.integers(0, np.iinfo(s.code_dtype).max + 1, size=(n_out, n_in // 8)).astype(s.code_dtype)
              for s in stages]  # [out, in/8] each
     signs = lambda n: np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)  # [n] ±1
-    return E8PTensor.from_codes(codes, e8p.stage_scales(spec.bits, WEIGHT_STD), signs(n_in), signs(n_out),
+    return E8PTensor.from_codes(codes, e8p_codebook.stage_scales(spec.bits, WEIGHT_STD), signs(n_in), signs(n_out),
                                 spec.bits, shape)
 
 

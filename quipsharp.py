@@ -14,9 +14,9 @@ For W [out, in] and H [in, in]:
     σ = RMS(W)                                           (processed weights are close to i.i.d. N(0, σ²))
     Ŵ = BlockLDLQ(W, H) with blocks of 8 columns, each row's 8 weights
         rounded to the nearest point of σ · (s_1 · E8P)  (2 bits), then the residual
-        to σ · s_2 · (1-bit E8) (3 bits) or σ · s_2 · E8P (4 bits)   (runtime/e8p.py `rvq_encode`)
+        to σ · s_2 · (1-bit E8) (3 bits) or σ · s_2 · E8P (4 bits)   (runtime/e8p_codebook.py `rvq_encode`)
 
-The stage scales s_k are runtime/e8p.py's `STAGE_SCALES` (fitted there for
+The stage scales s_k are runtime/e8p_codebook.py's `STAGE_SCALES` (fitted there for
 unit-variance Gaussian data, as the paper sets the codebook's scale for
 RMS-normalized weights). The result is an `e8p` tensor that stores the codes,
 the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
@@ -35,14 +35,14 @@ import numpy as np
 
 import rtn
 from layerwise import check_problem, damp, layer_stats, ldlq, zero_dead_columns
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.uniform import PER_ROW
 from runtime.hadamard import hadamard_matrix, random_signs
 from runtime.method_contract import MethodContract
 
-BLOCK = e8p.DIM  # columns per BlockLDLQ step: one E8P vector per row
+BLOCK = e8p_codebook.DIM  # columns per BlockLDLQ step: one E8P vector per row
 
 
 @dataclass
@@ -53,7 +53,7 @@ class QuIPSharpParams:
 
     def check(self) -> None:
         """UserError unless E8P with its residual stages has these bits."""
-        e8p.check_bits(self.bits)
+        e8p_codebook.check_bits(self.bits)
 
 
 def rht_matrix(signs: np.ndarray) -> np.ndarray:
@@ -65,8 +65,8 @@ def rht_matrix(signs: np.ndarray) -> np.ndarray:
 def e8p_quantizer(bits: int, rms: float):
     """Q of one block of 8 columns: target [out, 8] -> (values [out, 8], codes [stages, out, 1])."""
     def quantize(target):
-        codes = e8p.rvq_encode(target.astype(np.float32), bits, rms)  # one [out] array per stage
-        values = e8p.rvq_decode(codes, bits, rms).astype(np.float64)  # [out, 8]
+        codes = e8p_codebook.rvq_encode(target.astype(np.float32), bits, rms)  # one [out] array per stage
+        values = e8p_codebook.rvq_decode(codes, bits, rms).astype(np.float64)  # [out, 8]
         return values, np.stack([c.astype(np.int64) for c in codes])[:, :, None]
 
     return quantize
@@ -99,9 +99,9 @@ def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuI
     H_t = T_in @ H @ T_in.T  # [in, in]
     rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
     Q_t, codes = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
-    stages = e8p.stage_codebooks(params.bits)
+    stages = e8p_codebook.stage_codebooks(params.bits)
     return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
-                           stage_scales=e8p.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
+                           stage_scales=e8p_codebook.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
                            Q=T_out.T @ Q_t @ T_in)
 
 

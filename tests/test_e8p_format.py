@@ -8,7 +8,7 @@ a save / load round trip through runtime/packed_checkpoint.
 import numpy as np
 import pytest
 
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.errors import UserError
 from quipsharp import rht_matrix
 from runtime.formats.e8p import E8PTensor, from_incoherent, pack_signs, unpack_signs
@@ -26,8 +26,8 @@ def random_tensor(seed, n_out, n_in, bits):
     """An E8PTensor with uniformly random codes, random signs and stage scales."""
     rng = np.random.default_rng(seed)
     codes = [rng.integers(0, np.iinfo(stage.code_dtype).max + 1, (n_out, n_in // 8)).astype(stage.code_dtype)
-             for stage in e8p.stage_codebooks(bits)]
-    scales = e8p.stage_scales(bits, rms=0.03)
+             for stage in e8p_codebook.stage_codebooks(bits)]
+    scales = e8p_codebook.stage_scales(bits, rms=0.03)
     return E8PTensor.from_codes(codes, scales, random_signs(n_in, seed), random_signs(n_out, seed + 1), bits,
                                 (n_out, n_in))
 
@@ -45,7 +45,7 @@ def test_reference_is_the_documented_product(bits):
     h_out = hadamard_matrix(96).astype(np.float64) / np.sqrt(96)
     s_in, s_out = packed.signs_in.astype(np.float64), packed.signs_out.astype(np.float64)
     w_hat = sum(scale * stage.decode(codes).reshape(96, 192).astype(np.float64)
-                for scale, stage, codes in zip(packed.host_scales, e8p.stage_codebooks(bits), packed.stage_codes))
+                for scale, stage, codes in zip(packed.host_scales, e8p_codebook.stage_codebooks(bits), packed.stage_codes))
     expected = np.diag(s_out) @ h_out.T @ w_hat @ h_in @ np.diag(s_in)
     assert np.allclose(packed.dequantize(), expected, atol=1e-6)
     assert np.allclose(packed.decoded(), w_hat, atol=1e-7)
@@ -127,8 +127,8 @@ def test_quantized_gaussian_weight_error(bits):
     s_in, s_out = random_signs(192, 3), random_signs(96, 4)
     target = (rht_matrix(s_out) @ w @ rht_matrix(s_in).T).astype(np.float32)  # [96, 192]
     rms = float(np.sqrt(np.mean(target ** 2)))
-    codes = e8p.rvq_encode(target.reshape(96, 24, 8), bits, rms=rms)
-    packed = E8PTensor.from_codes(codes, e8p.stage_scales(bits, rms), s_in, s_out, bits, (96, 192))
+    codes = e8p_codebook.rvq_encode(target.reshape(96, 24, 8), bits, rms=rms)
+    packed = E8PTensor.from_codes(codes, e8p_codebook.stage_scales(bits, rms), s_in, s_out, bits, (96, 192))
     relative_mse = float(np.mean((packed.dequantize() - w) ** 2) / np.mean(w ** 2))
     assert relative_mse < {2: 0.1, 3: 0.033, 4: 0.0095}[bits]
 

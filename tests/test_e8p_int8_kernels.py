@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench_models import random_packed
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.hadamard import small_hadamard
 from runtime.kernels import e8p_numba, uniform_int8_numba
 
@@ -30,7 +30,7 @@ def assert_close(y, ref):
 def test_byte_table_is_the_codebook_times_four_plus_sixteen():
     table = e8p_numba.byte_table().view(np.uint8).reshape(-1, 8).astype(np.float32)  # [2^15, 8]
     codes = np.arange(1 << 16, dtype=np.uint16)
-    points = e8p.decode(codes).reshape(-1, 8)  # [2^16, 8]
+    points = e8p_codebook.decode(codes).reshape(-1, 8)  # [2^16, 8]
     decoded = (table[codes >> 1] + 2 * (codes & 1)[:, None] - e8p_numba.BYTE_ZERO) / 4  # [2^16, 8]
     assert np.array_equal(decoded, points)
     assert table.min() >= 0 and table.max() + 2 <= 255  # unsigned bytes for vpdpbusd

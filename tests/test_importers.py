@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import save_tiny_llama
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.importers import quipsharp
@@ -343,7 +343,7 @@ def quip_checkpoint(path, base, exact_only: bool, real_scales: bool):
     _, state = base
     rng = np.random.default_rng(3)
     source = quipsharp.quip_source()
-    ours = {tuple(r) for r in e8p.source_codebook()}
+    ours = {tuple(r) for r in e8p_codebook.source_codebook()}
     shared = [j for j in range(256) if tuple(source[j]) in ours]
     fused = {"self_attn.qkv_proj": [("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("self_attn.v_proj", 32)],
              "mlp.upgate_proj": [("mlp.up_proj", 128), ("mlp.gate_proj", 128)],
@@ -379,8 +379,8 @@ def quip_checkpoint(path, base, exact_only: bool, real_scales: bool):
 
 def test_quipsharp_codebook_mapping():
     ours, exact = quipsharp.e8p_code_map()
-    assert exact.sum() == 238 * 256  # the 18 norm-12 source vectors runtime/e8p.py lacks
-    np.testing.assert_array_equal(e8p.decode(ours[exact]), quipsharp.quip_e8p_points()[exact])
+    assert exact.sum() == 238 * 256  # the 18 norm-12 source vectors runtime/e8p_codebook.py lacks
+    np.testing.assert_array_equal(e8p_codebook.decode(ours[exact]), quipsharp.quip_e8p_points()[exact])
     source = quipsharp.quip_source()
     for code in (0, 1, 255, 256 * 100 + 77, 65535):
         np.testing.assert_array_equal(quipsharp.quip_e8p_points()[code], quip_point(code, source))

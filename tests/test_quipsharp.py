@@ -6,7 +6,7 @@ import pytest
 import gptq
 import quip
 import quipsharp
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.packed_checkpoint import read_packed, save_packed
 from test_quip import coherence, outlier_problem
@@ -62,7 +62,7 @@ def test_stats_and_tensor_are_the_algorithms_result(problem, results, bits):
     np.testing.assert_allclose(Q, result.Q, rtol=0, atol=1e-5 * np.abs(result.Q).max())
     output_error = 2 / X.shape[1] * np.sum(((W - Q).astype(np.float64) @ X) ** 2)  # loss in the original space
     assert stats["loss"] == pytest.approx(output_error, rel=1e-6)
-    assert [c.dtype for c in result.stage_codes] == [s.code_dtype for s in e8p.stage_codebooks(bits)]
+    assert [c.dtype for c in result.stage_codes] == [s.code_dtype for s in e8p_codebook.stage_codebooks(bits)]
     assert all(c.shape == (96, 256 // 8) for c in result.stage_codes)
 
 
@@ -73,8 +73,8 @@ def test_identity_hessian_gives_nearest_points(bits):
     result = quipsharp.quantize_codes(W, np.eye(64), quipsharp.QuIPSharpParams(bits, percdamp=0.0))
     T_in, T_out = quipsharp.rht_matrix(result.sign_in), quipsharp.rht_matrix(result.sign_out)
     W_t = (T_out @ W.astype(np.float64) @ T_in.T).astype(np.float32).reshape(32, 8, 8)  # [out, in/8, 8]
-    rms = result.stage_scales[0] / e8p.stage_scales(bits)[0]
-    expected = e8p.rvq_encode(W_t, bits, rms)
+    rms = result.stage_scales[0] / e8p_codebook.stage_scales(bits)[0]
+    expected = e8p_codebook.rvq_encode(W_t, bits, rms)
     for codes, want in zip(result.stage_codes, expected):
         assert np.mean(codes == want) > 0.99  # float32 vs float64 rounding may flip a near-tie
 

@@ -1,7 +1,7 @@
 """The interface every packed weight format implements.
 
-A format is a packed-tensor layout plus the kernels that multiply by it (see
-DESIGN.md: methods choose codes, formats run them). The forward pass never
+A format is a packed-tensor layout plus the kernels that multiply by it (the
+design: methods choose codes, formats run them). The forward pass never
 looks inside a packed tensor: `runtime.linear.linear` calls `matmul`, and the
 checkpoint writer calls `tensors` / `meta`; the reader rebuilds the object with
 `from_tensors`.

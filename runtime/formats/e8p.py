@@ -3,7 +3,7 @@
 Tseng, Chee, Sun, Kuleshov, De Sa 2024, "QuIP#: Even Better LLM Quantization
 with Hadamard Incoherence and Lattice Codebooks": §3 (randomized Hadamard
 transform), §4.2 (E8P codebook), §4.3 (residual vector quantization). The
-codebooks and the 16-bit code layout are in runtime/e8p.py, the Hadamard
+codebooks and the 16-bit code layout are in runtime/e8p_codebook.py, the Hadamard
 matrices in runtime/hadamard.py.
 
 A weight W [out, in] is stored as
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.device import is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode, quantize_activation
@@ -78,7 +78,7 @@ def from_incoherent(w_hat: np.ndarray, sign_in, sign_out) -> np.ndarray:
 
 def decode_incoherent(stage_codes: list, stage_scales, bits: int) -> np.ndarray:
     """Ŵ [out, in] float32 = Σ_k scale_k · decode_k(codes_k) for code arrays [out, in/8] (the reference)."""
-    stages = e8p.stage_codebooks(bits)
+    stages = e8p_codebook.stage_codebooks(bits)
     w_hat = None
     for stage, scale, codes in zip(stages, stage_scales, stage_codes):
         part = np.float32(scale) * stage.decode(codes)  # [out, in/8, 8]
@@ -121,9 +121,9 @@ class E8PTensor(PackedTensor):
     def from_codes(cls, stage_codes: list, stage_scales: list, sign_in, sign_out, bits: int,
                    shape: tuple[int, int]) -> "E8PTensor":
         """Pack per-stage codes [out, in/8], stage scales, ±1 sign vectors [in] / [out] for W of `shape`."""
-        e8p.check_bits(bits)
+        e8p_codebook.check_bits(bits)
         n_out, n_in = shape
-        stages = e8p.stage_codebooks(bits)
+        stages = e8p_codebook.stage_codebooks(bits)
         if len(stage_codes) != len(stages) or len(stage_scales) != len(stages):
             raise UserError(f"e8p format: {bits} bits needs {len(stages)} code arrays and stage scales, got "
                             f"{len(stage_codes)} and {len(stage_scales)}")
@@ -152,11 +152,11 @@ class E8PTensor(PackedTensor):
         def fail(what):
             raise UserError(f"e8p tensor: {what}; re-quantize the weight or use the file it was saved with")
 
-        if self.bits not in e8p.BITS:
-            fail(f"bits must be one of {e8p.BITS}, got {self.bits}")
-        if self.in_features <= 0 or self.in_features % e8p.DIM:
-            fail(f"in_features {self.in_features} is not a positive multiple of {e8p.DIM}")
-        groups = (self.out_features, self.in_features // e8p.DIM)
+        if self.bits not in e8p_codebook.BITS:
+            fail(f"bits must be one of {e8p_codebook.BITS}, got {self.bits}")
+        if self.in_features <= 0 or self.in_features % e8p_codebook.DIM:
+            fail(f"in_features {self.in_features} is not a positive multiple of {e8p_codebook.DIM}")
+        groups = (self.out_features, self.in_features // e8p_codebook.DIM)
         if getattr(self.qweight, "dtype", None) != np.uint16 or tuple(self.qweight.shape) != groups:
             fail(f"qweight must be uint16 {list(groups)}, got {getattr(self.qweight, 'dtype', None)} "
                  f"{list(getattr(self.qweight, 'shape', ()))}")
@@ -226,8 +226,8 @@ class E8PTensor(PackedTensor):
     def from_tensors(cls, tensors: dict, meta: dict) -> "E8PTensor":
         keys = ("bits", "in_features", "out_features", "hadamard_in", "hadamard_out")
         cls.require_meta(meta, keys)
-        if meta["bits"] not in e8p.BITS:
-            raise UserError(f"e8p tensor: metadata bits {meta['bits']!r} is not one of {e8p.BITS}; "
+        if meta["bits"] not in e8p_codebook.BITS:
+            raise UserError(f"e8p tensor: metadata bits {meta['bits']!r} is not one of {e8p_codebook.BITS}; "
                             f"re-quantize the model")
         names = {"qweight", "stage_scales", "sign_in", "sign_out"} | ({"qweight_2"} if meta["bits"] > 2 else set())
         if set(tensors) != names:

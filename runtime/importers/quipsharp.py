@@ -15,7 +15,7 @@ Sylvester / sqrt(n) (lib/utils/matmul_had.py). Each fused part's rows are
 multiplied by its fuse_scale. resid_scale is 2.04 (3 bits) or 3.45 (4 bits)
 unless `resid_scale_override` says otherwise.
 
-What differs from runtime/e8p.py and how it is mapped:
+What differs from runtime/e8p_codebook.py and how it is mapped:
 
 - Hadamard factors: quip-sharp's had12 and had20 are the transposes of this
   project's Paley factors, so H_quip = Hᵀ_ours and the product above is the
@@ -29,7 +29,7 @@ What differs from runtime/e8p.py and how it is mapped:
   is negated when the source vector's sum is odd (get_full_grid). Every
   code is decoded to its point and re-encoded with this project's exact
   E8P encoder. The two codebooks share 238 of 256 source vectors: 18 of
-  quip-sharp's 29 norm-12 vectors are not in runtime/e8p.py's 29 (no
+  quip-sharp's 29 norm-12 vectors are not in runtime/e8p_codebook.py's 29 (no
   coordinate permutation maps one set onto the other), so codes using them
   land on their nearest point of our codebook (counted in
   `ImportReport.approximated`); all other codes map exactly.
@@ -54,7 +54,7 @@ import sys
 
 import numpy as np
 
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.device import to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
@@ -117,16 +117,16 @@ def quip_e81b_points() -> np.ndarray:
 def e8p_code_map() -> tuple[np.ndarray, np.ndarray]:
     """(our uint16 code [65536], exact bool [65536]) for every quip-sharp E8P code."""
     points = quip_e8p_points()
-    ours = e8p.encode(points)  # [65536]
-    return ours, (e8p.decode(ours) == points).all(axis=1)
+    ours = e8p_codebook.encode(points)  # [65536]
+    return ours, (e8p_codebook.decode(ours) == points).all(axis=1)
 
 
 @functools.lru_cache(maxsize=None)
 def e81b_code_map() -> tuple[np.ndarray, np.ndarray]:
     """(our uint8 code [256], exact bool [256]) for every quip-sharp 1-bit E8 code."""
     points = quip_e81b_points()
-    ours = e8p.e8_1bit_encode(points)  # [256]
-    return ours, (e8p.e8_1bit_decode(ours) == points).all(axis=1)
+    ours = e8p_codebook.e8_1bit_encode(points)  # [256]
+    return ours, (e8p_codebook.e8_1bit_decode(ours) == points).all(axis=1)
 
 
 def unpack_e8p(packed: np.ndarray, rows: int, groups: int) -> np.ndarray:
@@ -152,7 +152,7 @@ def check_size(n: int, prefix: str, source: str) -> None:
 
 
 class ImportReport:
-    """Counts of codes that had no exact counterpart in runtime/e8p.py's codebooks."""
+    """Counts of codes that had no exact counterpart in runtime/e8p_codebook.py's codebooks."""
 
     def __init__(self):
         self.codes = 0
@@ -314,6 +314,6 @@ def convert(config: dict, settings: dict, tensors: dict, source: str, report: Im
             out[name + ".weight"] = shared.inner if whole else QuipSharpLinear(shared, start, start + rows, out_scale)
             start += rows
     if report.approximated:
-        print(f"note: {report.approximated} of {report.codes} QuIP# codes use points runtime/e8p.py's codebooks lack "
+        print(f"note: {report.approximated} of {report.codes} QuIP# codes use points runtime/e8p_codebook.py's codebooks lack "
               f"(quip-sharp's other norm-12 vectors); they were mapped to the nearest point", file=sys.stderr)
     return out

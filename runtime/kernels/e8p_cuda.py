@@ -1,4 +1,4 @@
-"""CuPy launchers of the e8p CUDA kernels (source: e8p.cu; layout: runtime/formats/e8p.py).
+"""CuPy launchers of the e8p CUDA kernels (source: e8p_codebook.cu; layout: runtime/formats/e8p.py).
 
 QuIP# (Tseng et al. 2024) inference on the GPU: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out.
 The randomized Hadamard transforms run as one kernel launch each, signs fused
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.kernels.hadamard_cuda import hadamard_rows
 
-SOURCE = Path(__file__).with_name("e8p.cu")
-WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p.cu)
+SOURCE = Path(__file__).with_name("e8p_codebook.cu")
+WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p_codebook.cu)
 DECODE_THREADS = 256
 MAX_GRID = 65535
 FUSED_MAX_ROWS = 4  # at most this many input rows: fused kernels; more: decode Ŵ + cuBLAS (not tuned)
@@ -29,7 +29,7 @@ KERNELS = {"e8p": ("e8p_stage_matmul", "e8p_stage_decode"), "e8_1bit": ("table_s
 
 @functools.lru_cache(maxsize=None)
 def _module():
-    """The compiled e8p.cu (NVRTC, once per process)."""
+    """The compiled e8p_codebook.cu (NVRTC, once per process)."""
     import cupy
 
     return cupy.RawModule(code=SOURCE.read_text())
@@ -41,7 +41,7 @@ def _device_tables(device_id: int) -> dict:
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return {"e8p": cupy.asarray(e8p.signed_source_table()), "e8_1bit": cupy.asarray(e8p.e8_1bit_codebook())}
+        return {"e8p": cupy.asarray(e8p_codebook.signed_source_table()), "e8_1bit": cupy.asarray(e8p_codebook.e8_1bit_codebook())}
 
 
 def _stages(packed) -> list:
@@ -50,7 +50,7 @@ def _stages(packed) -> list:
 
     tables = _device_tables(cupy.cuda.Device().id)
     return [(codes, tables[stage.name], np.float32(scale), KERNELS[stage.name])
-            for codes, stage, scale in zip(packed.stage_codes, e8p.stage_codebooks(packed.bits), packed.host_scales)]
+            for codes, stage, scale in zip(packed.stage_codes, e8p_codebook.stage_codebooks(packed.bits), packed.host_scales)]
 
 
 def decoded(packed):
@@ -59,7 +59,7 @@ def decoded(packed):
 
     n_out, n_in = packed.shape
     w_hat = cupy.empty((n_out, n_in), dtype=cupy.float32)  # [out, in]
-    n_groups = n_out * n_in // e8p.DIM
+    n_groups = n_out * n_in // e8p_codebook.DIM
     grid = min(-(-n_groups // DECODE_THREADS), MAX_GRID)
     for k, (codes, table, scale, (_, decode_name)) in enumerate(_stages(packed)):
         _module().get_function(decode_name)(

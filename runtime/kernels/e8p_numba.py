@@ -1,4 +1,4 @@
-"""Numba CPU kernels of the e8p format (layout: runtime/formats/e8p.py; codebooks: runtime/e8p.py).
+"""Numba CPU kernels of the e8p format (layout: runtime/formats/e8p.py; codebooks: runtime/e8p_codebook.py).
 
 QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out.
 
@@ -8,8 +8,8 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   that decodes each 16-bit code on the fly from a 256 × 8 table of source
   vectors times a 128 × 8 table of sign patterns (8 + 4 KiB, cache resident):
   coordinate k ≥ 1 takes the sign of code bit k, coordinate 0 the parity of
-  the 7 sign bits (`e8p.sign_table`; the source table's coordinate 0 already
-  carries the source parity, `e8p.signed_source_table`), and the ±¼ shift
+  the 7 sign bits (`e8p_codebook.sign_table`; the source table's coordinate 0 already
+  carries the source parity, `e8p_codebook.signed_source_table`), and the ±¼ shift
   adds ±¼ Σ x over the group, summed once per call. A 1-bit E8 stage is a
   plain table lookup.
   Parallel over output rows.
@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from runtime import e8p
+from runtime import e8p_codebook
 from runtime.hadamard import hadamard_factor, small_hadamard
 from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
 from runtime.kernels.uniform_int8_numba import available_kernels
@@ -115,7 +115,7 @@ def _group_sums(x, xsum):
 def _e8p_stage_matvec(codes, table, signs, scale, x, xsum, y):
     """y[r, o] += scale * Σ_g <decode(codes[o, g]), x[r, 8g : 8g + 8]> for E8P codes (uint16).
 
-    decode(c) = table[c >> 8] ⊙ signs[(c >> 1) & 127] ± ¼ (runtime/e8p.py `sign_table`): the dot of the
+    decode(c) = table[c >> 8] ⊙ signs[(c >> 1) & 127] ± ¼ (runtime/e8p_codebook.py `sign_table`): the dot of the
     first term is 8 products with no bit arithmetic between them (about twice as fast here as
     accumulating the parity bit by bit), the shift adds ±¼ xsum[r, g].
     """
@@ -179,8 +179,8 @@ def _table_stage_decode(codes, table, scale, row0, out):
 @functools.lru_cache(maxsize=None)
 def _stage_kinds(bits: int) -> tuple:
     """(table, is_e8p) of each stage of a `bits`-bit tensor."""
-    tables = {"e8p": e8p.signed_source_table(), "e8_1bit": e8p.e8_1bit_codebook()}
-    return tuple((tables[stage.name], stage.name == "e8p") for stage in e8p.stage_codebooks(bits))
+    tables = {"e8p": e8p_codebook.signed_source_table(), "e8_1bit": e8p_codebook.e8_1bit_codebook()}
+    return tuple((tables[stage.name], stage.name == "e8p") for stage in e8p_codebook.stage_codebooks(bits))
 
 
 def _stages(packed) -> list:
@@ -217,7 +217,7 @@ def matmul_fused(packed, x: np.ndarray) -> np.ndarray:
     y_rot = np.zeros((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     for codes, table, scale, is_e8p in _stages(packed):
         if is_e8p:
-            _e8p_stage_matvec(codes, table, e8p.sign_table(), scale, x_rot, xsum, y_rot)
+            _e8p_stage_matvec(codes, table, e8p_codebook.sign_table(), scale, x_rot, xsum, y_rot)
         else:
             _table_stage_matvec(codes, table, scale, x_rot, y_rot)
     return _transform_out(packed, y_rot)  # [m, out]
@@ -253,7 +253,7 @@ def matmul_prefill(packed, x: np.ndarray) -> np.ndarray:
 def byte_table() -> np.ndarray:
     """uint64 [2^15]: entry (code >> 1) holds the E8P point of that source and sign pattern with the −¼
     shift as bytes 4·point + BYTE_ZERO, coordinate i in byte i (little-endian); read-only."""
-    points = e8p.signed_source_table()[:, None, :] * e8p.sign_table()[None, :, :] - e8p.SHIFT  # [256, 128, 8]
+    points = e8p_codebook.signed_source_table()[:, None, :] * e8p_codebook.sign_table()[None, :, :] - e8p_codebook.SHIFT  # [256, 128, 8]
     table = np.rint(4 * points + BYTE_ZERO).astype(np.uint8).reshape(-1, 8).view("<u8").reshape(-1)  # [2^15]
     table.flags.writeable = False
     return table
@@ -356,7 +356,7 @@ def _rotate_row(x, signs, h_k, size, transpose):
 def int8_applies(packed) -> bool:
     """Whether `matmul_int8` runs this tensor: AVX-512 VNNI, E8P stages only (2 and 4 bits), whole 64-input chunks."""
     return ("avx512vnni" in available_kernels() and packed.bits in (2, 4)
-            and packed.in_features % (CODES_PER_DOT * e8p.DIM) == 0)
+            and packed.in_features % (CODES_PER_DOT * e8p_codebook.DIM) == 0)
 
 
 def matmul_int8(packed, x: np.ndarray) -> np.ndarray:
