@@ -1,4 +1,4 @@
-"""CuPy launchers of the e8p CUDA kernels (source: e8p_codebook.cu; layout: runtime/formats/e8p.py).
+"""CuPy launchers of the e8p CUDA kernels (source: e8p.cu; layout: runtime/formats/e8p.py).
 
 QuIP# (Tseng et al. 2024) inference on the GPU: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s_out.
 The randomized Hadamard transforms run as one kernel launch each, signs fused
@@ -19,8 +19,8 @@ import numpy as np
 from runtime import e8p_codebook
 from runtime.kernels.hadamard_cuda import hadamard_rows
 
-SOURCE = Path(__file__).with_name("e8p_codebook.cu")
-WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p_codebook.cu)
+SOURCE = Path(__file__).with_name("e8p.cu")
+WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p.cu)
 DECODE_THREADS = 256
 MAX_GRID = 65535
 FUSED_MAX_ROWS = 4  # at most this many input rows: fused kernels; more: decode Ŵ + cuBLAS (not tuned)
@@ -29,7 +29,7 @@ KERNELS = {"e8p": ("e8p_stage_matmul", "e8p_stage_decode"), "e8_1bit": ("table_s
 
 @functools.lru_cache(maxsize=None)
 def _module():
-    """The compiled e8p_codebook.cu (NVRTC, once per process)."""
+    """The compiled e8p.cu (NVRTC, once per process)."""
     import cupy
 
     return cupy.RawModule(code=SOURCE.read_text())
