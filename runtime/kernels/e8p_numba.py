@@ -13,6 +13,9 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   adds ±¼ Σ x over the group, summed once per call. A 1-bit E8 stage is a
   plain table lookup.
   Parallel over output rows.
+- `matmul_prefill` (many rows): Ŵ is decoded tile by tile (about `PREFILL_TILE`
+  floats) and multiplied by BLAS, tiles spread over one thread per core
+  (runtime/kernels/prefill_threads.py), with the transforms around it.
 - `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2 and 4 bits): the rotated
   activation is quantized to int8 per block of 32 (llama.cpp's Q8_0,
   runtime/kernels/quant_activations_numba.py) and each E8P code becomes eight
@@ -37,6 +40,7 @@ from numba.extending import intrinsic
 
 from runtime import e8p_codebook
 from runtime.hadamard import hadamard_factor, small_hadamard
+from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
 from runtime.kernels.uniform_int8_numba import available_kernels
 
@@ -149,31 +153,50 @@ def _table_stage_matvec(codes, table, scale, x, y):
             y[r, o] += scale * acc
 
 
-@njit(cache=True, parallel=True)
-def _e8p_stage_decode(codes, table, scale, row0, out):
+@njit(inline="always")
+def _e8p_decode_row(codes, table, scale, row0, t, out):
     """out[t, 8g + i] += scale * decode(codes[row0 + t, g])[i] (same products as the NumPy reference)."""
-    n_groups = codes.shape[1]
-    for t in prange(out.shape[0]):
-        for g in range(n_groups):
-            code = np.int32(codes[row0 + t, g])
-            row = code >> 8
-            flips = 0
-            for i in range(1, 8):
-                bit = (code >> i) & 1
-                flips += bit
-                out[t, 8 * g + i] += scale * (table[row, i] * np.float32(1 - 2 * bit) + _shift(code))
-            out[t, 8 * g] += scale * (table[row, 0] * np.float32(1 - 2 * (flips & 1)) + _shift(code))
+    for g in range(codes.shape[1]):
+        code = np.int32(codes[row0 + t, g])
+        row = code >> 8
+        flips = 0
+        for i in range(1, 8):
+            bit = (code >> i) & 1
+            flips += bit
+            out[t, 8 * g + i] += scale * (table[row, i] * np.float32(1 - 2 * bit) + _shift(code))
+        out[t, 8 * g] += scale * (table[row, 0] * np.float32(1 - 2 * (flips & 1)) + _shift(code))
+
+
+@njit(inline="always")
+def _table_decode_row(codes, table, scale, row0, t, out):
+    """out[t, 8g + i] += scale * table[codes[row0 + t, g], i]."""
+    for g in range(codes.shape[1]):
+        point = table[codes[row0 + t, g]]  # [8]
+        for i in range(8):
+            out[t, 8 * g + i] += scale * point[i]
+
+
+@njit(inline="always")
+def _decode_row(codes, table, scale, is_e8p, row0, t, out):
+    """One stage's row t of Ŵ[row0:] added into out[t]."""
+    if is_e8p:
+        _e8p_decode_row(codes, table, scale, row0, t, out)
+    else:
+        _table_decode_row(codes, table, scale, row0, t, out)
 
 
 @njit(cache=True, parallel=True)
-def _table_stage_decode(codes, table, scale, row0, out):
-    """out[t, 8g + i] += scale * table[codes[row0 + t, g], i]."""
-    n_groups = codes.shape[1]
+def _stage_decode(codes, table, scale, is_e8p, row0, out):
+    """out[t] += one stage's Ŵ[row0 + t] for t < len(out), in parallel over t."""
     for t in prange(out.shape[0]):
-        for g in range(n_groups):
-            point = table[codes[row0 + t, g]]  # [8]
-            for i in range(8):
-                out[t, 8 * g + i] += scale * point[i]
+        _decode_row(codes, table, scale, is_e8p, row0, np.int64(t), out)
+
+
+@njit(cache=True, nogil=True)
+def _stage_decode_serial(codes, table, scale, is_e8p, row0, out):
+    """`_stage_decode` on the calling thread, without the GIL (prefill_threads.run_tiles)."""
+    for t in range(out.shape[0]):
+        _decode_row(codes, table, scale, is_e8p, row0, t, out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +251,7 @@ def decode_rows(packed, row0: int = 0, rows: int | None = None) -> np.ndarray:
     rows = packed.out_features - row0 if rows is None else rows
     out = np.zeros((rows, packed.in_features), dtype=np.float32)  # [rows, in]
     for codes, table, scale, is_e8p in _stages(packed):
-        (_e8p_stage_decode if is_e8p else _table_stage_decode)(codes, table, scale, row0, out)
+        _stage_decode(codes, table, scale, is_e8p, row0, out)
     return out
 
 
@@ -239,13 +262,16 @@ def matmul_prefill(packed, x: np.ndarray) -> np.ndarray:
     tile_rows = min(max(PREFILL_TILE // n_in, 1), n_out)
     y_rot = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
     stages = _stages(packed)
-    tile = np.empty((tile_rows, n_in), dtype=np.float32)  # [tile, in]
-    for row0 in range(0, n_out, tile_rows):
-        rows = min(tile_rows, n_out - row0)
+
+    def fill(row0, rows, tile):  # tile [tile_rows, in]
         tile[:rows] = 0.0
         for codes, table, scale, is_e8p in stages:
-            (_e8p_stage_decode if is_e8p else _table_stage_decode)(codes, table, scale, row0, tile[:rows])
+            _stage_decode_serial(codes, table, scale, is_e8p, row0, tile[:rows])
+
+    def multiply(row0, rows, tile):
         np.matmul(x_rot, tile[:rows].T, out=y_rot[:, row0:row0 + rows])  # [m, rows]
+
+    run_tiles(n_out, tile_rows, (tile_rows, n_in), fill, multiply)
     return _transform_out(packed, y_rot)  # [m, out]
 
 

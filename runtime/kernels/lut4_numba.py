@@ -8,7 +8,8 @@ packed codes directly (no dequantized copy is kept between calls):
   absmax is applied once per block.
 - `matmul_prefill` (many input rows): tiles of whole output rows (about
   `PREFILL_TILE` floats) are dequantized into a scratch buffer, each tile
-  multiplied by BLAS (`x @ tile.T`).
+  multiplied by BLAS (`x @ tile.T`), tiles spread over one thread per core
+  (runtime/kernels/prefill_threads.py).
 
 The kernels read the absmax either as float32 or double-quantized (decoded
 on the fly from the 8-bit code, the run's scale and the mean).
@@ -29,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map, lut_table
+from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.uniform_int8_numba import KernelWeight
 from runtime.kernels.uniform_numba import NO_PERM, RUN, readonly
 
@@ -86,20 +88,34 @@ def _fused(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, abs
             y[r, o1] = acc1
 
 
+@njit(cache=True, inline="always")
+def _dequantize_row(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, absmax_mean, row0, t, out):
+    """out[t, :] = W[row0 + t, :] (float32, same products as the NumPy reference)."""
+    half = block_size // 2
+    o = row0 + t
+    row = qweight[o]  # [in/2]
+    for b in range(qweight.shape[1] // half):
+        scale = _block_scale(o, b, absmax, absmax_q, dmap, absmax_scale, absmax_mean)
+        for k in range(b * half, (b + 1) * half):
+            c = row[k]
+            out[t, 2 * k] = table[c >> 4] * scale
+            out[t, 2 * k + 1] = table[c & 15] * scale
+
+
 @njit(cache=True, parallel=True)
 def _dequantize_rows(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, absmax_mean, row0, out):
-    """out[t, :] = W[row0 + t, :] for t < len(out) (float32, same products as the NumPy reference)."""
-    half = block_size // 2
-    n_bytes = qweight.shape[1]
+    """out[t, :] = W[row0 + t, :] for t < len(out), in parallel over t."""
     for t in prange(out.shape[0]):
-        o = row0 + t
-        row = qweight[o]  # [in/2]
-        for b in range(n_bytes // half):
-            scale = _block_scale(o, b, absmax, absmax_q, dmap, absmax_scale, absmax_mean)
-            for k in range(b * half, (b + 1) * half):
-                c = row[k]
-                out[t, 2 * k] = table[c >> 4] * scale
-                out[t, 2 * k + 1] = table[c & 15] * scale
+        _dequantize_row(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, absmax_mean, row0,
+                        np.int64(t), out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_serial(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, absmax_mean, row0,
+                            out):
+    """`_dequantize_rows` on the calling thread, without the GIL (prefill_threads.run_tiles)."""
+    for t in range(out.shape[0]):
+        _dequantize_row(qweight, table, block_size, absmax, absmax_q, dmap, absmax_scale, absmax_mean, row0, t, out)
 
 
 def _absmax_args(packed) -> tuple:
@@ -131,11 +147,14 @@ def matmul_prefill(packed, x: np.ndarray) -> np.ndarray:
     args = (packed.qweight, packed.table, packed.block_size, *_absmax_args(packed))
     tile_rows = min(max(PREFILL_TILE // n_in, 1), n_out)
     y = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
-    tile = np.empty((tile_rows, n_in), dtype=np.float32)  # [tile, in]
-    for row0 in range(0, n_out, tile_rows):
-        rows = min(tile_rows, n_out - row0)
-        _dequantize_rows(*args, row0, tile[:rows])
+
+    def fill(row0, rows, tile):  # tile [tile_rows, in]
+        _dequantize_rows_serial(*args, row0, tile[:rows])
+
+    def multiply(row0, rows, tile):
         np.matmul(x, tile[:rows].T, out=y[:, row0:row0 + rows])  # [m, rows]
+
+    run_tiles(n_out, tile_rows, (tile_rows, n_in), fill, multiply)
     return y
 
 

@@ -20,7 +20,7 @@ value - dense value, so each replaces the dense weight at its position.
   over outputs).
 - `matmul` with several rows (prefill): dequantize tiles of output columns
   into a scratch buffer [in, cols] (about 4 MiB) in storage order, multiply
-  by BLAS.
+  by BLAS, tiles spread over one thread per core (prefill_threads.py).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from runtime.formats.spqr import FP16_STATS, HALF_RUN, QUANTIZED_STATS
 from runtime.kernels import sparse_numba
+from runtime.kernels.prefill_threads import run_tiles
 from runtime.formats.uniform import RUN
 from runtime.kernels.uniform_numba import _half_to_float
 
@@ -184,19 +185,31 @@ def _matvec(qweight, stats, x, perm, bits, group_size, stat_bits, stat_group, th
     return y
 
 
+@njit(inline="always")
+def _dequantize_half(qweight, stats, bits, group_size, stat_bits, stat_group, n_in, n0, m, h, out):
+    """out[16 h + k, i] = W_d[n0 + i, perm[16 h + k]] for k < 16, i < m (0 past the input)."""
+    if h >= -(-n_in // HALF_RUN):
+        out[h * HALF_RUN:(h + 1) * HALF_RUN, :m] = 0
+        return
+    s = np.empty(m, dtype=np.float32)  # [m]
+    z = np.empty(m, dtype=np.float32)  # [m]
+    _group_stats(stats, h * HALF_RUN // group_size, stat_bits, stat_group, n0, m, s, z)
+    _deq_half(qweight, h // 2, h % 2, bits, s, z, out, n0, m)
+
+
 @njit(cache=True, parallel=True)
 def _dequantize_tile(qweight, stats, bits, group_size, stat_bits, stat_group, n_in, n0, m, out):
     """out[k, i] = W_d[n0 + i, perm[k]] for every storage position k < in (rows past it: 0) and i < m."""
-    n_halves = -(-n_in // HALF_RUN)
     for task in prange(out.shape[0] // HALF_RUN):
-        h = np.int64(task)  # the prange index is unsigned: mixed with signed ints it would give floats
-        if h >= n_halves:
-            out[h * HALF_RUN:(h + 1) * HALF_RUN, :m] = 0
-            continue
-        s = np.empty(m, dtype=np.float32)  # [m]
-        z = np.empty(m, dtype=np.float32)  # [m]
-        _group_stats(stats, h * HALF_RUN // group_size, stat_bits, stat_group, n0, m, s, z)
-        _deq_half(qweight, h // 2, h % 2, bits, s, z, out, n0, m)
+        # np.int64: the prange index is unsigned, mixed with signed ints it would give floats
+        _dequantize_half(qweight, stats, bits, group_size, stat_bits, stat_group, n_in, n0, m, np.int64(task), out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_tile_serial(qweight, stats, bits, group_size, stat_bits, stat_group, n_in, n0, m, out):
+    """`_dequantize_tile` on the calling thread, without the GIL (prefill_threads.run_tiles)."""
+    for h in range(out.shape[0] // HALF_RUN):
+        _dequantize_half(qweight, stats, bits, group_size, stat_bits, stat_group, n_in, n0, m, h, out)
 
 
 def _readonly(a):
@@ -243,12 +256,16 @@ def matmul_dense(packed, x: np.ndarray) -> np.ndarray:
     xs = np.zeros((x.shape[0], n_pad), dtype=np.float32)  # [m, in_pad] storage order, zero padded
     xs[:, :packed.in_features] = x[:, packed.perm]
     width = min(n_out, max(RUN, PREFILL_TILE // n_pad // RUN * RUN))
-    tile = np.empty((n_pad, width), dtype=np.float32)  # [in_pad, width]
     y = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
-    for n0 in range(0, n_out, width):
-        cols = min(width, n_out - n0)
-        _dequantize_tile(packed.qweight, _stats(packed), *_params(packed), packed.in_features, n0, cols, tile)
-        y[:, n0:n0 + cols] = xs @ tile[:, :cols]  # [m, cols]
+    args = (packed.qweight, _stats(packed), *_params(packed), packed.in_features)
+
+    def fill(n0, cols, tile):  # tile [in_pad, width]
+        _dequantize_tile_serial(*args, n0, cols, tile)
+
+    def multiply(n0, cols, tile):
+        np.matmul(xs, tile[:, :cols], out=y[:, n0:n0 + cols])  # [m, cols]
+
+    run_tiles(n_out, width, (n_pad, width), fill, multiply)
     return y
 
 

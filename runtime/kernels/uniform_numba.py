@@ -14,7 +14,8 @@ Two paths; neither keeps anything between calls:
       y[n] = sum_g s[g, n] * (sum_{k in g} q[k, n] x[k] - z[g, n] * sum_{k in g} x[k])
 
 - `matmul` with many rows (prefill): dequantize a tile of output columns into
-  a scratch buffer [in, cols] (4 MiB), multiply by BLAS, next tile.
+  a scratch buffer [in, cols] (4 MiB), multiply by BLAS, next tile; the
+  tiles are spread over one thread per core (runtime/kernels/prefill_threads.py).
 
 Float16 scales are converted with the CPU's half-precision instruction (an
 LLVM `fpext`, Numba has no float16 type). The bit width is a run-time
@@ -28,6 +29,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+
+from runtime.kernels.prefill_threads import run_tiles
 
 RUN = 32  # codes per packed run (runtime/formats/uniform.py)
 CHUNK = 256  # target output columns per parallel task of matvec
@@ -308,6 +311,13 @@ def _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, run, n0, m, 
     _deq_run(qweight, run, bits, s, sz, out, n0, m)
 
 
+@njit(cache=True, nogil=True)
+def _dequantize_tile_serial(qweight, qzeros, scales, bits, group_runs, sym, n0, m, out):
+    """`_dequantize_tile` on the calling thread, without the GIL (prefill_threads.run_tiles)."""
+    for run in range(qweight.shape[0] // bits):
+        _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, run, n0, m, out)
+
+
 @njit(cache=True, parallel=True)
 def _dequantize_tile(qweight, qzeros, scales, bits, group_runs, sym, n0, m, out):
     """out[k, i] = W[n0 + i, perm[k]] for every storage position k (padded to whole runs) and i < m."""
@@ -362,10 +372,14 @@ def matmul(packed, x: np.ndarray) -> np.ndarray:
     xs = np.zeros((x.shape[0], n_pad), dtype=np.float32)  # [m, in_pad] storage order, zero padded
     xs[:, :packed.in_features] = x if packed.perm is None else x[:, packed.perm]
     width = min(n_out, max(RUN, PREFILL_TILE // n_pad // RUN * RUN))
-    tile = np.empty((n_pad, width), dtype=np.float32)  # [in_pad, width]
     y = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
-    for n0 in range(0, n_out, width):
-        cols = min(width, n_out - n0)
-        _dequantize_tile(qweight, qzeros, scales, packed.bits, group_runs(packed), packed.sym, n0, cols, tile)
-        y[:, n0:n0 + cols] = xs @ tile[:, :cols]  # [m, cols]
+    grid = (packed.bits, group_runs(packed), packed.sym)
+
+    def fill(n0, cols, tile):  # tile [in_pad, width]
+        _dequantize_tile_serial(qweight, qzeros, scales, *grid, n0, cols, tile)
+
+    def multiply(n0, cols, tile):
+        np.matmul(xs, tile[:, :cols], out=y[:, n0:n0 + cols])  # [m, cols]
+
+    run_tiles(n_out, width, (n_pad, width), fill, multiply)
     return y
