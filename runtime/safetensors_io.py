@@ -21,7 +21,9 @@ reader attaches each recorded checksum to its tensor, to be checked on first use
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -187,3 +189,24 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         f.write(raw)
         for name in order:
             f.write(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8))  # [nbytes]
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Let the OS take back the resident pages of an array mapped read-only from a file by `read_safetensors`
+    (madvise MADV_DONTNEED on the whole pages inside it): they leave this process's memory and are read
+    from the file again if the array is used again. Arrays not mapped that way, and systems without
+    madvise, are left alone."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if base is None or base.flags.writeable or advice is None or not hasattr(ctypes.CDLL(None), "madvise"):
+        return
+    page = mmap.PAGESIZE
+    first = -(-array.ctypes.data // page) * page  # whole pages only: the neighbours' tensors keep theirs
+    last = (array.ctypes.data + array.nbytes) // page * page
+    if last > first:
+        madvise = ctypes.CDLL(None).madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        madvise(first, last - first, advice)
+

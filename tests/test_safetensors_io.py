@@ -116,3 +116,31 @@ def test_unwritable_dtype_and_metadata_raise_user_error(tmp_path):
         write_safetensors(tmp_path / "a.safetensors", {"c": np.zeros(2, np.complex64)})
     with pytest.raises(UserError, match="metadata"):
         write_safetensors(tmp_path / "a.safetensors", {"c": np.zeros(2)}, {"bits": 4})
+
+
+def resident_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_released_pages_leave_memory_and_come_back_intact(tmp_path):
+    from runtime.safetensors_io import release_pages
+    big = np.arange(4 << 20, dtype=np.float32)  # 16 MiB
+    path = tmp_path / "big.safetensors"
+    write_safetensors(path, {"big": big})
+    tensors, _ = read_safetensors(path)
+    assert np.array_equal(tensors["big"], big)  # every page read: resident
+    before = resident_kb(path)
+    release_pages(tensors["big"])
+    assert before > 15000 and resident_kb(path) < before - 15000
+    assert np.array_equal(tensors["big"], big)  # read from the file again
+    copy = big.copy()
+    release_pages(copy)  # not mapped from a file: left alone
+    assert np.array_equal(copy, big)

@@ -171,6 +171,38 @@ def _repack(qweight, words):
             words[w, o] = np.int32(v)
 
 
+@njit(cache=True, nogil=True)
+def _dequantize_words(words, table, absmax_t, block_size, n0, m, out):
+    """out[k, i] = table[code(k, n0 + i)] * absmax_t[k // block_size, n0 + i] for every input k and i < m, from
+    the repacked codes words [in/8, out] (`_repack`): the weight's tile [in, m], same products as the
+    NumPy reference, on the calling thread without the GIL (prefill_threads.run_tiles)."""
+    for w in range(words.shape[0]):
+        row = words[w, n0:n0 + m]  # [m] eight codes of each output
+        for j in range(8):
+            k = 8 * w + j
+            scales = absmax_t[k // block_size, n0:n0 + m]  # [m]
+            for i in range(m):
+                out[k, i] = table[(row[i] >> (4 * j)) & 15] * scales[i]
+
+
+def matmul_prefill_repacked(packed, weight: KernelWeight, absmax_t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`) and absmax_t [in/B, out]: tiles
+    of output columns dequantized and multiplied by BLAS on every core (what prefill runs once the repacked
+    codes exist, so the stored qweight is not read again)."""
+    n_out, n_in = packed.shape
+    width = min(n_out, max(RUN, PREFILL_TILE // n_in // RUN * RUN))
+    y = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
+
+    def fill(n0, cols, tile):  # tile [in, width]
+        _dequantize_words(weight.qweight, packed.table, absmax_t, packed.block_size, n0, cols, tile)
+
+    def multiply(n0, cols, tile):
+        np.matmul(x, tile[:, :cols], out=y[:, n0:n0 + cols])  # [m, cols]
+
+    run_tiles(n_out, width, (n_in, width), fill, multiply)
+    return y
+
+
 def decode_weight(packed) -> KernelWeight | None:
     """The weight as the int8-activation decode kernel takes it (codes repacked, table as `lut_table`), or
     None when the blocks are not whole runs of 32 inputs."""
