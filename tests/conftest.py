@@ -1,8 +1,10 @@
-"""Shared test fixtures: paths of the real data and of the built default model, and the CLI helpers."""
+"""Shared test fixtures: paths of the real data and of the built default model, the CLI helpers, and the
+one closeness rule and one input generator of the kernel and format tests."""
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +72,33 @@ def assert_fails_with(result: subprocess.CompletedProcess, message: str) -> None
     assert "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def inputs(seed, *shape, mean=0.0):
+    """Seeded float32 activations of `shape` (e.g. rows, n_in): standard normal plus `mean`.
+
+    `seed` is an int or a numpy Generator (then its next draws are taken, as `rng.standard_normal` would).
+    A non-zero `mean` (0.5), as after an activation, makes the kernels' folded zero-point terms matter.
+    """
+    return (np.random.default_rng(seed).standard_normal(shape) + mean).astype(np.float32)
+
+
+def assert_close(y, ref, tol=1e-5):
+    """The kernel-vs-reference rule: same shape, float32, and ||y - ref|| <= tol * ||ref||.
+
+    The default 1e-5 leaves room for float32 sums in another order (kernels fold scales and zeros once
+    per group, tile, and reduce in SIMD lanes); callers comparing int8 and float paths pass their own tol.
+    """
+    assert y.shape == ref.shape and y.dtype == np.float32, (y.shape, ref.shape, y.dtype)
+    assert np.linalg.norm(y - ref) <= tol * np.linalg.norm(ref), float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def assert_device_matches_reference(cupy, packed):
+    """The packed tensor's CUDA product (a CuPy array) is assert_close to its NumPy reference, for one row
+    (decode) and four (prefill) of inputs with a mean of 0.5 (so the folded zero-point terms matter)."""
+    on_gpu = packed.to_device(cupy)
+    for rows in (1, 4):
+        x = inputs(rows, rows, packed.in_features, mean=0.5)
+        y = on_gpu.matmul(cupy.asarray(x))
+        assert isinstance(y, cupy.ndarray)
+        assert_close(cupy.asnumpy(y), packed.matmul_reference(x))

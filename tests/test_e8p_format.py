@@ -8,6 +8,7 @@ a save / load round trip through runtime/packed_checkpoint.
 import numpy as np
 import pytest
 
+from conftest import inputs
 from runtime import e8p_codebook
 from runtime.errors import UserError
 from quipsharp import rht_matrix
@@ -16,8 +17,7 @@ from runtime.hadamard import fast_hadamard, hadamard_matrix, random_signs
 from runtime.kernels import e8p_numba
 from runtime.packed_checkpoint import read_packed, save_packed
 
-# kernel vs reference: |y - y_ref| <= TOL * (|x| |W|-scale bound); float32 sums in another order
-TOL = 2e-5
+TOL = 2e-5  # kernel vs reference, per output: see assert_within_scale_bound
 # (out, in): K = 12 on both sides, Paley sizes 20 / 12 with p = 1, powers of two, SmolLM2's 576 = 36 * 16
 SHAPES = [(96, 192), (40, 24), (64, 128), (576, 576)]
 
@@ -32,7 +32,13 @@ def random_tensor(seed, n_out, n_in, bits):
                                 (n_out, n_in))
 
 
-def assert_close(y, ref, x, packed):
+def assert_within_scale_bound(y, ref, x, packed):
+    """Same shape, float32, and every |y - y_ref| <= TOL * ||x_row||_1 * max |Ŵ| + 1e-7.
+
+    Not conftest's relative-norm assert_close: each output is held to the error that float32 sums in
+    another order (through the two fast Hadamard transforms) can make on it, scaled by its own input
+    row, so a wrong output in a row of small activations cannot hide in the norm of the others.
+    """
     bound = TOL * np.abs(x).sum(axis=1, keepdims=True) * np.abs(packed.decoded()).max() + 1e-7
     assert y.shape == ref.shape and y.dtype == np.float32
     assert (np.abs(y - ref) <= bound).all(), float(np.abs(y - ref).max())
@@ -79,14 +85,14 @@ def test_signs_pack_lowest_bit_first():
 def test_numba_kernels_match_reference(bits, shape, monkeypatch):
     n_out, n_in = shape
     packed = random_tensor(10 * bits + n_in, n_out, n_in, bits)
-    x = np.random.default_rng(n_out).standard_normal((5, n_in)).astype(np.float32)
+    x = inputs(n_out, 5, n_in)
     ref = packed.matmul_reference(x)
     assert np.array_equal(e8p_numba.decode_rows(packed), packed.decoded())
     for rows in (1, 3):
-        assert_close(e8p_numba.matmul_fused(packed, x[:rows]), ref[:rows], x[:rows], packed)
-    assert_close(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
+        assert_within_scale_bound(e8p_numba.matmul_fused(packed, x[:rows]), ref[:rows], x[:rows], packed)
+    assert_within_scale_bound(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
     monkeypatch.setattr(e8p_numba, "PREFILL_TILE", 7 * n_in)  # several tiles, a short last one
-    assert_close(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
+    assert_within_scale_bound(e8p_numba.matmul_prefill(packed, x), ref, x, packed)
 
 
 @pytest.mark.parametrize("n, transpose", [(576, False), (576, True), (24, True), (64, False)])
@@ -94,19 +100,19 @@ def test_numba_hadamard_matches_fast_hadamard(n, transpose):
     rng = np.random.default_rng(n)
     before, after = random_signs(n, 1), random_signs(n, 2)
     for rows in (1, 9):  # one thread, then parallel over rows
-        x = rng.standard_normal((rows, n)).astype(np.float32)
+        x = inputs(rng, rows, n)
         y = e8p_numba.hadamard_rows(x, n, before, after, transpose)
         assert np.allclose(y, fast_hadamard(x * before, transpose=transpose) * after, atol=1e-5)
 
 
 def test_matmul_dispatch_and_leading_axes():
     packed = random_tensor(7, 96, 192, 3)
-    x = np.random.default_rng(1).standard_normal((2, 3, 192)).astype(np.float32)
+    x = inputs(1, 2, 3, 192)
     y = packed.matmul(x)  # 6 rows: prefill path
     assert y.shape == (2, 3, 96)
-    assert_close(y.reshape(6, 96), packed.matmul_reference(x.reshape(6, 192)), x.reshape(6, 192), packed)
+    assert_within_scale_bound(y.reshape(6, 96), packed.matmul_reference(x.reshape(6, 192)), x.reshape(6, 192), packed)
     y1 = packed.matmul(x[0, :1])  # 1 row: fused path
-    assert_close(y1, packed.matmul_reference(x[0, :1]), x[0, :1], packed)
+    assert_within_scale_bound(y1, packed.matmul_reference(x[0, :1]), x[0, :1], packed)
 
 
 @pytest.mark.parametrize("bits, code_bits", [(2, 2), (3, 3), (4, 4)])
@@ -176,8 +182,8 @@ def test_cuda_matches_reference(cupy, bits):
     packed = random_tensor(20 + bits, 576, 1536, bits)
     on_gpu = packed.to_device(cupy)
     assert np.array_equal(cupy.asnumpy(e8p_cuda.decoded(on_gpu)), packed.decoded())
-    x = np.random.default_rng(bits).standard_normal((9, 1536)).astype(np.float32)
+    x = inputs(bits, 9, 1536)
     for rows in (1, 4, 9):  # fused kernels, then decode + cuBLAS
         y = on_gpu.matmul(cupy.asarray(x[:rows]))
         assert isinstance(y, cupy.ndarray)
-        assert_close(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)
+        assert_within_scale_bound(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)

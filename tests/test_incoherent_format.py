@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import quip
+from conftest import inputs
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, KronOrthogonal, kron_sizes, transforms
 from runtime.formats.uniform import UniformTensor
@@ -21,7 +22,7 @@ def quantized(n_out=48, n_in=96, bits=2, seed=0):
     W = rng.standard_normal((n_out, n_in)).astype(np.float32)  # [out, in]
     X = rng.standard_normal((n_in, 4 * n_in)) * rng.uniform(0.2, 3.0, (n_in, 1))  # [in, n]
     packed, _ = quip.quantize(W, X @ X.T / X.shape[1], quip.QuIPParams(bits, seed=seed))
-    return packed, rng.standard_normal((5, n_in)).astype(np.float32)
+    return packed, inputs(rng, 5, n_in)
 
 
 @pytest.mark.parametrize("n, sizes", [(576, (24, 24)), (1536, (32, 48)), (96, (8, 12)), (97, (1, 97)), (1, (1, 1))])
@@ -34,7 +35,7 @@ def test_transform_is_orthogonal(n):
     transform = KronOrthogonal.random(n, seed=3, side=0)
     M = dense(transform)
     np.testing.assert_allclose(M @ M.T, np.eye(n), rtol=0, atol=1e-5)
-    x = np.random.default_rng(n).standard_normal((4, n)).astype(np.float32)  # [4, n]
+    x = inputs(n, 4, n)  # [4, n]
     np.testing.assert_allclose(transform.apply(transform.apply(x), transpose=True), x, rtol=0, atol=1e-5)
     np.testing.assert_allclose(transform.apply(transform.apply(x, transpose=True)), x, rtol=0, atol=1e-5)
     np.testing.assert_allclose(transform.apply(x, transpose=True), x @ M, rtol=0, atol=1e-5)

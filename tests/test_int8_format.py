@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 
+from conftest import inputs
 from runtime.errors import UserError
 from runtime.formats import FORMAT_CLASSES
 from runtime.formats import int8 as fmt
@@ -36,7 +37,7 @@ def random_tensor(rng, n_out, n_in, weight_scales="row", activation="token", thr
 
 def random_input(rng, m, n_in):
     """Activations with a few large columns, so a threshold of 3 picks some outliers."""
-    x = rng.standard_normal((m, n_in)).astype(np.float32)
+    x = inputs(rng, m, n_in)
     x[:, rng.choice(n_in, 3, replace=False)] *= 8
     return x
 
@@ -63,7 +64,7 @@ def test_reference_decomposition_hand_example():
 def test_numba_matmul_equals_reference_exactly(weight_scales, activation, threshold, n_out, n_in, rows):
     rng = np.random.default_rng(rows * 1000 + n_out)
     t = random_tensor(rng, n_out, n_in, weight_scales, activation, threshold)
-    x = random_input(rng, rows, n_in) if n_in > 3 else rng.standard_normal((rows, n_in)).astype(np.float32)
+    x = random_input(rng, rows, n_in) if n_in > 3 else inputs(rng, rows, n_in)
     y, ref = t.matmul(x), t.matmul_reference(x)
     outliers = fmt.outlier_columns(x, threshold)  # [in]
     if rows > 1 or not outliers.any():
@@ -98,7 +99,7 @@ def test_decode_matvec_equals_the_definition(kernel, n_out, n_in, threshold, mon
     # the one-row kernel (VNNI chunks of 64 plus a scalar tail, or the portable loop), serial and parallel
     rng = np.random.default_rng(n_out + n_in)
     t = random_tensor(rng, n_out, n_in, "row", "token", threshold)
-    x = random_input(rng, 1, n_in) if n_in > 3 else rng.standard_normal((1, n_in)).astype(np.float32)
+    x = random_input(rng, 1, n_in) if n_in > 3 else inputs(rng, 1, n_in)
     outliers = fmt.outlier_columns(x, threshold)  # [in]
     xq, sx = fmt.quantize_activations(x, "token", outliers)
     acc = xq.astype(np.int64) @ t.qweight.astype(np.int64).T  # [1, out] exact
@@ -115,7 +116,7 @@ def test_decode_matvec_equals_the_definition(kernel, n_out, n_in, threshold, mon
 
 
 def test_quantized_activations_within_half_a_step():
-    x = np.random.default_rng(4).standard_normal((6, 50)).astype(np.float32)
+    x = inputs(4, 6, 50)
     xq, sx = fmt.quantize_activations(x, "token", np.zeros(50, dtype=bool))
     assert np.all(np.abs(xq * sx[:, None] - x) <= sx[:, None] / 2 * (1 + 1e-6))
 
@@ -124,7 +125,7 @@ def test_quantized_activations_within_half_a_step():
 def test_threshold_zero_is_the_float_product(weight_scales, activation):
     rng = np.random.default_rng(5)
     t = random_tensor(rng, 33, 70, weight_scales, activation, threshold=0.0)
-    x = rng.standard_normal((1, 70)).astype(np.float32), rng.standard_normal((11, 70)).astype(np.float32)
+    x = inputs(rng, 1, 70), inputs(rng, 11, 70)
     W = t.dequantize().astype(np.float64)
     for xi in x:
         exact = xi.astype(np.float64) @ W.T
@@ -135,7 +136,7 @@ def test_threshold_zero_is_the_float_product(weight_scales, activation):
 
 def test_matmul_keeps_leading_dims_and_checks_width():
     t = random_tensor(np.random.default_rng(6), 8, 16)
-    x = np.random.default_rng(7).standard_normal((2, 3, 16)).astype(np.float32)
+    x = inputs(7, 2, 3, 16)
     assert np.array_equal(t.matmul(x), t.matmul_reference(x.reshape(6, 16)).reshape(2, 3, 8))
     with pytest.raises(UserError):
         t.matmul(np.zeros((1, 15), dtype=np.float32))
@@ -214,7 +215,7 @@ def test_vnni_decode_uses_the_byte_dot_product():
         pytest.skip("the CPU lacks avx512vnni")
     rng = np.random.default_rng(9)
     t = random_tensor(rng, 16, 128)
-    x = rng.standard_normal(128).astype(np.float32)  # [in]
+    x = inputs(rng, 128)  # [in]
     fresh = numba.njit(int8_numba._matvec_serial.py_func)  # compiled here (not from the cache): asm at hand
     y = fresh(t.qweight, t.scales, x, -1.0, True)  # [out]
     assert np.array_equal(y, t.matmul_reference(x[None])[0])

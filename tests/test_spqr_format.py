@@ -1,32 +1,27 @@
-"""The spqr and sparse formats: NumPy references, Numba (and, with a GPU, CUDA) kernels against them,
-bilevel statistics, exact outliers, and the stored bytes.
+"""The spqr format: NumPy reference, Numba (and, with a GPU, CUDA) kernels against it,
+bilevel statistics, exact outliers, and the stored bytes (its sparse outliers alone: test_sparse_format.py).
 
-Kernel tolerance: ||y - y_ref|| <= TOL * ||y_ref|| (float32 sums in another
-order; the kernels fold scale and zero once per group and add the outliers
-as corrections value - dense value).
+Kernel tolerance: conftest's assert_close, ||y - y_ref|| <= 1e-5 ||y_ref|| (float32
+sums in another order; the kernels fold scale and zero once per group and add
+the outliers as corrections value - dense value). Inputs have a mean of 0.5,
+as after an activation, so the folded zero term matters.
 """
 import json
 
 import numpy as np
 import pytest
 
+from conftest import assert_close, assert_device_matches_reference, inputs
 from runtime.errors import UserError
-from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.formats.uniform import unpack
 from runtime.kernels import spqr_numba, uniform_int8_numba
 from runtime.packed_checkpoint import WEIGHTS, save_packed
 from runtime.safetensors_io import read_safetensors
+from test_sparse_format import random_outliers
 
-TOL = 1e-5
 # (n_out, n_in, group_size, stat_group): inputs not a multiple of 32 or of the group, odd outputs
 SHAPES = [(67, 200, 16, 16), (67, 200, 48, 16), (40, 96, 32, 7), (33, 64, 64, 33)]
-
-
-def random_outliers(rng, n_out, n_in, fraction):
-    mask = rng.random((n_out, n_in)) < fraction  # [out, in]
-    rows, cols = np.nonzero(mask)
-    return SparseTensor.from_entries(rows, cols, rng.standard_normal(rows.size) * 0.5, (n_out, n_in))
 
 
 def make_tensor(seed, n_out, n_in, bits, group_size, stat_bits=3, stat_group=16, fraction=0.02, act_order=True,
@@ -45,16 +40,6 @@ def make_tensor(seed, n_out, n_in, bits, group_size, stat_bits=3, stat_group=16,
                                  group_size=group_size, stat_bits=stat_bits, stat_group=stat_group)
 
 
-def inputs(seed, rows, n_in):
-    # a non-zero mean, as after an activation: the folded zero term matters
-    return (np.random.default_rng(seed).standard_normal((rows, n_in)) + 0.5).astype(np.float32)
-
-
-def assert_close(y, ref):
-    assert y.shape == ref.shape and y.dtype == np.float32
-    assert np.linalg.norm(y - ref) <= TOL * np.linalg.norm(ref)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n_out, n_in, group_size, stat_group", SHAPES)
 @pytest.mark.parametrize("stat_bits", [3, 16])
@@ -63,7 +48,7 @@ def test_numba_matches_reference(bits, n_out, n_in, group_size, stat_group, stat
     packed = make_tensor(bits, n_out, n_in, bits, group_size, stat_bits, stat_group)
     assert packed.outliers.nnz > 0
     for rows in (1, 5):  # fused decode kernel, prefill path
-        x = inputs(rows, rows, n_in)
+        x = inputs(rows, rows, n_in, mean=0.5)
         assert_close(packed.matmul(x), packed.matmul_reference(x))
 
 
@@ -76,7 +61,7 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")  # every kernel and width, tiles or not
     packed = make_tensor(30 + bits, n_out, n_in, bits, group_size)
     assert packed.outliers.nnz > 0 and packed.int8_weight() is not None
-    x = inputs(31, 2, n_in)  # [2, in]
+    x = inputs(31, 2, n_in, mean=0.5)  # [2, in]
     assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
     parts = [packed, make_tensor(40 + bits, 20, n_in, bits, group_size, perm=packed.perm)]  # one storage order
     ys = packed.matmul_parts(parts, x[:1])  # q/k/v-style: one call, each part's outliers added
@@ -102,9 +87,9 @@ def test_fused_matvec_equals_dense_reference_and_tiles(monkeypatch):
     monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     monkeypatch.setattr(spqr_numba, "PREFILL_TILE", 64 * 512)  # several prefill tiles
     packed = make_tensor(20, 1000, 512, 3, 16, stat_group=16)
-    x = inputs(21, 1, 512)
+    x = inputs(21, 1, 512, mean=0.5)
     assert_close(spqr_numba.matvec_dense(packed, x[0])[None], x @ packed.dequantize_dense().T)
-    x = inputs(22, 4, 512)
+    x = inputs(22, 4, 512, mean=0.5)
     assert_close(packed.matmul(x), packed.matmul_reference(x))
 
 
@@ -118,27 +103,6 @@ def test_outliers_replace_the_dense_weight_exactly():
     elsewhere[rows, cols] = False
     np.testing.assert_array_equal(w[elsewhere], dense[elsewhere])
     np.testing.assert_allclose(packed.corrections, w[rows, cols] - dense[rows, cols], rtol=0, atol=1e-6)
-
-
-def test_sparse_kernel_matches_reference():
-    rng = np.random.default_rng(40)
-    sparse = random_outliers(rng, 300, 130, 0.03)
-    dense = sparse.dequantize()  # [300, 130]
-    assert np.count_nonzero(dense) == sparse.nnz > 0
-    for rows in (1, 7):
-        x = inputs(41, rows, 130)
-        y = sparse.matmul(x)
-        assert np.linalg.norm(y - x @ dense.T) <= 1e-6 * np.linalg.norm(x @ dense.T)
-    np.testing.assert_array_equal(sparse.row_ptr, np.concatenate([[0], np.cumsum(np.count_nonzero(dense, axis=1))]))
-
-
-def test_sparse_rejects_bad_entries():
-    with pytest.raises(UserError, match="same position"):
-        SparseTensor.from_entries([1, 1], [2, 2], [1.0, 2.0], (4, 4))
-    with pytest.raises(UserError, match="outside"):
-        SparseTensor.from_entries([4], [0], [1.0], (4, 4))
-    with pytest.raises(UserError, match="row_ptr"):
-        SparseTensor(np.zeros(2, np.float16), np.zeros(2, np.uint16), np.array([0, 1], np.int32), in_features=4)
 
 
 @pytest.mark.parametrize("stat_bits", [2, 3, 4, 8])
@@ -216,13 +180,7 @@ def test_bad_parameters_and_arrays_raise_user_error():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("stat_bits", [3, 16])
 def test_cuda_matches_reference(cupy, bits, stat_bits):
-    packed = make_tensor(90 + bits, 1000, 200, bits, 16, stat_bits)
-    on_gpu = packed.to_device(cupy)
-    for rows in (1, 4):
-        x = inputs(rows, rows, 200)
-        y = on_gpu.matmul(cupy.asarray(x))
-        assert isinstance(y, cupy.ndarray)
-        assert_close(cupy.asnumpy(y), packed.matmul_reference(x))
+    assert_device_matches_reference(cupy, make_tensor(90 + bits, 1000, 200, bits, 16, stat_bits))
 
 
 @pytest.mark.gpu
@@ -233,6 +191,6 @@ def test_cuda_sparse_and_dequantize_match_reference(cupy):
     w_t = cupy.asnumpy(spqr_cuda.dequantize_storage(packed.to_device(cupy)))  # [224, 67]
     np.testing.assert_allclose(w_t[:200].T, packed.dequantize_dense()[:, packed.perm], rtol=1e-6, atol=1e-6)
     sparse = packed.outliers
-    x = inputs(96, 3, 200)
+    x = inputs(96, 3, 200, mean=0.5)
     y = cupy.asnumpy(sparse.to_device(cupy).matmul(cupy.asarray(x)))
-    assert np.linalg.norm(y - sparse.matmul_reference(x)) <= 1e-6 * np.linalg.norm(sparse.matmul_reference(x))
+    assert_close(y, sparse.matmul_reference(x), tol=1e-6)

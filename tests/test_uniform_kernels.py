@@ -3,16 +3,17 @@
 These are the float-activation kernels (QLLM_ACTIVATIONS=float for every
 test here); the int8-activation kernels are in test_uniform_int8_kernels.py.
 
-Tolerance: ||y - y_ref|| <= TOL * ||y_ref|| (float32 sums in another order;
-the kernels fold scale and zero once per group).
+Tolerance: conftest's assert_close, ||y - y_ref|| <= 1e-5 ||y_ref|| (float32 sums in
+another order; the kernels fold scale and zero once per group). Inputs have a
+mean of 0.5, as after an activation, so the folded zero term matters.
 """
 import numpy as np
 import pytest
 
+from conftest import assert_close, assert_device_matches_reference, inputs
 from runtime.formats.uniform import UniformTensor, group_index
 from runtime.kernels import uniform_numba
 
-TOL = 1e-5
 BITS = (2, 3, 4, 8)
 # (n_out, n_in, group_size, per_tensor): odd outputs, inputs not a multiple of 32 or of the group
 GRIDS = [(67, 200, 32, False), (67, 200, 128, False), (67, 200, -1, False), (33, 96, -1, True)]
@@ -41,23 +42,13 @@ def make_tensor(seed, n_out, n_in, bits, group_size, sym=False, per_tensor=False
                                     per_tensor=per_tensor, g_idx=g_idx)
 
 
-def assert_close(y, ref):
-    assert y.shape == ref.shape and y.dtype == np.float32
-    assert np.linalg.norm(y - ref) <= TOL * np.linalg.norm(ref)
-
-
-def inputs(seed, rows, n_in):
-    # a non-zero mean, as after an activation: the folded zero term matters
-    return (np.random.default_rng(seed).standard_normal((rows, n_in)) + 0.5).astype(np.float32)
-
-
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS)
 @pytest.mark.parametrize("sym", [False, True])
 def test_numba_matches_reference(bits, n_out, n_in, group_size, per_tensor, sym):
     packed = make_tensor(bits, n_out, n_in, bits, group_size, sym=sym, per_tensor=per_tensor)
     for rows in (1, 5):  # decode kernel, prefill path
-        x = inputs(rows, rows, n_in)
+        x = inputs(rows, rows, n_in, mean=0.5)
         assert_close(packed.matmul(x), packed.matmul_reference(x))
 
 
@@ -66,7 +57,7 @@ def test_numba_act_order(bits):
     packed = make_tensor(10 + bits, 45, 160, bits, 32, act_order=True)
     assert packed.act_order
     for rows in (1, 3):
-        x = inputs(rows, rows, 160)
+        x = inputs(rows, rows, 160, mean=0.5)
         assert_close(packed.matmul(x), packed.matmul_reference(x))
 
 
@@ -76,7 +67,7 @@ def test_numba_many_chunks_and_tiles(bits, monkeypatch):
     monkeypatch.setattr(uniform_numba, "PREFILL_TILE", 64 * 512)
     packed = make_tensor(20 + bits, 1000, 512, bits, 128)
     for rows in (1, 4):
-        x = inputs(rows, rows, 512)
+        x = inputs(rows, rows, 512, mean=0.5)
         assert_close(packed.matmul(x), packed.matmul_reference(x))
 
 
@@ -99,13 +90,7 @@ def test_leading_dimensions_and_float64_input():
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (128, False), (-1, False), (32, True)])
 def test_cuda_matches_reference(cupy, bits, group_size, act_order):
-    packed = make_tensor(50 + bits, 1000, 200, bits, group_size, act_order=act_order)
-    on_gpu = packed.to_device(cupy)
-    for rows in (1, 4):
-        x = inputs(rows, rows, 200)
-        y = on_gpu.matmul(cupy.asarray(x))
-        assert isinstance(y, cupy.ndarray)
-        assert_close(cupy.asnumpy(y), packed.matmul_reference(x))
+    assert_device_matches_reference(cupy, make_tensor(50 + bits, 1000, 200, bits, group_size, act_order=act_order))
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import inputs
 from runtime.errors import UserError
 from runtime.formats.uniform import UniformTensor, dequantize, group_index, pack, unpack
 
@@ -153,7 +154,7 @@ def test_bad_parameters_raise_user_error(bits, group_size, code):
 
 def test_reference_functions_agree():
     packed = random_tensor(np.random.default_rng(7), 24, 96, 3, 32)[0]
-    x = np.random.default_rng(8).standard_normal((2, 96)).astype(np.float32)
+    x = inputs(8, 2, 96)
     w = dequantize(packed.qweight, packed.qzeros, packed.scales, packed.g_idx, 3)
     np.testing.assert_allclose(packed.matmul_reference(x), x @ w.T, rtol=1e-6)
     with pytest.raises(UserError, match="features"):

@@ -1,0 +1,37 @@
+"""The sparse format (runtime/formats/sparse.py, SpQR's outliers in CSR): its Numba kernel against the
+NumPy reference, and the refusal of bad entries. Its CUDA kernel is checked with SpQR's outliers in
+test_spqr_format.py.
+"""
+import numpy as np
+import pytest
+
+from conftest import assert_close, inputs
+from runtime.errors import UserError
+from runtime.formats.sparse import SparseTensor
+
+
+def random_outliers(rng, n_out, n_in, fraction):
+    """A SparseTensor holding about `fraction` of an [n_out, n_in] matrix, at random positions."""
+    mask = rng.random((n_out, n_in)) < fraction  # [out, in]
+    rows, cols = np.nonzero(mask)
+    return SparseTensor.from_entries(rows, cols, rng.standard_normal(rows.size) * 0.5, (n_out, n_in))
+
+
+def test_sparse_kernel_matches_reference():
+    rng = np.random.default_rng(40)
+    sparse = random_outliers(rng, 300, 130, 0.03)
+    dense = sparse.dequantize()  # [300, 130]
+    assert np.count_nonzero(dense) == sparse.nnz > 0
+    for rows in (1, 7):
+        x = inputs(41, rows, 130, mean=0.5)
+        assert_close(sparse.matmul(x), x @ dense.T, tol=1e-6)
+    np.testing.assert_array_equal(sparse.row_ptr, np.concatenate([[0], np.cumsum(np.count_nonzero(dense, axis=1))]))
+
+
+def test_sparse_rejects_bad_entries():
+    with pytest.raises(UserError, match="same position"):
+        SparseTensor.from_entries([1, 1], [2, 2], [1.0, 2.0], (4, 4))
+    with pytest.raises(UserError, match="outside"):
+        SparseTensor.from_entries([4], [0], [1.0], (4, 4))
+    with pytest.raises(UserError, match="row_ptr"):
+        SparseTensor(np.zeros(2, np.float16), np.zeros(2, np.uint16), np.array([0, 1], np.int32), in_features=4)
