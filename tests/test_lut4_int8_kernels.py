@@ -122,3 +122,19 @@ def test_vnni_lut_tile_uses_the_byte_shuffle():
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
     assert {"vpshufb", "vpdpbusd"} <= set(re.findall(r"\b(vpshufb|vpdpbusd)\b", asm))
+
+
+@pytest.mark.parametrize("n_out, n_in, block_size, double_quant", [(67, 128, 64, False), (1000, 576, 64, True),
+                                                                   (33, 256, 128, False), (5, 64, 32, True)])
+def test_prefill_after_the_repack_reads_the_repacked_codes(n_out, n_in, block_size, double_quant, monkeypatch):
+    # once the int8 view exists, many-row products dequantize from it: the same products as the reference
+    monkeypatch.setattr(lut4_numba, "PREFILL_TILE", 40 * n_in)  # several tiles, the last one short
+    rng = np.random.default_rng(n_out)
+    packed = random_tensor(rng, n_out, n_in, block_size, double_quant)
+    x = inputs(rng, 9, n_in)  # [9, in]
+    assert packed.int8_weight() is not None
+    monkeypatch.setattr(lut4_numba, "matmul_prefill", None)  # the stored-codes path must not run
+    y = packed.matmul(x)  # [9, out]
+    np.testing.assert_array_equal(y, lut4_numba.matmul_prefill_repacked(packed, packed.int8_weight(),
+                                                                         packed._absmax_t, x))
+    assert_close(y, x @ packed.dequantize().T)
