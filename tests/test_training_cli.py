@@ -3,14 +3,16 @@
 - The adapter directory loads in runtime/lora.py and in PEFT, with the same logits.
 - On a tiny random OPT (post-LN with project_in/out, as OPT-350m) the adapter it writes lowers the loss of
   the training text under the run-time forward pass, and PEFT gives the same logits with it.
-- A run killed mid-step and resumed from its last checkpoint writes byte-identical adapter files to an
-  uninterrupted run.
+- A run killed mid-step (in the process, and by a real SIGKILL of a train.py process) and resumed from
+  its last checkpoint writes byte-identical adapter files to an uninterrupted run.
 - JSONL records carry a loss on the response tokens (and EOS) only.
 - A bad or empty data file, an unknown target and a missing base each get a one-line UserError.
 """
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +122,31 @@ def test_resume_after_kill_is_bit_identical(base, tmp_path, monkeypatch):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     with pytest.raises(UserError, match="other settings"):
         train.main([*common, "--lr", "2e-2", "--out", str(tmp_path / "resumed"), "--resume"])
+
+
+def test_resume_after_sigkill_is_bit_identical(base, tmp_path):
+    # a real kill -9 of a train.py process between or during its checkpoint writes, then --resume
+    base_dir, data = base
+    common = ["--model", str(base_dir), "--data", str(data), "--steps", "300", "--save-every", "3", *ARGS]
+    train.main([*common, "--out", str(tmp_path / "whole")])
+    state = tmp_path / "killed" / "checkpoint" / "state.json"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out", str(tmp_path / "killed")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if state.is_file() and json.loads(state.read_text() or "{}").get("step", 0) >= 6:
+                break
+            time.sleep(0.01)
+        process.kill()
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    done = json.loads(state.read_text())["step"]
+    assert 6 <= done < 300 and not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    train.main([*common, "--out", str(tmp_path / "killed"), "--resume"])
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes()
 
 
 def test_jsonl_loss_is_on_the_response_only(base, tmp_path):
