@@ -128,13 +128,30 @@ def test_vnni_lut_tile_uses_the_byte_shuffle():
                                                                    (33, 256, 128, False), (5, 64, 32, True)])
 def test_prefill_after_the_repack_reads_the_repacked_codes(n_out, n_in, block_size, double_quant, monkeypatch):
     # once the int8 view exists, many-row products dequantize from it: the same products as the reference
+    if not uniform_int8_numba.simd_tiles(4, AVAILABLE[0], lut=True):
+        pytest.skip("decode keeps float activations on this CPU, so nothing is repacked")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
     monkeypatch.setattr(lut4_numba, "PREFILL_TILE", 40 * n_in)  # several tiles, the last one short
     rng = np.random.default_rng(n_out)
     packed = random_tensor(rng, n_out, n_in, block_size, double_quant)
     x = inputs(rng, 9, n_in)  # [9, in]
-    assert packed.int8_weight() is not None
     monkeypatch.setattr(lut4_numba, "matmul_prefill", None)  # the stored-codes path must not run
     y = packed.matmul(x)  # [9, out]
     np.testing.assert_array_equal(y, lut4_numba.matmul_prefill_repacked(packed, packed.int8_weight(),
                                                                          packed._absmax_t, x))
     assert_close(y, x @ packed.dequantize().T)
+
+
+def test_float_activations_never_repack(monkeypatch):
+    # with float activations (or a CPU without table tiles) neither decode nor prefill builds the int8 view
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    rng = np.random.default_rng(11)
+    packed = random_tensor(rng, 48, 128)
+
+    def refuse(_):
+        raise AssertionError("repacked")
+
+    monkeypatch.setattr(lut4_numba, "decode_weight", refuse)
+    for rows in (1, 9):
+        x = inputs(rng, rows, 128)  # [rows, in]
+        assert_close(packed.matmul(x), packed.matmul_reference(x))

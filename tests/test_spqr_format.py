@@ -71,6 +71,10 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
     expected = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(bits, kernel) else packed.matmul_reference
     assert_close(packed.matmul(x[:1]), expected(x[:1]))  # decode: int8 where the kernel has tiles
     assert make_tensor(5, 20, 96, bits, 16).int8_weight() is None  # groups of 16: float activations
+    if not uniform_int8_numba.simd_tiles(bits, kernel):  # int8 mode keeps float activations: no float32 stats
+        monkeypatch.setattr(SpQRTensor, "int8_weight", lambda self: pytest.fail("statistics decoded"))
+        other = make_tensor(6, 20, n_in, bits, group_size)
+        assert_close(other.matmul(x[:1]), other.matmul_reference(x[:1]))
 
 
 

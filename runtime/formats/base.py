@@ -100,18 +100,36 @@ class PackedTensor:
             y = self.matmul_rows(rows, on_gpu)  # [m, out]
         return y.reshape(*x.shape[:-1], n_out)
 
+    def int8_codes(self):
+        """(bits, table) of the codes the int8-activation decode kernel would read from this weight (table: whether
+        they index a lookup table), or None where the format, this weight's grid or its device has no such
+        kernel. Cheap: it decides whether `int8_weight` is worth building."""
+        return None
+
     def int8_weight(self):
         """This weight as the int8-activation decode kernel takes it (a KernelWeight of
         runtime/kernels/uniform_int8_numba.py), or None: the format multiplies float activations only."""
         return None
 
+    def int8_decodes(self, mode: str, kernel: str) -> bool:
+        """Whether one-row products of this weight go through the int8-activation kernel under `mode` and `kernel`
+        (`activation_mode`): `int8-all` wherever the format has the kernel, `int8` where `kernel` also has SIMD
+        tiles for its codes (the portable lanes are slower than float activations there)."""
+        codes = self.int8_codes()
+        if codes is None or mode == "float":
+            return False
+        from runtime.kernels.uniform_int8_numba import simd_tiles
+        return mode == "int8-all" or simd_tiles(codes[0], kernel, lut=codes[1])
+
     def _matmul_int8(self, rows):
         """y [m, out] = rows [m, in] @ W.T with int8 activations, one row at a time, where `activation_mode`
         picks that path for these rows; None where it does not."""
-        if self.int8_weight() is None:
+        if self.int8_codes() is None:
             return None
         mode, kernel = activation_mode()
-        call = None if mode == "int8" and rows.shape[0] != 1 else self._int8_call([self], mode, kernel)
+        if (mode == "int8" and rows.shape[0] != 1) or not self.int8_decodes(mode, kernel):
+            return None
+        call = self._int8_call([self], mode, kernel)
         if call is None:
             return None
         from runtime.kernels import uniform_int8_numba
@@ -145,12 +163,11 @@ class PackedTensor:
         if key in calls and all(a is b for a, b in zip(calls[key][0], parts)):
             return calls[key][1]
         call = None
-        weights = [getattr(p, "int8_weight", lambda: None)() for p in parts]
-        if mode != "float" and all(w is not None for w in weights):
-            from runtime.kernels import uniform_int8_numba
-            call = uniform_int8_numba.prepare(weights, kernel)
-            if call is not None and mode == "int8" and not call.simd:
-                call = None
+        if all(isinstance(p, PackedTensor) and p.int8_decodes(mode, kernel) for p in parts):
+            weights = [p.int8_weight() for p in parts]
+            if all(w is not None for w in weights):
+                from runtime.kernels import uniform_int8_numba
+                call = uniform_int8_numba.prepare(weights, kernel)
         calls[key] = (tuple(parts), call)
         return call
 

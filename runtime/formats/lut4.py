@@ -53,7 +53,8 @@ import numpy as np
 
 from runtime.device import is_cupy, to_module
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor, quantize_activation
+from runtime.formats.base import PackedTensor, activation_mode, quantize_activation
+from runtime.formats.uniform import RUN
 
 TABLE_SIZE = 16
 LUT_ZERO = 32768  # zero point of the int8 kernel's two-byte table values (`lut_table`)
@@ -219,19 +220,22 @@ class Lut4Tensor(PackedTensor):
         w_hat = values[codes] * np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
         return quantize_activation(np.asarray(x, dtype=np.float32)) @ w_hat.T
 
+    def int8_codes(self):
+        """(4 bits, a table) on the CPU for blocks of whole runs of 32 (PackedTensor.int8_codes)."""
+        return None if is_cupy(self.qweight) or self.block_size % RUN else (4, True)
+
     def int8_weight(self):
         """The codes repacked for the int8-activation decode kernel (PackedTensor.int8_weight), built on first
         use and kept (as many bytes as qweight); None on the GPU or for blocks that are not whole runs of 32.
         Once built, prefill reads them too (with absmax transposed, 4 bytes per block), and qweight's pages
         mapped from the model file are handed back to the OS (read again only if something else needs them:
         saving, the GPU, the float-activation kernel), so the codes are not held twice."""
-        if self._int8_weight is None and not is_cupy(self.qweight):
+        if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.kernels import lut4_numba
             from runtime.safetensors_io import release_pages
             self._int8_weight = lut4_numba.decode_weight(self)
-            if self._int8_weight is not None:
-                self._absmax_t = np.ascontiguousarray(self.block_absmax().T, dtype=np.float32)  # [in/B, out]
-                release_pages(self.qweight)
+            self._absmax_t = np.ascontiguousarray(self.block_absmax().T, dtype=np.float32)  # [in/B, out]
+            release_pages(self.qweight)
         return self._int8_weight
 
     def matmul_rows(self, x, on_gpu: bool):
@@ -242,8 +246,8 @@ class Lut4Tensor(PackedTensor):
         from runtime.kernels import lut4_numba
         if x.shape[0] <= FUSED_MAX_ROWS:
             return lut4_numba.matmul_fused(self, x)  # [m, out]
-        weight = self.int8_weight()
-        if weight is not None:
+        weight = self.int8_weight() if self.int8_decodes(*activation_mode()) else None
+        if weight is not None:  # decode repacks the codes anyway: prefill reads them too, not qweight
             return lut4_numba.matmul_prefill_repacked(self, weight, self._absmax_t, x)  # [m, out]
         return lut4_numba.matmul_prefill(self, x)  # [m, out]
 

@@ -272,11 +272,15 @@ class SpQRTensor(PackedTensor):
         dense = self.dequantize_dense()  # [out, in]
         return quantize_activation(x, to_numpy(self.perm)) @ dense.T + x @ (self.dequantize() - dense).T
 
+    def int8_codes(self):
+        """(bits, no table) on the CPU for groups of whole runs of 32 (PackedTensor.int8_codes)."""
+        return None if is_cupy(self.qweight) or self.group_size % RUN else (self.bits, False)
+
     def int8_weight(self):
         """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes as
         they are, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
         None on the GPU or for groups that are not whole runs of 32."""
-        if self._int8_weight is None and not is_cupy(self.qweight) and self.group_size % RUN == 0:
+        if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.kernels.uniform_int8_numba import KernelWeight, NO_LUT
             from runtime.kernels.uniform_numba import readonly
             s, z = (readonly(np.ascontiguousarray(a, dtype=np.float32)) for a in self.statistics())

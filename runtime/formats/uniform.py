@@ -271,6 +271,10 @@ class UniformTensor(PackedTensor):
         the int8-activation path)."""
         return quantize_activation(x, None if self.perm is None else to_numpy(self.perm)) @ self.dequantize().T
 
+    def int8_codes(self):
+        """(bits, no table) on the CPU (PackedTensor.int8_codes)."""
+        return None if is_cupy(self.qweight) else (self.bits, False)
+
     def int8_weight(self):
         """This weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight); None on the GPU."""
         if self._int8_weight is None and not is_cupy(self.qweight):

@@ -203,11 +203,9 @@ def matmul_prefill_repacked(packed, weight: KernelWeight, absmax_t: np.ndarray, 
     return y
 
 
-def decode_weight(packed) -> KernelWeight | None:
-    """The weight as the int8-activation decode kernel takes it (codes repacked, table as `lut_table`), or
-    None when the blocks are not whole runs of 32 inputs."""
-    if packed.block_size % RUN:
-        return None
+def decode_weight(packed) -> KernelWeight:
+    """The weight as the int8-activation decode kernel takes it (codes repacked, table as `lut_table`); its
+    blocks must be whole runs of 32 inputs (`Lut4Tensor.int8_codes`)."""
     n_out, n_in = packed.shape
     words = np.empty((n_in // 8, n_out), dtype=np.int32)  # [runs*4, out]
     _repack(packed.qweight, words)

@@ -478,7 +478,6 @@ class PreparedCall(NamedTuple):
     head: tuple  # kernel_id, n_parts, then qweight, qzeros, scales of each of MAX_PARTS slots
     tail: tuple  # perm, bits, group_runs, sym, lut
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
-    simd: bool  # whether the kernel has SIMD tiles for these codes (`simd_tiles`)
 
 
 def prepare(parts, kernel: str) -> PreparedCall | None:
@@ -501,7 +500,7 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
     slots = [w[:3] for w in weights] + [first[:3]] * (MAX_PARTS - len(weights))
     head = (KERNEL_IDS[kernel] if simd else 0, len(weights), *(a for slot in slots for a in slot))
     parallel = sum(w.qweight.nbytes for w in weights) >= PARALLEL_BYTES
-    return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.sym, first.lut), parallel, simd)
+    return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.sym, first.lut), parallel)
 
 
 def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
