@@ -20,7 +20,6 @@ import shutil
 import time
 from collections import Counter
 
-import gguf
 import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
@@ -31,7 +30,7 @@ from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import UserError
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag
-from test_gguf_io import converter_permute
+from test_gguf_io import write_gguf
 
 CASES = int(os.environ.get("FUZZ_CASES", "60"))
 BAD_VALUES = ["64", -1, 0, None, [], ["x"], {}, 1e308, float("nan"), True, 2 ** 63, 3, 0.5, "llama", [1, "x"]]
@@ -39,38 +38,14 @@ BAD_VALUES = ["64", -1, 0, None, [], ["x"], {}, 1e308, float("nan"), True, 2 ** 
 
 def write_tokenized_gguf(path, model):
     """A GGUF of `model` (vocab 257) with a byte-level 'gpt2' tokenizer and a chat template."""
-    cfg = model.config
-    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * 256 + [3])
-    writer.add_token_merges([])
-    writer.add_bos_token_id(256)
-    writer.add_eos_token_id(256)
-    writer.add_chat_template("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    names = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for i in range(cfg.num_hidden_layers):
-        for short, long in names.items():
-            w = state[f"model.layers.{i}.{long}.weight"]
-            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
-            writer.add_tensor(f"blk.{i}.{short}.weight", converter_permute(w, heads) if heads else w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    def tokenizer(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>"])
+        writer.add_token_types([1] * 256 + [3])
+        writer.add_token_merges([])
+        writer.add_chat_template("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+
+    write_gguf(path, model, bos=256, eos=256, metadata=tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,10 @@ def tiny_llama(tied: bool) -> LlamaForCausalLM:
                                         tie_word_embeddings=tied))
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, q8_name: str | None = None, arch: str = "llama") -> None:
-    """Write `model` as llama.cpp's converter does: GGUF names, permuted Q/K, F32 (one tensor Q8_0)."""
+def write_gguf(path: Path, model: LlamaForCausalLM, q8_name: str | None = None, arch: str = "llama",
+               bos: int = 5, eos: int = 7, metadata=None) -> None:
+    """Write `model` as llama.cpp's converter does: GGUF names, permuted Q/K, F32 (one tensor Q8_0);
+    metadata(writer), when given, adds more key-value pairs (a tokenizer, a chat template)."""
     cfg = model.config
     state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
     writer = gguf.GGUFWriter(path, arch)
@@ -47,8 +49,10 @@ def write_gguf(path: Path, model: LlamaForCausalLM, q8_name: str | None = None, 
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_bos_token_id(5)
-    writer.add_eos_token_id(7)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    if metadata is not None:
+        metadata(writer)
     gguf_state = {"token_embd.weight": state["model.embed_tokens.weight"],
                   "output_norm.weight": state["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
