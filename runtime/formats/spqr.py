@@ -319,7 +319,9 @@ class SpQRTensor(PackedTensor):
             from runtime.kernels import spqr_cuda
             return spqr_cuda.matmul(self, x)  # [m, out]
         from runtime.kernels import spqr_numba
-        return spqr_numba.matmul(self, x)  # [m, out]
+        y = spqr_numba.matmul_dense(self, x)  # [m, out]
+        self._add_outliers(x, y)
+        return y
 
     def tensors(self) -> dict:
         outliers = {OUTLIER_PREFIX + name: a for name, a in self.outliers.tensors().items()}

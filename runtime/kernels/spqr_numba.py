@@ -11,14 +11,15 @@ folded in once per group:
 of 16 codes (16 b <= 64 bits, read as one 64-bit value from at most two words):
 group sizes are multiples of 16, so a half run lies in one group. s and z are
 decoded from their packed codes and float16 step / low (or read as float16
-with stat_bits 16) once per group and output. The outliers are added last by
-the CSR kernel (runtime/kernels/sparse_numba.py) with the corrections
-value - dense value, so each replaces the dense weight at its position.
+with stat_bits 16) once per group and output. The format adds the outliers
+last (SpQRTensor._add_outliers, the CSR kernel of runtime/kernels/sparse_numba.py)
+with the corrections value - dense value, so each replaces the dense weight
+at its position.
 
 - `matvec` (decode, one input row): parallel over chunks of outputs; the
   inner loops run over the chunk's outputs (a packed word row is contiguous
   over outputs).
-- `matmul` with several rows (prefill): dequantize tiles of output columns
+- `matmul_dense` with several rows (prefill): dequantize tiles of output columns
   into a scratch buffer [in, cols] (about 4 MiB) in storage order, multiply
   by BLAS, tiles spread over one thread per core (prefill_threads.py).
 """
@@ -29,7 +30,6 @@ import numpy as np
 from numba import njit, prange
 
 from runtime.formats.spqr import FP16_STATS, HALF_RUN, QUANTIZED_STATS
-from runtime.kernels import sparse_numba
 from runtime.kernels.prefill_threads import run_tiles
 from runtime.formats.uniform import RUN
 from runtime.kernels.uniform_numba import _half_to_float
@@ -268,11 +268,3 @@ def matmul_dense(packed, x: np.ndarray) -> np.ndarray:
     run_tiles(n_out, width, (n_pad, width), fill, multiply)
     return y
 
-
-def matmul(packed, x: np.ndarray) -> np.ndarray:
-    """y [m, out] = x [m, in] @ W.T for float32 x: the dense part, then the outliers (CSR, corrections)."""
-    y = matmul_dense(packed, x)  # [m, out]
-    outliers = packed.outliers
-    if outliers.nnz:
-        sparse_numba.add_product(outliers.row_ptr, outliers.col_idx, packed.corrections, x, y)
-    return y
