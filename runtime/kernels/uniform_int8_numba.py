@@ -405,24 +405,25 @@ def _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, n_groups, threads):
 
 
 @njit(inline="always")
-def _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
-         starts, partial):
-    """Task `job` of the matvec: runs t*R/tasks .. (t+1)*R/tasks of part job // tasks into partial[t]."""
+def _job(t, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut, starts,
+         partial):
+    """Task t of the matvec: runs t*R/tasks .. (t+1)*R/tasks of every part into partial[t] (each task gets
+    the same share of every part, so parts of different sizes, q beside k and v, keep the threads even)."""
     xq, xw, d, xsum = quantized
-    p, t = job // tasks, job % tasks
     n_runs = q0.shape[0] // bits
-    _partial(kernel_id, (q0, q1, q2)[p], (z0, z1, z2)[p], (s0, s1, s2)[p], xq, xw, d, xsum, bits, group_runs,
-             sym, lut, t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
+    for p in range(starts.shape[0] - 1):
+        _partial(kernel_id, (q0, q1, q2)[p], (z0, z1, z2)[p], (s0, s1, s2)[p], xq, xw, d, xsum, bits, group_runs,
+                 sym, lut, t * n_runs // tasks, (t + 1) * n_runs // tasks, partial[t, starts[p]:starts[p + 1]])
 
 
 @njit(cache=True, parallel=True)
 def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym,
                      lut, threads):
-    """The prepared call (`prepare`) in one parallel region of `threads` tasks per part."""
+    """The prepared call (`prepare`) in one parallel region of `threads` tasks."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0],
                                                  threads)
-    for job in prange(n_parts * tasks):
-        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
+    for t in prange(tasks):
+        _job(t, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
              starts, partial)
     return partial.sum(axis=0)  # [sum of outs]
 
@@ -431,9 +432,8 @@ def _matvec_parallel(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, 
 def _matvec_serial(kernel_id, n_parts, q0, z0, s0, q1, z1, s1, q2, z2, s2, x, perm, bits, group_runs, sym, lut):
     """The prepared call (`prepare`) on the calling thread alone."""
     quantized, starts, tasks, partial = _prepare(n_parts, q0, q1, q2, x, perm, bits, group_runs, s0.shape[0], 1)
-    for job in range(n_parts):
-        _job(job, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut,
-             starts, partial)
+    _job(0, tasks, kernel_id, q0, z0, s0, q1, z1, s1, q2, z2, s2, quantized, bits, group_runs, sym, lut, starts,
+         partial)
     return partial[0]  # [sum of outs]
 
 
@@ -488,7 +488,7 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
 
     Unused slots repeat part 0: arrays as separate arguments go through Numba's fast typing path
     (tuples of them cost ~12 us a call). The work is split over the input: each task streams one
-    contiguous slice of one qweight (whole word rows of a range of runs) into its own partial y, and
+    contiguous slice of each qweight (whole word rows of a range of runs) into its own partial y, and
     the partials are summed at the end. Products of fewer than PARALLEL_BYTES of codes run on the
     calling thread, where a parallel region costs more than it saves.
     """
