@@ -120,6 +120,12 @@ def test_numba_kernels_match_reference(double_quant, n_out, n_in, block_size, ro
     assert_within_summation_bound(t.matmul(x), x, W)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_cpu_equals_the_reference(double_quant):
+    packed = random_tensor(np.random.default_rng(5), 37, 192, 64, double_quant)
+    np.testing.assert_array_equal(packed.dequantize_cpu(), packed.dequantize())
+
+
 def test_matmul_keeps_leading_dims():
     rng = np.random.default_rng(3)
     t = random_tensor(rng, 40, 128)

@@ -87,6 +87,17 @@ def test_dequantize_is_code_minus_zero_times_scale(bits, act_order):
     assert packed.act_order == act_order
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym, act_order, n_in", [(False, False, 100), (True, True, 96), (False, True, 128)])
+def test_dequantize_cpu_equals_the_reference(bits, sym, act_order, n_in):
+    """The Numba decoder training uses (`dequantize_cpu`, (c - z) s folded as c s - z s) equals the format's
+    definition within float32 rounding, in original column order."""
+    packed = random_tensor(np.random.default_rng(bits), 45, n_in, bits, 32, sym=sym, act_order=act_order)[0]
+    fast, reference = packed.dequantize_cpu(), packed.dequantize()  # [out, in] each
+    assert fast.shape == reference.shape == (45, n_in) and fast.dtype == np.float32
+    assert np.abs(fast - reference).max() <= 1e-6 * np.abs(reference).max()
+
+
 def test_act_order_storage_and_round_trip():
     packed, codes, _, _, g_idx = random_tensor(np.random.default_rng(3), 40, 128, 4, 32, act_order=True)
     perm = np.argsort(g_idx, kind="stable")

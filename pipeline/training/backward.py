@@ -7,8 +7,9 @@ LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
 
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
 §3) keeps W quantized and back-propagates through its dequantized value: the
-input gradient of the frozen product is dx = dy W, with W = `dequantize()` of
-the packed tensor (any format of runtime/formats), multiplied by BLAS. Only A
+input gradient of the frozen product is dx = dy W, with W the dequantized
+packed tensor (any format of runtime/formats; `dequantize_cpu`, the format's
+Numba decoder where it has one), multiplied by BLAS. Only A
 and B receive gradients; the embedding, the norms and the LM head stay frozen.
 
 The forward here mirrors `model.Model.embed_tokens` / `llama_block` /
@@ -78,7 +79,7 @@ def dense(weight) -> np.ndarray:
     """The float32 matrix of a frozen weight: a packed one is dequantized (its checksum checked first)."""
     run_pending(weight)
     if isinstance(weight, PackedTensor):
-        return np.asarray(weight.dequantize(), dtype=np.float32)  # [out, in]
+        return weight.dequantize_cpu()  # [out, in]
     return np.asarray(weight, dtype=np.float32)  # [out, in]
 
 
@@ -90,8 +91,12 @@ def dense_layer(layer: dict) -> dict:
 class Pass:
     """One micro-batch's forward and backward through a model with an adapter."""
 
-    def __init__(self, model: Model, adapter: Adapter, dropout: float = 0.0, seed: int = 0):
+    def __init__(self, model: Model, adapter: Adapter, dropout: float = 0.0, seed: int = 0,
+                 head: np.ndarray | None = None):
+        """head: the model's LM head as float32 [vocab, e] when the caller keeps it between passes (frozen;
+        None: dequantized by this pass)."""
         self.model, self.adapter, self.dropout, self.seed = model, adapter, dropout, seed
+        self.head_weight = head
         llama = model.config.arch == "llama"
         self.layer = self.llama_layer if llama else self.opt_layer
         self.layer_backward = self.llama_layer_backward if llama else self.opt_layer_backward
@@ -142,7 +147,7 @@ class Pass:
         Only rows with a target are projected, in chunks of HEAD_ROWS, so the logits never exceed
         [HEAD_ROWS, vocab]."""
         B, T, _ = x.shape
-        head = dense(self.model.lm_head)  # [vocab, e]
+        head = dense(self.model.lm_head) if self.head_weight is None else self.head_weight  # [vocab, e]
         kept = {}
         n = self.final(x, kept)  # [B, T, e]
         rows = n.reshape(B * T, -1)  # [BT, e]
@@ -344,8 +349,7 @@ class Pass:
         if self.dropout == 0:
             return None
         rng = np.random.default_rng([self.seed, i, PROJECTIONS[self.model.config.arch].index(module)])
-        keep = rng.random(shape, dtype=np.float32) >= self.dropout  # [shape]
-        return keep.astype(np.float32) / np.float32(1 - self.dropout)  # [shape]
+        return (rng.random(shape, dtype=np.float32) >= self.dropout) * np.float32(1 / (1 - self.dropout))  # [shape]
 
 
 # ---- elementwise pieces, each with its backward ------------------------------------------

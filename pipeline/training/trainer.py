@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model import Model
 from runtime.errors import UserError
 from pipeline.training.adapter import module_names, new_adapter, write_adapter
-from pipeline.training.backward import Adapter, Pass
+from pipeline.training.backward import Adapter, Pass, dense
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.data import Dataset
 from pipeline.training.optimizer import AdamW, AdamWSettings, clip_grad_norm, lr_factor
@@ -79,6 +79,7 @@ def train(model: Model, dataset: Dataset, settings: TrainSettings, out: Path, ba
             p[...] = arrays[name]
         optimizer.load_state(arrays)
         start = state["step"]
+    head = dense(model.lm_head)  # [vocab, e] frozen: dequantized once for every pass
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, total):
         began = time.perf_counter()
@@ -87,7 +88,7 @@ def train(model: Model, dataset: Dataset, settings: TrainSettings, out: Path, ba
         for a in range(settings.grad_accum):
             j = step * settings.grad_accum + a
             inputs, targets = dataset.micro_batch(j)  # [B, T] each
-            micro = Pass(model, adapter, settings.dropout, micro_seed(settings.seed, j))
+            micro = Pass(model, adapter, settings.dropout, micro_seed(settings.seed, j), head)
             part_loss, part_count = micro.run(inputs, targets)
             for name in adapter.names():
                 grads[f"A.{name}"] += micro.grads_A[name]

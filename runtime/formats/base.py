@@ -88,6 +88,12 @@ class PackedTensor:
         """The float32 weight [out, in] the codes decode to (NumPy reference)."""
         raise NotImplementedError
 
+    def dequantize_cpu(self) -> np.ndarray:
+        """`dequantize` of NumPy arrays through the format's Numba kernels where it has them (equal to the
+        reference within float32 rounding); what a caller that needs the whole float matrix runs (training's
+        frozen products)."""
+        return np.asarray(self.dequantize(), dtype=np.float32)
+
     def matmul(self, x):
         """y = x @ W.T for x [..., in] float32 -> y [..., out] float32 (leading axes flattened for `matmul_rows`);
         on the CPU the rows `activation_mode` picks (by default one row: decode) go through the

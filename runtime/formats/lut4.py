@@ -207,6 +207,12 @@ class Lut4Tensor(PackedTensor):
         scale = np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
         return self.table[codes] * scale  # [out, in]
 
+    def dequantize_cpu(self) -> np.ndarray:
+        """W [out, in] float32 by the parallel Numba decoder (runtime/kernels/lut4_numba.py)."""
+        from runtime.kernels import lut4_numba
+
+        return lut4_numba.dequantize(self)  # [out, in]
+
     def matmul_reference(self, x) -> np.ndarray:
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T

@@ -262,6 +262,17 @@ class UniformTensor(PackedTensor):
         arrays = {name: to_numpy(a) for name, a in self.tensors().items()}
         return dequantize(**arrays, bits=self.bits)
 
+    def dequantize_cpu(self) -> np.ndarray:
+        """W [out, in] float32 by the parallel Numba tile decoder, back in original column order."""
+        from runtime.kernels import uniform_numba
+
+        stored = uniform_numba.dequantize_storage(self)[:self.in_features]  # [in, out] storage order
+        if self.perm is None:
+            return np.ascontiguousarray(stored.T)  # [out, in]
+        w = np.empty(self.shape, dtype=np.float32)  # [out, in]
+        w[:, self.perm] = stored.T
+        return w
+
     def matmul_reference(self, x) -> np.ndarray:
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
