@@ -485,7 +485,18 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
            "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
            "and eval times), medians over the rounds:", "",
            anchor_check(rows, measured), ""] if any(row.engine == LLAMA_CPP for row in rows) else []),
-        "![perplexity against bits per weight](benchmarks.png)", "", *gpu_section()])
+        "![perplexity against bits per weight](benchmarks.png)", "", *training_section(), *gpu_section()])
+
+
+def training_section() -> list[str]:
+    """BENCHMARKS.md's QLoRA training section: a link to what `python bench_training.py` last wrote under
+    benchmarks/ (its own command; not part of `make bench`, whose rows it does not touch)."""
+    path = PROJECT / "benchmarks" / "training.md"
+    if not path.exists():
+        return []
+    return ["## QLoRA training", "", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
+            "PEFT + torch: [benchmarks/training.md](benchmarks/training.md), written by `python bench_training.py "
+            "--quality`.", ""]
 
 
 def gpu_section() -> list[str]:

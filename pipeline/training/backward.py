@@ -279,9 +279,10 @@ class Pass:
         q = q.reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]: heads sharing a kv head
         k = k[:, :, None]  # [B, KV, 1, T, hd]
         v = v[:, :, None]  # [B, KV, 1, T, hd]
-        scores = q @ k.transpose(0, 1, 2, 4, 3) / math.sqrt(hd)  # [B, KV, G, T, T]
-        future = np.arange(T)[None, :] > np.arange(T)[:, None]  # [T, T]
-        p = softmax(np.where(future, -np.inf, scores))  # [B, KV, G, T, T]
+        scores = q @ k.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
+        scores *= np.float32(1 / math.sqrt(hd))
+        scores += np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)  # the future masked  [T, T]
+        p = softmax_(scores)  # [B, KV, G, T, T]
         o = (p @ v).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
         keep.update(q=q, k=k, v=v, p=p)
         return self.project(i, w, self.out_proj(), o, keep)  # [B, T, d]
@@ -392,7 +393,10 @@ def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
     return rope(dy, cos, -sin)  # [..., T, hd]
 
 
-def softmax(s: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, stable for -inf entries."""
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax_(s: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in place (s is overwritten and returned; no copies of a [.., T, T] array),
+    stable for -inf entries."""
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
