@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
 install:  ## run-time dependencies + the default model (models/smollm2-135m)
 	$(PIP) -r requirements.txt
-	$(PYTHON) -m runtime.fetch
+	$(PYTHON) -m runtime.hub.fetch
 
 install-test:  ## test-only oracles: pytest, CPU torch, transformers, ml_dtypes, peft
 	$(PIP) -r requirements-test.txt

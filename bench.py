@@ -194,7 +194,7 @@ def child_ours(path: str, ids: list[int], steps: int) -> dict:
 
 def model_path(row: Row) -> Path:
     """Where `row`'s model lives: models/ for SmolLM2 (our builds), .cache/bench/ for the 1B shapes."""
-    from runtime.resolve import MODELS_DIR
+    from runtime.hub.resolve import MODELS_DIR
     if row.engine == LLAMA_CPP:
         return (MODELS_DIR if row.base == SMOLLM else CACHE) / f"{row.base}.{row.kind}.gguf"
     if row.base == SMOLLM:
@@ -229,7 +229,7 @@ def prepare(row: Row, threads: int) -> Path:
     elif row.engine == OURS:
         build_quantized(base, parse_tag(row.kind), path)
     elif row.kind == "F16":
-        from runtime.checkpoint import load_checkpoint
+        from runtime.checkpoints.checkpoint import load_checkpoint
         print(f"converting {base} to {path} ...", flush=True)
         bench_models.write_llama_gguf(path, config, load_checkpoint(base)[1], bench_models.tokenizer_files(config)[0])
     else:
@@ -242,8 +242,8 @@ def prepare(row: Row, threads: int) -> Path:
 
 def prompt_ids(base_path: Path) -> list[int]:
     """The prompt of every speed run of a model family: the first PREFILL_TOKENS tokens of WikiText-2 test."""
-    from runtime.datasets import load_dataset
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.datasets import load_dataset
+    from runtime.text.tokenizer import Tokenizer
     return Tokenizer.load(base_path).encode(load_dataset("wikitext2")[:4000])[:PREFILL_TOKENS]
 
 
@@ -268,7 +268,7 @@ def size_info(row: Row, path: Path) -> dict:
 def perplexity_ours(path: Path) -> float:
     """WikiText-2 perplexity on the first PPL_WINDOWS windows (resumable, see pipeline/perplexity.py)."""
     from pipeline.api import load
-    from runtime.datasets import load_dataset
+    from runtime.text.datasets import load_dataset
     from pipeline.perplexity import perplexity, state_path
     llm = load(str(path))
     ids = llm.tokenizer.encode(load_dataset("wikitext2"))
@@ -278,9 +278,9 @@ def perplexity_ours(path: Path) -> float:
 def perplexity_llama_cpp(path: Path, threads: int) -> float:
     """The same perplexity from llama.cpp's logits on the same windows, in its own process; cached by file."""
     import numpy as np
-    from runtime.atomic import write_text
-    from runtime.datasets import load_dataset
-    from runtime.tokenizer import Tokenizer
+    from runtime.checkpoints.atomic import write_text
+    from runtime.text.datasets import load_dataset
+    from runtime.text.tokenizer import Tokenizer
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = CACHE / "perplexity" / f"{path.name}.{PPL_WINDOWS}x{PPL_SEQLEN}.{key}.json"
@@ -302,7 +302,7 @@ def export_comparison(threads: int) -> str:
     as our gptq4g32sym exported to GGUF (Q4_0 blocks; built and exported first when missing) and as llama.cpp's
     own Q4_0 requantized from the Q4_1 base, with the base and our runtime on the GPTQ model for reference."""
     from pipeline.first_use import find_or_build
-    from runtime.export import default_destination, export_model
+    from runtime.checkpoints.export import default_destination, export_model
     tag = "gptq4g32sym"
     ours = find_or_build(f"{SMOLLM}.{tag}")
     exported = default_destination(ours, "gguf")
@@ -513,7 +513,7 @@ def gpu_section() -> list[str]:
 
 def update_readme(readme: Path, tables: str) -> None:
     """Replace the README's benchmark tables (between the markers) with `tables`."""
-    from runtime.atomic import write_text
+    from runtime.checkpoints.atomic import write_text
     from runtime.errors import UserError
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
@@ -597,7 +597,7 @@ def main(argv=None) -> None:
     text = document(command, rows, measured, settings)
     print(text)
     if not args.no_write:
-        from runtime.atomic import write_text
+        from runtime.checkpoints.atomic import write_text
         write_text(PROJECT / "BENCHMARKS.md", text)
         update_readme(PROJECT / "README.md", f"From `{command}` ([BENCHMARKS.md](BENCHMARKS.md)).\n\n" +
                       sections(rows, measured))

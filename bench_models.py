@@ -36,12 +36,12 @@ from runtime.formats.sparse import SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, quantize_stats
 from runtime.formats.uniform import PER_ROW, UniformTensor, group_index
 from runtime import e8p_codebook
-from runtime.atomic import atomic_directory
-from runtime.checkpoint import save_checkpoint
-from runtime.datasets import DATA_DIR
-from runtime.export.gguf import write_gguf
-from runtime.gguf_io import half_split_to_interleaved
-from runtime.packed_checkpoint import save_packed
+from runtime.checkpoints.atomic import atomic_directory
+from runtime.checkpoints.checkpoint import save_checkpoint
+from runtime.text.datasets import DATA_DIR
+from runtime.checkpoints.export.gguf import write_gguf
+from runtime.checkpoints.gguf_io import half_split_to_interleaved
+from runtime.checkpoints.packed_checkpoint import save_packed
 from pipeline.quantize_model import HEAD_SPEC, bits_per_weight
 from pipeline.tags import parse_tag
 from runtime.method_contract import QuantSpec

@@ -121,11 +121,11 @@ def run_child(engine: str, ids_path: Path, steps: int) -> dict:
 # ---- the parent ---------------------------------------------------------------------------
 
 def token_ids(split: str):
-    """Our tokenizer's ids of WikiText-2 `split` (valid or test) from ../shared (runtime/datasets.py)."""
+    """Our tokenizer's ids of WikiText-2 `split` (valid or test) from ../shared (runtime/text/datasets.py)."""
     import numpy as np
 
     from pipeline.api import load_tokenizer
-    from runtime.datasets import load_dataset
+    from runtime.text.datasets import load_dataset
 
     tokenizer = load_tokenizer(PROJECT / "models" / "smollm2-135m")
     text = load_dataset("wikitext2") if split == "test" else load_dataset(
@@ -229,7 +229,7 @@ def main(argv=None):
     if args.no_write:
         print(text)
         return
-    from runtime.atomic import write_text
+    from runtime.checkpoints.atomic import write_text
 
     (PROJECT / "benchmarks").mkdir(exist_ok=True)
     write_text(PROJECT / "benchmarks" / "training.md", text)

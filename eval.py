@@ -1,7 +1,7 @@
 """Perplexity of a model on a text: `python eval.py --model NAME --dataset wikitext2|FILE`.
 
 The GPTQ paper's protocol (see pipeline/perplexity.py) on WikiText-2's test
-split (../shared/data, or the Hub's copy; runtime/datasets.py) or on any UTF-8
+split (../shared/data, or the Hub's copy; runtime/text/datasets.py) or on any UTF-8
 text file (PTB, C4, your own data). `--windows N` takes the first N windows
 only; `--json` prints one JSON object. Finished windows are kept in
 .cache/perplexity/, so an interrupted run resumes. Options and the text file
@@ -12,7 +12,7 @@ import argparse
 import json
 
 from runtime.cli import ArgumentParser, run_cli
-from runtime.datasets import DATASETS, load_dataset
+from runtime.text.datasets import DATASETS, load_dataset
 from runtime.device import DEVICES
 from runtime.errors import UserError
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.device import to_module
-from runtime.config_schema import check_config
+from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.kernels import decode_step_numba as step
@@ -70,7 +70,7 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
-        """Build from an HF config.json dict, checked against runtime.config_schema (UserError naming
+        """Build from an HF config.json dict, checked against runtime.checkpoints.config_schema (UserError naming
         `source` and the field for a missing, mistyped, out-of-range or unsupported value)."""
         arch, v = check_config(hf, source)
         eos = v["eos_token_id"]

@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "current directory, the project, the models directory or a parent of them")
     p.add_argument("--export", choices=("gptq", "gguf"), default=None,
                    help="also write the model as a GPTQ checkpoint (transformers) or a GGUF file (llama.cpp); a model "
-                        "already built with these settings is exported as it is (runtime/export/)")
+                        "already built with these settings is exported as it is (runtime/checkpoints/export/)")
     p.add_argument("--export-out", type=Path, default=None,
                    help="where --export writes (default: OUT-gptq/ or OUT.gguf beside the model)")
     p.add_argument("--overwrite", action="store_true",
@@ -91,7 +91,7 @@ def main(argv=None):
     args = parse_args(argv)
     from pipeline.calibration import CalibrationSettings
     from pipeline.quantize_model import build_quantized
-    from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, base_dir_name, resolve_model
+    from runtime.hub.resolve import DEFAULT_MODEL, MODELS_DIR, base_dir_name, resolve_model
     options, values = set(), {}
     for flag, users in flag_options().items():
         option, given = users[0][1], getattr(args, flag[2:].replace("-", "_"))
@@ -112,7 +112,7 @@ def main(argv=None):
         raise UserError(f"--calib, --nsamples, --seqlen, --seed and --resume apply to calibrated methods "
                         f"({calibrated}), not to {args.method}: drop them")
     calibration = CalibrationSettings(**given)
-    from runtime.export import check_destination, default_destination, export_model
+    from runtime.checkpoints.export import check_destination, default_destination, export_model
     from pipeline.quantize_model import built_as
     if args.export:  # checked before the build, which can take minutes
         check_destination(args.export_out or default_destination(out, args.export))

@@ -10,7 +10,7 @@ import sys
 
 from runtime.cli import ArgumentParser, run_cli
 from runtime.device import DEVICES
-from runtime.sampling import SamplingParams
+from runtime.generation.sampling import SamplingParams
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def main(argv=None):
     SamplingParams(**options).check()  # before the model loads
     if args.prompt is None:  # --verify alone
         from pipeline.first_use import find_or_build
-        from runtime.verify import verify_model
+        from runtime.checkpoints.verify import verify_model
         print(verify_model(find_or_build(args.model)))
         return
     from pipeline.api import load

@@ -8,7 +8,7 @@
     result = llm.score("The cat sat on the mat.")  # log-likelihood of each token
     tuned = load("smollm2-135m.nf4", lora="my-adapter")  # a PEFT LoRA adapter on top
 
-The options are those of `run.py` (see `runtime.sampling.SamplingParams`).
+The options are those of `run.py` (see `runtime.generation.sampling.SamplingParams`).
 Every entry point checks its arguments (types, unknown keywords, ranges) when
 it is called, `stream` included, and raises `UserError` with a one-line
 message; non-finite logits also raise `UserError` instead of being sampled.
@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from model import Config, Model
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 from runtime.device import DEVICES, array_module
 from runtime.errors import UserError
-from runtime.generate import GenerationStats, check_prompt, finite_logits, generate_text
-from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
+from runtime.generation.generate import GenerationStats, check_prompt, finite_logits, generate_text
+from runtime.checkpoints.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import apply_lora, load_adapter
-from runtime.packed_checkpoint import is_packed_model, load_packed
+from runtime.checkpoints.packed_checkpoint import is_packed_model, load_packed
 from pipeline.first_use import find_or_build
-from runtime.sampling import SamplingParams
-from runtime.tokenizer import Tokenizer
-from runtime.verify import verify_model
+from runtime.generation.sampling import SamplingParams
+from runtime.text.tokenizer import Tokenizer
+from runtime.checkpoints.verify import verify_model
 
 
 @dataclass
@@ -161,7 +161,7 @@ def load(name_or_path: str | None = None, device: str = "cpu", lora: str | None 
 
     None gives the default model. `lora`: a PEFT LoRA adapter directory to apply on top
     (float or quantized base; see runtime/lora.py). `verify`: check every tensor in full
-    first (recorded checksums, finite values; see runtime/verify.py).
+    first (recorded checksums, finite values; see runtime/checkpoints/verify.py).
     """
     if not isinstance(verify, bool):
         raise UserError(f"verify must be True or False, not {verify!r:.40}")

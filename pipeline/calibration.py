@@ -40,11 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from model import Config, Model
-from runtime.atomic import atomic_directory, full_disk_reported, write_text
-from runtime.datasets import CALIBRATION_TEXT, read_text
+from runtime.checkpoints.atomic import atomic_directory, full_disk_reported, write_text
+from runtime.text.datasets import CALIBRATION_TEXT, read_text
 from runtime.errors import UserError
-from runtime.packed_checkpoint import load_packed, save_packed
-from runtime.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 TRUE_SEQUENTIAL = {
     "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -55,7 +55,7 @@ TRUE_SEQUENTIAL = {
 SETTINGS_FILE = "settings.json"
 HIDDEN_FILE = "hidden.safetensors"
 # what a state directory holds: the settings, the hidden states, one directory per finished layer, and
-# temporaries of those (runtime/atomic.py)
+# temporaries of those (runtime/checkpoints/atomic.py)
 STATE_ENTRY = re.compile(r"\.?(settings\.json|hidden\.safetensors|layer_\d{4})(\..+\.(tmp|old))?")
 NO_SPACE_HINT = "free some space on that disk, then continue with quantize.py --resume (the finished layers are kept)"
 
@@ -74,7 +74,7 @@ class CalibrationSettings:
 
 def text_tokens(tokenizer, text_path: Path) -> np.ndarray:
     """Token ids [n] of a calibration text file (no BOS); the default one comes from the Hub when
-    ../shared is missing (runtime/datasets.py)."""
+    ../shared is missing (runtime/text/datasets.py)."""
     text = read_text(text_path, "calibration text", "give a UTF-8 text file with --calib FILE")
     return np.asarray(tokenizer.encode(text, add_bos=False), dtype=np.int64)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.tags import parse_tag
 from runtime.errors import UserError
 from runtime.method_contract import QuantSpec
-from runtime.resolve import MODELS_DIR, base_dir_name, find_model, hub_model, resolve_model
+from runtime.hub.resolve import MODELS_DIR, base_dir_name, find_model, hub_model, resolve_model
 
 
 def split_quantized_name(name: str) -> tuple[str, str] | None:
@@ -32,7 +32,7 @@ def parsed_tag(tag: str) -> QuantSpec | None:
 
 def find_or_build(name: str | None, progress: bool = True) -> Path:
     """The checkpoint `name` stands for; a BASE.TAG that does not exist yet is built from BASE, a local
-    model or one downloaded from the Hub (runtime/resolve.py). A Hub name whose last dot is not a tag
+    model or one downloaded from the Hub (runtime/hub/resolve.py). A Hub name whose last dot is not a tag
     ("facebook/opt-1.3b": "3b") is the float model itself."""
     path = find_model(name)
     if path is not None:

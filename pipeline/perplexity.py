@@ -20,10 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.api import token_logprobs
-from runtime.atomic import full_disk_reported, write_text
+from runtime.checkpoints.atomic import full_disk_reported, write_text
 from runtime.errors import UserError
 from runtime.formats.base import activation_mode
-from runtime.resolve import PROJECT_ROOT
+from runtime.hub.resolve import PROJECT_ROOT
 
 STATE_DIR = PROJECT_ROOT / ".cache" / "perplexity"
 

@@ -35,18 +35,18 @@ import numpy as np
 from tqdm import tqdm
 
 from model import Config
-from runtime.atomic import atomic_directory, full_disk_reported, remove_temporaries
+from runtime.checkpoints.atomic import atomic_directory, full_disk_reported, remove_temporaries
 from pipeline.calibration import CalibrationSettings, calibrate, check_state_dir, is_state_dir, remove_state, \
     sample_windows, settings_record, state_dir_for, text_tokens
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 from runtime.errors import UserError
-from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
+from runtime.checkpoints.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import load_adapter, merge_lora
-from runtime.packed_checkpoint import save_packed
-from runtime.resolve import MODELS_DIR, PROJECT_ROOT
+from runtime.checkpoints.packed_checkpoint import save_packed
+from runtime.hub.resolve import MODELS_DIR, PROJECT_ROOT
 from pipeline.tags import contracts
 from runtime.method_contract import QuantSpec
-from runtime.tokenizer import Tokenizer
+from runtime.text.tokenizer import Tokenizer
 
 PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),

@@ -31,7 +31,7 @@ import numpy as np
 
 from int8 import SMOOTHQUANT_ALPHA, smoothing_factors
 from model import Config, Model
-from runtime.datasets import CALIBRATION_TEXT, read_text
+from runtime.text.datasets import CALIBRATION_TEXT, read_text
 from runtime.errors import UserError
 
 GROUPS = {"llama": (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

@@ -1,5 +1,7 @@
-"""The runtime: formats and kernels, checkpoint IO, tokenizer, sampling, generation; the machinery below model.py,
-the method files and pipeline/, importing none of them.
+"""The runtime: the machinery below model.py, the method files and pipeline/, importing none of them. Its
+folders follow the data flow: hub/ (where a model comes from), checkpoints/ (model files in and out), text/
+(tokenizer, data sets), formats/ and kernels/ (packed tensors and their products), generation/ (the decode
+loop, sampling); shared math and the error type sit beside them.
 
 Importing it first sets one thread default (a value already set wins): BLAS
 runs on one thread (`OPENBLAS_NUM_THREADS=1`), because its workers busy-wait

@@ -7,13 +7,13 @@ for a wrapper that records inputs during calibration, never touches model.py.
 A float16 weight on the GPU multiplies in half precision (cuBLAS, float32
 accumulation) instead of being widened to float32 on every call.
 A weight mapped from a file this project wrote has its recorded checksum
-checked here, the first time it is used (runtime.content_hash).
+checked here, the first time it is used (runtime.checkpoints.content_hash).
 
 `linear_many(x, weights, biases)` is the same for several weights sharing
 the input (q/k/v, gate/up): packed weights whose format has `matmul_parts`
 multiply in one kernel call (one parallel region, one quantization of x).
 """
-from runtime.content_hash import run_pending
+from runtime.checkpoints.content_hash import run_pending
 from runtime.device import is_cupy
 
 

@@ -21,7 +21,7 @@ An adapter directory is what PEFT's `save_pretrained` writes:
     adapter_model.safetensors  base_model.model.<module>.lora_A.weight  [r, in]
                                base_model.model.<module>.lora_B.weight  [out, r]
     (or adapter_model.bin, the same state dict saved by torch.save, read
-    without running its pickle: runtime/torch_pickle.py names the file it refuses)
+    without running its pickle: runtime/checkpoints/torch_pickle.py names the file it refuses)
 
 `<module>` is the module's name in the HF model, so `<module>.weight` is the
 checkpoint name this runtime keeps the base weight under, e.g.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint import read_json, read_weight_file
+from runtime.checkpoints.checkpoint import read_json, read_weight_file
 from runtime.errors import UserError
 from runtime.linear import linear
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, save_tiny_llama
 from pipeline.api import load
 from runtime.errors import UserError
-from runtime.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -13,8 +13,8 @@ import bench_llamacpp
 import bench_models
 from bench import FLOAT, LLAMA_1B, LLAMA_CPP, OPT_1B, OURS, SMOLLM, Row
 from runtime.errors import UserError
-from runtime.gguf_io import load_gguf
-from runtime.tokenizer import Tokenizer
+from runtime.checkpoints.gguf_io import load_gguf
+from runtime.text.tokenizer import Tokenizer
 
 
 def tiny_config(model_type: str = "llama") -> dict:

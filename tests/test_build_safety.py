@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, save_tiny_llama
-from runtime import atomic
-from runtime.atomic import DiskFull, atomic_directory, atomic_file, remove_temporaries, temporary_name
+from runtime.checkpoints import atomic
+from runtime.checkpoints.atomic import DiskFull, atomic_directory, atomic_file, remove_temporaries, temporary_name
 from pipeline.calibration import CalibrationSettings
 from pipeline.quantize_model import BUILD_FILES, build_quantized
 from pipeline.tags import parse_tag
@@ -30,7 +30,7 @@ HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 # find_or_build NAME, after waiting for the file GO when given; prints the sha256 of the weights it loads
 BUILD = """import hashlib, os, sys, time
 from pathlib import Path
-from runtime.packed_checkpoint import load_packed
+from runtime.checkpoints.packed_checkpoint import load_packed
 from pipeline.first_use import find_or_build
 if len(sys.argv) > 2:
     Path(sys.argv[2] + f".ready{os.getpid()}").touch()
@@ -88,7 +88,7 @@ def leftovers(models: Path, name: str) -> list[str]:
 
 
 def temporaries(root: Path) -> list[Path]:
-    """The temporaries of runtime/atomic.py anywhere under `root`."""
+    """The temporaries of runtime/checkpoints/atomic.py anywhere under `root`."""
     return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 

@@ -14,9 +14,9 @@ import rtn
 from conftest import STORIES260K
 from model import Config, Model
 from pipeline.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sample_windows
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 from runtime.errors import UserError
-from runtime.packed_checkpoint import save_packed
+from runtime.checkpoints.packed_checkpoint import save_packed
 from pipeline.quantize_model import calibrated_method, projection_names
 from pipeline.tags import parse_tag
 

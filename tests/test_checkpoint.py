@@ -1,4 +1,4 @@
-"""Tests for runtime.checkpoint: tiny transformers models saved every way HF saves them, loaded back exactly."""
+"""Tests for runtime.checkpoints.checkpoint: tiny transformers models saved every way HF saves them, loaded back exactly."""
 import json
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import safetensors.numpy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from runtime.checkpoint import load_checkpoint, load_checkpoint_with_metadata, save_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint, load_checkpoint_with_metadata, save_checkpoint
 from runtime.errors import UserError
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"

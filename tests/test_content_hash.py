@@ -9,13 +9,13 @@ import pytest
 
 from conftest import ROOT, save_tiny_llama
 from pipeline.api import load
-from runtime.checkpoint import load_checkpoint, save_checkpoint
-from runtime.content_hash import HASH_KEY
+from runtime.checkpoints.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoints.content_hash import HASH_KEY
 from runtime.errors import UserError
 from pipeline.quantize_model import build_quantized
-from runtime.safetensors_io import read_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors
 from pipeline.tags import parse_tag
-from runtime.verify import verify_model
+from runtime.checkpoints.verify import verify_model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 import rtn
 from model import Config, Model
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 from test_model_oracle import CASES, build_hf
 
 TOL = 1e-4

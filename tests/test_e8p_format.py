@@ -15,7 +15,7 @@ from quipsharp import rht_matrix
 from runtime.formats.e8p import E8PTensor, from_incoherent, pack_signs, unpack_signs
 from runtime.hadamard import fast_hadamard, hadamard_matrix, random_signs
 from runtime.kernels import e8p_numba
-from runtime.packed_checkpoint import read_packed, save_packed
+from runtime.checkpoints.packed_checkpoint import read_packed, save_packed
 
 TOL = 2e-5  # kernel vs reference, per output: see assert_within_scale_bound
 # (out, in): K = 12 on both sides, Paley sizes 20 / 12 with p = 1, powers of two, SmolLM2's 576 = 36 * 16

@@ -21,11 +21,11 @@ import pytest
 from bench_llamacpp import perplexity as llama_cpp_perplexity
 from conftest import ROOT, save_tiny_llama
 from runtime.errors import UserError
-from runtime.export import export_model
+from runtime.checkpoints.export import export_model
 from runtime.formats.uniform import UniformTensor
-from runtime.gguf_io import interleaved_to_half_split
-from runtime.importers import load_quantized_checkpoint
-from runtime.packed_checkpoint import load_packed, save_packed
+from runtime.checkpoints.gguf_io import interleaved_to_half_split
+from runtime.checkpoints.importers import load_quantized_checkpoint
+from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
 from pipeline.perplexity import perplexity, windows_of
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag
@@ -86,7 +86,7 @@ def test_gguf_export_loads_in_our_runtime_and_llama_cpp(base, tmp_path):
     ids = [1, 450, 4996, 17354, 1701, 29916]
     logits = [m.prefill(ids, m.new_cache(len(ids)), all_logits=True) for m in (load_model(model), load_model(out))]
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-3, rtol=0)  # same weights, float16 embedding
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
     text = "The cat sat on the mat, 1314 times."
     assert Tokenizer.load(out).encode(text) == Tokenizer.load(model).encode(text)  # the embedded vocabulary
     llama_cpp = pytest.importorskip("llama_cpp")

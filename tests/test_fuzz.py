@@ -26,7 +26,7 @@ from tokenizers import pre_tokenizers
 
 from conftest import save_tiny_llama
 from pipeline.api import load
-from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import UserError
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag

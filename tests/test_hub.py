@@ -186,7 +186,7 @@ def test_wikitext_from_the_hub_when_shared_data_is_missing(hub, tiny_llama, tmp_
     assert from_hub.returncode == 0, from_hub.stderr
     from_file = run_script("eval.py", "--dataset", str(joined), *args, env=env)
     assert json.loads(from_hub.stdout)["ppl"] == json.loads(from_file.stdout)["ppl"]
-    calibration = run_script("-c", "from runtime.datasets import CALIBRATION_TEXT, read_text; "
+    calibration = run_script("-c", "from runtime.text.datasets import CALIBRATION_TEXT, read_text; "
                                  "print(repr(read_text(CALIBRATION_TEXT)))", env=env)
     assert calibration.returncode == 0, calibration.stderr
     assert calibration.stdout.strip() == repr("\n\n".join(valid_rows))
@@ -207,7 +207,7 @@ def test_wikitext_from_the_hub_when_shared_data_is_missing(hub, tiny_llama, tmp_
     ("org/name.", None, None, None), ("opt-1.3b@", None, None, None), ("org/..", None, None, None),
 ])
 def test_hub_names(name, repo, revision, dir_name):
-    from runtime.resolve import hub_model
+    from runtime.hub.resolve import hub_model
     ref = hub_model(name)
     assert (ref and (ref.repo_id, ref.revision, ref.dir_name)) == (repo and (repo, revision, dir_name))
 

@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 from conftest import save_tiny_llama
 from runtime import e8p_codebook
 from runtime.errors import UserError
-from runtime.importers import is_quantized_checkpoint, load_quantized_checkpoint
-from runtime.importers import quipsharp
+from runtime.checkpoints.importers import is_quantized_checkpoint, load_quantized_checkpoint
+from runtime.checkpoints.importers import quipsharp
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -400,7 +400,7 @@ def test_quipsharp_matches_published_formula(tmp_path, base):
 def test_quipsharp_real_scales_and_approximated_codes(tmp_path, base, capsys):
     path, weights = quip_checkpoint(tmp_path / "quip", base, exact_only=False, real_scales=True)
     config = json.loads((path / "config.json").read_text())
-    from runtime.checkpoint import load_directory
+    from runtime.checkpoints.checkpoint import load_directory
     _, raw, _ = load_directory(path)
     report = quipsharp.ImportReport()
     converted = quipsharp.convert(config, {"quant_method": "quip#", **config["quip_params"]}, dict(raw),

@@ -8,7 +8,7 @@ from conftest import inputs
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, KronOrthogonal, kron_sizes, transforms
 from runtime.formats.uniform import UniformTensor
-from runtime.packed_checkpoint import read_packed, save_packed
+from runtime.checkpoints.packed_checkpoint import read_packed, save_packed
 
 
 def dense(transform: KronOrthogonal) -> np.ndarray:

@@ -21,7 +21,7 @@ from runtime.formats import FORMAT_CLASSES
 from runtime.formats import int8 as fmt
 from runtime.formats.int8 import Int8Tensor
 from runtime.kernels import int8_numba, uniform_int8_numba
-from runtime.packed_checkpoint import WEIGHTS, read_packed, save_packed
+from runtime.checkpoints.packed_checkpoint import WEIGHTS, read_packed, save_packed
 
 EPS32 = float(np.finfo(np.float32).eps)
 MODES = [("row", "token", None), ("row", "token", 3.0), ("tensor", "tensor", None), ("row", "tensor", 3.0),

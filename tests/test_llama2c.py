@@ -1,4 +1,4 @@
-"""Tests for runtime.llama2c on the real stories260K checkpoint, with transformers' RoPE as the oracle."""
+"""Tests for runtime.checkpoints.llama2c on the real stories260K checkpoint, with transformers' RoPE as the oracle."""
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from runtime.errors import UserError
-from runtime.llama2c import load_llama2c
+from runtime.checkpoints.llama2c import load_llama2c
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
 needs_stories = pytest.mark.skipif(not STORIES.is_file(), reason=f"{STORIES} is not available")

@@ -23,10 +23,10 @@ peft = pytest.importorskip("peft")
 import nf4  # noqa: E402
 from model import Config, Model  # noqa: E402
 from pipeline.api import load, token_logprobs  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.lora import LoraWeight, apply_lora, load_adapter, merge_lora  # noqa: E402
-from runtime.safetensors_io import read_safetensors, write_safetensors  # noqa: E402
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 forward passes that differ only in summation order
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model import Config, Model  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 
 TOLERANCE = 1e-4
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=120,

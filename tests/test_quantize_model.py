@@ -15,7 +15,7 @@ from conftest import save_tiny_llama
 from model import Config, Model
 from pipeline.calibration import CalibrationSettings
 from runtime.formats.base import PackedTensor
-from runtime.packed_checkpoint import load_packed
+from runtime.checkpoints.packed_checkpoint import load_packed
 from pipeline.quantize_model import build_quantized, projection_names
 from pipeline.tags import parse_tag
 

@@ -8,7 +8,7 @@ import quip
 import quipsharp
 from runtime import e8p_codebook
 from runtime.errors import UserError
-from runtime.packed_checkpoint import read_packed, save_packed
+from runtime.checkpoints.packed_checkpoint import read_packed, save_packed
 from test_quip import coherence, outlier_problem
 
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import STORIES260K
 from model import Config, Model
 from pipeline.api import load
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

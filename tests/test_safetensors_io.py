@@ -1,4 +1,4 @@
-"""Tests for runtime.safetensors_io against the reference `safetensors` package."""
+"""Tests for runtime.checkpoints.safetensors_io against the reference `safetensors` package."""
 import json
 import os
 
@@ -9,9 +9,9 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from runtime.content_hash import HASH_KEY, crc32
+from runtime.checkpoints.content_hash import HASH_KEY, crc32
 from runtime.errors import UserError
-from runtime.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 
 def sample_tensors() -> dict[str, np.ndarray]:
@@ -131,7 +131,7 @@ def resident_kb(path) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
 def test_released_pages_leave_memory_and_come_back_intact(tmp_path):
-    from runtime.safetensors_io import release_pages
+    from runtime.checkpoints.safetensors_io import release_pages
     big = np.arange(4 << 20, dtype=np.float32)  # 16 MiB
     path = tmp_path / "big.safetensors"
     write_safetensors(path, {"big": big})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.sampling import SamplingParams, distribution, penalize_repetition, sample
+from runtime.generation.sampling import SamplingParams, distribution, penalize_repetition, sample
 
 torch = pytest.importorskip("torch")
 gen = pytest.importorskip("transformers.generation.logits_process")

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from model import Config, Model  # noqa: E402
 from pipeline import smoothing  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=120,

@@ -16,8 +16,8 @@ from runtime.errors import UserError
 from runtime.formats.spqr import SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.formats.uniform import unpack
 from runtime.kernels import spqr_numba, uniform_int8_numba
-from runtime.packed_checkpoint import WEIGHTS, save_packed
-from runtime.safetensors_io import read_safetensors
+from runtime.checkpoints.packed_checkpoint import WEIGHTS, save_packed
+from runtime.checkpoints.safetensors_io import read_safetensors
 from test_sparse_format import random_outliers
 
 # (n_out, n_in, group_size, stat_group): inputs not a multiple of 32 or of the group, odd outputs

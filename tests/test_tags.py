@@ -4,7 +4,7 @@ import pytest
 
 from runtime.errors import UserError
 from pipeline.first_use import split_quantized_name
-from runtime.resolve import DEFAULT_MODEL, resolve_model
+from runtime.hub.resolve import DEFAULT_MODEL, resolve_model
 from pipeline.tags import parse_tag
 
 

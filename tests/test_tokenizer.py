@@ -1,4 +1,4 @@
-"""Tests for runtime/tokenizer.py against references we did not write.
+"""Tests for runtime/text/tokenizer.py against references we did not write.
 
 Oracles: llama.cpp's tokenizer test vectors (`ggml-vocab-*.gguf.inp/.out`,
 produced by HF transformers' tokenizers of GPT-2 and Llama 2, encoded with
@@ -16,7 +16,7 @@ import sentencepiece
 from transformers import AutoTokenizer, GPT2Tokenizer
 
 from runtime.errors import UserError
-from runtime.tokenizer import Tokenizer
+from runtime.text.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -1,4 +1,4 @@
-"""Tests for runtime.torch_pickle against files written by torch.save."""
+"""Tests for runtime.checkpoints.torch_pickle against files written by torch.save."""
 import io
 import os
 import pickle
@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from runtime.errors import UserError
-from runtime.torch_pickle import Storage, load_torch_state_dict, rebuild_tensor
+from runtime.checkpoints.torch_pickle import Storage, load_torch_state_dict, rebuild_tensor
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

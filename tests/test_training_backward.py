@@ -22,7 +22,7 @@ import nf4  # noqa: E402
 import quipsharp  # noqa: E402
 import rtn  # noqa: E402
 from model import Config, Model  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.training.backward import IGNORE, Adapter, Pass  # noqa: E402
 
 TOLERANCE = 1e-4

@@ -24,10 +24,10 @@ peft = pytest.importorskip("peft")
 
 import train  # noqa: E402
 from model import Config, Model  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.lora import apply_lora, load_adapter  # noqa: E402
-from runtime.tokenizer import Tokenizer  # noqa: E402
+from runtime.text.tokenizer import Tokenizer  # noqa: E402
 from pipeline.training.backward import IGNORE, Pass  # noqa: E402
 from pipeline.training.data import load_dataset  # noqa: E402
 from test_training_backward import save_tiny_opt  # noqa: E402

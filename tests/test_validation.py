@@ -12,12 +12,12 @@ import pytest
 from conftest import save_tiny_llama
 from model import Config
 from pipeline.api import load
-from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import UserError
-from runtime.packed_checkpoint import load_packed, save_packed
+from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag
-from runtime.tokenizer import BoundedTemplateEnvironment, Tokenizer
+from runtime.text.tokenizer import BoundedTemplateEnvironment, Tokenizer
 from test_fuzz import write_tokenized_gguf
 
 

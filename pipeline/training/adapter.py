@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from model import Model
-from runtime.atomic import write_text
+from runtime.checkpoints.atomic import write_text
 from runtime.errors import UserError
 from runtime.lora import CONFIG_FILE, KEY_PREFIX
-from runtime.safetensors_io import write_safetensors
+from runtime.checkpoints.safetensors_io import write_safetensors
 from pipeline.training.backward import PROJECTIONS, Adapter, layer_prefix
 
 WEIGHT_FILE = "adapter_model.safetensors"

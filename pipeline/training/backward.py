@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model import Model
-from runtime.content_hash import run_pending
+from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 

@@ -1,7 +1,7 @@
 """Training checkpoints: the adapter, the AdamW state, the data position and the settings, saved atomically.
 
 A checkpoint is the directory OUT/checkpoint/, replaced as a whole by renames
-(runtime/atomic.py), so a run killed at any moment leaves either the previous
+(runtime/checkpoints/atomic.py), so a run killed at any moment leaves either the previous
 checkpoint or the new one:
 
     state.json         {"step": optimizer steps done, "micro_batch": data position,
@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.atomic import atomic_directory
-from runtime.checkpoint import read_json
+from runtime.checkpoints.atomic import atomic_directory
+from runtime.checkpoints.checkpoint import read_json
 from runtime.errors import UserError
-from runtime.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 DIRECTORY = "checkpoint"
 STATE_FILE = "state.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.tokenizer import Tokenizer
+from runtime.text.tokenizer import Tokenizer
 from pipeline.training.backward import IGNORE
 
 JSONL_SUFFIXES = (".jsonl", ".json")

@@ -238,7 +238,7 @@ class Lut4Tensor(PackedTensor):
         saving, the GPU, the float-activation kernel), so the codes are not held twice."""
         if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.kernels import lut4_numba
-            from runtime.safetensors_io import release_pages
+            from runtime.checkpoints.safetensors_io import release_pages
             self._int8_weight = lut4_numba.decode_weight(self)
             self._absmax_t = np.ascontiguousarray(self.block_absmax().T, dtype=np.float32)  # [in/B, out]
             release_pages(self.qweight)

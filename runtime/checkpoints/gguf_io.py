@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.safetensors_io import corrupt, require_regular_file
+from runtime.checkpoints.safetensors_io import corrupt, require_regular_file
 
 # GGUF tensor names outside the blocks -> HF names.
 GLOBAL_NAMES = {

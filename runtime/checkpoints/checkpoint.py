@@ -7,16 +7,16 @@ single-file formats):
     <dir>/config.json + model.safetensors.index.json + its shards
     <dir>/config.json + pytorch_model.bin
     <dir>/config.json + pytorch_model.bin.index.json + its shards
-    <file>.gguf            llama architecture (runtime.gguf_io)
-    <file>.bin             llama2.c legacy checkpoint (runtime.llama2c)
+    <file>.gguf            llama architecture (runtime.checkpoints.gguf_io)
+    <file>.bin             llama2.c legacy checkpoint (runtime.checkpoints.llama2c)
 
 A sharded index is the JSON `{"metadata": {...}, "weight_map": {tensor name:
 shard file name}}`. Tensor names follow HF transformers; old OPT checkpoints
 that name their tensors "decoder.*" are renamed to "model.decoder.*", as
 OPTForCausalLM names them. Every tensor name, shape and dtype is checked
-against config.json (runtime.config_schema) before the tensors are returned.
+against config.json (runtime.checkpoints.config_schema) before the tensors are returned.
 Saved models are one directory: config.json + model.safetensors (with the
-CRC-32 of every tensor, checked on first use: runtime.content_hash), each
+CRC-32 of every tensor, checked on first use: runtime.checkpoints.content_hash), each
 file written atomically.
 """
 from __future__ import annotations
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.config_schema import check_tensors
-from runtime.content_hash import run_pending
+from runtime.checkpoints.config_schema import check_tensors
+from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
-from runtime.gguf_io import load_gguf
-from runtime.llama2c import load_llama2c
-from runtime.atomic import atomic_file
-from runtime.safetensors_io import corrupt, read_safetensors, require_regular_file, write_safetensors
-from runtime.torch_pickle import load_torch_state_dict
+from runtime.checkpoints.gguf_io import load_gguf
+from runtime.checkpoints.llama2c import load_llama2c
+from runtime.checkpoints.atomic import atomic_file
+from runtime.checkpoints.safetensors_io import corrupt, read_safetensors, require_regular_file, write_safetensors
+from runtime.checkpoints.torch_pickle import load_torch_state_dict
 
 # Weight files of an HF model directory, in the order they are looked for.
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.safetensors_io import bf16_to_float32, corrupt
+from runtime.checkpoints.safetensors_io import bf16_to_float32, corrupt
 
 # torch storage class name -> NumPy dtype of its elements (BFloat16 read as raw bits).
 STORAGE_DTYPES = {

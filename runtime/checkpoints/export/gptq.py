@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import atomic_directory, write_text
+from runtime.checkpoints.atomic import atomic_directory, write_text
 from runtime.errors import UserError
-from runtime.export import copy_tokenizer
+from runtime.checkpoints.export import copy_tokenizer
 from runtime.formats.uniform import PER_ROW, UniformTensor, pack, unpack
-from runtime.safetensors_io import write_safetensors
+from runtime.checkpoints.safetensors_io import write_safetensors
 
 EXPORTABLE = "uniform-format models: rtn or gptq tags, 2/3/4/8 bits, any group, sym or not, act-order"
 

@@ -7,7 +7,7 @@ LF as that README prescribes, and the tokenized validation split that
 calibration uses by default.
 
 Without that directory (a clone on its own), the same two texts come from the
-Hugging Face Hub dataset `Salesforce/wikitext` (runtime/hub.py; the parquet
+Hugging Face Hub dataset `Salesforce/wikitext` (runtime/hub/download.py; the parquet
 files stay in the Hugging Face cache): the perplexity text is the
 `wikitext-2-raw-v1` test split, the calibration text the `wikitext-2-v1`
 validation split (the tokenized form, as ../shared's file), each with its rows
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.resolve import PROJECT_ROOT
+from runtime.hub.resolve import PROJECT_ROOT
 
 DATA_DIR = Path(os.environ.get("QLLM_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data").expanduser()
 WIKITEXT2_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
@@ -54,7 +54,7 @@ HUB_COPIES = {WIKITEXT2_TEST: HubText("wikitext-2-raw-v1", "test", "the perplexi
 
 def hub_text(source: HubText) -> str:
     """The rows of `source`, downloaded once into the Hugging Face cache, joined by "\\n\\n" (GPTQ's join)."""
-    from runtime.hub import download_dataset_file
+    from runtime.hub.download import download_dataset_file
     try:
         path = download_dataset_file(HUB_DATASET, source.filename)
     except UserError as err:

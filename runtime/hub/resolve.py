@@ -5,7 +5,7 @@ A NAME resolves, in order, to: an existing path (an HF model directory, a
 of those files), then a model on the Hugging Face Hub: `org/name`, optionally
 `org/name@REVISION` (a branch, tag or commit), or one of the short names of
 `HUB_NAMES` (`opt-1.3b` is `facebook/opt-1.3b`). Hub models are downloaded
-once into the Hugging Face cache by runtime/hub.py. With no name, the default
+once into the Hugging Face cache by runtime/hub/download.py. With no name, the default
 model `models/smollm2-135m/` (built by `make install`; the name never goes to
 the Hub). Anything else gets a one-line error that says what to do: that the
 tag is empty (a name ending in "."), that the default model is not built yet,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # where models live: models/ in the project, or wherever the environment variable QLLM_MODELS_DIR says
 MODELS_DIR = Path(os.environ.get("QLLM_MODELS_DIR") or PROJECT_ROOT / "models").expanduser().resolve()
 DEFAULT_MODEL = "smollm2-135m"
@@ -117,5 +117,5 @@ def resolve_model(name: str | None, models_dir: Path = MODELS_DIR) -> Path:
     ref = hub_model(name) if name else None
     if ref is None:
         raise not_found(name or DEFAULT_MODEL, models_dir)
-    from runtime.hub import download_model
+    from runtime.hub.download import download_model
     return download_model(ref.repo_id, ref.revision)

@@ -13,9 +13,9 @@ format of runtime/formats without re-quantizing:
 
 Every other quantization method, and every option a module cannot map
 exactly, is refused with one line naming it. The result is what
-`runtime.checkpoint.load_checkpoint` returns for a float model: an HF config
+`runtime.checkpoints.checkpoint.load_checkpoint` returns for a float model: an HF config
 and {HF name: array or PackedTensor}, float arrays as float32, checked
-against the config (runtime.config_schema) before it is returned.
+against the config (runtime.checkpoints.config_schema) before it is returned.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint import as_float32, hf_names, load_directory, read_json
-from runtime.config_schema import check_tensors
-from runtime.content_hash import run_pending
+from runtime.checkpoints.checkpoint import as_float32, hf_names, load_directory, read_json
+from runtime.checkpoints.config_schema import check_tensors
+from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 
-IMPORTERS = {"gptq": "runtime.importers.gptq", "awq": "runtime.importers.awq",
-             "bitsandbytes": "runtime.importers.bitsandbytes", "quip#": "runtime.importers.quipsharp"}
+IMPORTERS = {"gptq": "runtime.checkpoints.importers.gptq", "awq": "runtime.checkpoints.importers.awq",
+             "bitsandbytes": "runtime.checkpoints.importers.bitsandbytes", "quip#": "runtime.checkpoints.importers.quipsharp"}
 QUANTIZE_CONFIG = "quantize_config.json"  # AutoGPTQ's file beside config.json
 
 

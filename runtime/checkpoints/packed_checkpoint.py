@@ -7,24 +7,24 @@ and the tokenizer files. A packed weight named N is stored as the arrays
 a JSON object with its format name and parameters, so the format of every
 tensor is read from the file, never guessed from the model's name. Arrays
 that are not packed are stored as they are (norms in float32, embeddings in
-float16). The file records the CRC-32 of every array (runtime.content_hash);
+float16). The file records the CRC-32 of every array (runtime.checkpoints.content_hash);
 a packed tensor's arrays are checked the first time it is multiplied by, the
 other arrays at load. A model's tensors (not a calibration state's) are
-checked against its config.json (runtime.config_schema) before they are returned.
+checked against its config.json (runtime.checkpoints.config_schema) before they are returned.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from runtime.atomic import write_text
-from runtime.checkpoint import read_directly, read_json
-from runtime.config_schema import check_tensors
-from runtime.content_hash import ContentCheck, defer, run_pending, take
+from runtime.checkpoints.atomic import write_text
+from runtime.checkpoints.checkpoint import read_directly, read_json
+from runtime.checkpoints.config_schema import check_tensors
+from runtime.checkpoints.content_hash import ContentCheck, defer, run_pending, take
 from runtime.errors import UserError
 from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
-from runtime.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 WEIGHTS = "model.safetensors"
 

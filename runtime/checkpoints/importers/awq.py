@@ -28,7 +28,7 @@ import numpy as np
 
 from runtime.errors import UserError
 from runtime.formats.uniform import RUN, UniformTensor
-from runtime.importers import packed_modules, require_shape, setting, take_module
+from runtime.checkpoints.importers import packed_modules, require_shape, setting, take_module
 
 BITS = 4
 PER_WORD = 32 // BITS

@@ -42,7 +42,7 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.formats.int8 import Int8Tensor
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, Lut4Tensor, dynamic_map
-from runtime.importers import packed_modules, require_shape, setting, take_module
+from runtime.checkpoints.importers import packed_modules, require_shape, setting, take_module
 
 QUANT_TYPES = ("nf4", "fp4")
 STATE = "quant_state.bitsandbytes__"

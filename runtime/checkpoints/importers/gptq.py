@@ -35,7 +35,7 @@ import numpy as np
 
 from runtime.errors import UserError
 from runtime.formats.uniform import PER_ROW, RUN, UniformTensor, unpack
-from runtime.importers import packed_modules, require_shape, setting, take_module
+from runtime.checkpoints.importers import packed_modules, require_shape, setting, take_module
 
 FORMATS = ("gptq", "gptq_v2")
 

@@ -14,7 +14,7 @@ multiply the load time. Instead each mapped tensor carries a `ContentCheck`
 that runs the first time the tensor is used: `runtime.linear` runs it for the
 weights it multiplies by, the loaders run it at once for the tensors the
 forward pass reads directly (embeddings, norms, biases). `verify_model` in
-runtime/verify.py runs every check (and reads models written elsewhere in full).
+runtime/checkpoints/verify.py runs every check (and reads models written elsewhere in full).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Write this project's quantized models in layouts other tools load: GPTQ checkpoints and GGUF files.
 
-    export_model(model_dir, "gptq", out)   uniform-format model -> GPTQ directory (runtime/export/gptq.py)
-    export_model(model_dir, "gguf", out)   uniform 4/8-bit model -> GGUF file llama.cpp runs (runtime/export/gguf.py)
+    export_model(model_dir, "gptq", out)   uniform-format model -> GPTQ directory (runtime/checkpoints/export/gptq.py)
+    export_model(model_dir, "gguf", out)   uniform 4/8-bit model -> GGUF file llama.cpp runs (runtime/checkpoints/export/gguf.py)
 
 `model_dir` is a model quantize.py wrote (config.json with a `quantization`
 section, packed model.safetensors). What a layout cannot hold is refused
@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.packed_checkpoint import is_packed_model, load_packed
+from runtime.checkpoints.packed_checkpoint import is_packed_model, load_packed
 
-EXPORTERS = {"gptq": "runtime.export.gptq", "gguf": "runtime.export.gguf"}
+EXPORTERS = {"gptq": "runtime.checkpoints.export.gptq", "gguf": "runtime.checkpoints.export.gguf"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json")
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime.device import to_numpy
 from runtime.errors import UserError
-from runtime.sampling import SamplingParams, sample
+from runtime.generation.sampling import SamplingParams, sample
 
 
 @dataclass

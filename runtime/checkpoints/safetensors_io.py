@@ -16,7 +16,7 @@ into it, so loading costs no RAM until a tensor is touched. BF16 has no NumPy
 dtype: BF16 tensors are widened to float32 on read (that one dtype is copied).
 The writer streams each array to a temporary file in the target directory and
 renames it into place, so a crash never leaves a half-written file behind, and
-records the CRC-32 of every tensor in the metadata (runtime.content_hash); the
+records the CRC-32 of every tensor in the metadata (runtime.checkpoints.content_hash); the
 reader attaches each recorded checksum to its tensor, to be checked on first use.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import atomic_file
-from runtime.content_hash import HASH_KEY, ContentCheck, defer, hash_record, read_record, run_pending
+from runtime.checkpoints.atomic import atomic_file
+from runtime.checkpoints.content_hash import HASH_KEY, ContentCheck, defer, hash_record, read_record, run_pending
 from runtime.errors import UserError
 
 # safetensors dtype code -> NumPy dtype (little-endian); BF16 is read as its raw bits.
@@ -157,7 +157,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (and string `metadata`) to a standard .safetensors file, atomically.
 
-    The metadata also records the CRC-32 of every tensor (runtime.content_hash).
+    The metadata also records the CRC-32 of every tensor (runtime.checkpoints.content_hash).
 
     Tensors are laid out widest dtype first so every tensor starts aligned to
     its item size; each array is streamed to disk on its own (a non-contiguous

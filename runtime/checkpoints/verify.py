@@ -2,7 +2,7 @@
 
 Loading checks the config, every tensor's name, shape and dtype, and (lazily,
 on first use) the checksums this project records when it writes a model
-(runtime.content_hash). `verify_model` goes further: it runs every recorded
+(runtime.checkpoints.content_hash). `verify_model` goes further: it runs every recorded
 checksum at once and reads every tensor in full, so models written elsewhere
 (GGUF, llama2.c, Hugging Face files without checksums) are at least checked
 to be complete and finite.
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint import load_checkpoint
-from runtime.content_hash import take
+from runtime.checkpoints.checkpoint import load_checkpoint
+from runtime.checkpoints.content_hash import take
 from runtime.errors import UserError
-from runtime.packed_checkpoint import is_packed_model, load_packed
+from runtime.checkpoints.packed_checkpoint import is_packed_model, load_packed
 
 
 def verify_model(path: str | Path) -> str:

@@ -15,7 +15,7 @@ of 32 (or one per row), is written exactly (Q4_1 within the fp16 rounding
 of m); an 8-bit projection is written exactly when symmetric, else
 re-quantized to Q8_0 (within its rounding). The LM head (8-bit, per row,
 symmetric) is Q8_0 exactly, the embedding F16, norms F32. Q and K rows go
-into llama.cpp's interleaved RoPE order (runtime/gguf_io.py). The
+into llama.cpp's interleaved RoPE order (runtime/checkpoints/gguf_io.py). The
 tokenizer is embedded: a SentencePiece tokenizer.model as "llama" (pieces,
 scores), a byte-level BPE tokenizer.json as "gpt2" (tokens, merges;
 pre-tokenizer "smollm" when it splits digits one by one, else "gpt2"), a
@@ -32,10 +32,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from runtime.atomic import temporary_name
+from runtime.checkpoints.atomic import temporary_name
 from runtime.errors import UserError
 from runtime.formats.uniform import PER_ROW, UniformTensor, unpack
-from runtime.gguf_io import half_split_to_interleaved
+from runtime.checkpoints.gguf_io import half_split_to_interleaved
 
 BLOCK = 32
 EXPORTABLE = ("uniform-format Llama models with 4-bit codes, no act-order, groups a multiple of 32 or one per row "
@@ -164,7 +164,7 @@ def tokenizer_settings(model_dir: Path) -> dict:
 
 
 def write_metadata(writer: gguf.GGUFWriter, config: dict, vocab: dict, settings: dict, file_type) -> None:
-    """The llama.* and tokenizer.ggml.* keys llama.cpp (and runtime/gguf_io.py) read."""
+    """The llama.* and tokenizer.ggml.* keys llama.cpp (and runtime/checkpoints/gguf_io.py) read."""
     heads = config["num_attention_heads"]
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])

@@ -1,0 +1,1 @@
+"""Text: the tokenizer (text <-> token ids, chat templates) and the evaluation data sets."""
