@@ -17,8 +17,8 @@ Bits per weight, from the stored bytes: (32 nnz + 32 (out + 1)) / (out * in),
 i.e. 32 bits per stored weight plus 32 / in per row.
 
 `matmul` computes x @ W.T: with NumPy input the Numba CSR kernel
-(runtime/kernels/sparse_numba.py), with CuPy input the CUDA one (spqr.cu,
-launched by runtime/kernels/spqr_cuda.py). The kernels read the values as
+(runtime/kernels/sparse_numba.py), with CuPy input the CUDA one (sparse.cu,
+launched by runtime/kernels/sparse_cuda.py). The kernels read the values as
 float32 (`values32`, converted once when the tensor is built; not stored).
 """
 from __future__ import annotations
@@ -122,9 +122,9 @@ class SparseTensor(PackedTensor):
         if on_gpu:
             import cupy
 
-            from runtime.kernels import spqr_cuda
+            from runtime.kernels import sparse_cuda
             y = cupy.zeros((x.shape[0], self.out_features), dtype=cupy.float32)  # [m, out]
-            spqr_cuda.sparse_add(self.row_ptr, self.col_idx, self.values32, x, y)
+            sparse_cuda.sparse_add(self.row_ptr, self.col_idx, self.values32, x, y)
             return y
         from runtime.kernels import sparse_numba
         y = np.zeros((x.shape[0], self.out_features), dtype=np.float32)  # [m, out]

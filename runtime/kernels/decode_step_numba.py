@@ -26,17 +26,9 @@ overflows.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
-
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 `bits`."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+from runtime.kernels.numba_common import float_from_bits
 
 
 @njit(inline="always", fastmath=True)
@@ -51,7 +43,7 @@ def exp32(x):
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
-    return (p * r * r + r + np.float32(1.0)) * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    return (p * r * r + r + np.float32(1.0)) * float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @njit(cache=True, fastmath=True)

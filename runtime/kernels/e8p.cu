@@ -14,9 +14,7 @@
 // *_stage_decode: w[o, 8g + i] (+)= scale * point(codes[o, g])[i], one thread per group; the
 //   caller multiplies the decoded Ŵ with cuBLAS (prefill).
 // Each pair of entry points (E8P, 1-bit E8) shares one template body; `stage_point` decodes.
-
-#define WARPS_PER_BLOCK 8
-#define TABLE_FLOATS (256 * 8)
+// WARPS_PER_BLOCK, TABLE_FLOATS: -D defines from runtime/kernels/e8p_cuda.py (cuda_source.py).
 
 __device__ __forceinline__ void load_table(float* s_table, const float* table, int tid, int threads)
 {

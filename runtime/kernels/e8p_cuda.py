@@ -12,17 +12,19 @@ without a GPU. The packed arrays must already be CuPy arrays
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
 from runtime import e8p_codebook
+from runtime.kernels import cuda_source
 from runtime.kernels.hadamard_cuda import hadamard_rows
 
-SOURCE = Path(__file__).with_name("e8p.cu")
-WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul (as in e8p.cu)
+SOURCE = "e8p.cu"
+WARPS_PER_BLOCK = 8  # output rows per thread block of *_stage_matmul
 DECODE_THREADS = 256
 MAX_GRID = 65535
+DEFINES = {"WARPS_PER_BLOCK": WARPS_PER_BLOCK,
+           "TABLE_FLOATS": e8p_codebook.N_SOURCE * e8p_codebook.DIM}  # e8p.cu's constants: a [256, 8] table
 FUSED_MAX_ROWS = 4  # at most this many input rows: fused kernels; more: decode Ŵ + cuBLAS (not tuned)
 KERNELS = {"e8p": ("e8p_stage_matmul", "e8p_stage_decode"), "e8_1bit": ("table_stage_matmul", "table_stage_decode")}
 
@@ -30,9 +32,7 @@ KERNELS = {"e8p": ("e8p_stage_matmul", "e8p_stage_decode"), "e8_1bit": ("table_s
 @functools.lru_cache(maxsize=None)
 def _module():
     """The compiled e8p.cu (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text())
+    return cuda_source.module(SOURCE, DEFINES)
 
 
 @functools.lru_cache(maxsize=None)

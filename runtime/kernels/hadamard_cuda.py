@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import numpy as np
 
 from runtime.hadamard import fast_hadamard, hadamard_factor, small_hadamard
+from runtime.kernels import cuda_source
 
-SOURCE = Path(__file__).with_name("hadamard.cu")
+SOURCE = "hadamard.cu"
 THREADS = 256
 MAX_SHARED_FLOATS = 12 * 1024  # 48 KiB of shared memory per block, the default limit
+DEFINES = {}  # hadamard.cu shares no constant with Python
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The compiled hadamard_rows (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text()).get_function("hadamard_rows")
+    return cuda_source.module(SOURCE, DEFINES).get_function("hadamard_rows")
 
 
 @functools.lru_cache(maxsize=None)

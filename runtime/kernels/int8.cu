@@ -17,9 +17,7 @@
 // Rounding matches the NumPy reference exactly: IEEE division (__fdiv_rn),
 // round-to-nearest-even conversions, and two float32 products in the
 // reference's order (__fmul_rn, no fused multiply-add).
-
-#define THREADS 256
-#define WARPS_PER_BLOCK 8
+// THREADS, WARPS_PER_BLOCK: -D defines from runtime/kernels/int8_cuda.py (cuda_source.py).
 
 extern "C" __global__ void int8_quantize_tokens(
     const float* __restrict__ x,                // [m, in]

@@ -11,21 +11,21 @@ row; prefill has no tiled GEMM yet.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("int8.cu")
-THREADS = 256  # threads per row of int8_quantize_tokens (as in int8.cu)
-WARPS_PER_BLOCK = 8  # output rows per thread block of int8_matmul_dp4a (as in int8.cu)
+from runtime.kernels import cuda_source
+
+SOURCE = "int8.cu"
+THREADS = 256  # threads per row of int8_quantize_tokens
+WARPS_PER_BLOCK = 8  # output rows per thread block of int8_matmul_dp4a
+DEFINES = {"THREADS": THREADS, "WARPS_PER_BLOCK": WARPS_PER_BLOCK}  # int8.cu's constants (cuda_source.py)
 
 
 @functools.lru_cache(maxsize=None)
 def _module():
     """The compiled int8.cu (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text())
+    return cuda_source.module(SOURCE, DEFINES)
 
 
 def quantize_tokens(x, outliers, per_tensor: bool):

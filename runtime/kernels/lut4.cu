@@ -14,9 +14,7 @@
 //   256-value dynamic map live in shared memory.
 // lut4_dequantize: W [out, in] float32, one thread per byte (two weights);
 //   the caller multiplies the result with cuBLAS (prefill).
-
-#define WARPS_PER_BLOCK 8
-#define DQ_BLOCK_SIZE 256
+// WARPS_PER_BLOCK, DQ_BLOCK_SIZE: -D defines from runtime/kernels/lut4_cuda.py (cuda_source.py).
 
 __device__ __forceinline__ float block_scale(long long blk, int dq, const float* absmax,
                                              const unsigned char* absmax_q, const float* s_dmap,

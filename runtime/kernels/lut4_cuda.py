@@ -9,25 +9,24 @@ cuBLAS multiply (`x @ W.T`). The packed arrays must already be CuPy arrays
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
-from runtime.formats.lut4 import dynamic_map
+from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map
+from runtime.kernels import cuda_source
 
-SOURCE = Path(__file__).with_name("lut4.cu")
-WARPS_PER_BLOCK = 8  # output rows per thread block of lut4_matmul_fused (as in lut4.cu)
+SOURCE = "lut4.cu"
+WARPS_PER_BLOCK = 8  # output rows per thread block of lut4_matmul_fused
 DEQUANT_THREADS = 256
 MAX_GRID = 65535
+DEFINES = {"WARPS_PER_BLOCK": WARPS_PER_BLOCK, "DQ_BLOCK_SIZE": DQ_BLOCK_SIZE}  # lut4.cu's constants
 FUSED_MAX_ROWS = 4  # at most this many input rows: fused kernel; more: dequantize + cuBLAS (not tuned)
 
 
 @functools.lru_cache(maxsize=None)
 def _module():
     """The compiled lut4.cu (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text())
+    return cuda_source.module(SOURCE, DEFINES)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,9 @@
 // CUDA kernels of the spqr format (SpQR, Dettmers et al. 2023, "SpQR: A
 // Sparse-Quantized Representation for Near-Lossless LLM Weight Compression",
-// §3.2, §4.2) and of the sparse (CSR) format of its outliers; layouts and NumPy
-// references in runtime/formats/spqr.py and runtime/formats/sparse.py,
-// launchers in runtime/kernels/spqr_cuda.py.
+// §3.2, §4.2): layout and NumPy reference in runtime/formats/spqr.py, launchers
+// in runtime/kernels/spqr_cuda.py, which passes RUN, HALF_RUN, RUN_SPLIT and
+// FP16_STATS as -D defines (cuda_source.py); the outliers' CSR kernel is in
+// sparse.cu.
 //
 // qweight: int32 [n_runs * BITS, out] as the uniform format's: the 32 codes of
 // run r of output n are one little-endian bit stream over words
@@ -25,33 +26,7 @@
 // spqr_dequantize_<BITS>: w[16 h + k, n] = (code - z) * s, one thread per
 //   (half run, column): storage-order W_d^T [n_runs*32, out] float32 for a
 //   cuBLAS product (prefill); half runs past the input are written as 0.
-// sparse_add: y[r, o] += sum_k values[k] * x[r, col_idx[k]] over the CSR
-//   entries k of row o; one thread per (o, r). SpQR passes the corrections
-//   (outlier value - dense value) as values, so outliers replace dense weights.
-
-#define RUN 32
-#define HALF_RUN 16
-#define RUN_SPLIT 8
-#define FP16_STATS 16
-
-// float32 of an IEEE half given as its 16 bits (PTX conversion: no cuda_fp16.h)
-__device__ __forceinline__ float half_to_float(unsigned short bits)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
-    return f;
-}
-
-// the stat_bits-bit code of output n in one row of packed statistic codes
-__device__ __forceinline__ float stat_code(const unsigned int* __restrict__ row, int n, int stat_bits)
-{
-    const int p = n * stat_bits;
-    const int w = p >> 5;
-    const int off = p & 31;
-    unsigned int v = row[w] >> off;
-    if (off + stat_bits > 32) v |= row[w + 1] << (32 - off);
-    return (float)(v & ((1u << stat_bits) - 1u));
-}
+#include "common.cuh"
 
 struct Stats {
     const unsigned int* scale_codes;
@@ -76,9 +51,9 @@ __device__ __forceinline__ void group_stats(const Stats& st, int g, int n, int n
     const long long gb = (long long)g * st.n_blocks + n / st.stat_group;
     const long long row = (long long)g * st.code_words;
     s = half_to_float(st.scale_low[gb])
-        + stat_code(st.scale_codes + row, n, st.stat_bits) * half_to_float(st.scale_step[gb]);
+        + packed_code(st.scale_codes + row, n, st.stat_bits) * half_to_float(st.scale_step[gb]);
     z = half_to_float(st.zero_low[gb])
-        + stat_code(st.zero_codes + row, n, st.stat_bits) * half_to_float(st.zero_step[gb]);
+        + packed_code(st.zero_codes + row, n, st.stat_bits) * half_to_float(st.zero_step[gb]);
 }
 
 // the 16*BITS bits of half run h of output n (code k at bits [k*BITS, (k+1)*BITS))
@@ -176,16 +151,3 @@ __device__ void dequantize(const unsigned int* __restrict__ qweight, const Stats
 SPQR_KERNELS(2)
 SPQR_KERNELS(3)
 SPQR_KERNELS(4)
-
-extern "C" __global__ void sparse_add(const int* __restrict__ row_ptr, const unsigned short* __restrict__ col_idx,
-                                      const float* __restrict__ values, const float* __restrict__ x,
-                                      float* __restrict__ y, int n_in, int n_out, int m)
-{
-    const int o = blockIdx.x * blockDim.x + threadIdx.x;
-    const int r = blockIdx.y;
-    if (o >= n_out || r >= m) return;
-    const float* xr = x + (long long)r * n_in;
-    float acc = 0.0f;
-    for (int k = row_ptr[o]; k < row_ptr[o + 1]; ++k) acc = fmaf(values[k], xr[col_idx[k]], acc);
-    y[(long long)r * n_out + o] += acc;
-}

@@ -1,35 +1,35 @@
-"""CuPy launchers of the spqr and sparse CUDA kernels (source: spqr.cu; layouts: runtime/formats/spqr.py,
-runtime/formats/sparse.py), for SpQR (Dettmers et al. 2023, §4.2).
+"""CuPy launchers of the spqr CUDA kernels (source: spqr.cu; layout: runtime/formats/spqr.py), for SpQR
+(Dettmers et al. 2023, §4.2).
 
 CuPy is imported on first use, so this module imports on machines without a
 GPU. One input row (decode) runs the fused dequantize-matvec kernel; more
 rows (prefill) dequantize the dense part into a temporary float32 array in
 storage order and let cuBLAS multiply. The outliers are then added by the CSR
-kernel with the corrections (value - dense value). The packed arrays must
+kernel (sparse_cuda.py) with the corrections (value - dense value). The packed arrays must
 already be CuPy arrays (`SpQRTensor.to_device(cupy)`).
 """
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
 from runtime.formats.spqr import FP16_STATS, HALF_RUN, QUANTIZED_STATS
+from runtime.formats.uniform import RUN
+from runtime.kernels import cuda_source
+from runtime.kernels.sparse_cuda import sparse_add
 
-SOURCE = Path(__file__).with_name("spqr.cu")
-RUN = 32  # codes per packed run (as in spqr.cu)
-RUN_SPLIT = 8  # thread rows per block of spqr_matvec_* (as in spqr.cu)
-THREADS = 128  # threads per block of the dequantize and sparse kernels
+SOURCE = "spqr.cu"
+RUN_SPLIT = 8  # thread rows per block of spqr_matvec_*
+THREADS = 128  # threads per block of the dequantize kernels
 MIN_BLOCKS = 512  # split the input dimension until the matvec grid has about this many blocks
+DEFINES = {"RUN": RUN, "HALF_RUN": HALF_RUN, "RUN_SPLIT": RUN_SPLIT, "FP16_STATS": FP16_STATS}  # spqr.cu's constants
 
 
 @functools.lru_cache(maxsize=None)
 def _module():
     """The compiled spqr.cu (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text())
+    return cuda_source.module(SOURCE, DEFINES)
 
 
 def _stats_args(packed) -> tuple:
@@ -63,20 +63,6 @@ def dequantize_storage(packed):
     _module().get_function(f"spqr_dequantize_{packed.bits}")(
         grid, (THREADS,), (packed.qweight, *_stats_args(packed), w, *_shape_args(packed)))
     return w
-
-
-def sparse_add(row_ptr, col_idx, values, x, y) -> None:
-    """y [m, out] += x [m, in] @ S.T for the CSR matrix S (CuPy arrays; values float32, y contiguous)."""
-    import cupy
-
-    x = cupy.ascontiguousarray(x, dtype=cupy.float32)  # [m, in]
-    m, n_in = x.shape
-    n_out = row_ptr.shape[0] - 1
-    if values.shape[0] == 0 or m == 0:
-        return
-    grid = (-(-n_out // THREADS), m)
-    _module().get_function("sparse_add")(
-        grid, (THREADS,), (row_ptr, col_idx, values, x, y, np.int32(n_in), np.int32(n_out), np.int32(m)))
 
 
 def matmul(packed, x):

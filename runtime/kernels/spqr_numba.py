@@ -30,9 +30,9 @@ import numpy as np
 from numba import njit, prange
 
 from runtime.formats.spqr import FP16_STATS, HALF_RUN, QUANTIZED_STATS
-from runtime.kernels.prefill_threads import run_tiles
 from runtime.formats.uniform import RUN
-from runtime.kernels.uniform_numba import _half_to_float
+from runtime.kernels.numba_common import half_to_float
+from runtime.kernels.prefill_threads import run_tiles
 
 CHUNK = 256  # target output columns per parallel task of matvec
 PREFILL_TILE = 1 << 20  # floats in the dequantized tile of the prefill path (4 MiB)
@@ -107,8 +107,8 @@ def _decode_stat(codes, step, low, g, stat_bits, stat_group, n0, m, out):
     mask = (1 << stat_bits) - 1
     row = codes[g]  # [code words]
     for b in range(n0 // stat_group, (n0 + m - 1) // stat_group + 1):
-        lo = _half_to_float(low[g, b])
-        st = _half_to_float(step[g, b])
+        lo = half_to_float(low[g, b])
+        st = half_to_float(step[g, b])
         for i in range(max(b * stat_group, n0) - n0, min((b + 1) * stat_group, n0 + m) - n0):
             p = (n0 + i) * stat_bits
             value = (np.int64(row[p >> 5]) & 0xFFFFFFFF) >> (p & 31)
@@ -127,8 +127,8 @@ def _group_stats(stats, g, stat_bits, stat_group, n0, m, s, z):
     scale_codes, scale_step, scale_low, zero_codes, zero_step, zero_low, scales, zeros = stats
     if stat_bits == FP16_STATS:
         for i in range(m):
-            s[i] = _half_to_float(scales[g, n0 + i])
-            z[i] = _half_to_float(zeros[g, n0 + i])
+            s[i] = half_to_float(scales[g, n0 + i])
+            z[i] = half_to_float(zeros[g, n0 + i])
     else:
         _decode_stat(scale_codes, scale_step, scale_low, g, stat_bits, stat_group, n0, m, s)
         _decode_stat(zero_codes, zero_step, zero_low, g, stat_bits, stat_group, n0, m, z)

@@ -1,6 +1,7 @@
 // CUDA kernels of the uniform format (RTN / GPTQ codes); layout and NumPy
 // reference in runtime/formats/uniform.py, launchers in
-// runtime/kernels/uniform_cuda.py.
+// runtime/kernels/uniform_cuda.py, which passes RUN and RUN_SPLIT as -D
+// defines (cuda_source.py).
 //
 // qweight: int32 [n_runs * BITS, out]; the 32 codes of run r of output column
 // n are one little-endian bit stream over words qweight[r*BITS + t, n],
@@ -21,28 +22,7 @@
 //   thread per (run, column): storage-order W^T [n_runs*32, out] float32 for
 //   a cuBLAS product (prefill).
 
-#define RUN 32
-#define RUN_SPLIT 8
-
-// float32 of an IEEE half given as its 16 bits (PTX conversion: no cuda_fp16.h, whose copy under
-// NVRTC depends on the CuPy / CUDA versions)
-__device__ __forceinline__ float half_to_float(unsigned short bits)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
-    return f;
-}
-
-// zero point of output n in one qzeros row (any bit width)
-__device__ __forceinline__ float zero_at(const unsigned int* __restrict__ row, int n, int bits)
-{
-    const int p = n * bits;
-    const int w = p >> 5;
-    const int off = p & 31;
-    unsigned int v = row[w] >> off;
-    if (off + bits > 32) v |= row[w + 1] << (32 - off);
-    return (float)(v & ((1u << bits) - 1u));
-}
+#include "common.cuh"
 
 // the 32 codes of one run, from its BITS words
 template <int BITS>
@@ -93,7 +73,7 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const unsigned 
             }
             const int g = run / group_runs;
             const float s = half_to_float(scales[(long long)g * n_out + n]);
-            const float z = zero_at(qzeros + (long long)g * zero_words, n, BITS);
+            const float z = packed_code(qzeros + (long long)g * zero_words, n, BITS);
             acc = fmaf(s, dot - z * xsum, acc);
         }
     }
@@ -121,7 +101,7 @@ __device__ void dequantize(const unsigned int* __restrict__ qweight, const unsig
     unpack_run<BITS>(words, codes);
     const int g = run / group_runs;
     const float s = half_to_float(scales[(long long)g * n_out + n]);
-    const float z = zero_at(qzeros + (long long)g * zero_words, n, BITS);
+    const float z = packed_code(qzeros + (long long)g * zero_words, n, BITS);
 #pragma unroll
     for (int k = 0; k < RUN; ++k) w[(long long)(run * RUN + k) * n_out + n] = (codes[k] - z) * s;
 }

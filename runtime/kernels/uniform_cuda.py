@@ -9,23 +9,23 @@ and let cuBLAS multiply. The packed arrays must already be CuPy arrays
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("uniform.cu")
-RUN = 32  # codes per packed run (as in uniform.cu)
-RUN_SPLIT = 8  # thread rows per block of uniform_matvec_* (as in uniform.cu)
+from runtime.formats.uniform import RUN
+from runtime.kernels import cuda_source
+
+SOURCE = "uniform.cu"
+RUN_SPLIT = 8  # thread rows per block of uniform_matvec_*
 DEQUANT_THREADS = 128
 MIN_BLOCKS = 512  # split the input dimension until the matvec grid has about this many blocks
+DEFINES = {"RUN": RUN, "RUN_SPLIT": RUN_SPLIT}  # uniform.cu's constants (cuda_source.py)
 
 
 @functools.lru_cache(maxsize=None)
 def _module():
     """The compiled uniform.cu (NVRTC, once per process)."""
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text())
+    return cuda_source.module(SOURCE, DEFINES)
 
 
 def _kernel_args(packed) -> tuple:

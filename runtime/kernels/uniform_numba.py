@@ -17,8 +17,8 @@ Two paths; neither keeps anything between calls:
   a scratch buffer [in, cols] (4 MiB), multiply by BLAS, next tile; the
   tiles are spread over one thread per core (runtime/kernels/prefill_threads.py).
 
-Float16 scales are converted with the CPU's half-precision instruction (an
-LLVM `fpext`, Numba has no float16 type). The bit width is a run-time
+Float16 scales are converted with the CPU's half-precision instruction
+(runtime/kernels/numba_common.py). The bit width is a run-time
 argument and each helper branches on it once per run of 32 codes, passing a
 literal width down, so one compiled signature serves every bit width.
 """
@@ -26,38 +26,17 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
+from runtime.formats.uniform import RUN
+from runtime.kernels.numba_common import scale_value
 from runtime.kernels.prefill_threads import run_tiles
 
-RUN = 32  # codes per packed run (runtime/formats/uniform.py)
 CHUNK = 256  # target output columns per parallel task of matvec
 PREFILL_TILE = 1 << 20  # floats in the dequantized tile of the prefill path (4 MiB)
 NO_PERM = np.zeros(0, dtype=np.int32)  # stands for "storage order is the column order"
 NO_PERM.flags.writeable = False
-
-
-@intrinsic
-def _half_to_float(typingctx, bits):
-    """float32 value of the IEEE half-precision number whose bits are `bits` (uint16)."""
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-def scale_value(value):
-    """float32 of one stored scale: float16 bits (uint16) or float32; compiled through the overload below."""
-    raise NotImplementedError("called from compiled code only")
-
-
-@overload(scale_value, inline="always")
-def _scale_value(value):
-    if value == types.uint16:
-        return lambda value: _half_to_float(value)
-    return lambda value: np.float32(value)
 
 
 @njit(inline="always")

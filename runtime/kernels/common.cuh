@@ -1,0 +1,26 @@
+// Device helpers shared by this folder's CUDA sources (included as "common.cuh"; see cuda_source.py).
+#ifndef QLLM_COMMON_CUH
+#define QLLM_COMMON_CUH
+
+// float32 of an IEEE half given as its 16 bits (PTX conversion: no cuda_fp16.h, whose copy under
+// NVRTC depends on the CuPy / CUDA versions)
+__device__ __forceinline__ float half_to_float(unsigned short bits)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
+    return f;
+}
+
+// the `bits`-bit code of entry n in a row of codes packed along the row as one little-endian bit stream
+// (uniform's zero points, SpQR's statistic codes; any width up to 25 bits)
+__device__ __forceinline__ float packed_code(const unsigned int* __restrict__ row, int n, int bits)
+{
+    const int p = n * bits;
+    const int w = p >> 5;
+    const int off = p & 31;
+    unsigned int v = row[w] >> off;
+    if (off + bits > 32) v |= row[w + 1] << (32 - off);
+    return (float)(v & ((1u << bits) - 1u));
+}
+
+#endif  // QLLM_COMMON_CUH
