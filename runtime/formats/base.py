@@ -70,6 +70,16 @@ def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None) -> np.nda
     return out
 
 
+def frozen(a):
+    """A read-only view of a NumPy array (packed tensors never change; memory-mapped ones cannot);
+    CuPy arrays as they are."""
+    if is_cupy(a):
+        return a
+    view = np.asarray(a).view()
+    view.flags.writeable = False
+    return view
+
+
 class PackedTensor:
     """A quantized weight W [out, in] stored in a packed layout.
 
@@ -83,6 +93,13 @@ class PackedTensor:
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features) of the float weight this stands for."""
         raise NotImplementedError
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * stored bytes / number of weights: codes and all side data (scales, zeros, statistics, tables,
+        permutations, outliers) the format stores."""
+        n_out, n_in = self.shape
+        return 8.0 * self.nbytes / (n_out * n_in)
 
     def dequantize(self):
         """The float32 weight [out, in] the codes decode to (NumPy reference)."""

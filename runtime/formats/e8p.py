@@ -139,11 +139,6 @@ class E8PTensor(PackedTensor):
         return self.out_features, self.in_features
 
     @property
-    def bits_per_weight(self) -> float:
-        """8 * stored bytes / number of weights (codes and all side data)."""
-        return 8.0 * self.nbytes / (self.in_features * self.out_features)
-
-    @property
     def stage_codes(self) -> list:
         """The code arrays [out, in/8] of the stages, first stage first."""
         return [self.qweight] if self.qweight_2 is None else [self.qweight, self.qweight_2]

@@ -180,12 +180,6 @@ class IncoherentTensor(PackedTensor):
     def shape(self) -> tuple[int, int]:
         return self.inner.shape
 
-    @property
-    def bits_per_weight(self) -> float:
-        """8 * stored bytes / number of weights (inner codes, inner side data, rescale)."""
-        n_out, n_in = self.shape
-        return 8.0 * self.nbytes / (n_out * n_in)
-
     def processed(self) -> np.ndarray:
         """Ŵ [out, in] float32: the inner weight with the midrise shift (NumPy)."""
         w = self.inner.dequantize()  # [out, in]

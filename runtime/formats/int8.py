@@ -113,12 +113,6 @@ class Int8Tensor(PackedTensor):
     def shape(self) -> tuple[int, int]:
         return int(self.qweight.shape[0]), int(self.qweight.shape[1])
 
-    @property
-    def bits_per_weight(self) -> float:
-        """8 * stored bytes / number of weights (scales included)."""
-        n_out, n_in = self.shape
-        return 8.0 * self.nbytes / (n_out * n_in)
-
     def _check(self):
         def fail(what):
             raise UserError(f"int8 tensor: {what}; re-quantize the weight or use the file it was saved with")

@@ -56,7 +56,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor, quantize_activation
+from runtime.formats.base import PackedTensor, frozen, quantize_activation
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.uniform import RUN, pack, unpack
 from runtime.quant_grid import fp16_ceil
@@ -109,15 +109,6 @@ def dequantize_stats(codes: np.ndarray, step: np.ndarray, low: np.ndarray, stat_
     return (low.astype(np.float32)[..., block] + codes.astype(np.float32) * step.astype(np.float32)[..., block])
 
 
-def _frozen(a):
-    """A read-only view of a NumPy array (packed tensors never change); CuPy arrays as they are."""
-    if is_cupy(a):
-        return a
-    view = np.asarray(a).view()
-    view.flags.writeable = False
-    return view
-
-
 class SpQRTensor(PackedTensor):
     """W [out, in] as SpQR's base codes, bilevel statistics and float16 outliers (layout above)."""
 
@@ -130,9 +121,9 @@ class SpQRTensor(PackedTensor):
         check_params(bits, group_size, stat_bits, stat_group)
         self.bits, self.group_size = int(bits), int(group_size)
         self.stat_bits, self.stat_group = int(stat_bits), int(stat_group)
-        self.qweight = _frozen(qweight)  # [ceil(in/32)*bits, out] int32
-        self.perm = _frozen(perm)  # [in] int32
-        self.stats = {name: _frozen(a) for name, a in stats.items()}
+        self.qweight = frozen(qweight)  # [ceil(in/32)*bits, out] int32
+        self.perm = frozen(perm)  # [in] int32
+        self.stats = {name: frozen(a) for name, a in stats.items()}
         self.outliers = outliers
         self.in_features = int(np.shape(perm)[0]) if np.ndim(perm) == 1 else -1
         self.out_features = int(np.shape(qweight)[1]) if np.ndim(qweight) == 2 else -1
@@ -170,11 +161,6 @@ class SpQRTensor(PackedTensor):
     @property
     def n_groups(self) -> int:
         return -(-self.in_features // self.group_size)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """8 * stored bytes / number of weights (codes, statistics, permutation and outliers)."""
-        return 8.0 * self.nbytes / (self.in_features * self.out_features)
 
     def _expected(self) -> dict:
         """name -> (dtype, shape) every dense-part array must have, from the parameters."""

@@ -75,7 +75,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor, quantize_activation
+from runtime.formats.base import PackedTensor, frozen, quantize_activation
 
 BITS = (2, 3, 4, 8)
 RUN = 32  # codes per packed run (a run of b words)
@@ -152,16 +152,6 @@ def check_params(bits: int, group_size: int) -> None:
                         f"or -1 for one group per row, got {group_size}")
 
 
-def _frozen(a):
-    """A read-only view of a NumPy array (packed tensors never change; memory-mapped ones cannot);
-    CuPy arrays as they are."""
-    if is_cupy(a):
-        return a
-    view = np.asarray(a).view()
-    view.flags.writeable = False
-    return view
-
-
 class UniformTensor(PackedTensor):
     """W [out, in] as 2/3/4/8-bit codes with a float16 scale and integer zero per group (layout above)."""
 
@@ -173,10 +163,10 @@ class UniformTensor(PackedTensor):
         if getattr(g_idx, "ndim", 0) != 1 or getattr(scales, "ndim", 0) != 2:
             raise UserError(f"packed tensor g_idx / scales must be 1-D / 2-D, got shapes "
                             f"{list(np.shape(g_idx))} / {list(np.shape(scales))}; re-quantize the model")
-        self.qweight = _frozen(qweight)  # [ceil(in/32)*bits, out] int32
-        self.qzeros = _frozen(qzeros)  # [n_groups, ceil(out/32)*bits] int32
-        self.scales = _frozen(scales)  # [n_groups, out] float16
-        self.g_idx = _frozen(g_idx)  # [in] int32
+        self.qweight = frozen(qweight)  # [ceil(in/32)*bits, out] int32
+        self.qzeros = frozen(qzeros)  # [n_groups, ceil(out/32)*bits] int32
+        self.scales = frozen(scales)  # [n_groups, out] float16
+        self.g_idx = frozen(g_idx)  # [in] int32
         self.bits = int(bits)
         self.group_size = int(group_size)
         self.sym = bool(sym)
@@ -189,7 +179,7 @@ class UniformTensor(PackedTensor):
         self.act_order = not np.array_equal(g_idx_host, group_index(self.in_features, self.group_size))
         self.perm = None  # [in] int32 storage order, None when it is the identity
         if self.act_order:
-            self.perm = _frozen(array_module_of(g_idx).asarray(storage_order(g_idx_host).astype(np.int32)))
+            self.perm = frozen(array_module_of(g_idx).asarray(storage_order(g_idx_host).astype(np.int32)))
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
@@ -215,11 +205,6 @@ class UniformTensor(PackedTensor):
     @property
     def n_groups(self) -> int:
         return int(self.scales.shape[0])
-
-    @property
-    def bits_per_weight(self) -> float:
-        """8 * stored bytes / number of weights (codes and all side data)."""
-        return 8.0 * self.nbytes / (self.in_features * self.out_features)
 
     def _expected(self) -> dict:
         """name -> (dtype, shape) every array must have, from the parameters."""

@@ -23,4 +23,20 @@ __device__ __forceinline__ float packed_code(const unsigned int* __restrict__ ro
     return (float)(v & ((1u << bits) - 1u));
 }
 
+// The end of a column-per-thread matvec on blockDim = (32, SPLIT): each thread row's sum `acc` for column n
+// meets the others in shared memory, and thread row 0 adds the column's total into y[n] (one atomicAdd: the
+// grid's blocks along the input dimension add into the same y, zeroed by the caller).
+template <int SPLIT>
+__device__ __forceinline__ void add_column_sums(float (&partial)[SPLIT][32], float acc, float* y, int n, int n_out)
+{
+    partial[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && n < n_out) {
+        float total = 0.0f;
+#pragma unroll
+        for (int t = 0; t < SPLIT; ++t) total += partial[t][threadIdx.x];
+        atomicAdd(y + n, total);
+    }
+}
+
 #endif  // QLLM_COMMON_CUH

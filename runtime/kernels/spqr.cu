@@ -73,7 +73,7 @@ template <int BITS>
 __device__ void matvec(const unsigned int* __restrict__ qweight, const Stats& st, const float* __restrict__ x,
                        float* __restrict__ y, int n_in, int n_out, int group_size)
 {
-    __shared__ float partial[RUN_SPLIT][32];
+    __shared__ float partial[RUN_SPLIT][32];  // add_column_sums
     const int n = blockIdx.x * 32 + threadIdx.x;
     const int n_halves = (n_in + HALF_RUN - 1) / HALF_RUN;
     const int per_slice = (n_halves + gridDim.y - 1) / gridDim.y;
@@ -96,14 +96,7 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const Stats& st
             acc = fmaf(s, dot - z * xsum, acc);
         }
     }
-    partial[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && n < n_out) {
-        float total = 0.0f;
-#pragma unroll
-        for (int t = 0; t < RUN_SPLIT; ++t) total += partial[t][threadIdx.x];
-        atomicAdd(y + n, total);
-    }
+    add_column_sums(partial, acc, y, n, n_out);
 }
 
 template <int BITS>

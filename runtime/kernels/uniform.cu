@@ -51,7 +51,7 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const unsigned 
                        const unsigned short* __restrict__ scales, const float* __restrict__ x, float* __restrict__ y,
                        int n_runs, int n_out, int zero_words, int group_runs)
 {
-    __shared__ float partial[RUN_SPLIT][32];
+    __shared__ float partial[RUN_SPLIT][32];  // add_column_sums
     const int n = blockIdx.x * 32 + threadIdx.x;
     const int per_slice = (n_runs + gridDim.y - 1) / gridDim.y;
     const int run0 = blockIdx.y * per_slice;
@@ -77,14 +77,7 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const unsigned 
             acc = fmaf(s, dot - z * xsum, acc);
         }
     }
-    partial[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && n < n_out) {
-        float total = 0.0f;
-#pragma unroll
-        for (int t = 0; t < RUN_SPLIT; ++t) total += partial[t][threadIdx.x];
-        atomicAdd(y + n, total);
-    }
+    add_column_sums(partial, acc, y, n, n_out);
 }
 
 template <int BITS>

@@ -72,13 +72,17 @@ def _dot_run_words(qweight, run, bits, x, acc, n0, m):
             acc[i] = a
 
 
+@njit(inline="always")
+def _words3(qweight, run, n0, m):
+    """The three word rows [m] each of a 3-bit run for outputs n0 .. n0 + m - 1."""
+    return qweight[3 * run, n0:n0 + m], qweight[3 * run + 1, n0:n0 + m], qweight[3 * run + 2, n0:n0 + m]
+
+
 @njit(inline="always", fastmath=True)
 def _dot_run3(qweight, run, x, acc, n0, m):
     """`_dot_run_words` for 3 bits: 32 codes in three words, codes 10 and 21 straddle two words."""
     base = run * RUN
-    words0 = qweight[3 * run, n0:n0 + m]  # [m]
-    words1 = qweight[3 * run + 1, n0:n0 + m]  # [m]
-    words2 = qweight[3 * run + 2, n0:n0 + m]  # [m]
+    words0, words1, words2 = _words3(qweight, run, n0, m)  # [m] each
     for i in range(m):
         v0 = words0[i]
         v1 = words1[i]
@@ -128,9 +132,7 @@ def _deq_run_words(qweight, run, bits, s, sz, out, n0, m):
 def _deq_run3(qweight, run, s, sz, out, n0, m):
     """`_deq_run_words` for 3 bits."""
     base = run * RUN
-    words0 = qweight[3 * run, n0:n0 + m]  # [m]
-    words1 = qweight[3 * run + 1, n0:n0 + m]  # [m]
-    words2 = qweight[3 * run + 2, n0:n0 + m]  # [m]
+    words0, words1, words2 = _words3(qweight, run, n0, m)  # [m] each
     for i in range(m):
         v0 = words0[i]
         v1 = words1[i]
