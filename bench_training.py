@@ -8,8 +8,8 @@ of WikiText-2 validation (our tokenizer's ids, the same for every engine),
 one window per step, AdamW; one warm-up step, then --steps timed steps:
 
 - ours on the NF4-DQ base (`smollm2-135m.nf4dq`, QLoRA's setting) and on the
-  float base, through `pipeline.training.trainer.train` with the BLAS threads
-  train.py sets; ours always checkpoints activations per layer (recomputes
+  float base, through `pipeline.training.trainer.train` with BLAS on every core
+  as train.py (`runtime.blas_on_every_core`); ours always checkpoints activations per layer (recomputes
   each layer in the backward);
 - PEFT + torch on the float base with `torch.set_num_threads(cores)`, without
   and with gradient checkpointing (transformers' per-layer checkpointing, the
@@ -55,7 +55,9 @@ def windows(ids, count: int) -> list:
 # ---- the children: one engine each, one JSON line out ----------------------------------------
 
 def child_ours(base: str, ids_path: str, steps: int) -> dict:
-    import train  # noqa: F401  (sets train.py's BLAS threads before NumPy loads)
+    import runtime
+
+    runtime.blas_on_every_core()  # as train.py, before NumPy loads
     import numpy as np
 
     from pipeline.api import load_model
@@ -150,8 +152,8 @@ def throughput(rounds: int, steps: int, work: Path) -> dict:
 
 
 def quality(steps: int, work: Path) -> dict:
-    """base -> {"before": ppl, "after": ppl} for the NF4-DQ and float bases fine-tuned alike."""
-    import train  # noqa: F401  (train.py's BLAS threads)
+    """base -> {"before": ppl, "after": ppl} for the NF4-DQ and float bases fine-tuned alike (in this process:
+    not timed)."""
     from pipeline.api import load_model
     from pipeline.first_use import find_or_build
     from pipeline.perplexity import perplexity

@@ -13,6 +13,10 @@ import json
 import math
 from pathlib import Path
 
+import runtime
+
+runtime.blas_on_every_core()  # calibration's forward passes and Hessian math (runtime/__init__.py)
+
 from runtime.cli import run_cli
 from runtime.errors import UserError
 from pipeline.tags import contracts, parse_tag

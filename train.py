@@ -11,13 +11,11 @@ continues from, bit-identically. Bad input gets a one-line error, exit status 1.
 """
 import argparse
 import math
-import os
 from pathlib import Path
 
-# Training multiplies whole matrices (a layer's dequantized weights by 512-token windows): BLAS on every core.
-# runtime/__init__.py, imported below, defaults BLAS to one thread for inference, where BLAS calls alternate
-# with Numba's parallel kernels; a value already set wins over both.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+import runtime
+
+runtime.blas_on_every_core()  # training multiplies whole matrices (runtime/__init__.py); before NumPy loads
 
 from pipeline.api import load_model, load_tokenizer
 from runtime.cli import ArgumentParser, run_cli

@@ -1,0 +1,180 @@
+"""Build time and peak memory of quantizing a 1B-class checkpoint (issue 15): `python bench_build.py` writes
+benchmarks/build.md.
+
+The model is a random-weight OPT with facebook/opt-1.3b's config, float32
+safetensors (bench_models.py builds it once under .cache/bench/opt-1.3b; the
+time of a method does not depend on the weights' values). Each measurement is
+a fresh process; its wall time and peak RSS (the child's ru_maxrss, from
+wait4) are recorded:
+
+- each method's build: `quantize.py --model M --method ... --out TMP`, the
+  command a user runs (calibrated methods with --nsamples windows of 512
+  tokens of WikiText-2 validation);
+- the I/O floor: read every tensor of the checkpoint (materialized from the
+  mapped file) and write them again as safetensors: what RTN and NF4, which
+  read each weight once and write its codes, cannot go below;
+- the calibration floor: the calibration windows through every decoder layer,
+  twice (true-sequential runs each layer again with its quantized weights, so
+  two passes are the least a calibrated method does), float32 weights.
+
+Targets (issue 15): every calibrated method within 2x of the calibration
+floor, RTN and NF4 within 2x of the I/O floor, peak RSS under 1.5x the float
+checkpoint's size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent
+MODEL = PROJECT / ".cache" / "bench" / "opt-1.3b"
+SEQLEN = 512
+METHODS = {  # row name -> quantize.py arguments
+    "rtn4g128": ["--method", "rtn", "--bits", "4", "--group", "128"],
+    "nf4dq": ["--method", "nf", "--dq"],
+    "int8": ["--method", "int"],
+    "gptq4g128": ["--method", "gptq", "--bits", "4", "--group", "128"],
+    "spqr3g16": ["--method", "spqr", "--bits", "3"],
+    "quip2": ["--method", "quip", "--bits", "2"],
+    "quipsharp2": ["--method", "quipsharp", "--bits", "2"],
+}
+CALIBRATED = ("gptq4g128", "spqr3g16", "quip2", "quipsharp2")
+
+
+def measure(command: list[str]) -> dict:
+    """Wall seconds and peak RSS (MB) of one child process running `command` in the project."""
+    began = time.perf_counter()
+    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - began
+    stderr = child.stderr.read()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "rss": usage.ru_maxrss / 1024}
+
+
+# ---- the floors, each run as `bench_build.py --floor NAME` in a child -----------------------------
+
+def floor_io(model: Path, out: Path) -> None:
+    """Read every tensor of the checkpoint into memory and write them all again as safetensors."""
+    import numpy as np
+
+    from runtime.checkpoints.checkpoint import load_checkpoint
+    from runtime.checkpoints.safetensors_io import write_safetensors
+
+    _, tensors = load_checkpoint(model)
+    write_safetensors(out / "model.safetensors", {name: np.array(t) for name, t in tensors.items()})
+
+
+def floor_calibration(model: Path, nsamples: int) -> None:
+    """The calibration windows through every decoder layer twice, float32 weights, as calibrate() runs them."""
+    import runtime
+
+    runtime.blas_on_every_core()  # as quantize.py, before NumPy loads
+    import numpy as np
+
+    from model import Config, Model
+    from pipeline.api import load_tokenizer
+    from pipeline.calibration import CalibrationSettings
+    from pipeline.quantize_model import calibration_windows
+    from runtime.checkpoints.checkpoint import load_checkpoint
+
+    hf_config, tensors = load_checkpoint(model)
+    net = Model(Config.from_hf(hf_config), tensors)
+    windows = calibration_windows(load_tokenizer(model), CalibrationSettings(nsamples=nsamples, seqlen=SEQLEN))
+    hidden = np.stack([net.embed_tokens(w, 0) for w in windows])  # [nsamples, seqlen, d]
+    outputs = np.empty_like(hidden)  # [nsamples, seqlen, d]
+    cache = net.new_cache(SEQLEN)
+    for i, weights in enumerate(net.layers):
+        for _ in range(2):
+            for s in range(len(hidden)):
+                outputs[s] = net.block(weights, hidden[s], cache, i)  # [seqlen, d]
+        hidden, outputs = outputs, hidden
+
+
+# ---- the parent ---------------------------------------------------------------------------------
+
+def run_all(model: Path, nsamples: int, rows: list[str], work: Path) -> dict:
+    """{row: {"seconds", "rss"}} for the floors and the methods."""
+    here = [sys.executable, str(Path(__file__).resolve())]
+    results = {"floor-io": measure(here + ["--floor", "io", "--model", str(model), "--out", str(work)])}
+    print("floor-io", results["floor-io"], file=sys.stderr)
+    results["floor-calibration"] = measure(here + ["--floor", "calibration", "--model", str(model),
+                                                   "--nsamples", str(nsamples)])
+    print("floor-calibration", results["floor-calibration"], file=sys.stderr)
+    for row in rows:
+        extra = ["--nsamples", str(nsamples)] if row in CALIBRATED else []
+        results[row] = measure([sys.executable, "quantize.py", "--model", str(model), *METHODS[row], *extra,
+                                "--out", str(work / row)])
+        print(row, results[row], file=sys.stderr)
+    return results
+
+
+def document(command: str, model: Path, nsamples: int, results: dict) -> str:
+    """The text of benchmarks/build.md."""
+    from bench import machine
+
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
+    io, calib = results["floor-io"]["seconds"], results["floor-calibration"]["seconds"]
+    lines = ["# Build time and peak memory at 1.3B", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine()}.", "",
+             f"Model: random weights with facebook/opt-1.3b's config, float32 safetensors of {size:.0f} MB "
+             f"({model}). Calibrated methods: {nsamples} windows of {SEQLEN} tokens of "
+             f"WikiText-2 validation (quantize.py's default is 32; fewer here so that the whole table fits one "
+             f"session on 2 cores: the floor is measured with the same windows, so the ratios carry over). How: "
+             f"bench_build.py's docstring; one fresh process per row.", "",
+             "| row | seconds | x its floor | peak RSS MB | x checkpoint size |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row, m in results.items():
+        floor = "" if row.startswith("floor") else f"{m['seconds'] / (calib if row in CALIBRATED else io):.2f}"
+        lines.append(f"| {row} | {m['seconds']:.0f} | {floor} | {m['rss']:.0f} | {m['rss'] / size:.2f} |")
+    lines += ["", "Floors: floor-io reads every tensor and writes it again (the floor of RTN, NF4 and int8); "
+              "floor-calibration runs the windows through every layer twice (the floor of GPTQ, SpQR, QuIP and "
+              "QuIP#). Targets: calibrated methods within 2x of floor-calibration, the others within 2x of "
+              "floor-io, peak RSS under 1.5x the checkpoint."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(MODEL), help="float checkpoint (default: the random OPT-1.3b)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows of the calibrated methods")
+    p.add_argument("--rows", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--no-write", action="store_true", help="print the document instead of writing it")
+    p.add_argument("--floor", choices=("io", "calibration"), help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    model = Path(args.model)
+    if args.floor == "io":
+        return floor_io(model, Path(args.out))
+    if args.floor == "calibration":
+        return floor_calibration(model, args.nsamples)
+    if not (model / "config.json").exists():
+        raise SystemExit(f"{model} has no config.json: build it with `python bench_models.py` (or give --model)")
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(METHODS)}")
+    with tempfile.TemporaryDirectory(dir=PROJECT / ".cache") as tmp:
+        results = run_all(model, args.nsamples, rows, Path(tmp))
+    command = "python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = document(command.strip(), model, args.nsamples, results)
+    print(json.dumps(results), file=sys.stderr)
+    if args.no_write:
+        print(text)
+        return None
+    from runtime.checkpoints.atomic import write_text
+
+    (PROJECT / "benchmarks").mkdir(exist_ok=True)
+    write_text(PROJECT / "benchmarks" / "build.md", text)
+    print(text)
+    return None
+
+
+if __name__ == "__main__":
+    main()
