@@ -5,7 +5,9 @@ The model is a random-weight OPT with facebook/opt-1.3b's config, float32
 safetensors (bench_models.py builds it once under .cache/bench/opt-1.3b; the
 time of a method does not depend on the weights' values). Each measurement is
 a fresh process; its wall time and peak RSS (the child's ru_maxrss, from
-wait4) are recorded:
+wait4) are recorded, each row in .cache/bench/build-rows.json as soon as it
+finishes (a rerun for the same model and windows measures only the rows not
+there yet):
 
 - each method's build: `quantize.py --model M --method ... --out TMP`, the
   command a user runs (calibrated methods with --nsamples windows of 512
@@ -100,20 +102,29 @@ def floor_calibration(model: Path, nsamples: int) -> None:
 
 # ---- the parent ---------------------------------------------------------------------------------
 
-def run_all(model: Path, nsamples: int, rows: list[str], work: Path) -> dict:
-    """{row: {"seconds", "rss"}} for the floors and the methods."""
+def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path) -> dict:
+    """{row: {"seconds", "rss"}} for the floors and the methods. Each finished row is written to `saved`
+    (atomically) at once, and rows already there for the same model and windows are not measured again:
+    an interrupted run loses no finished row."""
+    from runtime.checkpoints.atomic import write_text
+
+    identity = {"model": str(model.resolve()), "nsamples": nsamples}
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    results = previous.get("results", {}) if {k: previous.get(k) for k in identity} == identity else {}
     here = [sys.executable, str(Path(__file__).resolve())]
-    results = {"floor-io": measure(here + ["--floor", "io", "--model", str(model), "--out", str(work)])}
-    print("floor-io", results["floor-io"], file=sys.stderr)
-    results["floor-calibration"] = measure(here + ["--floor", "calibration", "--model", str(model),
-                                                   "--nsamples", str(nsamples)])
-    print("floor-calibration", results["floor-calibration"], file=sys.stderr)
+    commands = {"floor-io": here + ["--floor", "io", "--model", str(model), "--out", str(work)],
+                "floor-calibration": here + ["--floor", "calibration", "--model", str(model), "--nsamples",
+                                             str(nsamples)]}
     for row in rows:
         extra = ["--nsamples", str(nsamples)] if row in CALIBRATED else []
-        results[row] = measure([sys.executable, "quantize.py", "--model", str(model), *METHODS[row], *extra,
-                                "--out", str(work / row)])
+        commands[row] = [sys.executable, "quantize.py", "--model", str(model), *METHODS[row], *extra,
+                         "--out", str(work / row)]
+    for row, command in commands.items():
+        if row not in results:
+            results[row] = measure(command)
+            write_text(saved, json.dumps({**identity, "results": results}, indent=1))
         print(row, results[row], file=sys.stderr)
-    return results
+    return {row: results[row] for row in commands}
 
 
 def document(command: str, model: Path, nsamples: int, results: dict) -> str:
@@ -124,8 +135,8 @@ def document(command: str, model: Path, nsamples: int, results: dict) -> str:
     io, calib = results["floor-io"]["seconds"], results["floor-calibration"]["seconds"]
     lines = ["# Build time and peak memory at 1.3B", "",
              f"Written by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine()}.", "",
-             f"Model: random weights with facebook/opt-1.3b's config, float32 safetensors of {size:.0f} MB "
-             f"({model}). Calibrated methods: {nsamples} windows of {SEQLEN} tokens of "
+             f"Model: {'random weights with facebook/opt-1.3b' + chr(39) + 's config' if model == MODEL.resolve() else model}, "
+             f"float32 safetensors of {size:.0f} MB. Calibrated methods: {nsamples} windows of {SEQLEN} tokens of "
              f"WikiText-2 validation (quantize.py's default is 32; fewer here so that the whole table fits one "
              f"session on 2 cores: the floor is measured with the same windows, so the ratios carry over). How: "
              f"bench_build.py's docstring; one fresh process per row.", "",
@@ -149,7 +160,7 @@ def main(argv=None):
     p.add_argument("--floor", choices=("io", "calibration"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    model = Path(args.model)
+    model = Path(args.model).resolve()
     if args.floor == "io":
         return floor_io(model, Path(args.out))
     if args.floor == "calibration":
@@ -161,7 +172,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(METHODS)}")
     with tempfile.TemporaryDirectory(dir=PROJECT / ".cache") as tmp:
-        results = run_all(model, args.nsamples, rows, Path(tmp))
+        results = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json")
     command = "python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = document(command.strip(), model, args.nsamples, results)
     print(json.dumps(results), file=sys.stderr)
