@@ -36,7 +36,8 @@ OPT_TINY = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_
 OPT_CASES = {"opt-pre-ln": (dict(), None), "opt-post-ln": (dict(do_layer_norm_before=False), None),
              "opt-project-in-out": (dict(do_layer_norm_before=False, word_embed_proj_dim=32), None),
              "opt-pre-ln-rtn4": (dict(), "rtn4"),
-             "opt-project-in-out-nf4dq": (dict(word_embed_proj_dim=32), "nf4dq")}
+             "opt-project-in-out-nf4dq": (dict(word_embed_proj_dim=32), "nf4dq"),
+             "opt-post-ln-e8p": (dict(do_layer_norm_before=False), "e8p")}
 
 
 def quantizer(kind):
