@@ -116,7 +116,8 @@ class Model:
         llama = config.arch == "llama"
         prefix = "model." if llama else "model.decoder."
         self.block = self.llama_block if llama else self.opt_block
-        self.decode_step = self.llama_decode_step if llama and self.fused_decode else self.unfused_decode_step
+        self.decode_step = (self.unfused_decode_step if not self.fused_decode
+                            else self.llama_decode_step if llama else self.opt_decode_step)
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
         to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
                                                      else to_module(a, xp))
@@ -181,6 +182,26 @@ class Model:
             gate, up = linear_many(n, [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])  # [ffn] each
             x = h + linear(step.silu_mul(gate, up), w["mlp.down_proj.weight"])  # [d]
         return linear(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps), self.lm_head)  # [vocab]
+
+    def opt_decode_step(self, token: int, cache: KVCache):
+        """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product
+        for q/k/v (`linear_many`), LayerNorms and attention with the cache write each one Numba call; pre-LN
+        or post-LN as `opt_block`."""
+        c, position = self.config, cache.length
+        x = self.embed_tokens(np.array([token]), position)[0]  # [d]
+        for i, w in enumerate(self.layers):
+            norm = (lambda t, name, w=w: step.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"], c.norm_eps))
+            a = norm(x, "self_attn_layer_norm") if c.pre_norm else x  # [d]
+            q, k, v = linear_many(a, [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
+                                  [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"])  # [H*hd] x 3
+            o = step.attend(q, k, v, cache.k[i], cache.v[i], position)  # [H*hd]
+            h = x + linear(o, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))  # [d]
+            h = h if c.pre_norm else norm(h, "self_attn_layer_norm")  # [d]
+            n = norm(h, "final_layer_norm") if c.pre_norm else h  # [d]
+            f = linear(n, w["fc1.weight"], w["fc1.bias"])  # [ffn]
+            out = h + linear(np.maximum(f, 0, out=f), w["fc2.weight"], w["fc2.bias"])  # ReLU in place  [d]
+            x = out if c.pre_norm else norm(out, "final_layer_norm")  # [d]
+        return self.logits(x[None])[0]  # [vocab]
 
     # ---- the layers, in the order they run -------------------------------------------
 

@@ -1,8 +1,8 @@
 """The fused CPU decode step (Model.fused_decode) against the unfused forward pass with the same kernels.
 
-Fused: q/k/v and gate/up in one product each (`linear_many`), and for Llama
-the norms, RoPE, attention with the cache write and SiLU·up as Numba kernels
-(runtime/kernels/decode_step_numba.py). Unfused: one product per projection
+Fused: q/k/v (and Llama's gate/up) in one product each (`linear_many`), and
+the norms (RMSNorm, OPT's LayerNorm pre-LN and post-LN), RoPE, attention with
+the cache write and SiLU·up as Numba kernels (runtime/kernels/decode_step_numba.py). Unfused: one product per projection
 and the NumPy elementwise code. Both run the same weights, float or packed
 (RTN 4-bit), through prefill and several decode steps:
 max |difference| <= TOL * max |logit|.
@@ -37,7 +37,7 @@ def packed(tensors: dict, group_size: int) -> dict:
 
 def assert_decode_steps_match(config: Config, tensors: dict, prompt, steps):
     fused, unfused = Model(config, tensors), Model(config, tensors, fused_decode=False)
-    assert fused.fused_decode and not unfused.fused_decode
+    assert fused.fused_decode and not unfused.fused_decode and fused.decode_step != fused.unfused_decode_step
     caches = fused.new_cache(len(prompt) + len(steps)), unfused.new_cache(len(prompt) + len(steps))
     fused.prefill(prompt, caches[0])
     unfused.prefill(prompt, caches[1])
@@ -90,3 +90,14 @@ def test_exp32_against_numpy():
     g64 = gate.astype(np.float64)
     ref = g64 / (1 + np.exp(-g64)) * up
     assert np.allclose(silu_mul(gate, up), ref, rtol=1e-6, atol=1e-30)
+
+
+def test_layer_norm_kernel_against_float64():
+    from runtime.kernels.decode_step_numba import layer_norm
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(777) * 3 + 5).astype(np.float32)  # an offset mean, as residual streams have
+    weight, bias = rng.standard_normal((2, 777)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean()) / np.sqrt(x64.var() + 1e-5) * weight + bias
+    assert np.abs(layer_norm(x, weight, bias, 1e-5) - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -1,4 +1,4 @@
-"""Numba kernels of the elementwise work of one Llama decode step (one token), each one call.
+"""Numba kernels of the elementwise work of one Llama or OPT decode step (one token), each one call.
 
 The forward pass of model.py does these with several NumPy calls each; for a
 single token the calls, not the arithmetic, are the cost (llama2.c's `forward`
@@ -6,6 +6,8 @@ does them as plain loops). Same operations as the NumPy path, in float32:
 
 - `rms_norm`: x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019), the mean
   accumulated in float32.
+- `layer_norm`: (x - mean) / sqrt(var + eps) * w + b (Ba et al. 2016; OPT),
+  mean and variance accumulated in float32.
 - `rope`: the rotary embedding (Su et al. 2021) in the half-split layout of HF
   checkpoints: for each head, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
   x1 the first half of the head, x2 the second.
@@ -56,6 +58,24 @@ def rms_norm(x, weight, eps):
     out = np.empty_like(x)  # [d]
     for j in range(x.shape[0]):
         out[j] = x[j] * inverse * weight[j]
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def layer_norm(x, weight, bias, eps):
+    """[d] (x - mean) / sqrt(var + eps) * weight + bias, for x [d] float32."""
+    n = np.float32(x.shape[0])
+    mean = np.float32(0.0)
+    for j in range(x.shape[0]):
+        mean += x[j]
+    mean /= n
+    var = np.float32(0.0)
+    for j in range(x.shape[0]):
+        var += (x[j] - mean) * (x[j] - mean)
+    inverse = np.float32(1.0) / np.sqrt(var / n + np.float32(eps))
+    out = np.empty_like(x)  # [d]
+    for j in range(x.shape[0]):
+        out[j] = (x[j] - mean) * inverse * weight[j] + bias[j]
     return out
 
 
