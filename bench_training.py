@@ -19,7 +19,8 @@ Tokens/s of the timed steps and the process's peak RSS (VmHWM); rounds
 interleave the engines; medians over --rounds.
 
 Quality (--quality): the NF4-DQ base and the float base are fine-tuned with
-the same settings (--quality-steps optimizer steps of 4 windows of 512 from
+the same settings, each in its own process (each finished base is kept in
+.cache/bench/training-quality.json, so a rerun with the same steps continues) (--quality-steps optimizer steps of 4 windows of 512 from
 wiki.valid.tokens, lr 2e-4, cosine, 2 warm-up steps), and WikiText-2 test
 perplexity (16 windows of 2048, as eval.py) is measured before and after.
 """
@@ -44,6 +45,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ENGINES = {"ours-nf4dq": "ours, NF4-DQ base", "ours-float": "ours, float base",
            "peft": "PEFT + torch, float base", "peft-checkpointing": "PEFT + torch, float base, gradient checkpointing"}
 PPL_SEQLEN, PPL_WINDOWS = 2048, 16
+QUALITY_BASES = ("smollm2-135m.nf4dq", "smollm2-135m")
 OUR_VARIABLES = ("QLLM_", "NUMBA_", "OPENBLAS_", "OMP_")
 
 
@@ -151,29 +153,49 @@ def throughput(rounds: int, steps: int, work: Path) -> dict:
                      "all": [round(m["tok_s"], 1) for m in runs]} for engine, runs in measured.items()}
 
 
-def quality(steps: int, work: Path) -> dict:
-    """base -> {"before": ppl, "after": ppl} for the NF4-DQ and float bases fine-tuned alike (in this process:
-    not timed)."""
+def child_quality(base: str, steps: int) -> dict:
+    """{"before", "after"}: WikiText-2 test perplexity of `base` before and after fine-tuning it on
+    wiki.valid.tokens with the quality settings (module docstring)."""
+    import runtime
+
+    runtime.blas_on_every_core()  # as train.py, before NumPy loads
     from pipeline.api import load_model
     from pipeline.first_use import find_or_build
     from pipeline.perplexity import perplexity
     from pipeline.training.data import Dataset
     from pipeline.training.trainer import TrainSettings, train as run_training
 
-    test = token_ids("test")
-    valid = token_ids("valid")
+    test, valid = token_ids("test"), token_ids("valid")
     data = Dataset(windows(valid, (len(valid) - 1) // SEQLEN), batch=4, seed=0)
     settings = TrainSettings(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=TARGETS, seqlen=SEQLEN, batch=4,
                              grad_accum=1, steps=steps, lr=2e-4, warmup=2, schedule="cosine")
-    results = {}
-    for base in ("smollm2-135m.nf4dq", "smollm2-135m"):
-        path = find_or_build(base, progress=False)
-        before = perplexity(load_model(path), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
-        out = work / base
-        run_training(load_model(path), data, settings, out, base, progress=True)
-        after = perplexity(load_model(path, lora=str(out)), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
-        results[base] = {"before": before, "after": after}
-        print(f"{base}: {before:.3f} -> {after:.3f}", file=sys.stderr)
+    path = find_or_build(base, progress=False)
+    before = perplexity(load_model(path), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
+    with tempfile.TemporaryDirectory() as out:
+        run_training(load_model(path), data, settings, Path(out), base, progress=False)
+        after = perplexity(load_model(path, lora=out), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
+    return {"before": before, "after": after}
+
+
+def quality(steps: int, saved: Path) -> dict:
+    """base -> {"before", "after"} for the NF4-DQ and float bases fine-tuned alike, each in a child process
+    (`child_quality`). Each finished base is written to `saved` at once, and a rerun with the same steps
+    reuses it: an interrupted run loses no finished base."""
+    from runtime.checkpoints.atomic import write_text
+
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    results = previous.get("results", {}) if previous.get("steps") == steps else {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
+    for base in QUALITY_BASES:
+        if base not in results:
+            result = subprocess.run([sys.executable, __file__, "--child", "quality", "--base", base,
+                                     "--quality-steps", str(steps)], env=env, cwd=PROJECT, capture_output=True,
+                                    text=True)
+            if result.returncode:
+                raise SystemExit(f"fine-tuning {base} failed:\n{result.stderr[-3000:]}")
+            results[base] = json.loads(result.stdout.strip().splitlines()[-1])
+            write_text(saved, json.dumps({"steps": steps, "results": results}, indent=1))
+        print(f"{base}: {results[base]['before']:.3f} -> {results[base]['after']:.3f}", file=sys.stderr)
     return results
 
 
@@ -214,9 +236,13 @@ def main(argv=None):
     p.add_argument("--quality", action="store_true", help="also fine-tune both bases and measure perplexity")
     p.add_argument("--quality-steps", type=int, default=20)
     p.add_argument("--no-write", action="store_true", help="print the document instead of writing it")
-    p.add_argument("--child", choices=sorted(ENGINES), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*ENGINES, "quality"], help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
+    p.add_argument("--base", choices=QUALITY_BASES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child == "quality":
+        print(json.dumps(child_quality(args.base, args.quality_steps)))
+        return
     if args.child:
         result = (child_ours(f"smollm2-135m{'.nf4dq' if args.child == 'ours-nf4dq' else ''}", args.ids, args.steps)
                   if args.child.startswith("ours") else child_peft(args.ids, args.steps, args.child.endswith("ing")))
@@ -224,7 +250,8 @@ def main(argv=None):
         return
     with tempfile.TemporaryDirectory() as tmp:
         speed = throughput(args.rounds, args.steps, Path(tmp))
-        ppl = quality(args.quality_steps, Path(tmp)) if args.quality else None
+        saved = PROJECT / ".cache" / "bench" / "training-quality.json"
+        ppl = quality(args.quality_steps, saved) if args.quality else None
     settings = {"rounds": args.rounds, "steps": args.steps, "quality_steps": args.quality_steps}
     text = document("python bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:]), speed,
                     settings, ppl)
