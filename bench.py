@@ -485,18 +485,24 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
            "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
            "and eval times), medians over the rounds:", "",
            anchor_check(rows, measured), ""] if any(row.engine == LLAMA_CPP for row in rows) else []),
-        "![perplexity against bits per weight](benchmarks.png)", "", *training_section(), *gpu_section()])
+        "![perplexity against bits per weight](benchmarks.png)", "", *linked_sections(), *gpu_section()])
 
 
-def training_section() -> list[str]:
-    """BENCHMARKS.md's QLoRA training section: a link to what `python bench_training.py` last wrote under
-    benchmarks/ (its own command; not part of `make bench`, whose rows it does not touch)."""
-    path = PROJECT / "benchmarks" / "training.md"
-    if not path.exists():
-        return []
-    return ["## QLoRA training", "", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
-            "PEFT + torch: [benchmarks/training.md](benchmarks/training.md), written by `python bench_training.py "
-            "--quality`.", ""]
+LINKED = (  # BENCHMARKS.md sections that link a file of benchmarks/ another command writes: title, file, what, command
+    ("QLoRA training", "training.md", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
+     "PEFT + torch", "python bench_training.py --quality"),
+    ("Build time and memory at 1.3B", "build.md", "Build time and peak RSS of every method on a 1.3B checkpoint, "
+     "against the I/O and calibration floors", "python bench_build.py --nsamples 8"))
+
+
+def linked_sections() -> list[str]:
+    """BENCHMARKS.md's sections for the benchmarks other commands write under benchmarks/ (not part of
+    `make bench`, whose rows they do not touch): a link to each file that exists."""
+    lines = []
+    for title, name, what, command in LINKED:
+        if (PROJECT / "benchmarks" / name).exists():
+            lines += [f"## {title}", "", f"{what}: [benchmarks/{name}](benchmarks/{name}), written by `{command}`.", ""]
+    return lines
 
 
 def gpu_section() -> list[str]:
