@@ -40,7 +40,7 @@ SEQLEN = 512
 METHODS = {  # row name -> quantize.py arguments
     "rtn4g128": ["--method", "rtn", "--bits", "4", "--group", "128"],
     "nf4dq": ["--method", "nf", "--dq"],
-    "int8": ["--method", "int"],
+    "int8": ["--method", "int", "--bits", "8"],
     "gptq4g128": ["--method", "gptq", "--bits", "4", "--group", "128"],
     "spqr3g16": ["--method", "spqr", "--bits", "3"],
     "quip2": ["--method", "quip", "--bits", "2"],
