@@ -49,10 +49,11 @@ METHODS = {  # row name -> quantize.py arguments
 CALIBRATED = ("gptq4g128", "spqr3g16", "quip2", "quipsharp2")
 
 
-def measure(command: list[str]) -> dict:
-    """Wall seconds and peak RSS (MB) of one child process running `command` in the project."""
+def measure(command: list[str], env: dict) -> dict:
+    """Wall seconds and peak RSS (MB) of one child process running `command` in the project with `env`."""
     began = time.perf_counter()
-    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - began
     stderr = child.stderr.read()
@@ -102,8 +103,9 @@ def floor_calibration(model: Path, nsamples: int) -> None:
 
 # ---- the parent ---------------------------------------------------------------------------------
 
-def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path) -> dict:
-    """{row: {"seconds", "rss"}} for the floors and the methods. Each finished row is written to `saved`
+def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path, env: dict) -> dict:
+    """{row: {"seconds", "rss"}} for the floors and the methods, each child with `env` (the environment this
+    command started with, before importing runtime set its own defaults). Each finished row is written to `saved`
     (atomically) at once, and rows already there for the same model and windows are not measured again:
     an interrupted run loses no finished row."""
     from runtime.checkpoints.atomic import write_text
@@ -121,7 +123,7 @@ def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path
                          "--out", str(work / row)]
     for row, command in commands.items():
         if row not in results:
-            results[row] = measure(command)
+            results[row] = measure(command, env)
             write_text(saved, json.dumps({**identity, "results": results}, indent=1))
         print(row, results[row], file=sys.stderr)
     return {row: results[row] for row in commands}
@@ -160,6 +162,7 @@ def main(argv=None):
     p.add_argument("--floor", choices=("io", "calibration"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    env = dict(os.environ)  # before runtime is imported: each child sets its own thread defaults as a user's run does
     model = Path(args.model).resolve()
     if args.floor == "io":
         return floor_io(model, Path(args.out))
@@ -172,7 +175,8 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(METHODS)}")
     with tempfile.TemporaryDirectory(dir=PROJECT / ".cache") as tmp:
-        results = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json")
+        results = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json",
+                          env)
     command = "python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = document(command.strip(), model, args.nsamples, results)
     print(json.dumps(results), file=sys.stderr)

@@ -1,0 +1,31 @@
+"""bench_build.py's bookkeeping (the measurements themselves are the benchmark, not a test): every finished row is
+saved at once and a rerun for the same model and windows measures only the rows not saved yet."""
+import json
+
+import bench_build
+
+
+def test_rerun_measures_only_missing_rows(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bench_build, "measure", lambda command, env: measured.append(command) or
+                        {"seconds": float(len(measured)), "rss": 100.0})
+    saved = tmp_path / "rows.json"
+    model = tmp_path / "model"
+    first = bench_build.run_all(model, 8, ["rtn4g128"], tmp_path, saved, {})
+    assert list(first) == ["floor-io", "floor-calibration", "rtn4g128"] and len(measured) == 3
+    assert json.loads(saved.read_text())["results"] == first
+    second = bench_build.run_all(model, 8, ["rtn4g128", "gptq4g128"], tmp_path, saved, {})
+    assert len(measured) == 4 and "--nsamples" in measured[-1] and second["rtn4g128"] == first["rtn4g128"]
+    bench_build.run_all(model, 4, ["rtn4g128"], tmp_path, saved, {})  # other windows: everything again
+    assert len(measured) == 7
+
+
+def test_document_ratios_to_the_right_floor(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * (2 << 20))  # 2 MB
+    results = {"floor-io": {"seconds": 10.0, "rss": 3.0}, "floor-calibration": {"seconds": 100.0, "rss": 2.0},
+               "rtn4g128": {"seconds": 15.0, "rss": 2.5}, "gptq4g128": {"seconds": 250.0, "rss": 2.5}}
+    text = bench_build.document("python bench_build.py", model, 8, results)
+    assert "| rtn4g128 | 15 | 1.50 | 2 | 1.25 |" in text
+    assert "| gptq4g128 | 250 | 2.50 | 2 | 1.25 |" in text
