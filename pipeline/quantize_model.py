@@ -43,6 +43,7 @@ from runtime.errors import UserError
 from runtime.checkpoints.importers import is_quantized_checkpoint, load_quantized_checkpoint
 from runtime.lora import load_adapter, merge_lora
 from runtime.checkpoints.packed_checkpoint import save_packed
+from runtime.checkpoints.safetensors_io import release_pages
 from runtime.hub.resolve import MODELS_DIR, PROJECT_ROOT
 from pipeline.tags import contracts
 from runtime.method_contract import QuantSpec
@@ -86,6 +87,7 @@ def quantize_tensors(config: Config, tensors: dict, spec: QuantSpec, progress: b
     else:
         for name in tqdm(names, desc=f"quantizing {spec.tag}", unit="linear", disable=not progress):
             out[name] = quantize_weight(tensors[name], spec)
+            release_pages(tensors[name])  # its float pages leave memory: peak RSS ~ the packed model, not the float
     embed_name = "model.decoder.embed_tokens.weight" if config.arch == "opt" else "model.embed_tokens.weight"
     out["lm_head.weight"] = quantize_weight(tensors.get("lm_head.weight", tensors[embed_name]), HEAD_SPEC)
     out[embed_name] = np.asarray(tensors[embed_name], dtype=np.float16)

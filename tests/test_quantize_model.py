@@ -60,3 +60,22 @@ def test_int8_tags_set_the_outlier_threshold(tag, threshold):
     from pipeline.quantize_model import quantize_weight
     W = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
     assert quantize_weight(W, parse_tag(tag)).outlier_threshold == threshold
+
+
+def test_build_releases_each_float_projection_and_reads_it_back(base, monkeypatch):
+    """RTN's build hands each projection's mapped float pages back to the OS once it is packed (peak RSS about
+    the packed model, not the float checkpoint); the weights still read back from the file unchanged."""
+    from pipeline import quantize_model
+    from runtime.checkpoints.checkpoint import load_checkpoint
+
+    hf_config, tensors = load_checkpoint(base)
+    config = Config.from_hf(hf_config)
+    names = projection_names(config)
+    before = {name: np.array(tensors[name]) for name in names}
+    released = []
+    release = quantize_model.release_pages
+    monkeypatch.setattr(quantize_model, "release_pages", lambda a: released.append(a) or release(a))
+    out = quantize_model.quantize_tensors(config, tensors, parse_tag("rtn4g32"), progress=False)
+    assert len(released) == len(names) and all(isinstance(out[name], PackedTensor) for name in names)
+    for name in names:
+        np.testing.assert_array_equal(tensors[name], before[name])
