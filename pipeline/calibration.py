@@ -44,7 +44,7 @@ from runtime.checkpoints.atomic import atomic_directory, full_disk_reported, wri
 from runtime.text.datasets import CALIBRATION_TEXT, read_text
 from runtime.errors import UserError
 from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
-from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, release_pages, write_safetensors
 
 TRUE_SEQUENTIAL = {
     "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -256,6 +256,9 @@ def calibrate(config: Config, tensors: dict, method: GroupMethod, windows: np.nd
         hidden, outputs = outputs, hidden
         packed.update(layer_packed)
         _save_layer(Path(state_dir), i, layer_packed, hidden, stats)
+        for tensor in model.layers[i].values():
+            if isinstance(tensor, np.ndarray):
+                release_pages(tensor)  # the layer's float pages leave memory: peak RSS ~ one layer, not the model
         if after_layer:
             after_layer(i)
     return packed, stats

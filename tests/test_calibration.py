@@ -183,3 +183,19 @@ def test_opt_fc2_hessian_matches_transformers(tmp_path):
             hf_model(torch.tensor(w)[None])
     X = np.concatenate(inputs)  # [n, ffn]
     np.testing.assert_allclose(calls[3][1], 2 / len(X) * X.T @ X, rtol=1e-4, atol=1e-6)
+
+
+def test_each_finished_layer_releases_its_float_weights(stories, tmp_path, monkeypatch):
+    """After a layer is quantized and saved, its float arrays go back to the OS (release_pages), layer by layer,
+    and the result is the same as without releasing."""
+    from pipeline import calibration
+
+    config, tensors, windows = stories
+    reference, _ = calibrate(config, tensors, crude_method([]), windows, tmp_path / "a", {}, progress=False)
+    released = []
+    monkeypatch.setattr(calibration, "release_pages", lambda a: released.append(a.shape))
+    packed, _ = calibrate(config, tensors, crude_method([]), windows, tmp_path / "b", {}, progress=False)
+    layer_arrays = sum(len(Model(config, tensors).layers[i]) for i in range(config.n_layers))
+    assert len(released) == layer_arrays
+    for name in reference:
+        np.testing.assert_array_equal(packed[name].dequantize(), reference[name].dequantize())
