@@ -257,8 +257,7 @@ def calibrate(config: Config, tensors: dict, method: GroupMethod, windows: np.nd
         packed.update(layer_packed)
         _save_layer(Path(state_dir), i, layer_packed, hidden, stats)
         for tensor in model.layers[i].values():
-            if isinstance(tensor, np.ndarray):
-                release_pages(tensor)  # the layer's float pages leave memory: peak RSS ~ one layer, not the model
+            release_pages(tensor)  # the layer's float pages leave memory: peak RSS ~ one layer, not the model
         if after_layer:
             after_layer(i)
     return packed, stats

@@ -144,3 +144,4 @@ def test_released_pages_leave_memory_and_come_back_intact(tmp_path):
     copy = big.copy()
     release_pages(copy)  # not mapped from a file: left alone
     assert np.array_equal(copy, big)
+    release_pages([1.0, 2.0])  # not an array (a packed tensor in a layer's dict, say): left alone, no error

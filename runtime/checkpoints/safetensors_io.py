@@ -194,8 +194,10 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
 def release_pages(array: np.ndarray) -> None:
     """Let the OS take back the resident pages of an array mapped read-only from a file by `read_safetensors`
     (madvise MADV_DONTNEED on the whole pages inside it): they leave this process's memory and are read
-    from the file again if the array is used again. Arrays not mapped that way, and systems without
-    madvise, are left alone."""
+    from the file again if the array is used again. Anything else (an array not mapped that way, a packed
+    tensor) and systems without madvise are left alone."""
+    if not isinstance(array, np.ndarray):
+        return
     base = array
     while base is not None and not isinstance(base, np.memmap):
         base = base.base
