@@ -50,15 +50,17 @@ CALIBRATED = ("gptq4g128", "spqr3g16", "quip2", "quipsharp2")
 
 
 def measure(command: list[str], env: dict) -> dict:
-    """Wall seconds and peak RSS (MB) of one child process running `command` in the project with `env`."""
-    began = time.perf_counter()
-    child = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - began
-    stderr = child.stderr.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    """Wall seconds and peak RSS (MB) of one child process running `command` in the project with `env`. Its
+    stderr (progress bars: unbounded) goes to a file, not a pipe that nobody reads while it runs, which would
+    stall the child once the pipe is full."""
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        began = time.perf_counter()
+        child = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - began
+        if os.waitstatus_to_exitcode(status):
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{stderr.read()[-3000:]}")
     return {"seconds": seconds, "rss": usage.ru_maxrss / 1024}
 
 

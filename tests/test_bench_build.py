@@ -29,3 +29,19 @@ def test_document_ratios_to_the_right_floor(tmp_path):
     text = bench_build.document("python bench_build.py", model, 8, results)
     assert "| rtn4g128 | 15 | 1.50 | 2 | 1.25 |" in text
     assert "| gptq4g128 | 250 | 2.50 | 2 | 1.25 |" in text
+
+
+def test_measure_survives_a_child_that_writes_much_to_stderr():
+    """Progress bars can fill a pipe nobody reads while the child runs: measure must not stall on them, and a
+    failing child's stderr ends up in the error."""
+    import os
+    import sys
+
+    import pytest
+
+    loud = bench_build.measure([sys.executable, "-c", "import sys; sys.stderr.write('x' * (1 << 20))"],
+                               dict(os.environ))
+    assert loud["seconds"] > 0 and loud["rss"] > 0
+    with pytest.raises(SystemExit, match="boom"):
+        bench_build.measure([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
+                            dict(os.environ))
