@@ -491,8 +491,8 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
 LINKED = (  # BENCHMARKS.md sections that link a file of benchmarks/ another command writes: title, file, what, command
     ("QLoRA training", "training.md", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
      "PEFT + torch", "python bench_training.py --quality"),
-    ("Build time and memory at 1.3B", "build.md", "Build time and peak RSS of every method on a 1.3B checkpoint, "
-     "against the I/O and calibration floors", "python bench_build.py --nsamples 8"))
+    ("Build time and memory at 1.3B", "build.md", "Build time and peak RSS of quantizing a 1.3B checkpoint, per "
+     "method measured, against the I/O and calibration floors", "python bench_build.py --nsamples 8"))
 
 
 def linked_sections() -> list[str]:

@@ -50,7 +50,9 @@ OUR_VARIABLES = ("QLLM_", "NUMBA_", "OPENBLAS_", "OMP_")
 
 
 def windows(ids, count: int) -> list:
-    """The first `count` training windows of ids: (inputs [SEQLEN], targets = the next tokens)."""
+    """The first `count` training windows of ids: (inputs [SEQLEN], targets = the next tokens), cut as
+    pipeline.training.data.text_examples cuts them; written here so that the PEFT child imports nothing of ours
+    (importing runtime would set its thread defaults in that process)."""
     return [(ids[s:s + SEQLEN], ids[s + 1:s + SEQLEN + 1]) for s in range(0, count * SEQLEN, SEQLEN)]
 
 
