@@ -99,12 +99,15 @@ def test_nf4_model_weight_int8_product_is_close_to_float():
 
 
 def test_repack_puts_the_codes_where_the_uniform_kernel_reads_them():
+    # input i of output o: tile o // 16, run i // 32, word (i % 32) // 8 of the run, nibble i % 8, lane o % 16
     rng = np.random.default_rng(7)
     packed = random_tensor(rng, 5, 64, 32)
-    words = packed.int8_weight().qweight.view(np.uint32)  # [in/8, out]
+    blocked = packed.int8_weight().blocked.view(np.uint32)  # [1, runs * 4 * 16]
     codes = np.stack([packed.qweight >> 4, packed.qweight & 15], axis=-1).reshape(5, 64)  # [out, in]
     for i in range(64):
-        assert np.array_equal((words[i // 8] >> np.uint32(4 * (i % 8))) & 15, codes[:, i])
+        words = blocked[0, (i // 8) * 16:(i // 8) * 16 + 5]  # [5] the word of input i of each output
+        assert np.array_equal((words >> np.uint32(4 * (i % 8))) & 15, codes[:, i])
+    assert not blocked[0, 5:16].any()  # outputs past the last one are zero codes
 
 
 def test_vnni_lut_tile_uses_the_byte_shuffle():
@@ -114,11 +117,11 @@ def test_vnni_lut_tile_uses_the_byte_shuffle():
     packed = random_tensor(rng, 32, 64)
     weight = packed.int8_weight()
     x = inputs(rng, 64)  # [in]
-    fresh = numba.njit(uniform_int8_numba._partial.py_func)  # compiled here (not from the cache): asm at hand
-    xq, xw, d, xsum = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1)
+    fresh = numba.njit(uniform_int8_numba._tiles.py_func)  # compiled here (not from the cache): asm at hand
+    quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1)
     y = np.empty(32, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS["avx512vnni"], weight.qweight, weight.qzeros, weight.scales, xq, xw, d,
-          xsum, 4, 2, True, weight.lut, 0, 2, y)
+    fresh(uniform_int8_numba.KERNEL_IDS["avx512vnni"], weight.blocked, weight.scales, weight.zeros, quantized, 4, 2,
+          weight.lut, 0, 2, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
     assert {"vpshufb", "vpdpbusd"} <= set(re.findall(r"\b(vpshufb|vpdpbusd)\b", asm))
@@ -131,14 +134,13 @@ def test_prefill_after_the_repack_reads_the_repacked_codes(n_out, n_in, block_si
     if not uniform_int8_numba.simd_tiles(4, AVAILABLE[0], lut=True):
         pytest.skip("decode keeps float activations on this CPU, so nothing is repacked")
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
-    monkeypatch.setattr(lut4_numba, "PREFILL_TILE", 40 * n_in)  # several tiles, the last one short
+    monkeypatch.setattr(uniform_int8_numba, "PREFILL_TILE", 3 * 16 * n_in)  # several buffers, the last one short
     rng = np.random.default_rng(n_out)
     packed = random_tensor(rng, n_out, n_in, block_size, double_quant)
     x = inputs(rng, 9, n_in)  # [9, in]
     monkeypatch.setattr(lut4_numba, "matmul_prefill", None)  # the stored-codes path must not run
     y = packed.matmul(x)  # [9, out]
-    np.testing.assert_array_equal(y, lut4_numba.matmul_prefill_repacked(packed, packed.int8_weight(),
-                                                                         packed._absmax_t, x))
+    np.testing.assert_array_equal(y, lut4_numba.matmul_prefill_repacked(packed, packed.int8_weight(), x))
     assert_close(y, x @ packed.dequantize().T)
 
 

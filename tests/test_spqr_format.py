@@ -68,6 +68,11 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
     for y, part in zip(ys, parts):
         assert_close(y, part.matmul_reference_int8(x[:1]))
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    if uniform_int8_numba.simd_tiles(bits, kernel):  # prefill then reads the blocked codes, not qweight
+        with monkeypatch.context() as patch:
+            patch.setattr(spqr_numba, "matmul_dense", None)
+            x5 = inputs(32, 5, n_in, mean=0.5)  # [5, in]: prefill keeps float activations
+            assert_close(packed.matmul(x5), packed.matmul_reference(x5))
     expected = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(bits, kernel) else packed.matmul_reference
     assert_close(packed.matmul(x[:1]), expected(x[:1]))  # decode: int8 where the kernel has tiles
     assert make_tensor(5, 20, 96, bits, 16).int8_weight() is None  # groups of 16: float activations

@@ -19,7 +19,6 @@ from runtime.errors import UserError
 from runtime.formats.base import quantize_activation
 from runtime.kernels import uniform_int8_numba
 from runtime.kernels.quant_activations_numba import quantize_blocks
-from runtime.kernels.uniform_numba import kernel_arrays
 from test_uniform_kernels import BITS, make_tensor
 
 AVAILABLE = uniform_int8_numba.available_kernels()
@@ -106,11 +105,11 @@ def test_simd_kernels_use_dot_product_instructions(kernel, instructions):
         pytest.skip(f"the CPU lacks {kernel}")
     packed = make_tensor(7, 64, 128, 4, 128)
     x = inputs(7, 1, 128, mean=0.5)[0]  # [in]
-    fresh = numba.njit(uniform_int8_numba._partial.py_func)  # compiled here (not from the cache): asm at hand
-    qweight, qzeros, scales, perm = kernel_arrays(packed)
-    xq, xw, d, xsum = uniform_int8_numba.quantize_input(x, perm, 4, 4, 4, 1)
+    fresh = numba.njit(uniform_int8_numba._tiles.py_func)  # compiled here (not from the cache): asm at hand
+    weight = uniform_int8_numba.kernel_weight(packed)
+    quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 4, 4, 1)
     y = np.empty(64, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS[kernel], qweight, qzeros, scales, xq, xw, d, xsum, 4, 4, False,
+    fresh(uniform_int8_numba.KERNEL_IDS[kernel], weight.blocked, weight.scales, weight.zeros, quantized, 4, 4,
           uniform_int8_numba.NO_LUT, 0, 4, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
@@ -157,3 +156,37 @@ def test_parallel_and_serial_paths_agree(kernel, bits, monkeypatch):
     assert_close(uniform_int8_numba.matvec_parts(parts, x, kernel), serial)
     single = make_tensor(50 + bits, 67, 200, bits, -1)
     assert_close(uniform_int8_numba.matvec(single, x, kernel), single.matmul_reference_int8(x[None])[0])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS[:4])
+def test_dequantized_tiles_equal_the_reference(bits, n_out, n_in, group_size, per_tensor):
+    packed = make_tensor(70 + bits, n_out, n_in, bits, group_size, per_tensor=per_tensor, act_order=group_size > 0)
+    weight = uniform_int8_numba.kernel_weight(packed)
+    tiles = weight.blocked.shape[0]
+    out = np.full((-(-n_in // 32) * 32, tiles * 16), np.nan, dtype=np.float32)  # [in_pad, tiles * 16]
+    values = np.arange(1 << bits, dtype=np.float32)  # [2**bits]
+    for t0 in range(0, tiles, 2):  # two tiles at a time into their columns
+        uniform_int8_numba.dequantize_tiles(weight.blocked, weight.scales, weight.zeros, bits, weight.group_runs,
+                                            values, t0, min(t0 + 2, tiles), out[:, 16 * t0:])
+    stored = packed.dequantize() if packed.perm is None else packed.dequantize()[:, packed.perm]  # [out, in] stored
+    assert_close(out[:n_in, :n_out], np.ascontiguousarray(stored.T))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS[:3])
+def test_prefill_reads_the_blocked_codes(bits, n_out, n_in, group_size, per_tensor, monkeypatch):
+    # once decode blocks the codes, many-row products dequantize from them (not from qweight), with float
+    # activations: the reference's products, act-order and buffers of several tiles with a short last one
+    from runtime.kernels import uniform_numba
+
+    if not uniform_int8_numba.simd_tiles(bits, AVAILABLE[0]):
+        pytest.skip(f"decode keeps float activations for {bits} bits on this CPU, so nothing is blocked")
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    monkeypatch.setattr(uniform_int8_numba, "PREFILL_TILE", 2 * 16 * n_in)
+    monkeypatch.setattr(uniform_numba, "matmul", None)  # the stored-codes path must not run
+    for act_order in {False, group_size > 0}:
+        packed = make_tensor(60 + bits, n_out, n_in, bits, group_size, per_tensor=per_tensor, act_order=act_order)
+        x = inputs(bits, 7, n_in, mean=0.5)  # [7, in]
+        assert_close(packed.matmul(x), packed.matmul_reference(x))
+        assert packed._int8_weight is not None

@@ -143,7 +143,6 @@ class Lut4Tensor(PackedTensor):
         self.absmax_mean = absmax_mean  # [1] float32
         self._check()
         self._int8_weight = None  # the int8 decode kernel's repacked codes, built on first use
-        self._absmax_t = None  # [in/B, out] float32 absmax beside them, for prefill
 
     @property
     def double_quant(self) -> bool:
@@ -227,14 +226,13 @@ class Lut4Tensor(PackedTensor):
     def int8_weight(self):
         """The codes repacked for the int8-activation decode kernel (PackedTensor.int8_weight), built on first
         use and kept (as many bytes as qweight); None on the GPU or for blocks that are not whole runs of 32.
-        Once built, prefill reads them too (with absmax transposed, 4 bytes per block), and qweight's pages
+        Once built, prefill reads them too (with the kernel's float32 scale per block), and qweight's pages
         mapped from the model file are handed back to the OS (read again only if something else needs them:
         saving, the GPU, the float-activation kernel), so the codes are not held twice."""
         if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.kernels import lut4_numba
             from runtime.checkpoints.safetensors_io import release_pages
             self._int8_weight = lut4_numba.decode_weight(self)
-            self._absmax_t = np.ascontiguousarray(self.block_absmax().T, dtype=np.float32)  # [in/B, out]
             release_pages(self.qweight)
         return self._int8_weight
 
@@ -248,7 +246,7 @@ class Lut4Tensor(PackedTensor):
             return lut4_numba.matmul_fused(self, x)  # [m, out]
         weight = self.int8_weight() if self.int8_decodes(*activation_mode()) else None
         if weight is not None:  # decode repacks the codes anyway: prefill reads them too, not qweight
-            return lut4_numba.matmul_prefill_repacked(self, weight, self._absmax_t, x)  # [m, out]
+            return lut4_numba.matmul_prefill_repacked(self, weight, x)  # [m, out]
         return lut4_numba.matmul_prefill(self, x)  # [m, out]
 
     def tensors(self) -> dict:

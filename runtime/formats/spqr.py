@@ -56,7 +56,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor, frozen, quantize_activation
+from runtime.formats.base import PackedTensor, activation_mode, frozen, quantize_activation
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.uniform import RUN, pack, unpack
 from runtime.quant_grid import fp16_ceil
@@ -263,15 +263,18 @@ class SpQRTensor(PackedTensor):
         return None if is_cupy(self.qweight) or self.group_size % RUN else (self.bits, False)
 
     def int8_weight(self):
-        """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes as
-        they are, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
-        None on the GPU or for groups that are not whole runs of 32."""
+        """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes
+        copied into the kernel's tiles, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
+        None on the GPU or for groups that are not whole runs of 32. Prefill then reads them too, and
+        qweight's pages mapped from the model file go back to the OS."""
         if self._int8_weight is None and self.int8_codes() is not None:
-            from runtime.kernels.uniform_int8_numba import KernelWeight, NO_LUT
+            from runtime.checkpoints.safetensors_io import release_pages
+            from runtime.kernels.uniform_int8_numba import block_weight
             from runtime.kernels.uniform_numba import readonly
-            s, z = (readonly(np.ascontiguousarray(a, dtype=np.float32)) for a in self.statistics())
-            self._int8_weight = KernelWeight(readonly(self.qweight), z, s, readonly(self.perm), self.in_features,
-                                             self.bits, self.group_size // RUN, False, NO_LUT)
+            s, z = (np.asarray(a, dtype=np.float32) for a in self.statistics())  # [n_groups, out] each
+            self._int8_weight = block_weight(self.qweight, s, z, readonly(self.perm), self.in_features, self.bits,
+                                             self.group_size // RUN)
+            release_pages(self.qweight)
         return self._int8_weight
 
     def _matmul_int8(self, rows):
@@ -304,8 +307,13 @@ class SpQRTensor(PackedTensor):
         if on_gpu:
             from runtime.kernels import spqr_cuda
             return spqr_cuda.matmul(self, x)  # [m, out]
-        from runtime.kernels import spqr_numba
-        y = spqr_numba.matmul_dense(self, x)  # [m, out]
+        if x.shape[0] > 1 and self.int8_decodes(*activation_mode()):  # decode's blocked codes, not qweight
+            from runtime.kernels import uniform_int8_numba
+            values = np.arange(1 << self.bits, dtype=np.float32)  # [2**bits] a code's value is itself
+            y = np.ascontiguousarray(uniform_int8_numba.matmul_prefill(self.int8_weight(), values, x))  # [m, out]
+        else:
+            from runtime.kernels import spqr_numba
+            y = spqr_numba.matmul_dense(self, x)  # [m, out]
         self._add_outliers(x, y)
         return y
 

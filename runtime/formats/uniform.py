@@ -75,7 +75,7 @@ import numpy as np
 
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor, frozen, quantize_activation
+from runtime.formats.base import PackedTensor, activation_mode, frozen, quantize_activation
 
 BITS = (2, 3, 4, 8)
 RUN = 32  # codes per packed run (a run of b words)
@@ -274,15 +274,23 @@ class UniformTensor(PackedTensor):
     def int8_weight(self):
         """This weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight); None on the GPU."""
         if self._int8_weight is None and not is_cupy(self.qweight):
+            from runtime.checkpoints.safetensors_io import release_pages
             from runtime.kernels.uniform_int8_numba import kernel_weight
             self._int8_weight = kernel_weight(self)
+            release_pages(self.qweight)
         return self._int8_weight
 
     def matmul_rows(self, x, on_gpu: bool):
-        """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input."""
+        """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input;
+        several rows read the int8 kernel's blocked codes where decode uses them (built here if need be: the
+        stored codes' pages mapped from the model file then go back to the OS, not held twice)."""
         if on_gpu:
             from runtime.kernels import uniform_cuda
             return uniform_cuda.matmul(self, x)  # [m, out]
+        if x.shape[0] > 1 and self.int8_decodes(*activation_mode()):
+            from runtime.kernels import uniform_int8_numba
+            values = np.arange(1 << self.bits, dtype=np.float32)  # [2**bits] a code's value is itself
+            return uniform_int8_numba.matmul_prefill(self.int8_weight(), values, x)  # [m, out]
         from runtime.kernels import uniform_numba
         return uniform_numba.matmul(self, x)  # [m, out]
 

@@ -17,9 +17,9 @@ on the fly from the 8-bit code, the run's scale and the mean).
 Decode with int8 activations (the default on CPUs with AVX-512 VNNI,
 `runtime.formats.base.activation_mode`) goes through the uniform format's
 integer kernel (runtime/kernels/uniform_int8_numba.py) with a table:
-`decode_weight` repacks the codes once into that kernel's layout (int32 words
-of eight codes of one output, packed along the input, first code in the
-lowest nibble), stores the table as two-byte values rint(32512 * value /
+`decode_weight` repacks the codes once into the uniform format's 4-bit layout
+(int32 words of eight codes of one output, packed along the input, first
+code in the lowest nibble) and from there into the kernel's tiles, stores the table as two-byte values rint(32512 * value /
 max|value|) + 32768 (`lut_table`) and one float32 scale
 absmax * max|value| / 32512 per block: the weight it multiplies by is within
 0.5/32512 of max|value| times absmax of the stored one.
@@ -31,14 +31,14 @@ from numba import njit, prange
 
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map, lut_table
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels.uniform_int8_numba import KernelWeight
+from runtime.kernels import uniform_int8_numba
+from runtime.kernels.uniform_int8_numba import KernelWeight, block_weight
 from runtime.kernels.uniform_numba import NO_PERM, RUN, readonly
 
 PREFILL_TILE = 1 << 20  # floats in the dequantized tile of the prefill path (4 MiB)
 NO_DQ_CODES = np.zeros((0, 0), dtype=np.uint8)  # stands for "absmax is stored as float32"
 NO_ABSMAX = np.zeros((0, 0), dtype=np.float32)  # stands for "absmax is double-quantized"
 NO_SCALES = np.zeros(0, dtype=np.float32)
-NO_ZEROS = np.zeros((0, 0), dtype=np.uint32)  # the int8 kernel's qzeros: the table's zero point is fixed
 
 
 @njit(cache=True, inline="always")
@@ -171,45 +171,23 @@ def _repack(qweight, words):
             words[w, o] = np.int32(v)
 
 
-@njit(cache=True, nogil=True)
-def _dequantize_words(words, table, absmax_t, block_size, n0, m, out):
-    """out[k, i] = table[code(k, n0 + i)] * absmax_t[k // block_size, n0 + i] for every input k and i < m, from
-    the repacked codes words [in/8, out] (`_repack`): the weight's tile [in, m], same products as the
-    NumPy reference, on the calling thread without the GIL (prefill_threads.run_tiles)."""
-    for w in range(words.shape[0]):
-        row = words[w, n0:n0 + m]  # [m] eight codes of each output
-        for j in range(8):
-            k = 8 * w + j
-            scales = absmax_t[k // block_size, n0:n0 + m]  # [m]
-            for i in range(m):
-                out[k, i] = table[(row[i] >> (4 * j)) & 15] * scales[i]
-
-
-def matmul_prefill_repacked(packed, weight: KernelWeight, absmax_t: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`) and absmax_t [in/B, out]: tiles
-    of output columns dequantized and multiplied by BLAS on every core (what prefill runs once the repacked
-    codes exist, so the stored qweight is not read again)."""
-    n_out, n_in = packed.shape
-    width = min(n_out, max(RUN, PREFILL_TILE // n_in // RUN * RUN))
-    y = np.empty((x.shape[0], n_out), dtype=np.float32)  # [m, out]
-
-    def fill(n0, cols, tile):  # tile [in, width]
-        _dequantize_words(weight.qweight, packed.table, absmax_t, packed.block_size, n0, cols, tile)
-
-    def multiply(n0, cols, tile):
-        np.matmul(x, tile[:, :cols], out=y[:, n0:n0 + cols])  # [m, cols]
-
-    run_tiles(n_out, width, (n_in, width), fill, multiply)
-    return y
+def matmul_prefill_repacked(packed, weight: KernelWeight, x: np.ndarray) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`): tiles of outputs dequantized and
+    multiplied by BLAS on every core (uniform_int8_numba.matmul_prefill; each code's value is the table's over
+    the scale step, so scale * value is the reference's absmax * table[code] within float32 rounding), what
+    prefill runs once the repacked codes exist, so the stored qweight is not read again."""
+    _, step = lut_table(packed.table)
+    values = (packed.table / np.float32(step)).astype(np.float32)  # [16]
+    return uniform_int8_numba.matmul_prefill(weight, values, x)
 
 
 def decode_weight(packed) -> KernelWeight:
     """The weight as the int8-activation decode kernel takes it (codes repacked, table as `lut_table`); its
     blocks must be whole runs of 32 inputs (`Lut4Tensor.int8_codes`)."""
     n_out, n_in = packed.shape
-    words = np.empty((n_in // 8, n_out), dtype=np.int32)  # [runs*4, out]
+    words = np.empty((n_in // 8, n_out), dtype=np.int32)  # [runs*4, out] the uniform format's 4-bit layout
     _repack(packed.qweight, words)
     lut, step = lut_table(packed.table)
-    scales = np.ascontiguousarray((packed.block_absmax() * step).T, dtype=np.float32)  # [in/B, out]
-    return KernelWeight(readonly(words), NO_ZEROS, readonly(scales), NO_PERM, n_in, 4, packed.block_size // RUN,
-                        True, readonly(lut))
+    scales = (packed.block_absmax() * step).T.astype(np.float32)  # [in/B, out]
+    zeros = np.zeros(scales.shape, dtype=np.uint8)  # [in/B, out] the table's zero point comes off run by run
+    return block_weight(words, scales, zeros, NO_PERM, n_in, 4, packed.block_size // RUN, readonly(lut))
