@@ -65,7 +65,10 @@ def test_matmul_matches_reference(bits, rows):
     y = packed.matmul(x[:rows])
     reference = x[:rows] @ packed.dequantize().T  # [rows, out]
     assert y.dtype == np.float32 and y.shape == (rows, 48)
-    np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    # several rows of 2/4-bit codes multiply two-byte activations where the CPU has VNNI
+    # (uniform_prefill_numba): about 3e-5 of the largest output, the rest float32 order
+    tol = 1e-5 if rows == 1 or bits == 3 else 1e-4
+    np.testing.assert_allclose(y, reference, rtol=0, atol=tol * np.abs(reference).max())
     leading = packed.matmul(x[:4].reshape(2, 2, 96))  # [2, 2, out] leading axes kept
     np.testing.assert_allclose(leading.reshape(4, 48), packed.matmul(x[:4]), rtol=0, atol=1e-6)
 

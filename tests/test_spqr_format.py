@@ -15,7 +15,8 @@ from conftest import assert_close, assert_device_matches_reference, inputs
 from runtime.errors import UserError
 from runtime.formats.spqr import SpQRTensor, check_params, dequantize_stats, quantize_stats
 from runtime.formats.uniform import unpack
-from runtime.kernels import spqr_numba, uniform_int8_numba
+from runtime.kernels import spqr_numba, uniform_int8_numba, uniform_prefill_numba
+from runtime.kernels.quant_activations_numba import LEVELS16
 from runtime.checkpoints.packed_checkpoint import WEIGHTS, save_packed
 from runtime.checkpoints.safetensors_io import read_safetensors
 from test_sparse_format import random_outliers
@@ -71,8 +72,11 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
     if uniform_int8_numba.simd_tiles(bits, kernel):  # prefill then reads the blocked codes, not qweight
         with monkeypatch.context() as patch:
             patch.setattr(spqr_numba, "matmul_dense", None)
-            x5 = inputs(32, 5, n_in, mean=0.5)  # [5, in]: prefill keeps float activations
-            assert_close(packed.matmul(x5), packed.matmul_reference(x5))
+            x5 = inputs(32, 5, n_in, mean=0.5)  # [5, in]: prefill keeps float accuracy
+            y5 = packed.matmul(x5)  # [5, out]
+            assert_close(y5, packed.matmul_reference(x5), tol=3e-5)
+            integer = uniform_prefill_numba.integer_prefill(packed.int8_weight(), kernel)  # two-byte activations
+            assert_close(y5, packed.matmul_reference_int8(x5, LEVELS16) if integer else packed.matmul_reference(x5))
     expected = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(bits, kernel) else packed.matmul_reference
     assert_close(packed.matmul(x[:1]), expected(x[:1]))  # decode: int8 where the kernel has tiles
     assert make_tensor(5, 20, 96, bits, 16).int8_weight() is None  # groups of 16: float activations

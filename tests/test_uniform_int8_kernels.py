@@ -17,8 +17,8 @@ import pytest
 from conftest import assert_close, inputs
 from runtime.errors import UserError
 from runtime.formats.base import quantize_activation
-from runtime.kernels import uniform_int8_numba
-from runtime.kernels.quant_activations_numba import quantize_blocks
+from runtime.kernels import uniform_int8_numba, uniform_prefill_numba
+from runtime.kernels.quant_activations_numba import LEVELS16, quantize_blocks
 from test_uniform_kernels import BITS, make_tensor
 
 AVAILABLE = uniform_int8_numba.available_kernels()
@@ -188,5 +188,45 @@ def test_prefill_reads_the_blocked_codes(bits, n_out, n_in, group_size, per_tens
     for act_order in {False, group_size > 0}:
         packed = make_tensor(60 + bits, n_out, n_in, bits, group_size, per_tensor=per_tensor, act_order=act_order)
         x = inputs(bits, 7, n_in, mean=0.5)  # [7, in]
-        assert_close(packed.matmul(x), packed.matmul_reference(x))
+        y = packed.matmul(x)  # [7, out]
         assert packed._int8_weight is not None
+        assert_close(y, packed.matmul_reference(x), tol=3e-5)  # float accuracy either way
+        if uniform_prefill_numba.integer_prefill(packed.int8_weight(), AVAILABLE[0]):  # two-byte activations
+            assert_close(y, packed.matmul_reference_int8(x, LEVELS16))
+        else:  # dequantized tiles and BLAS
+            assert_close(y, packed.matmul_reference(x))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS)
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_integer_prefill_matches_its_reference(bits, n_out, n_in, group_size, per_tensor, rows, monkeypatch):
+    # rows not a multiple of CHUNK or of ROW_BLOCK; several row blocks; act-order where a grid has groups
+    if "avx512vnni" not in AVAILABLE:
+        pytest.skip("the CPU lacks avx512vnni")
+    monkeypatch.setattr(uniform_prefill_numba, "ROW_BLOCK", 8)
+    packed = make_tensor(80 + bits, n_out, n_in, bits, group_size, per_tensor=per_tensor, act_order=group_size > 0)
+    weight = uniform_int8_numba.kernel_weight(packed)
+    x = inputs(rows, rows, n_in, mean=0.5)  # [rows, in]
+    y = uniform_prefill_numba.matmul(weight, np.arange(1 << bits, dtype=np.float32), x, "avx512vnni")
+    assert_close(y, packed.matmul_reference_int8(x, LEVELS16))
+    assert_close(y, packed.matmul_reference(x), tol=3e-5)
+    q = np.empty(64, dtype=np.int16)
+    d = np.empty(2, dtype=np.float32)
+    quantize_blocks(x[0, :64] * 1e3, q, d, LEVELS16)  # the two-byte levels: |q| <= 32639, hi and lo bytes
+    assert np.abs(q).max() == LEVELS16
+    hi = (q.astype(np.int32) + 128) >> 8
+    assert np.abs(hi).max() <= 127 and ((q - 256 * hi) >= -128).all() and ((q - 256 * hi) <= 127).all()
+
+
+def test_integer_prefill_uses_the_dot_product_instruction():
+    if "avx512vnni" not in AVAILABLE:
+        pytest.skip("the CPU lacks avx512vnni")
+    packed = make_tensor(9, 64, 128, 4, 128)
+    weight = uniform_int8_numba.kernel_weight(packed)
+    x = inputs(9, 4, 128, mean=0.5)  # [4, in]
+    quantized = uniform_prefill_numba.quantize_rows(x, weight.perm, 4, 4, 4, 1, 4)
+    fresh = numba.njit(uniform_prefill_numba._prefill.py_func)  # compiled here (not from the cache): asm at hand
+    y = fresh(weight.blocked, weight.scales, weight.zeros, *quantized, 4, 4, 1)  # [4, 64]
+    assert_close(y, quantize_activation(x, None, LEVELS16) @ packed.dequantize().T)
+    assert "vpdpbusd" in "".join(fresh.inspect_asm().values())

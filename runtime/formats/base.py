@@ -23,8 +23,8 @@ def activation_mode() -> tuple[str, str]:
     For the formats with int8-activation decode kernels (uniform, lut4). QLLM_ACTIVATIONS: `int8`
     (default) quantizes the activation of a one-row product (decode) to int8 per run of 32 and
     multiplies in integer lanes where the CPU has SIMD tiles for the format's codes (float activations
-    otherwise), more rows (prefill) go through float tiles
-    and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
+    otherwise); more rows (prefill) of those weights multiply in integers with two-byte activations
+    (float accuracy; runtime/kernels/uniform_prefill_numba.py) or through float tiles and BLAS; `int8-all` takes every row through the int8 kernel, one at a time (slow: for measuring
     the accuracy of the decode path with a perplexity run); `float` keeps float activations everywhere
     (the reference kernel). QLLM_INT8_KERNEL: `avx512vnni`, `avx2` or `portable` (default: the
     best the CPU has; one it lacks is refused).
@@ -45,22 +45,25 @@ def _checked_mode(mode: str, kernel: str | None) -> tuple[str, str]:
     return mode, kernel
 
 
-def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None) -> np.ndarray:
+def quantize_activation(x: np.ndarray, perm: np.ndarray | None = None, levels: int | None = None) -> np.ndarray:
     """x_hat [m, in]: each row of x [m, in] float32 as the int8-activation kernels see it.
 
     In storage order (perm; None: column order), zero-padded to whole runs of 32, each run quantized
     as llama.cpp's Q8_0 (runtime/kernels/quant_activations_numba.py: d = max|x| / 127, q = rint(x * (1/d))
-    in float32), then dequantized to d * q and put back in column order. The NumPy reference of the
-    int8 kernels is x_hat @ W.T.
+    in float32; levels LEVELS16: / 32639, the two-byte activations of the integer prefill), then
+    dequantized to d * q and put back in column order. The NumPy reference of the integer kernels is
+    x_hat @ W.T.
     """
-    from runtime.kernels.quant_activations_numba import BLOCK as RUN
+    from runtime.kernels.quant_activations_numba import BLOCK as RUN, LEVELS8
+
+    levels = LEVELS8 if levels is None else levels
 
     m, n_in = x.shape
     runs = -(-n_in // RUN)
     stored = np.zeros((m, runs * RUN), dtype=np.float32)  # [m, runs*32]
     stored[:, :n_in] = x if perm is None else x[:, perm]
     blocks = stored.reshape(m, runs, RUN)  # [m, runs, 32]
-    d = np.abs(blocks).max(axis=2) / np.float32(127.0)  # [m, runs]
+    d = np.abs(blocks).max(axis=2) / np.float32(levels)  # [m, runs]
     inverse = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)  # [m, runs]
     x_hat = (np.rint(blocks * inverse[..., None]) * d[..., None]).reshape(m, -1)[:, :n_in]  # [m, in] storage
     if perm is None:

@@ -250,13 +250,13 @@ class SpQRTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
-    def matmul_reference_int8(self, x) -> np.ndarray:
+    def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
         """y [m, out] for x [m, in], the reference of the int8-activation decode path: the dense part times x
-        quantized as the int8 kernels do (in storage order, `quantize_activation`), the outliers' corrections
-        (W - W_d, zero elsewhere) times x itself."""
+        quantized as the int8 kernels do (in storage order, `quantize_activation`; levels LEVELS16: the
+        integer prefill's two-byte activations), the outliers' corrections (W - W_d, zero elsewhere) times x."""
         x = np.asarray(x, dtype=np.float32)
         dense = self.dequantize_dense()  # [out, in]
-        return quantize_activation(x, to_numpy(self.perm)) @ dense.T + x @ (self.dequantize() - dense).T
+        return quantize_activation(x, to_numpy(self.perm), levels) @ dense.T + x @ (self.dequantize() - dense).T
 
     def int8_codes(self):
         """(bits, no table) on the CPU for groups of whole runs of 32 (PackedTensor.int8_codes)."""
@@ -307,10 +307,11 @@ class SpQRTensor(PackedTensor):
         if on_gpu:
             from runtime.kernels import spqr_cuda
             return spqr_cuda.matmul(self, x)  # [m, out]
-        if x.shape[0] > 1 and self.int8_decodes(*activation_mode()):  # decode's blocked codes, not qweight
-            from runtime.kernels import uniform_int8_numba
+        mode, kernel = activation_mode()
+        if x.shape[0] > 1 and self.int8_decodes(mode, kernel):  # decode's blocked codes, not qweight
+            from runtime.kernels import uniform_prefill_numba
             values = np.arange(1 << self.bits, dtype=np.float32)  # [2**bits] a code's value is itself
-            y = np.ascontiguousarray(uniform_int8_numba.matmul_prefill(self.int8_weight(), values, x))  # [m, out]
+            y = np.ascontiguousarray(uniform_prefill_numba.matmul(self.int8_weight(), values, x, kernel))  # [m, out]
         else:
             from runtime.kernels import spqr_numba
             y = spqr_numba.matmul_dense(self, x)  # [m, out]

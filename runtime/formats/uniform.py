@@ -262,10 +262,11 @@ class UniformTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
-    def matmul_reference_int8(self, x) -> np.ndarray:
+    def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
         """y [m, out] = x_hat @ W.T, x_hat = x [m, in] quantized as the int8 kernels do (the reference of
-        the int8-activation path)."""
-        return quantize_activation(x, None if self.perm is None else to_numpy(self.perm)) @ self.dequantize().T
+        the int8-activation path; levels LEVELS16: of the integer prefill's two-byte activations)."""
+        perm = None if self.perm is None else to_numpy(self.perm)
+        return quantize_activation(x, perm, levels) @ self.dequantize().T
 
     def int8_codes(self):
         """(bits, no table) on the CPU (PackedTensor.int8_codes)."""
@@ -283,14 +284,16 @@ class UniformTensor(PackedTensor):
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T with float activations: CUDA for CuPy input, Numba for NumPy input;
         several rows read the int8 kernel's blocked codes where decode uses them (built here if need be: the
-        stored codes' pages mapped from the model file then go back to the OS, not held twice)."""
+        stored codes' pages mapped from the model file then go back to the OS, not held twice), multiplied in
+        integers with two-byte activations on AVX-512 VNNI (runtime/kernels/uniform_prefill_numba.py)."""
         if on_gpu:
             from runtime.kernels import uniform_cuda
             return uniform_cuda.matmul(self, x)  # [m, out]
-        if x.shape[0] > 1 and self.int8_decodes(*activation_mode()):
-            from runtime.kernels import uniform_int8_numba
+        mode, kernel = activation_mode()
+        if x.shape[0] > 1 and self.int8_decodes(mode, kernel):
+            from runtime.kernels import uniform_prefill_numba
             values = np.arange(1 << self.bits, dtype=np.float32)  # [2**bits] a code's value is itself
-            return uniform_int8_numba.matmul_prefill(self.int8_weight(), values, x)  # [m, out]
+            return uniform_prefill_numba.matmul(self.int8_weight(), values, x, kernel)  # [m, out]
         from runtime.kernels import uniform_numba
         return uniform_numba.matmul(self, x)  # [m, out]
 

@@ -6,7 +6,10 @@ The activation side of llama.cpp's Q8_0 block format (ggml-quants.c,
     d = max|x| / 127        q[k] = rint(x[k] / d)   (0 when d = 0)     x[k] ~ d * q[k]
 
 so |q| <= 127 and a product of an unsigned code (< 2**8) with q fits the
-CPU's u8 x s8 dot-product instructions. The division is done as a multiply
+CPU's u8 x s8 dot-product instructions. Prefill's integer kernel keeps
+float-like accuracy with two bytes per activation: d = max|x| / 32639 and
+q = 256 hi + lo, hi and lo signed bytes (|hi| <= 127 since 32639 + 128 < 128 * 256),
+each multiplied by its own byte dot product (runtime/kernels/uniform_prefill_numba.py). The division is done as a multiply
 by 1/d, in float32, without fastmath: NumPy's reference
 (`runtime.formats.base.quantize_activation`) repeats the same float32
 operations and gets the same q bit for bit.
@@ -17,17 +20,20 @@ import numpy as np
 from numba import njit
 
 BLOCK = 32  # activations per scale (one packed run of the uniform format)
+LEVELS8 = 127  # Q8_0: one signed byte per activation
+LEVELS16 = 127 * 257  # two signed bytes: q = 256 hi + lo, hi = (q + 128) >> 8 in [-127, 127], lo in [-128, 127]
 
 
 @njit(cache=True)
-def quantize_blocks(xs, q, d):
-    """q [n*32] int8, d [n] float32 <- the Q8_0 quantization of xs [n*32] float32, block by block."""
+def quantize_blocks(xs, q, d, levels=LEVELS8):
+    """q [n*32], d [n] float32 <- the quantization of xs [n*32] float32 to integers in [-levels, levels],
+    block by block (levels LEVELS8: Q8_0, q int8; LEVELS16: two bytes, q int16)."""
     for b in range(d.shape[0]):
         amax = np.float32(0.0)
         for k in range(b * BLOCK, (b + 1) * BLOCK):
             amax = max(amax, abs(xs[k]))
-        scale = amax / np.float32(127.0)
+        scale = amax / np.float32(levels)
         inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
         for k in range(b * BLOCK, (b + 1) * BLOCK):
-            q[k] = np.int8(np.rint(xs[k] * inverse))
+            q[k] = np.rint(xs[k] * inverse)
         d[b] = scale

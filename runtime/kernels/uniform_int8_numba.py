@@ -64,8 +64,9 @@ one call (`matvec_parts`): x is quantized once. A call's arguments are
 gathered once per list of weights (`prepare`) and reused every step (`run`).
 Work is split over the tiles of all the call's weights; tiny products run on
 the calling thread, the rest in one parallel region. Prefill reads the
-blocked codes too once they exist (`dequantize_tiles`), so the stored codes
-are not held twice.
+blocked codes too once they exist (in integers with two-byte activations on
+AVX-512 VNNI: runtime/kernels/uniform_prefill_numba.py; else
+`dequantize_tiles` and BLAS), so the stored codes are not held twice.
 """
 from __future__ import annotations
 
@@ -368,16 +369,24 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
         for k in range(r * BLOCK, (r + 1) * BLOCK):
             rsum[r] += xq[k]
         xsum[r // group_runs] += d[r] * np.float32(rsum[r])
+    return xq, tile_byte_order(xq, bits), d, rsum, xsum
+
+
+@njit(cache=True)
+def tile_byte_order(xq, bits):
+    """xq [runs*32] (int8) in the byte order of the SIMD tiles for `bits` (2, 4, 8; 3: a copy): the four
+    bytes of activation word t * 8/bits + s of a run meet the four codes at bit offset bits * s of the
+    bytes of the run's code word t."""
     xw = xq.copy()  # [runs*32]
     if bits != 3:
         per_word = 32 // bits
         sub = 8 // bits  # codes per byte
-        for r in range(n_runs):
+        for r in range(xq.shape[0] // BLOCK):
             for t in range(bits):
                 for s in range(sub):
                     for i in range(4):
                         xw[r * BLOCK + 4 * (t * sub + s) + i] = xq[r * BLOCK + t * per_word + sub * i + s]
-    return xq, xw, d, rsum, xsum
+    return xw
 
 
 @njit(inline="always")
@@ -478,9 +487,11 @@ def _tiled(a: np.ndarray) -> np.ndarray:
     """a [rows, out] -> [tiles, rows, TILE], outputs zero-padded to whole tiles (a read-only copy)."""
     rows, n_out = a.shape
     tiles = -(-n_out // TILE)
-    padded = np.zeros((rows, tiles * TILE), dtype=a.dtype)  # [rows, tiles * TILE]
-    padded[:, :n_out] = a
-    return readonly(np.ascontiguousarray(padded.reshape(rows, tiles, TILE).transpose(1, 0, 2)))
+    if n_out % TILE:  # a padded copy first (no copy of a otherwise: a big temporary stays in the heap)
+        padded = np.zeros((rows, tiles * TILE), dtype=a.dtype)  # [rows, tiles * TILE]
+        padded[:, :n_out] = a
+        a = padded
+    return readonly(np.ascontiguousarray(a.reshape(rows, tiles, TILE).transpose(1, 0, 2)))
 
 
 def block_weight(qweight, scales, zeros, perm, in_features: int, bits: int, group_runs: int,

@@ -1,0 +1,198 @@
+"""Integer prefill of the blocked codes (runtime/kernels/uniform_int8_numba.py): many rows at once, AVX-512 VNNI.
+
+Prefill multiplies every weight by a block of rows (the prompt's tokens), so
+it is bound by arithmetic, not by memory, and `vpdpbusd` does four times the
+multiply-adds of a float32 FMA per instruction. Float accuracy is kept with
+two bytes per activation (runtime/kernels/quant_activations_numba.py,
+LEVELS16): per run of 32 inputs of a row, d = max|x| / 32639 and
+q = rint(x / d) = 256 hi + lo with signed bytes hi, lo, so that
+
+    dot_r = sum_k code_k q_k = 256 * sum_k code_k hi_k + sum_k code_k lo_k
+
+is two byte dot products, exact in int32 (8-bit codes: 32 * 255 * 127 * 256
+< 2^31). The activation rounding is 1/256 of Q8_0's, about 1e-5 of each
+block's largest value: WikiText-2 perplexity moves by less than the float32
+summation order does (`eval.py` measures it). llama.cpp multiplies its Q4_0
+weights by one-byte Q8_0 activations in prefill; this kernel spends the second
+dot product to keep the prefill equal to the float reference instead.
+
+A pass over one tile of 16 outputs (the blocked layout) takes CHUNK rows:
+each run's `bits` code words are loaded and split into eight vectors of four
+codes per lane once, then multiplied by the hi and lo words of every row of
+the chunk; the chunk's sums stay in registers through a group, the group's
+scale and zero point are applied once per group and row (zero point times
+the row's group sum of d * q). Tasks take ranges of tiles; the rows go by in
+blocks of ROW_BLOCK, whose activations stay in the core's cache while the
+task's tiles pass. Rows past the last are zero and dropped.
+
+Other CPUs, 3-bit codes and 4-bit tables (NF4) dequantize the blocked codes
+into float tiles for BLAS (uniform_int8_numba.matmul_prefill).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
+from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _codes, _dot_vnni, _load_lanes,
+                                                _splat, available_kernels, matmul_prefill, tile_byte_order)
+from runtime.kernels.uniform_numba import readonly, storage_input
+
+CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
+ROW_BLOCK = 32  # rows whose activations a task keeps in cache while its tiles go by
+INT_BITS = (2, 4, 8)  # code widths of the integer kernel
+
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+def _prefill_intrinsic(bits: int):
+    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y) setting
+    y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
+    (hi, lo: int8 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows, groups]: each
+    group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16]."""
+    sub = 8 // bits  # codes per byte
+
+    def codegen(context, builder, signature, args):
+        if "avx512vnni" not in available_kernels():  # compiled, never run
+            return context.get_dummy_value()
+        tile, group_runs, row0 = args[1], args[8], args[9]
+        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6, 7, 10)}
+
+        def start(i, index):  # i8* to element `index` of axis 0 of array argument i, and the strides
+            strides = cgutils.unpack_tuple(builder, arrays[i].strides)
+            return builder.gep(builder.bitcast(arrays[i].data, _I8.as_pointer()), [builder.mul(index, strides[0])]), strides
+
+        def row_of(i, c):  # typed pointer to row row0 + c of 2-D array argument i
+            pointer, _ = start(i, builder.add(row0, ir.Constant(row0.type, c)))
+            return builder.bitcast(pointer, context.get_data_type(signature.args[i].dtype).as_pointer())
+
+        codes_row, _ = start(0, tile)
+        scale_row, scale_strides = start(2, tile)
+        zero_row, zero_strides = start(3, tile)
+        hi = [builder.bitcast(row_of(4, c), _I32.as_pointer()) for c in range(CHUNK)]
+        lo = [builder.bitcast(row_of(5, c), _I32.as_pointer()) for c in range(CHUNK)]
+        d = [row_of(6, c) for c in range(CHUNK)]
+        xsum = [row_of(7, c) for c in range(CHUNK)]
+        n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[1]
+        n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
+        vector, floats = ir.VectorType(_I32, TILE), ir.VectorType(_F32, TILE)
+        totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(CHUNK)]
+        sums = [cgutils.alloca_once(builder, floats) for _ in range(CHUNK)]
+        with cgutils.for_range(builder, n_groups) as groups:
+            g = groups.index
+            run0 = builder.mul(g, group_runs)
+            left = builder.sub(n_runs, run0)
+            runs = builder.select(builder.icmp_signed("<", group_runs, left), group_runs, left)
+            for c in range(CHUNK):
+                builder.store(ir.Constant(floats, None), sums[c])
+            with cgutils.for_range(builder, runs) as loop:
+                r = builder.add(run0, loop.index)
+                words = builder.bitcast(builder.gep(codes_row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
+                                        vector.as_pointer())
+                codes = [_codes(builder, builder.load(builder.gep(words, [ir.Constant(_I32, t)]), align=4), bits, s)
+                         for t in range(bits) for s in range(sub)]  # 8 vectors of four codes per lane
+                first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
+                for c in range(CHUNK):
+                    acc_hi = acc_lo = None
+                    for v, code in enumerate(codes):
+                        index = builder.add(first, ir.Constant(first.type, v))
+                        acc_hi = _dot_vnni(builder, acc_hi, code,
+                                           _splat(builder, builder.load(builder.gep(hi[c], [index]), align=1), TILE))
+                        acc_lo = _dot_vnni(builder, acc_lo, code,
+                                           _splat(builder, builder.load(builder.gep(lo[c], [index]), align=1), TILE))
+                    dot = builder.add(builder.shl(acc_hi, ir.Constant(vector, [8] * TILE)), acc_lo)
+                    scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
+                    builder.store(builder.fadd(builder.load(sums[c]), builder.fmul(builder.sitofp(dot, floats), scale)),
+                                  sums[c])
+            group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), TILE,
+                                       signature.args[2].dtype)
+            group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), TILE,
+                                      signature.args[3].dtype)
+            for c in range(CHUNK):
+                group_sum = _splat(builder, builder.load(builder.gep(xsum[c], [g])), TILE)
+                term = builder.fsub(builder.load(sums[c]), builder.fmul(group_zeros, group_sum))
+                builder.store(builder.fadd(builder.load(totals[c]), builder.fmul(group_scales, term)), totals[c])
+        for c in range(CHUNK):
+            out = builder.gep(row_of(10, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
+            builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y):
+        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, xsum, types.int64, types.int64,
+                          y), codegen
+
+    return intrinsic(typer)
+
+
+_CHUNK2, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
+
+
+@njit(cache=True)
+def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
+    """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, xsum [rows, groups]
+    float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after x's), each row in
+    storage order (perm; empty: identity), zero-padded to whole runs."""
+    hi = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
+    lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
+    d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
+    xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
+    q = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
+    high = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    for row in range(x.shape[0]):
+        quantize_blocks(storage_input(x[row], perm, n_runs), q, d[row], LEVELS16)
+        for k in range(q.shape[0]):
+            h = (np.int32(q[k]) + np.int32(128)) >> np.int32(8)
+            high[k] = h
+            low[k] = np.int32(q[k]) - np.int32(256) * h
+        for r in range(n_runs):
+            total = np.int32(0)
+            for k in range(r * BLOCK, (r + 1) * BLOCK):
+                total += np.int32(q[k])
+            xsum[row, r // group_runs] += d[row, r] * np.float32(total)
+        hi[row] = tile_byte_order(high, bits)
+        lo[row] = tile_byte_order(low, bits)
+    return hi, lo, d, xsum
+
+
+@njit(cache=True, parallel=True)
+def _prefill(blocked, scales, zeros, hi, lo, d, xsum, bits, group_runs, threads):
+    """y [rows, tiles * 16] of the quantized rows (`quantize_rows`), the tiles split over `threads` tasks."""
+    n_tiles, rows = blocked.shape[0], hi.shape[0]
+    y = np.empty((rows, n_tiles * TILE), dtype=np.float32)  # [rows, tiles * 16]
+    tasks = min(threads, n_tiles)
+    for t in prange(tasks):
+        for block in range(0, rows, ROW_BLOCK):
+            for tile in range(t * n_tiles // tasks, (t + 1) * n_tiles // tasks):
+                for row0 in range(block, min(block + ROW_BLOCK, rows), CHUNK):
+                    if bits == 4:
+                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+                    elif bits == 2:
+                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+                    else:
+                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+    return y
+
+
+def integer_prefill(weight: KernelWeight, kernel: str) -> bool:
+    """Whether `matmul` multiplies this weight in integers with `kernel` (avx512vnni, 2/4/8-bit codes, no table)."""
+    return kernel == "avx512vnni" and weight.bits in INT_BITS and weight.lut.shape[0] == 0
+
+
+def matmul(weight: KernelWeight, values: np.ndarray, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T of the blocked codes for many rows x (float32): in integers with two-byte
+    activations where `integer_prefill`, else dequantized tiles and BLAS (values [2**bits] float32: each
+    code's value, `uniform_int8_numba.matmul_prefill`)."""
+    if not integer_prefill(weight, kernel):
+        return matmul_prefill(weight, values, x)
+    n_runs = weight.blocked.shape[1] // (weight.bits * TILE)
+    rows = -(-x.shape[0] // CHUNK) * CHUNK
+    quantized = quantize_rows(readonly(np.ascontiguousarray(x, dtype=np.float32)), weight.perm, weight.bits, n_runs,
+                              weight.group_runs, weight.scales.shape[1], rows)
+    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, weight.bits, weight.group_runs,
+                 numba.get_num_threads())  # [rows, tiles * 16]
+    return y[:x.shape[0], :weight.out_features]
