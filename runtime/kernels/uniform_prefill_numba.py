@@ -132,30 +132,33 @@ _CHUNK2, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
 
 
 @njit(cache=True)
+def _byte_positions(bits):
+    """[32]: where activation k of a run goes in the tiles' byte order (`tile_byte_order` of 0 .. 31)."""
+    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64).argsort()
+
+
+@njit(cache=True, parallel=True)
 def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, xsum [rows, groups]
     float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after x's), each row in
-    storage order (perm; empty: identity), zero-padded to whole runs."""
+    storage order (perm; empty: identity), zero-padded to whole runs; rows in parallel."""
     hi = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
-    q = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
-    high = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
-    low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
-    for row in range(x.shape[0]):
+    position = _byte_positions(bits)  # [32]
+    for row in prange(x.shape[0]):
+        q = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
         quantize_blocks(storage_input(x[row], perm, n_runs), q, d[row], LEVELS16)
-        for k in range(q.shape[0]):
-            h = (np.int32(q[k]) + np.int32(128)) >> np.int32(8)
-            high[k] = h
-            low[k] = np.int32(q[k]) - np.int32(256) * h
         for r in range(n_runs):
             total = np.int32(0)
-            for k in range(r * BLOCK, (r + 1) * BLOCK):
-                total += np.int32(q[k])
+            for k in range(BLOCK):
+                value = np.int32(q[r * BLOCK + k])
+                high = (value + np.int32(128)) >> np.int32(8)
+                hi[row, r * BLOCK + position[k]] = high
+                lo[row, r * BLOCK + position[k]] = value - np.int32(256) * high
+                total += value
             xsum[row, r // group_runs] += d[row, r] * np.float32(total)
-        hi[row] = tile_byte_order(high, bits)
-        lo[row] = tile_byte_order(low, bits)
     return hi, lo, d, xsum
 
 
