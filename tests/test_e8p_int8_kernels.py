@@ -84,6 +84,31 @@ def test_kernel_uses_the_byte_dot_product():
     scale = np.float32(packed.host_scales[0])
     y = np.empty(16, dtype=np.float32)  # [out]
     fresh(x[0], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
-          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(), y)
+          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
+          e8p_numba.coordinate_tables(), False, y)
     assert_close(y, packed.matmul_reference_int8(x)[0])
     assert "vpdpbusd" in re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values()))
+
+
+@pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")
+@pytest.mark.parametrize("vbmi", [False, True])
+def test_byte_permute_path_equals_the_byte_table_path(vbmi):
+    # 1088 inputs: two whole chunks of 512 through the byte permutes, one of 64 through the byte table
+    packed = random_packed("quipsharp2", (40, 1088), seed=11)
+    x = inputs(11, 1, 1088)  # [1, in]
+    fresh = numba.njit(e8p_numba._decode_int8.py_func)  # compiled here (not from the cache): asm at hand
+    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
+    scale = np.float32(packed.host_scales[0])
+    y = np.empty(40, dtype=np.float32)  # [out]
+    fresh(x[0], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
+          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
+          e8p_numba.coordinate_tables(), vbmi, y)
+    assert_close(y, packed.matmul_reference_int8(x)[0])
+    if vbmi:
+        assert {"vpermi2b", "vpermt2b"} & set(re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values())))
+
+
+def test_coordinate_tables_are_the_source_table_times_four():
+    tables = e8p_numba.coordinate_tables()  # [8, 256]
+    assert tables.flags.c_contiguous and tables.dtype == np.int8  # the kernel reads it as 32 rows of 64 bytes
+    assert np.array_equal(tables.T / 4, e8p_codebook.signed_source_table())
