@@ -18,6 +18,7 @@ import nf4
 from conftest import assert_close, inputs
 from runtime.formats.lut4 import lut_table, lut_values
 from runtime.kernels import lut4_numba, uniform_int8_numba
+from runtime.kernels.quant_activations_numba import LEVELS8
 from test_lut4_format import random_tensor
 
 AVAILABLE = uniform_int8_numba.available_kernels()
@@ -118,7 +119,7 @@ def test_vnni_lut_tile_uses_the_byte_shuffle():
     weight = packed.int8_weight()
     x = inputs(rng, 64)  # [in]
     fresh = numba.njit(uniform_int8_numba._tiles.py_func)  # compiled here (not from the cache): asm at hand
-    quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1)
+    quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1, LEVELS8)
     y = np.empty(32, dtype=np.float32)  # [out]
     fresh(uniform_int8_numba.KERNEL_IDS["avx512vnni"], weight.blocked, weight.scales, weight.zeros, quantized, 4, 2,
           weight.lut, 0, 2, y)

@@ -57,6 +57,7 @@ import numpy as np
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode, frozen, quantize_activation
+from runtime.kernels.quant_activations_numba import LEVELS16
 from runtime.formats.sparse import SparseTensor
 from runtime.formats.uniform import RUN, pack, unpack
 from runtime.quant_grid import fp16_ceil
@@ -250,10 +251,10 @@ class SpQRTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
-    def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
+    def matmul_reference_int8(self, x, levels: int = LEVELS16) -> np.ndarray:
         """y [m, out] for x [m, in], the reference of the int8-activation decode path: the dense part times x
-        quantized as the int8 kernels do (in storage order, `quantize_activation`; levels LEVELS16: the
-        integer prefill's two-byte activations), the outliers' corrections (W - W_d, zero elsewhere) times x."""
+        quantized as the integer kernels do (in storage order, `quantize_activation`; two-byte activations,
+        LEVELS16, in decode and prefill alike), the outliers' corrections (W - W_d, zero elsewhere) times x."""
         x = np.asarray(x, dtype=np.float32)
         dense = self.dequantize_dense()  # [out, in]
         return quantize_activation(x, to_numpy(self.perm), levels) @ dense.T + x @ (self.dequantize() - dense).T

@@ -76,6 +76,7 @@ import numpy as np
 from runtime.device import array_module_of, is_cupy, to_module, to_numpy
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode, frozen, quantize_activation
+from runtime.kernels.quant_activations_numba import LEVELS16
 
 BITS = (2, 3, 4, 8)
 RUN = 32  # codes per packed run (a run of b words)
@@ -262,9 +263,9 @@ class UniformTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference."""
         return x @ self.dequantize().T
 
-    def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
-        """y [m, out] = x_hat @ W.T, x_hat = x [m, in] quantized as the int8 kernels do (the reference of
-        the int8-activation path; levels LEVELS16: of the integer prefill's two-byte activations)."""
+    def matmul_reference_int8(self, x, levels: int = LEVELS16) -> np.ndarray:
+        """y [m, out] = x_hat @ W.T, x_hat = x [m, in] quantized as the integer kernels do (the reference of
+        the int8-activation path: two-byte activations, LEVELS16, in decode and prefill alike)."""
         perm = None if self.perm is None else to_numpy(self.perm)
         return quantize_activation(x, perm, levels) @ self.dequantize().T
 

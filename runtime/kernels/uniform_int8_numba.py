@@ -1,17 +1,21 @@
 """Integer-activation matvec of the uniform format (layout: runtime/formats/uniform.py).
 
-The decode product y = W x with x quantized once per call to int8 per block
-of 32 (llama.cpp's Q8_0 activations, runtime/kernels/quant_activations_numba.py),
-the block being one packed run of 32 input rows in storage order. With codes
-q, zero z and scale s of group g, activation scale d_r and int8 values xq of
-run r:
+The decode product y = W x with x quantized once per call to integers per
+block of 32 (runtime/kernels/quant_activations_numba.py), the block being one
+packed run of 32 input rows in storage order. With codes q, zero z and scale
+s of group g, activation scale d_r and integer values xq of run r:
 
     y[n] = sum_g s[g, n] * ( sum_{r in g} d_r * dot_r[n]  -  z[g, n] * xsum[g] )
     dot_r[n] = sum_{k < 32} q[32 r + k, n] * xq[32 r + k]       (exact, int32)
     xsum[g]  = sum_{r in g} d_r * sum_k xq[32 r + k]
 
-The reference is the float kernel fed the dequantized activation d * xq
-(`UniformTensor.matmul_reference_int8`).
+The activations take two bytes, xq = 256 high + low (LEVELS16: d = max|x| /
+32639), and dot_r is two byte dot products, 256 * dot(q, high) + dot(q, low):
+1/256 of the rounding of llama.cpp's one-byte Q8_0 activations, which cost
+SmolLM2 rtn4g128 +0.42% WikiText-2 perplexity against float activations (two
+bytes: -0.0005%), for about 2% of the 4-bit decode time. Codes that index a
+table (below) keep one-byte activations. The reference is the float kernel
+fed the dequantized activation d * xq (`UniformTensor.matmul_reference_int8`).
 
 Blocked layout. The kernels do not read qweight [runs * bits, out] as it is
 stored (each run's word rows are `bits` rows apart: `bits` memory streams per
@@ -85,7 +89,7 @@ from runtime.formats.lut4 import LUT_ZERO
 from runtime.formats.uniform import unpack
 from runtime.kernels.numba_common import scale_value
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
+from runtime.kernels.quant_activations_numba import BLOCK, LEVELS8, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
 
 KERNELS = ("avx512vnni", "avx2", "portable")
@@ -170,25 +174,31 @@ def _lookup_vnni(builder, codes, table):
     return builder.bitcast(builder.call(fn, [table64, builder.bitcast(codes, bytes64)]), codes.type)
 
 
-def _run_dot(builder, words, x_run, bits, kernel, tables):
+def _run_dot(builder, words, x_run, x_low, bits, kernel, tables):
     """<L x i32> exact integer dot of one run for the lanes of `words` (the run's `bits` words, <L x i32>
-    each) with its activation words x_run (i32*, WORDS_PER_RUN of them); with tables (high and low bytes)
-    each code is its table value 256 hi + lo."""
+    each) with its activation words x_run (i32*, WORDS_PER_RUN of them): one byte per activation, each code
+    its table value 256 hi + lo where there are tables (high and low bytes); or, with x_low (the low bytes'
+    words), two bytes per activation 256 x_run + x_low."""
     lanes = words[0].type.count
     dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
+
+    def x_word(pointer, t, s):
+        return _splat(builder, builder.load(builder.gep(pointer, [ir.Constant(_I32, t * (8 // bits) + s)]),
+                                            align=4), lanes)
+
     acc = acc_low = None
     for t, word in enumerate(words):
         for s in range(8 // bits):
-            x_word = _splat(builder, builder.load(builder.gep(x_run, [ir.Constant(_I32, t * (8 // bits) + s)]),
-                                                  align=4), lanes)
             codes = _codes(builder, word, bits, s)
             if tables:
-                acc_low = dot(builder, acc_low, _lookup_vnni(builder, codes, tables[1]), x_word)
+                acc_low = dot(builder, acc_low, _lookup_vnni(builder, codes, tables[1]), x_word(x_run, t, s))
                 codes = _lookup_vnni(builder, codes, tables[0])
-            acc = dot(builder, acc, codes, x_word)
+            elif x_low is not None:
+                acc_low = dot(builder, acc_low, codes, x_word(x_low, t, s))
+            acc = dot(builder, acc, codes, x_word(x_run, t, s))
     if kernel == "avx2":
-        acc = _widen_avx2(builder, acc)
-    if tables:  # 256 * high + low
+        acc, acc_low = _widen_avx2(builder, acc), acc_low and _widen_avx2(builder, acc_low)
+    if acc_low is not None:  # 256 * high + low
         acc = builder.add(builder.shl(acc, ir.Constant(acc.type, [8] * lanes)), acc_low)
     return acc
 
@@ -207,23 +217,24 @@ def _load_lanes(builder, pointer, lanes, dtype):
 
 
 def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
-    """An intrinsic tile(blocked, tile, scales, zeros, xw, d, rsum, xsum, table, group_runs, y, y0) setting
-    y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE] int32,
-    scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
-    sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with the activation words
-    xw[8 r : 8 r + 8] (int8 viewed as int32), times the group's scales, less its zero points times xsum[g].
-    The loops over groups and runs are LLVM IR, every sum a register, the memory one stream of codes.
-    With `lut` (4 bits, avx512vnni) each code c stands for 256 table[c] + table[16 + c] (uint8 [32]) and
-    LUT_ZERO * rsum[r] (rsum: int32 sums of each run's activations) comes off dot_r before it is scaled."""
+    """An intrinsic tile(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, table, group_runs, y, y0)
+    setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
+    int32, scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
+    sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations
+    256 xw + xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its
+    zero points times xsum[g]. The loops over groups and runs are LLVM IR, every sum a register, the memory
+    one stream of codes. With `lut` (4 bits, avx512vnni) the activations are one byte (xw; xw_low unread),
+    each code c stands for 256 table[c] + table[16 + c] (uint8 [32]) and LUT_ZERO * rsum[r] (rsum: int32
+    sums of each run's activations) comes off dot_r before it is scaled."""
     lanes = LANES[kernel]
     halves = TILE // lanes
 
     def codegen(context, builder, signature, args):
         if kernel not in available_kernels():  # compiled, never run: Python picks only available kernels
             return context.get_dummy_value()
-        tile, group_runs, y0 = args[1], args[9], args[11]
+        tile, group_runs, y0 = args[1], args[10], args[12]
         arrays = {i: context.make_array(signature.args[i])(context, builder, args[i])
-                  for i in (0, 2, 3, 4, 5, 6, 7, 8, 10)}
+                  for i in (0, 2, 3, 4, 5, 6, 7, 8, 9, 11)}
         scale_type, zero_type = signature.args[2].dtype, signature.args[3].dtype
         scale_bytes, zero_bytes = scale_type.bitwidth // 8, zero_type.bitwidth // 8
 
@@ -235,15 +246,15 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
         row, _ = tile_row(0)
         scale_row, scale_step = tile_row(2)
         zero_row, zero_step = tile_row(3)
-        x_data = builder.bitcast(arrays[4].data, _I32.as_pointer())
-        d_data, r_data, xsum_data = arrays[5].data, arrays[6].data, arrays[7].data
-        n_runs = cgutils.unpack_tuple(builder, arrays[5].shape)[0]
+        x_data, low_data = (builder.bitcast(arrays[i].data, _I32.as_pointer()) for i in (4, 5))
+        d_data, r_data, xsum_data = arrays[6].data, arrays[7].data, arrays[8].data
+        n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[0]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector = ir.VectorType(_I32, lanes)
         floats = ir.VectorType(_F32, lanes)
         tables = ()
         if lut:  # the high bytes, then the low bytes
-            t_data = builder.bitcast(arrays[8].data, ir.VectorType(_I8, 16).as_pointer())
+            t_data = builder.bitcast(arrays[9].data, ir.VectorType(_I8, 16).as_pointer())
             tables = tuple(builder.load(builder.gep(t_data, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
         totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(halves)]
         sums = [cgutils.alloca_once(builder, floats) for _ in range(halves)]
@@ -258,12 +269,13 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
                 r = builder.add(run0, loop.index)
                 words = builder.bitcast(builder.gep(row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
                                         vector.as_pointer())  # the run's words, TILE lanes each
-                x_run = builder.gep(x_data, [builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))])
+                first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
+                x_run, x_low = builder.gep(x_data, [first]), (None if lut else builder.gep(low_data, [first]))
                 scale = _splat(builder, builder.load(builder.gep(d_data, [r])), lanes)
                 for h in range(halves):
                     run_words = [builder.load(builder.gep(words, [ir.Constant(_I32, t * halves + h)]), align=4)
                                  for t in range(bits)]
-                    acc = _run_dot(builder, run_words, x_run, bits, kernel, tables)
+                    acc = _run_dot(builder, run_words, x_run, x_low, bits, kernel, tables)
                     if lut:  # the zero point's share
                         zero = builder.mul(builder.load(builder.gep(r_data, [r])), ir.Constant(_I32, LUT_ZERO))
                         acc = builder.sub(acc, _splat(builder, zero, lanes))
@@ -279,13 +291,13 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
                                           lanes, zero_type)
                 term = builder.fsub(builder.load(sums[h]), builder.fmul(group_zeros, group_sum))
                 builder.store(builder.fadd(builder.load(totals[h]), builder.fmul(group_scales, term)), totals[h])
-        out = builder.bitcast(builder.gep(arrays[10].data, [y0]), floats.as_pointer())
+        out = builder.bitcast(builder.gep(arrays[11].data, [y0]), floats.as_pointer())
         for h in range(halves):
             builder.store(builder.load(totals[h]), builder.gep(out, [ir.Constant(_I32, h)]), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, xw, d, rsum, xsum, table, group_runs, y, y0):
-        return types.void(blocked, types.int64, scales, zeros, xw, d, rsum, xsum, table, types.int64, y,
+    def typer(typingctx, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, table, group_runs, y, y0):
+        return types.void(blocked, types.int64, scales, zeros, xw, xw_low, d, rsum, xsum, table, types.int64, y,
                           types.int64), codegen
 
     return intrinsic(typer)
@@ -354,22 +366,47 @@ def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits
 # ---- the matvec --------------------------------------------------------------------------------
 
 @njit(cache=True)
-def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
-    """(xq [runs*32] int8, xw [runs*32] int8, d [runs] float32, rsum [runs] int32, xsum [n_groups] float32) of
-    x [in]: x gathered into storage order (perm; empty: identity) and zero-padded to whole runs, quantized
-    per run (Q8_0); xw is xq in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: xq); rsum the sum
-    of each run's xq, xsum of each group's d * rsum."""
+def quantize_input(x, perm, bits, n_runs, group_runs, n_groups, levels):
+    """(xq [runs*32] int16, xw, xw_low [runs*32] int8, d [runs] float32, rsum [runs] int32, xsum [n_groups]
+    float32) of x [in]: x gathered into storage order (perm; empty: identity) and zero-padded to whole runs,
+    quantized per run to integers in [-levels, levels] (LEVELS8: Q8_0; LEVELS16: two bytes, xq = 256 high +
+    low); xw is the one-byte xq, or the high bytes, and xw_low the low bytes (zero for LEVELS8), in the byte
+    order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order); rsum the sum of each run's xq, xsum of
+    each group's d * rsum."""
     xs = storage_input(x, perm, n_runs)  # [runs*32]
-    xq = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    xq = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     d = np.empty(n_runs, dtype=np.float32)  # [runs]
-    quantize_blocks(xs, xq, d)
+    quantize_blocks(xs, xq, d, levels)
     rsum = np.zeros(n_runs, dtype=np.int32)  # [runs]
     xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
+    xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    xw_low = np.zeros(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    position = byte_positions(bits)  # [32]
     for r in range(n_runs):
-        for k in range(r * BLOCK, (r + 1) * BLOCK):
-            rsum[r] += xq[k]
+        for k in range(BLOCK):
+            value = xq[r * BLOCK + k]
+            rsum[r] += value
+            if levels == LEVELS8:
+                xw[r * BLOCK + position[k]] = value
+            else:
+                xw[r * BLOCK + position[k]], xw_low[r * BLOCK + position[k]] = split_bytes(value)
         xsum[r // group_runs] += d[r] * np.float32(rsum[r])
-    return xq, tile_byte_order(xq, bits), d, rsum, xsum
+    return xq, xw, xw_low, d, rsum, xsum
+
+
+@njit(cache=True)
+def byte_positions(bits):
+    """[32]: where activation k of a run goes in the tiles' byte order (`tile_byte_order` of 0 .. 31)."""
+    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64).argsort()
+
+
+@njit(inline="always")
+def split_bytes(value):
+    """(high, low) signed bytes of a two-byte activation value (|value| <= LEVELS16): value = 256 high + low,
+    high = (value + 128) >> 8 in [-127, 127], low in [-128, 127]."""
+    value = np.int32(value)
+    high = (value + np.int32(128)) >> np.int32(8)
+    return high, value - np.int32(256) * high
 
 
 @njit(cache=True)
@@ -390,20 +427,20 @@ def tile_byte_order(xq, bits):
 
 
 @njit(inline="always")
-def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, bits, group_runs, y, y0):
+def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs, y, y0):
     """y[y0 : y0 + TILE] = W x on one tile by the SIMD kernel kernel_id (which has tiles for these codes)."""
     if lut.shape[0] > 0:
-        _VNNI4_LUT(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI4_LUT(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2 and bits == 4:
-        _VNNI4(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI4(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2 and bits == 2:
-        _VNNI2(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI2(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2:
-        _VNNI8(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI8(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
     elif bits == 4:
-        _AVX2_4(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _AVX2_4(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
     else:
-        _AVX2_2(blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, group_runs, y, y0)
+        _AVX2_2(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
 
 
 @njit(cache=True)
@@ -412,14 +449,14 @@ def _tiles(kernel_id, blocked, scales, zeros, quantized, bits, group_runs, lut, 
     kernel_id where it has them for these codes (`simd_tiles`; prepare passes 0 otherwise), else the
     portable lanes: per group, the scaled run sums of the group times the group's scale, less its zero
     point times the group's activation sum (tables: zero 0, their zero point comes off run by run)."""
-    xq, xw, d, rsum, xsum = quantized
+    xq, xw, xw_low, d, rsum, xsum = quantized
     values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int32)  # [16] the table's values
     for c in range(values.shape[0]):
         values[c] = np.int32(lut[c]) * np.int32(256) + np.int32(lut[16 + c])
     for tile in range(t0, t1):
         if kernel_id > 0:
-            _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, d, rsum, xsum, lut, bits, group_runs, y,
-                       (tile - t0) * TILE)
+            _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs,
+                       y, (tile - t0) * TILE)
         else:
             _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, y,
                            (tile - t0) * TILE)
@@ -448,7 +485,8 @@ def _job(t, tasks, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quant
 def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
                      threads):
     """The prepared call (`prepare`) in one parallel region of `threads` tasks: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
+    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1],
+                               LEVELS8 if lut.shape[0] > 0 else LEVELS16)
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     tasks = min(threads, n_tiles)
@@ -460,7 +498,8 @@ def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, 
 @njit(cache=True)
 def _matvec_serial(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
     """The prepared call (`prepare`) on the calling thread alone: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
+    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1],
+                               LEVELS8 if lut.shape[0] > 0 else LEVELS16)
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     _job(0, 1, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)

@@ -39,7 +39,8 @@ from numba.extending import intrinsic
 
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _codes, _dot_vnni, _load_lanes,
-                                                _splat, available_kernels, matmul_prefill, tile_byte_order)
+                                                _splat, available_kernels, byte_positions, matmul_prefill,
+                                                split_bytes)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
@@ -131,12 +132,6 @@ def _prefill_intrinsic(bits: int):
 _CHUNK2, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
 
 
-@njit(cache=True)
-def _byte_positions(bits):
-    """[32]: where activation k of a run goes in the tiles' byte order (`tile_byte_order` of 0 .. 31)."""
-    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64).argsort()
-
-
 @njit(cache=True, parallel=True)
 def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, xsum [rows, groups]
@@ -146,18 +141,15 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
-    position = _byte_positions(bits)  # [32]
+    position = byte_positions(bits)  # [32]
     for row in prange(x.shape[0]):
         q = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
         quantize_blocks(storage_input(x[row], perm, n_runs), q, d[row], LEVELS16)
         for r in range(n_runs):
             total = np.int32(0)
             for k in range(BLOCK):
-                value = np.int32(q[r * BLOCK + k])
-                high = (value + np.int32(128)) >> np.int32(8)
-                hi[row, r * BLOCK + position[k]] = high
-                lo[row, r * BLOCK + position[k]] = value - np.int32(256) * high
-                total += value
+                hi[row, r * BLOCK + position[k]], lo[row, r * BLOCK + position[k]] = split_bytes(q[r * BLOCK + k])
+                total += np.int32(q[r * BLOCK + k])
             xsum[row, r // group_runs] += d[row, r] * np.float32(total)
     return hi, lo, d, xsum
 
