@@ -54,6 +54,7 @@ import numpy as np
 from runtime.device import is_cupy, to_module
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode, quantize_activation
+from runtime.kernels.quant_activations_numba import LEVELS16
 from runtime.formats.uniform import RUN
 
 TABLE_SIZE = 16
@@ -210,14 +211,15 @@ class Lut4Tensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
 
-    def matmul_reference_int8(self, x) -> np.ndarray:
-        """y [m, out] = x_hat @ W_hat.T, the reference of the int8-activation decode path: x [m, in] quantized
-        as the int8 kernels do (`quantize_activation`), the table rounded as `lut_table` does."""
+    def matmul_reference_int8(self, x, levels: int = LEVELS16) -> np.ndarray:
+        """y [m, out] = x_hat @ W_hat.T, the reference of the int8-activation path: x [m, in] quantized as the
+        integer kernels do (`quantize_activation`: two bytes, LEVELS16, in decode and prefill), the table
+        rounded as `lut_table` does."""
         lut, step = lut_table(self.table)
         values = (lut_values(lut) - LUT_ZERO).astype(np.float32) * step  # [16]
         codes = unpack_nibbles(self.qweight)  # [out, in]
         w_hat = values[codes] * np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
-        return quantize_activation(np.asarray(x, dtype=np.float32)) @ w_hat.T
+        return quantize_activation(np.asarray(x, dtype=np.float32), None, levels) @ w_hat.T
 
     def int8_codes(self):
         """(4 bits, a table) on the CPU for blocks of whole runs of 32 (PackedTensor.int8_codes)."""
@@ -244,9 +246,10 @@ class Lut4Tensor(PackedTensor):
         from runtime.kernels import lut4_numba
         if x.shape[0] <= FUSED_MAX_ROWS:
             return lut4_numba.matmul_fused(self, x)  # [m, out]
-        weight = self.int8_weight() if self.int8_decodes(*activation_mode()) else None
+        mode, kernel = activation_mode()
+        weight = self.int8_weight() if self.int8_decodes(mode, kernel) else None
         if weight is not None:  # decode repacks the codes anyway: prefill reads them too, not qweight
-            return lut4_numba.matmul_prefill_repacked(self, weight, x)  # [m, out]
+            return lut4_numba.matmul_prefill_repacked(self, weight, x, kernel)  # [m, out]
         return lut4_numba.matmul_prefill(self, x)  # [m, out]
 
     def tensors(self) -> dict:

@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from runtime.formats.lut4 import DQ_BLOCK_SIZE, dynamic_map, lut_table
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels import uniform_int8_numba
+from runtime.kernels import uniform_prefill_numba
 from runtime.kernels.uniform_int8_numba import KernelWeight, block_weight
 from runtime.kernels.uniform_numba import NO_PERM, RUN, readonly
 
@@ -171,14 +171,15 @@ def _repack(qweight, words):
             words[w, o] = np.int32(v)
 
 
-def matmul_prefill_repacked(packed, weight: KernelWeight, x: np.ndarray) -> np.ndarray:
-    """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`): tiles of outputs dequantized and
-    multiplied by BLAS on every core (uniform_int8_numba.matmul_prefill; each code's value is the table's over
-    the scale step, so scale * value is the reference's absmax * table[code] within float32 rounding), what
-    prefill runs once the repacked codes exist, so the stored qweight is not read again."""
+def matmul_prefill_repacked(packed, weight: KernelWeight, x: np.ndarray, kernel: str) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`), what prefill runs once they exist
+    (so the stored qweight is not read again): in integers with two-byte activations and the two-byte table
+    on AVX-512 VNNI, else tiles of outputs dequantized and multiplied by BLAS on every core, each code's
+    value the table's over the scale step, so that scale * value is the reference's absmax * table[code]
+    within float32 rounding (runtime/kernels/uniform_prefill_numba.py)."""
     _, step = lut_table(packed.table)
     values = (packed.table / np.float32(step)).astype(np.float32)  # [16]
-    return uniform_int8_numba.matmul_prefill(weight, values, x)
+    return uniform_prefill_numba.matmul(weight, values, x, kernel)
 
 
 def decode_weight(packed) -> KernelWeight:

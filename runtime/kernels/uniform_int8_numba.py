@@ -89,7 +89,7 @@ from runtime.formats.lut4 import LUT_ZERO
 from runtime.formats.uniform import unpack
 from runtime.kernels.numba_common import scale_value
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels.quant_activations_numba import BLOCK, LEVELS8, LEVELS16, quantize_blocks
+from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
 
 KERNELS = ("avx512vnni", "avx2", "portable")
@@ -174,33 +174,48 @@ def _lookup_vnni(builder, codes, table):
     return builder.bitcast(builder.call(fn, [table64, builder.bitcast(codes, bytes64)]), codes.type)
 
 
-def _run_dot(builder, words, x_run, x_low, bits, kernel, tables):
-    """<L x i32> exact integer dot of one run for the lanes of `words` (the run's `bits` words, <L x i32>
-    each) with its activation words x_run (i32*, WORDS_PER_RUN of them): one byte per activation, each code
-    its table value 256 hi + lo where there are tables (high and low bytes); or, with x_low (the low bytes'
-    words), two bytes per activation 256 x_run + x_low."""
-    lanes = words[0].type.count
-    dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
-
-    def x_word(pointer, t, s):
-        return _splat(builder, builder.load(builder.gep(pointer, [ir.Constant(_I32, t * (8 // bits) + s)]),
-                                            align=4), lanes)
-
-    acc = acc_low = None
-    for t, word in enumerate(words):
+def _run_codes(builder, words, bits, tables):
+    """The code vectors of one run from its `bits` words (<L x i32> each): 8 vectors of four codes per lane,
+    in the order of the run's activation words (word t, then bit offset s); with tables (high and low bytes,
+    <16 x i8> each), each vector a pair (high bytes, low bytes) of its codes' table values (`vpshufb`)."""
+    vectors = []
+    for word in words:
         for s in range(8 // bits):
             codes = _codes(builder, word, bits, s)
-            if tables:
-                acc_low = dot(builder, acc_low, _lookup_vnni(builder, codes, tables[1]), x_word(x_run, t, s))
-                codes = _lookup_vnni(builder, codes, tables[0])
-            elif x_low is not None:
-                acc_low = dot(builder, acc_low, codes, x_word(x_low, t, s))
-            acc = dot(builder, acc, codes, x_word(x_run, t, s))
+            vectors.append(tuple(_lookup_vnni(builder, codes, table) for table in tables) if tables else codes)
+    return vectors
+
+
+def _run_dot(builder, vectors, x_high, x_low, kernel, rsum):
+    """<L x float> exact integer dot of one run: its code vectors (`_run_codes`) with its two-byte activations
+    256 x_high + x_low (i32* to the run's WORDS_PER_RUN words of high and of low bytes). With table pairs each
+    code is its value V = 256 vh + vl less the zero point LUT_ZERO (rsum: the run's sum of activations, i32):
+    with A, B, C the byte dot products of vh x_high, vh x_low + vl x_high and vl x_low, the dot is
+    256 (256 A + B - LUT_ZERO / 256 * rsum) + C, the bracket exact in int32 (at most 2^29)."""
+    first = vectors[0][0] if isinstance(vectors[0], tuple) else vectors[0]
+    lanes = first.type.count
+    floats = ir.VectorType(_F32, lanes)
+    dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
+    high = cross = low = None  # A, B, C with tables; 256 high + low without
+    for v, vector in enumerate(vectors):
+        x_words = [_splat(builder, builder.load(builder.gep(x, [ir.Constant(_I32, v)]), align=4), lanes)
+                   for x in (x_high, x_low)]
+        if isinstance(vector, tuple):
+            high = dot(builder, high, vector[0], x_words[0])
+            cross = dot(builder, dot(builder, cross, vector[0], x_words[1]), vector[1], x_words[0])
+            low = dot(builder, low, vector[1], x_words[1])
+        else:
+            high = dot(builder, high, vector, x_words[0])
+            low = dot(builder, low, vector, x_words[1])
     if kernel == "avx2":
-        acc, acc_low = _widen_avx2(builder, acc), acc_low and _widen_avx2(builder, acc_low)
-    if acc_low is not None:  # 256 * high + low
-        acc = builder.add(builder.shl(acc, ir.Constant(acc.type, [8] * lanes)), acc_low)
-    return acc
+        high, low = _widen_avx2(builder, high), _widen_avx2(builder, low)
+    shifted = builder.shl(high, ir.Constant(high.type, [8] * lanes))
+    if cross is None:
+        return builder.sitofp(builder.add(shifted, low), floats)
+    zero = _splat(builder, builder.mul(rsum, ir.Constant(_I32, LUT_ZERO // 256)), lanes)
+    bracket = builder.sub(builder.add(shifted, cross), zero)
+    return builder.fadd(builder.fmul(builder.sitofp(bracket, floats), ir.Constant(floats, [256.0] * lanes)),
+                        builder.sitofp(low, floats))
 
 
 def _load_lanes(builder, pointer, lanes, dtype):
@@ -223,9 +238,9 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
     sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations
     256 xw + xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its
     zero points times xsum[g]. The loops over groups and runs are LLVM IR, every sum a register, the memory
-    one stream of codes. With `lut` (4 bits, avx512vnni) the activations are one byte (xw; xw_low unread),
-    each code c stands for 256 table[c] + table[16 + c] (uint8 [32]) and LUT_ZERO * rsum[r] (rsum: int32
-    sums of each run's activations) comes off dot_r before it is scaled."""
+    one stream of codes. With `lut` (4 bits, avx512vnni) each code c stands for 256 table[c] + table[16 + c]
+    (uint8 [32]) and LUT_ZERO * rsum[r] (rsum: int32 sums of each run's activations) comes off dot_r
+    (`_run_dot`)."""
     lanes = LANES[kernel]
     halves = TILE // lanes
 
@@ -270,17 +285,15 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
                 words = builder.bitcast(builder.gep(row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
                                         vector.as_pointer())  # the run's words, TILE lanes each
                 first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
-                x_run, x_low = builder.gep(x_data, [first]), (None if lut else builder.gep(low_data, [first]))
+                x_run, x_low = builder.gep(x_data, [first]), builder.gep(low_data, [first])
                 scale = _splat(builder, builder.load(builder.gep(d_data, [r])), lanes)
+                run_sum = builder.load(builder.gep(r_data, [r]))
                 for h in range(halves):
                     run_words = [builder.load(builder.gep(words, [ir.Constant(_I32, t * halves + h)]), align=4)
                                  for t in range(bits)]
-                    acc = _run_dot(builder, run_words, x_run, x_low, bits, kernel, tables)
-                    if lut:  # the zero point's share
-                        zero = builder.mul(builder.load(builder.gep(r_data, [r])), ir.Constant(_I32, LUT_ZERO))
-                        acc = builder.sub(acc, _splat(builder, zero, lanes))
-                    total = builder.fadd(builder.load(sums[h]), builder.fmul(builder.sitofp(acc, floats), scale))
-                    builder.store(total, sums[h])
+                    dot = _run_dot(builder, _run_codes(builder, run_words, bits, tables), x_run, x_low, kernel,
+                                   run_sum)
+                    builder.store(builder.fadd(builder.load(sums[h]), builder.fmul(dot, scale)), sums[h])
             group_sum = _splat(builder, builder.load(builder.gep(xsum_data, [g])), lanes)
             scale_at = builder.gep(scale_row, [builder.mul(g, scale_step)])
             zero_at = builder.gep(zero_row, [builder.mul(g, zero_step)])
@@ -312,20 +325,21 @@ _AVX2_2, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 4))
 
 @njit(inline="always")
 def _run_portable(row, run, bits, xq, values, dot):
-    """dot [TILE] int32 = run `run`'s exact dot products of one tile (row: its blocked words), plain integer
-    code; values (int32 [16]; empty: none) maps each 4-bit code to its table value."""
+    """dot [TILE] int64 = run `run`'s exact dot products of one tile (row: its blocked words), plain integer
+    code (int64: a table value times a two-byte activation times 32 passes 2^31); values (int64 [16]; empty:
+    none) maps each 4-bit code to its table value."""
     dot[:] = 0
     base = run * bits * TILE
     x0 = run * BLOCK
     if bits == 3:  # codes 10 and 21 straddle two words
         seven = np.int32(7)
         for j in range(10):
-            xa, xb, xc = np.int32(xq[x0 + j]), np.int32(xq[x0 + 11 + j]), np.int32(xq[x0 + 22 + j])
+            xa, xb, xc = np.int64(xq[x0 + j]), np.int64(xq[x0 + 11 + j]), np.int64(xq[x0 + 22 + j])
             sa, sb, sc = np.int32(3 * j), np.int32(3 * j + 1), np.int32(3 * j + 2)
             for i in range(TILE):
                 dot[i] += (((row[base + i] >> sa) & seven) * xa + ((row[base + TILE + i] >> sb) & seven) * xb
                            + ((row[base + 2 * TILE + i] >> sc) & seven) * xc)
-        x10, x21 = np.int32(xq[x0 + 10]), np.int32(xq[x0 + 21])
+        x10, x21 = np.int64(xq[x0 + 10]), np.int64(xq[x0 + 21])
         for i in range(TILE):
             w0, w1, w2 = row[base + i], row[base + TILE + i], row[base + 2 * TILE + i]
             code10 = ((w0 >> np.int32(30)) & np.int32(3)) | ((w1 & np.int32(1)) << np.int32(2))
@@ -336,7 +350,7 @@ def _run_portable(row, run, bits, xq, values, dot):
     mask = np.int32((1 << bits) - 1)
     for t in range(bits):
         for j in range(per_word):
-            xj = np.int32(xq[x0 + t * per_word + j])
+            xj = np.int64(xq[x0 + t * per_word + j])
             shift = np.int32(j * bits)
             for i in range(TILE):
                 code = (row[base + t * TILE + i] >> shift) & mask
@@ -347,14 +361,14 @@ def _run_portable(row, run, bits, xq, values, dot):
 def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, y, y0):
     """`_tile_intrinsic` in plain Numba code, any bit width; values: the table's int32 values (empty: none)."""
     row = blocked[tile]  # [runs * bits * TILE]
-    dot = np.empty(TILE, dtype=np.int32)  # [TILE] one run's exact dot products
+    dot = np.empty(TILE, dtype=np.int64)  # [TILE] one run's exact dot products
     sums = np.empty(TILE, dtype=np.float32)  # [TILE] one group's scaled run sums
     total = np.zeros(TILE, dtype=np.float32)  # [TILE]
     for g in range(scales.shape[1]):
         sums[:] = 0
         for run in range(g * group_runs, min((g + 1) * group_runs, d.shape[0])):
             _run_portable(row, run, bits, xq, values, dot)
-            offset = np.int32(LUT_ZERO) * rsum[run] if values.shape[0] > 0 else np.int32(0)
+            offset = np.int64(LUT_ZERO) * rsum[run] if values.shape[0] > 0 else np.int64(0)
             for i in range(TILE):
                 sums[i] += d[run] * np.float32(dot[i] - offset)
         group_sum = xsum[g]  # read once: stores into total could alias it, which stops vectorization
@@ -366,30 +380,26 @@ def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits
 # ---- the matvec --------------------------------------------------------------------------------
 
 @njit(cache=True)
-def quantize_input(x, perm, bits, n_runs, group_runs, n_groups, levels):
+def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     """(xq [runs*32] int16, xw, xw_low [runs*32] int8, d [runs] float32, rsum [runs] int32, xsum [n_groups]
     float32) of x [in]: x gathered into storage order (perm; empty: identity) and zero-padded to whole runs,
-    quantized per run to integers in [-levels, levels] (LEVELS8: Q8_0; LEVELS16: two bytes, xq = 256 high +
-    low); xw is the one-byte xq, or the high bytes, and xw_low the low bytes (zero for LEVELS8), in the byte
-    order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order); rsum the sum of each run's xq, xsum of
-    each group's d * rsum."""
+    quantized per run to two-byte integers xq = 256 high + low (LEVELS16); xw the high bytes and xw_low the
+    low bytes in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order); rsum the sum of
+    each run's xq, xsum of each group's d * rsum."""
     xs = storage_input(x, perm, n_runs)  # [runs*32]
     xq = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     d = np.empty(n_runs, dtype=np.float32)  # [runs]
-    quantize_blocks(xs, xq, d, levels)
+    quantize_blocks(xs, xq, d, LEVELS16)
     rsum = np.zeros(n_runs, dtype=np.int32)  # [runs]
     xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
-    xw_low = np.zeros(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     position = byte_positions(bits)  # [32]
     for r in range(n_runs):
         for k in range(BLOCK):
             value = xq[r * BLOCK + k]
             rsum[r] += value
-            if levels == LEVELS8:
-                xw[r * BLOCK + position[k]] = value
-            else:
-                xw[r * BLOCK + position[k]], xw_low[r * BLOCK + position[k]] = split_bytes(value)
+            xw[r * BLOCK + position[k]], xw_low[r * BLOCK + position[k]] = split_bytes(value)
         xsum[r // group_runs] += d[r] * np.float32(rsum[r])
     return xq, xw, xw_low, d, rsum, xsum
 
@@ -450,9 +460,9 @@ def _tiles(kernel_id, blocked, scales, zeros, quantized, bits, group_runs, lut, 
     portable lanes: per group, the scaled run sums of the group times the group's scale, less its zero
     point times the group's activation sum (tables: zero 0, their zero point comes off run by run)."""
     xq, xw, xw_low, d, rsum, xsum = quantized
-    values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int32)  # [16] the table's values
+    values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int64)  # [16] the table's values
     for c in range(values.shape[0]):
-        values[c] = np.int32(lut[c]) * np.int32(256) + np.int32(lut[16 + c])
+        values[c] = np.int64(lut[c]) * 256 + np.int64(lut[16 + c])
     for tile in range(t0, t1):
         if kernel_id > 0:
             _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs,
@@ -485,8 +495,7 @@ def _job(t, tasks, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quant
 def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
                      threads):
     """The prepared call (`prepare`) in one parallel region of `threads` tasks: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1],
-                               LEVELS8 if lut.shape[0] > 0 else LEVELS16)
+    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     tasks = min(threads, n_tiles)
@@ -498,8 +507,7 @@ def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, 
 @njit(cache=True)
 def _matvec_serial(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
     """The prepared call (`prepare`) on the calling thread alone: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1],
-                               LEVELS8 if lut.shape[0] > 0 else LEVELS16)
+    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     _job(0, 1, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)

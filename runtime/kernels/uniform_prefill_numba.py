@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _codes, _dot_vnni, _load_lanes,
+from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _load_lanes, _run_codes, _run_dot,
                                                 _splat, available_kernels, byte_positions, matmul_prefill,
                                                 split_bytes)
 from runtime.kernels.uniform_numba import readonly, storage_input
@@ -50,22 +50,26 @@ INT_BITS = (2, 4, 8)  # code widths of the integer kernel
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
-def _prefill_intrinsic(bits: int):
-    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y) setting
-    y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
-    (hi, lo: int8 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows, groups]: each
-    group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16]."""
-    sub = 8 // bits  # codes per byte
+def _prefill_intrinsic(bits: int, lut: bool = False):
+    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, table, group_runs, row0, y)
+    setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
+    (hi, lo: int8 [rows, runs*32] in the tiles' byte order; d [rows, runs]; rsum [rows, runs]: each run's
+    sum of q; xsum [rows, groups]: each group's sum of d * q), tile `tile` of the blocked codes and its
+    statistics [tiles, groups, 16]. Each run's code vectors (with `lut`, their table bytes: table uint8
+    [32], 4 bits) are made once and multiplied by every row of the chunk
+    (uniform_int8_numba._run_codes, _run_dot)."""
 
     def codegen(context, builder, signature, args):
         if "avx512vnni" not in available_kernels():  # compiled, never run
             return context.get_dummy_value()
-        tile, group_runs, row0 = args[1], args[8], args[9]
-        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6, 7, 10)}
+        tile, group_runs, row0 = args[1], args[10], args[11]
+        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i])
+                  for i in (0, 2, 3, 4, 5, 6, 7, 8, 9, 12)}
 
         def start(i, index):  # i8* to element `index` of axis 0 of array argument i, and the strides
             strides = cgutils.unpack_tuple(builder, arrays[i].strides)
-            return builder.gep(builder.bitcast(arrays[i].data, _I8.as_pointer()), [builder.mul(index, strides[0])]), strides
+            data = builder.bitcast(arrays[i].data, _I8.as_pointer())
+            return builder.gep(data, [builder.mul(index, strides[0])]), strides
 
         def row_of(i, c):  # typed pointer to row row0 + c of 2-D array argument i
             pointer, _ = start(i, builder.add(row0, ir.Constant(row0.type, c)))
@@ -76,11 +80,14 @@ def _prefill_intrinsic(bits: int):
         zero_row, zero_strides = start(3, tile)
         hi = [builder.bitcast(row_of(4, c), _I32.as_pointer()) for c in range(CHUNK)]
         lo = [builder.bitcast(row_of(5, c), _I32.as_pointer()) for c in range(CHUNK)]
-        d = [row_of(6, c) for c in range(CHUNK)]
-        xsum = [row_of(7, c) for c in range(CHUNK)]
+        d, rsum, xsum = ([row_of(i, c) for c in range(CHUNK)] for i in (6, 7, 8))
         n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[1]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector, floats = ir.VectorType(_I32, TILE), ir.VectorType(_F32, TILE)
+        tables = ()
+        if lut:  # the high bytes, then the low bytes
+            t_data = builder.bitcast(arrays[9].data, ir.VectorType(_I8, 16).as_pointer())
+            tables = tuple(builder.load(builder.gep(t_data, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
         totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(CHUNK)]
         sums = [cgutils.alloca_once(builder, floats) for _ in range(CHUNK)]
         with cgutils.for_range(builder, n_groups) as groups:
@@ -94,21 +101,14 @@ def _prefill_intrinsic(bits: int):
                 r = builder.add(run0, loop.index)
                 words = builder.bitcast(builder.gep(codes_row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
                                         vector.as_pointer())
-                codes = [_codes(builder, builder.load(builder.gep(words, [ir.Constant(_I32, t)]), align=4), bits, s)
-                         for t in range(bits) for s in range(sub)]  # 8 vectors of four codes per lane
+                vectors = _run_codes(builder, [builder.load(builder.gep(words, [ir.Constant(_I32, t)]), align=4)
+                                               for t in range(bits)], bits, tables)
                 first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
                 for c in range(CHUNK):
-                    acc_hi = acc_lo = None
-                    for v, code in enumerate(codes):
-                        index = builder.add(first, ir.Constant(first.type, v))
-                        acc_hi = _dot_vnni(builder, acc_hi, code,
-                                           _splat(builder, builder.load(builder.gep(hi[c], [index]), align=1), TILE))
-                        acc_lo = _dot_vnni(builder, acc_lo, code,
-                                           _splat(builder, builder.load(builder.gep(lo[c], [index]), align=1), TILE))
-                    dot = builder.add(builder.shl(acc_hi, ir.Constant(vector, [8] * TILE)), acc_lo)
+                    dot = _run_dot(builder, vectors, builder.gep(hi[c], [first]), builder.gep(lo[c], [first]),
+                                   "avx512vnni", builder.load(builder.gep(rsum[c], [r])))
                     scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
-                    builder.store(builder.fadd(builder.load(sums[c]), builder.fmul(builder.sitofp(dot, floats), scale)),
-                                  sums[c])
+                    builder.store(builder.fadd(builder.load(sums[c]), builder.fmul(dot, scale)), sums[c])
             group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), TILE,
                                        signature.args[2].dtype)
             group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), TILE,
@@ -118,28 +118,30 @@ def _prefill_intrinsic(bits: int):
                 term = builder.fsub(builder.load(sums[c]), builder.fmul(group_zeros, group_sum))
                 builder.store(builder.fadd(builder.load(totals[c]), builder.fmul(group_scales, term)), totals[c])
         for c in range(CHUNK):
-            out = builder.gep(row_of(10, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
+            out = builder.gep(row_of(12, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y):
-        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, xsum, types.int64, types.int64,
-                          y), codegen
+    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, table, group_runs, row0, y):
+        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, rsum, xsum, table, types.int64,
+                          types.int64, y), codegen
 
     return intrinsic(typer)
 
 
 _CHUNK2, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
+_CHUNK4_LUT = _prefill_intrinsic(4, lut=True)
 
 
 @njit(cache=True, parallel=True)
 def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
-    """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, xsum [rows, groups]
-    float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after x's), each row in
+    """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, rsum [rows, runs] int32,
+    xsum [rows, groups] float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after x's), each row in
     storage order (perm; empty: identity), zero-padded to whole runs; rows in parallel."""
     hi = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
+    rsum = np.zeros((rows, n_runs), dtype=np.int32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
     position = byte_positions(bits)  # [32]
     for row in prange(x.shape[0]):
@@ -150,12 +152,13 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
             for k in range(BLOCK):
                 hi[row, r * BLOCK + position[k]], lo[row, r * BLOCK + position[k]] = split_bytes(q[r * BLOCK + k])
                 total += np.int32(q[r * BLOCK + k])
+            rsum[row, r] = total
             xsum[row, r // group_runs] += d[row, r] * np.float32(total)
-    return hi, lo, d, xsum
+    return hi, lo, d, rsum, xsum
 
 
 @njit(cache=True, parallel=True)
-def _prefill(blocked, scales, zeros, hi, lo, d, xsum, bits, group_runs, threads):
+def _prefill(blocked, scales, zeros, hi, lo, d, rsum, xsum, bits, group_runs, lut, threads):
     """y [rows, tiles * 16] of the quantized rows (`quantize_rows`), the tiles split over `threads` tasks."""
     n_tiles, rows = blocked.shape[0], hi.shape[0]
     y = np.empty((rows, n_tiles * TILE), dtype=np.float32)  # [rows, tiles * 16]
@@ -164,18 +167,21 @@ def _prefill(blocked, scales, zeros, hi, lo, d, xsum, bits, group_runs, threads)
         for block in range(0, rows, ROW_BLOCK):
             for tile in range(t * n_tiles // tasks, (t + 1) * n_tiles // tasks):
                 for row0 in range(block, min(block + ROW_BLOCK, rows), CHUNK):
-                    if bits == 4:
-                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+                    if lut.shape[0] > 0:
+                        _CHUNK4_LUT(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
+                    elif bits == 4:
+                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
                     elif bits == 2:
-                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
                     else:
-                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, xsum, group_runs, row0, y)
+                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
     return y
 
 
 def integer_prefill(weight: KernelWeight, kernel: str) -> bool:
-    """Whether `matmul` multiplies this weight in integers with `kernel` (avx512vnni, 2/4/8-bit codes, no table)."""
-    return kernel == "avx512vnni" and weight.bits in INT_BITS and weight.lut.shape[0] == 0
+    """Whether `matmul` multiplies this weight in integers with `kernel` (avx512vnni; 2/4/8-bit codes, or
+    4-bit codes through a table)."""
+    return kernel == "avx512vnni" and weight.bits in INT_BITS
 
 
 def matmul(weight: KernelWeight, values: np.ndarray, x: np.ndarray, kernel: str) -> np.ndarray:
@@ -188,6 +194,6 @@ def matmul(weight: KernelWeight, values: np.ndarray, x: np.ndarray, kernel: str)
     rows = -(-x.shape[0] // CHUNK) * CHUNK
     quantized = quantize_rows(readonly(np.ascontiguousarray(x, dtype=np.float32)), weight.perm, weight.bits, n_runs,
                               weight.group_runs, weight.scales.shape[1], rows)
-    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, weight.bits, weight.group_runs,
+    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, weight.bits, weight.group_runs, weight.lut,
                  numba.get_num_threads())  # [rows, tiles * 16]
     return y[:x.shape[0], :weight.out_features]
