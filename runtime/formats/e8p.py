@@ -186,11 +186,12 @@ class E8PTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
 
-    def matmul_reference_int8(self, x) -> np.ndarray:
-        """y [m, out] for x [m, in], the reference of the int8-activation decode path: the rotated activation
-        (x ⊙ s_in) Hᵢᵀ quantized as the int8 kernels do (`quantize_activation`), times Ŵᵀ, rotated back."""
+    def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
+        """y [m, out] for x [m, in], the reference of the int8-activation paths: the rotated activation
+        (x ⊙ s_in) Hᵢᵀ quantized as the integer kernels do (`quantize_activation`: one byte in decode;
+        levels LEVELS16, two bytes, in the integer prefill), times Ŵᵀ, rotated back."""
         x_rot = fast_hadamard(np.asarray(x, dtype=np.float32) * to_numpy(self.signs_in))  # [m, in]
-        y_rot = quantize_activation(x_rot) @ self.decoded().T  # [m, out]
+        y_rot = quantize_activation(x_rot, None, levels) @ self.decoded().T  # [m, out]
         return fast_hadamard(y_rot, transpose=True) * to_numpy(self.signs_out)  # [m, out]
 
     def matmul_rows(self, x, on_gpu: bool):
@@ -204,6 +205,8 @@ class E8PTensor(PackedTensor):
             return e8p_numba.matmul_int8(self, x)  # [m, out]
         if x.shape[0] <= FUSED_MAX_ROWS:
             return e8p_numba.matmul_fused(self, x)  # [m, out]
+        if mode == "int8" and e8p_numba.prefill_applies(self):  # in integers, two-byte activations
+            return e8p_numba.matmul_prefill_vbmi(self, x)  # [m, out]
         return e8p_numba.matmul_prefill(self, x)  # [m, out]
 
     def tensors(self) -> dict:

@@ -50,8 +50,8 @@ from numba.extending import intrinsic
 from runtime import e8p_codebook
 from runtime.hadamard import hadamard_factor, small_hadamard
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
-from runtime.kernels.uniform_int8_numba import available_kernels
+from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
+from runtime.kernels.uniform_int8_numba import available_kernels, split_bytes
 
 SERIAL_MAX_ROWS = 4  # rows up to which the Hadamard transforms run on one thread
 PREFILL_TILE = 1 << 20  # floats in the decoded tile of Ŵ in the prefill path (4 MiB)
@@ -372,6 +372,39 @@ def _permute_bytes(builder, a, b, index):
     return builder.call(fn, [a, index, b])
 
 
+def _chunk_points(builder, row, k, t_vectors):
+    """Eight <64 x i8>: for coordinate i, 4·point_i + BYTE_ZERO (unsigned bytes) of the 64 codes of chunk k of
+    a row of codes (row: <64 x i8>* to its first code, two vectors per chunk; t_vectors: <64 x i8>* to
+    `coordinate_tables`, four vectors per coordinate). The codes split into sign bytes and source bytes
+    (vpermi2b), each source looked up in the coordinate's 256-byte table (two vpermi2b of 128 bytes and a
+    select), negated by its sign bit (coordinate 0: the parity of the 7 sign bits), shifted by ∓1."""
+    i8 = ir.IntType(8)
+    bytes64 = ir.VectorType(i8, 64)
+    ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes64, [bytes64]), "llvm.ctpop.v64i8")
+
+    def splat(value):
+        return ir.Constant(bytes64, [value] * 64)
+
+    even, odd = ir.Constant(bytes64, [2 * j for j in range(64)]), ir.Constant(bytes64, [2 * j + 1 for j in range(64)])
+    halves = [builder.load(builder.gep(row, [builder.add(builder.mul(k, ir.Constant(k.type, 2)),
+                                                          ir.Constant(k.type, h))]), align=2) for h in (0, 1)]
+    signs = _permute_bytes(builder, halves[0], halves[1], even)  # [64] low bytes: shift, sign bits
+    sources = _permute_bytes(builder, halves[0], halves[1], odd)  # [64] high bytes: source index
+    upper = builder.icmp_signed("<", sources, splat(0))  # source >= 128
+    parity = builder.and_(builder.call(ctpop, [builder.and_(signs, splat(0xFE))]), splat(1))
+    adjust = builder.add(builder.shl(builder.and_(signs, splat(1)), splat(1)), splat(BYTE_ZERO - 1))
+    points = []
+    for i in range(8):
+        quarter = [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), 4 * i + q)]), align=1)
+                   for q in range(4)]
+        value = builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], sources),
+                               _permute_bytes(builder, quarter[0], quarter[1], sources))
+        bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
+        value = builder.select(builder.icmp_unsigned("!=", bit, splat(0)), builder.sub(splat(0), value), value)
+        points.append(builder.add(value, adjust))
+    return points
+
+
 @intrinsic
 def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
     """float32 4 Σ_i point_i d xq_i over the whole chunks of CHUNK_CODES codes of row o of codes [out, in/8]
@@ -386,7 +419,7 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
         f32 = ir.FloatType()
         if "avx512vbmi" not in _x86_features():
             return ir.Constant(f32, 0.0)
-        i1, i8, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(32)
+        i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
         c_array = context.make_array(signature.args[0])(context, builder, args[0])
         x_data, s_data, d_data, t_data = (context.make_array(signature.args[i])(context, builder, args[i]).data
@@ -395,38 +428,18 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
         groups = cgutils.unpack_tuple(builder, c_array.shape)[1]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes64, [bytes64]), "llvm.ctpop.v64i8")
-
-        def splat(value):
-            return ir.Constant(bytes64, [value] * 64)
-
-        even, odd = ir.Constant(bytes64, [2 * j for j in range(64)]), ir.Constant(bytes64, [2 * j + 1 for j in range(64)])
         acc = cgutils.alloca_once_value(builder, ir.Constant(floats, None))
         row = builder.bitcast(builder.gep(c_array.data, [builder.mul(args[1], groups)]), bytes64.as_pointer())
         chunks = builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))
         with cgutils.for_range(builder, chunks) as loop:
             k = loop.index
-            halves = [builder.load(builder.gep(row, [builder.add(builder.mul(k, ir.Constant(k.type, 2)),
-                                                                  ir.Constant(k.type, h))]), align=2) for h in (0, 1)]
-            signs = _permute_bytes(builder, halves[0], halves[1], even)  # [64] low bytes: shift, sign bits
-            sources = _permute_bytes(builder, halves[0], halves[1], odd)  # [64] high bytes: source index
-            upper = builder.icmp_signed("<", sources, splat(0))  # source >= 128
-            parity = builder.and_(builder.call(ctpop, [builder.and_(signs, splat(0xFE))]), splat(1))
-            adjust = builder.add(builder.shl(builder.and_(signs, splat(1)), splat(1)), splat(BYTE_ZERO - 1))
             lanes = builder.load(builder.bitcast(builder.gep(s_data, [builder.mul(k, ir.Constant(k.type, 16))]),
                                                  words.as_pointer()), align=4)
             x_chunk = builder.bitcast(builder.gep(x_data, [builder.mul(k, ir.Constant(k.type, 64 * 8))]),
                                       words.as_pointer())
-            for i in range(8):
-                quarter = [builder.load(builder.gep(t_vectors, [ir.Constant(i32, 4 * i + q)]), align=1) for q in range(4)]
-                value = builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], sources),
-                                       _permute_bytes(builder, quarter[0], quarter[1], sources))
-                bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
-                negative = builder.icmp_unsigned("!=", bit, splat(0))
-                value = builder.select(negative, builder.sub(splat(0), value), value)
-                unsigned = builder.bitcast(builder.add(value, adjust), words)
+            for i, points in enumerate(_chunk_points(builder, row, k, t_vectors)):
                 x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
-                lanes = builder.call(dot, [lanes, unsigned, x_words])
+                lanes = builder.call(dot, [lanes, builder.bitcast(points, words), x_words])
             scales = builder.load(builder.bitcast(builder.gep(d_data, [builder.mul(k, ir.Constant(k.type, 16))]),
                                                   floats.as_pointer()), align=4)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, floats), scales)), acc)
@@ -435,6 +448,124 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
         return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)])
 
     return types.float32(codes, types.int64, xperm, start16, d, tables), codegen
+
+
+@intrinsic
+def _e8p_rows_vbmi(typingctx, codes, o, high, low, start_high, start_low, d, tables, acc):
+    """acc[r, lane] += the float32 sum, over the whole chunks k of CHUNK_CODES codes of row o of codes
+    [out, in/8] uint16, of d[r, 16 k + lane] times lane `lane` of 4 Σ point · q over chunk k, for every row r
+    of two-byte activations q = 256 high + low (high, low: int8 [m, chunks * 512], coordinate by coordinate
+    as `_quantize_rotated`'s xperm; start_high, start_low: int32 [m, chunks * 16], −BYTE_ZERO times each
+    block's sum of high and of low bytes; d [m, in/32]; acc float32 [m, 16]). Each chunk's points are made
+    once (`_chunk_points`) and met by every row: prefill's product. Compiled to nothing without VBMI."""
+    def codegen(context, builder, signature, args):
+        if "avx512vbmi" not in _x86_features():
+            return context.get_dummy_value()
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
+        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6, 7, 8)}
+        groups = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+        n_rows = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        t_vectors = builder.bitcast(arrays[7].data, bytes64.as_pointer())
+        row = builder.bitcast(builder.gep(arrays[0].data, [builder.mul(args[1], groups)]), bytes64.as_pointer())
+
+        def at(i, r, offset):  # i8* to element `offset` of row r of 2-D array argument i
+            strides = cgutils.unpack_tuple(builder, arrays[i].strides)
+            item = context.get_abi_sizeof(context.get_data_type(signature.args[i].dtype))
+            base = builder.bitcast(arrays[i].data, i8.as_pointer())
+            return builder.gep(base, [builder.add(builder.mul(r, strides[0]),
+                                                  builder.mul(offset, ir.Constant(offset.type, item)))])
+
+        with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))) as chunks:
+            k = chunks.index
+            points = [builder.bitcast(p, words) for p in _chunk_points(builder, row, k, t_vectors)]
+            lane0 = builder.mul(k, ir.Constant(k.type, 16))
+            with cgutils.for_range(builder, n_rows) as rows:
+                r = rows.index
+                sums = []
+                for x_index, s_index in ((2, 4), (3, 5)):  # high bytes, then low bytes
+                    lanes = builder.load(builder.bitcast(at(s_index, r, lane0), words.as_pointer()), align=4)
+                    x_chunk = builder.bitcast(at(x_index, r, builder.mul(k, ir.Constant(k.type, 512))),
+                                              words.as_pointer())
+                    for i, point in enumerate(points):
+                        lanes = builder.call(dot, [lanes, point, builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]),
+                                                                              align=1)])
+                    sums.append(lanes)
+                total = builder.add(builder.shl(sums[0], ir.Constant(words, [8] * 16)), sums[1])
+                scales = builder.load(builder.bitcast(at(6, r, lane0), floats.as_pointer()), align=4)
+                out = builder.bitcast(at(8, r, ir.Constant(k.type, 0)), floats.as_pointer())
+                builder.store(builder.fadd(builder.load(out, align=4), builder.fmul(builder.sitofp(total, floats), scales)),
+                              out, align=4)
+        return context.get_dummy_value()
+
+    return types.void(codes, types.int64, high, low, start_high, start_low, d, tables, acc), codegen
+
+
+@njit(cache=True, parallel=True)
+def _quantize_rotated_rows(x_rot):
+    """(high, low [m, chunks * 512] int8 coordinate by coordinate, start_high, start_low [m, chunks * 16] int32,
+    d [m, in/32] float32) of the two-byte activations (LEVELS16) of rotated rows x_rot [m, in], whole
+    chunks of CHUNK_CODES codes only (`_e8p_rows_vbmi`); rows in parallel."""
+    m, n = x_rot.shape
+    chunk = CHUNK_CODES * 8
+    whole = n // chunk * chunk
+    high = np.empty((m, whole), dtype=np.int8)  # [m, whole]
+    low = np.empty((m, whole), dtype=np.int8)  # [m, whole]
+    start_high = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
+    start_low = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
+    d = np.empty((m, n // BLOCK), dtype=np.float32)  # [m, in/32]
+    for r in prange(m):
+        q = np.empty(n, dtype=np.int16)  # [in]
+        quantize_blocks(x_rot[r], q, d[r], LEVELS16)
+        for k in range(whole // chunk):
+            for c in range(CHUNK_CODES):
+                for i in range(8):
+                    source = k * chunk + 8 * c + i
+                    h, l = split_bytes(q[source])
+                    high[r, k * chunk + CHUNK_CODES * i + c] = h
+                    low[r, k * chunk + CHUNK_CODES * i + c] = l
+                    start_high[r, source // BLOCK] -= BYTE_ZERO * h
+                    start_low[r, source // BLOCK] -= BYTE_ZERO * l
+    return high, low, start_high, start_low, d
+
+
+@njit(cache=True, parallel=True)
+def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, y_rot):
+    """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), the
+    outputs in parallel."""
+    high, low, start_high, start_low, d = quantized
+    m = high.shape[0]
+    for o in prange(y_rot.shape[1]):
+        acc = np.zeros((m, 16), dtype=np.float32)  # [m, 16] one output's sums per row and lane
+        _e8p_rows_vbmi(codes_1, o, high, low, start_high, start_low, d, tables, acc)
+        for r in range(m):
+            y_rot[r, o] = scale_1 * np.float32(0.25) * acc[r].sum()
+        if n_stages == 2:
+            acc[:] = 0
+            _e8p_rows_vbmi(codes_2, o, high, low, start_high, start_low, d, tables, acc)
+            for r in range(m):
+                y_rot[r, o] += scale_2 * np.float32(0.25) * acc[r].sum()
+
+
+def prefill_applies(packed) -> bool:
+    """Whether `matmul_prefill_vbmi` runs this tensor: AVX-512 VBMI, E8P stages only (2 and 4 bits), whole
+    chunks of CHUNK_CODES codes."""
+    return ("avx512vbmi" in _x86_features() and packed.bits in (2, 4)
+            and packed.in_features % (CHUNK_CODES * e8p_codebook.DIM) == 0)
+
+
+def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T for many rows in integers (`prefill_applies` must hold): x rotated, quantized
+    to two-byte activations (float accuracy), multiplied by the codes decoded in registers, rotated back."""
+    x_rot = _transform_in(packed, x)  # [m, in]
+    codes = packed.stage_codes
+    scales = [np.float32(s) for s in packed.host_scales]
+    y_rot = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
+    _prefill_vbmi(_quantize_rotated_rows(x_rot), codes[0], codes[-1], len(codes), scales[0], scales[-1],
+                  coordinate_tables(), y_rot)
+    return _transform_out(packed, y_rot)  # [m, out]
 
 
 @njit(cache=True)
