@@ -68,6 +68,20 @@ BYTE_ZERO = 16  # `byte_table` holds 4·point + BYTE_ZERO
 
 
 @njit(inline="always")
+def _butterfly8(buf, base, size):
+    """The Walsh–Hadamard stages of strides 1, 2 and 4 on buf[base : base + size], eight elements at a time."""
+    for start in range(base, base + size, 8):
+        b0, b1, b2, b3 = buf[start], buf[start + 1], buf[start + 2], buf[start + 3]
+        b4, b5, b6, b7 = buf[start + 4], buf[start + 5], buf[start + 6], buf[start + 7]
+        s0, d0, s1, d1 = b0 + b1, b0 - b1, b2 + b3, b2 - b3  # stride 1
+        s2, d2, s3, d3 = b4 + b5, b4 - b5, b6 + b7, b6 - b7
+        t0, t1, t2, t3 = s0 + s1, d0 + d1, s0 - s1, d0 - d1  # stride 2
+        t4, t5, t6, t7 = s2 + s3, d2 + d3, s2 - s3, d2 - d3
+        buf[start], buf[start + 1], buf[start + 2], buf[start + 3] = t0 + t4, t1 + t5, t2 + t6, t3 + t7  # stride 4
+        buf[start + 4], buf[start + 5], buf[start + 6], buf[start + 7] = t0 - t4, t1 - t5, t2 - t6, t3 - t7
+
+
+@njit(inline="always")
 def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, out):
     """out[r] = ((H or Hᵀ) (x[r] ⊙ sign_before)) * scale ⊙ sign_after, H = h_k ⊗ Sylvester(size)."""
     n = x.shape[1]
@@ -78,6 +92,9 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
     for a in range(k):
         base = a * size
         half = 1
+        if size >= 8:  # the first three stages as one 8-point butterfly per block: vectorizes across blocks
+            _butterfly8(buf, base, size)
+            half = 8
         while half < size:
             for start in range(base, base + size, 2 * half):
                 for i in range(start, start + half):
