@@ -1,6 +1,7 @@
 """runtime/kernels/prefill_threads.py: every tile once, one buffer per thread, errors reach the caller."""
 import threading
 
+import numba
 import numpy as np
 import pytest
 
@@ -10,14 +11,13 @@ from runtime.kernels import prefill_threads
 @pytest.mark.parametrize("n, width", [(10, 3), (8, 8), (1, 4), (1000, 7)])
 def test_every_tile_is_filled_and_multiplied_once(n, width):
     seen = np.zeros(n, dtype=np.int64)  # [n] how often each index was multiplied
-    buffers = {}
+    buffers = {}  # tile start -> id of the buffer it was filled in
     lock = threading.Lock()
 
     def fill(start, size, buffer):
         assert size == min(width, n - start) and buffer.shape == (width, 2)
         with lock:
-            buffers.setdefault(threading.get_ident(), id(buffer))
-            assert buffers[threading.get_ident()] == id(buffer)  # a thread keeps its buffer
+            buffers[start] = id(buffer)
         buffer[:size, 0] = np.arange(start, start + size)
 
     def multiply(start, size, buffer):
@@ -25,6 +25,12 @@ def test_every_tile_is_filled_and_multiplied_once(n, width):
 
     prefill_threads.run_tiles(n, width, (width, 2), fill, multiply)
     assert (seen == 1).all()
+    # tiles are dealt round-robin to the workers, each with its own buffer: a worker's tiles share one
+    # (a pool thread may run two workers one after the other, so this is keyed by worker, not by thread)
+    starts = list(range(0, n, width))
+    workers = max(1, min(numba.get_num_threads(), len(starts)))
+    for first in range(workers):
+        assert len({buffers[s] for s in starts[first::workers]}) == 1
 
 
 def test_a_worker_error_is_raised_to_the_caller():
