@@ -583,6 +583,7 @@ class PreparedCall(NamedTuple):
     tail: tuple  # perm, bits, group_runs, lut
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
     outs: tuple  # out_features of each part (their tiles are padded to TILE outputs)
+    whole_tiles: bool  # every part's outputs fill whole tiles: the kernel's y is the answer as it is
 
 
 def prepare(parts, kernel: str) -> PreparedCall | None:
@@ -605,18 +606,21 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
     slots += [slots[0]] * (MAX_PARTS - len(weights))
     head = (KERNEL_IDS[kernel] if simd else 0, len(weights), *(a for slot in slots for a in slot))
     parallel = sum(w.blocked.nbytes for w in weights) >= PARALLEL_BYTES
-    return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.lut), parallel,
-                        tuple(w.out_features for w in weights))
+    outs = tuple(w.out_features for w in weights)
+    return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.lut), parallel, outs,
+                        all(n % TILE == 0 for n in outs))
 
 
 def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
-    """y [sum of outs] of a prepared call for x [in] float32."""
-    if call.parallel and numba.get_num_threads() > 1:
-        y = _matvec_parallel(*call.head, readonly(x), *call.tail, numba.get_num_threads())
+    """y [sum of outs] of a prepared call for x [in] float32 (called once per product in decode: every
+    microsecond here is paid hundreds of times a token)."""
+    threads = numba.get_num_threads() if call.parallel else 1
+    if threads > 1:
+        y = _matvec_parallel(*call.head, readonly(x), *call.tail, threads)
     else:
         y = _matvec_serial(*call.head, readonly(x), *call.tail)  # [tiles * TILE]
-    if all(n % TILE == 0 for n in call.outs):
-        return y if len(y) == sum(call.outs) else y[:sum(call.outs)]
+    if call.whole_tiles:
+        return y
     starts = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])
     return np.concatenate([y[a:a + n] for a, n in zip(starts, call.outs)])
 
