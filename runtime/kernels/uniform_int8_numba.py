@@ -530,15 +530,23 @@ class KernelWeight(NamedTuple):
     lut: np.ndarray  # uint8 [32] code c -> 256 lut[c] + lut[16 + c], zero point LUT_ZERO (4 bits); empty: none
 
 
+@njit(cache=True, parallel=True)
+def _tile_copy(a, out):
+    """out[t, r, i] = a[r, TILE t + i], zero past a's last column (a [rows, n], out [tiles, rows, TILE])."""
+    for t in prange(out.shape[0]):
+        for r in range(a.shape[0]):
+            for i in range(TILE):
+                n = t * TILE + i
+                out[t, r, i] = a[r, n] if n < a.shape[1] else 0
+
+
 def _tiled(a: np.ndarray) -> np.ndarray:
-    """a [rows, out] -> [tiles, rows, TILE], outputs zero-padded to whole tiles (a read-only copy)."""
+    """a [rows, out] -> [tiles, rows, TILE], outputs zero-padded to whole tiles (a read-only copy, made on
+    every core: it is the first product's wait, 1.7 -> 1.0 s for TinyLlama-1.1B)."""
     rows, n_out = a.shape
-    tiles = -(-n_out // TILE)
-    if n_out % TILE:  # a padded copy first (no copy of a otherwise: a big temporary stays in the heap)
-        padded = np.zeros((rows, tiles * TILE), dtype=a.dtype)  # [rows, tiles * TILE]
-        padded[:, :n_out] = a
-        a = padded
-    return readonly(np.ascontiguousarray(a.reshape(rows, tiles, TILE).transpose(1, 0, 2)))
+    out = np.empty((-(-n_out // TILE), rows, TILE), dtype=a.dtype)  # [tiles, rows, TILE]
+    _tile_copy(a, out)
+    return readonly(out)
 
 
 def block_weight(qweight, scales, zeros, perm, in_features: int, bits: int, group_runs: int,
