@@ -76,19 +76,26 @@ def test_int8_activations_cost_little_accuracy():
     assert_close(y, ref, tol=1e-2)
 
 
+def fresh_decode(packed, x, vbmi: bool):
+    """(y [out], the set of vp* instructions) of one 2-bit decode product through `_decode_int8` compiled
+    here (not from the cache: its assembly at hand), the VBMI chunks on or off."""
+    fresh = numba.njit(e8p_numba._decode_int8.py_func)
+    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
+    scale = np.float32(packed.host_scales[0])
+    y = np.empty(packed.out_features, dtype=np.float32)  # [out]
+    fresh(x, packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
+          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
+          e8p_numba.coordinate_tables(), vbmi, y)
+    return y, set(re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values())))
+
+
 @needs_vnni
 def test_kernel_uses_the_byte_dot_product():
     packed = random_packed("quipsharp2", (16, 128), seed=9)
     x = inputs(10, 1, 128)  # [1, in]
-    fresh = numba.njit(e8p_numba._decode_int8.py_func)  # compiled here (not from the cache): asm at hand
-    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
-    scale = np.float32(packed.host_scales[0])
-    y = np.empty(16, dtype=np.float32)  # [out]
-    fresh(x[0], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
-          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
-          e8p_numba.coordinate_tables(), False, y)
+    y, instructions = fresh_decode(packed, x[0], vbmi=False)
     assert_close(y, packed.matmul_reference_int8(x)[0])
-    assert "vpdpbusd" in re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values()))
+    assert "vpdpbusd" in instructions
 
 
 @pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")
@@ -97,16 +104,10 @@ def test_byte_permute_path_equals_the_byte_table_path(vbmi):
     # 1088 inputs: two whole chunks of 512 through the byte permutes, one of 64 through the byte table
     packed = random_packed("quipsharp2", (40, 1088), seed=11)
     x = inputs(11, 1, 1088)  # [1, in]
-    fresh = numba.njit(e8p_numba._decode_int8.py_func)  # compiled here (not from the cache): asm at hand
-    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
-    scale = np.float32(packed.host_scales[0])
-    y = np.empty(40, dtype=np.float32)  # [out]
-    fresh(x[0], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
-          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
-          e8p_numba.coordinate_tables(), vbmi, y)
+    y, instructions = fresh_decode(packed, x[0], vbmi)
     assert_close(y, packed.matmul_reference_int8(x)[0])
     if vbmi:
-        assert {"vpermi2b", "vpermt2b"} & set(re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values())))
+        assert {"vpermi2b", "vpermt2b"} & instructions
 
 
 def test_coordinate_tables_are_the_source_table_times_four():

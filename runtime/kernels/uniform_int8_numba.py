@@ -231,6 +231,26 @@ def _load_lanes(builder, pointer, lanes, dtype):
                           floats)
 
 
+def _table_bytes(builder, data):
+    """(high bytes, low bytes) <16 x i8> each of a table's two-byte values (uint8 [32] at data, high first)."""
+    vectors = builder.bitcast(data, ir.VectorType(_I8, 16).as_pointer())
+    return tuple(builder.load(builder.gep(vectors, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
+
+
+def _group_span(builder, g, group_runs, n_runs):
+    """(first run, runs) of group g: group_runs runs, fewer in the last group."""
+    run0 = builder.mul(g, group_runs)
+    left = builder.sub(n_runs, run0)
+    return run0, builder.select(builder.icmp_signed("<", group_runs, left), group_runs, left)
+
+
+def _fold_group(builder, total, group_sums, group_scales, group_zeros, group_sum):
+    """*total += scales * (*group_sums - zeros * group_sum): one group's scaled run sums into an output's total
+    (total, group_sums: pointers to float vectors)."""
+    term = builder.fsub(builder.load(group_sums), builder.fmul(group_zeros, group_sum))
+    builder.store(builder.fadd(builder.load(total), builder.fmul(group_scales, term)), total)
+
+
 def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
     """An intrinsic tile(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, table, group_runs, y, y0)
     setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
@@ -267,17 +287,12 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector = ir.VectorType(_I32, lanes)
         floats = ir.VectorType(_F32, lanes)
-        tables = ()
-        if lut:  # the high bytes, then the low bytes
-            t_data = builder.bitcast(arrays[9].data, ir.VectorType(_I8, 16).as_pointer())
-            tables = tuple(builder.load(builder.gep(t_data, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
+        tables = _table_bytes(builder, arrays[9].data) if lut else ()
         totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(halves)]
         sums = [cgutils.alloca_once(builder, floats) for _ in range(halves)]
         with cgutils.for_range(builder, n_groups) as groups:
             g = groups.index
-            run0 = builder.mul(g, group_runs)
-            left = builder.sub(n_runs, run0)
-            runs = builder.select(builder.icmp_signed("<", group_runs, left), group_runs, left)
+            run0, runs = _group_span(builder, g, group_runs, n_runs)
             for h in range(halves):
                 builder.store(ir.Constant(floats, None), sums[h])
             with cgutils.for_range(builder, runs) as loop:
@@ -302,8 +317,7 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
                                            lanes, scale_type)
                 group_zeros = _load_lanes(builder, builder.gep(zero_at, [ir.Constant(_I32, h * lanes * zero_bytes)]),
                                           lanes, zero_type)
-                term = builder.fsub(builder.load(sums[h]), builder.fmul(group_zeros, group_sum))
-                builder.store(builder.fadd(builder.load(totals[h]), builder.fmul(group_scales, term)), totals[h])
+                _fold_group(builder, totals[h], sums[h], group_scales, group_zeros, group_sum)
         out = builder.bitcast(builder.gep(arrays[11].data, [y0]), floats.as_pointer())
         for h in range(halves):
             builder.store(builder.load(totals[h]), builder.gep(out, [ir.Constant(_I32, h)]), align=4)
@@ -358,12 +372,13 @@ def _run_portable(row, run, bits, xq, values, dot):
 
 
 @njit(cache=True, fastmath=True)
-def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, y, y0):
-    """`_tile_intrinsic` in plain Numba code, any bit width; values: the table's int32 values (empty: none)."""
+def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, dot, sums, y, y0):
+    """`_tile_intrinsic` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
+    dot [TILE] int64 and sums [TILE] float32: the caller's scratch (one run's exact dot products, one
+    group's scaled run sums)."""
     row = blocked[tile]  # [runs * bits * TILE]
-    dot = np.empty(TILE, dtype=np.int64)  # [TILE] one run's exact dot products
-    sums = np.empty(TILE, dtype=np.float32)  # [TILE] one group's scaled run sums
-    total = np.zeros(TILE, dtype=np.float32)  # [TILE]
+    total = y[y0:y0 + TILE]  # [TILE]
+    total[:] = 0
     for g in range(scales.shape[1]):
         sums[:] = 0
         for run in range(g * group_runs, min((g + 1) * group_runs, d.shape[0])):
@@ -374,7 +389,6 @@ def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits
         group_sum = xsum[g]  # read once: stores into total could alias it, which stops vectorization
         for i in range(TILE):
             total[i] += scale_value(scales[tile, g, i]) * (sums[i] - np.float32(zeros[tile, g, i]) * group_sum)
-    y[y0:y0 + TILE] = total
 
 
 # ---- the matvec --------------------------------------------------------------------------------
@@ -463,12 +477,14 @@ def _tiles(kernel_id, blocked, scales, zeros, quantized, bits, group_runs, lut, 
     values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int64)  # [16] the table's values
     for c in range(values.shape[0]):
         values[c] = np.int64(lut[c]) * 256 + np.int64(lut[16 + c])
+    dot = np.empty(TILE if kernel_id == 0 else 0, dtype=np.int64)  # [TILE] the portable lanes' scratch
+    sums = np.empty(TILE if kernel_id == 0 else 0, dtype=np.float32)  # [TILE]
     for tile in range(t0, t1):
         if kernel_id > 0:
             _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs,
                        y, (tile - t0) * TILE)
         else:
-            _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, y,
+            _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, dot, sums, y,
                            (tile - t0) * TILE)
 
 

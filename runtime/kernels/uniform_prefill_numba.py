@@ -38,9 +38,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _load_lanes, _run_codes, _run_dot,
-                                                _splat, available_kernels, byte_positions, matmul_prefill,
-                                                split_bytes)
+from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_span,
+                                                _load_lanes, _run_codes, _run_dot, _splat, _table_bytes,
+                                                available_kernels, byte_positions, matmul_prefill, split_bytes)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
@@ -84,17 +84,12 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
         n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[1]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector, floats = ir.VectorType(_I32, TILE), ir.VectorType(_F32, TILE)
-        tables = ()
-        if lut:  # the high bytes, then the low bytes
-            t_data = builder.bitcast(arrays[9].data, ir.VectorType(_I8, 16).as_pointer())
-            tables = tuple(builder.load(builder.gep(t_data, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
+        tables = _table_bytes(builder, arrays[9].data) if lut else ()
         totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(CHUNK)]
         sums = [cgutils.alloca_once(builder, floats) for _ in range(CHUNK)]
         with cgutils.for_range(builder, n_groups) as groups:
             g = groups.index
-            run0 = builder.mul(g, group_runs)
-            left = builder.sub(n_runs, run0)
-            runs = builder.select(builder.icmp_signed("<", group_runs, left), group_runs, left)
+            run0, runs = _group_span(builder, g, group_runs, n_runs)
             for c in range(CHUNK):
                 builder.store(ir.Constant(floats, None), sums[c])
             with cgutils.for_range(builder, runs) as loop:
@@ -115,8 +110,7 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
                                       signature.args[3].dtype)
             for c in range(CHUNK):
                 group_sum = _splat(builder, builder.load(builder.gep(xsum[c], [g])), TILE)
-                term = builder.fsub(builder.load(sums[c]), builder.fmul(group_zeros, group_sum))
-                builder.store(builder.fadd(builder.load(totals[c]), builder.fmul(group_scales, term)), totals[c])
+                _fold_group(builder, totals[c], sums[c], group_scales, group_zeros, group_sum)
         for c in range(CHUNK):
             out = builder.gep(row_of(12, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
