@@ -118,10 +118,11 @@ def test_coordinate_tables_are_the_source_table_times_four():
 
 @pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("shape", [(24, 512), (40, 1536), (12, 1024)])
+@pytest.mark.parametrize("shape", [(24, 512), (40, 1536), (12, 1024), (20, 576), (36, 1088)])
 def test_integer_prefill_matches_its_reference(bits, shape, monkeypatch):
-    # many rows of two-byte activations through the byte permutes: the reference with LEVELS16, and
-    # float accuracy; the format takes this path for prefill under the default mode
+    # many rows of two-byte activations through the byte permutes (inputs past the last whole chunk of 512, as
+    # SmolLM2's 576, in float): the reference with LEVELS16, and float accuracy; the format takes this path for
+    # prefill under the default mode
     packed = random_packed(f"quipsharp{bits}", shape, seed=shape[0] + bits)
     assert e8p_numba.prefill_applies(packed)
     x = inputs(shape[1] + 1, 9, shape[1])  # [9, in]
@@ -131,4 +132,4 @@ def test_integer_prefill_matches_its_reference(bits, shape, monkeypatch):
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
     monkeypatch.setattr(e8p_numba, "matmul_prefill", None)  # the dequantized-tiles path must not run
     np.testing.assert_array_equal(packed.matmul(x), y)
-    assert not e8p_numba.prefill_applies(random_packed("quipsharp2", (8, 576), seed=3))  # 576: not whole chunks
+    assert not e8p_numba.prefill_applies(random_packed("quipsharp2", (8, 448), seed=3))  # 448: no whole chunk

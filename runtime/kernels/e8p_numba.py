@@ -16,7 +16,7 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
 - `matmul_prefill` (many rows): Ŵ is decoded tile by tile (about `PREFILL_TILE`
   floats) and multiplied by BLAS, tiles spread over one thread per core
   (runtime/kernels/prefill_threads.py), with the transforms around it.
-- `matmul_prefill_vbmi` (many rows, AVX-512 VBMI, whole chunks of 512 inputs):
+- `matmul_prefill_vbmi` (many rows, AVX-512 VBMI, at least 512 inputs):
   the rotated rows are quantized to two-byte activations (float accuracy),
   PREFILL_OUTPUTS output rows of codes are decoded in registers chunk by
   chunk (`_chunk_points`, below) and each activation word loaded meets all
@@ -544,8 +544,9 @@ def _e8p_rows_vbmi(typingctx, codes, o, high, low, start_high, start_low, d, tab
 @njit(cache=True, parallel=True)
 def _quantize_rotated_rows(x_rot):
     """(high, low [m, chunks * 512] int8 coordinate by coordinate, start_high, start_low [m, chunks * 16] int32,
-    d [m, in/32] float32) of the two-byte activations (LEVELS16) of rotated rows x_rot [m, in], whole
-    chunks of CHUNK_CODES codes only (`_e8p_rows_vbmi`); rows in parallel."""
+    d [m, in/32] float32, tail [m, in - chunks * 512] float32) of the two-byte activations (LEVELS16) of
+    rotated rows x_rot [m, in]: the whole chunks of CHUNK_CODES codes as `_e8p_rows_vbmi` reads them, the
+    inputs past them dequantized (q·d, for a float product); rows in parallel."""
     m, n = x_rot.shape
     chunk = CHUNK_CODES * 8
     whole = n // chunk * chunk
@@ -554,9 +555,12 @@ def _quantize_rotated_rows(x_rot):
     start_high = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
     start_low = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
     d = np.empty((m, n // BLOCK), dtype=np.float32)  # [m, in/32]
+    tail = np.empty((m, n - whole), dtype=np.float32)  # [m, in - whole]
     for r in prange(m):
         q = np.empty(n, dtype=np.int16)  # [in]
         quantize_blocks(x_rot[r], q, d[r], LEVELS16)
+        for i in range(whole, n):
+            tail[r, i - whole] = np.float32(q[i]) * d[r, i // BLOCK]
         for k in range(whole // chunk):
             for c in range(CHUNK_CODES):
                 for i in range(8):
@@ -566,14 +570,14 @@ def _quantize_rotated_rows(x_rot):
                     low[r, k * chunk + CHUNK_CODES * i + c] = l
                     start_high[r, source // BLOCK] -= BYTE_ZERO * h
                     start_low[r, source // BLOCK] -= BYTE_ZERO * l
-    return high, low, start_high, start_low, d
+    return high, low, start_high, start_low, d, tail
 
 
 @njit(cache=True, parallel=True)
 def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, y_rot):
     """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), the
-    outputs in parallel."""
-    high, low, start_high, start_low, d = quantized
+    outputs in parallel (the whole chunks only)."""
+    high, low, start_high, start_low, d, _ = quantized
     m, n_out = y_rot.shape
     for block in prange(-(-n_out // PREFILL_OUTPUTS)):
         o = block * PREFILL_OUTPUTS
@@ -591,21 +595,30 @@ def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, table
 
 
 def prefill_applies(packed) -> bool:
-    """Whether `matmul_prefill_vbmi` runs this tensor: AVX-512 VBMI, E8P stages only (2 and 4 bits), whole
-    chunks of CHUNK_CODES codes."""
+    """Whether `matmul_prefill_vbmi` runs this tensor: AVX-512 VBMI, E8P stages only (2 and 4 bits), at least
+    one whole chunk of CHUNK_CODES codes."""
     return ("avx512vbmi" in _x86_features() and packed.bits in (2, 4)
-            and packed.in_features % (CHUNK_CODES * e8p_codebook.DIM) == 0)
+            and packed.in_features >= CHUNK_CODES * e8p_codebook.DIM)
 
 
 def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     """y [m, out] = x [m, in] @ W.T for many rows in integers (`prefill_applies` must hold): x rotated, quantized
-    to two-byte activations (float accuracy), multiplied by the codes decoded in registers, rotated back."""
+    to two-byte activations (float accuracy), multiplied by the codes decoded in registers, rotated back.
+    Inputs past the last whole chunk (SmolLM2's 576 = 512 + 64) meet their columns of Ŵ, decoded for this
+    call, in one float product."""
     x_rot = _transform_in(packed, x)  # [m, in]
     codes = packed.stage_codes
     scales = [np.float32(s) for s in packed.host_scales]
     y_rot = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
-    _prefill_vbmi(_quantize_rotated_rows(x_rot), codes[0], codes[-1], len(codes), scales[0], scales[-1],
-                  coordinate_tables(), y_rot)
+    quantized = _quantize_rotated_rows(x_rot)
+    _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1], coordinate_tables(), y_rot)
+    tail = quantized[-1]  # [m, in - whole]
+    if tail.shape[1]:
+        first = (packed.in_features - tail.shape[1]) // e8p_codebook.DIM
+        w_tail = np.zeros((packed.out_features, tail.shape[1]), dtype=np.float32)  # [out, in - whole]
+        for stage_codes, table, scale, is_e8p in _stages(packed):
+            _stage_decode(np.ascontiguousarray(stage_codes[:, first:]), table, scale, is_e8p, 0, w_tail)
+        y_rot += tail @ w_tail.T  # [m, out]
     return _transform_out(packed, y_rot)  # [m, out]
 
 
