@@ -145,3 +145,15 @@ def test_released_pages_leave_memory_and_come_back_intact(tmp_path):
     release_pages(copy)  # not mapped from a file: left alone
     assert np.array_equal(copy, big)
     release_pages([1.0, 2.0])  # not an array (a packed tensor in a layer's dict, say): left alone, no error
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_a_loaded_embedding_keeps_no_pages_after_its_checksum(tmp_path):
+    # the load checks the embedding's recorded CRC-32 (reading every page); a decode step reads a few rows, so
+    # the pages go back to the OS and the rows are read from the file again, intact
+    from runtime.checkpoints.packed_checkpoint import WEIGHTS, load_packed, save_packed
+    embed = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float16)  # 8 MiB
+    save_packed(tmp_path, {}, {"model.embed_tokens.weight": embed, "lm_head.weight": np.ones((4, 4), np.float32)})
+    _, tensors = load_packed(tmp_path)
+    assert resident_kb(tmp_path / WEIGHTS) < 1024
+    assert np.array_equal(tensors["model.embed_tokens.weight"][[7, 4000]], embed[[7, 4000]])

@@ -24,7 +24,7 @@ from runtime.checkpoints.content_hash import ContentCheck, defer, run_pending, t
 from runtime.errors import UserError
 from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
-from runtime.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from runtime.checkpoints.safetensors_io import read_safetensors, release_pages, write_safetensors
 
 WEIGHTS = "model.safetensors"
 
@@ -62,6 +62,8 @@ def load_packed(directory: Path) -> tuple[dict, dict]:
     for name, value in tensors.items():
         if read_directly(name, tensors):
             run_pending(value)
+            if value.ndim == 2:  # an embedding: the check read every page, a step reads a few rows
+                release_pages(value)
     return config, tensors
 
 
