@@ -58,8 +58,7 @@ from runtime.kernels.quant_activations_numba import LEVELS16
 from runtime.formats.uniform import RUN
 
 TABLE_SIZE = 16
-LUT_ZERO = 32768  # zero point of the int8 kernel's two-byte table values (`lut_table`)
-LUT_LEVELS = 32512  # max|table| maps to this (127 * 256: 256 hi + lo stays in [256, 65280])
+LUT_LEVELS = 2047  # max|table| maps to this: 32 values times two-byte activations (LEVELS16) sum within int32
 DQ_BLOCK_SIZE = 256
 DQ_MAX_ERROR = 0.9 / 128  # max |absmax error| / absmax_scale under double quantization
 FUSED_MAX_ROWS = 3  # NumPy input with at most this many rows: fused Numba kernel (measured crossover)
@@ -89,18 +88,19 @@ def dynamic_map() -> np.ndarray:
 
 
 def lut_table(table: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """(lut uint8 [32], step) of the int8-activation decode kernel (runtime/kernels/uniform_int8_numba.py): the
-    table [16] float32 rounded to V = rint(table / step) + LUT_ZERO, step = max|table| / 32512, stored as
-    its high bytes lut[:16] and low bytes lut[16:] (V = 256 hi + lo); code c then stands for
-    (V[c] - LUT_ZERO) * step * absmax (`matmul_reference_int8`)."""
+    """(lut uint8 [32], step) of the int8-activation kernels (runtime/kernels/uniform_int8_numba.py): the
+    table [16] float32 rounded to the signed 12-bit V = rint(table / step), step = max|table| / 2047, stored
+    as the high bytes lut[:16] and low bytes lut[16:] of V as int16; code c then stands for
+    V[c] * step * absmax (`matmul_reference_int8`)."""
     step = np.float32(np.abs(table).max() / np.float32(LUT_LEVELS)) or np.float32(1.0)
-    values = (np.rint(table / step) + LUT_ZERO).astype(np.int64)  # [16] in [256, 65280]
-    return np.concatenate([values >> 8, values & 255]).astype(np.uint8), step
+    values = np.rint(table / step).astype(np.int64)  # [16] in [-2047, 2047]
+    return np.concatenate([(values >> 8) & 255, values & 255]).astype(np.uint8), step
 
 
 def lut_values(lut: np.ndarray) -> np.ndarray:
-    """V [16] int64 of a `lut_table` (256 hi + lo)."""
-    return lut[:TABLE_SIZE].astype(np.int64) * 256 + lut[TABLE_SIZE:]
+    """V [16] int64 of a `lut_table` (the int16 of high byte lut[c] and low byte lut[16 + c])."""
+    values = lut[:TABLE_SIZE].astype(np.int64) * 256 + lut[TABLE_SIZE:]  # [16] as uint16
+    return np.where(values >= 1 << 15, values - (1 << 16), values)
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -216,7 +216,7 @@ class Lut4Tensor(PackedTensor):
         integer kernels do (`quantize_activation`: two bytes, LEVELS16, in decode and prefill), the table
         rounded as `lut_table` does."""
         lut, step = lut_table(self.table)
-        values = (lut_values(lut) - LUT_ZERO).astype(np.float32) * step  # [16]
+        values = lut_values(lut).astype(np.float32) * step  # [16]
         codes = unpack_nibbles(self.qweight)  # [out, in]
         w_hat = values[codes] * np.repeat(self.block_absmax(), self.block_size, axis=1)  # [out, in]
         return quantize_activation(np.asarray(x, dtype=np.float32), None, levels) @ w_hat.T

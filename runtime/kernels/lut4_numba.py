@@ -19,10 +19,10 @@ Decode with int8 activations (the default on CPUs with AVX-512 VNNI,
 integer kernel (runtime/kernels/uniform_int8_numba.py) with a table:
 `decode_weight` repacks the codes once into the uniform format's 4-bit layout
 (int32 words of eight codes of one output, packed along the input, first
-code in the lowest nibble) and from there into the kernel's tiles, stores the table as two-byte values rint(32512 * value /
-max|value|) + 32768 (`lut_table`) and one float32 scale
-absmax * max|value| / 32512 per block: the weight it multiplies by is within
-0.5/32512 of max|value| times absmax of the stored one.
+code in the lowest nibble) and from there into the kernel's tiles, stores the table as signed 12-bit values rint(2047 * value /
+max|value|) (`lut_table`) and one float32 scale absmax * max|value| / 2047
+per block: the weight it multiplies by is within 0.5/2047 of max|value|
+times absmax of the stored one.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def _repack(qweight, words):
 
 def matmul_prefill_repacked(packed, weight: KernelWeight, x: np.ndarray, kernel: str) -> np.ndarray:
     """y [m, out] = x [m, in] @ W.T from the repacked codes (`decode_weight`), what prefill runs once they exist
-    (so the stored qweight is not read again): in integers with two-byte activations and the two-byte table
+    (so the stored qweight is not read again): in integers with two-byte activations and the 12-bit table
     on AVX-512 VNNI, else tiles of outputs dequantized and multiplied by BLAS on every core, each code's
     value the table's over the scale step, so that scale * value is the reference's absmax * table[code]
     within float32 rounding (runtime/kernels/uniform_prefill_numba.py)."""

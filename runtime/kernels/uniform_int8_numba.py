@@ -14,7 +14,7 @@ The activations take two bytes, xq = 256 high + low (LEVELS16: d = max|x| /
 1/256 of the rounding of llama.cpp's one-byte Q8_0 activations, which cost
 SmolLM2 rtn4g128 +0.42% WikiText-2 perplexity against float activations (two
 bytes: -0.0005%), for about 2% of the 4-bit decode time. Codes that index a
-table (below) keep one-byte activations. The reference is the float kernel
+table (below) take the same activations as int16. The reference is the float kernel
 fed the dequantized activation d * xq (`UniformTensor.matmul_reference_int8`).
 
 Blocked layout. The kernels do not read qweight [runs * bits, out] as it is
@@ -53,12 +53,16 @@ Tables. The same kernel runs 4-bit codes that index a 16-value table (NF4 and
 FP4, the lut4 format repacked into this layout: runtime/kernels/lut4_numba.py).
 One byte per value would round NF4's levels by up to 0.4% of the block's
 absmax, the same rounding for every weight of a level, which measured +0.7%
-WikiText-2 perplexity on SmolLM2; so a value is held in two bytes,
-V[c] = rint(32512 * value[c] / max|value|) + 32768 = 256 hi[c] + lo[c], each
-code is looked up in both byte tables in the register (`vpshufb`, 16 bytes
-per 128-bit lane) and multiplied by two `vpdpbusd`, summed as 256 hi + lo in
-int32 (at most 2^28 per run of 32), with the zero point 32768 taken off;
-the group scale carries absmax * max|value| / 32512. Only avx512vnni has
+WikiText-2 perplexity on SmolLM2; so a value is a signed 12-bit integer,
+V[c] = rint(2047 * value[c] / max|value|) (runtime/formats/lut4.py
+`lut_table`: 1/16 of the one-byte rounding), held as its high and low bytes.
+Each code is looked up in both byte tables in the register (`vpshufb`, 16
+bytes per 128-bit lane), the two results interleaved into int16 values
+(`vpunpcklbw`/`vpunpckhbw`) and multiplied by the two-byte activations as
+int16 pairs (`vpdpwssd`): two products per 64 weights, as many as the
+uniform codes take, where two byte tables times two activation bytes took
+four. A run of 32 sums at most 32 * 2047 * 32639 < 2^31: exact in int32.
+The group scale carries absmax * max|value| / 2047. Only avx512vnni has
 table tiles (`LUT_KERNELS`; avx2's `vpmaddubsw` would saturate).
 
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
@@ -85,7 +89,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from runtime.formats.lut4 import LUT_ZERO
 from runtime.formats.uniform import unpack
 from runtime.kernels.numba_common import scale_value
 from runtime.kernels.prefill_threads import run_tiles
@@ -186,36 +189,48 @@ def _run_codes(builder, words, bits, tables):
     return vectors
 
 
-def _run_dot(builder, vectors, x_high, x_low, kernel, rsum):
+def _run_dot(builder, vectors, x_high, x_low, x_wide, kernel):
     """<L x float> exact integer dot of one run: its code vectors (`_run_codes`) with its two-byte activations
-    256 x_high + x_low (i32* to the run's WORDS_PER_RUN words of high and of low bytes). With table pairs each
-    code is its value V = 256 vh + vl less the zero point LUT_ZERO (rsum: the run's sum of activations, i32):
-    with A, B, C the byte dot products of vh x_high, vh x_low + vl x_high and vl x_low, the dot is
-    256 (256 A + B - LUT_ZERO / 256 * rsum) + C, the bracket exact in int32 (at most 2^29)."""
-    first = vectors[0][0] if isinstance(vectors[0], tuple) else vectors[0]
-    lanes = first.type.count
-    floats = ir.VectorType(_F32, lanes)
+    256 x_high + x_low (i32* to the run's WORDS_PER_RUN words of high and of low bytes). Table pairs go to
+    `_table_run_dot` with the same activations as int16 (x_wide: i64* to the run's WORDS_PER_RUN groups of
+    four)."""
+    if isinstance(vectors[0], tuple):
+        return _table_run_dot(builder, vectors, x_wide)
+    lanes = vectors[0].type.count
     dot = _dot_vnni if kernel == "avx512vnni" else _dot_avx2
-    high = cross = low = None  # A, B, C with tables; 256 high + low without
+    high = low = None
     for v, vector in enumerate(vectors):
         x_words = [_splat(builder, builder.load(builder.gep(x, [ir.Constant(_I32, v)]), align=4), lanes)
                    for x in (x_high, x_low)]
-        if isinstance(vector, tuple):
-            high = dot(builder, high, vector[0], x_words[0])
-            cross = dot(builder, dot(builder, cross, vector[0], x_words[1]), vector[1], x_words[0])
-            low = dot(builder, low, vector[1], x_words[1])
-        else:
-            high = dot(builder, high, vector, x_words[0])
-            low = dot(builder, low, vector, x_words[1])
+        high = dot(builder, high, vector, x_words[0])
+        low = dot(builder, low, vector, x_words[1])
     if kernel == "avx2":
         high, low = _widen_avx2(builder, high), _widen_avx2(builder, low)
     shifted = builder.shl(high, ir.Constant(high.type, [8] * lanes))
-    if cross is None:
-        return builder.sitofp(builder.add(shifted, low), floats)
-    zero = _splat(builder, builder.mul(rsum, ir.Constant(_I32, LUT_ZERO // 256)), lanes)
-    bracket = builder.sub(builder.add(shifted, cross), zero)
-    return builder.fadd(builder.fmul(builder.sitofp(bracket, floats), ir.Constant(floats, [256.0] * lanes)),
-                        builder.sitofp(low, floats))
+    return builder.sitofp(builder.add(shifted, low), ir.VectorType(_F32, lanes))
+
+
+def _table_run_dot(builder, vectors, x_wide):
+    """<16 x float> exact dot of one run of table codes (avx512vnni): each vector's (high, low) table bytes
+    interleaved into int16 values V, four per output lane (`vpunpcklbw` takes outputs 4L, 4L + 1 of 128-bit
+    lane L, `vpunpckhbw` 4L + 2, 4L + 3; each int32 lane then holds two values of one output), times its
+    four int16 activations broadcast (vpdpwssd); an output's two int32 lanes are added at the end."""
+    bytes64, words = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
+                                        "llvm.x86.avx512.vpdpwssd.512")
+    halves = [[16 * lane + k + 8 * h + 64 * b for lane in range(4) for k in range(8) for b in (0, 1)]
+              for h in (0, 1)]  # bytes (low, high) of each int16 of the interleaved halves
+    sums = [ir.Constant(words, None)] * 2
+    for v, (high, low) in enumerate(vectors):
+        x = _splat(builder, builder.load(builder.gep(x_wide, [ir.Constant(_I32, v)]), align=2), 8)  # <8 x i64>
+        x = builder.bitcast(x, words)
+        for h in (0, 1):
+            values = builder.shuffle_vector(builder.bitcast(low, bytes64), builder.bitcast(high, bytes64),
+                                            ir.Constant(ir.VectorType(_I32, 64), halves[h]))
+            sums[h] = builder.call(fn, [sums[h], builder.bitcast(values, words), x])
+    pairs = [[4 * (j // 4) + 2 * (j % 2) + 16 * (j % 4 // 2) + e for j in range(16)] for e in (0, 1)]
+    even, odd = (builder.shuffle_vector(sums[0], sums[1], ir.Constant(ir.VectorType(_I32, 16), p)) for p in pairs)
+    return builder.sitofp(builder.add(even, odd), ir.VectorType(_F32, 16))
 
 
 def _load_lanes(builder, pointer, lanes, dtype):
@@ -232,7 +247,7 @@ def _load_lanes(builder, pointer, lanes, dtype):
 
 
 def _table_bytes(builder, data):
-    """(high bytes, low bytes) <16 x i8> each of a table's two-byte values (uint8 [32] at data, high first)."""
+    """(high bytes, low bytes) <16 x i8> each of a table's int16 values (uint8 [32] at data, high first)."""
     vectors = builder.bitcast(data, ir.VectorType(_I8, 16).as_pointer())
     return tuple(builder.load(builder.gep(vectors, [ir.Constant(_I32, i)]), align=1) for i in (0, 1))
 
@@ -252,15 +267,15 @@ def _fold_group(builder, total, group_sums, group_scales, group_zeros, group_sum
 
 
 def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
-    """An intrinsic tile(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, table, group_runs, y, y0)
+    """An intrinsic tile(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0)
     setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
     int32, scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
     sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations
     256 xw + xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its
     zero points times xsum[g]. The loops over groups and runs are LLVM IR, every sum a register, the memory
-    one stream of codes. With `lut` (4 bits, avx512vnni) each code c stands for 256 table[c] + table[16 + c]
-    (uint8 [32]) and LUT_ZERO * rsum[r] (rsum: int32 sums of each run's activations) comes off dot_r
-    (`_run_dot`)."""
+    one stream of codes. With `lut` (4 bits, avx512vnni) each code c stands for the int16 with high byte
+    table[c] and low byte table[16 + c] (uint8 [32]), multiplied by the same activations as int16 (x16, in
+    the tiles' byte order; `_table_run_dot`)."""
     lanes = LANES[kernel]
     halves = TILE // lanes
 
@@ -282,7 +297,8 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
         scale_row, scale_step = tile_row(2)
         zero_row, zero_step = tile_row(3)
         x_data, low_data = (builder.bitcast(arrays[i].data, _I32.as_pointer()) for i in (4, 5))
-        d_data, r_data, xsum_data = arrays[6].data, arrays[7].data, arrays[8].data
+        d_data, xsum_data = arrays[6].data, arrays[8].data
+        wide_data = builder.bitcast(arrays[7].data, ir.IntType(64).as_pointer())
         n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[0]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector = ir.VectorType(_I32, lanes)
@@ -301,13 +317,13 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
                                         vector.as_pointer())  # the run's words, TILE lanes each
                 first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
                 x_run, x_low = builder.gep(x_data, [first]), builder.gep(low_data, [first])
+                x_wide = builder.gep(wide_data, [first])
                 scale = _splat(builder, builder.load(builder.gep(d_data, [r])), lanes)
-                run_sum = builder.load(builder.gep(r_data, [r]))
                 for h in range(halves):
                     run_words = [builder.load(builder.gep(words, [ir.Constant(_I32, t * halves + h)]), align=4)
                                  for t in range(bits)]
-                    dot = _run_dot(builder, _run_codes(builder, run_words, bits, tables), x_run, x_low, kernel,
-                                   run_sum)
+                    dot = _run_dot(builder, _run_codes(builder, run_words, bits, tables), x_run, x_low, x_wide,
+                                   kernel)
                     builder.store(builder.fadd(builder.load(sums[h]), builder.fmul(dot, scale)), sums[h])
             group_sum = _splat(builder, builder.load(builder.gep(xsum_data, [g])), lanes)
             scale_at = builder.gep(scale_row, [builder.mul(g, scale_step)])
@@ -323,8 +339,8 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
             builder.store(builder.load(totals[h]), builder.gep(out, [ir.Constant(_I32, h)]), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, table, group_runs, y, y0):
-        return types.void(blocked, types.int64, scales, zeros, xw, xw_low, d, rsum, xsum, table, types.int64, y,
+    def typer(typingctx, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0):
+        return types.void(blocked, types.int64, scales, zeros, xw, xw_low, d, x16, xsum, table, types.int64, y,
                           types.int64), codegen
 
     return intrinsic(typer)
@@ -340,8 +356,7 @@ _AVX2_2, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 4))
 @njit(inline="always")
 def _run_portable(row, run, bits, xq, values, dot):
     """dot [TILE] int64 = run `run`'s exact dot products of one tile (row: its blocked words), plain integer
-    code (int64: a table value times a two-byte activation times 32 passes 2^31); values (int64 [16]; empty:
-    none) maps each 4-bit code to its table value."""
+    code; values (int64 [16]; empty: none) maps each 4-bit code to its table value."""
     dot[:] = 0
     base = run * bits * TILE
     x0 = run * BLOCK
@@ -372,7 +387,7 @@ def _run_portable(row, run, bits, xq, values, dot):
 
 
 @njit(cache=True, fastmath=True)
-def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, dot, sums, y, y0):
+def _tile_portable(blocked, tile, scales, zeros, xq, d, xsum, values, bits, group_runs, dot, sums, y, y0):
     """`_tile_intrinsic` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
     dot [TILE] int64 and sums [TILE] float32: the caller's scratch (one run's exact dot products, one
     group's scaled run sums)."""
@@ -383,9 +398,8 @@ def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits
         sums[:] = 0
         for run in range(g * group_runs, min((g + 1) * group_runs, d.shape[0])):
             _run_portable(row, run, bits, xq, values, dot)
-            offset = np.int64(LUT_ZERO) * rsum[run] if values.shape[0] > 0 else np.int64(0)
             for i in range(TILE):
-                sums[i] += d[run] * np.float32(dot[i] - offset)
+                sums[i] += d[run] * np.float32(dot[i])
         group_sum = xsum[g]  # read once: stores into total could alias it, which stops vectorization
         for i in range(TILE):
             total[i] += scale_value(scales[tile, g, i]) * (sums[i] - np.float32(zeros[tile, g, i]) * group_sum)
@@ -395,27 +409,29 @@ def _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits
 
 @njit(cache=True)
 def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
-    """(xq [runs*32] int16, xw, xw_low [runs*32] int8, d [runs] float32, rsum [runs] int32, xsum [n_groups]
+    """(xq [runs*32] int16, xw, xw_low [runs*32] int8, d [runs] float32, x16 [runs*32] int16, xsum [n_groups]
     float32) of x [in]: x gathered into storage order (perm; empty: identity) and zero-padded to whole runs,
-    quantized per run to two-byte integers xq = 256 high + low (LEVELS16); xw the high bytes and xw_low the
-    low bytes in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order); rsum the sum of
-    each run's xq, xsum of each group's d * rsum."""
+    quantized per run to two-byte integers xq = 256 high + low (LEVELS16); xw the high bytes, xw_low the
+    low bytes and x16 the values in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order);
+    xsum each group's d * sum of xq."""
     xs = storage_input(x, perm, n_runs)  # [runs*32]
     xq = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     d = np.empty(n_runs, dtype=np.float32)  # [runs]
     quantize_blocks(xs, xq, d, LEVELS16)
-    rsum = np.zeros(n_runs, dtype=np.int32)  # [runs]
     xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
+    x16 = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     position = byte_positions(bits)  # [32]
     for r in range(n_runs):
+        total = np.int32(0)
         for k in range(BLOCK):
             value = xq[r * BLOCK + k]
-            rsum[r] += value
+            total += value
             xw[r * BLOCK + position[k]], xw_low[r * BLOCK + position[k]] = split_bytes(value)
-        xsum[r // group_runs] += d[r] * np.float32(rsum[r])
-    return xq, xw, xw_low, d, rsum, xsum
+            x16[r * BLOCK + position[k]] = value
+        xsum[r // group_runs] += d[r] * np.float32(total)
+    return xq, xw, xw_low, d, x16, xsum
 
 
 @njit(cache=True)
@@ -451,20 +467,20 @@ def tile_byte_order(xq, bits):
 
 
 @njit(inline="always")
-def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs, y, y0):
+def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, bits, group_runs, y, y0):
     """y[y0 : y0 + TILE] = W x on one tile by the SIMD kernel kernel_id (which has tiles for these codes)."""
     if lut.shape[0] > 0:
-        _VNNI4_LUT(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI4_LUT(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2 and bits == 4:
-        _VNNI4(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2 and bits == 2:
-        _VNNI2(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2:
-        _VNNI8(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _VNNI8(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif bits == 4:
-        _AVX2_4(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _AVX2_4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     else:
-        _AVX2_2(blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, group_runs, y, y0)
+        _AVX2_2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
 
 
 @njit(cache=True)
@@ -472,19 +488,20 @@ def _tiles(kernel_id, blocked, scales, zeros, quantized, bits, group_runs, lut, 
     """y[16 (T - t0) + i] = (W x)[16 T + i] for the tiles T = t0 .. t1-1 of one weight, by the SIMD tiles of
     kernel_id where it has them for these codes (`simd_tiles`; prepare passes 0 otherwise), else the
     portable lanes: per group, the scaled run sums of the group times the group's scale, less its zero
-    point times the group's activation sum (tables: zero 0, their zero point comes off run by run)."""
-    xq, xw, xw_low, d, rsum, xsum = quantized
-    values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int64)  # [16] the table's values
+    point times the group's activation sum (tables: zero 0)."""
+    xq, xw, xw_low, d, x16, xsum = quantized
+    values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int64)  # [16] the table's signed values
     for c in range(values.shape[0]):
-        values[c] = np.int64(lut[c]) * 256 + np.int64(lut[16 + c])
+        value = np.int64(lut[c]) * 256 + np.int64(lut[16 + c])
+        values[c] = value - 65536 if value >= 32768 else value
     dot = np.empty(TILE if kernel_id == 0 else 0, dtype=np.int64)  # [TILE] the portable lanes' scratch
     sums = np.empty(TILE if kernel_id == 0 else 0, dtype=np.float32)  # [TILE]
     for tile in range(t0, t1):
         if kernel_id > 0:
-            _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, rsum, xsum, lut, bits, group_runs,
+            _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, bits, group_runs,
                        y, (tile - t0) * TILE)
         else:
-            _tile_portable(blocked, tile, scales, zeros, xq, d, rsum, xsum, values, bits, group_runs, dot, sums, y,
+            _tile_portable(blocked, tile, scales, zeros, xq, d, xsum, values, bits, group_runs, dot, sums, y,
                            (tile - t0) * TILE)
 
 
@@ -543,7 +560,7 @@ class KernelWeight(NamedTuple):
     out_features: int
     bits: int
     group_runs: int
-    lut: np.ndarray  # uint8 [32] code c -> 256 lut[c] + lut[16 + c], zero point LUT_ZERO (4 bits); empty: none
+    lut: np.ndarray  # uint8 [32] code c -> the int16 of high byte lut[c], low byte lut[16 + c] (4 bits); empty: none
 
 
 @njit(cache=True, parallel=True)

@@ -25,8 +25,10 @@ the row's group sum of d * q). Tasks take ranges of tiles; the rows go by in
 blocks of ROW_BLOCK, whose activations stay in the core's cache while the
 task's tiles pass. Rows past the last are zero and dropped.
 
-Other CPUs, 3-bit codes and 4-bit tables (NF4) dequantize the blocked codes
-into float tiles for BLAS (uniform_int8_numba.matmul_prefill).
+4-bit codes through a table (NF4, FP4) take the table's int16 values times
+the activations as int16 (`vpdpwssd`, uniform_int8_numba._table_run_dot).
+Other CPUs and 3-bit codes dequantize the blocked codes into float tiles for
+BLAS (uniform_int8_numba.matmul_prefill).
 """
 from __future__ import annotations
 
@@ -51,13 +53,12 @@ _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
 def _prefill_intrinsic(bits: int, lut: bool = False):
-    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, table, group_runs, row0, y)
+    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y)
     setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
-    (hi, lo: int8 [rows, runs*32] in the tiles' byte order; d [rows, runs]; rsum [rows, runs]: each run's
-    sum of q; xsum [rows, groups]: each group's sum of d * q), tile `tile` of the blocked codes and its
-    statistics [tiles, groups, 16]. Each run's code vectors (with `lut`, their table bytes: table uint8
-    [32], 4 bits) are made once and multiplied by every row of the chunk
-    (uniform_int8_numba._run_codes, _run_dot)."""
+    (hi, lo: int8 and q: int16 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows, groups]:
+    each group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16].
+    Each run's code vectors (with `lut`, their table bytes: table uint8 [32], 4 bits) are made once and
+    multiplied by every row of the chunk (uniform_int8_numba._run_codes, _run_dot)."""
 
     def codegen(context, builder, signature, args):
         if "avx512vnni" not in available_kernels():  # compiled, never run
@@ -80,7 +81,8 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
         zero_row, zero_strides = start(3, tile)
         hi = [builder.bitcast(row_of(4, c), _I32.as_pointer()) for c in range(CHUNK)]
         lo = [builder.bitcast(row_of(5, c), _I32.as_pointer()) for c in range(CHUNK)]
-        d, rsum, xsum = ([row_of(i, c) for c in range(CHUNK)] for i in (6, 7, 8))
+        d, xsum = ([row_of(i, c) for c in range(CHUNK)] for i in (6, 8))
+        wide = [builder.bitcast(row_of(7, c), ir.IntType(64).as_pointer()) for c in range(CHUNK)]
         n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[1]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector, floats = ir.VectorType(_I32, TILE), ir.VectorType(_F32, TILE)
@@ -101,7 +103,7 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
                 first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
                 for c in range(CHUNK):
                     dot = _run_dot(builder, vectors, builder.gep(hi[c], [first]), builder.gep(lo[c], [first]),
-                                   "avx512vnni", builder.load(builder.gep(rsum[c], [r])))
+                                   builder.gep(wide[c], [first]), "avx512vnni")
                     scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
                     builder.store(builder.fadd(builder.load(sums[c]), builder.fmul(dot, scale)), sums[c])
             group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), TILE,
@@ -116,8 +118,8 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, table, group_runs, row0, y):
-        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, rsum, xsum, table, types.int64,
+    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y):
+        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, q, xsum, table, types.int64,
                           types.int64, y), codegen
 
     return intrinsic(typer)
@@ -129,30 +131,31 @@ _CHUNK4_LUT = _prefill_intrinsic(4, lut=True)
 
 @njit(cache=True, parallel=True)
 def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
-    """(hi, lo [rows, runs*32] int8 in the tiles' byte order, d [rows, runs] float32, rsum [rows, runs] int32,
-    xsum [rows, groups] float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after x's), each row in
-    storage order (perm; empty: identity), zero-padded to whole runs; rows in parallel."""
+    """(hi, lo [rows, runs*32] int8 and q [rows, runs*32] int16 in the tiles' byte order, d [rows, runs]
+    float32, xsum [rows, groups] float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after
+    x's), each row in storage order (perm; empty: identity), zero-padded to whole runs; rows in parallel."""
     hi = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
     lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
+    q = np.zeros((rows, n_runs * BLOCK), dtype=np.int16)  # [rows, runs*32]
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
-    rsum = np.zeros((rows, n_runs), dtype=np.int32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
     position = byte_positions(bits)  # [32]
     for row in prange(x.shape[0]):
-        q = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
-        quantize_blocks(storage_input(x[row], perm, n_runs), q, d[row], LEVELS16)
+        values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
+        quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
         for r in range(n_runs):
             total = np.int32(0)
             for k in range(BLOCK):
-                hi[row, r * BLOCK + position[k]], lo[row, r * BLOCK + position[k]] = split_bytes(q[r * BLOCK + k])
-                total += np.int32(q[r * BLOCK + k])
-            rsum[row, r] = total
+                value = values[r * BLOCK + k]
+                hi[row, r * BLOCK + position[k]], lo[row, r * BLOCK + position[k]] = split_bytes(value)
+                q[row, r * BLOCK + position[k]] = value
+                total += np.int32(value)
             xsum[row, r // group_runs] += d[row, r] * np.float32(total)
-    return hi, lo, d, rsum, xsum
+    return hi, lo, d, q, xsum
 
 
 @njit(cache=True, parallel=True)
-def _prefill(blocked, scales, zeros, hi, lo, d, rsum, xsum, bits, group_runs, lut, threads):
+def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, bits, group_runs, lut, threads):
     """y [rows, tiles * 16] of the quantized rows (`quantize_rows`), the tiles split over `threads` tasks."""
     n_tiles, rows = blocked.shape[0], hi.shape[0]
     y = np.empty((rows, n_tiles * TILE), dtype=np.float32)  # [rows, tiles * 16]
@@ -162,13 +165,13 @@ def _prefill(blocked, scales, zeros, hi, lo, d, rsum, xsum, bits, group_runs, lu
             for tile in range(t * n_tiles // tasks, (t + 1) * n_tiles // tasks):
                 for row0 in range(block, min(block + ROW_BLOCK, rows), CHUNK):
                     if lut.shape[0] > 0:
-                        _CHUNK4_LUT(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
+                        _CHUNK4_LUT(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
                     elif bits == 4:
-                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
+                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
                     elif bits == 2:
-                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
+                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
                     else:
-                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, rsum, xsum, lut, group_runs, row0, y)
+                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
     return y
 
 
