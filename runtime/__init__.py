@@ -12,7 +12,11 @@ the OpenMP default (spin briefly after a parallel region, then sleep), so the
 hundreds of small parallel products of a decode step do not wake sleeping
 threads each time: measured on 2 cores, SmolLM2 rtn4g128 decodes 66-81 tok/s
 with all products parallel under the default, 50-70 with `OMP_WAIT_POLICY=PASSIVE`
-(which this module used to set). It must be set before NumPy loads, hence here.
+(which this module used to set). BLAS reads the variable when NumPy loads, hence
+here; an application that imported NumPy first (an embedding app, a notebook)
+gets the same limit through threadpoolctl, which sets the loaded BLAS's
+threads: measured on 2 cores, TinyLlama-1.1B QuIP# prefill 46 tok/s with
+NumPy imported first and BLAS on both cores, 103 with one.
 
 The entry points whose work is large matrix products and no packed kernels
 (quantize.py's calibration passes and Hessian math, train.py's products with
@@ -20,13 +24,25 @@ dequantized layers) call `blas_on_every_core()` first instead: measured on
 2 cores, SmolLM2 QLoRA training 60 -> 76 tok/s.
 """
 import os
+import sys
 
 _USER_BLAS_THREADS = "OPENBLAS_NUM_THREADS" in os.environ  # the user's value wins over both defaults
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _blas_threads(threads: int) -> None:
+    """BLAS on `threads` threads unless the user set OPENBLAS_NUM_THREADS: the variable for a NumPy not yet
+    loaded, threadpoolctl for one already loaded."""
+    if _USER_BLAS_THREADS:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    if "numpy" in sys.modules:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads, user_api="blas")
 
 
 def blas_on_every_core() -> None:
-    """BLAS on one thread per core unless the user set OPENBLAS_NUM_THREADS; call before NumPy is imported."""
-    if not _USER_BLAS_THREADS:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OPENBLAS_NUM_THREADS"] = str(cores)
+    """BLAS on one thread per core unless the user set OPENBLAS_NUM_THREADS."""
+    _blas_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+_blas_threads(1)

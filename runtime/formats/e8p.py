@@ -188,8 +188,8 @@ class E8PTensor(PackedTensor):
 
     def matmul_reference_int8(self, x, levels: int | None = None) -> np.ndarray:
         """y [m, out] for x [m, in], the reference of the int8-activation paths: the rotated activation
-        (x ⊙ s_in) Hᵢᵀ quantized as the integer kernels do (`quantize_activation`: one byte in decode;
-        levels LEVELS16, two bytes, in the integer prefill), times Ŵᵀ, rotated back."""
+        (x ⊙ s_in) Hᵢᵀ quantized as the integer kernels do (`quantize_activation`: one byte, Q8_0, in decode
+        and in the integer prefill; `levels` another grid), times Ŵᵀ, rotated back."""
         x_rot = fast_hadamard(np.asarray(x, dtype=np.float32) * to_numpy(self.signs_in))  # [m, in]
         y_rot = quantize_activation(x_rot, None, levels) @ self.decoded().T  # [m, out]
         return fast_hadamard(y_rot, transpose=True) * to_numpy(self.signs_out)  # [m, out]
@@ -205,7 +205,7 @@ class E8PTensor(PackedTensor):
             return e8p_numba.matmul_int8(self, x)  # [m, out]
         if x.shape[0] <= FUSED_MAX_ROWS:
             return e8p_numba.matmul_fused(self, x)  # [m, out]
-        if mode == "int8" and e8p_numba.prefill_applies(self):  # in integers, two-byte activations
+        if mode == "int8" and e8p_numba.prefill_applies(self):  # in integers, Q8_0 activations
             return e8p_numba.matmul_prefill_vbmi(self, x)  # [m, out]
         return e8p_numba.matmul_prefill(self, x)  # [m, out]
 

@@ -17,11 +17,11 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   floats) and multiplied by BLAS, tiles spread over one thread per core
   (runtime/kernels/prefill_threads.py), with the transforms around it.
 - `matmul_prefill_vbmi` (many rows, AVX-512 VBMI, at least 512 inputs):
-  the rotated rows are quantized to two-byte activations (float accuracy),
-  PREFILL_OUTPUTS output rows of codes are decoded in registers chunk by
-  chunk (`_chunk_points`, below) and each activation word loaded meets all
-  of them (`_e8p_rows_vbmi`); TinyLlama-1.1B's shapes prefill at 74 tok/s
-  against 33 through the decoded tiles and BLAS (2 cores).
+  the rotated rows are quantized to Q8_0 as in decode (one byte: two bytes
+  took twice the byte products, and the perplexity cost of one byte is the
+  decode path's, +0.13% on SmolLM2), PREFILL_OUTPUTS output rows of codes
+  are decoded in registers chunk by chunk (`_chunk_points`, below) and each
+  activation word loaded meets all of them (`_e8p_rows_vbmi`).
 - `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2 and 4 bits): the rotated
   activation is quantized to int8 per block of 32 (llama.cpp's Q8_0,
   runtime/kernels/quant_activations_numba.py) and each E8P code becomes eight
@@ -56,8 +56,8 @@ from numba.extending import intrinsic
 from runtime import e8p_codebook
 from runtime.hadamard import hadamard_factor, small_hadamard
 from runtime.kernels.prefill_threads import run_tiles
-from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import available_kernels, split_bytes
+from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
+from runtime.kernels.uniform_int8_numba import available_kernels
 
 SERIAL_MAX_ROWS = 4  # rows up to which the Hadamard transforms run on one thread
 PREFILL_TILE = 1 << 20  # floats in the decoded tile of Ŵ in the prefill path (4 MiB)
@@ -475,13 +475,13 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
 
 
 @intrinsic
-def _e8p_rows_vbmi(typingctx, codes, o, high, low, start_high, start_low, d, tables, acc):
+def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
     """acc[j, r, lane] += the float32 sum, over the whole chunks k of CHUNK_CODES codes of row o + j of codes
     [out, in/8] uint16 (j < PREFILL_OUTPUTS; o + j past the last row: row o again), of d[r, 16 k + lane] times
-    lane `lane` of 4 Σ point · q over chunk k, for every row r of two-byte activations q = 256 high + low
-    (high, low: int8 [m, chunks * 512], coordinate by coordinate as `_quantize_rotated`'s xperm; start_high,
-    start_low: int32 [m, chunks * 16], −BYTE_ZERO times each block's sum of high and of low bytes;
-    d [m, in/32]; acc float32 [PREFILL_OUTPUTS, m, 16]). Each chunk's points are made once per output
+    lane `lane` of 4 Σ point · q over chunk k, for every row r of one-byte activations q (xq: int8
+    [m, chunks * 512], coordinate by coordinate as `_quantize_rotated`'s xperm; start: int32 [m, chunks * 16],
+    −BYTE_ZERO times each block's sum of q; d [m, in/32]; acc float32 [PREFILL_OUTPUTS, m, 16]). Each
+    chunk's points are made once per output
     (`_chunk_points`) and every activation word loaded meets all PREFILL_OUTPUTS outputs: the rows'
     activations, not the codes, are what prefill streams (from the core's cache) per output.
     Compiled to nothing without VBMI."""
@@ -490,12 +490,12 @@ def _e8p_rows_vbmi(typingctx, codes, o, high, low, start_high, start_low, d, tab
             return context.get_dummy_value()
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
-        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6, 7, 8)}
+        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6)}
         n_out, groups = cgutils.unpack_tuple(builder, arrays[0].shape)
         n_rows = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        t_vectors = builder.bitcast(arrays[7].data, bytes64.as_pointer())
+        t_vectors = builder.bitcast(arrays[5].data, bytes64.as_pointer())
         code_rows = []
         for j in range(PREFILL_OUTPUTS):
             row_index = builder.add(args[1], ir.Constant(args[1].type, j))
@@ -519,76 +519,65 @@ def _e8p_rows_vbmi(typingctx, codes, o, high, low, start_high, start_low, d, tab
             lane0 = builder.mul(k, ir.Constant(k.type, 16))
             with cgutils.for_range(builder, n_rows) as rows:
                 r = rows.index
-                sums = [[] for _ in range(PREFILL_OUTPUTS)]
-                for x_index, s_index in ((2, 4), (3, 5)):  # high bytes, then low bytes
-                    start = builder.load(builder.bitcast(at(s_index, [r], lane0), words.as_pointer()), align=4)
-                    lanes = [start] * PREFILL_OUTPUTS
-                    x_chunk = builder.bitcast(at(x_index, [r], builder.mul(k, ir.Constant(k.type, 512))),
-                                              words.as_pointer())
-                    for i in range(8):
-                        x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
-                        lanes = [builder.call(dot, [lanes[j], points[j][i], x_words]) for j in range(PREFILL_OUTPUTS)]
-                    for j in range(PREFILL_OUTPUTS):
-                        sums[j].append(lanes[j])
-                scales = builder.load(builder.bitcast(at(6, [r], lane0), floats.as_pointer()), align=4)
+                start = builder.load(builder.bitcast(at(3, [r], lane0), words.as_pointer()), align=4)
+                lanes = [start] * PREFILL_OUTPUTS
+                x_chunk = builder.bitcast(at(2, [r], builder.mul(k, ir.Constant(k.type, 512))), words.as_pointer())
+                for i in range(8):
+                    x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
+                    lanes = [builder.call(dot, [lanes[j], points[j][i], x_words]) for j in range(PREFILL_OUTPUTS)]
+                scales = builder.load(builder.bitcast(at(4, [r], lane0), floats.as_pointer()), align=4)
                 for j in range(PREFILL_OUTPUTS):
-                    total = builder.add(builder.shl(sums[j][0], ir.Constant(words, [8] * 16)), sums[j][1])
-                    out = builder.bitcast(at(8, [ir.Constant(r.type, j), r], ir.Constant(k.type, 0)), floats.as_pointer())
+                    out = builder.bitcast(at(6, [ir.Constant(r.type, j), r], ir.Constant(k.type, 0)), floats.as_pointer())
                     builder.store(builder.fadd(builder.load(out, align=4),
-                                               builder.fmul(builder.sitofp(total, floats), scales)), out, align=4)
+                                               builder.fmul(builder.sitofp(lanes[j], floats), scales)), out, align=4)
         return context.get_dummy_value()
 
-    return types.void(codes, types.int64, high, low, start_high, start_low, d, tables, acc), codegen
+    return types.void(codes, types.int64, xq, start, d, tables, acc), codegen
 
 
 @njit(cache=True, parallel=True)
 def _quantize_rotated_rows(x_rot):
-    """(high, low [m, chunks * 512] int8 coordinate by coordinate, start_high, start_low [m, chunks * 16] int32,
-    d [m, in/32] float32, tail [m, in - chunks * 512] float32) of the two-byte activations (LEVELS16) of
-    rotated rows x_rot [m, in]: the whole chunks of CHUNK_CODES codes as `_e8p_rows_vbmi` reads them, the
-    inputs past them dequantized (q·d, for a float product); rows in parallel."""
+    """(xq [m, chunks * 512] int8 coordinate by coordinate, start [m, chunks * 16] int32, d [m, in/32] float32,
+    tail [m, in - chunks * 512] float32) of the Q8_0 activations of rotated rows x_rot [m, in]: the whole
+    chunks of CHUNK_CODES codes as `_e8p_rows_vbmi` reads them, the inputs past them dequantized (q·d, for a
+    float product); rows in parallel."""
     m, n = x_rot.shape
     chunk = CHUNK_CODES * 8
     whole = n // chunk * chunk
-    high = np.empty((m, whole), dtype=np.int8)  # [m, whole]
-    low = np.empty((m, whole), dtype=np.int8)  # [m, whole]
-    start_high = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
-    start_low = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
+    xq = np.empty((m, whole), dtype=np.int8)  # [m, whole]
+    start = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
     d = np.empty((m, n // BLOCK), dtype=np.float32)  # [m, in/32]
     tail = np.empty((m, n - whole), dtype=np.float32)  # [m, in - whole]
     for r in prange(m):
-        q = np.empty(n, dtype=np.int16)  # [in]
-        quantize_blocks(x_rot[r], q, d[r], LEVELS16)
+        q = np.empty(n, dtype=np.int8)  # [in]
+        quantize_blocks(x_rot[r], q, d[r])
         for i in range(whole, n):
             tail[r, i - whole] = np.float32(q[i]) * d[r, i // BLOCK]
         for k in range(whole // chunk):
             for c in range(CHUNK_CODES):
                 for i in range(8):
                     source = k * chunk + 8 * c + i
-                    h, l = split_bytes(q[source])
-                    high[r, k * chunk + CHUNK_CODES * i + c] = h
-                    low[r, k * chunk + CHUNK_CODES * i + c] = l
-                    start_high[r, source // BLOCK] -= BYTE_ZERO * h
-                    start_low[r, source // BLOCK] -= BYTE_ZERO * l
-    return high, low, start_high, start_low, d, tail
+                    xq[r, k * chunk + CHUNK_CODES * i + c] = q[source]
+                    start[r, source // BLOCK] -= BYTE_ZERO * np.int32(q[source])
+    return xq, start, d, tail
 
 
 @njit(cache=True, parallel=True)
 def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, y_rot):
     """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), the
     outputs in parallel (the whole chunks only)."""
-    high, low, start_high, start_low, d, _ = quantized
+    xq, start, d, _ = quantized
     m, n_out = y_rot.shape
     for block in prange(-(-n_out // PREFILL_OUTPUTS)):
         o = block * PREFILL_OUTPUTS
         acc = np.zeros((PREFILL_OUTPUTS, m, 16), dtype=np.float32)  # [outputs, m, 16] sums per row and lane
-        _e8p_rows_vbmi(codes_1, o, high, low, start_high, start_low, d, tables, acc)
+        _e8p_rows_vbmi(codes_1, o, xq, start, d, tables, acc)
         for j in range(min(PREFILL_OUTPUTS, n_out - o)):
             for r in range(m):
                 y_rot[r, o + j] = scale_1 * np.float32(0.25) * acc[j, r].sum()
         if n_stages == 2:
             acc[:] = 0
-            _e8p_rows_vbmi(codes_2, o, high, low, start_high, start_low, d, tables, acc)
+            _e8p_rows_vbmi(codes_2, o, xq, start, d, tables, acc)
             for j in range(min(PREFILL_OUTPUTS, n_out - o)):
                 for r in range(m):
                     y_rot[r, o + j] += scale_2 * np.float32(0.25) * acc[j, r].sum()
@@ -603,7 +592,7 @@ def prefill_applies(packed) -> bool:
 
 def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     """y [m, out] = x [m, in] @ W.T for many rows in integers (`prefill_applies` must hold): x rotated, quantized
-    to two-byte activations (float accuracy), multiplied by the codes decoded in registers, rotated back.
+    to Q8_0 as in decode, multiplied by the codes decoded in registers, rotated back.
     Inputs past the last whole chunk (SmolLM2's 576 = 512 + 64) meet their columns of Ŵ, decoded for this
     call, in one float product."""
     x_rot = _transform_in(packed, x)  # [m, in]
