@@ -30,6 +30,7 @@ names: `layers[i]["self_attn.q_proj.weight"]` is
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,9 @@ import numpy as np
 from runtime.device import to_module
 from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
-from runtime.formats.base import PackedTensor
+from runtime.formats.base import PackedTensor, activation_mode
 from runtime.kernels import decode_step_numba as step
-from runtime.linear import linear, linear_many
+from runtime.linear import linear, linear_many, one_row_products
 
 PREFILL_BLOCK = 256  # queries per attention block in prefill
 
@@ -165,23 +166,44 @@ class Model:
 
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
-        product for q/k/v and one for gate/up (`linear_many`), norms, RoPE, attention with the cache
-        write and SiLU·up each one Numba call (runtime/kernels/decode_step_numba.py)."""
+        product for q/k/v and one for gate/up, each kernel chosen once (`llama_one_row_products`), norms,
+        RoPE, attention with the cache write and SiLU·up each one Numba call
+        (runtime/kernels/decode_step_numba.py)."""
         c, position = self.config, cache.length
         cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
         x = np.asarray(self.embed[token], dtype=np.float32)  # [d]
-        for i, w in enumerate(self.layers):
+        layer_products, head = self.llama_one_row_products()
+        for i, (w, (qkv, o_proj, gate_up, down)) in enumerate(zip(self.layers, layer_products)):
             n = step.rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [d]
-            q, k, v = linear_many(n, [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
-                                  [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"])  # [H*hd], [KV*hd] x 2
+            q, k, v = qkv(n)  # [H*hd], [KV*hd] x 2
             step.rope(q, c.head_dim, cos, sin)
             step.rope(k, c.head_dim, cos, sin)
             o = step.attend(q, k, v, cache.k[i], cache.v[i], position)  # [H*hd]
-            h = x + linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))  # [d]
+            h = x + o_proj(o)[0]  # [d]
             n = step.rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)  # [d]
-            gate, up = linear_many(n, [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])  # [ffn] each
-            x = h + linear(step.silu_mul(gate, up), w["mlp.down_proj.weight"])  # [d]
-        return linear(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps), self.lm_head)  # [vocab]
+            gate, up = gate_up(n)  # [ffn] each
+            x = h + down(step.silu_mul(gate, up))[0]  # [d]
+        return head(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps))[0]  # [vocab]
+
+    def llama_one_row_products(self):
+        """((q/k/v, o, gate/up, down) per layer, head): `llama_decode_step`'s products as functions of one row
+        with their kernels chosen (runtime.linear.one_row_products), made on the first step and again when
+        the activation mode or any weight of the model changes."""
+        key = (activation_mode(), [tuple(w.values()) for w in self.layers], self.lm_head)
+        made = self.__dict__.get("_one_row_products")
+        if made is not None and made[0][0] == key[0] and made[0][2] is key[2] and all(
+                len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(made[0][1], key[1])):
+            return made[1]
+
+        def products(w, names, bias=True):
+            return one_row_products([w[f"{name}.weight"] for name in names],
+                                    [w.get(f"{name}.bias") if bias else None for name in names])
+        layers = [(products(w, [f"self_attn.{p}_proj" for p in "qkv"]), products(w, ["self_attn.o_proj"]),
+                   products(w, ["mlp.gate_proj", "mlp.up_proj"], bias=False),
+                   products(w, ["mlp.down_proj"], bias=False)) for w in self.layers]
+        made = (key, (layers, one_row_products([self.lm_head])))
+        self._one_row_products = made
+        return made[1]
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product

@@ -1,6 +1,6 @@
 """The fused CPU decode step (Model.fused_decode) against the unfused forward pass with the same kernels.
 
-Fused: q/k/v (and Llama's gate/up) in one product each (`linear_many`), and
+Fused: q/k/v (and Llama's gate/up) in one product each (`linear_many`; Llama's kernels chosen once, `one_row_products`), and
 the norms (RMSNorm, OPT's LayerNorm pre-LN and post-LN), RoPE, attention with
 the cache write and SiLU·up as Numba kernels (runtime/kernels/decode_step_numba.py). Unfused: one product per projection
 and the NumPy elementwise code. Both run the same weights, float or packed
@@ -62,6 +62,33 @@ def test_oracle_configs(case, quantized, tmp_path, monkeypatch):
         assert_decode_steps_match(Config.from_hf(hf_config), tensors, ids[:8], ids[8:], INT_TOL)
         monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     assert_decode_steps_match(Config.from_hf(hf_config), tensors, ids[:8], ids[8:])
+
+
+def test_the_step_follows_a_new_activation_mode_and_a_swapped_weight(tmp_path, monkeypatch):
+    # the fused step chooses each product's kernel once (Model.llama_one_row_products): a later change of
+    # QLLM_ACTIVATIONS, or of a weight in the model, must reach the next step
+    from runtime.kernels import uniform_int8_numba
+    build_hf(*CASES["llama-attention-bias"]).save_pretrained(tmp_path)
+    hf_config, tensors = load_checkpoint(tmp_path)
+    tensors = packed(tensors, 32)
+    fused, unfused = Model(Config.from_hf(hf_config), tensors), Model(Config.from_hf(hf_config), tensors,
+                                                                      fused_decode=False)
+    caches = fused.new_cache(8), unfused.new_cache(8)
+    for model, cache in zip((fused, unfused), caches):
+        model.prefill([3, 17, 29], cache)
+    calls, run = [], uniform_int8_numba.run
+    monkeypatch.setattr(uniform_int8_numba, "run", lambda *args: calls.append(1) or run(*args))
+    fused.decode(5, caches[0]), unfused.decode(5, caches[1])
+    assert calls  # integer activations by default
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    calls.clear()
+    a, b = fused.decode(7, caches[0]), unfused.decode(7, caches[1])  # [vocab] each
+    assert not calls and np.abs(a - b).max() <= TOL * np.abs(b).max()
+    for model in (fused, unfused):
+        w = model.layers[1]["mlp.down_proj.weight"]
+        model.layers[1]["mlp.down_proj.weight"] = np.zeros(w.shape, dtype=np.float32)  # [d, ffn]
+    a, b = fused.decode(11, caches[0]), unfused.decode(11, caches[1])  # [vocab] each
+    assert np.abs(a - b).max() <= TOL * np.abs(b).max()
 
 
 @pytest.mark.parametrize("quantized", [False, True])

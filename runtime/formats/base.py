@@ -170,15 +170,29 @@ class PackedTensor:
         activations, more rows, different grids, storage orders or tables): the caller multiplies one by one."""
         if is_cupy(x) or x.size != x.shape[-1]:
             return None
-        mode, kernel = activation_mode()
-        call = self._int8_call(parts, mode, kernel)
-        if call is None:
+        product = self.one_row_product(parts)
+        if product is None:
             return None
         self.check_input(x)
+        ys = product(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))  # [out] each
+        return [y.reshape(*x.shape[:-1], -1) for y in ys]
+
+    def one_row_product(self, parts):
+        """A function x [in] float32 -> [x @ W.T for W in parts] (this tensor first) through one prepared
+        int8-activation kernel call under the current `activation_mode`, or None where `matmul_parts` would
+        not apply: what the decode step keeps (runtime/linear.py `one_row_products`) so that its products
+        choose their kernel once, not on every call."""
+        call = self._int8_call(parts, *activation_mode())
+        if call is None:
+            return None
         from runtime.kernels import uniform_int8_numba
-        y = uniform_int8_numba.run(call, np.ascontiguousarray(x, dtype=np.float32).reshape(-1))  # [sum of outs]
-        ends = np.cumsum([0] + [p.shape[0] for p in parts])
-        return [y[a:b].reshape(*x.shape[:-1], -1) for a, b in zip(ends[:-1], ends[1:])]
+        ends = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()
+        bounds = list(zip(ends[:-1], ends[1:]))
+
+        def product(x):
+            y = uniform_int8_numba.run(call, x)  # [sum of outs]
+            return [y[a:b] for a, b in bounds]
+        return product
 
     def _int8_call(self, parts, mode: str, kernel: str):
         """The int8-activation kernel call (uniform_int8_numba.prepare) for parts (this tensor first) under

@@ -285,17 +285,19 @@ class SpQRTensor(PackedTensor):
             self._add_outliers(rows, y)
         return y
 
-    def matmul_parts(self, parts, x):
-        """PackedTensor.matmul_parts for SpQR parts: the dense parts in one int8 kernel call, then each part's
+    def one_row_product(self, parts):
+        """PackedTensor.one_row_product for SpQR parts: the dense parts in one int8 kernel call, then each part's
         outliers."""
-        if not all(isinstance(p, SpQRTensor) for p in parts):
+        dense = super().one_row_product(parts) if all(isinstance(p, SpQRTensor) for p in parts) else None
+        if dense is None:
             return None
-        ys = super().matmul_parts(parts, x)
-        if ys is not None:
-            rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)  # [1, in]
+
+        def product(x):
+            ys = dense(x)  # [out] each
             for part, y in zip(parts, ys):
-                part._add_outliers(rows, y.reshape(1, -1))
-        return ys
+                part._add_outliers(x.reshape(1, -1), y.reshape(1, -1))
+            return ys
+        return product
 
     def _add_outliers(self, x, y) -> None:
         """y [m, out] += x [m, in] @ (W - W_d).T: each outlier's correction (CSR kernel)."""
