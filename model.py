@@ -43,6 +43,12 @@ from runtime.kernels import decode_step_numba as step
 from runtime.linear import linear, linear_many, one_row_products
 
 PREFILL_BLOCK = 256  # queries per attention block in prefill
+# the products of a fused decode step, in order: (projections sharing the input, whether they take biases)
+LLAMA_DECODE_PRODUCTS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True),
+                         (("self_attn.o_proj",), True), (("mlp.gate_proj", "mlp.up_proj"), False),
+                         (("mlp.down_proj",), False))
+OPT_DECODE_PRODUCTS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True),
+                       (("self_attn.out_proj",), True), (("fc1",), True), (("fc2",), True))
 
 
 @dataclass
@@ -119,6 +125,7 @@ class Model:
         self.block = self.llama_block if llama else self.opt_block
         self.decode_step = (self.unfused_decode_step if not self.fused_decode
                             else self.llama_decode_step if llama else self.opt_decode_step)
+        self.decode_products = LLAMA_DECODE_PRODUCTS if llama else OPT_DECODE_PRODUCTS
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
         to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
                                                      else to_module(a, xp))
@@ -166,13 +173,13 @@ class Model:
 
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
-        product for q/k/v and one for gate/up, each kernel chosen once (`llama_one_row_products`), norms,
+        product for q/k/v and one for gate/up, each kernel chosen once (`one_row_products`), norms,
         RoPE, attention with the cache write and SiLU·up each one Numba call
         (runtime/kernels/decode_step_numba.py)."""
         c, position = self.config, cache.length
         cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
         x = np.asarray(self.embed[token], dtype=np.float32)  # [d]
-        layer_products, head = self.llama_one_row_products()
+        layer_products, head = self.one_row_products()
         for i, (w, (qkv, o_proj, gate_up, down)) in enumerate(zip(self.layers, layer_products)):
             n = step.rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [d]
             q, k, v = qkv(n)  # [H*hd], [KV*hd] x 2
@@ -185,43 +192,40 @@ class Model:
             x = h + down(step.silu_mul(gate, up))[0]  # [d]
         return head(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps))[0]  # [vocab]
 
-    def llama_one_row_products(self):
-        """((q/k/v, o, gate/up, down) per layer, head): `llama_decode_step`'s products as functions of one row
-        with their kernels chosen (runtime.linear.one_row_products), made on the first step and again when
-        the activation mode or any weight of the model changes."""
+    def one_row_products(self):
+        """(per layer, a function of one row for each group of `decode_products`; the head): the products of the
+        fused decode step with their kernels chosen (runtime.linear.one_row_products), made on the first step
+        and again when the activation mode or any weight of the model changes."""
         key = (activation_mode(), [tuple(w.values()) for w in self.layers], self.lm_head)
         made = self.__dict__.get("_one_row_products")
         if made is not None and made[0][0] == key[0] and made[0][2] is key[2] and all(
                 len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(made[0][1], key[1])):
             return made[1]
 
-        def products(w, names, bias=True):
-            return one_row_products([w[f"{name}.weight"] for name in names],
-                                    [w.get(f"{name}.bias") if bias else None for name in names])
-        layers = [(products(w, [f"self_attn.{p}_proj" for p in "qkv"]), products(w, ["self_attn.o_proj"]),
-                   products(w, ["mlp.gate_proj", "mlp.up_proj"], bias=False),
-                   products(w, ["mlp.down_proj"], bias=False)) for w in self.layers]
+        layers = [tuple(one_row_products([w[f"{name}.weight"] for name in names],
+                                         [w.get(f"{name}.bias") if bias else None for name in names])
+                        for names, bias in self.decode_products) for w in self.layers]
         made = (key, (layers, one_row_products([self.lm_head])))
         self._one_row_products = made
         return made[1]
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product
-        for q/k/v (`linear_many`), LayerNorms and attention with the cache write each one Numba call; pre-LN
-        or post-LN as `opt_block`."""
+        for q/k/v, each kernel chosen once (`one_row_products`), LayerNorms and attention with the cache write
+        each one Numba call; pre-LN or post-LN as `opt_block`."""
         c, position = self.config, cache.length
         x = self.embed_tokens(np.array([token]), position)[0]  # [d]
-        for i, w in enumerate(self.layers):
+        layer_products, _ = self.one_row_products()
+        for i, (w, (qkv, out_proj, fc1, fc2)) in enumerate(zip(self.layers, layer_products)):
             norm = (lambda t, name, w=w: step.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"], c.norm_eps))
             a = norm(x, "self_attn_layer_norm") if c.pre_norm else x  # [d]
-            q, k, v = linear_many(a, [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
-                                  [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"])  # [H*hd] x 3
+            q, k, v = qkv(a)  # [H*hd] x 3
             o = step.attend(q, k, v, cache.k[i], cache.v[i], position)  # [H*hd]
-            h = x + linear(o, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))  # [d]
+            h = x + out_proj(o)[0]  # [d]
             h = h if c.pre_norm else norm(h, "self_attn_layer_norm")  # [d]
             n = norm(h, "final_layer_norm") if c.pre_norm else h  # [d]
-            f = linear(n, w["fc1.weight"], w["fc1.bias"])  # [ffn]
-            out = h + linear(np.maximum(f, 0, out=f), w["fc2.weight"], w["fc2.bias"])  # ReLU in place  [d]
+            f = fc1(n)[0]  # [ffn]
+            out = h + fc2(np.maximum(f, 0, out=f))[0]  # ReLU in place  [d]
             x = out if c.pre_norm else norm(out, "final_layer_norm")  # [d]
         return self.logits(x[None])[0]  # [vocab]
 

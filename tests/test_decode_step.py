@@ -1,7 +1,7 @@
 """The fused CPU decode step (Model.fused_decode) against the unfused forward pass with the same kernels.
 
-Fused: q/k/v (and Llama's gate/up) in one product each (`linear_many`; Llama's kernels chosen once, `one_row_products`), and
-the norms (RMSNorm, OPT's LayerNorm pre-LN and post-LN), RoPE, attention with
+Fused: q/k/v (and Llama's gate/up) in one product each (`linear_many`; the
+kernels chosen once, `one_row_products`), and the norms (RMSNorm, OPT's LayerNorm pre-LN and post-LN), RoPE, attention with
 the cache write and SiLU·up as Numba kernels (runtime/kernels/decode_step_numba.py). Unfused: one product per projection
 and the NumPy elementwise code. Both run the same weights, float or packed
 (RTN 4-bit), through prefill and several decode steps:
