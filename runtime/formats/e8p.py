@@ -209,6 +209,16 @@ class E8PTensor(PackedTensor):
             return e8p_numba.matmul_prefill_vbmi(self, x)  # [m, out]
         return e8p_numba.matmul_prefill(self, x)  # [m, out]
 
+    def one_row_product(self, parts):
+        """PackedTensor.one_row_product for E8P parts on the CPU: each part's int8 decode call gathered once
+        (one call per part: each has its own rotations); None under float activations."""
+        from runtime.kernels import e8p_numba
+        if activation_mode()[0] == "float" or not all(
+                isinstance(p, E8PTensor) and not is_cupy(p.qweight) and e8p_numba.int8_applies(p) for p in parts):
+            return None
+        calls = [(e8p_numba.int8_call(p), p.out_features) for p in parts]
+        return lambda x: [e8p_numba.run_int8(call, x, np.empty(n, dtype=np.float32)) for call, n in calls]
+
     def tensors(self) -> dict:
         arrays = {"qweight": self.qweight, "stage_scales": self.stage_scales,
                   "sign_in": self.sign_in, "sign_out": self.sign_out}

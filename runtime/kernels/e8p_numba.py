@@ -684,16 +684,29 @@ def int8_applies(packed) -> bool:
             and packed.in_features % (CODES_PER_DOT * e8p_codebook.DIM) == 0)
 
 
-def matmul_int8(packed, x: np.ndarray) -> np.ndarray:
-    """y [m, out] = x [m, in] @ W.T with the rotated activations quantized to int8 (Q8_0), one row per call
-    (`int8_applies` must hold)."""
+def int8_call(packed) -> tuple:
+    """The arguments of `_decode_int8` for this tensor but the row and the output, gathered once (`run_int8`;
+    `int8_applies` must hold)."""
     (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
     codes = packed.stage_codes
     scales = [np.float32(s) for s in packed.host_scales]
+    return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
+            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(), coordinate_tables(),
+            "avx512vbmi" in _x86_features())
+
+
+def run_int8(call: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """y [out] = W x for one row x [in] float32 through a gathered call (`int8_call`)."""
+    _decode_int8(x, *call, y)
+    return y
+
+
+def matmul_int8(packed, x: np.ndarray) -> np.ndarray:
+    """y [m, out] = x [m, in] @ W.T with the rotated activations quantized to int8 (Q8_0), one row per call
+    (`int8_applies` must hold)."""
+    call = int8_call(packed)
     y = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     for r in range(x.shape[0]):
-        _decode_int8(x[r], packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
-                     1 << p_out, codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(),
-                     coordinate_tables(), "avx512vbmi" in _x86_features(), y[r])
+        run_int8(call, x[r], y[r])
     return y
 
