@@ -183,6 +183,15 @@ class Int8Tensor(PackedTensor):
             y += extra
         return y
 
+    def one_row_product(self, parts):
+        """PackedTensor.one_row_product for int8 parts on the CPU: each part's one-row W8A8 product (as
+        `matmul_rows`) with the kernel chosen once."""
+        if not all(isinstance(p, type(self)) and p._row_scales is not None for p in parts):
+            return None
+        from runtime.kernels import int8_numba
+        kernel = activation_mode()[1]
+        return lambda x: [int8_numba.matvec(p.qweight, p._row_scales, x, p.outlier_threshold, kernel) for p in parts]
+
     def tensors(self) -> dict:
         return {"qweight": self.qweight, "scales": self.scales}
 
