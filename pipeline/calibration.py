@@ -11,7 +11,7 @@ Transformers", §5 setup, and its reference code IST-DASLab/gptq: `get_wikitext2
 3. For each decoder layer, for each "true-sequential" group of its linears
    (Llama: [q, k, v], [o], [gate, up], [down]; OPT: [q, k, v], [out_proj],
    [fc1], [fc2]): run the samples through the layer with the group's weights
-   replaced by recorders that accumulate H = 2/n · Σ x xᵀ (float64) of their
+   replaced by recorders that accumulate H = 2/n · Σ x xᵀ (summed in float32) of their
    inputs, quantize the group's linears with H, and put the quantized weights
    in place, so the next group sees the inputs the quantized model will give it.
    The linears of one group read the same input, so they share one H.
@@ -96,23 +96,30 @@ class _StopForward(Exception):
 
 
 class HessianRecorder:
-    """Running H = 2/n · Σ x xᵀ [in, in] over n input rows, float64 (GPTQ's add_batch)."""
+    """Running H = 2/n · Σ x xᵀ [in, in] over n input rows (GPTQ's add_batch), summed in float32 as the
+    reference implementation does (half the time of float64: OPT-1.3b's fc2, 4096 rows, 7 s -> 3 s on 2
+    cores); `H` hands it on as float64, the precision of the methods' own math (layerwise.py)."""
 
     def __init__(self, n_in: int):
-        self.H = np.zeros((n_in, n_in), dtype=np.float64)  # [in, in]
+        self.sum = np.zeros((n_in, n_in), dtype=np.float32)  # [in, in]
         self.n = 0
         self.last = None  # the input seen last, so linears sharing it add it once
+
+    @property
+    def H(self) -> np.ndarray:
+        """H [in, in] float64 of the rows so far."""
+        return self.sum.astype(np.float64)
 
     def add(self, x: np.ndarray) -> None:
         """Fold the rows of x [..., in] into H."""
         if x is self.last:
             return
         self.last = x
-        rows = np.asarray(x, dtype=np.float64).reshape(-1, self.H.shape[0])  # [m, in]
-        self.H *= self.n / (self.n + len(rows))
+        rows = np.array(x, dtype=np.float32).reshape(-1, self.sum.shape[0])  # [m, in] a copy, scaled below
+        self.sum *= np.float32(self.n / (self.n + len(rows)))
         self.n += len(rows)
-        rows *= math.sqrt(2 / self.n)
-        self.H += rows.T @ rows
+        rows *= np.float32(math.sqrt(2 / self.n))
+        self.sum += rows.T @ rows
 
 
 class RecordingWeight:

@@ -56,6 +56,19 @@ def test_proxy_loss_below_rtn(bits, group, sym):
         assert stats["ratio"] == pytest.approx(stats["loss"] / stats["rtn_loss"])
 
 
+@pytest.mark.parametrize("n_in", [64, 129, 700])
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse(n_in):
+    # as the reference computes it, cholesky(inverse(H)).T, here from one factorisation of H and a triangular
+    # inverse by halves (sizes around the direct-inverse leaf and odd splits)
+    import layerwise
+    _, _, H = problem(n_in=n_in, seed=n_in)
+    H = layerwise.damp(H, 0.01)  # [in, in]
+    U = layerwise.inverse_hessian_factor(H)  # [in, in]
+    reference = np.linalg.cholesky(np.linalg.inv(H)).T  # [in, in] upper
+    assert np.array_equal(U, np.triu(U))
+    np.testing.assert_allclose(U, reference, rtol=0, atol=1e-9 * np.abs(reference).max())
+
+
 @pytest.mark.parametrize("bits,group,sym", [(4, 0, False), (3, 32, True), (2, 64, False), (8, 128, False)])
 def test_matches_unbatched_paper_equations(bits, group, sym):
     W, _, H = problem(n_out=16, n_in=320, seed=1)  # 320 columns: blocks of 128 and a short last group
