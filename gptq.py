@@ -147,7 +147,7 @@ def prepare(W: np.ndarray, H: np.ndarray, act_order: bool, percdamp: float):
 
 
 def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int, static_groups=None):
-    """Algorithm 1's loop (see the module docstring) over Wq [out, in] (permuted, float64, updated in place).
+    """Algorithm 1's loop (see the module docstring) over Wq [out, in] (permuted, float32, updated in place).
 
     Position j is in group j // width, whose grid `grids.fit` fits when its first column comes up; with
     static_groups [in] (the group of each position) the grids are already fitted. Returns (codes uint8
@@ -192,7 +192,9 @@ def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQRe
         for g in range(n_groups):
             grids.fit(g, W0[:, g * width:(g + 1) * width], None)
         static_groups = perm // width  # [in]
-    codes, Q, group_of = obs_columns(W0[:, perm], U, grids, width, params.blocksize, static_groups)
+    # the loop in float32, as the reference implementation (half the time of float64 at 1B scale)
+    codes, Q, group_of = obs_columns(W0[:, perm].astype(np.float32), U.astype(np.float32), grids, width,
+                                     params.blocksize, static_groups)
 
     inverse = np.argsort(perm)  # [in]
     return GPTQResult(codes=codes[:, inverse], scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
