@@ -142,7 +142,9 @@ def document(command: str, model: Path, nsamples: int, results: dict) -> str:
              f"Model: {'random weights with facebook/opt-1.3b' + chr(39) + 's config' if model == MODEL.resolve() else model}, "
              f"float32 safetensors of {size:.0f} MB. Calibrated methods: {nsamples} windows of {SEQLEN} tokens of "
              f"WikiText-2 validation (quantize.py's default is 32; fewer here so that the whole table fits one "
-             f"session on 2 cores: the floor is measured with the same windows, so the ratios carry over). How: "
+             f"session on 2 cores: the floor is measured with the same windows; a method's own per-layer math, "
+             f"GPTQ's Hessian inverse and column loop say, does not grow with the windows, so with more windows "
+             f"its ratio to the floor is lower). How: "
              f"bench_build.py's docstring; one fresh process per row.", "",
              "| row | seconds | x its floor | peak RSS MB | x checkpoint size |", "| --- | ---: | ---: | ---: | ---: |"]
     for row, m in results.items():
