@@ -126,6 +126,7 @@ class Model:
         self.decode_step = (self.unfused_decode_step if not self.fused_decode
                             else self.llama_decode_step if llama else self.opt_decode_step)
         self.decode_products = LLAMA_DECODE_PRODUCTS if llama else OPT_DECODE_PRODUCTS
+        self._one_row_products = None  # made by `one_row_products` on the first fused decode step
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
         to_device = (lambda a: a) if xp is np else (lambda a: a.to_device(xp) if isinstance(a, PackedTensor)
                                                      else to_module(a, xp))
@@ -196,18 +197,18 @@ class Model:
         """(per layer, a function of one row for each group of `decode_products`; the head): the products of the
         fused decode step with their kernels chosen (runtime.linear.one_row_products), made on the first step
         and again when the activation mode or any weight of the model changes."""
-        key = (activation_mode(), [tuple(w.values()) for w in self.layers], self.lm_head)
-        made = self.__dict__.get("_one_row_products")
-        if made is not None and made[0][0] == key[0] and made[0][2] is key[2] and all(
-                len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(made[0][1], key[1])):
-            return made[1]
+        mode, weights = activation_mode(), [tuple(w.values()) for w in self.layers]  # what they are made from
+        made = self._one_row_products
+        if made is not None and made["mode"] == mode and made["head"] is self.lm_head and all(
+                len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(made["weights"], weights)):
+            return made["products"]
 
         layers = [tuple(one_row_products([w[f"{name}.weight"] for name in names],
                                          [w.get(f"{name}.bias") if bias else None for name in names])
                         for names, bias in self.decode_products) for w in self.layers]
-        made = (key, (layers, one_row_products([self.lm_head])))
-        self._one_row_products = made
-        return made[1]
+        self._one_row_products = {"mode": mode, "weights": weights, "head": self.lm_head,
+                                  "products": (layers, one_row_products([self.lm_head]))}
+        return self._one_row_products["products"]
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product
