@@ -527,7 +527,8 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
                     lanes = [builder.call(dot, [lanes[j], points[j][i], x_words]) for j in range(PREFILL_OUTPUTS)]
                 scales = builder.load(builder.bitcast(at(4, [r], lane0), floats.as_pointer()), align=4)
                 for j in range(PREFILL_OUTPUTS):
-                    out = builder.bitcast(at(6, [ir.Constant(r.type, j), r], ir.Constant(k.type, 0)), floats.as_pointer())
+                    out = builder.bitcast(at(6, [ir.Constant(r.type, j), r], ir.Constant(k.type, 0)),
+                                          floats.as_pointer())
                     builder.store(builder.fadd(builder.load(out, align=4),
                                                builder.fmul(builder.sitofp(lanes[j], floats), scales)), out, align=4)
         return context.get_dummy_value()
@@ -545,7 +546,7 @@ def _quantize_rotated_rows(x_rot):
     chunk = CHUNK_CODES * 8
     whole = n // chunk * chunk
     xq = np.empty((m, whole), dtype=np.int8)  # [m, whole]
-    start = np.zeros((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
+    start = np.empty((m, whole // BLOCK), dtype=np.int32)  # [m, whole/32]
     d = np.empty((m, n // BLOCK), dtype=np.float32)  # [m, in/32]
     tail = np.empty((m, n - whole), dtype=np.float32)  # [m, in - whole]
     for r in prange(m):
@@ -553,12 +554,7 @@ def _quantize_rotated_rows(x_rot):
         quantize_blocks(x_rot[r], q, d[r])
         for i in range(whole, n):
             tail[r, i - whole] = np.float32(q[i]) * d[r, i // BLOCK]
-        for k in range(whole // chunk):
-            for c in range(CHUNK_CODES):
-                for i in range(8):
-                    source = k * chunk + 8 * c + i
-                    xq[r, k * chunk + CHUNK_CODES * i + c] = q[source]
-                    start[r, source // BLOCK] -= BYTE_ZERO * np.int32(q[source])
+        _chunk_order(q, xq[r], start[r])
     return xq, start, d, tail
 
 
@@ -611,13 +607,28 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     return _transform_out(packed, y_rot)  # [m, out]
 
 
+@njit(inline="always")
+def _chunk_order(xq, xperm, start16):
+    """The whole chunks of CHUNK_CODES * 8 inputs of xq [in] int8 as the VBMI kernels read them: xperm
+    [whole] coordinate by coordinate (xperm[512 k + 64 i + c] = xq[512 k + 8 c + i]) and start16
+    [whole/32] −BYTE_ZERO times the sum of each block of 32 (`_e8p_row_dot_vbmi`, `_e8p_rows_vbmi`)."""
+    chunk = CHUNK_CODES * 8
+    for k in range(xperm.shape[0] // chunk):
+        for c in range(CHUNK_CODES):
+            for i in range(8):
+                xperm[k * chunk + CHUNK_CODES * i + c] = xq[k * chunk + 8 * c + i]
+    for b in range(start16.shape[0]):
+        total = np.int32(0)
+        for i in range(BLOCK):
+            total += np.int32(xq[b * BLOCK + i])
+        start16[b] = -BYTE_ZERO * total
+
+
 @njit(cache=True)
 def _quantize_rotated(x_rot):
-    """(xq int8 [in], d float32 [in/32], start int32 [in/4], xperm int8 [in], start16 int32 [in/32]) of one
+    """(xq int8 [in], d float32 [in/32], start int32 [in/4], xperm int8 [whole], start16 int32 [whole/32]) of one
     rotated row x_rot [in] (in a multiple of 64): Q8_0 blocks; −BYTE_ZERO times the sum of each group of
-    four xq (the lanes of `_e8p_row_dot_vnni`); and for `_e8p_row_dot_vbmi`, the whole chunks of
-    CHUNK_CODES * 8 inputs coordinate by coordinate (xperm[512 k + 64 i + c] = xq[512 k + 8 c + i]) and
-    −BYTE_ZERO times the sum of each block."""
+    four xq (the lanes of `_e8p_row_dot_vnni`); and for `_e8p_row_dot_vbmi`, its whole chunks (`_chunk_order`)."""
     n = x_rot.shape[0]
     xq = np.empty(n, dtype=np.int8)  # [in]
     d = np.empty(n // BLOCK, dtype=np.float32)  # [in/32]
@@ -626,15 +637,10 @@ def _quantize_rotated(x_rot):
     for lane in range(n // 4):
         start[lane] = -BYTE_ZERO * (np.int32(xq[4 * lane]) + np.int32(xq[4 * lane + 1]) + np.int32(xq[4 * lane + 2])
                                     + np.int32(xq[4 * lane + 3]))
-    start16 = np.zeros(n // BLOCK, dtype=np.int32)  # [in/32]
-    for lane in range(n // 4):
-        start16[lane // 8] += start[lane]
-    chunk = CHUNK_CODES * 8
-    xperm = np.empty(n // chunk * chunk, dtype=np.int8)  # [whole chunks of inputs]
-    for k in range(n // chunk):
-        for c in range(CHUNK_CODES):
-            for i in range(8):
-                xperm[k * chunk + CHUNK_CODES * i + c] = xq[k * chunk + 8 * c + i]
+    whole = n // (CHUNK_CODES * 8) * (CHUNK_CODES * 8)
+    xperm = np.empty(whole, dtype=np.int8)  # [whole]
+    start16 = np.empty(whole // BLOCK, dtype=np.int32)  # [whole/32]
+    _chunk_order(xq, xperm, start16)
     return xq, d, start, xperm, start16
 
 
