@@ -45,7 +45,12 @@ def linear_many(x, weights, biases=None) -> list:
     ys = fused(weights, x) if fused is not None else None
     if ys is None:
         return [linear(x, w, b) for w, b in zip(weights, biases or [None] * len(weights))]
-    for y, b in zip(ys, biases or []):
+    return _add_biases(ys, biases or [])
+
+
+def _add_biases(ys: list, biases: list) -> list:
+    """ys with each bias that is not None added in place (y [..., out] += b [out])."""
+    for y, b in zip(ys, biases):
         if b is not None:
             y += b
     return ys
@@ -64,11 +69,4 @@ def one_row_products(weights, biases=None):
         return lambda x: [linear(x, w, b) for w, b in zip(weights, biases)]
     if all(b is None for b in biases):
         return product
-
-    def with_biases(x):
-        ys = product(x)
-        for y, b in zip(ys, biases):
-            if b is not None:
-                y += b
-        return ys
-    return with_biases
+    return lambda x: _add_biases(product(x), biases)
