@@ -190,5 +190,5 @@ def decode_weight(packed) -> KernelWeight:
     _repack(packed.qweight, words)
     lut, step = lut_table(packed.table)
     scales = (packed.block_absmax() * step).T.astype(np.float32)  # [in/B, out]
-    zeros = np.zeros(scales.shape, dtype=np.uint8)  # [in/B, out] the table's zero point comes off run by run
+    zeros = np.zeros(scales.shape, dtype=np.uint8)  # [in/B, out] the table's values are signed: no zero point
     return block_weight(words, scales, zeros, NO_PERM, n_in, 4, packed.block_size // RUN, readonly(lut))

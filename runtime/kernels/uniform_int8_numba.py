@@ -422,16 +422,24 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     x16 = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
-    position = byte_positions(bits)  # [32]
-    for r in range(n_runs):
+    tile_order(xq, d, byte_positions(bits), group_runs, xw, xw_low, x16, xsum)
+    return xq, xw, xw_low, d, x16, xsum
+
+
+@njit(inline="always")
+def tile_order(xq, d, position, group_runs, high, low, wide, xsum):
+    """Two-byte activations xq [runs*32] (storage order; d [runs] their scales) as the tiles read them: each
+    run's value k at r*32 + position[k] of high and low (its bytes, `split_bytes`) and of wide (the int16);
+    xsum[g] += d * the sum of each run of group g (`quantize_input`, uniform_prefill_numba.quantize_rows)."""
+    for r in range(d.shape[0]):
         total = np.int32(0)
         for k in range(BLOCK):
             value = xq[r * BLOCK + k]
-            total += value
-            xw[r * BLOCK + position[k]], xw_low[r * BLOCK + position[k]] = split_bytes(value)
-            x16[r * BLOCK + position[k]] = value
+            total += np.int32(value)
+            at = r * BLOCK + position[k]
+            high[at], low[at] = split_bytes(value)
+            wide[at] = value
         xsum[r // group_runs] += d[r] * np.float32(total)
-    return xq, xw, xw_low, d, x16, xsum
 
 
 @njit(cache=True)

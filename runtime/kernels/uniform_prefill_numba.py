@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_span,
                                                 _load_lanes, _run_codes, _run_dot, _splat, _table_bytes,
-                                                available_kernels, byte_positions, matmul_prefill, split_bytes)
+                                                available_kernels, byte_positions, matmul_prefill, tile_order)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
@@ -143,14 +143,7 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     for row in prange(x.shape[0]):
         values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
         quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
-        for r in range(n_runs):
-            total = np.int32(0)
-            for k in range(BLOCK):
-                value = values[r * BLOCK + k]
-                hi[row, r * BLOCK + position[k]], lo[row, r * BLOCK + position[k]] = split_bytes(value)
-                q[row, r * BLOCK + position[k]] = value
-                total += np.int32(value)
-            xsum[row, r // group_runs] += d[row, r] * np.float32(total)
+        tile_order(values, d[row], position, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
 
