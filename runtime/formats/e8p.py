@@ -201,7 +201,7 @@ class E8PTensor(PackedTensor):
             return e8p_cuda.matmul(self, x)  # [m, out]
         from runtime.kernels import e8p_numba
         mode = activation_mode()[0]
-        if (mode == "int8-all" or (mode == "int8" and x.shape[0] == 1)) and e8p_numba.int8_applies(self):
+        if self._int8_rows(mode, x.shape[0]):
             return e8p_numba.matmul_int8(self, x)  # [m, out]
         if x.shape[0] <= FUSED_MAX_ROWS:
             return e8p_numba.matmul_fused(self, x)  # [m, out]
@@ -209,12 +209,18 @@ class E8PTensor(PackedTensor):
             return e8p_numba.matmul_prefill_vbmi(self, x)  # [m, out]
         return e8p_numba.matmul_prefill(self, x)  # [m, out]
 
+    def _int8_rows(self, mode: str, rows: int) -> bool:
+        """Whether `rows` rows on the CPU go through the int8 decode kernel under `mode`: one row under `int8`,
+        any number under `int8-all`, where the kernel has this tensor's codes."""
+        from runtime.kernels import e8p_numba
+        return (mode == "int8-all" or (mode == "int8" and rows == 1)) and e8p_numba.int8_applies(self)
+
     def one_row_product(self, parts):
         """PackedTensor.one_row_product for E8P parts on the CPU: each part's int8 decode call gathered once
         (one call per part: each has its own rotations); None under float activations."""
         from runtime.kernels import e8p_numba
-        if activation_mode()[0] == "float" or not all(
-                isinstance(p, E8PTensor) and not is_cupy(p.qweight) and e8p_numba.int8_applies(p) for p in parts):
+        mode = activation_mode()[0]
+        if not all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts):
             return None
         calls = [(e8p_numba.int8_call(p), p.out_features) for p in parts]
         return lambda x: [e8p_numba.run_int8(call, x, np.empty(n, dtype=np.float32)) for call, n in calls]
