@@ -14,10 +14,21 @@ sign patterns land in D̂8: the number of minus signs must have the parity of
                   29 of the 56 vectors with five entries 3/2 and three ½ (|a|² = 12)
     E8P = {σ ⊙ a ± ¼·1 : a ∈ S, σ ⊙ a ∈ D̂8}          2^8 · 2^7 · 2 = 2^16 points
 
-The paper fixes the count (29 of norm √12) but not which 29; here they are
-the first 29 of the 56 in lexicographic order of 2a (which half of the
-positions holds the ½'s changes the Gaussian MSE by well under 1%). The ±¼
-shift makes the codebook symmetric (x in the codebook ⇔ -x in it).
+The paper fixes the count (29 of norm √12) but not which 29. Two variants
+(`VARIANTS`; a tensor's `codebook` says which) differ only in that choice and
+in their order:
+
+    "lexicographic"  (this project's quantizer, the default) the first 29 of
+                     the 56 in lexicographic order of 2a; S sorted by norm,
+                     then lexicographically
+    "quip-sharp"     the 29 of the QuIP# reference (lib/codebook/
+                     latticee8_padded12.py `get_norm12`, `QUIP_SHARP_NORM12`)
+                     in its order (`get_abs_grid`: the 227 lexicographically,
+                     then those 29), so imported checkpoints decode exactly
+
+Which half of the positions holds the ½'s changes the Gaussian MSE by well
+under 1%. The ±¼ shift makes the codebook symmetric (x in the codebook ⇔ -x
+in it).
 
 16-bit code (a uint16; bit 0 is the least significant):
 
@@ -47,7 +58,7 @@ of the first, at a smaller scale.
   3 bits: E8P + a 1-bit code of 8-dim E8 points       (16 + 8 bits per 8 weights)
 The 1-bit codebook (`e8_1bit_codebook`) is the 241 points of E8 with |x|² ≤ 2
 (the origin and the 240 roots) plus 15 of the 16 points ±2 e_i, one uint8 per
-8 weights.
+8 weights: "lexicographic" leaves out +2 e_0, "quip-sharp" -2 e_7 (`get_e81bgrid`).
 """
 from __future__ import annotations
 
@@ -66,6 +77,13 @@ N_CODES = 1 << 16
 SHIFT = 0.25
 ENCODE_CHUNK = 2048  # vectors per step of `encode` (its [chunk, 256] temporaries are 2 MiB each)
 BITS = (2, 3, 4)
+VARIANTS = ("lexicographic", "quip-sharp")  # which 29 norm-12 source vectors (module docstring)
+DEFAULT_VARIANT = "lexicographic"
+# The QuIP# reference's 29 norm-12 source vectors (get_norm12) as 2a: five 3s and three 1s each.
+QUIP_SHARP_NORM12 = ("31113333", "13113333", "11313333", "11133333", "33313311", "33313131", "33311331", "33313113",
+                     "33311313", "33311133", "33133311", "33133131", "33131331", "33133113", "33131313", "33131133",
+                     "31333311", "31333131", "31331331", "31333113", "31331313", "13331133", "13333311", "13333131",
+                     "13331331", "13333113", "13331313", "11331333", "33113331")
 
 # Stage scales: x ≈ Σ_k s_k · decode_k(code_k) for unit-variance Gaussian x. Fitted
 # here by grid search (s_1 in steps of 0.01, then s_1 / s_2 in steps of 0.05) on
@@ -84,43 +102,54 @@ def _odd_vectors(max_doubled: int) -> np.ndarray:
     return np.array(list(itertools.product(values, repeat=DIM)), dtype=np.int64)  # [count, 8]
 
 
+def check_variant(variant: str) -> None:
+    """UserError unless `variant` names a codebook variant."""
+    if variant not in VARIANTS:
+        raise UserError(f"E8P: codebook variant must be one of {VARIANTS}, got {variant!r}; the file is from another "
+                        f"version, re-quantize the model")
+
+
 @functools.lru_cache(maxsize=None)
-def _source_doubled() -> np.ndarray:
-    """2 · S as int64 [256, 8] (the source set, sorted by norm, then lexicographically; read-only)."""
-    doubled = _odd_vectors(5)  # [3^8, 8]; 7² > 48 so no entry above 5/2 reaches |a|² ≤ 12
+def _source_doubled(variant: str) -> np.ndarray:
+    """2 · S as int64 [256, 8] of a codebook variant (module docstring; read-only)."""
+    check_variant(variant)
+    doubled = _odd_vectors(5)  # [3^8, 8] lexicographic; 7² > 48 so no entry above 5/2 reaches |a|² ≤ 12
     norm4 = (doubled ** 2).sum(axis=1)  # [3^8] = 4 |a|²
     inner = doubled[norm4 <= 40]  # [227, 8] |a|² ≤ 10
-    shell = doubled[(norm4 == 48) & ((doubled == 3).sum(axis=1) == 5)]  # [56, 8] five 3/2, three 1/2
-    shell = shell[np.lexsort(shell.T[::-1])][:N_SOURCE - len(inner)]  # [29, 8] first in lexicographic order
-    inner = inner[np.lexsort(np.vstack([inner.T[::-1], (inner ** 2).sum(axis=1)]))]  # by norm, then lex
+    if variant == "quip-sharp":
+        shell = np.array([[int(ch) for ch in row] for row in QUIP_SHARP_NORM12], dtype=np.int64)  # [29, 8]
+    else:
+        shell = doubled[(norm4 == 48) & ((doubled == 3).sum(axis=1) == 5)]  # [56, 8] five 3/2, three 1/2
+        shell = shell[:N_SOURCE - len(inner)]  # [29, 8] first in lexicographic order
+        inner = inner[np.argsort((inner ** 2).sum(axis=1), kind="stable")]  # by norm, then lex
     table = np.concatenate([inner, shell])  # [256, 8]
     table.setflags(write=False)
     return table
 
 
-def source_codebook() -> np.ndarray:
+def source_codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """S [256, 8] float32: the absolute values (entries in {½, 3/2, 5/2}) the codes index."""
-    return (_source_doubled() / 2).astype(np.float32)
+    return (_source_doubled(variant) / 2).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
-def source_parity() -> np.ndarray:
+def source_parity(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """[256] uint8: Σ S[j] mod 2 (the parity the number of minus signs must have; read-only)."""
-    parity = ((_source_doubled().sum(axis=1) // 2) % 2).astype(np.uint8)  # [256]
+    parity = ((_source_doubled(variant).sum(axis=1) // 2) % 2).astype(np.uint8)  # [256]
     parity.setflags(write=False)
     return parity
 
 
 @functools.lru_cache(maxsize=None)
-def signed_source_table() -> np.ndarray:
+def signed_source_table(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """[256, 8] float32 S with coordinate 0 negated where Σ S[j] is odd (read-only).
 
     With it a code decodes without a parity lookup: coordinate k ≥ 1 is
     negated by sign bit k, coordinate 0 by the parity of the 7 sign bits,
     then the shift is added. The kernels use this table.
     """
-    table = source_codebook().copy()  # [256, 8]
-    table[:, 0] *= 1.0 - 2.0 * source_parity()
+    table = source_codebook(variant).copy()  # [256, 8]
+    table[:, 0] *= 1.0 - 2.0 * source_parity(variant)
     table.setflags(write=False)
     return table
 
@@ -138,7 +167,7 @@ def sign_table() -> np.ndarray:
     return table
 
 
-def decode(codes) -> np.ndarray:
+def decode(codes, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """uint16 codes [...] -> float32 points [..., 8] of the E8P codebook (layout in the module docstring)."""
     codes = np.asarray(codes)
     if codes.dtype != np.uint16:
@@ -147,22 +176,18 @@ def decode(codes) -> np.ndarray:
     source = c >> 8  # [...]
     neg = (c[..., None] >> np.arange(DIM)) & 1  # [..., 8] bit k for k >= 1; bit 0 is the shift
     flips = neg[..., 1:].sum(axis=-1)  # [...]
-    neg[..., 0] = (flips + source_parity()[source]) & 1
-    points = source_codebook()[source] * (1.0 - 2.0 * neg).astype(np.float32)  # [..., 8]
+    neg[..., 0] = (flips + source_parity(variant)[source]) & 1
+    points = source_codebook(variant)[source] * (1.0 - 2.0 * neg).astype(np.float32)  # [..., 8]
     shift = np.where(c & 1, SHIFT, -SHIFT).astype(np.float32)  # [...]
     return points + shift[..., None]
 
 
 @functools.lru_cache(maxsize=None)
-def _codebook() -> np.ndarray:
-    points = decode(np.arange(N_CODES, dtype=np.uint16))  # [65536, 8]
+def codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
+    """All 2^16 E8P points [65536, 8] float32, row c = decode(c) (read-only)."""
+    points = decode(np.arange(N_CODES, dtype=np.uint16), variant)  # [65536, 8]
     points.setflags(write=False)
     return points
-
-
-def codebook() -> np.ndarray:
-    """All 2^16 E8P points [65536, 8] float32, row c = decode(c) (read-only)."""
-    return _codebook()
 
 
 def _check_vectors(x, what: str) -> np.ndarray:
@@ -175,7 +200,7 @@ def _check_vectors(x, what: str) -> np.ndarray:
     return x
 
 
-def _encode_rows(x: np.ndarray) -> np.ndarray:
+def _encode_rows(x: np.ndarray, variant: str) -> np.ndarray:
     """x [n, 8] float32 -> uint16 [n]: the exact nearest E8P point.
 
     For each shift t = ±¼ the nearest point of D̂8 ∩ (±S) to y = x - t is, for
@@ -184,9 +209,9 @@ def _encode_rows(x: np.ndarray) -> np.ndarray:
     is flipped (it costs 4 min_i a_i |y_i| in squared distance). The best
     (shift, a) pair wins.
     """
-    source = source_codebook()  # [256, 8]
+    source = source_codebook(variant)  # [256, 8]
     norm2 = (source ** 2).sum(axis=1)  # [256]
-    parity = source_parity().astype(np.int64)  # [256]
+    parity = source_parity(variant).astype(np.int64)  # [256]
     best_dist = np.full(len(x), np.inf, dtype=np.float32)  # [n]
     codes = np.zeros(len(x), dtype=np.int64)  # [n]
     for shift_bit, shift in ((0, -SHIFT), (1, SHIFT)):
@@ -212,29 +237,33 @@ def _encode_rows(x: np.ndarray) -> np.ndarray:
     return codes.astype(np.uint16)
 
 
-def encode(x) -> np.ndarray:
+def encode(x, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """x [..., 8] float32 -> uint16 codes [...] of the nearest E8P points (exact; ties broken arbitrarily)."""
     x = _check_vectors(x, "E8P encode")
+    check_variant(variant)
     rows = x.reshape(-1, DIM)  # [n, 8]
     codes = np.empty(len(rows), dtype=np.uint16)  # [n]
     for start in range(0, len(rows), ENCODE_CHUNK):
-        codes[start:start + ENCODE_CHUNK] = _encode_rows(rows[start:start + ENCODE_CHUNK])
+        codes[start:start + ENCODE_CHUNK] = _encode_rows(rows[start:start + ENCODE_CHUNK], variant)
     return codes.reshape(x.shape[:-1])
 
 
 @functools.lru_cache(maxsize=None)
-def e8_1bit_codebook() -> np.ndarray:
+def e8_1bit_codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """[256, 8] float32 points of E8 (read-only): the origin, the 240 roots (|x|² = 2) and
     15 of the 16 points ±2 e_i (|x|² = 4); sorted by norm then lexicographically, and
-    the last of the 16 in that order, +2 e_0, left out.
+    one of the 16 left out: +2 e_0 (the last in that order) in "lexicographic", -2 e_7 in "quip-sharp".
     """
+    check_variant(variant)
     small = np.array(list(itertools.product((-2, 0, 2), repeat=DIM)), dtype=np.int64)  # [3^8, 8] 2x, x in {-1,0,1}^8
     half = np.array(list(itertools.product((-1, 1), repeat=DIM)), dtype=np.int64)  # [256, 8] 2x, x in {±½}^8
     axis = np.concatenate([4 * np.eye(DIM, dtype=np.int64), -4 * np.eye(DIM, dtype=np.int64)])  # [16, 8] 2x, ±2 e_i
     doubled = np.concatenate([small, half])  # [3^8 + 256, 8]
     in_e8 = doubled.sum(axis=1) % 4 == 0  # Σ x even (both cosets)
     roots = doubled[in_e8 & ((doubled ** 2).sum(axis=1) <= 8)]  # [241, 8] |x|² <= 2
-    axis = axis[np.lexsort(axis.T[::-1])][:N_SOURCE - len(roots)]  # [15, 8]
+    left_out = 4 * np.eye(DIM, dtype=np.int64)[0] if variant == "lexicographic" else -4 * np.eye(DIM, dtype=np.int64)[-1]
+    axis = axis[(axis != left_out).any(axis=1)]  # [15, 8]
+    axis = axis[np.lexsort(axis.T[::-1])]
     roots = roots[np.lexsort(np.vstack([roots.T[::-1], (roots ** 2).sum(axis=1)]))]
     points = np.concatenate([roots, axis])  # [256, 8]
     table = (points / 2).astype(np.float32)  # [256, 8]
@@ -242,18 +271,18 @@ def e8_1bit_codebook() -> np.ndarray:
     return table
 
 
-def e8_1bit_decode(codes) -> np.ndarray:
+def e8_1bit_decode(codes, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """uint8 codes [...] -> float32 points [..., 8] of `e8_1bit_codebook`."""
     codes = np.asarray(codes)
     if codes.dtype != np.uint8:
         raise UserError(f"E8 1-bit decode: codes must be uint8, got {codes.dtype}")
-    return e8_1bit_codebook()[codes]
+    return e8_1bit_codebook(variant)[codes]
 
 
-def e8_1bit_encode(x) -> np.ndarray:
+def e8_1bit_encode(x, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """x [..., 8] float32 -> uint8 codes [...] of the nearest of the 256 points (brute force)."""
     x = _check_vectors(x, "E8 1-bit encode")
-    table = e8_1bit_codebook()  # [256, 8]
+    table = e8_1bit_codebook(variant)  # [256, 8]
     norm2 = (table ** 2).sum(axis=1)  # [256]
     rows = x.reshape(-1, DIM)  # [n, 8]
     codes = np.empty(len(rows), dtype=np.uint8)  # [n]
@@ -280,11 +309,14 @@ def check_bits(bits: int) -> None:
         raise UserError(f"E8P: bits must be one of {BITS} (2: E8P, 3: E8P + 1-bit E8, 4: E8P + E8P), got {bits}")
 
 
-def stage_codebooks(bits: int) -> list[Stage]:
-    """The RVQ stages for 2, 3 or 4 bits per weight, first stage first."""
+def stage_codebooks(bits: int, variant: str = DEFAULT_VARIANT) -> list[Stage]:
+    """The RVQ stages for 2, 3 or 4 bits per weight in a codebook variant, first stage first."""
     check_bits(bits)
-    e8p = functools.partial(Stage, "e8p", encode, decode, np.uint16)
-    second = {3: functools.partial(Stage, "e8_1bit", e8_1bit_encode, e8_1bit_decode, np.uint8),
+    check_variant(variant)
+    e8p = functools.partial(Stage, "e8p", functools.partial(encode, variant=variant),
+                            functools.partial(decode, variant=variant), np.uint16)
+    second = {3: functools.partial(Stage, "e8_1bit", functools.partial(e8_1bit_encode, variant=variant),
+                                   functools.partial(e8_1bit_decode, variant=variant), np.uint8),
               4: e8p}
     scales = STAGE_SCALES[bits]
     stages = [e8p(scales[0])]

@@ -22,14 +22,14 @@ TOL = 2e-5  # kernel vs reference, per output: see assert_within_scale_bound
 SHAPES = [(96, 192), (40, 24), (64, 128), (576, 576)]
 
 
-def random_tensor(seed, n_out, n_in, bits):
-    """An E8PTensor with uniformly random codes, random signs and stage scales."""
+def random_tensor(seed, n_out, n_in, bits, codebook="lexicographic"):
+    """An E8PTensor with uniformly random codes (of a codebook variant), random signs and stage scales."""
     rng = np.random.default_rng(seed)
     codes = [rng.integers(0, np.iinfo(stage.code_dtype).max + 1, (n_out, n_in // 8)).astype(stage.code_dtype)
              for stage in e8p_codebook.stage_codebooks(bits)]
     scales = e8p_codebook.stage_scales(bits, rms=0.03)
     return E8PTensor.from_codes(codes, scales, random_signs(n_in, seed), random_signs(n_out, seed + 1), bits,
-                                (n_out, n_in))
+                                (n_out, n_in), codebook=codebook)
 
 
 def assert_within_scale_bound(y, ref, x, packed):
@@ -81,10 +81,10 @@ def test_signs_pack_lowest_bit_first():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_numba_kernels_match_reference(bits, shape, monkeypatch):
+@pytest.mark.parametrize("shape, codebook", [(shape, "lexicographic") for shape in SHAPES] + [((96, 192), "quip-sharp")])
+def test_numba_kernels_match_reference(bits, shape, codebook, monkeypatch):
     n_out, n_in = shape
-    packed = random_tensor(10 * bits + n_in, n_out, n_in, bits)
+    packed = random_tensor(10 * bits + n_in, n_out, n_in, bits, codebook)
     x = inputs(n_out, 5, n_in)
     ref = packed.matmul_reference(x)
     assert np.array_equal(e8p_numba.decode_rows(packed), packed.decoded())
@@ -139,14 +139,16 @@ def test_quantized_gaussian_weight_error(bits):
     assert relative_mse < {2: 0.1, 3: 0.033, 4: 0.0095}[bits]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_save_load_round_trip(bits, tmp_path):
-    packed = random_tensor(3, 40, 24, bits)
+@pytest.mark.parametrize("bits, codebook", [(2, "lexicographic"), (3, "lexicographic"), (4, "lexicographic"),
+                                            (3, "quip-sharp")])
+def test_save_load_round_trip(bits, codebook, tmp_path):
+    packed = random_tensor(3, 40, 24, bits, codebook)
     save_packed(tmp_path, {"quantization": {"method": "quip"}}, {"layer.weight": packed,
                                                                 "norm": np.ones(3, dtype=np.float32)})
     tensors = read_packed(tmp_path)
     loaded = tensors["layer.weight"]
-    assert isinstance(loaded, E8PTensor) and loaded.meta() == packed.meta()
+    assert isinstance(loaded, E8PTensor) and loaded.meta() == packed.meta() and loaded.codebook == codebook
+    assert ("codebook" in packed.meta()) == (codebook != "lexicographic")  # files of the default stay as they were
     for name, a in packed.tensors().items():
         assert np.array_equal(loaded.tensors()[name], a) and loaded.tensors()[name].dtype == a.dtype
     assert np.array_equal(loaded.dequantize(), packed.dequantize())
@@ -172,14 +174,27 @@ def test_bad_inputs_raise():
         pack_signs(np.zeros(8))
     with pytest.raises(UserError, match="expects 24"):
         packed.matmul(np.zeros((1, 16), dtype=np.float32))
+    with pytest.raises(UserError, match="codebook must be one of") as error:
+        E8PTensor.from_tensors(arrays, dict(meta, codebook="e8p-v2"))
+    assert "\n" not in str(error.value)
+
+
+def test_codebook_variants_decode_the_same_codes_differently():
+    """The variants share the code layout and 238 of 256 sources (in another order), so 238 · 256 points."""
+    packed = random_tensor(5, 40, 24, 4)
+    theirs = E8PTensor(**packed.tensors(), bits=4, in_features=24, codebook="quip-sharp")
+    assert (packed.decoded() != theirs.decoded()).any()
+    points = [set(map(tuple, e8p_codebook.codebook(v).tolist())) for v in e8p_codebook.VARIANTS]
+    assert len(points[0]) == len(points[1]) == 1 << 16 and len(points[0] & points[1]) == 238 * 256
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cuda_matches_reference(cupy, bits):
+@pytest.mark.parametrize("bits, codebook", [(2, "lexicographic"), (3, "lexicographic"), (4, "lexicographic"),
+                                            (3, "quip-sharp")])
+def test_cuda_matches_reference(cupy, bits, codebook):
     from runtime.kernels import e8p_cuda
 
-    packed = random_tensor(20 + bits, 576, 1536, bits)
+    packed = random_tensor(20 + bits, 576, 1536, bits, codebook)
     on_gpu = packed.to_device(cupy)
     assert np.array_equal(cupy.asnumpy(e8p_cuda.decoded(on_gpu)), packed.decoded())
     x = inputs(bits, 9, 1536)

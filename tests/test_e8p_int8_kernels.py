@@ -15,6 +15,7 @@ import pytest
 from bench_models import random_packed
 from conftest import assert_close, inputs
 from runtime import e8p_codebook
+from runtime.formats.e8p import E8PTensor
 from runtime.hadamard import small_hadamard
 from runtime.kernels import e8p_numba, uniform_int8_numba
 
@@ -22,10 +23,11 @@ VNNI = "avx512vnni" in uniform_int8_numba.available_kernels()
 needs_vnni = pytest.mark.skipif(not VNNI, reason="the CPU lacks avx512vnni")
 
 
-def test_byte_table_is_the_codebook_times_four_plus_sixteen():
-    table = e8p_numba.byte_table().view(np.uint8).reshape(-1, 8).astype(np.float32)  # [2^15, 8]
+@pytest.mark.parametrize("codebook", e8p_codebook.VARIANTS)
+def test_byte_table_is_the_codebook_times_four_plus_sixteen(codebook):
+    table = e8p_numba.byte_table(codebook).view(np.uint8).reshape(-1, 8).astype(np.float32)  # [2^15, 8]
     codes = np.arange(1 << 16, dtype=np.uint16)
-    points = e8p_codebook.decode(codes).reshape(-1, 8)  # [2^16, 8]
+    points = e8p_codebook.decode(codes, codebook).reshape(-1, 8)  # [2^16, 8]
     decoded = (table[codes >> 1] + 2 * (codes & 1)[:, None] - e8p_numba.BYTE_ZERO) / 4  # [2^16, 8]
     assert np.array_equal(decoded, points)
     assert table.min() >= 0 and table.max() + 2 <= 255  # unsigned bytes for vpdpbusd
@@ -109,10 +111,26 @@ def test_byte_permute_path_equals_the_byte_table_path(vbmi):
         assert {"vpermi2b", "vpermt2b"} & instructions
 
 
-def test_coordinate_tables_are_the_source_table_times_four():
-    tables = e8p_numba.coordinate_tables()  # [8, 256]
+@pytest.mark.parametrize("codebook", e8p_codebook.VARIANTS)
+def test_coordinate_tables_are_the_source_table_times_four(codebook):
+    tables = e8p_numba.coordinate_tables(codebook)  # [8, 256]
     assert tables.flags.c_contiguous and tables.dtype == np.int8  # the kernel reads it as 32 rows of 64 bytes
-    assert np.array_equal(tables.T / 4, e8p_codebook.signed_source_table())
+    assert np.array_equal(tables.T / 4, e8p_codebook.signed_source_table(codebook))
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quip_sharp_variant_through_the_integer_kernels(bits, monkeypatch):
+    """Imported QuIP# tensors (the "quip-sharp" codebook) take the same decode and prefill kernels with their own
+    tables: each equals the variant's reference, and not the default variant's."""
+    ours = random_packed(f"quipsharp{bits}", (40, 1088), seed=bits)
+    packed = E8PTensor(**ours.tensors(), bits=bits, in_features=1088, codebook="quip-sharp")
+    x = inputs(bits, 9, 1088)  # [9, in]
+    expected = packed.matmul_reference_int8(x)  # [9, out]
+    assert_close(e8p_numba.matmul_int8(packed, x[:1]), expected[:1])
+    assert not np.allclose(expected, ours.matmul_reference_int8(x), rtol=1e-3)
+    if e8p_numba.prefill_applies(packed):
+        assert_close(e8p_numba.matmul_prefill_vbmi(packed, x), expected)
 
 
 @pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")

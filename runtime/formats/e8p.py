@@ -33,7 +33,10 @@ Arrays (G = in / 8; in must be a multiple of 8):
     sign_out      uint8   [ceil(out / 8)]   s_out, the same way (LOWEST bit first)
 
 The Hadamard factorizations (K, p) of in and out are stored in the metadata
-and checked against runtime.hadamard on load.
+and checked against runtime.hadamard on load. The metadata's `codebook` names
+the codebook variant (runtime/e8p_codebook.py `VARIANTS`): absent for the
+default "lexicographic" (this project's quantizer), "quip-sharp" for
+checkpoints imported from the QuIP# reference.
 
 Bits per weight, from the stored bytes (N = in * out):
 
@@ -76,9 +79,10 @@ def from_incoherent(w_hat: np.ndarray, sign_in, sign_out) -> np.ndarray:
     return fast_hadamard(rotated_out, transpose=True) * sign_in * sign_out[:, None]  # [out, in]
 
 
-def decode_incoherent(stage_codes: list, stage_scales, bits: int) -> np.ndarray:
+def decode_incoherent(stage_codes: list, stage_scales, bits: int,
+                      codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     """Ŵ [out, in] float32 = Σ_k scale_k · decode_k(codes_k) for code arrays [out, in/8] (the reference)."""
-    stages = e8p_codebook.stage_codebooks(bits)
+    stages = e8p_codebook.stage_codebooks(bits, codebook)
     w_hat = None
     for stage, scale, codes in zip(stages, stage_scales, stage_codes):
         part = np.float32(scale) * stage.decode(codes)  # [out, in/8, 8]
@@ -92,7 +96,7 @@ class E8PTensor(PackedTensor):
     FORMAT = "e8p"
 
     def __init__(self, qweight, stage_scales, sign_in, sign_out, *, bits: int, in_features: int,
-                 qweight_2=None):
+                 qweight_2=None, codebook: str = e8p_codebook.DEFAULT_VARIANT):
         """Wrap stored arrays (NumPy, or CuPy via `to_device`); UserError when they do not fit together."""
         self.qweight = qweight  # [out, in/8] uint16
         self.qweight_2 = qweight_2  # [out, in/8] uint16 (4 bits) / uint8 (3 bits) / None (2 bits)
@@ -102,6 +106,7 @@ class E8PTensor(PackedTensor):
         self.bits = int(bits)
         self.in_features = int(in_features)
         self.out_features = int(qweight.shape[0]) if getattr(qweight, "ndim", 0) == 2 else -1
+        self.codebook = codebook  # codebook variant (runtime/e8p_codebook.py VARIANTS)
         self._check()
         self.hadamard_in = hadamard_factor(self.in_features)
         self.hadamard_out = hadamard_factor(self.out_features)
@@ -119,8 +124,9 @@ class E8PTensor(PackedTensor):
 
     @classmethod
     def from_codes(cls, stage_codes: list, stage_scales: list, sign_in, sign_out, bits: int,
-                   shape: tuple[int, int]) -> "E8PTensor":
-        """Pack per-stage codes [out, in/8], stage scales, ±1 sign vectors [in] / [out] for W of `shape`."""
+                   shape: tuple[int, int], codebook: str = e8p_codebook.DEFAULT_VARIANT) -> "E8PTensor":
+        """Pack per-stage codes [out, in/8] of a codebook variant, stage scales, ±1 sign vectors [in] / [out]
+        for W of `shape`."""
         e8p_codebook.check_bits(bits)
         n_out, n_in = shape
         stages = e8p_codebook.stage_codebooks(bits)
@@ -132,7 +138,7 @@ class E8PTensor(PackedTensor):
             raise UserError(f"e8p format: sign vectors must have lengths in={n_in} and out={n_out}, got "
                             f"{len(np.asarray(sign_in))} and {len(np.asarray(sign_out))}")
         return cls(codes[0], np.asarray(stage_scales, dtype=np.float32), pack_signs(sign_in), pack_signs(sign_out),
-                   bits=bits, in_features=n_in, qweight_2=codes[1] if len(codes) > 1 else None)
+                   bits=bits, in_features=n_in, qweight_2=codes[1] if len(codes) > 1 else None, codebook=codebook)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,6 +155,8 @@ class E8PTensor(PackedTensor):
 
         if self.bits not in e8p_codebook.BITS:
             fail(f"bits must be one of {e8p_codebook.BITS}, got {self.bits}")
+        if self.codebook not in e8p_codebook.VARIANTS:
+            fail(f"codebook must be one of {e8p_codebook.VARIANTS}, got {self.codebook!r}")
         if self.in_features <= 0 or self.in_features % e8p_codebook.DIM:
             fail(f"in_features {self.in_features} is not a positive multiple of {e8p_codebook.DIM}")
         groups = (self.out_features, self.in_features // e8p_codebook.DIM)
@@ -175,7 +183,7 @@ class E8PTensor(PackedTensor):
     def decoded(self) -> np.ndarray:
         """Ŵ [out, in] float32, the codebook-decoded matrix between the transforms (NumPy)."""
         host = [to_numpy(c) for c in self.stage_codes]
-        return decode_incoherent(host, self.host_scales, self.bits)
+        return decode_incoherent(host, self.host_scales, self.bits, self.codebook)
 
     def dequantize(self):
         """W [out, in] float32 = diag(s_out) Hₒᵀ Ŵ Hᵢ diag(s_in) (the NumPy reference; NumPy for CuPy arrays)."""
@@ -233,8 +241,11 @@ class E8PTensor(PackedTensor):
         return arrays
 
     def meta(self) -> dict:
-        return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features,
+        meta = {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features,
                 "hadamard_in": list(self.hadamard_in), "hadamard_out": list(self.hadamard_out)}
+        if self.codebook != e8p_codebook.DEFAULT_VARIANT:
+            meta["codebook"] = self.codebook
+        return meta
 
     @classmethod
     def from_tensors(cls, tensors: dict, meta: dict) -> "E8PTensor":
@@ -247,8 +258,11 @@ class E8PTensor(PackedTensor):
         if set(tensors) != names:
             raise UserError(f"e8p tensor: arrays {sorted(tensors)} do not match the metadata (bits={meta['bits']} "
                             f"needs {sorted(names)}); the file is corrupt")
-        packed = cls(**tensors, bits=meta["bits"], in_features=meta["in_features"])
+        packed = cls(**tensors, bits=meta["bits"], in_features=meta["in_features"],
+                     codebook=meta.get("codebook", e8p_codebook.DEFAULT_VARIANT))
         stated = {k: meta[k] for k in keys}
+        if packed.codebook != e8p_codebook.DEFAULT_VARIANT:
+            stated["codebook"] = packed.codebook
         if packed.meta() != stated:
             raise UserError(f"e8p tensor: the arrays give {packed.meta()}, the metadata says {stated} (a file "
                             f"from a version with other Hadamard sizes?); re-quantize the model")
@@ -256,4 +270,4 @@ class E8PTensor(PackedTensor):
 
     def to_device(self, xp) -> "E8PTensor":
         moved = {name: to_module(a, xp) for name, a in self.tensors().items()}
-        return E8PTensor(**moved, bits=self.bits, in_features=self.in_features)
+        return E8PTensor(**moved, bits=self.bits, in_features=self.in_features, codebook=self.codebook)

@@ -36,21 +36,23 @@ def _module():
 
 
 @functools.lru_cache(maxsize=None)
-def _device_tables(device_id: int) -> dict:
-    """The codebook tables (format constants) as CuPy arrays on GPU `device_id`, by stage name."""
+def _device_tables(device_id: int, codebook: str) -> dict:
+    """The tables of a codebook variant (format constants) as CuPy arrays on GPU `device_id`, by stage name."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return {"e8p": cupy.asarray(e8p_codebook.signed_source_table()), "e8_1bit": cupy.asarray(e8p_codebook.e8_1bit_codebook())}
+        return {"e8p": cupy.asarray(e8p_codebook.signed_source_table(codebook)),
+                "e8_1bit": cupy.asarray(e8p_codebook.e8_1bit_codebook(codebook))}
 
 
 def _stages(packed) -> list:
     """(codes, table, scale, kernel names) of each stage."""
     import cupy
 
-    tables = _device_tables(cupy.cuda.Device().id)
+    tables = _device_tables(cupy.cuda.Device().id, packed.codebook)
+    stages = e8p_codebook.stage_codebooks(packed.bits, packed.codebook)
     return [(codes, tables[stage.name], np.float32(scale), KERNELS[stage.name])
-            for codes, stage, scale in zip(packed.stage_codes, e8p_codebook.stage_codebooks(packed.bits), packed.host_scales)]
+            for codes, stage, scale in zip(packed.stage_codes, stages, packed.host_scales)]
 
 
 def decoded(packed):

@@ -234,16 +234,17 @@ def _stage_decode_serial(codes, table, scale, is_e8p, row0, out):
 
 
 @functools.lru_cache(maxsize=None)
-def _stage_kinds(bits: int) -> tuple:
-    """(table, is_e8p) of each stage of a `bits`-bit tensor."""
-    tables = {"e8p": e8p_codebook.signed_source_table(), "e8_1bit": e8p_codebook.e8_1bit_codebook()}
-    return tuple((tables[stage.name], stage.name == "e8p") for stage in e8p_codebook.stage_codebooks(bits))
+def _stage_kinds(bits: int, codebook: str) -> tuple:
+    """(table, is_e8p) of each stage of a `bits`-bit tensor of a codebook variant."""
+    tables = {"e8p": e8p_codebook.signed_source_table(codebook), "e8_1bit": e8p_codebook.e8_1bit_codebook(codebook)}
+    return tuple((tables[stage.name], stage.name == "e8p") for stage in e8p_codebook.stage_codebooks(bits, codebook))
 
 
 def _stages(packed) -> list:
     """(codes, table, scale, is_e8p) of each stage."""
+    kinds = _stage_kinds(packed.bits, packed.codebook)
     return [(codes, table, np.float32(scale), is_e8p)
-            for codes, (table, is_e8p), scale in zip(packed.stage_codes, _stage_kinds(packed.bits), packed.host_scales)]
+            for codes, (table, is_e8p), scale in zip(packed.stage_codes, kinds, packed.host_scales)]
 
 
 def hadamard_rows(x: np.ndarray, n: int, sign_before, sign_after, transpose: bool) -> np.ndarray:
@@ -319,10 +320,11 @@ def _x86_features() -> tuple:
 
 
 @functools.cache
-def byte_table() -> np.ndarray:
-    """uint64 [2^15]: entry (code >> 1) holds the E8P point of that source and sign pattern with the −¼
-    shift as bytes 4·point + BYTE_ZERO, coordinate i in byte i (little-endian); read-only."""
-    points = e8p_codebook.signed_source_table()[:, None, :] * e8p_codebook.sign_table()[None, :, :] - e8p_codebook.SHIFT  # [256, 128, 8]
+def byte_table(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """uint64 [2^15]: entry (code >> 1) holds the E8P point (of a codebook variant) of that source and sign
+    pattern with the −¼ shift as bytes 4·point + BYTE_ZERO, coordinate i in byte i (little-endian); read-only."""
+    signs = e8p_codebook.sign_table()[None, :, :]  # [1, 128, 8]
+    points = e8p_codebook.signed_source_table(codebook)[:, None, :] * signs - e8p_codebook.SHIFT  # [256, 128, 8]
     table = np.rint(4 * points + BYTE_ZERO).astype(np.uint8).reshape(-1, 8).view("<u8").reshape(-1)  # [2^15]
     table.flags.writeable = False
     return table
@@ -380,10 +382,10 @@ def _e8p_row_dot_vnni(typingctx, codes, o, first, xq, start, d, table):
 
 
 @functools.cache
-def coordinate_tables() -> np.ndarray:
-    """int8 [8, 256]: row i = 4 · coordinate i of every `signed_source_table` entry (even integers in
-    [-10, 10]), the byte tables `_e8p_row_dot_vbmi` looks sources up in; read-only."""
-    table = np.ascontiguousarray(np.rint(4 * e8p_codebook.signed_source_table().T), dtype=np.int8)  # [8, 256]
+def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """int8 [8, 256]: row i = 4 · coordinate i of every `signed_source_table` entry of a codebook variant (even
+    integers in [-10, 10]), the byte tables `_e8p_row_dot_vbmi` looks sources up in; read-only."""
+    table = np.ascontiguousarray(np.rint(4 * e8p_codebook.signed_source_table(codebook).T), dtype=np.int8)  # [8, 256]
     table.flags.writeable = False
     return table
 
@@ -596,7 +598,8 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     scales = [np.float32(s) for s in packed.host_scales]
     y_rot = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     quantized = _quantize_rotated_rows(x_rot)
-    _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1], coordinate_tables(), y_rot)
+    _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1], coordinate_tables(packed.codebook),
+                  y_rot)
     tail = quantized[-1]  # [m, in - whole]
     if tail.shape[1]:
         first = (packed.in_features - tail.shape[1]) // e8p_codebook.DIM
@@ -697,7 +700,8 @@ def int8_call(packed) -> tuple:
     codes = packed.stage_codes
     scales = [np.float32(s) for s in packed.host_scales]
     return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
-            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(), coordinate_tables(),
+            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook),
+            coordinate_tables(packed.codebook),
             "avx512vbmi" in _x86_features())
 
 

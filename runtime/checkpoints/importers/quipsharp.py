@@ -23,19 +23,17 @@ What differs from runtime/e8p_codebook.py and how it is mapped:
   K differs (or is not 1, 12, 20) are refused.
 - E8P codes (codebook_version 1): a code c holds the source index c >> 8
   into quip-sharp's 256 absolute vectors (the 227 of norm <= 10 in
-  lexicographic order, then its own 29 of norm 12) and 8 sign bits; the
-  parity p of the sign byte selects the shift (-1/4 if odd), bit 0 is
-  flipped by p, coordinate i takes sign bit SHUFFLE[i], and coordinate 7
-  is negated when the source vector's sum is odd (get_full_grid). Every
-  code is decoded to its point and re-encoded with this project's exact
-  E8P encoder. The two codebooks share 238 of 256 source vectors: 18 of
-  quip-sharp's 29 norm-12 vectors are not in runtime/e8p_codebook.py's 29 (no
-  coordinate permutation maps one set onto the other), so codes using them
-  land on their nearest point of our codebook (counted in
-  `ImportReport.approximated`); all other codes map exactly.
+  lexicographic order, then its own 29 of norm 12: the "quip-sharp"
+  variant of runtime/e8p_codebook.py, whose other variant has another 29)
+  and 8 sign bits; the parity p of the sign byte selects the shift (-1/4
+  if odd), bit 0 is flipped by p, coordinate i takes sign bit SHUFFLE[i],
+  and coordinate 7 is negated when the source vector's sum is odd
+  (get_full_grid). Every code is decoded to its point and encoded again in
+  this project's code layout in the "quip-sharp" variant, where every
+  point exists: the import is exact.
 - 3-bit second stage (1-bit E8, get_e81bgrid): the origin, the 240 roots and
-  ±2e_i without -2e_7; ours leaves out +2e_0 instead, so that one point is
-  likewise approximated.
+  ±2e_i without -2e_7, the "quip-sharp" variant's 1-bit codebook in another
+  order; each code maps to its point's index there.
 - Packing (maybe_pack_idxs): 2 rows x 2 codes share one int64 (four source
   bytes low, the four sign bytes interleaved nibble-wise high), in tiles of
   16 rows x 8 codes; the 1-bit E8 codes are one byte each, 8 per int64.
@@ -50,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 
 import numpy as np
 
@@ -65,29 +62,16 @@ from runtime.checkpoints.importers import require_shape, setting, take_module
 CODEBOOKS = {"E8P12": 2, "E8P12RVQ3B": 3, "E8P12RVQ4B": 4}
 RESID_SCALES = {3: 2.04, 4: 3.45}
 SHUFFLE = (0, 4, 1, 5, 2, 6, 3, 7)  # coordinate i takes sign bit SHUFFLE[i]
-# quip-sharp's 29 norm-12 source vectors (get_norm12), as 2a: five 3s and three 1s.
-NORM12 = ("31113333", "13113333", "11313333", "11133333", "33313311", "33313131", "33311331", "33313113",
-          "33311313", "33311133", "33133311", "33133131", "33131331", "33133113", "33131313", "33131133",
-          "31333311", "31333131", "31331331", "31333113", "31331313", "13331133", "13333311", "13333131",
-          "13331331", "13333113", "13331313", "11331333", "33113331")
+VARIANT = "quip-sharp"  # the codebook variant of runtime/e8p_codebook.py whose points these checkpoints use
 QUIP_K = (172, 156, 140, 108, 60, 52, 36, 28, 20, 12)  # get_hadK's order
 VERIFIED_K = (1, 12, 20)  # factors checked equal (transposed) to runtime.hadamard's
-
-
-@functools.lru_cache(maxsize=None)
-def quip_source() -> np.ndarray:
-    """quip-sharp's 256 absolute source vectors [256, 8] float32 (get_abs_grid order)."""
-    inner = [a for a in itertools.product((1, 3, 5), repeat=8)  # 2a, sorted lexicographically
-             if sum(v * v for v in a) <= 40]
-    shell = [tuple(int(ch) for ch in row) for row in NORM12]
-    return (np.array(inner + shell, dtype=np.float32) / 2)  # [256, 8]
 
 
 @functools.lru_cache(maxsize=None)
 def quip_e8p_points() -> np.ndarray:
     """[65536, 8] float32: the point of every codebook_version 1 E8P code (get_full_grid, read-only)."""
     codes = np.arange(1 << 16)
-    source = quip_source()[codes >> 8].copy()  # [65536, 8]
+    source = e8p_codebook.source_codebook(VARIANT)[codes >> 8]  # [65536, 8] (get_abs_grid order)
     odd_sum = source.sum(axis=1).astype(np.int64) % 2  # [65536]
     source[:, 7] *= 1 - 2 * odd_sum
     signs = codes & 255
@@ -114,19 +98,15 @@ def quip_e81b_points() -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def e8p_code_map() -> tuple[np.ndarray, np.ndarray]:
-    """(our uint16 code [65536], exact bool [65536]) for every quip-sharp E8P code."""
-    points = quip_e8p_points()
-    ours = e8p_codebook.encode(points)  # [65536]
-    return ours, (e8p_codebook.decode(ours) == points).all(axis=1)
+def e8p_code_map() -> np.ndarray:
+    """[65536] uint16: our code (in the "quip-sharp" variant) of every quip-sharp E8P code's point."""
+    return e8p_codebook.encode(quip_e8p_points(), VARIANT)  # [65536]
 
 
 @functools.lru_cache(maxsize=None)
-def e81b_code_map() -> tuple[np.ndarray, np.ndarray]:
-    """(our uint8 code [256], exact bool [256]) for every quip-sharp 1-bit E8 code."""
-    points = quip_e81b_points()
-    ours = e8p_codebook.e8_1bit_encode(points)  # [256]
-    return ours, (e8p_codebook.e8_1bit_decode(ours) == points).all(axis=1)
+def e81b_code_map() -> np.ndarray:
+    """[256] uint8: our 1-bit E8 code (in the "quip-sharp" variant) of every quip-sharp 1-bit E8 code's point."""
+    return e8p_codebook.e8_1bit_encode(quip_e81b_points(), VARIANT)  # [256]
 
 
 def unpack_e8p(packed: np.ndarray, rows: int, groups: int) -> np.ndarray:
@@ -149,14 +129,6 @@ def check_size(n: int, prefix: str, source: str) -> None:
     if theirs != hadamard_factor(n)[0] or theirs not in VERIFIED_K:
         raise UserError(f"{source}: {prefix} has size {n}, whose Hadamard factor in quip-sharp ({theirs}) is not "
                         f"one this runtime shares (sizes K * 2**p with K in {VERIFIED_K})")
-
-
-class ImportReport:
-    """Counts of codes that had no exact counterpart in runtime/e8p_codebook.py's codebooks."""
-
-    def __init__(self):
-        self.codes = 0
-        self.approximated = 0
 
 
 class FusedProduct:
@@ -230,28 +202,23 @@ def read_settings(settings: dict, source: str) -> tuple[int, float]:
     return bits, float(override) if override > 0 else RESID_SCALES.get(bits, 1.0)
 
 
-def stage_codes(qidxs: np.ndarray, bits: int, rows: int, n_in: int, report: ImportReport) -> list:
-    """Our code arrays [rows, in/8] (one per RVQ stage) for a module's Qidxs."""
+def stage_codes(qidxs: np.ndarray, bits: int, rows: int, n_in: int) -> list:
+    """Our code arrays [rows, in/8] (one per RVQ stage, "quip-sharp" variant) for a module's Qidxs."""
     groups = n_in // 8
-    e8p_map, e8p_exact = e8p_code_map()
     split = {2: (groups // 4,), 3: (groups // 4, groups // 8), 4: (groups // 4, groups // 4)}[bits]
     parts = np.split(np.ascontiguousarray(qidxs), np.cumsum(split)[:-1], axis=1)
     out = []
     for index, part in enumerate(parts):
         if bits == 3 and index == 1:
             theirs = np.ascontiguousarray(part).view(np.uint8).reshape(rows, groups)  # [rows, in/8]
-            mapping, exact = e81b_code_map()
+            out.append(e81b_code_map()[theirs])
         else:
-            theirs = unpack_e8p(part, rows, groups)  # [rows, in/8]
-            mapping, exact = e8p_map, e8p_exact
-        report.codes += theirs.size
-        report.approximated += int((~exact[theirs]).sum())
-        out.append(mapping[theirs])
+            out.append(e8p_code_map()[unpack_e8p(part, rows, groups)])
     return out
 
 
-def convert_module(arrays: dict, bits: int, resid_scale: float, prefix: str, source: str,
-                   report: ImportReport) -> tuple[FusedProduct, np.ndarray]:
+def convert_module(arrays: dict, bits: int, resid_scale: float, prefix: str,
+                   source: str) -> tuple[FusedProduct, np.ndarray]:
     """A QuIP# module's arrays -> (the shared product: E8PTensor with the signs and |SU| beside it, |SV| [out])."""
     su, sv = np.asarray(arrays["SU"], dtype=np.float32), np.asarray(arrays["SV"], dtype=np.float32)
     if su.ndim != 1 or sv.ndim != 1:
@@ -266,9 +233,9 @@ def convert_module(arrays: dict, bits: int, resid_scale: float, prefix: str, sou
     qidxs = require_shape(arrays["Qidxs"], (rows, width), np.int64, prefix + ".Qidxs", source)
     wscale = float(np.asarray(arrays.get("Wscale", 1.0), dtype=np.float32).reshape(-1)[0])
     scales = [wscale] + ([wscale / resid_scale] if bits > 2 else [])
-    codes = stage_codes(qidxs, bits, rows, n_in, report)
+    codes = stage_codes(qidxs, bits, rows, n_in)
     inner = E8PTensor.from_codes(codes, scales, np.where(su < 0, -1, 1), np.where(sv < 0, -1, 1), bits,
-                                 (rows, n_in))
+                                 (rows, n_in), codebook=VARIANT)
     magnitude = np.abs(su).astype(np.float32)  # [in]
     return FusedProduct(inner, None if (magnitude == 1).all() else magnitude), np.abs(sv).astype(np.float32)
 
@@ -288,10 +255,9 @@ def fused_parts(prefix: str, config: dict) -> list[tuple[str, int]]:
     return [(prefix, None)]
 
 
-def convert(config: dict, settings: dict, tensors: dict, source: str, report: ImportReport | None = None) -> dict:
+def convert(config: dict, settings: dict, tensors: dict, source: str) -> dict:
     """{HF name: array or packed tensor} of a quip-sharp checkpoint's tensors."""
     bits, resid_scale = read_settings(settings, source)
-    report = report or ImportReport()
     out = dict(tensors)
     modules = sorted(name[:-len(".Qidxs")] for name in out if name.endswith(".Qidxs"))
     if not modules:
@@ -299,7 +265,7 @@ def convert(config: dict, settings: dict, tensors: dict, source: str, report: Im
     for prefix in modules:
         arrays = take_module(out, prefix, ("Qidxs", "SU", "SV"), source,
                              optional=("Wscale", "fuse_scales", "codebook_id"))
-        shared, out_magnitude = convert_module(arrays, bits, resid_scale, prefix, source, report)
+        shared, out_magnitude = convert_module(arrays, bits, resid_scale, prefix, source)
         parts = fused_parts(prefix, config)
         fuse = np.asarray(arrays.get("fuse_scales", np.ones(len(parts))), dtype=np.float32).reshape(-1)
         total = shared.inner.shape[0]
@@ -313,7 +279,4 @@ def convert(config: dict, settings: dict, tensors: dict, source: str, report: Im
             whole = len(parts) == 1 and shared.in_scale is None and (out_scale == 1).all()
             out[name + ".weight"] = shared.inner if whole else QuipSharpLinear(shared, start, start + rows, out_scale)
             start += rows
-    if report.approximated:
-        print(f"note: {report.approximated} of {report.codes} QuIP# codes use points runtime/e8p_codebook.py's codebooks lack "
-              f"(quip-sharp's other norm-12 vectors); they were mapped to the nearest point", file=sys.stderr)
     return out
