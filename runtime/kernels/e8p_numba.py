@@ -376,7 +376,7 @@ def _e8p_row_dot_vnni(typingctx, codes, o, first, xq, start, d, table):
             builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(total, floats), scales)), acc)
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, floats]),
                                                 "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)])
+        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)], fastmath=("reassoc",))  # a tree
 
     return types.float32(codes, types.int64, types.int64, xq, start, d, table), codegen
 
@@ -471,7 +471,7 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
             builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, floats), scales)), acc)
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, floats]),
                                                 "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)])
+        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)], fastmath=("reassoc",))  # a tree
 
     return types.float32(codes, types.int64, xperm, start16, d, tables), codegen
 
