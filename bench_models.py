@@ -40,7 +40,7 @@ from runtime.checkpoints.atomic import atomic_directory
 from runtime.checkpoints.checkpoint import save_checkpoint
 from runtime.text.datasets import DATA_DIR
 from runtime.checkpoints.export.gguf import write_gguf
-from runtime.checkpoints.gguf_io import half_split_to_interleaved
+from runtime.checkpoints.rope_layout import half_split_to_interleaved
 from runtime.checkpoints.packed_checkpoint import save_packed
 from pipeline.quantize_model import HEAD_SPEC, bits_per_weight
 from pipeline.tags import parse_tag

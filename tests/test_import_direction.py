@@ -13,6 +13,7 @@ from pipeline.tags import parse_tag
 
 BUILD_MODULES = ("pipeline.calibration", "pipeline.quantize_model", "pipeline.smoothing", "pipeline.training",
                  "rtn", "gptq", "spqr", "quip", "quipsharp", "int8", "nf4", "layerwise", "tqdm")
+FILE_MODULES = ("jinja2", "gguf", "sentencepiece", "runtime.text.chat_template", "runtime.checkpoints.gguf_io")
 
 
 def top_level_packages() -> set:
@@ -70,11 +71,14 @@ def packed(tmp_path_factory):
 
 
 def test_loading_a_saved_model_imports_no_build_module(packed):
+    """Nor the libraries only some files need: Jinja2 (chat templates), gguf and sentencepiece (those files)."""
+    assert (packed / "tokenizer.json").is_file() and not (packed / "tokenizer.model").exists()
+    unwanted = BUILD_MODULES + FILE_MODULES
     script = ("import json, sys\n"
               "from pipeline.api import load\n"
               f"llm = load({str(packed)!r})\n"
               "llm.generate('Hello', max_new_tokens=2, temperature=0)\n"
-              f"print(json.dumps(sorted(m for m in {BUILD_MODULES!r} if m in sys.modules)))\n")
+              f"print(json.dumps(sorted(m for m in {unwanted!r} if m in sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []

@@ -17,7 +17,8 @@ from runtime.errors import UserError
 from runtime.checkpoints.packed_checkpoint import load_packed, save_packed
 from pipeline.quantize_model import build_quantized
 from pipeline.tags import parse_tag
-from runtime.text.tokenizer import BoundedTemplateEnvironment, Tokenizer
+from runtime.text.chat_template import BoundedTemplateEnvironment
+from runtime.text.tokenizer import Tokenizer
 from test_fuzz import write_tokenized_gguf
 
 

@@ -27,8 +27,6 @@ import socket
 import uuid
 from pathlib import Path
 
-import psutil
-
 from runtime.errors import UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -61,13 +59,16 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
-def _start_centiseconds(process: psutil.Process) -> int:
-    return round(process.create_time() * 100)
+def _start_centiseconds(pid: int | None = None) -> int:
+    """The start time of process `pid` (this process when None) in centiseconds; psutil's errors pass through."""
+    import psutil  # only when a temporary is named or checked, not for every load
+
+    return round(psutil.Process(pid).create_time() * 100)
 
 
 def temporary_name(path: Path, kind: str) -> Path:
     """A fresh name beside `path` for a temporary of this process: `.NAME.HOST~PID~START.RANDOM.KIND`."""
-    owner = f"{_host()}~{os.getpid()}~{_start_centiseconds(psutil.Process())}"
+    owner = f"{_host()}~{os.getpid()}~{_start_centiseconds()}"
     return path.with_name(f".{path.name}.{owner}.{uuid.uuid4().hex[:12]}.{kind}")
 
 
@@ -79,8 +80,10 @@ def _owner_alive(host: str, pid: int, start: int) -> bool:
     """True unless the owner is known to be gone (another host's processes cannot be checked: alive)."""
     if host != _host():
         return True
+    import psutil
+
     try:
-        return abs(_start_centiseconds(psutil.Process(pid)) - start) <= 1
+        return abs(_start_centiseconds(pid) - start) <= 1
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:

@@ -31,7 +31,6 @@ import numpy as np
 from runtime.checkpoints.config_schema import check_tensors
 from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
-from runtime.checkpoints.gguf_io import load_gguf
 from runtime.checkpoints.llama2c import load_llama2c
 from runtime.checkpoints.atomic import atomic_file
 from runtime.checkpoints.safetensors_io import corrupt, read_safetensors, require_regular_file, write_safetensors
@@ -150,6 +149,8 @@ def load_checkpoint_with_metadata(path: str | os.PathLike, to_float32: bool = Tr
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == GGUF_MAGIC:
+            from runtime.checkpoints.gguf_io import load_gguf  # the gguf package only for GGUF files
+
             config, tensors = load_gguf(path)
         elif path.suffix == ".bin" and not zipfile.is_zipfile(path):
             config, tensors = load_llama2c(path)

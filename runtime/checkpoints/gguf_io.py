@@ -10,8 +10,8 @@ instead of HF's halves (x0, x_{d/2}), (x1, x_{d/2+1}), ...:
     gguf_rows = hf.reshape(n_head, 2, head_dim // 2, in).swapaxes(1, 2).reshape(out, in)
 
 so within each head, GGUF row 2j is HF row j and GGUF row 2j+1 is HF row
-j + head_dim/2. `interleaved_to_half_split` inverts it (llama2.c's wq/wk use
-the same interleaved order). Quantized tensors are dequantized with the
+j + head_dim/2. runtime/checkpoints/rope_layout.py inverts it (llama2.c's wq/wk
+use the same interleaved order). Quantized tensors are dequantized with the
 `gguf` package's reference NumPy code (`gguf.quants.dequantize`).
 
 Metadata comes from an untrusted file: every value is read through
@@ -30,6 +30,7 @@ import gguf
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.checkpoints.rope_layout import interleaved_to_half_split
 from runtime.checkpoints.safetensors_io import corrupt, require_regular_file
 
 # GGUF tensor names outside the blocks -> HF names.
@@ -51,20 +52,6 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-
-
-def interleaved_to_half_split(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder Q or K rows (weight [out, in] or bias [out]) from interleaved-pair to HF half-split RoPE order."""
-    head_dim = w.shape[0] // n_head
-    per_head = w.reshape(n_head, head_dim // 2, 2, *w.shape[1:])  # [n_head, head_dim/2, 2, (in)]
-    return per_head.swapaxes(1, 2).reshape(w.shape)  # [out, (in)]
-
-
-def half_split_to_interleaved(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse: HF half-split rows -> interleaved pairs, as llama.cpp's converter writes them."""
-    head_dim = w.shape[0] // n_head
-    per_head = w.reshape(n_head, 2, head_dim // 2, *w.shape[1:])  # [n_head, 2, head_dim/2, (in)]
-    return per_head.swapaxes(1, 2).reshape(w.shape)  # [out, (in)]
 
 
 def is_int(v) -> bool:

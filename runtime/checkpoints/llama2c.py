@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.checkpoints.gguf_io import interleaved_to_half_split
+from runtime.checkpoints.rope_layout import interleaved_to_half_split
 from runtime.checkpoints.safetensors_io import corrupt
 
 HEADER_INTS = 7

@@ -19,27 +19,20 @@ All tokenization runs in the Hugging Face `tokenizers` library or in Google's
 `StreamDecoder` turns a growing id sequence into text pieces that never split
 a UTF-8 character, by decoding a short tail window and emitting only the part
 that is new and complete (the method of HF text-generation-inference's
-`decode_token`). Chat templates are Jinja2, rendered the way transformers'
-`apply_chat_template` renders them.
+`decode_token`). Chat templates are Jinja2, rendered in a bounded sandbox by
+runtime/text/chat_template.py (imported only for a chat prompt; sentencepiece
+and gguf, likewise, only for the files that need them).
 """
 
 import json
-import sys
-import time
 from pathlib import Path
 
-import jinja2
-import jinja2.compiler
-import jinja2.sandbox
-import sentencepiece
 import tokenizers
-from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
 from runtime.checkpoints.atomic import write_text
 from runtime.checkpoints.checkpoint import read_json
 from runtime.errors import UserError
-from runtime.checkpoints.gguf_io import metadata_value
 from runtime.checkpoints.safetensors_io import require_regular_file
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
@@ -165,6 +158,8 @@ class Tokenizer:
 
     @classmethod
     def _from_sentencepiece(cls, model_path, directory):
+        import sentencepiece  # only for tokenizer.model files
+
         backend = sentencepiece.SentencePieceProcessor()
         try:
             backend.Load(str(model_path))
@@ -182,6 +177,10 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path):
+        from gguf import GGUFReader  # the gguf package (and the sentencepiece it imports) only for GGUF files
+
+        from runtime.checkpoints.gguf_io import metadata_value
+
         require_regular_file(path)
         try:
             reader = GGUFReader(path)
@@ -238,7 +237,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             return self._backend.get_piece_size()
         return self._backend.get_vocab_size(with_added_tokens=True)
 
@@ -246,7 +245,7 @@ class Tokenizer:
         """Token ids of `text`; BOS first when `add_bos` (None: the model's default). Never adds EOS."""
         if not isinstance(text, str):
             raise UserError(f"encode takes a str, got {type(text).__name__}; decode bytes to text first")
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             ids = self._backend.encode(text)
         else:
             ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -262,7 +261,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             return self._backend.decode(ids)
         return self._backend.decode(ids, skip_special_tokens=True)
 
@@ -272,14 +271,14 @@ class Tokenizer:
 
     def token_to_id(self, text):
         """Id of the vocabulary entry `text`, or None."""
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             piece_id = self._backend.piece_to_id(text)
             return piece_id if self._backend.id_to_piece(piece_id) == text else None
         return self._backend.token_to_id(text)
 
     def id_to_token(self, token_id):
         """Vocabulary entry of `token_id` (raw form: 'Ġ' / '▁' for spaces)."""
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             return self._backend.id_to_piece(token_id)
         return self._backend.id_to_token(token_id)
 
@@ -289,18 +288,13 @@ class Tokenizer:
         """The model's chat template rendered for one user message, ready for the assistant's reply."""
         if self.chat_template is None:
             raise UserError("this model has no chat template; send the prompt as plain text instead")
+        from runtime.text.chat_template import render  # Jinja2 only for chat
+
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
-        env = BoundedTemplateEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                         extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
         names = {"bos_token": self.bos_id, "eos_token": self.eos_ids[0] if self.eos_ids else None}
         specials = {k: self.id_to_token(v) if v is not None else "" for k, v in names.items()}
-        try:
-            return env.render_bounded(self.chat_template, messages=messages, add_generation_prompt=True, **specials)
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:
-            raise UserError(f"the model's chat template failed ({type(e).__name__}: {e}); "
-                            "send the prompt as plain text instead") from None
+        return render(self.chat_template, messages, specials)
 
     # ---- saving ----
 
@@ -308,7 +302,7 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json that `Tokenizer.load` reads back to the same ids."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(self._backend, sentencepiece.SentencePieceProcessor):
+        if not isinstance(self._backend, tokenizers.Tokenizer):
             backend = _convert_sentencepiece(self._backend)
         else:
             backend = tokenizers.Tokenizer.from_str(self._backend.to_str())  # a copy to set the post-processor on
@@ -328,83 +322,6 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         write_text(directory / "tokenizer.json", backend.to_str(pretty=True))
         write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-
-
-class BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
-    """Jinja's code generator, with every `~` concatenation checked by the environment's length cap."""
-
-    def visit_Concat(self, node, frame):
-        self.write("environment.bounded(")
-        super().visit_Concat(node, frame)
-        self.write(")")
-
-
-class BoundedTemplateEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """Jinja's sandbox with bounds on what a chat template from a model file may cost.
-
-    The sandbox already stops templates from reaching Python internals and caps
-    range() at 100000 items; this adds a time budget (checked on every line
-    the template's code runs, so nested loops stop), a cap on the length of the
-    output and of every string or list that repetition (*), addition (+) or
-    concatenation (~) builds, a cap on powers (**), and a cap on the integers
-    passed to any call (so 'a'.center(10**12) never allocates).
-    """
-
-    code_generator_class = BoundedCodeGenerator
-    intercepted_binops = frozenset(["*", "**", "+"])
-    max_seconds = 2.0
-    max_length = 1_000_000  # characters of output, items or characters of any built value
-    max_power_bits = 100_000
-
-    def call_binop(self, context, operator, left, right):
-        """`left operator right`, refused when its result would exceed the bounds."""
-        if operator == "*":
-            counts = [v for v in (left, right) if isinstance(v, int)]
-            sized = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
-            if counts and sized and len(sized[0]) * counts[0] > self.max_length:
-                raise UserError(self.limit_message(f"repeats a value to more than {self.max_length} items"))
-        if (operator == "**" and isinstance(left, int) and isinstance(right, int)
-                and right * max(abs(left).bit_length(), 1) > self.max_power_bits):
-            raise UserError(self.limit_message(f"computes a power of more than {self.max_power_bits} bits"))
-        return self.bounded(super().call_binop(context, operator, left, right))
-
-    def call(self, __context, __obj, *args, **kwargs):
-        """A call from the template, refused when it passes an integer above the length cap."""
-        if any(isinstance(a, int) and abs(a) > self.max_length for a in (*args, *kwargs.values())):
-            raise UserError(self.limit_message(f"passes a number above {self.max_length} to a function"))
-        return super().call(__context, __obj, *args, **kwargs)
-
-    def bounded(self, value):
-        """`value`, unless it is a string or list longer than the cap."""
-        if isinstance(value, (str, list, tuple)) and len(value) > self.max_length:
-            raise UserError(self.limit_message(f"builds a value of more than {self.max_length} items"))
-        return value
-
-    def limit_message(self, what: str) -> str:
-        return f"the model's chat template {what}; send the prompt as plain text instead (without --chat)"
-
-    def render_bounded(self, source: str, **context) -> str:
-        """Render template `source` within the time budget and the output cap."""
-        template = self.from_string(source)
-        deadline = time.monotonic() + self.max_seconds
-
-        def trace(frame, event, arg):
-            if time.monotonic() > deadline:
-                raise UserError(self.limit_message(f"ran longer than {self.max_seconds:g} s"))
-            return trace
-
-        pieces, length = [], 0
-        previous = sys.gettrace()
-        sys.settrace(trace)
-        try:
-            for piece in template.generate(**context):
-                length += len(piece)
-                if length > self.max_length:
-                    raise UserError(self.limit_message(f"writes more than {self.max_length} characters"))
-                pieces.append(piece)
-        finally:
-            sys.settrace(previous)
-        return "".join(pieces)
 
 
 class StreamDecoder:
@@ -547,6 +464,3 @@ def _hf_chat_template(directory):
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     return template
 
-
-def _raise_template_error(message):
-    raise UserError(f"the model's chat template refused the conversation: {message}")

@@ -35,7 +35,7 @@ import numpy as np
 from runtime.checkpoints.atomic import temporary_name
 from runtime.errors import UserError
 from runtime.formats.uniform import PER_ROW, UniformTensor, unpack
-from runtime.checkpoints.gguf_io import half_split_to_interleaved
+from runtime.checkpoints.rope_layout import half_split_to_interleaved
 
 BLOCK = 32
 EXPORTABLE = ("uniform-format Llama models with 4-bit codes, no act-order, groups a multiple of 32 or one per row "
