@@ -8,6 +8,7 @@ published packing code (cited in each helper) from a random tiny Llama
 equal the layout's own dequantization formula, and that our logits equal
 transformers' on those weights within 1e-3.
 """
+import functools
 import itertools
 import json
 import shutil
@@ -333,6 +334,13 @@ def quip_point(code: int, source: np.ndarray) -> np.ndarray:
     return a + (-0.25 if parity else 0.25)
 
 
+@functools.cache
+def quip_grid() -> np.ndarray:
+    """Every code's `quip_point` [65536, 8] (get_full_grid's synth_codebook), computed once."""
+    source = quip_source()
+    return np.array([quip_point(code, source) for code in range(1 << 16)])
+
+
 def quip_pack(codes: np.ndarray) -> np.ndarray:
     """uint16 codes [m, n] -> int64 [m, n/4]: quip-sharp's E8P12_codebook.maybe_pack_idxs
     (lib/codebook/latticee8_padded12.py): rows and codes in pairs, abs bytes at 8*(i + 2j), sign bit b of code
@@ -356,12 +364,38 @@ def sylvester(n: int) -> np.ndarray:
     return h / np.sqrt(n)
 
 
-def quip_checkpoint(path, base, real_scales: bool):
-    """A 2-bit QuIP# checkpoint (fused qkv and upgate, o, down) and {HF name: W} by quip-sharp's formula
-    W = diag(SV) H Wscale·Ŵ Hᵀ diag(SU) (quantized_linear.py / matmul_had.py), fused parts times fuse_scales."""
+def quip_e81b_grid() -> np.ndarray:
+    """quip-sharp's 1-bit E8 grid (lib/codebook/latticee8_padded12_rvq3bit.py get_e81bgrid) [256, 8]: the points
+    of (Z^8 ∪ (Z + 1/2)^8) with even sum and norm² <= 2, integer ones first, each in cartesian_prod order, then
+    +2e_0 .. +2e_7, -2e_0 .. -2e_6."""
+    integer = [p for p in itertools.product(range(-4, 4), repeat=8) if sum(p) % 2 == 0 and sum(v * v for v in p) <= 2]
+    half = [p for p in itertools.product(np.arange(-4, 4) + 0.5, repeat=8)
+            if sum(p) % 2 == 0 and sum(v * v for v in p) <= 2]
+    axis = [2 * np.eye(8)[k] for k in range(8)] + [-2 * np.eye(8)[k] for k in range(7)]
+    return np.array(integer + half + axis, dtype=np.float64)
+
+
+def quip_pack_e81b(codes: np.ndarray) -> np.ndarray:
+    """uint8-valued codes [m, n] -> int64 [m, n/8]: pack_e81b of rvq3bit.py's maybe_pack_idxs (code 8j + i in
+    byte i of word j)."""
+    words = np.zeros((codes.shape[0], codes.shape[1] // 8), np.uint64)
+    for i in range(8):
+        words |= codes[:, i::8].astype(np.uint64) << np.uint64(8 * i)
+    return words.view(np.int64)
+
+
+QUIP_LAYOUTS = {2: "E8P12", 3: "E8P12RVQ3B", 4: "E8P12RVQ4B"}  # bits -> quip_params codebook
+QUIP_RESID = {3: 2.04, 4: 3.45}  # each codebook's opt_resid_scale
+
+
+def quip_checkpoint(path, base, real_scales: bool, bits: int = 2):
+    """A QuIP# checkpoint (fused qkv and upgate, o, down) and {HF name: W} by quip-sharp's formula
+    W = diag(SV) H Wscale·Ŵ Hᵀ diag(SU) (quantized_linear.py / matmul_had.py), fused parts times fuse_scales.
+    2 bits: Ŵ = E8P(c1), Qidxs = maybe_pack_idxs(c1); 3 bits: Ŵ = E8P(c1) + E8(c2) / 2.04, Qidxs = [pack_e8p(c1),
+    pack_e81b(c2)] (latticee8_padded12_rvq3bit.py); 4 bits: Ŵ = E8P(c1) + E8P(c2) / 3.45, Qidxs = [pack(c1),
+    pack(c2)] and no Wscale (rvq4bit.py: its layer's scale of 32 divides x and multiplies y)."""
     _, state = base
     rng = np.random.default_rng(3)
-    source = quip_source()
     fused = {"self_attn.qkv_proj": [("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("self_attn.v_proj", 32)],
              "mlp.upgate_proj": [("mlp.up_proj", 128), ("mlp.gate_proj", 128)],
              "self_attn.o_proj": [("self_attn.o_proj", 64)], "mlp.down_proj": [("mlp.down_proj", 64)]}
@@ -373,22 +407,32 @@ def quip_checkpoint(path, base, real_scales: bool):
         n_in = 128 if module == "mlp.down_proj" else 64
         src = rng.integers(0, 256, size=(rows, n_in // 8))
         codes = (src << 8 | rng.integers(0, 256, size=src.shape)).astype(np.uint16)
+        second = rng.integers(0, 256 if bits == 3 else 1 << 16, size=src.shape)  # the residual stage's codes
         su = rng.choice([-1.0, 1.0], n_in) * (rng.uniform(0.5, 1.5, n_in) if real_scales else 1)
         sv = rng.choice([-1.0, 1.0], rows) * (rng.uniform(0.5, 1.5, rows) if real_scales else 1)
         su, sv = su.astype(np.float16).astype(np.float64), sv.astype(np.float16).astype(np.float64)  # as stored
-        wscale = np.array(0.02, np.float32)  # a scalar tensor, as torch saves it
+        wscale = np.array(0.02 if bits < 4 else 1.0, np.float32)  # a scalar tensor, as torch saves it
         fuse = rng.uniform(0.5, 2, len(parts)).astype(np.float32) if len(parts) > 1 else np.ones(1, np.float32)
-        w_hat = np.array([[quip_point(int(c), source) for c in row] for row in codes]).reshape(rows, n_in)
+        w_hat = quip_grid()[codes].reshape(rows, n_in)
+        qidxs = [quip_pack(codes)]
+        if bits == 3:
+            w_hat = w_hat + quip_e81b_grid()[second].reshape(rows, n_in) / QUIP_RESID[3]
+            qidxs.append(quip_pack_e81b(second))
+        if bits == 4:
+            w_hat = w_hat + quip_grid()[second].reshape(rows, n_in) / QUIP_RESID[4]
+            qidxs.append(quip_pack(second.astype(np.uint16)))
         w = sv[:, None] * (sylvester(rows) @ (wscale * w_hat) @ sylvester(n_in).T) * su
-        tensors.update({prefix + module + ".Qidxs": quip_pack(codes), prefix + module + ".SU": su.astype(np.float16),
-                        prefix + module + ".SV": sv.astype(np.float16), prefix + module + ".Wscale": wscale})
+        tensors.update({prefix + module + ".Qidxs": np.concatenate(qidxs, axis=1),
+                        prefix + module + ".SU": su.astype(np.float16), prefix + module + ".SV": sv.astype(np.float16)})
+        if bits < 4:
+            tensors[prefix + module + ".Wscale"] = wscale
         if len(parts) > 1:
             tensors[prefix + module + ".fuse_scales"] = fuse
         start = 0
         for (name, r), f in zip(parts, fuse):
             weights[prefix + name + ".weight"] = (w[start:start + r] * f).astype(np.float32)
             start += r
-    config = {"quip_params": {"codebook": "E8P12", "codebook_version": 1, "codesz": 8, "fused": True,
+    config = {"quip_params": {"codebook": QUIP_LAYOUTS[bits], "codebook_version": 1, "codesz": 8, "fused": True,
                               "idx_dtype": "torch.int64", "lora_rank": 0, "packsz": 4, "rescale_WH": False,
                               "outlier_channel_split": False}}
     return write_checkpoint(path, base, tensors, None, config), weights
@@ -404,6 +448,7 @@ def test_quipsharp_codebook_mapping():
     np.testing.assert_array_equal(e8p_codebook.decode(ours, "quip-sharp"), quipsharp.quip_e8p_points())
     for code in (0, 1, 255, 256 * 100 + 77, 256 * 240 + 3, 65535):
         np.testing.assert_array_equal(quipsharp.quip_e8p_points()[code], quip_point(code, source))
+    np.testing.assert_array_equal(quipsharp.quip_e81b_points(), quip_e81b_grid())
     e81b = quipsharp.e81b_code_map()
     assert len(np.unique(e81b)) == 256
     np.testing.assert_array_equal(e8p_codebook.e8_1bit_decode(e81b, "quip-sharp"), quipsharp.quip_e81b_points())
@@ -412,10 +457,11 @@ def test_quipsharp_codebook_mapping():
     assert len(theirs & lexicographic) == 238
 
 
-@pytest.mark.parametrize("real_scales", [False, True])
-def test_quipsharp_matches_published_formula(tmp_path, base, real_scales):
-    """Codes over all 256 sources (the norm-12 ones included) load to quip-sharp's W exactly, through every kernel."""
-    path, weights = quip_checkpoint(tmp_path / "quip", base, real_scales=real_scales)
+@pytest.mark.parametrize("bits, real_scales", [(2, False), (2, True), (3, True), (4, True)])
+def test_quipsharp_matches_published_formula(tmp_path, base, bits, real_scales):
+    """Codes over all 256 sources (the norm-12 ones included), and every residual code, load to quip-sharp's W
+    exactly; the logits equal transformers' on those weights."""
+    path, weights = quip_checkpoint(tmp_path / "quip", base, real_scales=real_scales, bits=bits)
     assert is_quantized_checkpoint(path)
     _, tensors = load_quantized_checkpoint(path)
     for name, w in weights.items():
