@@ -102,7 +102,8 @@ def test_smollm2(smollm2_dir, quantized, monkeypatch):
 def test_exp32_against_numpy():
     """exp32 (Cephes' expf, vectorized) within 3e-7 relative of float64 e^x on [-80, 80]; clamped beyond
     (no inf, no NaN), and the SiLU built on it equals g * sigmoid(g) in float64 within 1e-6 relative."""
-    from runtime.kernels.decode_step_numba import exp32, silu_mul
+    from runtime.kernels.decode_step_numba import silu_mul
+    from runtime.kernels.numba_common import exp32
     from numba import njit
 
     @njit

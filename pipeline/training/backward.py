@@ -29,6 +29,10 @@ memory is the frozen base plus the layer inputs plus about one layer's work.
 Dropout masks come from a generator seeded by (seed, layer, projection), so
 the recomputation draws the same masks as the first forward.
 
+The causal softmax of the attention scores, its backward and the LM head's
+cross-entropy run as Numba kernels (runtime/kernels/softmax_numba.py), in place
+and in fewer passes than NumPy's: they are the largest arrays of a pass.
+
 The loss is the sum of token cross-entropies over the targets that are not
 IGNORE; gradients are of that sum, so gradient accumulation divides by the
 token count of the whole optimizer step.
@@ -44,6 +48,7 @@ from model import Model
 from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
+from runtime.kernels.softmax_numba import causal_softmax_, cross_entropy_, softmax_backward_
 
 IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
 HEAD_ROWS = 1024  # LM-head rows per chunk: the logits of one chunk are [HEAD_ROWS, vocab]
@@ -160,14 +165,8 @@ class Pass:
         for s in range(0, len(chosen), HEAD_ROWS):
             idx = chosen[s:s + HEAD_ROWS]  # [c]
             logits = rows[idx] @ head.T  # [c, vocab]
-            top = logits.max(axis=1, keepdims=True)  # [c, 1]
-            p = np.exp(logits - top)  # [c, vocab]
-            total = p.sum(axis=1, keepdims=True)  # [c, 1]
-            picked = logits[np.arange(len(idx)), flat[idx]]  # [c]
-            loss += float(np.sum(np.log(total[:, 0]) + top[:, 0] - picked, dtype=np.float64))
-            p /= total  # softmax [c, vocab]
-            p[np.arange(len(idx)), flat[idx]] -= 1  # dL/dlogits [c, vocab]
-            dn[idx] = p @ head  # [c, e]
+            loss += float(cross_entropy_(logits, flat[idx]).sum())  # logits become dL/dlogits  [c, vocab]
+            dn[idx] = logits @ head  # [c, e]
         return loss, len(chosen), self.final_backward(dn.reshape(B, T, -1), kept)
 
     def final(self, x: np.ndarray, keep: dict) -> np.ndarray:
@@ -280,9 +279,7 @@ class Pass:
         k = k[:, :, None]  # [B, KV, 1, T, hd]
         v = v[:, :, None]  # [B, KV, 1, T, hd]
         scores = q @ k.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
-        scores *= np.float32(1 / math.sqrt(hd))
-        scores += np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)  # the future masked  [T, T]
-        p = softmax_(scores)  # [B, KV, G, T, T]
+        p = causal_softmax_(scores, 1 / math.sqrt(hd))  # [B, KV, G, T, T], 0 for the future keys
         o = (p @ v).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
         keep.update(q=q, k=k, v=v, p=p)
         return self.project(i, w, self.out_proj(), o, keep)  # [B, T, d]
@@ -301,7 +298,7 @@ class Pass:
         do = do.reshape(B, T, H, hd).transpose(0, 2, 1, 3).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]
         dv = (p.transpose(0, 1, 2, 4, 3) @ do).sum(axis=2)  # [B, KV, T, hd]
         dp = do @ v.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
-        dscores = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) / math.sqrt(hd)  # softmax'  [B, KV, G, T, T]
+        dscores = softmax_backward_(p, dp, 1 / math.sqrt(hd))  # softmax', over dp  [B, KV, G, T, T]
         dq = dscores @ k  # [B, KV, G, T, hd]
         dk = (dscores.transpose(0, 1, 2, 4, 3) @ q).sum(axis=2)  # [B, KV, T, hd]
         dq = dq.reshape(B, H, T, hd)  # [B, H, T, hd]
@@ -391,12 +388,3 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """dL/dx of rope: the rotation transposed, i.e. rope by the opposite angle."""
     return rope(dy, cos, -sin)  # [..., T, hd]
-
-
-def softmax_(s: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis in place (s is overwritten and returned; no copies of a [.., T, T] array),
-    stable for -inf entries."""
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
-    return s

@@ -16,36 +16,15 @@ does them as plain loops). Same operations as the NumPy path, in float32:
   grouped-query heads sharing a kv head (Ainslie et al. 2023).
 - `silu_mul`: SwiGLU's silu(gate) * up (Shazeer 2020), silu as g / (1 + e^-g).
 
-The exponentials of silu and softmax go through `exp32`, which LLVM vectorizes
-(Numba's np.exp and np.tanh call the C library once per value when Intel's SVML
-is not installed, which cost 3-4x the whole loop): Cody and Waite's range
-reduction x = n ln2 + r with ln2 split in two (0.693359375 - 2.12194440e-4),
-the degree-7 minimax polynomial of e^r on |r| <= ln2/2 from Cephes' expf
-(Moshier 1984), and 2^n built from its exponent bits. Relative error at most
-3e-7 (2-3 ulp) on [-80, 80]; inputs are clamped to [-87, 88], so e^-g never
-overflows.
+The exponentials of silu and softmax go through `exp32` (runtime/kernels/numba_common.py),
+which LLVM vectorizes.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from runtime.kernels.numba_common import float_from_bits
-
-
-@njit(inline="always", fastmath=True)
-def exp32(x):
-    """e^x for float32 x (module docstring: Cephes' expf, vectorizable)."""
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))  # round(x / ln2)
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)  # |r| <= ln2 / 2
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    return (p * r * r + r + np.float32(1.0)) * float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+from runtime.kernels.numba_common import exp32
 
 
 @njit(cache=True, fastmath=True)
