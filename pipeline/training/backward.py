@@ -26,8 +26,9 @@ Activation checkpointing (per layer): the first forward keeps only each
 layer's input; the backward recomputes one layer at a time, keeping that
 layer's activations and its dequantized weights, then differentiates it. So
 memory is the frozen base plus the layer inputs plus about one layer's work.
-Dropout masks come from a generator seeded by (seed, layer, projection), so
-the recomputation draws the same masks as the first forward.
+Dropout masks are a hash of (seed, layer, projection, entry)
+(runtime/kernels/dropout_numba.py), so the recomputation draws the same masks
+as the first forward.
 
 The causal softmax of the attention scores, its backward and the LM head's
 cross-entropy run as Numba kernels (runtime/kernels/softmax_numba.py), in place
@@ -48,6 +49,7 @@ from model import Model
 from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
+from runtime.kernels import dropout_numba
 from runtime.kernels.softmax_numba import causal_softmax_, cross_entropy_, softmax_backward_
 
 IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
@@ -343,11 +345,11 @@ class Pass:
         return dx + (dxd if mask is None else dxd * mask)  # [B, T, in]
 
     def dropout_mask(self, i: int, module: str, shape: tuple):
-        """Inverted-dropout mask (0 or 1/(1-p)) [shape] drawn from (seed, layer, projection), or None."""
+        """Inverted-dropout mask (0 or 1/(1-p)) [shape] of the stream (seed, layer, projection), or None."""
         if self.dropout == 0:
             return None
-        rng = np.random.default_rng([self.seed, i, PROJECTIONS[self.model.config.arch].index(module)])
-        return (rng.random(shape, dtype=np.float32) >= self.dropout) * np.float32(1 / (1 - self.dropout))  # [shape]
+        key = dropout_numba.stream_key(self.seed, i, PROJECTIONS[self.model.config.arch].index(module))
+        return dropout_numba.dropout_mask(shape, key, self.dropout)  # [shape]
 
 
 # ---- elementwise pieces, each with its backward ------------------------------------------
