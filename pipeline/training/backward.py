@@ -326,7 +326,8 @@ class Pass:
         xd = x if mask is None else x * mask  # [B, T, in]
         down = xd @ self.adapter.A[name].T  # [B, T, r]
         keep[module] = (mask, xd, down)
-        return y + np.float32(self.adapter.scale) * (down @ self.adapter.B[name].T)  # [B, T, out]
+        y += (np.float32(self.adapter.scale) * down) @ self.adapter.B[name].T  # scaled while [B, T, r]
+        return y  # [B, T, out]
 
     def project_backward(self, i: int, w: dict, module: str, dy: np.ndarray, s: dict) -> np.ndarray:
         """dL/dx [B, T, in] from dL/dy [B, T, out]: dy W through the frozen weight (dequantized), plus the
@@ -339,10 +340,13 @@ class Pass:
         scale = np.float32(self.adapter.scale)
         r, n_in, n_out = down.shape[-1], xd.shape[-1], dy.shape[-1]
         g = scale * (dy @ self.adapter.B[name])  # dL/d(down)  [B, T, r]
-        self.grads_B[name] += scale * dy.reshape(-1, n_out).T @ down.reshape(-1, r)  # [out, r]
+        self.grads_B[name] += scale * (dy.reshape(-1, n_out).T @ down.reshape(-1, r))  # [out, r]
         self.grads_A[name] += g.reshape(-1, r).T @ xd.reshape(-1, n_in)  # [r, in]
         dxd = g @ self.adapter.A[name]  # [B, T, in]
-        return dx + (dxd if mask is None else dxd * mask)  # [B, T, in]
+        if mask is not None:
+            dxd *= mask
+        dx += dxd
+        return dx  # [B, T, in]
 
     def dropout_mask(self, i: int, module: str, shape: tuple):
         """Inverted-dropout mask (0 or 1/(1-p)) [shape] of the stream (seed, layer, projection), or None."""
