@@ -110,8 +110,8 @@ class PackedTensor:
 
     def dequantize_cpu(self) -> np.ndarray:
         """`dequantize` of NumPy arrays through the format's Numba kernels where it has them (equal to the
-        reference within float32 rounding); what a caller that needs the whole float matrix runs (training's
-        frozen products)."""
+        reference within float32 rounding), on the calling thread; what a caller that needs the whole float
+        matrix runs (training's frozen products, beside BLAS on every core)."""
         return np.asarray(self.dequantize(), dtype=np.float32)
 
     def matmul(self, x):

@@ -202,7 +202,7 @@ class Lut4Tensor(PackedTensor):
         return self.table[codes] * scale  # [out, in]
 
     def dequantize_cpu(self) -> np.ndarray:
-        """W [out, in] float32 by the parallel Numba decoder (runtime/kernels/lut4_numba.py)."""
+        """W [out, in] float32 by the Numba decoder on the calling thread (runtime/kernels/lut4_numba.py)."""
         from runtime.kernels import lut4_numba
 
         return lut4_numba.dequantize(self)  # [out, in]

@@ -249,7 +249,7 @@ class UniformTensor(PackedTensor):
         return dequantize(**arrays, bits=self.bits)
 
     def dequantize_cpu(self) -> np.ndarray:
-        """W [out, in] float32 by the parallel Numba tile decoder, back in original column order."""
+        """W [out, in] float32 by the Numba tile decoder on the calling thread, back in original column order."""
         from runtime.kernels import uniform_numba
 
         stored = uniform_numba.dequantize_storage(self)[:self.in_features]  # [in, out] storage order

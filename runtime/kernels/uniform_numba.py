@@ -294,17 +294,10 @@ def _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, run, n0, m, 
 
 @njit(cache=True, nogil=True)
 def _dequantize_tile_serial(qweight, qzeros, scales, bits, group_runs, sym, n0, m, out):
-    """`_dequantize_tile` on the calling thread, without the GIL (prefill_threads.run_tiles)."""
+    """out[k, i] = W[n0 + i, perm[k]] for every storage position k (padded to whole runs) and i < m, on the
+    calling thread without the GIL (a tile of prefill_threads.run_tiles, or `dequantize_storage`)."""
     for run in range(qweight.shape[0] // bits):
         _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, run, n0, m, out)
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_tile(qweight, qzeros, scales, bits, group_runs, sym, n0, m, out):
-    """out[k, i] = W[n0 + i, perm[k]] for every storage position k (padded to whole runs) and i < m."""
-    for run in prange(qweight.shape[0] // bits):
-        # np.int64: the prange index is unsigned, the call would compile a second signature
-        _dequantize_run(qweight, qzeros, scales, bits, group_runs, sym, np.int64(run), n0, m, out)
 
 
 def readonly(x):
@@ -335,11 +328,12 @@ def matvec(packed, x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_storage(packed, n0: int = 0, cols: int | None = None) -> np.ndarray:
-    """W[n0 : n0 + cols].T in storage row order, zero-padded: [ceil(in/32) * 32, cols] float32."""
+    """W[n0 : n0 + cols].T in storage row order, zero-padded: [ceil(in/32) * 32, cols] float32, on the calling
+    thread (its caller is training, which runs BLAS on every core: runtime/kernels/lut4_numba.py `dequantize`)."""
     qweight, qzeros, scales, _ = kernel_arrays(packed)
     cols = packed.out_features - n0 if cols is None else cols
     out = np.empty((qweight.shape[0] // packed.bits * RUN, cols), dtype=np.float32)  # [in_pad, cols]
-    _dequantize_tile(qweight, qzeros, scales, packed.bits, group_runs(packed), packed.sym, n0, cols, out)
+    _dequantize_tile_serial(qweight, qzeros, scales, packed.bits, group_runs(packed), packed.sym, n0, cols, out)
     return out
 
 
