@@ -120,7 +120,7 @@ def test_coordinate_tables_are_the_source_table_times_four(codebook):
 
 @needs_vnni
 @pytest.mark.parametrize("bits", [2, 4])
-def test_quip_sharp_variant_through_the_integer_kernels(bits, monkeypatch):
+def test_quip_sharp_variant_through_the_integer_kernels(bits):
     """Imported QuIP# tensors (the "quip-sharp" codebook) take the same decode and prefill kernels with their own
     tables: each equals the variant's reference, and not the default variant's."""
     ours = random_packed(f"quipsharp{bits}", (40, 1088), seed=bits)

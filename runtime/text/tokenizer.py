@@ -236,8 +236,13 @@ class Tokenizer:
     # ---- encoding and decoding ----
 
     @property
+    def _is_sentencepiece(self) -> bool:
+        """Whether the backend is a SentencePieceProcessor (a tokenizer.model file) rather than `tokenizers`."""
+        return not isinstance(self._backend, tokenizers.Tokenizer)
+
+    @property
     def vocab_size(self):
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             return self._backend.get_piece_size()
         return self._backend.get_vocab_size(with_added_tokens=True)
 
@@ -245,7 +250,7 @@ class Tokenizer:
         """Token ids of `text`; BOS first when `add_bos` (None: the model's default). Never adds EOS."""
         if not isinstance(text, str):
             raise UserError(f"encode takes a str, got {type(text).__name__}; decode bytes to text first")
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             ids = self._backend.encode(text)
         else:
             ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -261,7 +266,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             return self._backend.decode(ids)
         return self._backend.decode(ids, skip_special_tokens=True)
 
@@ -271,14 +276,14 @@ class Tokenizer:
 
     def token_to_id(self, text):
         """Id of the vocabulary entry `text`, or None."""
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             piece_id = self._backend.piece_to_id(text)
             return piece_id if self._backend.id_to_piece(piece_id) == text else None
         return self._backend.token_to_id(text)
 
     def id_to_token(self, token_id):
         """Vocabulary entry of `token_id` (raw form: 'Ġ' / '▁' for spaces)."""
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             return self._backend.id_to_piece(token_id)
         return self._backend.id_to_token(token_id)
 
@@ -302,7 +307,7 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json that `Tokenizer.load` reads back to the same ids."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if not isinstance(self._backend, tokenizers.Tokenizer):
+        if self._is_sentencepiece:
             backend = _convert_sentencepiece(self._backend)
         else:
             backend = tokenizers.Tokenizer.from_str(self._backend.to_str())  # a copy to set the post-processor on
