@@ -174,7 +174,11 @@ def child_ours(path: str, ids: list[int], steps: int) -> dict:
     import numba  # noqa: F401  (loaded with the first kernel; part of the floor)
     import numpy as np
     from pipeline.api import load_model
+    from runtime.kernels.decode_step_numba import rms_norm
     import_rss = status_mb("VmRSS")
+    one = np.ones(8, np.float32)
+    rms_norm(one, one, np.float32(1e-5))  # one cached kernel: Numba's compiler context and LLVM come in
+    jit_rss = status_mb("VmRSS")
     model = load_model(Path(path))
     warm = model.new_cache(64)
     model.decode(int(np.argmax(model.prefill(ids[:16], warm))), warm)
@@ -187,7 +191,7 @@ def child_ours(path: str, ids: list[int], steps: int) -> dict:
         logits = model.decode(int(np.argmax(logits)), cache)
     decode = time.perf_counter() - start
     return {"prefill": len(ids) / prefill, "decode": steps / decode, "rss": status_mb("VmHWM"),
-            "import_rss": import_rss}
+            "import_rss": import_rss, "jit_rss": jit_rss}
 
 
 # ---- the models ----
@@ -365,6 +369,7 @@ def row_cells(row: Row, stats: dict, measured: dict) -> dict:
         "prefill vs llama.cpp": ratio(stats["prefill"], ref["prefill"]) if ref else "",
         "peak RSS MB": f"{stats['rss']:.0f}",
         "RSS after import MB": f"{stats['import_rss']:.0f}",
+        "RSS after first kernel MB": f"{stats['jit_rss']:.0f}" if stats.get("jit_rss") else "",
         "RSS vs llama.cpp": f"{stats['rss'] / ref['rss']:.2f}" if ref else "",
         "quantize s": f"{stats['quant_s']:.1f}" if stats.get("quant_s") else "",
     }
@@ -466,7 +471,9 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
         f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
         f"importing the engine (ours: `pipeline.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
-        f"model, the floor of the Python process. Ratios are to the llama.cpp row of the same model and size "
+        f"model, the floor of the Python process; RSS after first kernel (ours): its VmRSS after one cached Numba "
+        f"kernel has run, still before any model (Numba's compiler context and LLVM's code pages load with the first "
+        f"kernel, cached or not). Ratios are to the llama.cpp row of the same model and size "
         f"(column llama.cpp row) and to our float row, from the medians above.", "",
         "All rows: `make bench`. A subset (the llama.cpp rows a row is compared with come along): "
         "`python bench.py --rows 'tinyllama-1.1b.rtn*,smollm2-135m.q*' --rounds 1 --steps 16 --no-perplexity "

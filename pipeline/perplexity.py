@@ -45,13 +45,24 @@ def state_path(model_path: Path, token_ids, seqlen: int, engine: str = "") -> Pa
     """Where the resumable state of one (model, text, seqlen, engine) evaluation lives.
 
     The key includes the model directory's modification time, so a rebuilt model starts afresh;
-    `engine` tells apart another runtime scoring the same file (the benchmark's llama.cpp rows), and
-    the activation mode (QLLM_ACTIVATIONS, QLLM_INT8_KERNEL) a run with other kernels.
+    `engine` tells apart another runtime scoring the same file (the benchmark's llama.cpp rows);
+    the activation mode (QLLM_ACTIVATIONS, QLLM_INT8_KERNEL) and the source of the forward pass
+    (`forward_source_digest`) tell apart a run with other kernels, so a stale number never resumes.
     """
     digest = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
     digest.update(f"{Path(model_path).resolve()}@{Path(model_path).stat().st_mtime_ns}|{seqlen}".encode())
-    digest.update(f"{engine}|{activation_mode()}".encode())
+    digest.update(f"{engine}|{activation_mode()}|{forward_source_digest()}".encode())
     return STATE_DIR / f"{digest.hexdigest()[:24]}.json"
+
+
+def forward_source_digest() -> str:
+    """A digest of the files whose code computes logits: model.py and runtime/'s Python and CUDA sources."""
+    digest = hashlib.sha256()
+    sources = [PROJECT_ROOT / "model.py", *sorted((PROJECT_ROOT / "runtime").rglob("*.py")),
+               *sorted((PROJECT_ROOT / "runtime").rglob("*.cu*"))]
+    for path in sources:
+        digest.update(path.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_state(path: Path | None) -> list:

@@ -64,3 +64,20 @@ def test_saved_windows_belong_to_one_activation_mode(tmp_path, monkeypatch):
     assert len(set(keys.values())) == 3
     monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     assert state_path(tmp_path / "model", [1, 2, 3], 16) == keys["float"]
+
+
+def test_saved_windows_belong_to_one_version_of_the_forward_pass(tmp_path, monkeypatch):
+    # windows scored by other kernels (an edited runtime/ or model.py) must not resume into a new number
+    import pipeline.perplexity as perplexity_module
+    (tmp_path / "model").mkdir()
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "model.py").write_text("forward = 1\n")
+    (tmp_path / "runtime" / "kernel.py").write_text("k = 1\n")
+    monkeypatch.setattr(perplexity_module, "PROJECT_ROOT", tmp_path)
+    before = state_path(tmp_path / "model", [1, 2, 3], 16)
+    assert state_path(tmp_path / "model", [1, 2, 3], 16) == before
+    (tmp_path / "runtime" / "kernel.py").write_text("k = 2\n")
+    after_kernel = state_path(tmp_path / "model", [1, 2, 3], 16)
+    (tmp_path / "model.py").write_text("forward = 2\n")
+    after_model = state_path(tmp_path / "model", [1, 2, 3], 16)
+    assert len({before, after_kernel, after_model}) == 3
