@@ -94,8 +94,9 @@ class PackedTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(out_features, in_features) of the float weight this stands for."""
-        raise NotImplementedError
+        """(out_features, in_features) of the float weight this stands for (a format that keeps no such
+        attributes derives them from its arrays)."""
+        return self.out_features, self.in_features
 
     @property
     def bits_per_weight(self) -> float:
@@ -239,6 +240,15 @@ class PackedTensor:
         missing = [k for k in keys if k not in meta]
         if missing:
             raise UserError(f"{cls.FORMAT} tensor metadata lacks {', '.join(missing)}; re-quantize the model")
+
+    def check_stated(self, meta: dict, keys, hint: str = "") -> "PackedTensor":
+        """This tensor, or UserError when the parameters its arrays give differ from the saved metadata's
+        `keys` (the end of `from_tensors`); `hint` says how such a file may have come about."""
+        stated = {k: meta[k] for k in keys}
+        if self.meta() != stated:
+            raise UserError(f"{self.FORMAT} tensor does not match its metadata: the arrays give {self.meta()}, "
+                            f"the metadata says {stated}{hint}; re-quantize the model")
+        return self
 
     def check_input(self, x) -> bool:
         """UserError unless x [..., in] fits this weight and lives on its device; True for CuPy input."""

@@ -141,10 +141,6 @@ class E8PTensor(PackedTensor):
                    bits=bits, in_features=n_in, qweight_2=codes[1] if len(codes) > 1 else None, codebook=codebook)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
     def stage_codes(self) -> list:
         """The code arrays [out, in/8] of the stages, first stage first."""
         return [self.qweight] if self.qweight_2 is None else [self.qweight, self.qweight_2]
@@ -260,13 +256,8 @@ class E8PTensor(PackedTensor):
                             f"needs {sorted(names)}); the file is corrupt")
         packed = cls(**tensors, bits=meta["bits"], in_features=meta["in_features"],
                      codebook=meta.get("codebook", e8p_codebook.DEFAULT_VARIANT))
-        stated = {k: meta[k] for k in keys}
-        if packed.codebook != e8p_codebook.DEFAULT_VARIANT:
-            stated["codebook"] = packed.codebook
-        if packed.meta() != stated:
-            raise UserError(f"e8p tensor: the arrays give {packed.meta()}, the metadata says {stated} (a file "
-                            f"from a version with other Hadamard sizes?); re-quantize the model")
-        return packed
+        saved = keys + (("codebook",) if packed.codebook != e8p_codebook.DEFAULT_VARIANT else ())
+        return packed.check_stated(meta, saved, " (a file from a version with other Hadamard sizes?)")
 
     def to_device(self, xp) -> "E8PTensor":
         moved = {name: to_module(a, xp) for name, a in self.tensors().items()}

@@ -73,10 +73,6 @@ class SparseTensor(PackedTensor):
         return self.values
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
     def nnz(self) -> int:
         return int(self.values.shape[0])
 

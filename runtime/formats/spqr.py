@@ -156,10 +156,6 @@ class SpQRTensor(PackedTensor):
                    stat_group=stat_group)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
     def n_groups(self) -> int:
         return -(-self.in_features // self.group_size)
 
@@ -345,11 +341,7 @@ class SpQRTensor(PackedTensor):
         qweight, perm = tensors.pop("qweight"), tensors.pop("perm")
         packed = cls(qweight, perm, tensors, outliers, bits=meta["bits"], group_size=meta["group_size"],
                      stat_bits=meta["stat_bits"], stat_group=meta["stat_group"])
-        stated = {k: meta[k] for k in keys}
-        if packed.meta() != stated:
-            raise UserError(f"packed spqr tensor does not match its metadata: the arrays give {packed.meta()}, "
-                            f"the metadata says {stated}; re-quantize the model")
-        return packed
+        return packed.check_stated(meta, keys)
 
     def to_device(self, xp) -> "SpQRTensor":
         return SpQRTensor(to_module(self.qweight, xp), to_module(self.perm, xp),

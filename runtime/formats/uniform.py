@@ -200,10 +200,6 @@ class UniformTensor(PackedTensor):
                    bits=bits, group_size=group_size, sym=sym, per_tensor=per_tensor)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
     def n_groups(self) -> int:
         return int(self.scales.shape[0])
 
@@ -320,11 +316,7 @@ class UniformTensor(PackedTensor):
                             f"re-quantize the model")
         packed = cls(**tensors, bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
                      per_tensor=meta["per_tensor"])
-        stated = {k: meta[k] for k in keys}
-        if packed.meta() != stated:
-            raise UserError(f"packed tensor does not match its metadata: the arrays give {packed.meta()}, "
-                            f"the metadata says {stated}; re-quantize the model")
-        return packed
+        return packed.check_stated(meta, keys)
 
     def to_device(self, xp) -> "UniformTensor":
         moved = {name: to_module(a, xp) for name, a in self.tensors().items()}

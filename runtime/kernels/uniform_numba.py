@@ -78,22 +78,28 @@ def _words3(qweight, run, n0, m):
     return qweight[3 * run, n0:n0 + m], qweight[3 * run + 1, n0:n0 + m], qweight[3 * run + 2, n0:n0 + m]
 
 
+@njit(inline="always")
+def _straddling3(v0, v1, v2):
+    """Codes 10 and 21 of a 3-bit run's words v0, v1, v2 as float32: each straddles two words."""
+    return (np.float32(np.int32(((v0 >> 30) & 3) | ((v1 & 1) << 2))),
+            np.float32(np.int32(((v1 >> 31) & 1) | ((v2 & 3) << 1))))
+
+
 @njit(inline="always", fastmath=True)
 def _dot_run3(qweight, run, x, acc, n0, m):
     """`_dot_run_words` for 3 bits: 32 codes in three words, codes 10 and 21 straddle two words."""
     base = run * RUN
     words0, words1, words2 = _words3(qweight, run, n0, m)  # [m] each
     for i in range(m):
-        v0 = words0[i]
-        v1 = words1[i]
-        v2 = words2[i]
+        v0, v1, v2 = words0[i], words1[i], words2[i]
+        code10, code21 = _straddling3(v0, v1, v2)
         a = acc[i]
         for j in range(10):
             a += _masked(v0, 3 * j, 7) * x[base + j]
-        a += np.float32(np.int32(((v0 >> 30) & 3) | ((v1 & 1) << 2))) * x[base + 10]
+        a += code10 * x[base + 10]
         for j in range(10):
             a += _masked(v1, 3 * j + 1, 7) * x[base + 11 + j]
-        a += np.float32(np.int32(((v1 >> 31) & 1) | ((v2 & 3) << 1))) * x[base + 21]
+        a += code21 * x[base + 21]
         for j in range(9):
             a += _masked(v2, 3 * j + 2, 7) * x[base + 22 + j]
         a += _code(v2, 29, 7) * x[base + 31]
@@ -134,15 +140,14 @@ def _deq_run3(qweight, run, s, sz, out, n0, m):
     base = run * RUN
     words0, words1, words2 = _words3(qweight, run, n0, m)  # [m] each
     for i in range(m):
-        v0 = words0[i]
-        v1 = words1[i]
-        v2 = words2[i]
+        v0, v1, v2 = words0[i], words1[i], words2[i]
+        code10, code21 = _straddling3(v0, v1, v2)
         for j in range(10):
             out[base + j, i] = _code(v0, 3 * j, 7) * s[i] - sz[i]
-        out[base + 10, i] = np.float32(np.int32(((v0 >> 30) & 3) | ((v1 & 1) << 2))) * s[i] - sz[i]
+        out[base + 10, i] = code10 * s[i] - sz[i]
         for j in range(10):
             out[base + 11 + j, i] = _code(v1, 3 * j + 1, 7) * s[i] - sz[i]
-        out[base + 21, i] = np.float32(np.int32(((v1 >> 31) & 1) | ((v2 & 3) << 1))) * s[i] - sz[i]
+        out[base + 21, i] = code21 * s[i] - sz[i]
         for j in range(10):
             out[base + 22 + j, i] = _code(v2, 3 * j + 2, 7) * s[i] - sz[i]
 
