@@ -93,6 +93,18 @@ def assert_close(y, ref, tol=1e-5):
     assert np.linalg.norm(y - ref) <= tol * np.linalg.norm(ref), float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
+def assert_shared_hessian_equals_separate_calls(method, W, H, params, split: int):
+    """`method.quantize_shared` of W's rows [:split] and [split:] under one H gives what `method.quantize`
+    gives each alone: the same stats, stored arrays and dequantized weights (GPTQ, SpQR, QuIP, QuIP#)."""
+    shared = method.quantize_shared([W[:split], W[split:]], H, params)
+    for rows, (packed, stats) in zip((slice(0, split), slice(split, W.shape[0])), shared):
+        alone, alone_stats = method.quantize(W[rows], H, params)
+        assert stats == alone_stats
+        for name, array in alone.tensors().items():
+            np.testing.assert_array_equal(packed.tensors()[name], array, err_msg=name)
+        np.testing.assert_array_equal(packed.dequantize(), alone.dequantize())
+
+
 def assert_device_matches_reference(cupy, packed):
     """The packed tensor's CUDA product (a CuPy array) is assert_close to its NumPy reference, for one row
     (decode) and four (prefill) of inputs with a mean of 0.5 (so the folded zero-point terms matter)."""

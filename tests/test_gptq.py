@@ -8,9 +8,9 @@ one Gaussian elimination step. No Cholesky, no lazy batches, no blocks.
 import numpy as np
 import pytest
 
+from conftest import assert_shared_hessian_equals_separate_calls
 import gptq
 import rtn
-from runtime.errors import UserError
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
 
 
@@ -124,19 +124,6 @@ def test_dead_columns_are_zeroed():
 
 def test_shared_hessian_equals_separate_calls():
     W, _, H = problem(n_out=40)
-    params = gptq.GPTQParams(4, 64, False, act_order=True)
-    shared = gptq.quantize_shared([W[:24], W[24:]], H, params)
-    for rows, (packed, stats) in zip((slice(0, 24), slice(24, 40)), shared):
-        alone, alone_stats = gptq.quantize(W[rows], H, params)
-        assert stats == alone_stats
-        for name, array in alone.tensors().items():
-            np.testing.assert_array_equal(packed.tensors()[name], array, err_msg=name)
+    assert_shared_hessian_equals_separate_calls(gptq, W, H, gptq.GPTQParams(4, 64, False, act_order=True), 24)
 
 
-def test_bad_shapes_raise_user_error():
-    with pytest.raises(UserError, match="Hessian must be"):
-        gptq.quantize(np.ones((4, 64), np.float32), np.eye(32))
-    with pytest.raises(UserError, match="2-D"):
-        gptq.quantize(np.ones(64, np.float32), np.eye(64))
-    with pytest.raises(UserError, match="NaN or infinity"):
-        gptq.quantize(np.full((4, 64), np.nan, np.float32), np.eye(64))

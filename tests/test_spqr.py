@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import assert_shared_hessian_equals_separate_calls
 import gptq
 import layerwise
 import spqr
@@ -90,13 +91,7 @@ def test_fewer_outliers_with_a_higher_threshold():
 
 def test_shared_hessian_equals_separate_calls():
     W, H = problem(n_out=40, seed=4, planted=10)
-    params = spqr.SpQRParams(stat_group=8)
-    shared = spqr.quantize_shared([W[:24], W[24:]], H, params)
-    for rows, (packed, stats) in zip((slice(0, 24), slice(24, 40)), shared):
-        alone, alone_stats = spqr.quantize(W[rows], H, params)
-        assert stats == alone_stats
-        for name, array in alone.tensors().items():
-            np.testing.assert_array_equal(packed.tensors()[name], array, err_msg=name)
+    assert_shared_hessian_equals_separate_calls(spqr, W, H, spqr.SpQRParams(stat_group=8), 24)
 
 
 def test_dead_columns_are_zeroed():
@@ -126,7 +121,3 @@ def test_bad_parameters_raise_user_error():
     for fields in bad:
         with pytest.raises(UserError, match="spqr"):
             spqr.quantize(W, H, spqr.SpQRParams(**fields))
-    with pytest.raises(UserError, match="Hessian must be"):
-        spqr.quantize(W, np.eye(32))
-    with pytest.raises(UserError, match="2-D"):
-        spqr.quantize(np.ones(64, np.float32), np.eye(64))
