@@ -8,7 +8,7 @@ a save / load round trip through runtime/packed_checkpoint.
 import numpy as np
 import pytest
 
-from conftest import inputs
+from conftest import assert_close, inputs
 from runtime import e8p_codebook
 from runtime.errors import UserError
 from quipsharp import rht_matrix
@@ -105,14 +105,19 @@ def test_numba_hadamard_matches_fast_hadamard(n, transpose):
         assert np.allclose(y, fast_hadamard(x * before, transpose=transpose) * after, atol=1e-5)
 
 
-def test_matmul_dispatch_and_leading_axes():
+def test_matmul_dispatch_and_leading_axes(monkeypatch):
     packed = random_tensor(7, 96, 192, 3)
     x = inputs(1, 2, 3, 192)
     y = packed.matmul(x)  # 6 rows: prefill path
     assert y.shape == (2, 3, 96)
     assert_within_scale_bound(y.reshape(6, 96), packed.matmul_reference(x.reshape(6, 192)), x.reshape(6, 192), packed)
-    y1 = packed.matmul(x[0, :1])  # 1 row: fused path
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    y1 = packed.matmul(x[0, :1])  # 1 row, float activations: fused path
     assert_within_scale_bound(y1, packed.matmul_reference(x[0, :1]), x[0, :1], packed)
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    y1 = packed.matmul(x[0, :1])  # 1 row: the int8 decode kernel where the CPU has VNNI
+    reference = packed.matmul_reference_int8 if e8p_numba.int8_applies(packed) else packed.matmul_reference
+    assert_close(y1, reference(x[0, :1]))
 
 
 @pytest.mark.parametrize("bits, code_bits", [(2, 2), (3, 3), (4, 4)])

@@ -1,7 +1,8 @@
-"""The int8-activation decode kernel of the e8p format (QuIP# 2 and 4 bits) against its NumPy reference.
+"""The int8-activation decode kernel of the e8p format (QuIP# 2, 3 and 4 bits) against its NumPy reference.
 
-E8P points times 4 are odd integers in [-11, 11], so the byte table is exact
-(checked against the codebook); the reference (`E8PTensor.
+E8P points times 4 are odd integers in [-11, 11], and the 1-bit E8 points of
+3 bits' residual stage integers in [-8, 8], so the byte tables are exact
+(checked against the codebooks); the reference (`E8PTensor.
 matmul_reference_int8`) rotates x, quantizes it as the kernel does (Q8_0 per
 block of 32) and multiplies by the decoded Ŵ, so what is left is float32
 summation order: conftest's assert_close, ||y - y_ref|| <= 1e-5 ||y_ref||.
@@ -16,7 +17,6 @@ from bench_models import random_packed
 from conftest import assert_close, inputs
 from runtime import e8p_codebook
 from runtime.formats.e8p import E8PTensor
-from runtime.hadamard import small_hadamard
 from runtime.kernels import e8p_numba, uniform_int8_numba
 
 VNNI = "avx512vnni" in uniform_int8_numba.available_kernels()
@@ -33,8 +33,16 @@ def test_byte_table_is_the_codebook_times_four_plus_sixteen(codebook):
     assert table.min() >= 0 and table.max() + 2 <= 255  # unsigned bytes for vpdpbusd
 
 
+@pytest.mark.parametrize("codebook", e8p_codebook.VARIANTS)
+def test_one_bit_byte_table_is_the_grid_times_four_plus_sixteen(codebook):
+    table = e8p_numba.one_bit_byte_table(codebook).view(np.uint8).reshape(-1, 8).astype(np.float32)  # [256, 8]
+    codes = np.arange(256, dtype=np.uint8)
+    assert np.array_equal((table - e8p_numba.BYTE_ZERO) / 4, e8p_codebook.e8_1bit_decode(codes, codebook))
+    assert table.min() >= 0 and table.max() <= 255  # unsigned bytes for vpdpbusd
+
+
 @needs_vnni
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape", [(24, 128), (576, 576), (8, 1536), (256, 384)])  # 384 = 3 * 128: dense factor
 def test_int8_kernel_matches_reference(bits, shape):
     packed = random_packed(f"quipsharp{bits}", shape, seed=shape[0])
@@ -58,14 +66,13 @@ def test_decode_picks_the_int8_kernel_by_mode(monkeypatch):
     assert_close(packed.matmul(x3), packed.matmul_reference_int8(x3))
 
 
-def test_three_bits_and_odd_widths_keep_float_activations(monkeypatch):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_odd_widths_keep_float_activations(bits, monkeypatch):
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
-    three = random_packed("quipsharp3", (32, 128), seed=4)  # its 1-bit E8 stage has no byte kernel
-    narrow = random_packed("quipsharp2", (32, 40), seed=5)  # 40 inputs: not whole chunks of 64
-    for packed in (three, narrow):
-        assert not e8p_numba.int8_applies(packed)
-        x = inputs(6, 1, packed.in_features)  # [1, in]
-        assert_close(packed.matmul(x), packed.matmul_reference(x))
+    narrow = random_packed(f"quipsharp{bits}", (32, 40), seed=5)  # 40 inputs: not whole chunks of 64
+    assert not e8p_numba.int8_applies(narrow)
+    x = inputs(6, 1, narrow.in_features)  # [1, in]
+    assert_close(narrow.matmul(x), narrow.matmul_reference(x))
 
 
 def test_int8_activations_cost_little_accuracy():
@@ -78,15 +85,13 @@ def test_int8_activations_cost_little_accuracy():
 
 
 def fresh_decode(packed, x, vbmi: bool):
-    """(y [out], the set of vp* instructions) of one 2-bit decode product through `_decode_int8` compiled
-    here (not from the cache: its assembly at hand), the VBMI chunks on or off."""
+    """(y [out], the set of vp* instructions) of one decode product through `_decode_int8` compiled here (not
+    from the cache: its assembly at hand), the VBMI chunks of the E8P stages on or off."""
     fresh = numba.njit(e8p_numba._decode_int8.py_func)
-    (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
-    scale = np.float32(packed.host_scales[0])
+    call = list(e8p_numba.int8_call(packed))
+    call[-2], call[-1] = vbmi, vbmi and packed.bits == 4  # the 1-bit E8 stage of 3 bits never takes VBMI
     y = np.empty(packed.out_features, dtype=np.float32)  # [out]
-    fresh(x, packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out),
-          1 << p_out, packed.qweight, packed.qweight, 1, scale, scale, e8p_numba.byte_table(),
-          e8p_numba.coordinate_tables(), vbmi, y)
+    fresh(x, *call, y)
     return y, set(re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values())))
 
 
@@ -101,9 +106,11 @@ def test_kernel_uses_the_byte_dot_product():
 
 @pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")
 @pytest.mark.parametrize("vbmi", [False, True])
-def test_byte_permute_path_equals_the_byte_table_path(vbmi):
+@pytest.mark.parametrize("bits", [2, 3])
+def test_byte_permute_path_equals_the_byte_table_path(vbmi, bits):
     # 1088 inputs: two whole chunks of 512 through the byte permutes, one of 64 through the byte table
-    packed = random_packed("quipsharp2", (40, 1088), seed=11)
+    # (3 bits: the 1-bit E8 stage through its byte table from the first chunk on)
+    packed = random_packed(f"quipsharp{bits}", (40, 1088), seed=11)
     x = inputs(11, 1, 1088)  # [1, in]
     y, instructions = fresh_decode(packed, x[0], vbmi)
     assert_close(y, packed.matmul_reference_int8(x)[0])
@@ -119,7 +126,7 @@ def test_coordinate_tables_are_the_source_table_times_four(codebook):
 
 
 @needs_vnni
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quip_sharp_variant_through_the_integer_kernels(bits):
     """Imported QuIP# tensors (the "quip-sharp" codebook) take the same decode and prefill kernels with their own
     tables: each equals the variant's reference, and not the default variant's."""

@@ -22,7 +22,7 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   decode path's, +0.13% on SmolLM2), PREFILL_OUTPUTS output rows of codes
   are decoded in registers chunk by chunk (`_chunk_points`, below) and each
   activation word loaded meets all of them (`_e8p_rows_vbmi`).
-- `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2 and 4 bits): the rotated
+- `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2, 3 and 4 bits): the rotated
   activation is quantized to int8 per block of 32 (llama.cpp's Q8_0,
   runtime/kernels/quant_activations_numba.py) and each E8P code becomes eight
   exact bytes: 4·point is an odd integer in [-11, 11], so `byte_table` holds
@@ -39,7 +39,9 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   64 activations stored coordinate by coordinate; lane j of the sum is then
   Q8_0 block j, scaled once per chunk. On TinyLlama-1.1B's q/gate/down shapes
   this is 1.85x the table-load path; what is left (inputs past the last
-  whole chunk of 512) goes through the byte table.
+  whole chunk of 512) goes through the byte table. The 1-bit E8 stage of 3
+  bits (uint8 codes, 4·point an integer in [-8, 8], no signs or shift) reads
+  its own 256-entry byte table (`one_bit_byte_table`) the same way.
 """
 from __future__ import annotations
 
@@ -330,17 +332,31 @@ def byte_table(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     return table
 
 
+@functools.cache
+def one_bit_byte_table(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """uint64 [256]: entry c holds point c of the 1-bit E8 grid (`e8_1bit_codebook`, 4·point an integer in
+    [-8, 8]) as bytes 4·point + BYTE_ZERO, coordinate i in byte i: `byte_table` of the residual stage of
+    3 bits, whose uint8 codes carry no signs or shift; read-only."""
+    points = e8p_codebook.e8_1bit_codebook(codebook)  # [256, 8]
+    table = np.rint(4 * points + BYTE_ZERO).astype(np.uint8).view("<u8").reshape(-1)  # [256]
+    table.flags.writeable = False
+    return table
+
+
 @intrinsic
 def _e8p_row_dot_vnni(typingctx, codes, o, first, xq, start, d, table):
     """float32 Σ_k Σ_lanes d(lane) · (start[16k + lane] + Σ_4 bytes (4·point + 16) · xq): 4 Σ_i point_i d xq_i
-    over row o of codes [out, in/8] uint16 (C-contiguous) from chunk `first` of CODES_PER_DOT codes on,
-    xq int8 [in], start int32 [in/4] (−16 Σ of each lane's four xq), d float32 [in/32], table `byte_table`;
-    compiled to 0 on a CPU without VNNI."""
+    over row o of codes [out, in/8] (C-contiguous) from chunk `first` of CODES_PER_DOT codes on, xq int8
+    [in], start int32 [in/4] (−16 Σ of each lane's four xq), d float32 [in/32]; uint16 E8P codes read
+    `byte_table` at code >> 1 and add the shift, uint8 codes of the 1-bit E8 stage read
+    `one_bit_byte_table` at the code; compiled to 0 on a CPU without VNNI."""
     def codegen(context, builder, signature, args):
         f32 = ir.FloatType()
         if "avx512vnni" not in available_kernels():
             return ir.Constant(f32, 0.0)
         i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        one_bit = signature.args[0].dtype == types.uint8
+        code_type = ir.IntType(8) if one_bit else i16
         c_array = context.make_array(signature.args[0])(context, builder, args[0])
         x_data, s_data, d_data, t_data = (context.make_array(signature.args[i])(context, builder, args[i]).data
                                           for i in (3, 4, 5, 6))
@@ -355,15 +371,17 @@ def _e8p_row_dot_vnni(typingctx, codes, o, first, xq, start, d, table):
         with cgutils.for_range(builder, chunks) as loop:
             k = builder.add(loop.index, args[2])
             c_ptr = builder.gep(row, [builder.mul(k, ir.Constant(k.type, CODES_PER_DOT))])
-            codes8 = builder.zext(builder.load(builder.bitcast(c_ptr, ir.VectorType(i16, CODES_PER_DOT).as_pointer()),
-                                               align=2), quads)
-            index = builder.lshr(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
+            codes8 = builder.zext(builder.load(builder.bitcast(c_ptr, ir.VectorType(code_type, CODES_PER_DOT)
+                                                               .as_pointer()), align=code_type.width // 8), quads)
+            index = codes8 if one_bit else builder.lshr(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
             points = ir.Constant(quads, ir.Undefined)
             for j in range(CODES_PER_DOT):
                 entry = builder.gep(t_data, [builder.extract_element(index, ir.Constant(i32, j))])
                 points = builder.insert_element(points, builder.load(entry, align=8), ir.Constant(i32, j))
-            shift = builder.and_(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
-            points = builder.add(points, builder.mul(shift, ir.Constant(quads, [0x0202020202020202] * CODES_PER_DOT)))
+            if not one_bit:  # the +¼ shift: 2 more in every byte
+                shift = builder.and_(codes8, ir.Constant(quads, [1] * CODES_PER_DOT))
+                points = builder.add(points, builder.mul(shift, ir.Constant(quads, [0x0202020202020202] *
+                                                                                CODES_PER_DOT)))
             offset = builder.mul(k, ir.Constant(k.type, 64))
             x = builder.load(builder.bitcast(builder.gep(x_data, [offset]), words.as_pointer()), align=1)
             lane0 = builder.mul(k, ir.Constant(k.type, 16))
@@ -440,10 +458,11 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
     made unsigned (+16) and multiplied by the 64 activations of that coordinate, xperm[512 k + 64 i + c] =
     xq[512 k + 8 c + i] (`vpdpbusd`). Lane j of the sum then covers exactly Q8_0 block j of the chunk, so
     it starts from start16 (−16 Σ of the block's xq) and is scaled by d once per chunk. Compiled to 0 on
-    a CPU without AVX-512 VBMI and VNNI."""
+    a CPU without AVX-512 VBMI and VNNI, and for the uint8 codes of a 1-bit E8 stage (the caller passes
+    vbmi False for them)."""
     def codegen(context, builder, signature, args):
         f32 = ir.FloatType()
-        if "avx512vbmi" not in _x86_features():
+        if "avx512vbmi" not in _x86_features() or signature.args[0].dtype != types.uint16:
             return ir.Constant(f32, 0.0)
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
@@ -657,20 +676,22 @@ def _row_dot(codes, o, first, vbmi, xq, start, d, xperm, start16, table, tables)
 
 @njit(cache=True, parallel=True)
 def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1, codes_2, n_stages,
-                 scale_1, scale_2, table, tables, vbmi, y):
+                 scale_1, scale_2, table, table_2, tables, vbmi, vbmi_2, y):
     """y [out] = W x for one row x [in] in one call: x_rot = (x ⊙ s_in) Hᵢᵀ / sqrt(in) on this thread,
-    quantized to Q8_0, y_rot = Σ_stages scale · Ŵ_stage x̂ over the outputs in parallel (E8P stages only:
-    2 bits one, 4 bits two), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
+    quantized to Q8_0, y_rot = Σ_stages scale · Ŵ_stage x̂ over the outputs in parallel (2 bits: one E8P
+    stage; 3 bits: E8P and the 1-bit E8 stage, uint8 codes read from table_2 without VBMI; 4 bits: two
+    E8P stages), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
     n_out = y.shape[0]
     xq, d, start, xperm, start16 = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
-    first = xperm.shape[0] // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
+    whole = xperm.shape[0] // (CODES_PER_DOT * 8)  # byte-table chunks the VBMI path covers
+    first, first_2 = (whole if vbmi else 0), (whole if vbmi_2 else 0)  # each stage's first byte-table chunk
     y_rot = np.empty(n_out, dtype=np.float32)  # [out]
     for o in prange(n_out):
         value = scale_1 * np.float32(0.25) * _row_dot(codes_1, o, first, vbmi, xq, start, d, xperm, start16, table,
                                                       tables)
         if n_stages == 2:
-            value += scale_2 * np.float32(0.25) * _row_dot(codes_2, o, first, vbmi, xq, start, d, xperm, start16,
-                                                           table, tables)
+            value += scale_2 * np.float32(0.25) * _row_dot(codes_2, o, first_2, vbmi_2, xq, start, d, xperm,
+                                                           start16, table_2, tables)
         y_rot[o] = value
     y[:] = _rotate_row(y_rot, signs_out, h_out, size_out, True)
 
@@ -688,8 +709,8 @@ def _rotate_row(x, signs, h_k, size, transpose):
 
 
 def int8_applies(packed) -> bool:
-    """Whether `matmul_int8` runs this tensor: AVX-512 VNNI, E8P stages only (2 and 4 bits), whole 64-input chunks."""
-    return ("avx512vnni" in available_kernels() and packed.bits in (2, 4)
+    """Whether `matmul_int8` runs this tensor: AVX-512 VNNI, whole 64-input chunks (2, 3 and 4 bits)."""
+    return ("avx512vnni" in available_kernels() and packed.bits in e8p_codebook.BITS
             and packed.in_features % (CODES_PER_DOT * e8p_codebook.DIM) == 0)
 
 
@@ -699,10 +720,12 @@ def int8_call(packed) -> tuple:
     (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
     codes = packed.stage_codes
     scales = [np.float32(s) for s in packed.host_scales]
+    vbmi = "avx512vbmi" in _x86_features()
+    one_bit_2 = codes[-1].dtype == np.uint8  # 3 bits: the residual stage is the 1-bit E8 grid
+    table_2 = one_bit_byte_table(packed.codebook) if one_bit_2 else byte_table(packed.codebook)
     return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
-            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook),
-            coordinate_tables(packed.codebook),
-            "avx512vbmi" in _x86_features())
+            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook), table_2,
+            coordinate_tables(packed.codebook), vbmi, vbmi and not one_bit_2)
 
 
 def run_int8(call: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
