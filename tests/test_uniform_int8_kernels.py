@@ -94,25 +94,27 @@ def test_activation_modes_pick_the_kernel(monkeypatch):
 
 def test_decode_keeps_float_activations_at_widths_without_simd_tiles(monkeypatch):
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
-    packed = make_tensor(7, 67, 200, 3, 32)  # no kernel has 3-bit tiles: the float kernel is faster there
+    monkeypatch.setenv("QLLM_INT8_KERNEL", "portable")  # no SIMD tiles: the float kernel is faster there
+    packed = make_tensor(7, 67, 200, 3, 32)
     x = inputs(7, 1, 200, mean=0.5)  # [1, in]
-    assert not uniform_int8_numba.simd_tiles(3, AVAILABLE[0])
+    assert not uniform_int8_numba.simd_tiles(3, "portable")
     assert_close(packed.matmul(x), packed.matmul_reference(x))
     assert packed.matmul_parts([packed, packed], x) is None
 
 
 @pytest.mark.parametrize("kernel, instructions", [("avx512vnni", {"vpdpbusd"}),
                                                   ("avx2", {"vpmaddubsw", "vpmaddwd"})])
-def test_simd_kernels_use_dot_product_instructions(kernel, instructions):
+@pytest.mark.parametrize("bits", [3, 4])
+def test_simd_kernels_use_dot_product_instructions(kernel, instructions, bits):
     if kernel not in AVAILABLE:
         pytest.skip(f"the CPU lacks {kernel}")
-    packed = make_tensor(7, 64, 128, 4, 128)
+    packed = make_tensor(7, 64, 128, bits, 128)
     x = inputs(7, 1, 128, mean=0.5)[0]  # [in]
     fresh = numba.njit(uniform_int8_numba._tiles.py_func)  # compiled here (not from the cache): asm at hand
     weight = uniform_int8_numba.kernel_weight(packed)
-    quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 4, 4, 1)
+    quantized = uniform_int8_numba.quantize_input(x, weight.perm, bits, 4, 4, 1)
     y = np.empty(64, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS[kernel], weight.blocked, weight.scales, weight.zeros, quantized, 4, 4,
+    fresh(uniform_int8_numba.KERNEL_IDS[kernel], weight.blocked, weight.scales, weight.zeros, quantized, bits, 4,
           uniform_int8_numba.NO_LUT, 0, 4, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
@@ -200,7 +202,7 @@ def test_prefill_reads_the_blocked_codes(bits, n_out, n_in, group_size, per_tens
             assert_close(y, packed.matmul_reference(x))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n_out, n_in, group_size, per_tensor", GRIDS)
 @pytest.mark.parametrize("rows", [1, 5, 37])
 def test_integer_prefill_matches_its_reference(bits, n_out, n_in, group_size, per_tensor, rows, monkeypatch):

@@ -40,14 +40,21 @@ call into the matching byte order (`xw`: eight 32-bit words per run, one per
 multiply-adds of one output:
 
 - `avx512vnni`: `vpdpbusd` on the 16 outputs of a tile
-  (llvm.x86.avx512.vpdpbusd.512); 2, 4 and 8 bits.
+  (llvm.x86.avx512.vpdpbusd.512); 2, 3, 4 and 8 bits.
 - `avx2`: `vpmaddubsw` into int16 pairs, the run summed in int16 lanes, then
-  one `vpmaddwd` by ones to int32, on each half of a tile (8 outputs); 2 and
-  4 bits (a run's int16 sum is at most 16 * 15 * 127 = 30480; 8-bit codes
+  one `vpmaddwd` by ones to int32, on each half of a tile (8 outputs); 2, 3
+  and 4 bits (a run's int16 sum is at most 16 * 15 * 127 = 30480; 8-bit codes
   would saturate).
 - `portable`: plain Numba integer code (shift, mask, multiply) over the 16
   lanes of a tile, which LLVM vectorizes on any CPU; every bit width (3 bits:
   codes 10 and 21 straddle two words).
+
+3 bits. A run's 32 codes fill its three words as one 96-bit number, code k
+at bit 3k, so every 3 bytes hold 8 codes and codes 8q + 2 and 8q + 5 straddle
+a byte boundary. The tile gathers byte m of each 3-byte group q into byte q of
+a word P_m (shifts and masks within each lane, `_codes3`); code vector j then
+holds code 8q + j in byte q, cut from P_0..P_2 by one or two shifts and masks,
+and meets the activations in that order (`tile_byte_order`).
 
 Tables. The same kernel runs 4-bit codes that index a 16-value table (NF4 and
 FP4, the lut4 format repacked into this layout: runtime/kernels/lut4_numba.py).
@@ -96,7 +103,7 @@ from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_bl
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
 
 KERNELS = ("avx512vnni", "avx2", "portable")
-SIMD_BITS = {"avx512vnni": (2, 4, 8), "avx2": (2, 4), "portable": ()}  # bit widths with SIMD tiles
+SIMD_BITS = {"avx512vnni": (2, 3, 4, 8), "avx2": (2, 3, 4), "portable": ()}  # bit widths with SIMD tiles
 LUT_KERNELS = ("avx512vnni",)  # kernels with SIMD tiles for 4-bit codes through a table (vpshufb)
 NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
 NO_LUT.flags.writeable = False
@@ -140,6 +147,37 @@ def _codes(builder, word, bits, s):
     return builder.and_(shifted, mask)
 
 
+def _codes3(builder, words):
+    """The 8 code vectors (<L x i32>) of a 3-bit run from its 3 words: vector j holds code 8q + j in byte q."""
+    w0, w1, w2 = words
+    lanes = w0.type.count
+
+    def const(value):
+        return ir.Constant(w0.type, [value] * lanes)
+
+    def part(word, shift, mask):  # (word shifted left by `shift`, right when negative) & mask
+        moved = word if shift == 0 else (builder.shl(word, const(shift)) if shift > 0 else
+                                         builder.lshr(word, const(-shift)))
+        return builder.and_(moved, const(mask))
+
+    def gather(*parts):  # byte q of the result from the parts' bytes
+        out = part(*parts[0])
+        for p in parts[1:]:
+            out = builder.or_(out, part(*p))
+        return out
+
+    bytes_ = [gather((w0, 0, 0xFF), (w0, -16, 0xFF00), (w1, 0, 0xFF0000), (w2, 16, 0xFF000000)),  # bytes 3q
+              gather((w0, -8, 0xFF), (w1, 8, 0xFF00), (w1, -8, 0xFF0000), (w2, 8, 0xFF000000)),  # bytes 3q + 1
+              gather((w0, -16, 0xFF), (w1, 0, 0xFF00), (w2, 16, 0xFF0000), (w2, 0, 0xFF000000))]  # bytes 3q + 2
+    p0, p1, p2 = bytes_
+    sevens = 0x07070707
+    return [part(p0, 0, sevens), part(p0, -3, sevens),
+            builder.or_(part(p0, -6, 0x03030303), part(p1, 2, 0x04040404)),  # bits 6-7 of P_0, bit 0 of P_1
+            part(p1, -1, sevens), part(p1, -4, sevens),
+            builder.or_(part(p1, -7, 0x01010101), part(p2, 1, 0x06060606)),  # bit 7 of P_1, bits 0-1 of P_2
+            part(p2, -2, sevens), part(p2, -5, sevens)]
+
+
 def _dot_vnni(builder, acc, codes, xword):
     """acc + per-lane dot of four u8 codes with four s8 activations (vpdpbusd); acc None: from zero."""
     vector = codes.type
@@ -179,8 +217,11 @@ def _lookup_vnni(builder, codes, table):
 
 def _run_codes(builder, words, bits, tables):
     """The code vectors of one run from its `bits` words (<L x i32> each): 8 vectors of four codes per lane,
-    in the order of the run's activation words (word t, then bit offset s); with tables (high and low bytes,
-    <16 x i8> each), each vector a pair (high bytes, low bytes) of its codes' table values (`vpshufb`)."""
+    in the order of the run's activation words (word t, then bit offset s; 3 bits: `_codes3`); with tables
+    (high and low bytes, <16 x i8> each), each vector a pair (high bytes, low bytes) of its codes' table
+    values (`vpshufb`)."""
+    if bits == 3:
+        return _codes3(builder, words)
     vectors = []
     for word in words:
         for s in range(8 // bits):
@@ -346,9 +387,9 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
     return intrinsic(typer)
 
 
-_VNNI2, _VNNI4, _VNNI8 = (_tile_intrinsic(b, "avx512vnni") for b in (2, 4, 8))
+_VNNI2, _VNNI3, _VNNI4, _VNNI8 = (_tile_intrinsic(b, "avx512vnni") for b in (2, 3, 4, 8))
 _VNNI4_LUT = _tile_intrinsic(4, "avx512vnni", lut=True)
-_AVX2_2, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 4))
+_AVX2_2, _AVX2_3, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 3, 4))
 
 
 # ---- the portable lanes ------------------------------------------------------------------------
@@ -412,7 +453,7 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     """(xq [runs*32] int16, xw, xw_low [runs*32] int8, d [runs] float32, x16 [runs*32] int16, xsum [n_groups]
     float32) of x [in]: x gathered into storage order (perm; empty: identity) and zero-padded to whole runs,
     quantized per run to two-byte integers xq = 256 high + low (LEVELS16); xw the high bytes, xw_low the
-    low bytes and x16 the values in the byte order of the SIMD tiles (bits 2, 4, 8; bits 3: storage order);
+    low bytes and x16 the values in the byte order of the SIMD tiles (`tile_byte_order`);
     xsum each group's d * sum of xq."""
     xs = storage_input(x, perm, n_runs)  # [runs*32]
     xq = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
@@ -459,11 +500,16 @@ def split_bytes(value):
 
 @njit(cache=True)
 def tile_byte_order(xq, bits):
-    """xq [runs*32] (int8) in the byte order of the SIMD tiles for `bits` (2, 4, 8; 3: a copy): the four
-    bytes of activation word t * 8/bits + s of a run meet the four codes at bit offset bits * s of the
-    bytes of the run's code word t."""
+    """xq [runs*32] (int8) in the byte order of the SIMD tiles for `bits`: the four bytes of activation word
+    t * 8/bits + s of a run meet the four codes at bit offset bits * s of the bytes of the run's code word t
+    (2, 4, 8 bits); for 3 bits byte q of word j meets code 8q + j (`_codes3`)."""
     xw = xq.copy()  # [runs*32]
-    if bits != 3:
+    if bits == 3:
+        for r in range(xq.shape[0] // BLOCK):
+            for j in range(8):
+                for q in range(4):
+                    xw[r * BLOCK + 4 * j + q] = xq[r * BLOCK + 8 * q + j]
+    else:
         per_word = 32 // bits
         sub = 8 // bits  # codes per byte
         for r in range(xq.shape[0] // BLOCK):
@@ -483,10 +529,14 @@ def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum
         _VNNI4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2 and bits == 2:
         _VNNI2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
+    elif kernel_id == 2 and bits == 3:
+        _VNNI3(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif kernel_id == 2:
         _VNNI8(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     elif bits == 4:
         _AVX2_4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
+    elif bits == 3:
+        _AVX2_3(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
     else:
         _AVX2_2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
 

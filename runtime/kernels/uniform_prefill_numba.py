@@ -47,7 +47,7 @@ from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
 ROW_BLOCK = 32  # rows whose activations a task keeps in cache while its tiles go by
-INT_BITS = (2, 4, 8)  # code widths of the integer kernel
+INT_BITS = (2, 3, 4, 8)  # code widths of the integer kernel
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
@@ -125,7 +125,7 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
     return intrinsic(typer)
 
 
-_CHUNK2, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
+_CHUNK2, _CHUNK3, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
 _CHUNK4_LUT = _prefill_intrinsic(4, lut=True)
 
 
@@ -163,13 +163,15 @@ def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, bits, group_runs, lut, 
                         _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
                     elif bits == 2:
                         _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
+                    elif bits == 3:
+                        _CHUNK3(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
                     else:
                         _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
     return y
 
 
 def integer_prefill(weight: KernelWeight, kernel: str) -> bool:
-    """Whether `matmul` multiplies this weight in integers with `kernel` (avx512vnni; 2/4/8-bit codes, or
+    """Whether `matmul` multiplies this weight in integers with `kernel` (avx512vnni; 2/3/4/8-bit codes, or
     4-bit codes through a table)."""
     return kernel == "avx512vnni" and weight.bits in INT_BITS
 
