@@ -89,7 +89,7 @@ def fresh_decode(packed, x, vbmi: bool):
     from the cache: its assembly at hand), the VBMI chunks of the E8P stages on or off."""
     fresh = numba.njit(e8p_numba._decode_int8.py_func)
     call = list(e8p_numba.int8_call(packed))
-    call[-2], call[-1] = vbmi, vbmi and packed.bits == 4  # the 1-bit E8 stage of 3 bits never takes VBMI
+    call[-1] = vbmi
     y = np.empty(packed.out_features, dtype=np.float32)  # [out]
     fresh(x, *call, y)
     return y, set(re.findall(r"\bvp\w+", "".join(fresh.inspect_asm().values())))
@@ -109,7 +109,7 @@ def test_kernel_uses_the_byte_dot_product():
 @pytest.mark.parametrize("bits", [2, 3])
 def test_byte_permute_path_equals_the_byte_table_path(vbmi, bits):
     # 1088 inputs: two whole chunks of 512 through the byte permutes, one of 64 through the byte table
-    # (3 bits: the 1-bit E8 stage through its byte table from the first chunk on)
+    # (3 bits: the 1-bit E8 stage through its own tables)
     packed = random_packed(f"quipsharp{bits}", (40, 1088), seed=11)
     x = inputs(11, 1, 1088)  # [1, in]
     y, instructions = fresh_decode(packed, x[0], vbmi)
@@ -123,6 +123,10 @@ def test_coordinate_tables_are_the_source_table_times_four(codebook):
     tables = e8p_numba.coordinate_tables(codebook)  # [8, 256]
     assert tables.flags.c_contiguous and tables.dtype == np.int8  # the kernel reads it as 32 rows of 64 bytes
     assert np.array_equal(tables.T / 4, e8p_codebook.signed_source_table(codebook))
+    one_bit = e8p_numba.one_bit_coordinate_tables(codebook)  # [8, 256]
+    assert one_bit.flags.c_contiguous and one_bit.dtype == np.int8 and one_bit.min() >= 0
+    points = e8p_codebook.e8_1bit_decode(np.arange(256, dtype=np.uint8), codebook)  # [256, 8]
+    assert np.array_equal((one_bit.T.astype(np.float32) - e8p_numba.BYTE_ZERO) / 4, points)
 
 
 @needs_vnni
@@ -141,7 +145,7 @@ def test_quip_sharp_variant_through_the_integer_kernels(bits):
 
 
 @pytest.mark.skipif("avx512vbmi" not in e8p_numba._x86_features(), reason="the CPU lacks avx512vbmi")
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape", [(24, 512), (40, 1536), (12, 1024), (20, 576), (36, 1088)])
 def test_integer_prefill_matches_its_reference(bits, shape, monkeypatch):
     # many rows of Q8_0 activations through the byte permutes (inputs past the last whole chunk of 512, as

@@ -41,7 +41,9 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   this is 1.85x the table-load path; what is left (inputs past the last
   whole chunk of 512) goes through the byte table. The 1-bit E8 stage of 3
   bits (uint8 codes, 4·point an integer in [-8, 8], no signs or shift) reads
-  its own 256-entry byte table (`one_bit_byte_table`) the same way.
+  its own 256-entry byte table (`one_bit_byte_table`) the same way, and with
+  VBMI its own coordinate tables (`one_bit_coordinate_tables`), in decode and
+  in the integer prefill.
 """
 from __future__ import annotations
 
@@ -408,6 +410,16 @@ def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarra
     return table
 
 
+@functools.cache
+def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """int8 [8, 256]: row i = 4 · coordinate i + BYTE_ZERO of every point of the 1-bit E8 grid (integers in
+    [8, 24]): `coordinate_tables` of 3 bits' residual stage, whose codes carry no signs or shift; read-only."""
+    points = e8p_codebook.e8_1bit_codebook(codebook)  # [256, 8]
+    table = np.ascontiguousarray(np.rint(4 * points.T + BYTE_ZERO), dtype=np.int8)  # [8, 256]
+    table.flags.writeable = False
+    return table
+
+
 def _permute_bytes(builder, a, b, index):
     """<64 x i8>: byte j = (a ++ b)[index[j] & 127] (vpermi2b: AVX-512 VBMI)."""
     bytes64 = ir.VectorType(ir.IntType(8), 64)
@@ -439,14 +451,34 @@ def _chunk_points(builder, row, k, t_vectors):
     adjust = builder.add(builder.shl(builder.and_(signs, splat(1)), splat(1)), splat(BYTE_ZERO - 1))
     points = []
     for i in range(8):
-        quarter = [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), 4 * i + q)]), align=1)
-                   for q in range(4)]
-        value = builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], sources),
-                               _permute_bytes(builder, quarter[0], quarter[1], sources))
+        value = _lookup_coordinate(builder, t_vectors, i, sources, upper)
         bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
         value = builder.select(builder.icmp_unsigned("!=", bit, splat(0)), builder.sub(splat(0), value), value)
         points.append(builder.add(value, adjust))
     return points
+
+
+def _lookup_coordinate(builder, t_vectors, i, index, upper):
+    """<64 x i8>: byte j = coordinate table i [index[j]] (t_vectors: <64 x i8>* to the tables, four vectors of 64
+    bytes per coordinate; upper: index[j] >= 128), by two vpermi2b of 128 bytes and a select."""
+    quarter = [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), 4 * i + q)]), align=1)
+               for q in range(4)]
+    return builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], index),
+                          _permute_bytes(builder, quarter[0], quarter[1], index))
+
+
+def _one_bit_chunk_points(builder, row, k, t_vectors):
+    """`_chunk_points` for the uint8 codes of a 1-bit E8 stage (row: <64 x i8>* to the row's first code, one
+    vector per chunk; t_vectors: `one_bit_coordinate_tables`, BYTE_ZERO included): each code looked up in
+    each coordinate's 256-byte table, no signs or shift."""
+    codes = builder.load(builder.gep(row, [k]), align=1)
+    upper = builder.icmp_signed("<", codes, ir.Constant(codes.type, [0] * 64))  # code >= 128
+    return [_lookup_coordinate(builder, t_vectors, i, codes, upper) for i in range(8)]
+
+
+def _points_of(signature_codes):
+    """The chunk decoder of a codes array type: E8P (uint16) or the 1-bit E8 stage (uint8)."""
+    return _one_bit_chunk_points if signature_codes.dtype == types.uint8 else _chunk_points
 
 
 @intrinsic
@@ -458,12 +490,13 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
     made unsigned (+16) and multiplied by the 64 activations of that coordinate, xperm[512 k + 64 i + c] =
     xq[512 k + 8 c + i] (`vpdpbusd`). Lane j of the sum then covers exactly Q8_0 block j of the chunk, so
     it starts from start16 (−16 Σ of the block's xq) and is scaled by d once per chunk. Compiled to 0 on
-    a CPU without AVX-512 VBMI and VNNI, and for the uint8 codes of a 1-bit E8 stage (the caller passes
-    vbmi False for them)."""
+    a CPU without AVX-512 VBMI and VNNI. uint8 codes of a 1-bit E8 stage are looked up in
+    `one_bit_coordinate_tables` (`_one_bit_chunk_points`)."""
     def codegen(context, builder, signature, args):
         f32 = ir.FloatType()
-        if "avx512vbmi" not in _x86_features() or signature.args[0].dtype != types.uint16:
+        if "avx512vbmi" not in _x86_features():
             return ir.Constant(f32, 0.0)
+        chunk_points = _points_of(signature.args[0])
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
         c_array = context.make_array(signature.args[0])(context, builder, args[0])
@@ -482,7 +515,7 @@ def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
                                                  words.as_pointer()), align=4)
             x_chunk = builder.bitcast(builder.gep(x_data, [builder.mul(k, ir.Constant(k.type, 64 * 8))]),
                                       words.as_pointer())
-            for i, points in enumerate(_chunk_points(builder, row, k, t_vectors)):
+            for i, points in enumerate(chunk_points(builder, row, k, t_vectors)):
                 x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
                 lanes = builder.call(dot, [lanes, builder.bitcast(points, words), x_words])
             scales = builder.load(builder.bitcast(builder.gep(d_data, [builder.mul(k, ir.Constant(k.type, 16))]),
@@ -503,12 +536,13 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
     [m, chunks * 512], coordinate by coordinate as `_quantize_rotated`'s xperm; start: int32 [m, chunks * 16],
     −BYTE_ZERO times each block's sum of q; d [m, in/32]; acc float32 [PREFILL_OUTPUTS, m, 16]). Each
     chunk's points are made once per output
-    (`_chunk_points`) and every activation word loaded meets all PREFILL_OUTPUTS outputs: the rows'
-    activations, not the codes, are what prefill streams (from the core's cache) per output.
-    Compiled to nothing without VBMI."""
+    (`_chunk_points`; uint8 codes of a 1-bit E8 stage: `_one_bit_chunk_points` with its tables) and every
+    activation word loaded meets all PREFILL_OUTPUTS outputs: the rows' activations, not the codes, are what
+    prefill streams (from the core's cache) per output. Compiled to nothing without VBMI."""
     def codegen(context, builder, signature, args):
         if "avx512vbmi" not in _x86_features():
             return context.get_dummy_value()
+        chunk_points = _points_of(signature.args[0])
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
         arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6)}
@@ -535,7 +569,7 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
 
         with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))) as chunks:
             k = chunks.index
-            points = [[builder.bitcast(p, words) for p in _chunk_points(builder, code_row, k, t_vectors)]
+            points = [[builder.bitcast(p, words) for p in chunk_points(builder, code_row, k, t_vectors)]
                       for code_row in code_rows]
             lane0 = builder.mul(k, ir.Constant(k.type, 16))
             with cgutils.for_range(builder, n_rows) as rows:
@@ -580,9 +614,9 @@ def _quantize_rotated_rows(x_rot):
 
 
 @njit(cache=True, parallel=True)
-def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, y_rot):
+def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, tables_2, y_rot):
     """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), the
-    outputs in parallel (the whole chunks only)."""
+    outputs in parallel (the whole chunks only); tables_2: the second stage's coordinate tables."""
     xq, start, d, _ = quantized
     m, n_out = y_rot.shape
     for block in prange(-(-n_out // PREFILL_OUTPUTS)):
@@ -594,17 +628,24 @@ def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, table
                 y_rot[r, o + j] = scale_1 * np.float32(0.25) * acc[j, r].sum()
         if n_stages == 2:
             acc[:] = 0
-            _e8p_rows_vbmi(codes_2, o, xq, start, d, tables, acc)
+            _e8p_rows_vbmi(codes_2, o, xq, start, d, tables_2, acc)
             for j in range(min(PREFILL_OUTPUTS, n_out - o)):
                 for r in range(m):
                     y_rot[r, o + j] += scale_2 * np.float32(0.25) * acc[j, r].sum()
 
 
 def prefill_applies(packed) -> bool:
-    """Whether `matmul_prefill_vbmi` runs this tensor: AVX-512 VBMI, E8P stages only (2 and 4 bits), at least
-    one whole chunk of CHUNK_CODES codes."""
-    return ("avx512vbmi" in _x86_features() and packed.bits in (2, 4)
+    """Whether `matmul_prefill_vbmi` runs this tensor: AVX-512 VBMI (2, 3 and 4 bits), at least one whole chunk
+    of CHUNK_CODES codes."""
+    return ("avx512vbmi" in _x86_features() and packed.bits in e8p_codebook.BITS
             and packed.in_features >= CHUNK_CODES * e8p_codebook.DIM)
+
+
+def second_stage_tables(packed) -> tuple:
+    """(byte table, coordinate tables) of the last stage: the E8P tables, or for 3 bits the 1-bit E8 stage's."""
+    if packed.stage_codes[-1].dtype == np.uint8:
+        return one_bit_byte_table(packed.codebook), one_bit_coordinate_tables(packed.codebook)
+    return byte_table(packed.codebook), coordinate_tables(packed.codebook)
 
 
 def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
@@ -618,7 +659,7 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     y_rot = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     quantized = _quantize_rotated_rows(x_rot)
     _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1], coordinate_tables(packed.codebook),
-                  y_rot)
+                  second_stage_tables(packed)[1], y_rot)
     tail = quantized[-1]  # [m, in - whole]
     if tail.shape[1]:
         first = (packed.in_features - tail.shape[1]) // e8p_codebook.DIM
@@ -676,22 +717,21 @@ def _row_dot(codes, o, first, vbmi, xq, start, d, xperm, start16, table, tables)
 
 @njit(cache=True, parallel=True)
 def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1, codes_2, n_stages,
-                 scale_1, scale_2, table, table_2, tables, vbmi, vbmi_2, y):
+                 scale_1, scale_2, table, tables, table_2, tables_2, vbmi, y):
     """y [out] = W x for one row x [in] in one call: x_rot = (x ⊙ s_in) Hᵢᵀ / sqrt(in) on this thread,
     quantized to Q8_0, y_rot = Σ_stages scale · Ŵ_stage x̂ over the outputs in parallel (2 bits: one E8P
-    stage; 3 bits: E8P and the 1-bit E8 stage, uint8 codes read from table_2 without VBMI; 4 bits: two
+    stage; 3 bits: E8P and the 1-bit E8 stage, whose uint8 codes read table_2 / tables_2; 4 bits: two
     E8P stages), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
     n_out = y.shape[0]
     xq, d, start, xperm, start16 = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
-    whole = xperm.shape[0] // (CODES_PER_DOT * 8)  # byte-table chunks the VBMI path covers
-    first, first_2 = (whole if vbmi else 0), (whole if vbmi_2 else 0)  # each stage's first byte-table chunk
+    first = xperm.shape[0] // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
     y_rot = np.empty(n_out, dtype=np.float32)  # [out]
     for o in prange(n_out):
         value = scale_1 * np.float32(0.25) * _row_dot(codes_1, o, first, vbmi, xq, start, d, xperm, start16, table,
                                                       tables)
         if n_stages == 2:
-            value += scale_2 * np.float32(0.25) * _row_dot(codes_2, o, first_2, vbmi_2, xq, start, d, xperm,
-                                                           start16, table_2, tables)
+            value += scale_2 * np.float32(0.25) * _row_dot(codes_2, o, first, vbmi, xq, start, d, xperm, start16,
+                                                           table_2, tables_2)
         y_rot[o] = value
     y[:] = _rotate_row(y_rot, signs_out, h_out, size_out, True)
 
@@ -720,12 +760,9 @@ def int8_call(packed) -> tuple:
     (k_in, p_in), (k_out, p_out) = packed.hadamard_in, packed.hadamard_out
     codes = packed.stage_codes
     scales = [np.float32(s) for s in packed.host_scales]
-    vbmi = "avx512vbmi" in _x86_features()
-    one_bit_2 = codes[-1].dtype == np.uint8  # 3 bits: the residual stage is the 1-bit E8 grid
-    table_2 = one_bit_byte_table(packed.codebook) if one_bit_2 else byte_table(packed.codebook)
     return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
-            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook), table_2,
-            coordinate_tables(packed.codebook), vbmi, vbmi and not one_bit_2)
+            codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook),
+            coordinate_tables(packed.codebook), *second_stage_tables(packed), "avx512vbmi" in _x86_features())
 
 
 def run_int8(call: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
