@@ -203,11 +203,22 @@ class IncoherentTensor(PackedTensor):
         """y [..., out] = x [..., in] @ W.T through the NumPy reference `dequantize`."""
         return np.asarray(x, dtype=np.float32) @ self.dequantize().T
 
+    def matmul_reference_int8(self, x) -> np.ndarray:
+        """y [m, out] for x [m, in], the reference of the int8-activation path: `matmul_rows` with the inner
+        product replaced by the inner format's int8 reference (its activation quantization)."""
+        return self._around_inner(np.asarray(x, dtype=np.float32), self.inner.matmul_reference_int8)
+
     def matmul_rows(self, x, on_gpu: bool):
-        """y [m, out] = x [m, in] @ W.T: transform x, the inner product (its own kernels), transform back."""
+        """y [m, out] = x [m, in] @ W.T: transform x, the inner product (its own kernels: one row on the CPU
+        takes the inner format's int8 decode kernel), transform back."""
+        return self._around_inner(x, self.inner.matmul)
+
+    def _around_inner(self, x, inner_product):
+        """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,
+        transform back (Uᵀ): y [m, out] float32."""
         xp = array_module_of(x)
         x_in = xp.ascontiguousarray(self.transform_in.apply(x * self.inv_rescale), dtype=xp.float32)  # [m, in]
-        y = self.inner.matmul_rows(x_in, on_gpu)  # [m, out]
+        y = inner_product(x_in)  # [m, out]
         if self.midrise:
             y = y + x_in.sum(axis=1, keepdims=True) * self.half_step  # [m, out]
         return xp.ascontiguousarray(self.transform_out.apply(y, transpose=True), dtype=xp.float32)  # [m, out]
