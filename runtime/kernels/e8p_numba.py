@@ -91,22 +91,22 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
     n = x.shape[1]
     k = h_k.shape[0]
     buf = np.empty(n, dtype=np.float32)  # [n]
+    spare = np.empty(n, dtype=np.float32)  # [n] the other buffer of the out-of-place stages
     for i in range(n):
         buf[i] = x[r, i] * sign_before[i]
-    for a in range(k):
-        base = a * size
-        half = 1
-        if size >= 8:  # the first three stages as one 8-point butterfly per block: vectorizes across blocks
-            _butterfly8(buf, base, size)
-            half = 8
-        while half < size:
-            for start in range(base, base + size, 2 * half):
-                for i in range(start, start + half):
-                    u = buf[i]
-                    v = buf[i + half]
-                    buf[i] = u + v
-                    buf[i + half] = u - v
-            half *= 2
+    half = 1
+    if size >= 8:  # the first three stages as one 8-point butterfly per 8 elements
+        _butterfly8(buf, 0, n)
+        half = 8
+    while half < size:  # each later stage of every block, from one buffer into the other (in place, the
+        for start in range(0, n, 2 * half):  # unknown distance `half` between u and v kept LLVM from vectorizing)
+            u, v = buf[start:start + half], buf[start + half:start + 2 * half]  # [half] each (slices: no
+            sums, differences = spare[start:start + half], spare[start + half:start + 2 * half]  # wraparound)
+            for i in range(half):
+                sums[i] = u[i] + v[i]
+                differences[i] = u[i] - v[i]
+        buf, spare = spare, buf
+        half *= 2
     if k == 1:
         for i in range(n):
             out[r, i] = buf[i] * scale * sign_after[i]
