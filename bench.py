@@ -496,6 +496,9 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
 
 
 LINKED = (  # BENCHMARKS.md sections that link a file of benchmarks/ another command writes: title, file, what, command
+    ("Accuracy of the integer-activation kernels", "activations.md", "WikiText-2 perplexity of each format and bit "
+     "width under float activations, the integer prefill kernels and the integer decode kernels",
+     "python bench_activations.py"),
     ("QLoRA training", "training.md", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
      "PEFT + torch", "python bench_training.py --quality"),
     ("Build time and memory at 1.3B", "build.md", "Build time and peak RSS of quantizing a 1.3B checkpoint, per "
