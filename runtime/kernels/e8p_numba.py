@@ -412,10 +412,11 @@ def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarra
 
 @functools.cache
 def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
-    """int8 [8, 256]: row i = 4 · coordinate i + BYTE_ZERO of every point of the 1-bit E8 grid (integers in
-    [8, 24]): `coordinate_tables` of 3 bits' residual stage, whose codes carry no signs or shift; read-only."""
-    points = e8p_codebook.e8_1bit_codebook(codebook)  # [256, 8]
-    table = np.ascontiguousarray(np.rint(4 * points.T + BYTE_ZERO), dtype=np.int8)  # [8, 256]
+    """int8 [8, 256]: row i = byte i of every `one_bit_byte_table` entry (4 · coordinate i + BYTE_ZERO of each
+    point of the 1-bit E8 grid, integers in [8, 24]): `coordinate_tables` of 3 bits' residual stage, whose
+    codes carry no signs or shift; read-only."""
+    entries = one_bit_byte_table(codebook).view(np.uint8).reshape(-1, 8)  # [256, 8]
+    table = np.ascontiguousarray(entries.T).view(np.int8)  # [8, 256]
     table.flags.writeable = False
     return table
 
