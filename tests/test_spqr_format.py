@@ -55,7 +55,8 @@ def test_numba_matches_reference(bits, n_out, n_in, group_size, stat_group, stat
 
 @pytest.mark.parametrize("kernel", uniform_int8_numba.available_kernels())
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("n_out, n_in, group_size", [(67, 200, 32), (40, 96, 64), (1000, 512, 32)])
+@pytest.mark.parametrize("n_out, n_in, group_size", [(67, 200, 32), (40, 96, 64), (1000, 512, 32), (67, 200, 16),
+                                                     (40, 208, 16), (1000, 512, 16)])  # 16: half-run groups
 def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size, monkeypatch):
     # the dense part through the uniform int8 kernel (float32 statistics), the outliers in float
     monkeypatch.setenv("QLLM_INT8_KERNEL", kernel)
@@ -79,7 +80,7 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
             assert_close(y5, packed.matmul_reference_int8(x5, LEVELS16) if integer else packed.matmul_reference(x5))
     expected = packed.matmul_reference_int8 if uniform_int8_numba.simd_tiles(bits, kernel) else packed.matmul_reference
     assert_close(packed.matmul(x[:1]), expected(x[:1]))  # decode: int8 where the kernel has tiles
-    assert make_tensor(5, 20, 96, bits, 16).int8_weight() is None  # groups of 16: float activations
+    assert make_tensor(5, 20, 96, bits, 48).int8_weight() is None  # groups of 48: float activations
     if not uniform_int8_numba.simd_tiles(bits, kernel):  # int8 mode keeps float activations: no float32 stats
         monkeypatch.setattr(SpQRTensor, "int8_weight", lambda self: pytest.fail("statistics decoded"))
         other = make_tensor(6, 20, n_in, bits, group_size)

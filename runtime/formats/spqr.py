@@ -256,21 +256,24 @@ class SpQRTensor(PackedTensor):
         return quantize_activation(x, to_numpy(self.perm), levels) @ dense.T + x @ (self.dequantize() - dense).T
 
     def int8_codes(self):
-        """(bits, no table) on the CPU for groups of whole runs of 32 (PackedTensor.int8_codes)."""
-        return None if is_cupy(self.qweight) or self.group_size % RUN else (self.bits, False)
+        """(bits, no table) on the CPU for groups of whole runs of 32 or of one half run (16: the kernels'
+        HALF_RUN_GROUPS) (PackedTensor.int8_codes)."""
+        tiles_take = self.group_size == HALF_RUN or self.group_size % RUN == 0
+        return None if is_cupy(self.qweight) or not tiles_take else (self.bits, False)
 
     def int8_weight(self):
         """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes
         copied into the kernel's tiles, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
-        None on the GPU or for groups that are not whole runs of 32. Prefill then reads them too, and
+        None on the GPU or for groups of neither 16 nor whole runs of 32. Prefill then reads them too, and
         qweight's pages mapped from the model file go back to the OS."""
         if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.checkpoints.safetensors_io import release_pages
-            from runtime.kernels.uniform_int8_numba import block_weight
+            from runtime.kernels.uniform_int8_numba import HALF_RUN_GROUPS, block_weight
             from runtime.kernels.uniform_numba import readonly
             s, z = (np.asarray(a, dtype=np.float32) for a in self.statistics())  # [n_groups, out] each
+            runs = HALF_RUN_GROUPS if self.group_size == HALF_RUN else self.group_size // RUN
             self._int8_weight = block_weight(self.qweight, s, z, readonly(self.perm), self.in_features, self.bits,
-                                             self.group_size // RUN)
+                                             runs)
             release_pages(self.qweight)
         return self._int8_weight
 

@@ -2,17 +2,23 @@
 
 Follows the CSR product of SpQR's outliers (Dettmers et al. 2023, "SpQR: A
 Sparse-Quantized Representation for Near-Lossless LLM Weight Compression",
-§4.2). `add_product` adds x @ S.T into y: over output rows (in parallel
-for many input rows, on one thread for a few); a row's few entries (about
-1% of its weights) are read from cache for each input row, gathering x at
-their columns.
+§4.2). `add_product` adds x @ S.T into y, over output rows. A few input rows
+(decode) run on one thread: a row's few entries (about 1% of its weights)
+are read from cache for each input row, gathering x at their columns. Many
+rows (prefill) take x transposed, so that each entry multiplies one
+contiguous column of x by its value (m multiply-adds in vector lanes, not m
+gathers), the output rows split over the cores: 128 rows of TinyLlama's MLP
+(115k entries) in 1.1 ms where the gathers took 13 ms (2 cores).
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 SERIAL_MAX_ROWS = 4  # input rows up to which the product runs on one thread
+OUT_BLOCK = 16  # output rows whose sums (many input rows) are added to y together
+TRANSPOSE_BLOCK = 64  # columns of x per task of its transpose
 
 
 @njit(inline="always", fastmath=True)
@@ -25,11 +31,41 @@ def _add_row(row_ptr, col_idx, values, x, y, o):
         y[r, o] += acc
 
 
+@njit(cache=True, parallel=True)
+def _transposed(x):
+    """x [m, n] -> [n, m], blocks of 64 columns in parallel."""
+    m, n = x.shape
+    xt = np.empty((n, m), dtype=x.dtype)  # [n, m]
+    for block in prange(-(-n // TRANSPOSE_BLOCK)):
+        for r in range(m):
+            for c in range(block * TRANSPOSE_BLOCK, min((block + 1) * TRANSPOSE_BLOCK, n)):
+                xt[c, r] = x[r, c]
+    return xt
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def _add_rows(row_ptr, col_idx, values, x, y):
-    """`_add_row` for every output row, in parallel."""
-    for o in prange(row_ptr.shape[0] - 1):
-        _add_row(row_ptr, col_idx, values, x, y, np.int64(o))
+def _add_columns(row_ptr, col_idx, values, x, y, tasks):
+    """y[:, o] += sum_k values[k] * x[:, col_idx[k]] over the entries k of each output row o: x transposed,
+    so each entry's column is contiguous; blocks of OUT_BLOCK output rows split over `tasks` tasks, each
+    block's sums [OUT_BLOCK, m] added to y row by row."""
+    xt = _transposed(x)  # [in, m]
+    n_out, m = row_ptr.shape[0] - 1, x.shape[0]
+    n_blocks = -(-n_out // OUT_BLOCK)
+    for t in prange(tasks):
+        acc = np.empty((OUT_BLOCK, m), dtype=np.float32)  # [OUT_BLOCK, m] one block's sums
+        for block in range(t * n_blocks // tasks, (t + 1) * n_blocks // tasks):
+            o0 = block * OUT_BLOCK
+            o1 = min(o0 + OUT_BLOCK, n_out)
+            for o in range(o0, o1):
+                sums = acc[o - o0]  # [m]
+                sums[:] = 0
+                for k in range(row_ptr[o], row_ptr[o + 1]):
+                    value, column = values[k], xt[np.int64(col_idx[k])]  # column [m]
+                    for r in range(m):
+                        sums[r] += value * column[r]
+            for r in range(m):
+                for o in range(o0, o1):
+                    y[r, o] += acc[o - o0, r]
 
 
 @njit(cache=True, fastmath=True)
@@ -43,5 +79,10 @@ def add_product(row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, x:
                 y: np.ndarray) -> None:
     """y [m, out] += x [m, in] @ S.T for the CSR matrix S (row_ptr int32 [out+1], col_idx uint16 [nnz],
     values float32 [nnz]); x and y float32. A few input rows (decode) run on one thread: their work
-    (about 1% of the weights) is smaller than waking the worker threads of a parallel loop."""
-    (_add_rows_serial if x.shape[0] <= SERIAL_MAX_ROWS else _add_rows)(row_ptr, col_idx, values, x, y)
+    (about 1% of the weights) is smaller than waking the worker threads of a parallel loop; more take x
+    transposed, in parallel."""
+    if x.shape[0] <= SERIAL_MAX_ROWS:
+        _add_rows_serial(row_ptr, col_idx, values, x, y)
+    else:
+        tasks = max(1, min(numba.get_num_threads(), -(-(row_ptr.shape[0] - 1) // OUT_BLOCK)))
+        _add_columns(row_ptr, col_idx, values, x, y, tasks)

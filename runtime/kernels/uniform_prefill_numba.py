@@ -40,9 +40,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_span,
-                                                _load_lanes, _run_codes, _run_dot, _splat, _table_bytes,
-                                                available_kernels, byte_positions, matmul_prefill, tile_order)
+from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_loops,
+                                                _load_lanes, _run_codes, _run_dot, _run_parts, _splat,
+                                                _table_bytes, available_kernels, byte_positions, matmul_prefill,
+                                                tile_order)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
@@ -89,23 +90,23 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
         tables = _table_bytes(builder, arrays[9].data) if lut else ()
         totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(CHUNK)]
         sums = [cgutils.alloca_once(builder, floats) for _ in range(CHUNK)]
-        with cgutils.for_range(builder, n_groups) as groups:
-            g = groups.index
-            run0, runs = _group_span(builder, g, group_runs, n_runs)
+
+        def run_terms(r, split):  # [[d[r, c] * dot of each row c]] of run r (split: of each half run)
+            words = builder.bitcast(builder.gep(codes_row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
+                                    vector.as_pointer())
+            vectors = _run_codes(builder, [builder.load(builder.gep(words, [ir.Constant(_I32, t)]), align=4)
+                                           for t in range(bits)], bits, tables)
+            first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
+            rows = []
             for c in range(CHUNK):
-                builder.store(ir.Constant(floats, None), sums[c])
-            with cgutils.for_range(builder, runs) as loop:
-                r = builder.add(run0, loop.index)
-                words = builder.bitcast(builder.gep(codes_row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
-                                        vector.as_pointer())
-                vectors = _run_codes(builder, [builder.load(builder.gep(words, [ir.Constant(_I32, t)]), align=4)
-                                               for t in range(bits)], bits, tables)
-                first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
-                for c in range(CHUNK):
-                    dot = _run_dot(builder, vectors, builder.gep(hi[c], [first]), builder.gep(lo[c], [first]),
-                                   builder.gep(wide[c], [first]), "avx512vnni")
-                    scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
-                    builder.store(builder.fadd(builder.load(sums[c]), builder.fmul(dot, scale)), sums[c])
+                x_run = [builder.gep(x[c], [first]) for x in (hi, lo, wide)]
+                scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
+                dots = _run_parts(builder, vectors, bits, split, lambda part, at: _run_dot(
+                    builder, part, *(builder.gep(x, [ir.Constant(_I32, at)]) for x in x_run), "avx512vnni"))
+                rows.append([builder.fmul(dot, scale) for dot in dots])
+            return [[rows[c][part] for c in range(CHUNK)] for part in range(len(rows[0]))]
+
+        def fold(g):
             group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), TILE,
                                        signature.args[2].dtype)
             group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), TILE,
@@ -113,6 +114,8 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
             for c in range(CHUNK):
                 group_sum = _splat(builder, builder.load(builder.gep(xsum[c], [g])), TILE)
                 _fold_group(builder, totals[c], sums[c], group_scales, group_zeros, group_sum)
+
+        _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, half_runs=not lut)
         for c in range(CHUNK):
             out = builder.gep(row_of(12, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
