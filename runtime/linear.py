@@ -5,7 +5,9 @@ array [out, in]) or for any packed weight (a `PackedTensor`, which picks its
 own NumPy / Numba / CUDA kernel). Swapping float weights for packed ones, or
 for a wrapper that records inputs during calibration, never touches model.py.
 A float16 weight on the GPU multiplies in half precision (cuBLAS, float32
-accumulation) instead of being widened to float32 on every call.
+accumulation) instead of being widened to float32 on every call. A float32
+weight on the CPU multiplies on every core (runtime/kernels/float_numba.py:
+BLAS itself runs on one thread).
 A weight mapped from a file this project wrote has its recorded checksum
 checked here, the first time it is used (runtime.checkpoints.content_hash).
 
@@ -21,6 +23,7 @@ mode, prepared call, checks, output split) cost SmolLM2 about 15 us of each
 """
 from runtime.checkpoints.content_hash import run_pending
 from runtime.device import is_cupy
+from runtime.kernels import float_numba
 
 
 def linear(x, w, b=None):
@@ -30,6 +33,8 @@ def linear(x, w, b=None):
         y = w.matmul(x)  # [..., out]
     elif is_cupy(w) and w.dtype != x.dtype:
         y = (x.astype(w.dtype) @ w.T).astype(x.dtype)  # [..., out]
+    elif float_numba.takes(x, w):
+        y = float_numba.matmul(x, w)  # [..., out] on every core
     else:
         y = x @ w.T  # [..., out]
     if b is not None:

@@ -8,14 +8,33 @@ core, each with its own buffer: the dequantizing kernel (Numba, compiled
 `nogil`) and the BLAS call (NumPy releases the GIL) of one thread run beside
 those of the others, so every core multiplies. Measured on 2 cores: a
 TinyLlama-shaped rtn4g128 prefill of 128 tokens at 31-36 tok/s with one
-dequantizing region and BLAS on one thread per tile.
+dequantizing region and BLAS on one thread per tile. The worker threads are
+kept for the process (`worker_pool`); float32 weights split their rows over
+them the same way (runtime/kernels/float_numba.py).
 """
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+
+
+@functools.cache
+def worker_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool of `threads` worker threads, kept for the process: starting a pool costs about 0.2 ms against
+    0.05 ms for handing work to a kept one, paid by every product of a prefill (211 for SmolLM2)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="prefill")
+
+
+def run_on_workers(task, count: int) -> None:
+    """task(i) for i < count, each on a worker of the kept pool (count > 1) or on the calling thread; a
+    worker's exception is raised here."""
+    if count == 1:
+        task(0)
+        return
+    list(worker_pool(count).map(task, range(count)))  # list(): re-raises a worker's exception here
 
 
 def run_tiles(n: int, width: int, buffer_shape: tuple, fill, multiply) -> None:
@@ -32,8 +51,4 @@ def run_tiles(n: int, width: int, buffer_shape: tuple, fill, multiply) -> None:
             fill(start, size, buffer)
             multiply(start, size, buffer)
 
-    if threads == 1:
-        worker(0)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(worker, range(threads)))  # list(): re-raises a worker's exception here
+    run_on_workers(worker, threads)
