@@ -7,9 +7,10 @@ import quip
 from conftest import inputs
 from runtime.errors import UserError
 from runtime.formats.base import activation_mode
-from runtime.formats.incoherent import IncoherentTensor, KronOrthogonal, kron_sizes, transforms
+from runtime.formats.incoherent import NONE, IncoherentTensor, KronOrthogonal, kron_sizes, transforms
 from runtime.formats.uniform import UniformTensor
 from runtime.checkpoints.packed_checkpoint import read_packed, save_packed
+from runtime.kernels import incoherent_numba
 from runtime.kernels.uniform_int8_numba import available_kernels
 
 
@@ -41,6 +42,34 @@ def test_transform_is_orthogonal(n):
     np.testing.assert_allclose(transform.apply(transform.apply(x), transpose=True), x, rtol=0, atol=1e-5)
     np.testing.assert_allclose(transform.apply(transform.apply(x, transpose=True)), x, rtol=0, atol=1e-5)
     np.testing.assert_allclose(transform.apply(x, transpose=True), x @ M, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [576, 96, 97, 10, 1])  # square, oblong, prime (a = 1) factors
+@pytest.mark.parametrize("transpose", [False, True])
+def test_row_kernel_equals_the_transform(n, transpose):
+    # incoherent_numba.transform_row against KronOrthogonal.apply: scale on the input, shift * add on top
+    transform = KronOrthogonal.random(n, seed=5, side=1)
+    v, scale, add = inputs(n, n), inputs(n + 1, n, mean=2.0), inputs(n + 2, n)
+    factors = transform.kernel_factors(transpose)
+    plain = incoherent_numba.transform_row(v, NONE, NONE, np.float32(0), *factors)
+    np.testing.assert_allclose(plain, transform.apply(v, transpose), rtol=0, atol=1e-5 * np.abs(v).max())
+    both = incoherent_numba.transform_row(v, scale, add, np.float32(0.5), *factors)
+    expected = transform.apply(v * scale + np.float32(0.5) * add, transpose)
+    np.testing.assert_allclose(both, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("mode", ["float", "int8"])
+def test_one_row_product_equals_the_reference(mode, monkeypatch):
+    # the decode step's product of q/k/v-like parts: the kernels' transforms around each inner product
+    monkeypatch.setenv("QLLM_ACTIVATIONS", mode)
+    parts = [quantized(seed=s)[0] for s in (1, 2)] + [quantized(n_out=20, seed=3)[0]]
+    x = inputs(9, 96)
+    product = parts[0].one_row_product(parts)
+    for y, part in zip(product(x), parts):
+        integer = part.inner.int8_decodes(*activation_mode())
+        reference = (part.matmul_reference_int8 if integer else part.matmul_reference)(x[None])[0]  # [out]
+        np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    assert parts[0].one_row_product([parts[0], quantized()[0].inner]) is None  # another format: one by one
 
 
 def test_transforms_depend_only_on_seed_size_and_side():

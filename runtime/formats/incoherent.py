@@ -57,6 +57,8 @@ from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
 
 SIDE_IN, SIDE_OUT = 0, 1  # the stream tags of V (input side) and U (output side)
+NONE = np.zeros(0, dtype=np.float32)  # an absent scale or shift of the CPU transform kernels
+NONE.flags.writeable = False
 
 
 def kron_sizes(n: int) -> tuple[int, int]:
@@ -127,6 +129,16 @@ class KronOrthogonal:
         mixed = self.factor_a @ blocks @ self.factor_b.T  # [..., a, b]  A X Bᵀ
         return mixed.reshape(*lead, a * b)[..., self.perm_post]  # [..., n]
 
+    def kernel_factors(self, transpose: bool = False) -> tuple:
+        """(first, left, right, last) of M (or Mᵀ with `transpose`) as runtime/kernels/incoherent_numba.py
+        takes them (NumPy arrays): M = gather `last` of left X right, X gathered by `first`."""
+        a, b = (to_numpy(f) for f in (self.factor_a, self.factor_b))
+        if transpose:
+            first, left, right, last = self.inv_post, a.T, b, self.inv_pre
+        else:
+            first, left, right, last = self.perm_pre, a, b.T, self.perm_post
+        return (to_numpy(first), np.ascontiguousarray(left), np.ascontiguousarray(right), to_numpy(last))
+
     def to_device(self, xp) -> "KronOrthogonal":
         """A copy whose arrays live in array module xp."""
         return KronOrthogonal(*(to_module(a, xp) for a in (self.factor_a, self.factor_b, self.perm_pre,
@@ -158,6 +170,7 @@ class IncoherentTensor(PackedTensor):
         self.transform_in = transform_in.to_device(xp)  # V
         self.inv_rescale = (1.0 / rescale.astype(xp.float32)).astype(xp.float32)  # [in]
         self.half_step = None  # [out] float32 midrise shift, None without one
+        self._transforms = None  # the CPU kernels' layout of U and V (`_kernel_transforms`)
         if self.midrise:
             self.half_step = (inner.scales[0].astype(xp.float32) * 0.5).astype(xp.float32)
 
@@ -212,6 +225,38 @@ class IncoherentTensor(PackedTensor):
         """y [m, out] = x [m, in] @ W.T: transform x, the inner product (its own kernels: one row on the CPU
         takes the inner format's int8 decode kernel), transform back."""
         return self._around_inner(x, self.inner.matmul)
+
+    def _kernel_transforms(self) -> tuple:
+        """((scale, first, left, right, last) of V on x, scale = D⁻¹; (add, first, left, right, last) of Uᵀ on y,
+        add = the midrise half step or empty) for runtime/kernels/incoherent_numba.transform_row; laid out
+        once."""
+        if self._transforms is None:
+            half_step = NONE if self.half_step is None else to_numpy(self.half_step)
+            self._transforms = ((to_numpy(self.inv_rescale), *self.transform_in.kernel_factors()),
+                                (half_step, *self.transform_out.kernel_factors(transpose=True)))
+        return self._transforms
+
+    def one_row_product(self, parts):
+        """PackedTensor.one_row_product for incoherent parts on the CPU: per part, V on x D⁻¹ and Uᵀ on the
+        product (Numba, this thread) around the inner tensor's own one-row product (its int8 kernel where
+        it has one)."""
+        if not all(isinstance(p, IncoherentTensor) and not is_cupy(p.qweight) for p in parts):
+            return None
+        from runtime.kernels import incoherent_numba
+        steps = []
+        for part in parts:
+            inner = part.inner.one_row_product([part.inner]) or (lambda v, w=part.inner: [w.matmul(v)])
+            steps.append((inner, *part._kernel_transforms(), part.midrise))
+
+        def product(x):
+            ys = []
+            for inner, (scale, *into), (add, *back), midrise in steps:
+                x_in = incoherent_numba.transform_row(x, scale, NONE, np.float32(0), *into)  # [in]
+                y = inner(x_in)[0]  # [out]
+                shift = x_in.sum(dtype=np.float32) if midrise else np.float32(0)
+                ys.append(incoherent_numba.transform_row(y, NONE, add, shift, *back))  # [out]
+            return ys
+        return product
 
     def _around_inner(self, x, inner_product):
         """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,
