@@ -90,6 +90,11 @@ def test_numba_pieces_equal_numpy(per_tensor):
     exact = xq.astype(np.int64) @ W.astype(np.int64).T
     assert np.array_equal(int8_numba.int_matmul_decode(W, xq), exact)
     assert np.array_equal(int8_numba.int_matmul_prefill(W, xq), exact)
+    for kernel in uniform_int8_numba.available_kernels():  # VNNI squares of rows, odd edges and a tail
+        W2 = rng.integers(-127, 128, (29, 141)).astype(np.int8)  # [29, 141]: 2 chunks of 64 and 13 more
+        xq2 = rng.integers(-127, 128, (37, 141)).astype(np.int8)  # [37, 141]
+        exact2 = xq2.astype(np.int64) @ W2.astype(np.int64).T
+        assert np.array_equal(int8_numba.int_matmul_prefill(W2, xq2, kernel), exact2)
 
 
 @pytest.mark.parametrize("kernel", uniform_int8_numba.available_kernels())

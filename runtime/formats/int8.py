@@ -176,7 +176,7 @@ class Int8Tensor(PackedTensor):
         if x2.shape[0] <= FUSED_MAX_ROWS:
             acc = int8_numba.int_matmul_decode(self.qweight, xq)  # [m, out]
         else:
-            acc = int8_numba.int_matmul_prefill(self.qweight, xq)  # [m, out]
+            acc = int8_numba.int_matmul_prefill(self.qweight, xq, activation_mode()[1])  # [m, out]
         y = int8_numba.apply_scales(acc, sx, self._row_scales)  # [m, out]
         extra = self.outlier_product(x2, outliers)
         if extra is not None:
