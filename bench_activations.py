@@ -18,7 +18,9 @@ QLLM_ACTIVATIONS:
 Each number is `eval.py --json` in a fresh process (its saved windows resume,
 keyed by the setting and the source of the forward pass). The issue's target:
 within 0.3% of `float`. Models missing under models/ are built on first use,
-as run.py builds them.
+as run.py builds them. A run with --tags rewrites those variants' rows and
+keeps the file's other rows as they were, each row dated, so a long
+measurement can be finished variant by variant.
 """
 from __future__ import annotations
 
@@ -56,22 +58,39 @@ def change(value: float, reference: float) -> str:
     return f"{percent:+.3f}%" + ("" if abs(percent) <= TARGET else " (over 0.3%)")
 
 
-def document(command: str, windows: int, results: dict) -> str:
-    """The text of benchmarks/activations.md from {tag: {mode: ppl}}."""
+def row(tag: str, ppl: dict, date: str) -> str:
+    """The table row of one variant: its perplexities {mode: ppl}, the changes against float, the date."""
+    return (f"| {BASE}.{tag} | {ppl['float']:.4f} | {ppl['int8']:.4f} | {change(ppl['int8'], ppl['float'])} | "
+            f"{ppl['int8-all']:.4f} | {change(ppl['int8-all'], ppl['float'])} | {date} |")
+
+
+def document(windows: int, rows: dict) -> str:
+    """The text of benchmarks/activations.md from {tag: its row}, in TAGS order."""
     from bench_llamacpp import cpu_flags
     lines = ["# Accuracy of the integer-activation kernels", "",
-             f"Written by `{command}` on {time.strftime('%Y-%m-%d')}. CPU flags used by the kernels: "
+             f"Written by `python bench_activations.py [--tags ...]` (each row dated: a run with --tags rewrites "
+             f"those rows). CPU flags used by the kernels: "
              f"{' '.join(sorted(f for f in cpu_flags() if f.startswith('avx512') or f == 'avx2'))}.", "",
              f"How: bench_activations.py's docstring. WikiText-2 test perplexity of SmolLM2-135M-Instruct variants, "
              f"first {windows} windows of 2048 tokens, under QLLM_ACTIVATIONS=float (the float-activation "
              f"reference kernels), int8 (the default: integer prefill) and int8-all (every row through the "
              f"one-row decode kernels). Target: within {TARGET}% of float.", "",
-             "| model | float | int8 (prefill kernels) | change | int8-all (decode kernels) | change |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for tag, ppl in results.items():
-        lines.append(f"| {BASE}.{tag} | {ppl['float']:.4f} | {ppl['int8']:.4f} | {change(ppl['int8'], ppl['float'])} | "
-                     f"{ppl['int8-all']:.4f} | {change(ppl['int8-all'], ppl['float'])} |")
+             "| model | float | int8 (prefill kernels) | change | int8-all (decode kernels) | change | measured |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [rows[t] for t in TAGS if t in rows] + [rows[t] for t in rows if t not in TAGS]
     return "\n".join(lines) + "\n"
+
+
+def kept_rows(path: Path, windows: int) -> dict:
+    """{tag: its row} of an existing benchmarks/activations.md measured on the same number of windows (none
+    if the file is missing or of another window count)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if f"first {windows} windows" not in text:
+        return {}
+    prefix = f"| {BASE}."
+    return {line[len(prefix):].split(" ", 1)[0]: line for line in text.splitlines() if line.startswith(prefix)}
 
 
 def main(argv=None) -> None:
@@ -86,20 +105,21 @@ def main(argv=None) -> None:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     if not tags:
         raise UserError("--tags names no variant; give e.g. --tags rtn4g128,quipsharp2")
-    results = {}
+    path = PROJECT / "benchmarks" / "activations.md"
+    results = kept_rows(path, args.windows)
     for tag in tags:
-        results[tag] = {}
+        ppl = {}
         for mode in MODES:
             print(f"{BASE}.{tag} under QLLM_ACTIVATIONS={mode} ...", flush=True)
-            results[tag][mode] = perplexity(f"{BASE}.{tag}", mode, args.windows)
-    command = " ".join(["python bench_activations.py"] + (sys.argv[1:] if argv is None else argv))
-    text = document(command, args.windows, results)
+            ppl[mode] = perplexity(f"{BASE}.{tag}", mode, args.windows)
+        results[tag] = row(tag, ppl, time.strftime("%Y-%m-%d"))
+    text = document(args.windows, results)
     if args.no_write:
         print(text)
         return
     from runtime.checkpoints.atomic import write_text
-    write_text(PROJECT / "benchmarks" / "activations.md", text)
-    print(f"wrote {PROJECT / 'benchmarks' / 'activations.md'}")
+    write_text(path, text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

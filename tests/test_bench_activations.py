@@ -2,6 +2,7 @@
 variant and activation setting, the table of changes against float with the 0.3% target marked, and a failed
 evaluation or bad option as one line."""
 import subprocess
+import time
 
 import pytest
 
@@ -20,7 +21,18 @@ def test_each_variant_is_evaluated_under_every_setting(monkeypatch, tmp_path):
     assert calls == [(f"smollm2-135m.{tag}", mode, 2) for tag in ("rtn4g128", "quipsharp2")
                      for mode in bench_activations.MODES]
     text = (tmp_path / "benchmarks" / "activations.md").read_text()
-    assert "| smollm2-135m.rtn4g128 | 20.0000 | 20.0100 | +0.050% | 20.1000 | +0.500% (over 0.3%) |" in text
+    today = time.strftime("%Y-%m-%d")
+    assert f"| smollm2-135m.rtn4g128 | 20.0000 | 20.0100 | +0.050% | 20.1000 | +0.500% (over 0.3%) | {today} |" in text
+    # a later run of one variant rewrites its row and keeps the others
+    values.update({"float": 30.0, "int8": 30.0, "int8-all": 30.0})
+    (tmp_path / "benchmarks" / "activations.md").write_text(text.replace(today, "2026-01-02"))
+    bench_activations.main(["--tags", "quipsharp2", "--windows", "2"])
+    text = (tmp_path / "benchmarks" / "activations.md").read_text()
+    assert "| smollm2-135m.rtn4g128 | 20.0000 | 20.0100 | +0.050% | 20.1000 | +0.500% (over 0.3%) | 2026-01-02 |" in text
+    assert f"| smollm2-135m.quipsharp2 | 30.0000 | 30.0000 | +0.000% | 30.0000 | +0.000% | {today} |" in text
+    assert text.index("rtn4g128") < text.index("quipsharp2")  # rows in TAGS order
+    bench_activations.main(["--tags", "quipsharp2", "--windows", "3"])  # another window count: a new table
+    assert "rtn4g128" not in (tmp_path / "benchmarks" / "activations.md").read_text()
 
 
 def test_perplexity_runs_eval_in_a_child_with_the_setting(monkeypatch):
