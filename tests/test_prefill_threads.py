@@ -40,3 +40,21 @@ def test_a_worker_error_is_raised_to_the_caller():
 
     with pytest.raises(ValueError, match="tile 6"):
         prefill_threads.run_tiles(9, 3, (3,), fill, lambda *args: None)
+
+
+def test_a_task_that_runs_tasks_does_not_wait_for_itself():
+    # a nested call from a worker runs its tasks on that worker: through the same kept pool (same count),
+    # whose other workers are busy with the outer tasks, it would wait for itself
+    outer = max(2, numba.get_num_threads())
+    seen = np.zeros((outer, outer), dtype=np.int64)  # [outer, outer] how often each inner task ran
+
+    def inner_tasks(i):
+        def inner(j):
+            seen[i, j] += 1
+        prefill_threads.run_on_workers(inner, outer)
+
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (prefill_threads.run_on_workers(inner_tasks, outer), done.set()))
+    runner.start()
+    runner.join(timeout=30)
+    assert done.is_set() and (seen == 1).all()

@@ -95,13 +95,11 @@ def _prefill(qweight, xq, acc, vnni):
     with `vnni`, SQUARE x SQUARE pairs of weight and input rows at a time (`_dot_square_vnni`: each 64-byte
     load meets SQUARE rows of the other side), their whole 64-byte chunks by vpdpbusd and the rest in
     the portable loop."""
-    n_out, m, n = qweight.shape[0], xq.shape[0], qweight.shape[1]
-    chunks = n // VNNI_BYTES if vnni else 0
-    bias = np.zeros(m, dtype=np.int32)  # [m] 128 * sum of each row's xq over the whole chunks
+    n_out, m = qweight.shape[0], xq.shape[0]
+    chunks = qweight.shape[1] // VNNI_BYTES if vnni else 0
+    bias = np.empty(m, dtype=np.int32)  # [m] each row's `_chunk_bias`
     for r in range(m):
-        for i in range(chunks * VNNI_BYTES):
-            bias[r] += np.int32(xq[r, i])
-    bias *= np.int32(128)
+        bias[r] = _chunk_bias(xq[r], chunks)
     for block in prange((n_out + ROW_BLOCK - 1) // ROW_BLOCK):
         o0 = block * ROW_BLOCK
         o1 = min(o0 + ROW_BLOCK, n_out)
@@ -115,10 +113,7 @@ def _prefill(qweight, xq, acc, vnni):
                     for a in range(o, min(o + SQUARE, o1)):
                         for b in range(r, min(r + SQUARE, r1)):
                             if square:
-                                tail = np.int32(0)
-                                for i in range(chunks * VNNI_BYTES, n):
-                                    tail += np.int32(qweight[a, i]) * np.int32(xq[b, i])
-                                acc[b, a] += tail - bias[b]
+                                acc[b, a] += _tail_dot(qweight, a, xq[b], chunks * VNNI_BYTES) - bias[b]
                             else:
                                 acc[b, a] = _dot(xq[b], qweight[a])
 
@@ -239,19 +234,32 @@ def _dot_square_vnni(typingctx, qweight, o, xq, r, chunks, acc):
 
 
 @njit(inline="always")
+def _chunk_bias(xq, chunks):
+    """128 * sum of xq [in] over its first `chunks` 64-byte chunks: what `vpdpbusd` of the flipped weights
+    (w + 128) adds to the exact int32 sum."""
+    bias = np.int32(0)
+    for i in range(chunks * VNNI_BYTES):
+        bias += np.int32(xq[i])
+    return bias * np.int32(128)
+
+
+@njit(inline="always")
+def _tail_dot(qweight, o, xq, start):
+    """sum_{i >= start} qweight[o, i] * xq[i] in int32: the inputs past the whole 64-byte chunks."""
+    acc = np.int32(0)
+    for i in range(start, qweight.shape[1]):
+        acc += np.int32(qweight[o, i]) * np.int32(xq[i])
+    return acc
+
+
+@njit(inline="always")
 def _row_dot(qweight, o, xq, vnni, bias):
     """sum_i qweight[o, i] * xq[i] in int32, exact; vnni: the first 64-byte chunks by `_dot_vnni_biased`,
     whose bias 128 * sum(xq over those chunks) is `bias`."""
-    n = qweight.shape[1]
-    acc = np.int32(0)
-    start = 0
-    if vnni:
-        chunks = n // VNNI_BYTES
-        acc = _dot_vnni_biased(qweight, o, xq, chunks) - bias
-        start = chunks * VNNI_BYTES
-    for i in range(start, n):
-        acc += np.int32(qweight[o, i]) * np.int32(xq[i])
-    return acc
+    if not vnni:
+        return _tail_dot(qweight, o, xq, 0)
+    chunks = qweight.shape[1] // VNNI_BYTES
+    return _dot_vnni_biased(qweight, o, xq, chunks) - bias + _tail_dot(qweight, o, xq, chunks * VNNI_BYTES)
 
 
 @njit(inline="always")
@@ -285,10 +293,7 @@ def _prepare_row(qweight, x, threshold):
     xq = np.empty((1, n), dtype=np.int8)  # [1, in]
     sx = np.empty(1, dtype=np.float32)  # [1]
     _quantize(x.reshape(1, n), flags, False, xq, sx)
-    bias = np.int32(0)
-    for i in range(n // VNNI_BYTES * VNNI_BYTES):
-        bias += np.int32(xq[0, i])
-    return xq[0], sx[0], outliers, k, bias * np.int32(128)
+    return xq[0], sx[0], outliers, k, _chunk_bias(xq[0], n // VNNI_BYTES)
 
 
 @njit(cache=True)

@@ -527,8 +527,8 @@ def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, 
             _run_portable(row, run, bits, xq, values, dot)
             for i in range(TILE):
                 sums[i] += d[run] * np.float32(dot[i])
-        _fold_portable(total, scales, zeros, tile, g, sums, xsum[g])  # xsum[g] read once: stores into total
-        # could alias it, which stops vectorization
+        # xsum[g] goes in as a value, read once: read in the loop, stores into total could alias it (no SIMD)
+        _fold_portable(total, scales, zeros, tile, g, sums, xsum[g])
 
 
 # ---- the matvec --------------------------------------------------------------------------------

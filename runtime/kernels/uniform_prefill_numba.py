@@ -27,8 +27,9 @@ task's tiles pass. Rows past the last are zero and dropped.
 
 4-bit codes through a table (NF4, FP4) take the table's int16 values times
 the activations as int16 (`vpdpwssd`, uniform_int8_numba._table_run_dot).
-Other CPUs and 3-bit codes dequantize the blocked codes into float tiles for
-BLAS (uniform_int8_numba.matmul_prefill).
+Groups of 16 (SpQR) take each half run as a group, as the decode tiles do
+(uniform_int8_numba._group_loops). Other CPUs dequantize the blocked codes
+into float tiles for BLAS (uniform_int8_numba.matmul_prefill).
 """
 from __future__ import annotations
 
