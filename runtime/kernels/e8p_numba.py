@@ -32,7 +32,7 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   (unsigned × signed bytes), the accumulator starting from −16·Σxq of each
   lane's four activations, so the integer sum is exactly 4·Σ point·xq;
   each block's activation scale is applied to its lanes in float.
-  With AVX-512 VBMI (`_e8p_row_dot_vbmi`) whole chunks of 64 codes skip the
+  With AVX-512 VBMI (`_e8p_rows_dot_vbmi`) whole chunks of 64 codes skip the
   table loads: the codes' source bytes index eight 256-byte tables of
   4·coordinate (`vpermi2b`, 64 codes per instruction), the sign bits and the
   parity negate bytes in the register, and one `vpdpbusd` per coordinate meets
@@ -69,6 +69,9 @@ CODES_PER_DOT = 8  # E8P codes (64 weights) per vpdpbusd of the byte-table path
 CHUNK_CODES = 64  # E8P codes (512 weights) per step of the VBMI path: one vpdpbusd per coordinate
 PREFILL_OUTPUTS = 3  # output rows of the integer prefill sharing each load of activations (2: 64, 4: 72 tok/s)
 BYTE_ZERO = 16  # `byte_table` holds 4·point + BYTE_ZERO
+DENSE_ROWS = 4  # output blocks per pass of the Hadamard transform's dense K x K factor
+DENSE_WIDTH = 16  # floats per block (one AVX-512 register)
+DECODE_ROWS = 32  # output rows per call of the VBMI decode kernel (per-call setup)
 
 
 @njit(inline="always")
@@ -111,6 +114,11 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
         for i in range(n):
             out[r, i] = buf[i] * scale * sign_after[i]
         return
+    if k % DENSE_ROWS == 0 and size % DENSE_WIDTH == 0:  # the K x K factor on vectors of DENSE_WIDTH
+        _dense_factor(h_k, buf, spare, size, transpose)
+        for i in range(n):
+            out[r, i] = spare[i] * scale * sign_after[i]
+        return
     acc = np.zeros(size, dtype=np.float32)  # [2**p] one block of the K x K factor's output
     for a in range(k):
         acc[:] = 0
@@ -120,6 +128,52 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
                 acc[b] += coef * buf[c * size + b]
         for b in range(size):
             out[r, a * size + b] = acc[b] * scale * sign_after[a * size + b]
+
+
+@intrinsic
+def _dense_factor(typingctx, h_k, buf, out, size, transpose):
+    """out[a·size + b] = Σ_c H[a, c] · buf[c·size + b], H = h_k [K, K] float32 (C-contiguous) or its transpose,
+    for K a multiple of DENSE_ROWS and size of DENSE_WIDTH: DENSE_ROWS output blocks of DENSE_WIDTH floats
+    per pass over c, each an accumulator register fed by one load of buf (Numba's loop over a runtime
+    `size` of 16 ran its loop overhead per element block: 3.7 us of SmolLM2's 576-point transform)."""
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        floats = ir.VectorType(f32, DENSE_WIDTH)
+        h_array, b_array, o_array = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3))
+        k = cgutils.unpack_tuple(builder, h_array.shape)[0]
+        size, transpose = args[3], args[4]
+        b_vectors = builder.bitcast(b_array.data, f32.as_pointer())
+        o_vectors = builder.bitcast(o_array.data, f32.as_pointer())
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(DENSE_ROWS)]
+        blocks = builder.udiv(size, ir.Constant(size.type, DENSE_WIDTH))
+        with cgutils.for_range(builder, builder.udiv(k, ir.Constant(k.type, DENSE_ROWS))) as a_loop:
+            a0 = builder.mul(a_loop.index, ir.Constant(k.type, DENSE_ROWS))
+            with cgutils.for_range(builder, blocks) as b_loop:
+                column = builder.mul(b_loop.index, ir.Constant(k.type, DENSE_WIDTH))
+                for acc in accs:
+                    builder.store(ir.Constant(floats, None), acc)
+                with cgutils.for_range(builder, k) as c_loop:
+                    c = c_loop.index
+                    source = builder.gep(b_vectors, [builder.add(builder.mul(c, size), column)])
+                    v = builder.load(builder.bitcast(source, floats.as_pointer()), align=4)
+                    for t, acc in enumerate(accs):
+                        a = builder.add(a0, ir.Constant(k.type, t))
+                        index = builder.select(transpose, builder.add(builder.mul(c, k), a),
+                                               builder.add(builder.mul(a, k), c))
+                        coef = builder.load(builder.gep(h_array.data, [index]))
+                        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(floats, ir.Undefined), coef,
+                                                                              ir.Constant(i32, 0)),
+                                                       ir.Constant(floats, ir.Undefined),
+                                                       ir.Constant(ir.VectorType(i32, DENSE_WIDTH), [0] * DENSE_WIDTH))
+                        builder.store(builder.fadd(builder.load(acc), builder.fmul(splat, v, flags=("contract",)),
+                                                   flags=("contract",)), acc)
+                for t, acc in enumerate(accs):
+                    a = builder.add(a0, ir.Constant(k.type, t))
+                    target = builder.gep(o_vectors, [builder.add(builder.mul(a, size), column)])
+                    builder.store(builder.load(acc), builder.bitcast(target, floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(h_k, buf, out, types.int64, types.boolean), codegen
 
 
 @njit(cache=True, parallel=True)
@@ -404,7 +458,7 @@ def _e8p_row_dot_vnni(typingctx, codes, o, first, xq, start, d, table):
 @functools.cache
 def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     """int8 [8, 256]: row i = 4 · coordinate i of every `signed_source_table` entry of a codebook variant (even
-    integers in [-10, 10]), the byte tables `_e8p_row_dot_vbmi` looks sources up in; read-only."""
+    integers in [-10, 10]), the byte tables `_e8p_rows_dot_vbmi` looks sources up in; read-only."""
     table = np.ascontiguousarray(np.rint(4 * e8p_codebook.signed_source_table(codebook).T), dtype=np.int8)  # [8, 256]
     table.flags.writeable = False
     return table
@@ -429,9 +483,17 @@ def _permute_bytes(builder, a, b, index):
     return builder.call(fn, [a, index, b])
 
 
-def _chunk_points(builder, row, k, t_vectors):
+def _load_tables(builder, t_data):
+    """The 32 <64 x i8> quarters of coordinate tables [8, 256] (t_data: their data pointer), four per coordinate,
+    loaded once where a kernel starts: loads inside its loops were repeated after every store to an output,
+    which LLVM cannot prove does not alias the tables."""
+    t_vectors = builder.bitcast(t_data, ir.VectorType(ir.IntType(8), 64).as_pointer())
+    return [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), q)]), align=1) for q in range(32)]
+
+
+def _chunk_points(builder, row, k, tables):
     """Eight <64 x i8>: for coordinate i, 4·point_i + BYTE_ZERO (unsigned bytes) of the 64 codes of chunk k of
-    a row of codes (row: <64 x i8>* to its first code, two vectors per chunk; t_vectors: <64 x i8>* to
+    a row of codes (row: <64 x i8>* to its first code, two vectors per chunk; tables: `_load_tables` of
     `coordinate_tables`, four vectors per coordinate). The codes split into sign bytes and source bytes
     (vpermi2b), each source looked up in the coordinate's 256-byte table (two vpermi2b of 128 bytes and a
     select), negated by its sign bit (coordinate 0: the parity of the 7 sign bits), shifted by ∓1."""
@@ -452,29 +514,28 @@ def _chunk_points(builder, row, k, t_vectors):
     adjust = builder.add(builder.shl(builder.and_(signs, splat(1)), splat(1)), splat(BYTE_ZERO - 1))
     points = []
     for i in range(8):
-        value = _lookup_coordinate(builder, t_vectors, i, sources, upper)
+        value = _lookup_coordinate(builder, tables, i, sources, upper)
         bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
         value = builder.select(builder.icmp_unsigned("!=", bit, splat(0)), builder.sub(splat(0), value), value)
         points.append(builder.add(value, adjust))
     return points
 
 
-def _lookup_coordinate(builder, t_vectors, i, index, upper):
-    """<64 x i8>: byte j = coordinate table i [index[j]] (t_vectors: <64 x i8>* to the tables, four vectors of 64
-    bytes per coordinate; upper: index[j] >= 128), by two vpermi2b of 128 bytes and a select."""
-    quarter = [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), 4 * i + q)]), align=1)
-               for q in range(4)]
+def _lookup_coordinate(builder, tables, i, index, upper):
+    """<64 x i8>: byte j = coordinate table i [index[j]] (tables: `_load_tables`, four vectors of 64 bytes per
+    coordinate; upper: index[j] >= 128), by two vpermi2b of 128 bytes and a select."""
+    quarter = tables[4 * i:4 * i + 4]
     return builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], index),
                           _permute_bytes(builder, quarter[0], quarter[1], index))
 
 
-def _one_bit_chunk_points(builder, row, k, t_vectors):
+def _one_bit_chunk_points(builder, row, k, tables):
     """`_chunk_points` for the uint8 codes of a 1-bit E8 stage (row: <64 x i8>* to the row's first code, one
-    vector per chunk; t_vectors: `one_bit_coordinate_tables`, BYTE_ZERO included): each code looked up in
+    vector per chunk; tables: `_load_tables` of `one_bit_coordinate_tables`, BYTE_ZERO included): each code looked up in
     each coordinate's 256-byte table, no signs or shift."""
     codes = builder.load(builder.gep(row, [k]), align=1)
     upper = builder.icmp_signed("<", codes, ir.Constant(codes.type, [0] * 64))  # code >= 128
-    return [_lookup_coordinate(builder, t_vectors, i, codes, upper) for i in range(8)]
+    return [_lookup_coordinate(builder, tables, i, codes, upper) for i in range(8)]
 
 
 def _points_of(signature_codes):
@@ -483,50 +544,60 @@ def _points_of(signature_codes):
 
 
 @intrinsic
-def _e8p_row_dot_vbmi(typingctx, codes, o, xperm, start16, d, tables):
-    """float32 4 Σ_i point_i d xq_i over the whole chunks of CHUNK_CODES codes of row o of codes [out, in/8]
-    uint16 (C-contiguous): the chunk's 64 codes split into source bytes and sign bytes (vpermi2b), then for
-    each coordinate i the 64 sources looked up in tables[i] (`coordinate_tables`, two vpermi2b of 128
-    bytes), negated by their sign bit (coordinate 0: the parity of the 7 sign bits), shifted by ∓1 and
-    made unsigned (+16) and multiplied by the 64 activations of that coordinate, xperm[512 k + 64 i + c] =
-    xq[512 k + 8 c + i] (`vpdpbusd`). Lane j of the sum then covers exactly Q8_0 block j of the chunk, so
-    it starts from start16 (−16 Σ of the block's xq) and is scaled by d once per chunk. Compiled to 0 on
-    a CPU without AVX-512 VBMI and VNNI. uint8 codes of a 1-bit E8 stage are looked up in
-    `one_bit_coordinate_tables` (`_one_bit_chunk_points`)."""
+def _e8p_rows_dot_vbmi(typingctx, codes, o, rows, xperm, start16, d, tables, scale, out):
+    """out[j] += scale · 4 Σ_i point_i d xq_i over the whole chunks of CHUNK_CODES codes of row o + j of codes
+    [out, in/8] uint16 (C-contiguous), for j < rows (out float32 [rows], contiguous): the chunk's 64 codes
+    split into source bytes and sign bytes (vpermi2b), then for each coordinate i the 64 sources looked up
+    in tables[i] (`coordinate_tables`, two vpermi2b of 128 bytes), negated by their sign bit (coordinate 0:
+    the parity of the 7 sign bits), shifted by ∓1 and made unsigned (+16) and multiplied by the 64
+    activations of that coordinate, xperm[512 k + 64 i + c] = xq[512 k + 8 c + i] (`vpdpbusd`). Lane j of
+    the sum then covers exactly Q8_0 block j of the chunk, so it starts from start16 (−16 Σ of the block's
+    xq) and is scaled by d once per chunk. A block of rows per call: the 32 table vectors are loaded (and
+    spilled, being all the registers there are) once per call, which per row cost more than a chunk of
+    512 inputs. Compiled to nothing on a CPU without AVX-512 VBMI and VNNI. uint8 codes of a 1-bit E8
+    stage are looked up in `one_bit_coordinate_tables` (`_one_bit_chunk_points`)."""
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
         if "avx512vbmi" not in _x86_features():
-            return ir.Constant(f32, 0.0)
+            return context.get_dummy_value()
+        f32 = ir.FloatType()
         chunk_points = _points_of(signature.args[0])
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
         c_array = context.make_array(signature.args[0])(context, builder, args[0])
-        x_data, s_data, d_data, t_data = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                          for i in (2, 3, 4, 5))
-        t_vectors = builder.bitcast(t_data, bytes64.as_pointer())  # [8 coordinates * 4] 64-byte quarters
+        x_data, s_data, d_data, t_data, out_data = (
+            context.make_array(signature.args[i])(context, builder, args[i]).data for i in (3, 4, 5, 6, 8))
+        tables = _load_tables(builder, t_data)  # [8 coordinates * 4] 64-byte quarters
         groups = cgutils.unpack_tuple(builder, c_array.shape)[1]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        acc = cgutils.alloca_once_value(builder, ir.Constant(floats, None))
-        row = builder.bitcast(builder.gep(c_array.data, [builder.mul(args[1], groups)]), bytes64.as_pointer())
-        chunks = builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))
-        with cgutils.for_range(builder, chunks) as loop:
-            k = loop.index
-            lanes = builder.load(builder.bitcast(builder.gep(s_data, [builder.mul(k, ir.Constant(k.type, 16))]),
-                                                 words.as_pointer()), align=4)
-            x_chunk = builder.bitcast(builder.gep(x_data, [builder.mul(k, ir.Constant(k.type, 64 * 8))]),
-                                      words.as_pointer())
-            for i, points in enumerate(chunk_points(builder, row, k, t_vectors)):
-                x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
-                lanes = builder.call(dot, [lanes, builder.bitcast(points, words), x_words])
-            scales = builder.load(builder.bitcast(builder.gep(d_data, [builder.mul(k, ir.Constant(k.type, 16))]),
-                                                  floats.as_pointer()), align=4)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, floats), scales)), acc)
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, floats]),
                                                 "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)], fastmath=("reassoc",))  # a tree
+        acc = cgutils.alloca_once_value(builder, ir.Constant(floats, None))
+        chunks = builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))
+        with cgutils.for_range(builder, args[2]) as row_loop:
+            j = row_loop.index
+            row_index = builder.add(args[1], j)
+            row = builder.bitcast(builder.gep(c_array.data, [builder.mul(row_index, groups)]), bytes64.as_pointer())
+            builder.store(ir.Constant(floats, None), acc)
+            with cgutils.for_range(builder, chunks) as loop:
+                k = loop.index
+                lanes = builder.load(builder.bitcast(builder.gep(s_data, [builder.mul(k, ir.Constant(k.type, 16))]),
+                                                     words.as_pointer()), align=4)
+                x_chunk = builder.bitcast(builder.gep(x_data, [builder.mul(k, ir.Constant(k.type, 64 * 8))]),
+                                          words.as_pointer())
+                for i, points in enumerate(chunk_points(builder, row, k, tables)):
+                    x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
+                    lanes = builder.call(dot, [lanes, builder.bitcast(points, words), x_words])
+                scales = builder.load(builder.bitcast(builder.gep(d_data, [builder.mul(k, ir.Constant(k.type, 16))]),
+                                                      floats.as_pointer()), align=4)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, floats), scales)),
+                              acc)
+            total = builder.call(reduce, [ir.Constant(f32, 0.0), builder.load(acc)], fastmath=("reassoc",))  # a tree
+            target = builder.gep(out_data, [j])
+            builder.store(builder.fadd(builder.load(target), builder.fmul(args[7], total)), target)
+        return context.get_dummy_value()
 
-    return types.float32(codes, types.int64, xperm, start16, d, tables), codegen
+    return types.void(codes, types.int64, types.int64, xperm, start16, d, tables, types.float32, out), codegen
 
 
 @intrinsic
@@ -551,7 +622,7 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
         n_rows = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        t_vectors = builder.bitcast(arrays[5].data, bytes64.as_pointer())
+        tables = _load_tables(builder, arrays[5].data)
         code_rows = []
         for j in range(PREFILL_OUTPUTS):
             row_index = builder.add(args[1], ir.Constant(args[1].type, j))
@@ -570,7 +641,7 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
 
         with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))) as chunks:
             k = chunks.index
-            points = [[builder.bitcast(p, words) for p in chunk_points(builder, code_row, k, t_vectors)]
+            points = [[builder.bitcast(p, words) for p in chunk_points(builder, code_row, k, tables)]
                       for code_row in code_rows]
             lane0 = builder.mul(k, ir.Constant(k.type, 16))
             with cgutils.for_range(builder, n_rows) as rows:
@@ -675,7 +746,7 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
 def _chunk_order(xq, xperm, start16):
     """The whole chunks of CHUNK_CODES * 8 inputs of xq [in] int8 as the VBMI kernels read them: xperm
     [whole] coordinate by coordinate (xperm[512 k + 64 i + c] = xq[512 k + 8 c + i]) and start16
-    [whole/32] −BYTE_ZERO times the sum of each block of 32 (`_e8p_row_dot_vbmi`, `_e8p_rows_vbmi`)."""
+    [whole/32] −BYTE_ZERO times the sum of each block of 32 (`_e8p_rows_dot_vbmi`, `_e8p_rows_vbmi`)."""
     chunk = CHUNK_CODES * 8
     for k in range(xperm.shape[0] // chunk):
         for c in range(CHUNK_CODES):
@@ -692,7 +763,7 @@ def _chunk_order(xq, xperm, start16):
 def _quantize_rotated(x_rot):
     """(xq int8 [in], d float32 [in/32], start int32 [in/4], xperm int8 [whole], start16 int32 [whole/32]) of one
     rotated row x_rot [in] (in a multiple of 64): Q8_0 blocks; −BYTE_ZERO times the sum of each group of
-    four xq (the lanes of `_e8p_row_dot_vnni`); and for `_e8p_row_dot_vbmi`, its whole chunks (`_chunk_order`)."""
+    four xq (the lanes of `_e8p_row_dot_vnni`); and for `_e8p_rows_dot_vbmi`, its whole chunks (`_chunk_order`)."""
     n = x_rot.shape[0]
     xq = np.empty(n, dtype=np.int8)  # [in]
     d = np.empty(n // BLOCK, dtype=np.float32)  # [in/32]
@@ -709,11 +780,15 @@ def _quantize_rotated(x_rot):
 
 
 @njit(inline="always")
-def _row_dot(codes, o, first, vbmi, xq, start, d, xperm, start16, table, tables):
-    """4 Σ_i point_i d xq_i over row o: whole chunks of CHUNK_CODES codes by `_e8p_row_dot_vbmi` where
-    `vbmi`, the rest (from chunk `first` of CODES_PER_DOT codes) by `_e8p_row_dot_vnni`."""
-    total = _e8p_row_dot_vbmi(codes, o, xperm, start16, d, tables) if vbmi else np.float32(0.0)
-    return total + _e8p_row_dot_vnni(codes, o, first, xq, start, d, table)
+def _add_rows(codes, o, rows, first, vbmi, xq, start, d, xperm, start16, table, tables, scale, out):
+    """out[j] += scale · 4 Σ_i point_i d xq_i over row o + j, j < rows: whole chunks of CHUNK_CODES codes by
+    `_e8p_rows_dot_vbmi` where `vbmi`, the rest (from chunk `first` of CODES_PER_DOT codes) by
+    `_e8p_row_dot_vnni` row by row."""
+    if vbmi:
+        _e8p_rows_dot_vbmi(codes, o, rows, xperm, start16, d, tables, scale, out)
+    if first < codes.shape[1] // CODES_PER_DOT:
+        for j in range(rows):
+            out[j] += scale * _e8p_row_dot_vnni(codes, o + j, first, xq, start, d, table)
 
 
 @njit(cache=True, parallel=True)
@@ -726,14 +801,16 @@ def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1
     n_out = y.shape[0]
     xq, d, start, xperm, start16 = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
     first = xperm.shape[0] // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
-    y_rot = np.empty(n_out, dtype=np.float32)  # [out]
-    for o in prange(n_out):
-        value = scale_1 * np.float32(0.25) * _row_dot(codes_1, o, first, vbmi, xq, start, d, xperm, start16, table,
-                                                      tables)
+    y_rot = np.zeros(n_out, dtype=np.float32)  # [out]
+    for block in prange(-(-n_out // DECODE_ROWS)):
+        o = block * DECODE_ROWS
+        rows = min(DECODE_ROWS, n_out - o)
+        out = y_rot[o:o + rows]  # [rows]
+        _add_rows(codes_1, o, rows, first, vbmi, xq, start, d, xperm, start16, table, tables,
+                  scale_1 * np.float32(0.25), out)
         if n_stages == 2:
-            value += scale_2 * np.float32(0.25) * _row_dot(codes_2, o, first, vbmi, xq, start, d, xperm, start16,
-                                                           table_2, tables_2)
-        y_rot[o] = value
+            _add_rows(codes_2, o, rows, first, vbmi, xq, start, d, xperm, start16, table_2, tables_2,
+                      scale_2 * np.float32(0.25), out)
     y[:] = _rotate_row(y_rot, signs_out, h_out, size_out, True)
 
 
