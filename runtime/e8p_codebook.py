@@ -102,6 +102,20 @@ def _odd_vectors(max_doubled: int) -> np.ndarray:
     return np.array(list(itertools.product(values, repeat=DIM)), dtype=np.int64)  # [count, 8]
 
 
+def _read_only(table: np.ndarray) -> np.ndarray:
+    """`table`, made read-only (the cached tables are shared by every caller)."""
+    table.setflags(write=False)
+    return table
+
+
+def _checked_codes(codes, dtype, what: str, hint: str = "") -> np.ndarray:
+    """`codes` as an array; UserError unless its dtype is `dtype`."""
+    codes = np.asarray(codes)
+    if codes.dtype != dtype:
+        raise UserError(f"{what}: codes must be {np.dtype(dtype)}, got {codes.dtype}{hint}")
+    return codes
+
+
 def check_variant(variant: str) -> None:
     """UserError unless `variant` names a codebook variant."""
     if variant not in VARIANTS:
@@ -123,8 +137,7 @@ def _source_doubled(variant: str) -> np.ndarray:
         shell = shell[:N_SOURCE - len(inner)]  # [29, 8] first in lexicographic order
         inner = inner[np.argsort((inner ** 2).sum(axis=1), kind="stable")]  # by norm, then lex
     table = np.concatenate([inner, shell])  # [256, 8]
-    table.setflags(write=False)
-    return table
+    return _read_only(table)
 
 
 def source_codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
@@ -136,8 +149,7 @@ def source_codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
 def source_parity(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """[256] uint8: Σ S[j] mod 2 (the parity the number of minus signs must have; read-only)."""
     parity = ((_source_doubled(variant).sum(axis=1) // 2) % 2).astype(np.uint8)  # [256]
-    parity.setflags(write=False)
-    return parity
+    return _read_only(parity)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,8 +162,7 @@ def signed_source_table(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """
     table = source_codebook(variant).copy()  # [256, 8]
     table[:, 0] *= 1.0 - 2.0 * source_parity(variant)
-    table.setflags(write=False)
-    return table
+    return _read_only(table)
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,16 +174,13 @@ def sign_table() -> np.ndarray:
     bits = (np.arange(128)[:, None] >> np.arange(7)) & 1  # [128, 7]
     negative = np.concatenate([bits.sum(axis=1, keepdims=True) & 1, bits], axis=1)  # [128, 8]
     table = (1 - 2 * negative).astype(np.float32)  # [128, 8]
-    table.setflags(write=False)
-    return table
+    return _read_only(table)
 
 
 def decode(codes, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """uint16 codes [...] -> float32 points [..., 8] of the E8P codebook (layout in the module docstring)."""
-    codes = np.asarray(codes)
-    if codes.dtype != np.uint16:
-        raise UserError(f"E8P decode: codes must be uint16, got {codes.dtype}; cast with .astype(np.uint16)")
-    c = codes.astype(np.int64)
+    codes = _checked_codes(codes, np.uint16, "E8P decode", "; cast with .astype(np.uint16)")  # [...]
+    c = codes.astype(np.int64)  # [...]
     source = c >> 8  # [...]
     neg = (c[..., None] >> np.arange(DIM)) & 1  # [..., 8] bit k for k >= 1; bit 0 is the shift
     flips = neg[..., 1:].sum(axis=-1)  # [...]
@@ -186,8 +194,7 @@ def decode(codes, variant: str = DEFAULT_VARIANT) -> np.ndarray:
 def codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """All 2^16 E8P points [65536, 8] float32, row c = decode(c) (read-only)."""
     points = decode(np.arange(N_CODES, dtype=np.uint16), variant)  # [65536, 8]
-    points.setflags(write=False)
-    return points
+    return _read_only(points)
 
 
 def _check_vectors(x, what: str) -> np.ndarray:
@@ -267,16 +274,12 @@ def e8_1bit_codebook(variant: str = DEFAULT_VARIANT) -> np.ndarray:
     roots = roots[np.lexsort(np.vstack([roots.T[::-1], (roots ** 2).sum(axis=1)]))]
     points = np.concatenate([roots, axis])  # [256, 8]
     table = (points / 2).astype(np.float32)  # [256, 8]
-    table.setflags(write=False)
-    return table
+    return _read_only(table)
 
 
 def e8_1bit_decode(codes, variant: str = DEFAULT_VARIANT) -> np.ndarray:
     """uint8 codes [...] -> float32 points [..., 8] of `e8_1bit_codebook`."""
-    codes = np.asarray(codes)
-    if codes.dtype != np.uint8:
-        raise UserError(f"E8 1-bit decode: codes must be uint8, got {codes.dtype}")
-    return e8_1bit_codebook(variant)[codes]
+    return e8_1bit_codebook(variant)[_checked_codes(codes, np.uint8, "E8 1-bit decode")]
 
 
 def e8_1bit_encode(x, variant: str = DEFAULT_VARIANT) -> np.ndarray:

@@ -32,6 +32,9 @@ def smollm2_gguf():
     return SMOLLM2_GGUF
 
 
+TWO_LAYER_LLAMA = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)  # GQA
+
+
 def save_tiny_llama(path, **overrides):
     """Save a random tiny HF Llama with the real Llama 2 SentencePiece tokenizer to `path`; return the model."""
     import shutil

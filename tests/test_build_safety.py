@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, save_tiny_llama
+from conftest import ROOT, TWO_LAYER_LLAMA, save_tiny_llama
 from runtime.checkpoints import atomic
 from runtime.checkpoints.atomic import DiskFull, atomic_directory, atomic_file, remove_temporaries, temporary_name
 from pipeline.calibration import CalibrationSettings
@@ -46,8 +46,7 @@ print(hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())
 def tiny(tmp_path_factory):
     """A tiny random Llama with two layers, rows of 64 and 128 weights and a context of 512 (GPTQ's default)."""
     path = tmp_path_factory.mktemp("base") / "tiny"
-    save_tiny_llama(path, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=2, max_position_embeddings=512)
+    save_tiny_llama(path, **TWO_LAYER_LLAMA, intermediate_size=128, max_position_embeddings=512)
     return path
 
 

@@ -124,8 +124,8 @@ def test_vnni_lut_tile_uses_the_byte_shuffle():
     fresh = numba.njit(uniform_int8_numba._tiles.py_func)  # compiled here (not from the cache): asm at hand
     quantized = uniform_int8_numba.quantize_input(x, weight.perm, 4, 2, 2, 1)
     y = np.empty(32, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS["avx512vnni"], weight.blocked, weight.scales, weight.zeros, quantized, 4, 2,
-          weight.lut, 0, 2, y)
+    fresh(uniform_int8_numba.tile_variant(4, "avx512vnni", lut=True), weight.blocked, weight.scales, weight.zeros,
+          quantized, 4, 2, weight.lut, 0, 2, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
     assert {"vpshufb", "vpdpwssd"} <= set(re.findall(r"\b(vpshufb|vpdpwssd)\b", asm))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import save_tiny_llama
+from conftest import TWO_LAYER_LLAMA, save_tiny_llama
 from model import Config, Model
 from pipeline.calibration import CalibrationSettings
 from runtime.formats.base import PackedTensor
@@ -26,8 +26,7 @@ FORMATS = {"spqr3": "spqr", "spqr4g32s16dense": "spqr", "quip2": "incoherent", "
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("quantize") / "base"
-    save_tiny_llama(path, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=2, max_position_embeddings=32)
+    save_tiny_llama(path, **TWO_LAYER_LLAMA, intermediate_size=96, max_position_embeddings=32)
     return path
 
 

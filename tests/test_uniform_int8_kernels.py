@@ -114,7 +114,7 @@ def test_simd_kernels_use_dot_product_instructions(kernel, instructions, bits):
     weight = uniform_int8_numba.kernel_weight(packed)
     quantized = uniform_int8_numba.quantize_input(x, weight.perm, bits, 4, 4, 1)
     y = np.empty(64, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.KERNEL_IDS[kernel], weight.blocked, weight.scales, weight.zeros, quantized, bits, 4,
+    fresh(uniform_int8_numba.tile_variant(bits, kernel), weight.blocked, weight.scales, weight.zeros, quantized, bits, 4,
           uniform_int8_numba.NO_LUT, 0, 4, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
@@ -232,6 +232,7 @@ def test_integer_prefill_uses_the_dot_product_instruction():
     x = inputs(9, 4, 128, mean=0.5)  # [4, in]
     quantized = uniform_prefill_numba.quantize_rows(x, weight.perm, 4, 4, 4, 1, 4)
     fresh = numba.njit(uniform_prefill_numba._prefill.py_func)  # compiled here (not from the cache): asm at hand
-    y = fresh(weight.blocked, weight.scales, weight.zeros, *quantized, 4, 4, weight.lut, 1)  # [4, 64]
+    variant = uniform_prefill_numba.chunk_variant(4, lut=False)
+    y = fresh(weight.blocked, weight.scales, weight.zeros, *quantized, variant, 4, weight.lut, 1)  # [4, 64]
     assert_close(y, quantize_activation(x, None, LEVELS16) @ packed.dequantize().T)
     assert "vpdpbusd" in "".join(fresh.inspect_asm().values())

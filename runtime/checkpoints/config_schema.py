@@ -44,39 +44,30 @@ TOKEN_IDS = Rule("a token id or a list of token ids",
                  lambda v: (is_int(v) and v >= 0) or (isinstance(v, list) and len(v) > 0
                                                       and all(is_int(i) and i >= 0 for i in v)))
 
-# Per architecture: HF key -> (rule, default). A null value counts as absent.
-SCHEMAS = {
-    "llama": {
-        "vocab_size": (POSITIVE_INT, REQUIRED),
-        "hidden_size": (POSITIVE_INT, REQUIRED),
-        "num_hidden_layers": (LAYER_COUNT, REQUIRED),
-        "num_attention_heads": (POSITIVE_INT, REQUIRED),
-        "num_key_value_heads": (POSITIVE_INT, None),
-        "intermediate_size": (POSITIVE_INT, REQUIRED),
-        "max_position_embeddings": (POSITIVE_INT, 2048),
-        "head_dim": (POSITIVE_INT, None),
-        "rms_norm_eps": (POSITIVE_FLOAT, 1e-6),
-        "rope_theta": (POSITIVE_FLOAT, 10000.0),
-        "tie_word_embeddings": (BOOL, True),
-        "attention_bias": (BOOL, False),
-        "bos_token_id": (TOKEN_ID, None),
-        "eos_token_id": (TOKEN_IDS, None),
-    },
-    "opt": {
-        "vocab_size": (POSITIVE_INT, REQUIRED),
-        "hidden_size": (POSITIVE_INT, REQUIRED),
-        "num_hidden_layers": (LAYER_COUNT, REQUIRED),
-        "num_attention_heads": (POSITIVE_INT, REQUIRED),
-        "ffn_dim": (POSITIVE_INT, REQUIRED),
-        "max_position_embeddings": (POSITIVE_INT, 2048),
-        "word_embed_proj_dim": (POSITIVE_INT, None),
-        "do_layer_norm_before": (BOOL, True),
-        "enable_bias": (BOOL, True),
-        "tie_word_embeddings": (BOOL, True),
-        "bos_token_id": (TOKEN_ID, None),
-        "eos_token_id": (TOKEN_IDS, None),
-    },
-}
+# (HF key, rule, {architecture that reads it: its default}). A null value counts as absent.
+FIELDS = (
+    ("vocab_size", POSITIVE_INT, {"llama": REQUIRED, "opt": REQUIRED}),
+    ("hidden_size", POSITIVE_INT, {"llama": REQUIRED, "opt": REQUIRED}),
+    ("num_hidden_layers", LAYER_COUNT, {"llama": REQUIRED, "opt": REQUIRED}),
+    ("num_attention_heads", POSITIVE_INT, {"llama": REQUIRED, "opt": REQUIRED}),
+    ("num_key_value_heads", POSITIVE_INT, {"llama": None}),
+    ("intermediate_size", POSITIVE_INT, {"llama": REQUIRED}),
+    ("ffn_dim", POSITIVE_INT, {"opt": REQUIRED}),
+    ("max_position_embeddings", POSITIVE_INT, {"llama": 2048, "opt": 2048}),
+    ("head_dim", POSITIVE_INT, {"llama": None}),
+    ("rms_norm_eps", POSITIVE_FLOAT, {"llama": 1e-6}),
+    ("rope_theta", POSITIVE_FLOAT, {"llama": 10000.0}),
+    ("word_embed_proj_dim", POSITIVE_INT, {"opt": None}),
+    ("do_layer_norm_before", BOOL, {"opt": True}),
+    ("enable_bias", BOOL, {"opt": True}),
+    ("tie_word_embeddings", BOOL, {"llama": True, "opt": True}),
+    ("attention_bias", BOOL, {"llama": False}),
+    ("bos_token_id", TOKEN_ID, {"llama": None, "opt": None}),
+    ("eos_token_id", TOKEN_IDS, {"llama": None, "opt": None}),
+)
+# Per architecture: HF key -> (rule, default), in the order of FIELDS.
+SCHEMAS = {arch: {key: (rule, defaults[arch]) for key, rule, defaults in FIELDS if arch in defaults}
+           for arch in ("llama", "opt")}
 
 
 def shown(value) -> str:

@@ -16,7 +16,7 @@ counts are meant) before anything runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -24,13 +24,6 @@ from runtime.errors import UserError
 
 
 MAX_NEW_TOKENS = 1_000_000  # far beyond any context this runtime runs; a larger value is a typo
-# (option, integer?, in range?, the range in words) for each field of SamplingParams
-RULES = (("temperature", False, lambda v: v >= 0, ">= 0 (0 means greedy)"),
-         ("top_k", True, lambda v: v >= 0, ">= 0 (0 disables it)"),
-         ("top_p", False, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)"),
-         ("repetition_penalty", False, lambda v: v > 0, "> 0 (1 disables it)"),
-         ("max_new_tokens", True, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"between 1 and {MAX_NEW_TOKENS}"),
-         ("seed", True, lambda v: v >= 0, ">= 0 (or None for a random seed)"))
 
 
 def is_number(value, integer: bool) -> bool:
@@ -47,15 +40,20 @@ def is_number(value, integer: bool) -> bool:
         return False
 
 
+def option(default, integer: bool, in_range, allowed: str):
+    """A field of SamplingParams with its check: integer (else a finite number), in range, the range in words."""
+    return field(default=default, metadata={"integer": integer, "in_range": in_range, "allowed": allowed})
+
+
 @dataclass
 class SamplingParams:
     """The options of one generation, as the CLI and the Python API take them."""
-    temperature: float = 0.7
-    top_k: int = 50
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 128
+    temperature: float = option(0.7, False, lambda v: v >= 0, ">= 0 (0 means greedy)")
+    top_k: int = option(50, True, lambda v: v >= 0, ">= 0 (0 disables it)")
+    top_p: float = option(0.9, False, lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)")
+    repetition_penalty: float = option(1.0, False, lambda v: v > 0, "> 0 (1 disables it)")
+    seed: int | None = option(None, True, lambda v: v >= 0, ">= 0 (or None for a random seed)")
+    max_new_tokens: int = option(128, True, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"between 1 and {MAX_NEW_TOKENS}")
 
     @classmethod
     def from_options(cls, options: dict) -> "SamplingParams":
@@ -68,13 +66,14 @@ class SamplingParams:
 
     def check(self) -> "SamplingParams":
         """Raise UserError for any option of the wrong type or out of its range; return self."""
-        for name, integer, in_range, allowed in RULES:
+        for option_field in fields(self):
+            name, rule = option_field.name, option_field.metadata
             value = getattr(self, name)
             if name == "seed" and value is None:
                 continue
-            if not is_number(value, integer) or not in_range(value):
-                kind = "an integer" if integer else "a finite number"
-                raise UserError(f"{name} (--{name.replace('_', '-')}) must be {kind} {allowed}, "
+            if not is_number(value, rule["integer"]) or not rule["in_range"](value):
+                kind = "an integer" if rule["integer"] else "a finite number"
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be {kind} {rule['allowed']}, "
                                 f"got {value!r:.40}")
         return self
 

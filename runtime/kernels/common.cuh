@@ -23,6 +23,15 @@ __device__ __forceinline__ float packed_code(const unsigned int* __restrict__ ro
     return (float)(v & ((1u << bits) - 1u));
 }
 
+// The items [first, end) of this block's slice of n_items (the runs or half runs of the input): gridDim.y
+// slices of per_slice items (the last ones short or empty); blockIdx.y picks the slice.
+__device__ __forceinline__ void block_slice(int n_items, int& first, int& end)
+{
+    const int per_slice = (n_items + gridDim.y - 1) / gridDim.y;
+    first = blockIdx.y * per_slice;
+    end = min(n_items, first + per_slice);
+}
+
 // The end of a column-per-thread matvec on blockDim = (32, SPLIT): each thread row's sum `acc` for column n
 // meets the others in shared memory, and thread row 0 adds the column's total into y[n] (one atomicAdd: the
 // grid's blocks along the input dimension add into the same y, zeroed by the caller).

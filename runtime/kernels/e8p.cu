@@ -13,7 +13,8 @@
 //   and reads x as two float4; the 8 KiB table lives in shared memory.
 // *_stage_decode: w[o, 8g + i] (+)= scale * point(codes[o, g])[i], one thread per group; the
 //   caller multiplies the decoded Ŵ with cuBLAS (prefill).
-// Each pair of entry points (E8P, 1-bit E8) shares one template body; `stage_point` decodes.
+// Each pair of entry points (E8P, 1-bit E8) shares one template body (STAGE_KERNELS stamps them
+// out); `stage_point` decodes.
 // WARPS_PER_BLOCK, TABLE_FLOATS: -D defines from runtime/kernels/e8p_cuda.py (cuda_source.py).
 
 __device__ __forceinline__ void load_table(float* s_table, const float* table, int tid, int threads)
@@ -107,44 +108,21 @@ __device__ __forceinline__ void stage_decode(const Code* __restrict__ codes, con
     }
 }
 
-extern "C" __global__ void e8p_stage_matmul(
-    const unsigned short* __restrict__ codes,  // [out, in/8]
-    const float* __restrict__ table,           // [256, 8] signed source table
-    float scale,
-    const float* __restrict__ x,               // [m, in], 16-byte aligned
-    float* __restrict__ y,                     // [m, out]
-    int n_out, int n_in, int accumulate)
-{
-    stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);
-}
+// PREFIX_stage_matmul and PREFIX_stage_decode of CODE codes ([out, in/8]) with their [256, 8] table;
+// x [m, in] and w [out * in] 16-byte aligned, y [m, out].
+#define STAGE_KERNELS(PREFIX, CODE)                                                                           \
+    extern "C" __global__ void PREFIX##_stage_matmul(                                                         \
+        const CODE* __restrict__ codes, const float* __restrict__ table, float scale,                         \
+        const float* __restrict__ x, float* __restrict__ y, int n_out, int n_in, int accumulate)              \
+    {                                                                                                         \
+        stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);                                     \
+    }                                                                                                         \
+    extern "C" __global__ void PREFIX##_stage_decode(                                                         \
+        const CODE* __restrict__ codes, const float* __restrict__ table, float scale,                         \
+        float* __restrict__ w, long long n_groups, int accumulate)                                            \
+    {                                                                                                         \
+        stage_decode(codes, table, scale, w, n_groups, accumulate);                                           \
+    }
 
-extern "C" __global__ void table_stage_matmul(
-    const unsigned char* __restrict__ codes,   // [out, in/8]
-    const float* __restrict__ table,           // [256, 8] 1-bit E8 points
-    float scale,
-    const float* __restrict__ x,               // [m, in], 16-byte aligned
-    float* __restrict__ y,                     // [m, out]
-    int n_out, int n_in, int accumulate)
-{
-    stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);
-}
-
-extern "C" __global__ void e8p_stage_decode(
-    const unsigned short* __restrict__ codes,  // [out * in/8]
-    const float* __restrict__ table,           // [256, 8] signed source table
-    float scale,
-    float* __restrict__ w,                     // [out * in], 16-byte aligned
-    long long n_groups, int accumulate)
-{
-    stage_decode(codes, table, scale, w, n_groups, accumulate);
-}
-
-extern "C" __global__ void table_stage_decode(
-    const unsigned char* __restrict__ codes,   // [out * in/8]
-    const float* __restrict__ table,           // [256, 8] 1-bit E8 points
-    float scale,
-    float* __restrict__ w,                     // [out * in], 16-byte aligned
-    long long n_groups, int accumulate)
-{
-    stage_decode(codes, table, scale, w, n_groups, accumulate);
-}
+STAGE_KERNELS(e8p, unsigned short)   // E8P codes, the signed source table
+STAGE_KERNELS(table, unsigned char)  // 1-bit E8 codes, the table of E8 points

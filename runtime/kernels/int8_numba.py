@@ -263,16 +263,19 @@ def _row_dot(qweight, o, xq, vnni, bias):
 
 
 @njit(inline="always")
-def _matvec_rows(qweight, sw, x, xq, sx, outliers, n_outliers, vnni, bias, o, y):
-    """y[o] = float32(row_dot) * sx * sw[o] + (sum over outlier columns j of x[j] * (qweight[o, j] * sw[o]))."""
-    value = np.float32(_row_dot(qweight, o, xq, vnni, bias)) * sx * sw[o]
-    if n_outliers > 0:
-        extra = np.float32(0.0)
-        for t in range(n_outliers):
-            j = outliers[t]
-            extra += x[j] * (np.float32(qweight[o, j]) * sw[o])
-        value += extra
-    y[o] = value
+def _matvec_rows(qweight, sw, x, prepared, vnni, o0, o1, y):
+    """y[o] = float32(row_dot) * sx * sw[o] + (sum over outlier columns j of x[j] * (qweight[o, j] * sw[o]))
+    for o0 <= o < o1, with prepared = `_prepare_row` of x."""
+    xq, sx, outliers, n_outliers, bias = prepared
+    for o in range(o0, o1):
+        value = np.float32(_row_dot(qweight, o, xq, vnni, bias)) * sx * sw[o]
+        if n_outliers > 0:
+            extra = np.float32(0.0)
+            for t in range(n_outliers):
+                j = outliers[t]
+                extra += x[j] * (np.float32(qweight[o, j]) * sw[o])
+            value += extra
+        y[o] = value
 
 
 @njit(cache=True)
@@ -299,20 +302,19 @@ def _prepare_row(qweight, x, threshold):
 @njit(cache=True)
 def _matvec_serial(qweight, sw, x, threshold, vnni):
     """`matvec` on the calling thread."""
-    xq, sx, outliers, k, bias = _prepare_row(qweight, x, threshold)
     y = np.empty(qweight.shape[0], dtype=np.float32)  # [out]
-    for o in range(qweight.shape[0]):
-        _matvec_rows(qweight, sw, x, xq, sx, outliers, k, vnni, bias, o, y)
+    _matvec_rows(qweight, sw, x, _prepare_row(qweight, x, threshold), vnni, 0, qweight.shape[0], y)
     return y
 
 
 @njit(cache=True, parallel=True)
-def _matvec_parallel(qweight, sw, x, threshold, vnni):
-    """`matvec` in one parallel region over the output rows."""
-    xq, sx, outliers, k, bias = _prepare_row(qweight, x, threshold)
-    y = np.empty(qweight.shape[0], dtype=np.float32)  # [out]
-    for o in prange(qweight.shape[0]):
-        _matvec_rows(qweight, sw, x, xq, sx, outliers, k, vnni, bias, o, y)
+def _matvec_parallel(qweight, sw, x, threshold, vnni, tasks):
+    """`matvec` in one parallel region, the output rows split over `tasks` tasks."""
+    prepared = _prepare_row(qweight, x, threshold)
+    n_out = qweight.shape[0]
+    y = np.empty(n_out, dtype=np.float32)  # [out]
+    for t in prange(tasks):
+        _matvec_rows(qweight, sw, x, prepared, vnni, t * n_out // tasks, (t + 1) * n_out // tasks, y)
     return y
 
 
@@ -322,6 +324,7 @@ def matvec(qweight: np.ndarray, sw: np.ndarray, x: np.ndarray, threshold: float 
     None: none) zeroed and multiplied in float. kernel: "avx512vnni" (dot products by vpdpbusd) or any
     other of uniform_int8_numba.KERNELS (the portable loop)."""
     args = (qweight, sw, x, -1.0 if threshold is None else float(threshold), kernel == "avx512vnni")
-    if qweight.nbytes < PARALLEL_BYTES or numba.get_num_threads() == 1:
+    threads = numba.get_num_threads()
+    if qweight.nbytes < PARALLEL_BYTES or threads == 1:
         return _matvec_serial(*args)
-    return _matvec_parallel(*args)
+    return _matvec_parallel(*args, threads)

@@ -25,27 +25,35 @@ __device__ __forceinline__ float block_scale(long long blk, int dq, const float*
     return __fadd_rn(__fmul_rn(s_dmap[absmax_q[blk]], absmax_scale[blk / DQ_BLOCK_SIZE]), absmax_mean[0]);
 }
 
+// The code table and block absmax arguments of both kernels: table [16]; dq == 0: absmax [out * in/B];
+// dq == 1: absmax_q [out * in/B], dmap [256], absmax_scale [ceil(out*in/B / 256)], absmax_mean [1].
+#define TABLE_PARAMS                                                                                          \
+    const float* __restrict__ table, const float* __restrict__ absmax,                                        \
+        const unsigned char* __restrict__ absmax_q, const float* __restrict__ dmap,                           \
+        const float* __restrict__ absmax_scale, const float* __restrict__ absmax_mean, int dq
+
+// the code table and (dq) the dynamic map into shared memory, by threads tid of `threads`
+__device__ __forceinline__ void load_tables(float* s_table, float* s_dmap, const float* __restrict__ table,
+                                            const float* __restrict__ dmap, int dq, int tid, int threads)
+{
+    if (tid < 16) s_table[tid] = table[tid];
+    if (dq) {
+        for (int i = tid; i < 256; i += threads) s_dmap[i] = dmap[i];
+    }
+    __syncthreads();
+}
+
 extern "C" __global__ void lut4_matmul_fused(
     const unsigned char* __restrict__ qweight,   // [out, in/2]
-    const float* __restrict__ table,             // [16]
-    const float* __restrict__ absmax,            // [out * in/B]            (dq == 0)
-    const unsigned char* __restrict__ absmax_q,  // [out * in/B]            (dq == 1)
-    const float* __restrict__ dmap,              // [256]                   (dq == 1)
-    const float* __restrict__ absmax_scale,      // [ceil(out*in/B / 256)]  (dq == 1)
-    const float* __restrict__ absmax_mean,       // [1]                     (dq == 1)
-    int dq,
+    TABLE_PARAMS,
     const float* __restrict__ x,                 // [m, in], 16-byte aligned
     float* __restrict__ y,                       // [m, out]
     int n_out, int n_in, int block_size)
 {
     __shared__ float s_table[16];
     __shared__ float s_dmap[256];
-    const int tid = threadIdx.y * 32 + threadIdx.x;  // blockDim = (32, WARPS_PER_BLOCK)
-    if (tid < 16) s_table[tid] = table[tid];
-    if (dq) {
-        for (int i = tid; i < 256; i += 32 * WARPS_PER_BLOCK) s_dmap[i] = dmap[i];
-    }
-    __syncthreads();
+    // blockDim = (32, WARPS_PER_BLOCK)
+    load_tables(s_table, s_dmap, table, dmap, dq, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
 
     const int o = blockIdx.x * WARPS_PER_BLOCK + threadIdx.y;
     const int r = blockIdx.y;
@@ -73,23 +81,13 @@ extern "C" __global__ void lut4_matmul_fused(
 
 extern "C" __global__ void lut4_dequantize(
     const unsigned char* __restrict__ qweight,   // [out * in/2]
-    const float* __restrict__ table,             // [16]
-    const float* __restrict__ absmax,            // [out * in/B]            (dq == 0)
-    const unsigned char* __restrict__ absmax_q,  // [out * in/B]            (dq == 1)
-    const float* __restrict__ dmap,              // [256]                   (dq == 1)
-    const float* __restrict__ absmax_scale,      // [ceil(out*in/B / 256)]  (dq == 1)
-    const float* __restrict__ absmax_mean,       // [1]                     (dq == 1)
-    int dq,
+    TABLE_PARAMS,
     float* __restrict__ w,                       // [out * in]
     long long n_bytes, int block_size)
 {
     __shared__ float s_table[16];
     __shared__ float s_dmap[256];
-    if (threadIdx.x < 16) s_table[threadIdx.x] = table[threadIdx.x];
-    if (dq) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) s_dmap[i] = dmap[i];
-    }
-    __syncthreads();
+    load_tables(s_table, s_dmap, table, dmap, dq, threadIdx.x, blockDim.x);
 
     float2* w2 = reinterpret_cast<float2*>(w);
     const long long stride = (long long)gridDim.x * blockDim.x;

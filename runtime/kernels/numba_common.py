@@ -1,4 +1,5 @@
-"""Numba helpers the CPU kernels share: reinterpreting bits as floats, reading a stored scale, e^x.
+"""Numba helpers the CPU kernels share: reinterpreting bits as floats, reading a stored scale, e^x, and one
+intrinsic over several kernel variants.
 
 Numba has no float16 type and no bit casts, so these are LLVM intrinsics:
 `half_to_float` converts an IEEE half given as its 16 bits (LLVM `fpext`,
@@ -15,8 +16,15 @@ degree-7 minimax polynomial of e^r on |r| <= ln2/2 from Cephes' expf
 (Moshier 1984), and 2^n built from its exponent bits. Relative error at most
 3e-7 (2-3 ulp) on [-80, 80]; inputs are clamped to [-87, 88], so it never
 overflows.
+
+`variant_switch` makes one intrinsic of several code generators with the
+same arguments (e.g. a tile kernel per code width): its first argument, a
+variant number, picks one at run time through an LLVM `switch`, so a caller
+names one function instead of a chain of `if bits == ...` branches.
 """
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 from llvmlite import ir
@@ -67,3 +75,30 @@ def _scale_value(value):
     if value == types.uint16:
         return lambda value: half_to_float(value)
     return lambda value: np.float32(value)
+
+
+def variant_switch(typer, codegens):
+    """An intrinsic f(variant, *args) running codegens[variant - 1](context, builder, signature, args) for variant
+    1 .. len(codegens) and nothing for any other; typer(typingctx, *args) gives the variants' shared (void)
+    signature, as an intrinsic's typer does."""
+    def switch_typer(typingctx, variant, *arg_types):
+        signature = typer(typingctx, *arg_types)[0]
+
+        def codegen(context, builder, full_signature, args):
+            done = builder.append_basic_block("variant_done")
+            switch = builder.switch(args[0], done)
+            for number, variant_codegen in enumerate(codegens, start=1):
+                block = builder.append_basic_block(f"variant_{number}")
+                switch.add_case(ir.Constant(args[0].type, number), block)
+                builder.position_at_end(block)
+                variant_codegen(context, builder, signature, args[1:])
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(types.int64, *signature.args), codegen
+
+    context, *arguments = inspect.signature(typer).parameters.values()  # named: Numba reads the typer's
+    variant = inspect.Parameter("variant", inspect.Parameter.POSITIONAL_OR_KEYWORD)  # parameters (no *args)
+    switch_typer.__signature__ = inspect.Signature([context, variant, *arguments])
+    return intrinsic(switch_typer)

@@ -76,9 +76,8 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const Stats& st
     __shared__ float partial[RUN_SPLIT][32];  // add_column_sums
     const int n = blockIdx.x * 32 + threadIdx.x;
     const int n_halves = (n_in + HALF_RUN - 1) / HALF_RUN;
-    const int per_slice = (n_halves + gridDim.y - 1) / gridDim.y;
-    const int h0 = blockIdx.y * per_slice;
-    const int h1 = min(n_halves, h0 + per_slice);
+    int h0, h1;
+    block_slice(n_halves, h0, h1);
     float acc = 0.0f;
     if (n < n_out) {
         for (int h = h0 + threadIdx.y; h < h1; h += RUN_SPLIT) {

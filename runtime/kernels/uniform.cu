@@ -53,9 +53,8 @@ __device__ void matvec(const unsigned int* __restrict__ qweight, const unsigned 
 {
     __shared__ float partial[RUN_SPLIT][32];  // add_column_sums
     const int n = blockIdx.x * 32 + threadIdx.x;
-    const int per_slice = (n_runs + gridDim.y - 1) / gridDim.y;
-    const int run0 = blockIdx.y * per_slice;
-    const int run1 = min(n_runs, run0 + per_slice);
+    int run0, run1;
+    block_slice(n_runs, run0, run1);
     float acc = 0.0f;
     if (n < n_out) {
         for (int run = run0 + threadIdx.y; run < run1; run += RUN_SPLIT) {

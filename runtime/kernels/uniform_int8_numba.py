@@ -26,7 +26,7 @@ run after run, the `bits` words of its 16 outputs (word t of run r of output
 zero codes, computed and dropped. Scales and zero points go with them,
 [tiles, groups, 16]. A task walks a range of tiles from the first input to
 the last: one contiguous stream, its 16 sums in registers through a group
-(`_tile_intrinsic`: loops over groups and runs in LLVM IR), the group's
+(`_tile_codegen`: loops over groups and runs in LLVM IR), the group's
 scale and zero applied once per group, no partial sums over tasks. Measured
 on TinyLlama-1.1B's shapes (2 cores, AVX-512 VNNI): every projection of a
 token 18.0 ms against 24.3 ms with the stored layout, about 27 GB/s.
@@ -103,10 +103,9 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from runtime.formats.uniform import unpack
-from runtime.kernels.numba_common import scale_value
+from runtime.kernels.numba_common import scale_value, variant_switch
 from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
@@ -118,7 +117,9 @@ NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
 NO_LUT.flags.writeable = False
 TILE = 16  # outputs per tile of the blocked layout
 LANES = {"avx512vnni": 16, "avx2": 8}  # outputs per SIMD register of each x86 kernel (a tile is TILE // LANES)
-KERNEL_IDS = {"portable": 0, "avx2": 1, "avx512vnni": 2}  # how the matvec is told which tiles to run
+TILE_VARIANTS = (tuple((kernel, bits, False) for kernel in ("avx512vnni", "avx2") for bits in SIMD_BITS[kernel])
+                 + tuple((kernel, 4, True) for kernel in LUT_KERNELS))  # (kernel, bits, table) of each SIMD tile
+                                                                         # kernel; variant v is entry v - 1
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
 MAX_PARTS = 3  # weights one call multiplies (q/k/v)
 HALF_RUN_GROUPS = 0  # group_runs of groups of 16 inputs, half a run (SpQR's default): run r is groups 2r, 2r + 1
@@ -372,9 +373,9 @@ def _run_parts(builder, vectors, bits, split, dot):
     return [dot(part, offset) for part, offset in (_half_runs(builder, vectors, bits) if split else [(vectors, 0)])]
 
 
-def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
-    """An intrinsic tile(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0)
-    setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
+def _tile_codegen(bits: int, kernel: str, lut: bool = False):
+    """The code of tile(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0) (types:
+    `_tile_typer`) setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
     int32, scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
     sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations
     256 xw + xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its
@@ -447,16 +448,17 @@ def _tile_intrinsic(bits: int, kernel: str, lut: bool = False):
             builder.store(builder.load(totals[h]), builder.gep(out, [ir.Constant(_I32, h)]), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0):
-        return types.void(blocked, types.int64, scales, zeros, xw, xw_low, d, x16, xsum, table, types.int64, y,
-                          types.int64), codegen
-
-    return intrinsic(typer)
+    return codegen
 
 
-_VNNI2, _VNNI3, _VNNI4, _VNNI8 = (_tile_intrinsic(b, "avx512vnni") for b in (2, 3, 4, 8))
-_VNNI4_LUT = _tile_intrinsic(4, "avx512vnni", lut=True)
-_AVX2_2, _AVX2_3, _AVX2_4 = (_tile_intrinsic(b, "avx2") for b in (2, 3, 4))
+def _tile_typer(typingctx, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0):
+    """The signature of a tile kernel (`_tile_codegen`)."""
+    return types.void(blocked, types.int64, scales, zeros, xw, xw_low, d, x16, xsum, table, types.int64, y,
+                      types.int64), None
+
+
+# _SIMD_TILE(variant, ...): the tile kernel TILE_VARIANTS[variant - 1] (`tile_variant`)
+_SIMD_TILE = variant_switch(_tile_typer, [_tile_codegen(bits, kernel, lut) for kernel, bits, lut in TILE_VARIANTS])
 
 
 # ---- the portable lanes ------------------------------------------------------------------------
@@ -504,7 +506,7 @@ def _fold_portable(total, scales, zeros, tile, g, sums, group_sum):
 @njit(cache=True, fastmath=True)
 def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, bits, group_runs, dot, dot_first,
                    sums, y, y0):
-    """`_tile_intrinsic` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
+    """`_tile_codegen` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
     dot, dot_first [TILE] int64 and sums [TILE] float32: the caller's scratch (one run's exact dot products,
     one group's scaled run sums). Groups of half runs (group_runs == HALF_RUN_GROUPS) take the first half's
     dot products from xq_first (xq with each run's second half zero) and the second's as the difference."""
@@ -612,57 +614,35 @@ def tile_byte_order(xq, bits):
     return xw
 
 
-@njit(inline="always")
-def _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, bits, group_runs, y, y0):
-    """y[y0 : y0 + TILE] = W x on one tile by the SIMD kernel kernel_id (which has tiles for these codes)."""
-    if lut.shape[0] > 0:
-        _VNNI4_LUT(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif kernel_id == 2 and bits == 4:
-        _VNNI4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif kernel_id == 2 and bits == 2:
-        _VNNI2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif kernel_id == 2 and bits == 3:
-        _VNNI3(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif kernel_id == 2:
-        _VNNI8(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif bits == 4:
-        _AVX2_4(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    elif bits == 3:
-        _AVX2_3(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-    else:
-        _AVX2_2(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y, y0)
-
-
 @njit(cache=True)
-def _tiles(kernel_id, blocked, scales, zeros, quantized, bits, group_runs, lut, t0, t1, y):
-    """y[16 (T - t0) + i] = (W x)[16 T + i] for the tiles T = t0 .. t1-1 of one weight, by the SIMD tiles of
-    kernel_id where it has them for these codes (`simd_tiles`; prepare passes 0 otherwise), else the
-    portable lanes: per group, the scaled run sums of the group times the group's scale, less its zero
-    point times the group's activation sum (tables: zero 0)."""
+def _tiles(variant, blocked, scales, zeros, quantized, bits, group_runs, lut, t0, t1, y):
+    """y[16 (T - t0) + i] = (W x)[16 T + i] for the tiles T = t0 .. t1-1 of one weight, by the SIMD tile kernel
+    `variant` (`tile_variant`), or with variant 0 the portable lanes: per group, the scaled run sums of the
+    group times the group's scale, less its zero point times the group's activation sum (tables: zero 0)."""
     xq, xw, xw_low, d, x16, xsum = quantized
     values = np.empty(16 if lut.shape[0] > 0 else 0, dtype=np.int64)  # [16] the table's signed values
     for c in range(values.shape[0]):
         value = np.int64(lut[c]) * 256 + np.int64(lut[16 + c])
         values[c] = value - 65536 if value >= 32768 else value
-    dot = np.empty(TILE if kernel_id == 0 else 0, dtype=np.int64)  # [TILE] the portable lanes' scratch
+    dot = np.empty(TILE if variant == 0 else 0, dtype=np.int64)  # [TILE] the portable lanes' scratch
     dot_first = np.empty_like(dot)  # [TILE]
-    sums = np.empty(TILE if kernel_id == 0 else 0, dtype=np.float32)  # [TILE]
+    sums = np.empty(TILE if variant == 0 else 0, dtype=np.float32)  # [TILE]
     xq_first = np.empty(0, dtype=xq.dtype)  # [runs*32] xq with each run's second half zero (half-run groups)
-    if kernel_id == 0 and group_runs == HALF_RUN_GROUPS:
+    if variant == 0 and group_runs == HALF_RUN_GROUPS:
         xq_first = xq.copy()
         for r in range(d.shape[0]):
             xq_first[r * BLOCK + HALF_RUN:(r + 1) * BLOCK] = 0
     for tile in range(t0, t1):
-        if kernel_id > 0:
-            _simd_tile(kernel_id, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, bits, group_runs,
-                       y, (tile - t0) * TILE)
+        if variant > 0:
+            _SIMD_TILE(variant, blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, lut, group_runs, y,
+                       (tile - t0) * TILE)
         else:
             _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, bits, group_runs, dot,
                            dot_first, sums, y, (tile - t0) * TILE)
 
 
 @njit(inline="always")
-def _job(t, tasks, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y):
+def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y):
     """Task t of the matvec: tiles t*N/tasks .. (t+1)*N/tasks of the N tiles of all parts, part after part,
     into y [N * TILE]."""
     blocks = (b0, b1, b2)
@@ -675,13 +655,13 @@ def _job(t, tasks, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quant
         count = blocks[p].shape[0]
         a, b = max(first, start), min(last, start + count)
         if a < b:
-            _tiles(kernel_id, blocks[p], (s0, s1, s2)[p], (z0, z1, z2)[p], quantized, bits, group_runs, lut,
+            _tiles(variant, blocks[p], (s0, s1, s2)[p], (z0, z1, z2)[p], quantized, bits, group_runs, lut,
                    a - start, b - start, y[a * TILE:b * TILE])
         start += count
 
 
 @njit(cache=True, parallel=True)
-def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
                      threads):
     """The prepared call (`prepare`) in one parallel region of `threads` tasks: y [tiles of all parts * TILE]."""
     quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
@@ -689,17 +669,17 @@ def _matvec_parallel(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, 
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     tasks = min(threads, n_tiles)
     for t in prange(tasks):
-        _job(t, tasks, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
+        _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
     return y
 
 
 @njit(cache=True)
-def _matvec_serial(kernel_id, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
+def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
     """The prepared call (`prepare`) on the calling thread alone: y [tiles of all parts * TILE]."""
     quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
-    _job(0, 1, kernel_id, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
+    _job(0, 1, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
     return y
 
 
@@ -779,7 +759,7 @@ def fusable(parts) -> bool:
 class PreparedCall(NamedTuple):
     """`_matvec_serial` / `_matvec_parallel`'s arguments but x, for one list of fusable weights and one kernel:
     built once (`prepare`), run every decode step (`run`)."""
-    head: tuple  # kernel_id, n_parts, then blocked, scales, zeros of each of MAX_PARTS slots
+    head: tuple  # variant, n_parts, then blocked, scales, zeros of each of MAX_PARTS slots
     tail: tuple  # perm, bits, group_runs, lut
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
     outs: tuple  # out_features of each part (their tiles are padded to TILE outputs)
@@ -801,10 +781,10 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
         return None
     weights = [kernel_weight(p) for p in parts]
     first = weights[0]
-    simd = simd_tiles(first.bits, kernel, first.lut.shape[0] > 0)
     slots = [(w.blocked, w.scales, w.zeros) for w in weights]
     slots += [slots[0]] * (MAX_PARTS - len(weights))
-    head = (KERNEL_IDS[kernel] if simd else 0, len(weights), *(a for slot in slots for a in slot))
+    variant = tile_variant(first.bits, kernel, first.lut.shape[0] > 0)
+    head = (variant, len(weights), *(a for slot in slots for a in slot))
     parallel = sum(w.blocked.nbytes for w in weights) >= PARALLEL_BYTES
     outs = tuple(w.out_features for w in weights)
     return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.lut), parallel, outs,
@@ -838,7 +818,14 @@ def matvec(packed, x: np.ndarray, kernel: str) -> np.ndarray:
 
 def simd_tiles(bits: int, kernel: str, lut: bool = False) -> bool:
     """Whether `kernel` has SIMD tiles for `bits` (with a table: only 4 bits on avx512vnni, `LUT_KERNELS`)."""
-    return kernel in LUT_KERNELS and bits == 4 if lut else bits in SIMD_BITS[kernel]
+    return tile_variant(bits, kernel, lut) > 0
+
+
+def tile_variant(bits: int, kernel: str, lut: bool = False) -> int:
+    """The variant number of `_SIMD_TILE` for these codes on `kernel`: 1 + its index in TILE_VARIANTS, or 0
+    (the portable lanes) where it has no SIMD tiles for them."""
+    key = (kernel, bits, lut)
+    return TILE_VARIANTS.index(key) + 1 if key in TILE_VARIANTS else 0
 
 
 # ---- prefill from the blocked codes ---------------------------------------------------------------

@@ -38,8 +38,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
+from runtime.kernels.numba_common import variant_switch
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_loops,
                                                 _load_lanes, _run_codes, _run_dot, _run_parts, _splat,
@@ -54,9 +54,9 @@ INT_BITS = (2, 3, 4, 8)  # code widths of the integer kernel
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
-def _prefill_intrinsic(bits: int, lut: bool = False):
-    """An intrinsic chunk(blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y)
-    setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
+def _chunk_codegen(bits: int, lut: bool = False):
+    """The code of chunk(blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y) (types:
+    `_chunk_typer`) setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
     (hi, lo: int8 and q: int16 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows, groups]:
     each group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16].
     Each run's code vectors (with `lut`, their table bytes: table uint8 [32], 4 bits) are made once and
@@ -122,15 +122,18 @@ def _prefill_intrinsic(bits: int, lut: bool = False):
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y):
-        return types.void(blocked, types.int64, scales, zeros, hi, lo, d, q, xsum, table, types.int64,
-                          types.int64, y), codegen
-
-    return intrinsic(typer)
+    return codegen
 
 
-_CHUNK2, _CHUNK3, _CHUNK4, _CHUNK8 = (_prefill_intrinsic(b) for b in INT_BITS)
-_CHUNK4_LUT = _prefill_intrinsic(4, lut=True)
+def _chunk_typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y):
+    """The signature of a chunk kernel (`_chunk_codegen`)."""
+    return types.void(blocked, types.int64, scales, zeros, hi, lo, d, q, xsum, table, types.int64, types.int64,
+                      y), None
+
+
+CHUNK_VARIANTS = tuple((bits, False) for bits in INT_BITS) + ((4, True),)  # (bits, table); variant v: entry v - 1
+# _CHUNK(variant, ...): the chunk kernel CHUNK_VARIANTS[variant - 1]
+_CHUNK = variant_switch(_chunk_typer, [_chunk_codegen(bits, lut) for bits, lut in CHUNK_VARIANTS])
 
 
 @njit(cache=True, parallel=True)
@@ -152,8 +155,9 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
 
 
 @njit(cache=True, parallel=True)
-def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, bits, group_runs, lut, threads):
-    """y [rows, tiles * 16] of the quantized rows (`quantize_rows`), the tiles split over `threads` tasks."""
+def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, variant, group_runs, lut, threads):
+    """y [rows, tiles * 16] of the quantized rows (`quantize_rows`) by chunk kernel `variant` (CHUNK_VARIANTS),
+    the tiles split over `threads` tasks."""
     n_tiles, rows = blocked.shape[0], hi.shape[0]
     y = np.empty((rows, n_tiles * TILE), dtype=np.float32)  # [rows, tiles * 16]
     tasks = min(threads, n_tiles)
@@ -161,17 +165,14 @@ def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, bits, group_runs, lut, 
         for block in range(0, rows, ROW_BLOCK):
             for tile in range(t * n_tiles // tasks, (t + 1) * n_tiles // tasks):
                 for row0 in range(block, min(block + ROW_BLOCK, rows), CHUNK):
-                    if lut.shape[0] > 0:
-                        _CHUNK4_LUT(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
-                    elif bits == 4:
-                        _CHUNK4(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
-                    elif bits == 2:
-                        _CHUNK2(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
-                    elif bits == 3:
-                        _CHUNK3(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
-                    else:
-                        _CHUNK8(blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
+                    _CHUNK(variant, blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
     return y
+
+
+def chunk_variant(bits: int, lut: bool) -> int:
+    """The variant number of `_CHUNK` for codes of `bits` (through a table with `lut`): 1 + its index in
+    CHUNK_VARIANTS."""
+    return CHUNK_VARIANTS.index((bits, lut)) + 1
 
 
 def integer_prefill(weight: KernelWeight, kernel: str) -> bool:
@@ -190,6 +191,7 @@ def matmul(weight: KernelWeight, values: np.ndarray, x: np.ndarray, kernel: str)
     rows = -(-x.shape[0] // CHUNK) * CHUNK
     quantized = quantize_rows(readonly(np.ascontiguousarray(x, dtype=np.float32)), weight.perm, weight.bits, n_runs,
                               weight.group_runs, weight.scales.shape[1], rows)
-    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, weight.bits, weight.group_runs, weight.lut,
+    variant = chunk_variant(weight.bits, weight.lut.shape[0] > 0)
+    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, variant, weight.group_runs, weight.lut,
                  numba.get_num_threads())  # [rows, tiles * 16]
     return y[:x.shape[0], :weight.out_features]
