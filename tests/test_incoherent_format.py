@@ -33,6 +33,18 @@ def test_kron_sizes(n, sizes):
     assert kron_sizes(n) == sizes
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rows_split_over_workers_equal_one_call(transpose, monkeypatch):
+    from runtime.formats import incoherent
+    transform = KronOrthogonal.random(96, seed=4, side=1)
+    x = inputs(96, 7, 96)  # [7, 96]: rows not a multiple of the threads
+    whole = transform.apply(x, transpose)
+    monkeypatch.setattr(incoherent, "SPLIT_FLOATS", 1)
+    split = transform.apply(x, transpose)
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(split, x @ (dense(transform) if transpose else dense(transform).T), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [576, 96, 97, 10])
 def test_transform_is_orthogonal(n):
     transform = KronOrthogonal.random(n, seed=3, side=0)
