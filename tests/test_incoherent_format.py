@@ -56,13 +56,13 @@ def test_transform_is_orthogonal(n):
     np.testing.assert_allclose(transform.apply(x, transpose=True), x @ M, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [576, 96, 97, 10, 1])  # square, oblong, prime (a = 1) factors
+@pytest.mark.parametrize("n", [576, 96, 5632, 97, 10, 1])  # square, oblong (88 wide: padded), prime (a = 1)
 @pytest.mark.parametrize("transpose", [False, True])
 def test_row_kernel_equals_the_transform(n, transpose):
     # incoherent_numba.transform_row against KronOrthogonal.apply: scale on the input, shift * add on top
     transform = KronOrthogonal.random(n, seed=5, side=1)
     v, scale, add = inputs(n, n), inputs(n + 1, n, mean=2.0), inputs(n + 2, n)
-    factors = transform.kernel_factors(transpose)
+    factors = incoherent_numba.row_factors(transform.kernel_factors(transpose))
     plain = incoherent_numba.transform_row(v, NONE, NONE, np.float32(0), *factors)
     np.testing.assert_allclose(plain, transform.apply(v, transpose), rtol=0, atol=1e-5 * np.abs(v).max())
     both = incoherent_numba.transform_row(v, scale, add, np.float32(0.5), *factors)

@@ -250,8 +250,9 @@ class IncoherentTensor(PackedTensor):
         once."""
         if self._transforms is None:
             half_step = NONE if self.half_step is None else to_numpy(self.half_step)
-            self._transforms = ((to_numpy(self.inv_rescale), *self.transform_in.kernel_factors()),
-                                (half_step, *self.transform_out.kernel_factors(transpose=True)))
+            from runtime.kernels.incoherent_numba import row_factors
+            self._transforms = ((to_numpy(self.inv_rescale), *row_factors(self.transform_in.kernel_factors())),
+                                (half_step, *row_factors(self.transform_out.kernel_factors(transpose=True))))
         return self._transforms
 
     def one_row_product(self, parts):

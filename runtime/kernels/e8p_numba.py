@@ -59,6 +59,7 @@ from numba.extending import intrinsic
 
 from runtime import e8p_codebook
 from runtime.hadamard import hadamard_factor, small_hadamard
+from runtime.kernels.numba_common import combine_rows, combines
 from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.quant_activations_numba import BLOCK, quantize_blocks
 from runtime.kernels.uniform_int8_numba import available_kernels
@@ -69,8 +70,6 @@ CODES_PER_DOT = 8  # E8P codes (64 weights) per vpdpbusd of the byte-table path
 CHUNK_CODES = 64  # E8P codes (512 weights) per step of the VBMI path: one vpdpbusd per coordinate
 PREFILL_OUTPUTS = 3  # output rows of the integer prefill sharing each load of activations (2: 64, 4: 72 tok/s)
 BYTE_ZERO = 16  # `byte_table` holds 4·point + BYTE_ZERO
-DENSE_ROWS = 4  # output blocks per pass of the Hadamard transform's dense K x K factor
-DENSE_WIDTH = 16  # floats per block (one AVX-512 register)
 DECODE_ROWS = 32  # output rows per call of the VBMI decode kernel (per-call setup)
 
 
@@ -114,8 +113,8 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
         for i in range(n):
             out[r, i] = buf[i] * scale * sign_after[i]
         return
-    if k % DENSE_ROWS == 0 and size % DENSE_WIDTH == 0:  # the K x K factor on vectors of DENSE_WIDTH
-        _dense_factor(h_k, buf, spare, size, transpose)
+    if combines(k, size):  # the K x K factor by register blocks
+        combine_rows(h_k, buf.reshape(k, size), spare.reshape(k, size), transpose)
         for i in range(n):
             out[r, i] = spare[i] * scale * sign_after[i]
         return
@@ -128,52 +127,6 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
                 acc[b] += coef * buf[c * size + b]
         for b in range(size):
             out[r, a * size + b] = acc[b] * scale * sign_after[a * size + b]
-
-
-@intrinsic
-def _dense_factor(typingctx, h_k, buf, out, size, transpose):
-    """out[a·size + b] = Σ_c H[a, c] · buf[c·size + b], H = h_k [K, K] float32 (C-contiguous) or its transpose,
-    for K a multiple of DENSE_ROWS and size of DENSE_WIDTH: DENSE_ROWS output blocks of DENSE_WIDTH floats
-    per pass over c, each an accumulator register fed by one load of buf (Numba's loop over a runtime
-    `size` of 16 ran its loop overhead per element block: 3.7 us of SmolLM2's 576-point transform)."""
-    def codegen(context, builder, signature, args):
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        floats = ir.VectorType(f32, DENSE_WIDTH)
-        h_array, b_array, o_array = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3))
-        k = cgutils.unpack_tuple(builder, h_array.shape)[0]
-        size, transpose = args[3], args[4]
-        b_vectors = builder.bitcast(b_array.data, f32.as_pointer())
-        o_vectors = builder.bitcast(o_array.data, f32.as_pointer())
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(DENSE_ROWS)]
-        blocks = builder.udiv(size, ir.Constant(size.type, DENSE_WIDTH))
-        with cgutils.for_range(builder, builder.udiv(k, ir.Constant(k.type, DENSE_ROWS))) as a_loop:
-            a0 = builder.mul(a_loop.index, ir.Constant(k.type, DENSE_ROWS))
-            with cgutils.for_range(builder, blocks) as b_loop:
-                column = builder.mul(b_loop.index, ir.Constant(k.type, DENSE_WIDTH))
-                for acc in accs:
-                    builder.store(ir.Constant(floats, None), acc)
-                with cgutils.for_range(builder, k) as c_loop:
-                    c = c_loop.index
-                    source = builder.gep(b_vectors, [builder.add(builder.mul(c, size), column)])
-                    v = builder.load(builder.bitcast(source, floats.as_pointer()), align=4)
-                    for t, acc in enumerate(accs):
-                        a = builder.add(a0, ir.Constant(k.type, t))
-                        index = builder.select(transpose, builder.add(builder.mul(c, k), a),
-                                               builder.add(builder.mul(a, k), c))
-                        coef = builder.load(builder.gep(h_array.data, [index]))
-                        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(floats, ir.Undefined), coef,
-                                                                              ir.Constant(i32, 0)),
-                                                       ir.Constant(floats, ir.Undefined),
-                                                       ir.Constant(ir.VectorType(i32, DENSE_WIDTH), [0] * DENSE_WIDTH))
-                        builder.store(builder.fadd(builder.load(acc), builder.fmul(splat, v, flags=("contract",)),
-                                                   flags=("contract",)), acc)
-                for t, acc in enumerate(accs):
-                    a = builder.add(a0, ir.Constant(k.type, t))
-                    target = builder.gep(o_vectors, [builder.add(builder.mul(a, size), column)])
-                    builder.store(builder.load(acc), builder.bitcast(target, floats.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(h_k, buf, out, types.int64, types.boolean), codegen
 
 
 @njit(cache=True, parallel=True)
