@@ -157,22 +157,25 @@ def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int
     codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
     Q = np.empty((n_out, n_in), dtype=np.float32)  # [out, in] permuted columns
     group_of = np.arange(n_in) // width if static_groups is None else static_groups  # [in]
-    for b1 in range(0, n_in, blocksize):
+    for b1 in range(0, n_in, blocksize):  # the block's columns as rows (contiguous; a column of [out, in] is not)
         b2 = min(b1 + blocksize, n_in)
-        W1 = Wq[:, b1:b2].copy()  # [out, B]
-        E1 = np.zeros_like(W1)  # [out, B] scaled errors of the block
+        W1 = np.ascontiguousarray(Wq[:, b1:b2].T)  # [B, out]
+        E1 = np.zeros_like(W1)  # [B, out] scaled errors of the block
+        codes1 = np.empty((b2 - b1, n_out), dtype=np.uint8)  # [B, out]
+        Q1 = np.empty((b2 - b1, n_out), dtype=np.float32)  # [B, out]
         for i in range(b2 - b1):
             j = b1 + i  # permuted position
             g = group_of[j]
             if static_groups is None and j % width == 0:  # group start: its grid from the weights updated so far
-                ahead = Wq[:, b2:j + width] - E1[:, :i] @ U[b1:j, b2:j + width]  # [out, past block]
-                grids.fit(g, np.hstack([W1[:, i:i + width], ahead]), np.diag(U)[j:j + width])
-            w = W1[:, i]  # [out]
-            codes[:, j], Q[:, j] = grids.quantize(g, j, w, U[j, j])
-            err = (w - Q[:, j]) / U[j, j]  # [out]
-            W1[:, i:] -= np.outer(err, U[j, j:b2])  # [out, B - i]
-            E1[:, i] = err
-        Wq[:, b2:] -= E1 @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
+                ahead = Wq[:, b2:j + width] - E1[:i].T @ U[b1:j, b2:j + width]  # [out, past block]
+                grids.fit(g, np.hstack([W1[i:i + width].T, ahead]), np.diag(U)[j:j + width])
+            w = W1[i]  # [out]
+            codes1[i], Q1[i] = grids.quantize(g, j, w, U[j, j])
+            err = (w - Q1[i]) / U[j, j]  # [out]
+            W1[i:] -= np.outer(U[j, j:b2], err)  # [B - i, out]
+            E1[i] = err
+        codes[:, b1:b2], Q[:, b1:b2] = codes1.T, Q1.T
+        Wq[:, b2:] -= E1.T @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
     return codes, Q, group_of.astype(np.int32)
 
 
