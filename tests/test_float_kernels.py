@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, inputs
-from runtime.kernels import float_numba
+from runtime.kernels import float_numba, prefill_threads
 from runtime.linear import linear
 
 
@@ -30,15 +30,15 @@ def test_many_rows_split_over_the_cores_equal_numpy(rows, n_out, n_in, monkeypat
     x = inputs(4, rows, n_in, mean=0.5)
     split = rows * w.size >= float_numba.SPLIT_MACS and numba.get_num_threads() > 1 and n_out > 1
     calls = []
-    monkeypatch.setattr(float_numba, "run_on_workers", lambda task, count: (calls.append(count),
-                                                                             [task(i) for i in range(count)]))
+    monkeypatch.setattr(prefill_threads, "run_on_workers", lambda task, count: (calls.append(count),
+                                                                                [task(i) for i in range(count)]))
     assert_close(float_numba.matmul(x, w), x @ w.T)
     assert calls == ([min(numba.get_num_threads(), n_out)] if split else [])
 
 
 def test_blas_with_its_own_threads_is_one_call(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # train.py / quantize.py: BLAS on every core already
-    monkeypatch.setattr(float_numba, "run_on_workers", lambda task, count: pytest.fail("split"))
+    monkeypatch.setattr(prefill_threads, "run_on_workers", lambda task, count: pytest.fail("split"))
     w, x = inputs(5, 1536, 576), inputs(6, 128, 576)
     assert_close(float_numba.matmul(x, w), x @ w.T)
 

@@ -114,8 +114,8 @@ def test_simd_kernels_use_dot_product_instructions(kernel, instructions, bits):
     weight = uniform_int8_numba.kernel_weight(packed)
     quantized = uniform_int8_numba.quantize_input(x, weight.perm, bits, 4, 4, 1)
     y = np.empty(64, dtype=np.float32)  # [out]
-    fresh(uniform_int8_numba.tile_variant(bits, kernel), weight.blocked, weight.scales, weight.zeros, quantized, bits, 4,
-          uniform_int8_numba.NO_LUT, 0, 4, y)
+    fresh(uniform_int8_numba.tile_variant(bits, kernel), weight.blocked, weight.scales, weight.zeros, quantized,
+          bits, 4, uniform_int8_numba.NO_LUT, 0, 4, y)
     assert_close(y, packed.matmul_reference_int8(x[None])[0])
     asm = "".join(fresh.inspect_asm().values())
     assert instructions <= set(re.findall(r"\b(vpdpbusd|vpmaddubsw|vpmaddwd)\b", asm))

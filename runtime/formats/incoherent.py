@@ -125,13 +125,11 @@ class KronOrthogonal:
         of at least SPLIT_FLOATS values are split over the kept worker threads (BLAS runs on one thread in this
         runtime; np.take and matmul release the GIL)."""
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.size >= SPLIT_FLOATS and x.shape[0] > 1:
-            from runtime.kernels.prefill_threads import run_on_workers
+            from runtime.kernels.prefill_threads import run_on_ranges
             factors = self.kernel_factors(transpose)
             y = np.empty(x.shape, dtype=np.float32)  # [m, n]
             parts = min(numba.get_num_threads(), x.shape[0])
-            bounds = [p * x.shape[0] // parts for p in range(parts + 1)]
-            run_on_workers(lambda p: self._mixed(x[bounds[p]:bounds[p + 1]], *factors,
-                                                 out=y[bounds[p]:bounds[p + 1]]), parts)
+            run_on_ranges(x.shape[0], parts, lambda a, b: self._mixed(x[a:b], *factors, out=y[a:b]))  # [b - a, n]
             return y
         return self._mixed(x, *self._factors(transpose))
 

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from runtime.kernels.prefill_threads import run_on_workers
+from runtime.kernels.prefill_threads import run_on_ranges
 
 PARALLEL_BYTES = 256 << 10  # weights below this decode on the calling thread
 SPLIT_MACS = 1 << 23  # multiply-adds below which a prefill product stays one BLAS call
@@ -80,10 +80,5 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if parts == 1 or rows * w.size < SPLIT_MACS or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
         return x @ w.T  # [m, out]
     y = np.empty((rows, w.shape[0]), dtype=np.float32)  # [m, out]
-    bounds = [p * w.shape[0] // parts for p in range(parts + 1)]
-
-    def part(p: int) -> None:
-        np.matmul(x, w[bounds[p]:bounds[p + 1]].T, out=y[:, bounds[p]:bounds[p + 1]])  # [m, part]
-
-    run_on_workers(part, parts)
+    run_on_ranges(w.shape[0], parts, lambda a, b: np.matmul(x, w[a:b].T, out=y[:, a:b]))  # [m, b - a] each
     return y

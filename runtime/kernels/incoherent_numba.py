@@ -14,13 +14,13 @@ R = B, first = inv_post, last = inv_pre for Mᵀ (`KronOrthogonal.kernel_factors
 the factors laid out once so that both products are row updates
 T[i, :] += L[i, k] X[k, :], M[i, :] += T[i, k] R[k, :], which vectorize
 over the rows' b entries; `combine_rows` runs them by register blocks where
-a is a multiple of 4, with R's rows padded to whole registers, `row_factors`). `scale` carries QuIP's D⁻¹ on the input side,
-`shift * add` its midrise half step (sum(x Vᵀ) · scale / 2) on the output
-side. It serves one row (decode), on the calling thread: with it SmolLM2
-quip2 decodes 79 tok/s where NumPy's gathers and two small matmuls per
-transform gave 58. Many rows (prefill) keep NumPy's batched matmuls, which
-measured faster than these loops over rows in parallel (303 against 258
-tok/s).
+a is a multiple of 4, with R's rows padded to whole registers, `row_factors`).
+`scale` carries QuIP's D⁻¹ on the input side, `shift * add` its midrise half
+step (sum(x Vᵀ) · scale / 2) on the output side. It serves one row (decode),
+on the calling thread: with it SmolLM2 quip2 decodes 79 tok/s where NumPy's
+gathers and two small matmuls per transform gave 58. Many rows (prefill) keep
+NumPy's batched matmuls, which measured faster than these loops over rows in
+parallel (303 against 258 tok/s).
 """
 from __future__ import annotations
 

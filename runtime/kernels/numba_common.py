@@ -84,6 +84,7 @@ def _scale_value(value):
         return lambda value: half_to_float(value)
     return lambda value: np.float32(value)
 
+
 COMBINE_ROWS = 4  # output rows per pass of `combine_rows`
 COMBINE_WIDTH = 16  # floats per block of a row (one AVX-512 register)
 
@@ -102,7 +103,7 @@ def combine_rows(typingctx, coef, src, out, transpose):
         f32, i32 = ir.FloatType(), ir.IntType(32)
         floats = ir.VectorType(f32, COMBINE_WIDTH)
         c_array, s_array, o_array = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3))
-        c_rows, c_cols = cgutils.unpack_tuple(builder, c_array.shape)
+        c_cols = cgutils.unpack_tuple(builder, c_array.shape)[1]
         terms, width = cgutils.unpack_tuple(builder, s_array.shape)
         rows = cgutils.unpack_tuple(builder, o_array.shape)[0]
         transpose = args[3]

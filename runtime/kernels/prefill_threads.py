@@ -42,6 +42,13 @@ def run_on_workers(task, count: int) -> None:
     list(worker_pool(count).map(task, range(count)))  # list(): re-raises a worker's exception here
 
 
+def run_on_ranges(n: int, parts: int, task) -> None:
+    """task(start, stop) for `parts` contiguous ranges that split range(n) evenly, one per worker
+    (`run_on_workers`)."""
+    bounds = [p * n // parts for p in range(parts + 1)]
+    run_on_workers(lambda p: task(bounds[p], bounds[p + 1]), parts)
+
+
 def run_tiles(n: int, width: int, buffer_shape: tuple, fill, multiply) -> None:
     """For each tile start s = 0, width, 2 width, ... < n (size c = min(width, n - s)): fill(s, c, buffer)
     then multiply(s, c, buffer), with the tiles spread over numba.get_num_threads() threads, each with its

@@ -117,9 +117,9 @@ NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
 NO_LUT.flags.writeable = False
 TILE = 16  # outputs per tile of the blocked layout
 LANES = {"avx512vnni": 16, "avx2": 8}  # outputs per SIMD register of each x86 kernel (a tile is TILE // LANES)
+# (kernel, bits, table) of each SIMD tile kernel; `_SIMD_TILE` variant v runs entry v - 1
 TILE_VARIANTS = (tuple((kernel, bits, False) for kernel in ("avx512vnni", "avx2") for bits in SIMD_BITS[kernel])
-                 + tuple((kernel, 4, True) for kernel in LUT_KERNELS))  # (kernel, bits, table) of each SIMD tile
-                                                                         # kernel; variant v is entry v - 1
+                 + tuple((kernel, 4, True) for kernel in LUT_KERNELS))
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
 MAX_PARTS = 3  # weights one call multiplies (q/k/v)
 HALF_RUN_GROUPS = 0  # group_runs of groups of 16 inputs, half a run (SpQR's default): run r is groups 2r, 2r + 1
@@ -375,15 +375,14 @@ def _run_parts(builder, vectors, bits, split, dot):
 
 def _tile_codegen(bits: int, kernel: str, lut: bool = False):
     """The code of tile(blocked, tile, scales, zeros, xw, xw_low, d, x16, xsum, table, group_runs, y, y0) (types:
-    `_tile_typer`) setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits * TILE]
-    int32, scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
-    sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations
-    256 xw + xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its
-    zero points times xsum[g]; with group_runs == HALF_RUN_GROUPS each half run is a group. The loops over
-    groups and runs are LLVM IR (`_group_loops`), every sum a register, the memory one stream of codes. With
-    `lut` (4 bits, avx512vnni; whole runs) each code c stands for the int16 with high byte table[c] and low
-    byte table[16 + c] (uint8 [32]), multiplied by the same activations as int16 (x16, in the tiles' byte
-    order; `_table_run_dot`)."""
+    `_tile_typer`) setting y[y0 : y0 + TILE] to W x for the TILE outputs of tile `tile` (blocked [tiles, runs * bits
+    * TILE] int32, scales and zeros [tiles, groups, TILE], all C-contiguous): for each group g, the scaled run sums
+    sum_r d[r] * dot_r, dot_r the exact integer dot product of run r's codes with its two-byte activations 256 xw +
+    xw_low (words 8 r .. 8 r + 7 of each, int8 viewed as int32), times the group's scales, less its zero points
+    times xsum[g]; with group_runs == HALF_RUN_GROUPS each half run is a group. The loops over groups and runs are
+    LLVM IR (`_group_loops`), every sum a register, the memory one stream of codes. With `lut` (4 bits, avx512vnni;
+    whole runs) each code c stands for the int16 with high byte table[c] and low byte table[16 + c] (uint8 [32]),
+    multiplied by the same activations as int16 (x16, in the tiles' byte order; `_table_run_dot`)."""
     lanes = LANES[kernel]
     halves = TILE // lanes
 

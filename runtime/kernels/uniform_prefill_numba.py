@@ -56,11 +56,11 @@ _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 def _chunk_codegen(bits: int, lut: bool = False):
     """The code of chunk(blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y) (types:
-    `_chunk_typer`) setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte activations
-    (hi, lo: int8 and q: int16 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows, groups]:
-    each group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16].
-    Each run's code vectors (with `lut`, their table bytes: table uint8 [32], 4 bits) are made once and
-    multiplied by every row of the chunk (uniform_int8_numba._run_codes, _run_dot)."""
+    `_chunk_typer`) setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte
+    activations (hi, lo: int8 and q: int16 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows,
+    groups]: each group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16].
+    Each run's code vectors (with `lut`, their table bytes: table uint8 [32], 4 bits) are made once and multiplied
+    by every row of the chunk (uniform_int8_numba._run_codes, _run_dot)."""
 
     def codegen(context, builder, signature, args):
         if "avx512vnni" not in available_kernels():  # compiled, never run
