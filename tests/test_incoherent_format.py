@@ -58,16 +58,23 @@ def test_transform_is_orthogonal(n):
 
 @pytest.mark.parametrize("n", [576, 96, 5632, 97, 10, 1])  # square, oblong (88 wide: padded), prime (a = 1)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_row_kernel_equals_the_transform(n, transpose):
-    # incoherent_numba.transform_row against KronOrthogonal.apply: scale on the input, shift * add on top
+@pytest.mark.parametrize("rows", [None, 1, 5])  # None: one row [n] (decode); else [rows, n] over the threads
+def test_row_kernels_equal_the_transform(n, transpose, rows):
+    # incoherent_numba.transform against KronOrthogonal.apply: scale on the input, sum(shift_of) * add on top
     transform = KronOrthogonal.random(n, seed=5, side=1)
-    v, scale, add = inputs(n, n), inputs(n + 1, n, mean=2.0), inputs(n + 2, n)
-    factors = incoherent_numba.row_factors(transform.kernel_factors(transpose))
-    plain = incoherent_numba.transform_row(v, NONE, NONE, np.float32(0), *factors)
+    shape = (n,) if rows is None else (rows, n)
+    v, shift_of = inputs(n, *shape), inputs(n + 3, *shape[:-1], 7)
+    scale, add = inputs(n + 1, n, mean=2.0), inputs(n + 2, n)
+    factors = transform.kernel_factors(transpose)
+    no_shift = NONE.reshape(*shape[:-1], 0)
+    plain = incoherent_numba.transform(v, incoherent_numba.row_transform(factors), no_shift)
     np.testing.assert_allclose(plain, transform.apply(v, transpose), rtol=0, atol=1e-5 * np.abs(v).max())
-    both = incoherent_numba.transform_row(v, scale, add, np.float32(0.5), *factors)
-    expected = transform.apply(v * scale + np.float32(0.5) * add, transpose)
-    np.testing.assert_allclose(both, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    scaled = incoherent_numba.transform(v, incoherent_numba.row_transform(factors, scale=scale), no_shift)
+    expected = transform.apply(v * scale, transpose)
+    np.testing.assert_allclose(scaled, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    shifted = incoherent_numba.transform(v, incoherent_numba.row_transform(factors, add=add), shift_of)
+    expected = transform.apply(v + shift_of.sum(axis=-1, keepdims=True) * add, transpose)
+    np.testing.assert_allclose(shifted, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("mode", ["float", "int8"])

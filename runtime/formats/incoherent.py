@@ -58,8 +58,8 @@ from runtime.formats import format_class
 from runtime.formats.base import PackedTensor
 
 SIDE_IN, SIDE_OUT = 0, 1  # the stream tags of V (input side) and U (output side)
-SPLIT_FLOATS = 1 << 18  # NumPy inputs of at least this many floats split their rows over the worker threads
-#                        (128 rows: TinyLlama's 2048 wide, 77 -> 87 tok/s; below, SmolLM2 389 -> 337 split)
+SPLIT_FLOATS = 1 << 18  # `apply`'s NumPy inputs (a whole weight in `dequantize`; products take the Numba
+#                        kernels) of at least this many floats split their rows over the worker threads
 NONE = np.zeros(0, dtype=np.float32)  # an absent scale or shift of the CPU transform kernels
 NONE.flags.writeable = False
 
@@ -235,7 +235,7 @@ class IncoherentTensor(PackedTensor):
     def matmul_reference_int8(self, x) -> np.ndarray:
         """y [m, out] for x [m, in], the reference of the int8-activation path: `matmul_rows` with the inner
         product replaced by the inner format's int8 reference (its activation quantization)."""
-        return self._around_inner(np.asarray(x, dtype=np.float32), self.inner.matmul_reference_int8)
+        return self._around_inner(np.asarray(x, dtype=np.float32), self.inner.matmul_reference_int8, kernels=False)
 
     def matmul_rows(self, x, on_gpu: bool):
         """y [m, out] = x [m, in] @ W.T: transform x, the inner product (its own kernels: one row on the CPU
@@ -243,42 +243,45 @@ class IncoherentTensor(PackedTensor):
         return self._around_inner(x, self.inner.matmul)
 
     def _kernel_transforms(self) -> tuple:
-        """((scale, first, left, right, last) of V on x, scale = D⁻¹; (add, first, left, right, last) of Uᵀ on y,
-        add = the midrise half step or empty) for runtime/kernels/incoherent_numba.transform_row; laid out
-        once."""
+        """(V on x with D⁻¹, Uᵀ on the product with the midrise half step) as
+        runtime/kernels/incoherent_numba.py's RowTransforms; laid out once."""
         if self._transforms is None:
-            half_step = NONE if self.half_step is None else to_numpy(self.half_step)
-            from runtime.kernels.incoherent_numba import row_factors
-            self._transforms = ((to_numpy(self.inv_rescale), *row_factors(self.transform_in.kernel_factors())),
-                                (half_step, *row_factors(self.transform_out.kernel_factors(transpose=True))))
+            from runtime.kernels.incoherent_numba import row_transform
+            half_step = None if self.half_step is None else to_numpy(self.half_step)
+            self._transforms = (row_transform(self.transform_in.kernel_factors(), scale=to_numpy(self.inv_rescale)),
+                                row_transform(self.transform_out.kernel_factors(transpose=True), add=half_step))
         return self._transforms
 
     def one_row_product(self, parts):
         """PackedTensor.one_row_product for incoherent parts on the CPU: per part, V on x D⁻¹ and Uᵀ on the
-        product (Numba, this thread) around the inner tensor's own one-row product (its int8 kernel where
-        it has one)."""
+        product (Numba, this thread) around the inner tensor's own one-row product (its int8 kernel where it
+        has one)."""
         if not all(isinstance(p, IncoherentTensor) and not is_cupy(p.qweight) for p in parts):
             return None
-        from runtime.kernels import incoherent_numba
+        from runtime.kernels.incoherent_numba import transform
         steps = []
         for part in parts:
             inner = part.inner.one_row_product([part.inner]) or (lambda v, w=part.inner: [w.matmul(v)])
-            steps.append((inner, *part._kernel_transforms(), part.midrise))
+            steps.append((inner, *part._kernel_transforms()))
 
         def product(x):
             ys = []
-            for inner, (scale, *into), (add, *back), midrise in steps:
-                x_in = incoherent_numba.transform_row(x, scale, NONE, np.float32(0), *into)  # [in]
-                y = inner(x_in)[0]  # [out]
-                shift = x_in.sum(dtype=np.float32) if midrise else np.float32(0)
-                ys.append(incoherent_numba.transform_row(y, NONE, add, shift, *back))  # [out]
+            for inner, into, back in steps:
+                x_in = transform(x, into, NONE)  # [in]
+                ys.append(transform(inner(x_in)[0], back, x_in))  # [out], the half step times sum(x_in)
             return ys
         return product
 
-    def _around_inner(self, x, inner_product):
+    def _around_inner(self, x, inner_product, kernels: bool = True):
         """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,
-        transform back (Uᵀ): y [m, out] float32."""
+        transform back (Uᵀ): y [m, out] float32. With `kernels`, NumPy rows take the Numba transforms (rows
+        over the threads); else `KronOrthogonal.apply` (the NumPy reference, and CuPy)."""
         xp = array_module_of(x)
+        if kernels and xp is np:
+            from runtime.kernels.incoherent_numba import transform
+            into, back = self._kernel_transforms()
+            x_in = transform(np.ascontiguousarray(x, dtype=np.float32), into, NONE.reshape(len(x), 0))  # [m, in]
+            return transform(np.ascontiguousarray(inner_product(x_in), dtype=np.float32), back, x_in)  # [m, out]
         x_in = xp.ascontiguousarray(self.transform_in.apply(x * self.inv_rescale), dtype=xp.float32)  # [m, in]
         y = inner_product(x_in)  # [m, out]
         if self.midrise:
