@@ -10,7 +10,7 @@ from runtime.formats.base import activation_mode
 from runtime.formats.incoherent import NONE, IncoherentTensor, KronOrthogonal, kron_sizes, transforms
 from runtime.formats.uniform import UniformTensor
 from runtime.checkpoints.packed_checkpoint import read_packed, save_packed
-from runtime.kernels import incoherent_numba
+from runtime.kernels import incoherent_numba, uniform_int8_numba
 from runtime.kernels.uniform_int8_numba import available_kernels
 
 
@@ -84,7 +84,12 @@ def test_one_row_product_equals_the_reference(mode, monkeypatch):
     parts = [quantized(seed=s)[0] for s in (1, 2)] + [quantized(n_out=20, seed=3)[0]]
     x = inputs(9, 96)
     product = parts[0].one_row_product(parts)
-    for y, part in zip(product(x), parts):
+    calls = []
+    monkeypatch.setattr(uniform_int8_numba, "run", lambda call, v, run=uniform_int8_numba.run: calls.append(v.shape)
+                        or run(call, v))
+    ys = product(x)
+    assert calls == ([(3, 96)] if mode == "int8" else [])  # int8: the three inner products in one call
+    for y, part in zip(ys, parts):
         integer = part.inner.int8_decodes(*activation_mode())
         reference = (part.matmul_reference_int8 if integer else part.matmul_reference)(x[None])[0]  # [out]
         np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())

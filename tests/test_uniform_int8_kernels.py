@@ -130,6 +130,15 @@ def test_parts_in_one_call_equal_one_call_each(kernel, bits):
     assert uniform_int8_numba.fusable(parts)
     y = uniform_int8_numba.matvec_parts(parts, x, kernel)  # [169]
     assert_close(y, np.concatenate([uniform_int8_numba.matvec(p, x, kernel) for p in parts]))
+    xs = inputs(bits + 9, 3, 200, mean=0.5)  # [3, in]: a different input per part (the incoherent format's)
+    call = uniform_int8_numba.prepare(parts, kernel)
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        try:
+            y = uniform_int8_numba.run(call._replace(parallel=threads > 1), xs)  # [169]
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        assert_close(y, np.concatenate([uniform_int8_numba.matvec(p, v, kernel) for p, v in zip(parts, xs)]))
     assert not uniform_int8_numba.fusable(parts + [make_tensor(1, 8, 200, bits, 32)])  # another grid
     shuffled = [make_tensor(1, 8, 200, bits, 64, act_order=True), parts[0]]
     assert not uniform_int8_numba.fusable(shuffled)

@@ -183,6 +183,18 @@ class PackedTensor:
         int8-activation kernel call under the current `activation_mode`, or None where `matmul_parts` would
         not apply: what the decode step keeps (runtime/linear.py `one_row_products`) so that its products
         choose their kernel once, not on every call."""
+        return self._int8_product(parts)
+
+    def separate_inputs_product(self, parts):
+        """`one_row_product` for a different input per part: a function xs [len(parts), in] -> [xs[p] @ W.T
+        for W in parts] in one kernel call (the incoherent format's transformed inputs), or None, as for
+        every format with its own one-row product (SpQR, E8P, int8)."""
+        if type(self).one_row_product is not PackedTensor.one_row_product:
+            return None
+        return self._int8_product(parts)
+
+    def _int8_product(self, parts):
+        """The function of `one_row_product` (x [in] or [len(parts), in]), or None (`_int8_call`)."""
         call = self._int8_call(parts, *activation_mode())
         if call is None:
             return None

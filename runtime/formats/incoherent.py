@@ -254,23 +254,30 @@ class IncoherentTensor(PackedTensor):
 
     def one_row_product(self, parts):
         """PackedTensor.one_row_product for incoherent parts on the CPU: per part, V on x D⁻¹ and Uᵀ on the
-        product (Numba, this thread) around the inner tensor's own one-row product (its int8 kernel where it
-        has one)."""
+        product (Numba, this thread) around the inner tensors' products: one int8 kernel call for all parts
+        where their format takes a different input per part (`separate_inputs_product`: one parallel region
+        where there were one per part), else each inner tensor's own one-row product."""
         if not all(isinstance(p, IncoherentTensor) and not is_cupy(p.qweight) for p in parts):
             return None
         from runtime.kernels.incoherent_numba import transform
-        steps = []
-        for part in parts:
-            inner = part.inner.one_row_product([part.inner]) or (lambda v, w=part.inner: [w.matmul(v)])
-            steps.append((inner, *part._kernel_transforms()))
+        transforms = [part._kernel_transforms() for part in parts]
+        inners = [part.inner for part in parts]
+        fused = inners[0].separate_inputs_product(inners) if len(parts) > 1 else None
+        if fused is not None:
+            def product(x):
+                x_ins = np.stack([transform(x, into, NONE) for into, _ in transforms])  # [parts, in]
+                return [transform(y, back, x_in) for y, x_in, (_, back) in zip(fused(x_ins), x_ins, transforms)]
+            return product
+        steps = [(inner.one_row_product([inner]) or (lambda v, w=inner: [w.matmul(v)]), *pair)
+                 for inner, pair in zip(inners, transforms)]
 
-        def product(x):
+        def one_by_one(x):
             ys = []
             for inner, into, back in steps:
                 x_in = transform(x, into, NONE)  # [in]
                 ys.append(transform(inner(x_in)[0], back, x_in))  # [out], the half step times sum(x_in)
             return ys
-        return product
+        return one_by_one
 
     def _around_inner(self, x, inner_product, kernels: bool = True):
         """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,

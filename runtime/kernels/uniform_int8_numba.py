@@ -84,7 +84,9 @@ table tiles (`LUT_KERNELS`; avx2's `vpmaddubsw` would saturate).
 The x86 paths are written as Numba intrinsics over LLVM vector types and are
 compiled to nothing on a CPU without them (ARM), where `available_kernels`
 never offers them. Several weights sharing the input (q/k/v, gate/up) go in
-one call (`matvec_parts`): x is quantized once. A call's arguments are
+one call (`matvec_parts`): x is quantized once (or, given one input row per
+part, each row once: QuIP's parts each see their own transformed input,
+runtime/formats/incoherent.py). A call's arguments are
 gathered once per list of weights (`prepare`) and reused every step (`run`).
 Work is split over the tiles of all the call's weights; tiny products run on
 the calling thread, the rest in one parallel region. Prefill reads the
@@ -641,9 +643,9 @@ def _tiles(variant, blocked, scales, zeros, quantized, bits, group_runs, lut, t0
 
 
 @njit(inline="always")
-def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y):
+def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y):
     """Task t of the matvec: tiles t*N/tasks .. (t+1)*N/tasks of the N tiles of all parts, part after part,
-    into y [N * TILE]."""
+    into y [N * TILE]; part p reads the quantized input (q0, q1, q2)[p] (`_inputs`)."""
     blocks = (b0, b1, b2)
     n_tiles = 0
     for p in range(n_parts):
@@ -654,31 +656,44 @@ def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantiz
         count = blocks[p].shape[0]
         a, b = max(first, start), min(last, start + count)
         if a < b:
-            _tiles(variant, blocks[p], (s0, s1, s2)[p], (z0, z1, z2)[p], quantized, bits, group_runs, lut,
+            _tiles(variant, blocks[p], (s0, s1, s2)[p], (z0, z1, z2)[p], (q0, q1, q2)[p], bits, group_runs, lut,
                    a - start, b - start, y[a * TILE:b * TILE])
         start += count
+
+
+@njit(inline="always")
+def _inputs(x, perm, bits, b0, s0, group_runs):
+    """The quantized input (`quantize_input`) of each of the MAX_PARTS slots: x [1, in] one input for all
+    parts, or x [parts, in] row p for part p (slots past x's rows repeat its last)."""
+    n_runs, n_groups, last = b0.shape[1] // (bits * TILE), s0.shape[1], x.shape[0] - 1
+    q0 = quantize_input(x[0], perm, bits, n_runs, group_runs, n_groups)
+    q1 = q0 if last < 1 else quantize_input(x[1], perm, bits, n_runs, group_runs, n_groups)
+    q2 = q1 if last < 2 else quantize_input(x[2], perm, bits, n_runs, group_runs, n_groups)
+    return q0, q1, q2
 
 
 @njit(cache=True, parallel=True)
 def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
                      threads):
-    """The prepared call (`prepare`) in one parallel region of `threads` tasks: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
+    """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) in one parallel region of `threads`
+    tasks: y [tiles of all parts * TILE]."""
+    q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)  # separate: a parallel region takes no nested tuple
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     tasks = min(threads, n_tiles)
     for t in prange(tasks):
-        _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
+        _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y)
     return y
 
 
 @njit(cache=True)
 def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
-    """The prepared call (`prepare`) on the calling thread alone: y [tiles of all parts * TILE]."""
-    quantized = quantize_input(x, perm, bits, b0.shape[1] // (bits * TILE), group_runs, s0.shape[1])
+    """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) on the calling thread alone: y [tiles
+    of all parts * TILE]."""
+    q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
-    _job(0, 1, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, quantized, bits, group_runs, lut, y)
+    _job(0, 1, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y)
     return y
 
 
@@ -791,13 +806,14 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
 
 
 def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
-    """y [sum of outs] of a prepared call for x [in] float32 (called once per product in decode: every
-    microsecond here is paid hundreds of times a token)."""
+    """y [sum of outs] of a prepared call for x [in] float32, or x [parts, in] with row p for part p (called
+    once per product in decode: every microsecond here is paid hundreds of times a token)."""
     threads = numba.get_num_threads() if call.parallel else 1
+    x = readonly(x.reshape(-1, x.shape[-1]))  # [1 or parts, in]
     if threads > 1:
-        y = _matvec_parallel(*call.head, readonly(x), *call.tail, threads)
+        y = _matvec_parallel(*call.head, x, *call.tail, threads)
     else:
-        y = _matvec_serial(*call.head, readonly(x), *call.tail)  # [tiles * TILE]
+        y = _matvec_serial(*call.head, x, *call.tail)  # [tiles * TILE]
     if call.whole_tiles:
         return y
     starts = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])
