@@ -40,12 +40,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 
 from runtime.kernels.numba_common import variant_switch
-from runtime.kernels.quant_activations_numba import BLOCK
+from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_loops,
                                                 _load_lanes, _run_codes, _run_dot, _run_parts, _splat,
                                                 _table_bytes, available_kernels, byte_positions, matmul_prefill,
-                                                quantize_row)
-from runtime.kernels.uniform_numba import readonly
+                                                tile_order)
+from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
 ROW_BLOCK = 32  # rows whose activations a task keeps in cache while its tiles go by
@@ -147,9 +147,10 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
     position = byte_positions(bits)  # [32]
-    none = np.empty(0, dtype=np.int16)  # the storage-order values are not kept
     for row in prange(x.shape[0]):
-        quantize_row(x[row], perm, position, group_runs, none, hi[row], lo[row], q[row], d[row], xsum[row])
+        values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
+        quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
+        tile_order(values, d[row], position, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
 
