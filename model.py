@@ -40,6 +40,7 @@ from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode
 from runtime.kernels import decode_step_numba as step
+from runtime.kernels.prefill_threads import run_split
 from runtime.linear import linear, linear_many, one_row_products
 
 PREFILL_BLOCK = 256  # queries per attention block in prefill
@@ -272,8 +273,20 @@ class Model:
         n = self.rms_norm(h, w["post_attention_layernorm.weight"])  # [T, d]
         gate = linear(n, w["mlp.gate_proj.weight"])  # [T, ffn]
         up = linear(n, w["mlp.up_proj.weight"])  # [T, ffn]
-        silu = gate * (0.5 + 0.5 * self.xp.tanh(0.5 * gate))  # gate·sigmoid(gate), no overflow  [T, ffn]
-        return h + linear(silu * up, w["mlp.down_proj.weight"])  # [T, d]
+        return h + linear(self.swiglu(gate, up), w["mlp.down_proj.weight"])  # [T, d]
+
+    def swiglu(self, gate, up):
+        """silu(gate) * up [T, ffn], silu(g) = g·sigmoid(g) as g (0.5 + 0.5 tanh(g/2)) (no overflow); NumPy rows
+        split over the cores (the same operations on each row)."""
+        xp = self.xp
+        if xp is not np or gate.shape[0] == 1:
+            return gate * (0.5 + 0.5 * xp.tanh(0.5 * gate)) * up  # [T, ffn]
+        out = np.empty_like(gate)  # [T, ffn]
+
+        def rows(a, b):
+            out[a:b] = gate[a:b] * (0.5 + 0.5 * np.tanh(0.5 * gate[a:b])) * up[a:b]  # [b - a, ffn]
+        run_split(gate.shape[0], rows)
+        return out
 
     def attention(self, w: dict, x, cache: KVCache, i: int, out: str, rotary: bool):
         """Multi-head (grouped-query) self-attention of x [T, d] at positions cache.length.. against the
@@ -309,19 +322,27 @@ class Model:
         """Causal softmax attention of T queries at positions start.. over S = start+T keys.
 
         Queries go in blocks of PREFILL_BLOCK, each against the keys it may see, so the work
-        and the score buffer shrink with the causal mask.
+        and the score buffer shrink with the causal mask. On NumPy the kv heads split over the
+        cores (`run_split`: BLAS runs on one thread here).
         """
         xp, c = self.xp, self.config
         H, T, hd = q.shape
         q = q.reshape(c.n_kv_heads, H // c.n_kv_heads, T, hd)  # [KV, G, T, hd]: heads sharing a kv head
         out = xp.empty_like(q)  # [KV, G, T, hd]
-        for s in range(0, T, PREFILL_BLOCK):
-            e = min(T, s + PREFILL_BLOCK)
-            seen = start + e  # keys visible to the block's last query
-            scores = q[:, :, s:e] @ keys[:, None, :seen].transpose(0, 1, 3, 2) / math.sqrt(hd)  # [KV, G, b, S]
-            future = xp.arange(seen)[None, :] > xp.arange(start + s, start + e)[:, None]  # [b, S]
-            scores = xp.where(future, -xp.inf, scores)  # [KV, G, b, S]
-            out[:, :, s:e] = self.softmax(scores) @ values[:, None, :seen]  # [KV, G, b, hd]
+
+        def heads(h0, h1):  # kv heads h0 .. h1-1 and their query heads
+            for s in range(0, T, PREFILL_BLOCK):
+                e = min(T, s + PREFILL_BLOCK)
+                seen = start + e  # keys visible to the block's last query
+                scores = (q[h0:h1, :, s:e] @ keys[h0:h1, None, :seen].transpose(0, 1, 3, 2)
+                          / math.sqrt(hd))  # [h, G, b, S]
+                future = xp.arange(seen)[None, :] > xp.arange(start + s, start + e)[:, None]  # [b, S]
+                scores = xp.where(future, -xp.inf, scores)  # [h, G, b, S]
+                out[h0:h1, :, s:e] = self.softmax(scores) @ values[h0:h1, None, :seen]  # [h, G, b, hd]
+        if xp is np:
+            run_split(c.n_kv_heads, heads)  # NumPy's matmuls and ufuncs release the GIL: heads over the cores
+        else:
+            heads(0, c.n_kv_heads)
         return out.reshape(H, T, hd)  # [H, T, hd]
 
     def logits(self, x):

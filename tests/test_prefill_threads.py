@@ -58,3 +58,35 @@ def test_a_task_that_runs_tasks_does_not_wait_for_itself():
     runner.start()
     runner.join(timeout=30)
     assert done.is_set() and (seen == 1).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+def test_run_split_covers_every_index_once_in_contiguous_ranges(n):
+    seen, ranges, lock = np.zeros(n, dtype=np.int64), [], threading.Lock()
+
+    def task(start, stop):
+        with lock:
+            ranges.append((start, stop))
+        seen[start:stop] += 1
+
+    prefill_threads.run_split(n, task)
+    assert (seen == 1).all()
+    assert len(ranges) == max(1, min(numba.get_num_threads(), n)) and all(a < b for a, b in ranges)
+
+
+def test_split_prefill_steps_equal_the_whole_arrays(monkeypatch):
+    # model.py's attention (kv heads over the workers) and SwiGLU (rows over the workers) give the same bits
+    # as one pass over the whole arrays
+    import types
+
+    import model
+    rng = np.random.default_rng(0)
+    llama = object.__new__(model.Model)
+    llama.xp, llama.config = np, types.SimpleNamespace(n_kv_heads=4)
+    gate, up = (rng.standard_normal((7, 40)).astype(np.float32) for _ in range(2))  # [T, ffn]
+    q = rng.standard_normal((8, 5, 16)).astype(np.float32)  # [H, T, hd]: 2 query heads per kv head
+    keys, values = (rng.standard_normal((4, 9, 16)).astype(np.float32) for _ in range(2))  # [KV, S, hd]
+    split = llama.swiglu(gate, up), llama.attend_prefill(q, keys, values, 4)
+    monkeypatch.setattr(model, "run_split", lambda n, task: task(0, n))
+    assert np.array_equal(split[0], gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up)
+    assert np.array_equal(split[1], llama.attend_prefill(q, keys, values, 4))

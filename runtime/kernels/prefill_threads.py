@@ -64,3 +64,9 @@ def run_tiles(n: int, width: int, buffer_shape: tuple, fill, multiply) -> None:
             multiply(start, size, buffer)
 
     run_on_workers(worker, threads)
+
+
+def run_split(n: int, task) -> None:
+    """task(start, stop) over range(n) in one contiguous range per core (`run_on_ranges`): NumPy work of a
+    prefill (attention per head, elementwise steps per row) that would otherwise run on one core."""
+    run_on_ranges(n, max(1, min(numba.get_num_threads(), n)), task)
