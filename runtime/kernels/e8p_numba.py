@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
@@ -130,16 +131,21 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
 
 
 @njit(cache=True, parallel=True)
-def _hadamard_rows(x, sign_before, sign_after, h_k, size, transpose, scale, out):
-    """`_hadamard_row` for every row of x, in parallel (prefill)."""
-    for r in prange(x.shape[0]):
-        _hadamard_row(x, np.int64(r), sign_before, sign_after, h_k, size, transpose, scale, out)
+def _hadamard_rows(x, sign_before, sign_after, h_k, size, transpose, scale, out, threads):
+    """`_hadamard_row` for every row of x, the rows in `threads` contiguous ranges in parallel (prefill). Each
+    range is one call of the serial function: inlined into this parallel function, the row's slice and
+    array steps became nested parallel loops, and 128 rows of 2048 took 7.6 ms on two threads against
+    0.44 on one."""
+    rows = x.shape[0]
+    for t in prange(threads):
+        _hadamard_rows_serial(x, t * rows // threads, (t + 1) * rows // threads, sign_before, sign_after, h_k,
+                              size, transpose, scale, out)
 
 
 @njit(cache=True)
-def _hadamard_rows_serial(x, sign_before, sign_after, h_k, size, transpose, scale, out):
-    """`_hadamard_row` for every row of x on one thread (decode: waking the workers costs more)."""
-    for r in range(x.shape[0]):
+def _hadamard_rows_serial(x, r0, r1, sign_before, sign_after, h_k, size, transpose, scale, out):
+    """`_hadamard_row` for the rows r0 .. r1-1 of x on this thread (decode: waking the workers costs more)."""
+    for r in range(r0, r1):
         _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, out)
 
 
@@ -262,9 +268,12 @@ def hadamard_rows(x: np.ndarray, n: int, sign_before, sign_after, transpose: boo
     """[m, n] float32: (x ⊙ sign_before) Hᵀ / sqrt(n) ⊙ sign_after (x H / sqrt(n) with `transpose`)."""
     k, p = hadamard_factor(n)
     out = np.empty((x.shape[0], n), dtype=np.float32)  # [m, n]
-    kernel = _hadamard_rows_serial if x.shape[0] <= SERIAL_MAX_ROWS else _hadamard_rows
-    kernel(np.ascontiguousarray(x, dtype=np.float32), sign_before, sign_after, small_hadamard(k), 1 << p,
-           transpose, np.float32(1.0 / math.sqrt(n)), out)
+    args = (sign_before, sign_after, small_hadamard(k), 1 << p, transpose, np.float32(1.0 / math.sqrt(n)), out)
+    x = np.ascontiguousarray(x, dtype=np.float32)  # [m, n]
+    if x.shape[0] <= SERIAL_MAX_ROWS:
+        _hadamard_rows_serial(x, 0, x.shape[0], *args)
+    else:
+        _hadamard_rows(x, *args, min(numba.get_num_threads(), x.shape[0]))
     return out
 
 
