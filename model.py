@@ -279,13 +279,14 @@ class Model:
         """silu(gate) * up [T, ffn], silu(g) = g·sigmoid(g) as g (0.5 + 0.5 tanh(g/2)) (no overflow); NumPy rows
         split over the cores (the same operations on each row)."""
         xp = self.xp
-        if xp is not np or gate.shape[0] == 1:
-            return gate * (0.5 + 0.5 * xp.tanh(0.5 * gate)) * up  # [T, ffn]
-        out = np.empty_like(gate)  # [T, ffn]
+        out = xp.empty_like(gate)  # [T, ffn]
 
         def rows(a, b):
-            out[a:b] = gate[a:b] * (0.5 + 0.5 * np.tanh(0.5 * gate[a:b])) * up[a:b]  # [b - a, ffn]
-        run_split(gate.shape[0], rows)
+            out[a:b] = gate[a:b] * (0.5 + 0.5 * xp.tanh(0.5 * gate[a:b])) * up[a:b]  # [b - a, ffn]
+        if xp is np:
+            run_split(gate.shape[0], rows)
+        else:
+            rows(0, gate.shape[0])
         return out
 
     def attention(self, w: dict, x, cache: KVCache, i: int, out: str, rotary: bool):

@@ -262,7 +262,7 @@ class IncoherentTensor(PackedTensor):
         from runtime.kernels.incoherent_numba import transform
         transforms = [part._kernel_transforms() for part in parts]
         inners = [part.inner for part in parts]
-        fused = inners[0].separate_inputs_product(inners) if len(parts) > 1 else None
+        fused = inners[0].separate_inputs_product(inners)
         if fused is not None:
             def product(x):
                 x_ins = np.stack([transform(x, into, NONE) for into, _ in transforms])  # [parts, in]

@@ -140,13 +140,20 @@ def transform_row(v, scale, add, shift_of, first, left, right, dest):
 
 @njit(cache=True, fastmath=True, parallel=True)
 def transform_rows(v, scale, add, shift_of, first, left, right, dest, threads):
-    """`transform_row` of each row of v [m, n] (shift: the sum of shift_of's row), the rows split evenly over
-    `threads` tasks, each with its own buffers: out [m, n] float32."""
+    """`transform_row` of each row of v [m, n] (shift: the sum of shift_of's row), the rows in `threads`
+    contiguous ranges in parallel, each one call of `_transform_range` (as e8p_numba._hadamard_rows: the row
+    code inlined here would turn its array steps into nested parallel loops): out [m, n] float32."""
     rows = v.shape[0]
     out = np.empty((rows, first.shape[0]), dtype=np.float32)  # [m, n]
     for task in prange(threads):
-        x, t, m = _buffers(left, right)
-        for i in range(task * rows // threads, (task + 1) * rows // threads):
-            shift = _shift(add, shift_of[i])
-            _transform_into(v[i], scale, add, shift, first, left, right, dest, x, t, m, out[i])
+        _transform_range(v, scale, add, shift_of, first, left, right, dest, task * rows // threads,
+                         (task + 1) * rows // threads, out)
     return out
+
+
+@njit(cache=True, fastmath=True)
+def _transform_range(v, scale, add, shift_of, first, left, right, dest, r0, r1, out):
+    """out[i] = the transform of v[i] for the rows r0 .. r1-1 on this thread, through one set of buffers."""
+    x, t, m = _buffers(left, right)
+    for i in range(r0, r1):
+        _transform_into(v[i], scale, add, _shift(add, shift_of[i]), first, left, right, dest, x, t, m, out[i])
