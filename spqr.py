@@ -226,7 +226,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
     segments = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
     W0, perm, U = gptq.prepare(W, H, params.act_order, params.percdamp)
-    Wp = W0[:, perm]  # [out, in] permuted columns
+    Wp = np.take(W0, perm, axis=1)  # [out, in] permuted columns, rows contiguous (W0[:, perm]: column-major)
     thresholds = np.full(n_out, math.inf)  # [out]
     if math.isfinite(params.outlier_threshold):
         hinv_sq = np.diag(U) ** 2  # [in]
@@ -234,7 +234,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
             thresholds[rows] = params.outlier_threshold * np.mean(np.var(Wp[rows], axis=0) / hinv_sq)
     n_groups = -(-n_in // params.group_size)
     grids = SpQRGrids(params, n_groups, (n_out, n_in), segments, thresholds)
-    codes, Q, _ = gptq.obs_columns(Wp, U, grids, params.group_size, params.blocksize)
+    codes, Q, _, _ = gptq.obs_columns(Wp, U, grids, params.group_size, params.blocksize)
 
     inverse = np.argsort(perm)  # [in]
     codes, Q, outlier_mask = codes[:, inverse], Q[:, inverse], grids.outlier_mask[:, inverse]  # [out, in] each

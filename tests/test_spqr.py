@@ -47,8 +47,10 @@ def test_equals_gptq_without_outliers_and_with_float16_statistics(bits, group, a
     np.testing.assert_array_equal(packed.dequantize(), reference.Q)
     gptq_packed, gptq_stats = gptq.quantize(W, H, gptq.GPTQParams(bits, group, act_order=act_order))
     np.testing.assert_array_equal(packed.dequantize(), gptq_packed.dequantize())
-    assert stats["loss"] == pytest.approx(gptq_stats["loss"], rel=1e-12)
-    assert stats["rtn_loss"] == pytest.approx(gptq_stats["rtn_loss"], rel=1e-12)
+    # GPTQ's loss comes from its own scaled errors (gptq.row_losses), SpQR's from the product by H: the same
+    # value to float32 rounding
+    assert stats["loss"] == pytest.approx(gptq_stats["loss"], rel=1e-6)
+    assert stats["rtn_loss"] == pytest.approx(gptq_stats["rtn_loss"], rel=1e-6)
 
 
 def test_outliers_are_kept_exactly_and_beat_gptq_on_planted_outliers():
@@ -70,7 +72,8 @@ def test_outliers_are_kept_exactly_and_beat_gptq_on_planted_outliers():
     first_columns = np.argsort(-np.diag(H), kind="stable")[:1]
     np.testing.assert_array_equal(w_q[:, first_columns][planted[:, first_columns]],
                                   W[:, first_columns][planted[:, first_columns]].astype(np.float16))
-    assert stats["loss"] == pytest.approx(layerwise.proxy_loss(W, w_q, H), rel=1e-12)
+    D = (W - w_q).astype(np.float64)  # [out, in]
+    assert stats["loss"] == pytest.approx(np.einsum("oi,ij,oj->", D, H, D), rel=1e-5)  # float32 product
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
