@@ -502,7 +502,8 @@ LINKED = (  # BENCHMARKS.md sections that link a file of benchmarks/ another com
     ("QLoRA training", "training.md", "Training throughput, peak memory and fine-tuned perplexity of ours and of "
      "PEFT + torch", "python bench_training.py --quality"),
     ("Build time and memory at 1.3B", "build.md", "Build time and peak RSS of quantizing a 1.3B checkpoint, per "
-     "method measured, against the I/O and calibration floors", "python bench_build.py --nsamples 8"))
+     "method measured, against the I/O and calibration floors, one table per window count (each names its "
+     "command)", "python bench_build.py --nsamples N"))
 
 
 def linked_sections() -> list[str]:

@@ -2,7 +2,7 @@
 benchmarks/build.md.
 
 The model is a random-weight OPT with facebook/opt-1.3b's config, float32
-safetensors (bench_models.py builds it once under .cache/bench/opt-1.3b; the
+safetensors (built once under .cache/bench/opt-1.3b by bench_models.save_random_model; the
 time of a method does not depend on the weights' values). Each measurement is
 a fresh process; its wall time and peak RSS (the child's ru_maxrss, from
 wait4) are recorded, each row in .cache/bench/build-rows.json as soon as it
@@ -105,16 +105,18 @@ def floor_calibration(model: Path, nsamples: int) -> None:
 
 # ---- the parent ---------------------------------------------------------------------------------
 
-def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path, env: dict) -> dict:
-    """{row: {"seconds", "rss"}} for the floors and the methods, each child with `env` (the environment this
+def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path, env: dict, command: str) -> dict:
+    """{window count: {"command", "results": {row: {"seconds", "rss"}}}} of every run saved for `model`, this
+    one ({nsamples}) measured now: the floors and the methods, each child with `env` (the environment this
     command started with, before importing runtime set its own defaults). Each finished row is written to `saved`
-    (atomically) at once, and rows already there for the same model and windows are not measured again:
-    an interrupted run loses no finished row."""
+    (atomically) at once, and rows already there for the same model and windows are not measured again: an
+    interrupted run loses no finished row, and runs with other window counts stay beside it."""
     from runtime.checkpoints.atomic import write_text
 
-    identity = {"model": str(model.resolve()), "nsamples": nsamples}
     previous = json.loads(saved.read_text()) if saved.exists() else {}
-    results = previous.get("results", {}) if {k: previous.get(k) for k in identity} == identity else {}
+    runs = previous.get("runs", {}) if previous.get("model") == str(model.resolve()) else {}
+    run = runs.setdefault(str(nsamples), {"results": {}})
+    run["command"], results = command, run["results"]
     here = [sys.executable, str(Path(__file__).resolve())]
     commands = {"floor-io": here + ["--floor", "io", "--model", str(model), "--out", str(work)],
                 "floor-calibration": here + ["--floor", "calibration", "--model", str(model), "--nsamples",
@@ -123,33 +125,36 @@ def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path
         extra = ["--nsamples", str(nsamples)] if row in CALIBRATED else []
         commands[row] = [sys.executable, "quantize.py", "--model", str(model), *METHODS[row], *extra,
                          "--out", str(work / row)]
-    for row, command in commands.items():
+    for row, command_line in commands.items():
         if row not in results:
-            results[row] = measure(command, env)
-            write_text(saved, json.dumps({**identity, "results": results}, indent=1))
+            results[row] = measure(command_line, env)
+            write_text(saved, json.dumps({"model": str(model.resolve()), "runs": runs}, indent=1))
         print(row, results[row], file=sys.stderr)
-    return {row: results[row] for row in commands}
+    return runs
 
 
-def document(command: str, model: Path, nsamples: int, results: dict) -> str:
-    """The text of benchmarks/build.md."""
+def document(model: Path, runs: dict) -> str:
+    """The text of benchmarks/build.md: one table per window count of `runs` (`run_all`)."""
     from bench import machine
 
     size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
-    io, calib = results["floor-io"]["seconds"], results["floor-calibration"]["seconds"]
     lines = ["# Build time and peak memory at 1.3B", "",
-             f"Written by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine()}.", "",
+             f"Machine: {machine()}. Written on {time.strftime('%Y-%m-%d')}.", "",
              f"Model: {'random weights with facebook/opt-1.3b' + chr(39) + 's config' if model == MODEL.resolve() else model}, "
-             f"float32 safetensors of {size:.0f} MB. Calibrated methods: {nsamples} windows of {SEQLEN} tokens of "
-             f"WikiText-2 validation (quantize.py's default is 32; fewer here so that the whole table fits one "
-             f"session on 2 cores: the floor is measured with the same windows; a method's own per-layer math, "
-             f"GPTQ's Hessian inverse and column loop say, does not grow with the windows, so with more windows "
-             f"its ratio to the floor is lower). How: "
-             f"bench_build.py's docstring; one fresh process per row.", "",
-             "| row | seconds | x its floor | peak RSS MB | x checkpoint size |", "| --- | ---: | ---: | ---: | ---: |"]
-    for row, m in results.items():
-        floor = "" if row.startswith("floor") else f"{m['seconds'] / (calib if row in CALIBRATED else io):.2f}"
-        lines.append(f"| {row} | {m['seconds']:.0f} | {floor} | {m['rss']:.0f} | {m['rss'] / size:.2f} |")
+             f"float32 safetensors of {size:.0f} MB. Calibrated methods: windows of {SEQLEN} tokens of WikiText-2 "
+             f"validation, as many as each table says (quantize.py's default is 32); each floor is measured with "
+             f"the same windows. A method's own per-layer math (GPTQ's Hessian factorisation and column loop) does "
+             f"not grow with the windows, so with more windows its ratio to the floor is lower. How: "
+             f"bench_build.py's docstring; one fresh process per row."]
+    for nsamples, run in sorted(runs.items(), key=lambda item: int(item[0])):
+        results = run["results"]
+        io, calib = results["floor-io"]["seconds"], results["floor-calibration"]["seconds"]
+        lines += ["", f"### {nsamples} calibration windows", "", f"Written by `{run['command']}`.", "",
+                  "| row | seconds | x its floor | peak RSS MB | x checkpoint size |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for row, m in results.items():
+            floor = "" if row.startswith("floor") else f"{m['seconds'] / (calib if row in CALIBRATED else io):.2f}"
+            lines.append(f"| {row} | {m['seconds']:.0f} | {floor} | {m['rss']:.0f} | {m['rss'] / size:.2f} |")
     lines += ["", "Floors: floor-io reads every tensor and writes it again (the floor of RTN, NF4 and int8); "
               "floor-calibration runs the windows through every layer twice (the floor of GPTQ, SpQR, QuIP and "
               "QuIP#). Targets: calibrated methods within 2x of floor-calibration, the others within 2x of "
@@ -172,18 +177,24 @@ def main(argv=None):
         return floor_io(model, Path(args.out))
     if args.floor == "calibration":
         return floor_calibration(model, args.nsamples)
+    if model == MODEL.resolve() and not (model / "config.json").exists():  # the default model: made once, here
+        print(f"writing random float weights with opt-1.3b's config to {model} ...", flush=True)
+        # in a child: this process stays small, and the children it measures start from its size (a forked
+        # child's peak RSS counts its parent's pages at the fork)
+        subprocess.run([sys.executable, "-c", "import sys, bench_models; bench_models.save_random_model("
+                        "sys.argv[1], bench_models.hf_config('opt-1.3b'))", str(model)], cwd=PROJECT, check=True)
     if not (model / "config.json").exists():
-        raise SystemExit(f"{model} has no config.json: build it with `python bench_models.py` (or give --model)")
+        raise SystemExit(f"{model} has no config.json: give --model a Hugging Face model directory")
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in METHODS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(METHODS)}")
+    command = ("python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     with tempfile.TemporaryDirectory(dir=PROJECT / ".cache") as tmp:
-        results = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json",
-                          env)
-    command = "python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = document(command.strip(), model, args.nsamples, results)
-    print(json.dumps(results), file=sys.stderr)
+        runs = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json",
+                       env, command)
+    text = document(model, runs)
+    print(json.dumps(runs), file=sys.stderr)
     if args.no_write:
         print(text)
         return None

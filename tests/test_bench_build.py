@@ -11,13 +11,16 @@ def test_rerun_measures_only_missing_rows(tmp_path, monkeypatch):
                         {"seconds": float(len(measured)), "rss": 100.0})
     saved = tmp_path / "rows.json"
     model = tmp_path / "model"
-    first = bench_build.run_all(model, 8, ["rtn4g128"], tmp_path, saved, {})
+    first = bench_build.run_all(model, 8, ["rtn4g128"], tmp_path, saved, {}, "cmd 8")["8"]["results"]
     assert list(first) == ["floor-io", "floor-calibration", "rtn4g128"] and len(measured) == 3
-    assert json.loads(saved.read_text())["results"] == first
-    second = bench_build.run_all(model, 8, ["rtn4g128", "gptq4g128"], tmp_path, saved, {})
+    assert json.loads(saved.read_text())["runs"]["8"]["results"] == first
+    second = bench_build.run_all(model, 8, ["rtn4g128", "gptq4g128"], tmp_path, saved, {}, "cmd 8")["8"]["results"]
     assert len(measured) == 4 and "--nsamples" in measured[-1] and second["rtn4g128"] == first["rtn4g128"]
-    bench_build.run_all(model, 4, ["rtn4g128"], tmp_path, saved, {})  # other windows: everything again
-    assert len(measured) == 7
+    runs = bench_build.run_all(model, 32, ["gptq4g128"], tmp_path, saved, {}, "cmd 32")  # other windows: all again
+    assert len(measured) == 7 and sorted(runs) == ["32", "8"]  # ... kept beside the 8-window run
+    assert runs["8"]["results"] == second and runs["32"]["command"] == "cmd 32"
+    other = bench_build.run_all(tmp_path / "other", 8, ["rtn4g128"], tmp_path, saved, {}, "cmd")  # another model
+    assert len(measured) == 10 and sorted(other) == ["8"]
 
 
 def test_document_ratios_to_the_right_floor(tmp_path):
@@ -26,9 +29,12 @@ def test_document_ratios_to_the_right_floor(tmp_path):
     (model / "model.safetensors").write_bytes(b"\0" * (2 << 20))  # 2 MB
     results = {"floor-io": {"seconds": 10.0, "rss": 3.0}, "floor-calibration": {"seconds": 100.0, "rss": 2.0},
                "rtn4g128": {"seconds": 15.0, "rss": 2.5}, "gptq4g128": {"seconds": 250.0, "rss": 2.5}}
-    text = bench_build.document("python bench_build.py", model, 8, results)
+    more = dict(results, **{"floor-calibration": {"seconds": 400.0, "rss": 2.0}})
+    text = bench_build.document(model, {"32": {"command": "run 32", "results": more},
+                                        "8": {"command": "run 8", "results": results}})
     assert "| rtn4g128 | 15 | 1.50 | 2 | 1.25 |" in text
-    assert "| gptq4g128 | 250 | 2.50 | 2 | 1.25 |" in text
+    assert "| gptq4g128 | 250 | 2.50 | 2 | 1.25 |" in text and "| gptq4g128 | 250 | 0.62 | 2 | 1.25 |" in text
+    assert text.index("### 8 calibration windows") < text.index("`run 8`") < text.index("### 32 calibration")
 
 
 def test_measure_survives_a_child_that_writes_much_to_stderr():
