@@ -209,7 +209,7 @@ def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQRe
 
     inverse = np.argsort(perm)  # [in]
     Q = np.take(Q, inverse, axis=1)  # [out, in] original column order
-    return GPTQResult(codes=codes[:, inverse], scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
+    return GPTQResult(codes=np.take(codes, inverse, axis=1), scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
                       Q=Q, row_losses=row_losses(err_sq, W0, Q, damping(H, params.percdamp)))
 
 

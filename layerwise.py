@@ -44,7 +44,8 @@ def check_problem(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """(W float32 [out, in], H [in, in] float32 as given, else float64); UserError unless their shapes fit
     together and both are finite (checked through their sums: no temporary the size of H)."""
     W = np.asarray(W, dtype=np.float32)  # [out, in]
-    H = np.asarray(H, dtype=np.float32 if np.asarray(H).dtype == np.float32 else np.float64)  # [in, in]
+    H = np.asarray(H)  # [in, in]
+    H = H if H.dtype == np.float32 else H.astype(np.float64, copy=False)
     if W.ndim != 2 or 0 in W.shape:
         raise UserError(f"the weight must be a non-empty 2-D array [out, in], got shape {list(W.shape)}")
     n_in = W.shape[1]
@@ -118,7 +119,7 @@ def inverse_hessian_factor(H: np.ndarray) -> np.ndarray:
     The GPTQ reference computes it as cholesky(inverse(H)).T; with H = R Rᵀ (`reversed_cholesky`),
     H⁻¹ = R⁻ᵀ R⁻¹, and R⁻¹ = J L⁻¹ J is upper triangular with a positive diagonal, hence that factor.
     """
-    L = cholesky_lower(np.array(H[::-1, ::-1], dtype=np.result_type(H.dtype, np.float32)), overwrite=True)  # lower
+    L = cholesky_lower(H[::-1, ::-1])  # [in, in] lower: its own copy, which the inverse then overwrites
     return np.ascontiguousarray(lower_triangular_inverse(L, overwrite=True)[::-1, ::-1])  # [in, in] upper
 
 
