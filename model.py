@@ -6,9 +6,11 @@ NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
 
     prefill(tokens) / decode(token)      the two public passes, each with its own checks
       forward: embed_tokens -> block per layer        (decode: one token; prefill: T tokens)
-        opt_block | llama_block                        one function per architecture
-          attention                                    shared: q/k/v, RoPE, cache write, softmax
-            attend_decode | attend_prefill             one query / causal blocks of queries
+        block: attention half, then MLP half           one pair of functions per architecture
+          opt_attention_half | llama_attention_half    h = x + attention (OPT post-LN: norm after)
+            attention                                  shared: q/k/v, RoPE, cache write, softmax
+              attend_decode | attend_prefill           one query / causal blocks of queries
+          opt_mlp_half | llama_mlp_half                h + ReLU FFN / SwiGLU
       logits: final norm -> LM head
     llama_decode_step                    decode on the CPU with fused Numba kernels (Llama)
 
@@ -123,7 +125,9 @@ class Model:
         # the one place that picks the architecture: checkpoint names, decoder layer, decode step
         llama = config.arch == "llama"
         prefix = "model." if llama else "model.decoder."
-        self.block = self.llama_block if llama else self.opt_block
+        # a decoder layer is two residual halves, attention then MLP (calibration runs each half on its own)
+        self.halves = ((self.llama_attention_half, self.llama_mlp_half) if llama
+                       else (self.opt_attention_half, self.opt_mlp_half))
         self.decode_step = (self.unfused_decode_step if not self.fused_decode
                             else self.llama_decode_step if llama else self.opt_decode_step)
         self.decode_products = LLAMA_DECODE_PRODUCTS if llama else OPT_DECODE_PRODUCTS
@@ -214,7 +218,7 @@ class Model:
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product
         for q/k/v, each kernel chosen once (`one_row_products`), LayerNorms and attention with the cache write
-        each one Numba call; pre-LN or post-LN as `opt_block`."""
+        each one Numba call; pre-LN or post-LN as the `opt_*_half` pair."""
         c, position = self.config, cache.length
         x = self.embed_tokens(np.array([token]), position)[0]  # [d]
         layer_products, _ = self.one_row_products()
@@ -253,23 +257,34 @@ class Model:
             x = x + g["embed_positions.weight"][positions]  # [T, d]
         return x
 
-    def opt_block(self, w: dict, x, cache: KVCache, i: int):
-        """One OPT decoder layer over x [T, d]: LayerNorm before attention and FFN (pre-LN) or after
-        each residual add (post-LN, do_layer_norm_before=False); biases, ReLU FFN."""
-        norm = lambda t, name: self.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"])
-        pre = self.config.pre_norm
-        h = x + self.attention(w, norm(x, "self_attn_layer_norm") if pre else x, cache, i,
-                               "out_proj", rotary=False)  # [T, d]
-        h = h if pre else norm(h, "self_attn_layer_norm")  # [T, d]
-        n = norm(h, "final_layer_norm") if pre else h  # [T, d]
-        f = self.xp.maximum(linear(n, w["fc1.weight"], w["fc1.bias"]), 0)  # [T, ffn]
-        out = h + linear(f, w["fc2.weight"], w["fc2.bias"])  # [T, d]
-        return out if pre else norm(out, "final_layer_norm")  # [T, d]
+    def block(self, w: dict, x, cache: KVCache, i: int):
+        """Decoder layer i over x [T, d] with its weights w: the attention half, then the MLP half."""
+        attention_half, mlp_half = self.halves
+        return mlp_half(w, attention_half(w, x, cache, i))  # [T, d]
 
-    def llama_block(self, w: dict, x, cache: KVCache, i: int):
-        """One Llama decoder layer over x [T, d]: h = x + attn(rms(x)) with RoPE, then h + swiglu(rms(h))."""
+    def opt_attention_half(self, w: dict, x, cache: KVCache, i: int):
+        """h [T, d] = x + attn(LN(x)) of an OPT layer over x [T, d] (pre-LN), or LN(x + attn(x)) (post-LN,
+        do_layer_norm_before=False); projections with biases."""
+        pre = self.config.pre_norm
+        norm = lambda t: self.layer_norm(t, w["self_attn_layer_norm.weight"], w["self_attn_layer_norm.bias"])
+        h = x + self.attention(w, norm(x) if pre else x, cache, i, "out_proj", rotary=False)  # [T, d]
+        return h if pre else norm(h)  # [T, d]
+
+    def opt_mlp_half(self, w: dict, h):
+        """h + fc2(ReLU(fc1(LN(h)))) [T, d] of an OPT layer (pre-LN), or LN(h + fc2(ReLU(fc1(h)))) (post-LN)."""
+        pre = self.config.pre_norm
+        norm = lambda t: self.layer_norm(t, w["final_layer_norm.weight"], w["final_layer_norm.bias"])
+        f = self.xp.maximum(linear(norm(h) if pre else h, w["fc1.weight"], w["fc1.bias"]), 0)  # [T, ffn]
+        out = h + linear(f, w["fc2.weight"], w["fc2.bias"])  # [T, d]
+        return out if pre else norm(out)  # [T, d]
+
+    def llama_attention_half(self, w: dict, x, cache: KVCache, i: int):
+        """h [T, d] = x + attn(rms(x)) of a Llama layer over x [T, d], with RoPE."""
         n = self.rms_norm(x, w["input_layernorm.weight"])  # [T, d]
-        h = x + self.attention(w, n, cache, i, "o_proj", rotary=True)  # [T, d]
+        return x + self.attention(w, n, cache, i, "o_proj", rotary=True)  # [T, d]
+
+    def llama_mlp_half(self, w: dict, h):
+        """h + down(silu(gate(rms(h))) * up(rms(h))) [T, d] of a Llama layer."""
         n = self.rms_norm(h, w["post_attention_layernorm.weight"])  # [T, d]
         gate = linear(n, w["mlp.gate_proj.weight"])  # [T, ffn]
         up = linear(n, w["mlp.up_proj.weight"])  # [T, ffn]

@@ -13,6 +13,7 @@ import pytest
 import rtn
 from conftest import STORIES260K
 from model import Config, Model
+from pipeline import calibration
 from pipeline.calibration import TRUE_SEQUENTIAL, HessianRecorder, calibrate, sample_windows
 from runtime.checkpoints.checkpoint import load_checkpoint
 from runtime.errors import UserError
@@ -53,17 +54,21 @@ def test_sample_windows_are_random_slices():
         sample_windows(tokens[:50], 4, 50, seed=0)
 
 
-def test_hessian_recorder_is_two_over_n_x_xt():
+@pytest.mark.parametrize("add_rows", [20, 2048])  # 20: rows gathered, folded when full and when too many
+def test_hessian_recorder_is_two_over_n_x_xt(add_rows, monkeypatch):
+    monkeypatch.setattr(calibration, "ADD_ROWS", add_rows)
+    monkeypatch.setattr(calibration, "HESSIAN_BLOCK", 10)  # three column blocks of the lower triangle
     rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((m, 24)).astype(np.float32) for m in (5, 17, 1, 40)]
+    batches = [rng.standard_normal((m, 24)).astype(np.float32) for m in (5, 17, 1, 40, 3)]
     recorder = HessianRecorder(24)
-    for x in batches:
+    for j, x in enumerate(batches):
         recorder.add(x)
-        recorder.add(x)  # the same input object again (a linear sharing it): counted once
-    X = np.concatenate(batches).astype(np.float64)  # [n, in]
-    H = 2 / len(X) * X.T @ X  # [in, in]
-    assert recorder.H.dtype == np.float32  # summed in float32 (as GPTQ's reference) and handed on so
-    np.testing.assert_allclose(recorder.H, H, rtol=1e-5, atol=1e-6 * np.abs(H).max())
+        if j not in (2, 4):  # read after rows 5, 17, 1 (gathered, not all folded) and at the end
+            continue
+        X = np.concatenate(batches[:j + 1]).astype(np.float64)  # [n, in]
+        H = 2 / len(X) * X.T @ X  # [in, in]
+        assert recorder.H.dtype == np.float32  # summed in float32 (as GPTQ's reference) and handed on so
+        np.testing.assert_allclose(recorder.H, H, rtol=1e-5, atol=1e-6 * np.abs(H).max())
 
 
 def test_end_to_end_gptq_on_stories260k(stories, tmp_path):
@@ -88,7 +93,7 @@ def test_true_sequential_order(stories, tmp_path):
     calls = []
     packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
     groups = [[f"model.layers.{i}.{p}.weight" for p in group]
-              for i in range(config.n_layers) for group in TRUE_SEQUENTIAL["llama"]]
+              for i in range(config.n_layers) for half in TRUE_SEQUENTIAL["llama"] for group in half]
     assert [names for names, _ in calls] == groups
     # o_proj of layer 0 saw the outputs of the quantized q, k, v, not of the float ones
     seen = []
@@ -174,7 +179,7 @@ def test_opt_fc2_hessian_matches_transformers(tmp_path):
     packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
     prefix = "model.decoder.layers"
     assert [names for names, _ in calls] == [[f"{prefix}.{i}.{p}.weight" for p in group] for i in range(2)
-                                             for group in TRUE_SEQUENTIAL["opt"]]
+                                             for half in TRUE_SEQUENTIAL["opt"] for group in half]
     layer = hf_model.model.decoder.layers[0]
     inputs = []
     layer.fc2.register_forward_hook(lambda module, args, output: inputs.append(args[0].reshape(-1, 96).double().numpy()))

@@ -12,8 +12,8 @@ packed tensor (any format of runtime/formats; `dequantize_cpu`, the format's
 Numba decoder where it has one), multiplied by BLAS. Only A
 and B receive gradients; the embedding, the norms and the LM head stay frozen.
 
-The forward here mirrors `model.Model.embed_tokens` / `llama_block` /
-`opt_block` / `attention` / `attend_prefill` / `logits` step by step, batched
+The forward here mirrors `model.Model.embed_tokens` / `llama_*_half` /
+`opt_*_half` / `attention` / `attend_prefill` / `logits` step by step, batched
 over [B, T] windows that all start at position 0 (no KV cache), and computes
 every projection with the dequantized weight, exactly the function whose
 gradient is taken. Each backward function sits right after the forward step it
@@ -202,7 +202,8 @@ class Pass:
     # ---- one layer -------------------------------------------------------------------
 
     def llama_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
-        """model.Model.llama_block over x [B, T, d]; `saved` (when a dict) receives what the backward needs."""
+        """model.Model.llama_attention_half then llama_mlp_half over x [B, T, d]; `saved` (when a dict)
+        receives what the backward needs."""
         c = self.model.config
         keep = saved if saved is not None else {}
         n1, r1 = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [B, T, d], [B, T, 1]
@@ -228,8 +229,8 @@ class Pass:
         return dh + rms_norm_backward(s["x"], w["input_layernorm.weight"], s["r1"], dn1)  # [B, T, d]
 
     def opt_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
-        """model.Model.opt_block over x [B, T, d], pre-LN or post-LN; `saved` (when a dict) receives what the
-        backward needs."""
+        """model.Model.opt_attention_half then opt_mlp_half over x [B, T, d], pre-LN or post-LN; `saved` (when
+        a dict) receives what the backward needs."""
         pre = self.model.config.pre_norm
         keep = saved if saved is not None else {}
         h = x + self.attention(i, w, self.norm(w, "self_attn_layer_norm", x, keep) if pre else x, keep)  # [B, T, d]
