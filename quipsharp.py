@@ -22,8 +22,9 @@ RMS-normalized weights). The result is an `e8p` tensor that stores the codes,
 the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
 sign vectors, and applies T_in to the input and T_outᵀ to the output at run
 time (W = T_outᵀ Ŵ T_in, runtime/formats/e8p.py's `from_incoherent`; the
-forward transforms are done here in float64 with dense Hadamard matrices so
-the Hessian keeps its precision). BlockLDLQ is layerwise.py's `ldlq` with block 8.
+transforms are done here in float64, one dense Hadamard factor at a time
+(runtime/hadamard.py `hadamard_on_rows` / `hadamard_on_columns`), so the
+Hessian keeps its precision). BlockLDLQ is layerwise.py's `ldlq` with block 8.
 The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.uniform import PER_ROW
-from runtime.hadamard import hadamard_matrix, random_signs
+from runtime.hadamard import hadamard_matrix, hadamard_on_columns, hadamard_on_rows, random_signs
 from runtime.method_contract import MethodContract
 
 BLOCK = e8p_codebook.DIM  # columns per BlockLDLQ step: one E8P vector per row
@@ -57,7 +58,8 @@ class QuIPSharpParams:
 
 
 def rht_matrix(signs: np.ndarray) -> np.ndarray:
-    """T [n, n] float64 = Had · diag(s) / √n, the matrix `fast_hadamard(x * s)` applies to each row vector."""
+    """T [n, n] float64 = Had · diag(s) / √n, the matrix `fast_hadamard(x * s)` applies to each row vector
+    (`quantize_codes` applies it one Hadamard factor at a time; tests compare with this dense matrix)."""
     n = signs.shape[0]
     return hadamard_matrix(n).astype(np.float64) * signs.astype(np.float64) / math.sqrt(n)
 
@@ -94,15 +96,16 @@ def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuI
     H = damp(H, params.percdamp)  # [in, in]
     sign_in = random_signs(n_in, params.seed)  # [in]
     sign_out = random_signs(n_out, params.seed + 1)  # [out]
-    T_in, T_out = rht_matrix(sign_in), rht_matrix(sign_out)  # [in, in], [out, out]
-    W_t = T_out @ W @ T_in.T  # [out, in]
-    H_t = T_in @ H @ T_in.T  # [in, in]
+    s_in, s_out = sign_in.astype(np.float64), sign_out.astype(np.float64)[:, None]  # [in], [out, 1]
+    W_t = hadamard_on_columns(s_out * hadamard_on_rows(W * s_in))  # [out, in]  T_out W T_inᵀ
+    H_t = hadamard_on_columns(s_in[:, None] * hadamard_on_rows(H * s_in))  # [in, in]  T_in H T_inᵀ
     rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
     Q_t, codes = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
     stages = e8p_codebook.stage_codebooks(params.bits)
+    Q = s_out * hadamard_on_columns(hadamard_on_rows(Q_t, transpose=True) * s_in, transpose=True)  # T_outᵀ Q_t T_in
     return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
                            stage_scales=e8p_codebook.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
-                           Q=T_out.T @ Q_t @ T_in)
+                           Q=Q)
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> tuple[E8PTensor, dict]:

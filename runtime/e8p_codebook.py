@@ -70,12 +70,13 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.kernels.e8p_encode_numba import encode_rows
 
 DIM = 8
 N_SOURCE = 256
 N_CODES = 1 << 16
 SHIFT = 0.25
-ENCODE_CHUNK = 2048  # vectors per step of `encode` (its [chunk, 256] temporaries are 2 MiB each)
+ENCODE_CHUNK = 2048  # vectors per step of `e8_1bit_encode` (its [chunk, 256] temporaries are 2 MiB each)
 BITS = (2, 3, 4)
 VARIANTS = ("lexicographic", "quip-sharp")  # which 29 norm-12 source vectors (module docstring)
 DEFAULT_VARIANT = "lexicographic"
@@ -207,51 +208,13 @@ def _check_vectors(x, what: str) -> np.ndarray:
     return x
 
 
-def _encode_rows(x: np.ndarray, variant: str) -> np.ndarray:
-    """x [n, 8] float32 -> uint16 [n]: the exact nearest E8P point.
-
-    For each shift t = ±¼ the nearest point of D̂8 ∩ (±S) to y = x - t is, for
-    each source vector a, σ = sign(y) (the largest Σ σ_i a_i y_i), unless the
-    parity rule forbids that σ; then the cheapest coordinate, min_i a_i |y_i|,
-    is flipped (it costs 4 min_i a_i |y_i| in squared distance). The best
-    (shift, a) pair wins.
-    """
-    source = source_codebook(variant)  # [256, 8]
-    norm2 = (source ** 2).sum(axis=1)  # [256]
-    parity = source_parity(variant).astype(np.int64)  # [256]
-    best_dist = np.full(len(x), np.inf, dtype=np.float32)  # [n]
-    codes = np.zeros(len(x), dtype=np.int64)  # [n]
-    for shift_bit, shift in ((0, -SHIFT), (1, SHIFT)):
-        y = x - np.float32(shift)  # [n, 8]
-        ay = np.abs(y)  # [n, 8]
-        neg = (y < 0).astype(np.int64)  # [n, 8]
-        flip_cost = ay[:, :1] * source[:, 0]  # [n, 256] min_i a_i |y_i|, one coordinate at a time
-        for i in range(1, DIM):
-            np.minimum(flip_cost, ay[:, i:i + 1] * source[:, i], out=flip_cost)
-        wrong_parity = (neg.sum(axis=1)[:, None] + parity[None, :]) & 1  # [n, 256]
-        dist = ((y * y).sum(axis=1)[:, None] - 2.0 * (ay @ source.T) + norm2[None, :]
-                + 4.0 * wrong_parity * flip_cost)  # [n, 256]
-        j = dist.argmin(axis=1)  # [n]
-        rows = np.arange(len(x))
-        better = dist[rows, j] < best_dist  # [n]
-        flip = wrong_parity[rows, j].astype(bool)  # [n]
-        cheapest = (ay * source[j]).argmin(axis=1)  # [n]
-        neg[rows[flip], cheapest[flip]] ^= 1
-        sign_bits = (neg[:, 1:] << np.arange(1, DIM)).sum(axis=1)  # [n]
-        candidate = (j << 8) | sign_bits | shift_bit  # [n]
-        codes = np.where(better, candidate, codes)
-        best_dist = np.where(better, dist[rows, j], best_dist)
-    return codes.astype(np.uint16)
-
-
 def encode(x, variant: str = DEFAULT_VARIANT) -> np.ndarray:
-    """x [..., 8] float32 -> uint16 codes [...] of the nearest E8P points (exact; ties broken arbitrarily)."""
+    """x [..., 8] float32 -> uint16 codes [...] of the nearest E8P points (exact; ties broken arbitrarily): for
+    each shift ±¼ and source vector, the signs of the shifted x with the parity rule, the cheapest coordinate
+    flipped where it breaks it (runtime/kernels/e8p_encode_numba.py)."""
     x = _check_vectors(x, "E8P encode")
     check_variant(variant)
-    rows = x.reshape(-1, DIM)  # [n, 8]
-    codes = np.empty(len(rows), dtype=np.uint16)  # [n]
-    for start in range(0, len(rows), ENCODE_CHUNK):
-        codes[start:start + ENCODE_CHUNK] = _encode_rows(rows[start:start + ENCODE_CHUNK], variant)
+    codes = encode_rows(x.reshape(-1, DIM), source_codebook(variant), source_parity(variant))  # [n]
     return codes.reshape(x.shape[:-1])
 
 

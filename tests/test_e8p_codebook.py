@@ -68,6 +68,14 @@ def test_encode_is_the_exact_nearest_point(scale):
     assert np.allclose(mine, dist.min(axis=1), atol=1e-4)
 
 
+def test_parallel_and_serial_encoders_agree():
+    from runtime.kernels.e8p_encode_numba import PARALLEL_VECTORS
+    x = gaussian(PARALLEL_VECTORS + 1000, seed=5)  # [n, 8]: encoded over the cores
+    codes = e8p_codebook.encode(x)
+    chunks = [e8p_codebook.encode(x[i:i + 4096]) for i in range(0, len(x), 4096)]  # each on the calling thread
+    assert np.array_equal(codes, np.concatenate(chunks))
+
+
 def test_encode_keeps_leading_axes():
     x = gaussian(24).reshape(2, 3, 4, 8)
     codes = e8p_codebook.encode(x)
