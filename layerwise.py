@@ -174,14 +174,12 @@ def block_ldl(H: np.ndarray, block: int) -> np.ndarray:
     With H = R Rᵀ (`reversed_cholesky`) and B the block diagonal of R, Ů + I = R B⁻¹ and D = B Bᵀ.
     """
     n = H.shape[0]
-    R = reversed_cholesky(H)  # [in, in] upper, H = R Rᵀ
-    feedback = np.empty_like(R)  # [in, in] R B⁻¹ − I
-    for k0 in range(0, n, block):
+    R = reversed_cholesky(H)  # [in, in] upper, H = R Rᵀ (exact zeros below the diagonal)
+    feedback = np.zeros_like(R, order="C")  # [in, in] R B⁻¹ − I
+    for k0 in range(0, n, block):  # block column k: only its rows above the diagonal block are nonzero
         k1 = min(k0 + block, n)
-        diag_block = R[k0:k1, k0:k1]  # [g, g] upper
-        feedback[:, k0:k1] = np.linalg.solve(diag_block.T, R[:, k0:k1].T).T  # [in, g]  R_k B_kk⁻¹
-        feedback[k0:k1, k0:k1] = 0  # the unit diagonal block minus I
-    return np.triu(feedback, 1)
+        feedback[:k0, k0:k1] = R[:k0, k0:k1] @ np.linalg.inv(R[k0:k1, k0:k1])  # [k0, g]  R_k B_kk⁻¹
+    return feedback
 
 
 def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
