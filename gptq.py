@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from layerwise import check_problem, damp, damping, inverse_hessian_factor, layer_stats, zero_dead_columns
+from layerwise import (check_problem, damp, damping, inverse_hessian_factor, layer_stats, undamped_losses,
+                       zero_dead_columns)
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
 from runtime.errors import UserError
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
@@ -86,7 +87,7 @@ class GPTQResult:
     zeros: np.ndarray  # [n_groups, out] int32
     g_idx: np.ndarray  # [in] int32 group of each column
     Q: np.ndarray  # [out, in] float32 the quantized weights, as the algorithm used them
-    row_losses: np.ndarray  # [out] float64 each row's proxy loss (`row_losses`)
+    row_losses: np.ndarray  # [out] float64 each row's proxy loss tr((W − Q) H (W − Q)ᵀ) (`obs_columns`)
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: GPTQParams = GPTQParams()) -> tuple[UniformTensor, dict]:
@@ -156,7 +157,11 @@ def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int
     Position j is in group j // width, whose grid `grids.fit` fits when its first column comes up; with
     static_groups [in] (the group of each position) the grids are already fitted. Returns (codes uint8
     [out, in], Q float32 [out, in], group of each position [in]), all in permuted order, and err_sq float64
-    [out], each row's Σ_j e_j² of the scaled errors e_j = (w_j − q_j) / U_jj (see `row_losses`).
+    [out], each row's Σ_j e_j² of the scaled errors e_j = (w_j − q_j) / U_jj. The updates make W0 − Q = E U
+    (E [out, in] the scaled errors, U upper triangular) and U (H + λI) Uᵀ = I, so err_sq is each row's loss
+    under the dampened H, without a product by H (the reference sums the same (w − q)² / U_jj² as its
+    Losses; `layerwise.undamped_losses` takes it to H itself: equal to the product to float32 rounding, 1e-7
+    relative at OPT-1.3b's fc2, where the product took 1.5 s).
     """
     n_out, n_in = Wq.shape
     codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
@@ -210,19 +215,7 @@ def quantize_columns(W: np.ndarray, H: np.ndarray, params: GPTQParams) -> GPTQRe
     inverse = np.argsort(perm)  # [in]
     Q = np.take(Q, inverse, axis=1)  # [out, in] original column order
     return GPTQResult(codes=np.take(codes, inverse, axis=1), scales=grids.scales, zeros=grids.zeros, g_idx=group_of[inverse],
-                      Q=Q, row_losses=row_losses(err_sq, W0, Q, damping(H, params.percdamp)))
-
-
-def row_losses(err_sq: np.ndarray, W0: np.ndarray, Q: np.ndarray, lam: float) -> np.ndarray:
-    """Each row's proxy loss tr((W − Q) H (W − Q)ᵀ) [out] float64 from the algorithm's own errors, without
-    a product by H. The updates make W0 − Q = E U (E [out, in] the scaled errors e_j, U upper triangular), and
-    U (H + λI) Uᵀ = I, so the loss under the dampened H is ‖E‖², and under H itself
-
-        ‖E‖² − λ ‖W0 − Q‖²    per row (W0: W with dead columns zeroed, where H has no weight anyway)
-
-    (the reference sums the same (w − q)² / U_jj² as its Losses). Equal to the product to float32 rounding
-    (1e-7 relative at OPT-1.3b's fc2), at no cost where the product took 1.5 s."""
-    return err_sq - lam * np.einsum("oi,oi->o", W0 - Q, W0 - Q, dtype=np.float64)  # [out]
+                      Q=Q, row_losses=undamped_losses(err_sq, W0, Q, H, damping(H, params.percdamp)))
 
 
 CONTRACTS = (MethodContract(

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from layerwise import check_problem, damp, layer_stats, ldlq, zero_dead_columns
+from layerwise import check_problem, damp, damping, layer_stats, ldlq, undamped_losses, zero_dead_columns
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
@@ -113,13 +113,16 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
     rms = float(np.sqrt(np.mean(processed.W ** 2)))
     step = 2 * params.range_factor * max(rms, 1e-12) / ((1 << params.bits) - 1)
     step = float(fp16_ceil(np.array([step], dtype=np.float32))[0])  # float16-exact, as stored
-    _, codes = ldlq(processed.W, processed.H, midrise_quantizer(step, params.bits))
+    _, codes, damped_losses = ldlq(processed.W, processed.H, midrise_quantizer(step, params.bits))
     inner = UniformTensor.from_codes(codes, np.full((1, n_out), step, dtype=np.float32),
                                      np.full((1, n_out), 1 << (params.bits - 1), dtype=np.int32),
                                      bits=params.bits, group_size=PER_ROW, sym=True, per_tensor=True)
     packed = IncoherentTensor(inner, processed.rescale, seed=params.seed, midrise=True)
     rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
-    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H)
+    Q = packed.dequantize()  # [out, in] float32
+    # the rescaling and the orthogonal transforms keep tr((W − Q) H (W − Q)ᵀ): LDLQ's own loss is this one's
+    loss = undamped_losses(damped_losses, zero_dead_columns(W, H)[0], Q, H, damping(H, params.percdamp))  # [out]
+    return packed, layer_stats(W, Q, rtn_weight, H, loss=float(loss.sum()))
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPParams = QuIPParams()) -> list:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from layerwise import check_problem, damp, layer_stats, ldlq, zero_dead_columns
+from layerwise import check_problem, damp, damping, layer_stats, ldlq, undamped_losses, zero_dead_columns
 from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
@@ -82,6 +82,7 @@ class QuIPSharpResult:
     sign_in: np.ndarray  # [in] float32 ±1
     sign_out: np.ndarray  # [out] float32 ±1
     Q: np.ndarray  # [out, in] float64 T_outᵀ Ŵ T_in, the quantized weight in the original space
+    row_losses: np.ndarray  # [out] float64 tr((W − Q) H (W − Q)ᵀ) per row: BlockLDLQ's own (orthogonal T keep it)
 
 
 def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuIPSharpResult:
@@ -92,20 +93,20 @@ def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuI
     if n_in % BLOCK:
         raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
                         f"for this layer")
-    W, H = zero_dead_columns(W, H)  # [out, in], [in, in]
-    H = damp(H, params.percdamp)  # [in, in]
+    W0, H_damped = zero_dead_columns(W, H)  # [out, in], [in, in] copies
+    H_damped = damp(H_damped, params.percdamp, overwrite=True)  # [in, in]
     sign_in = random_signs(n_in, params.seed)  # [in]
     sign_out = random_signs(n_out, params.seed + 1)  # [out]
     s_in, s_out = sign_in.astype(np.float64), sign_out.astype(np.float64)[:, None]  # [in], [out, 1]
-    W_t = hadamard_on_columns(s_out * hadamard_on_rows(W * s_in))  # [out, in]  T_out W T_inᵀ
-    H_t = hadamard_on_columns(s_in[:, None] * hadamard_on_rows(H * s_in))  # [in, in]  T_in H T_inᵀ
+    W_t = hadamard_on_columns(s_out * hadamard_on_rows(W0 * s_in))  # [out, in]  T_out W T_inᵀ
+    H_t = hadamard_on_columns(s_in[:, None] * hadamard_on_rows(H_damped * s_in))  # [in, in]  T_in H T_inᵀ
     rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
-    Q_t, codes = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
+    Q_t, codes, damped_losses = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
     stages = e8p_codebook.stage_codebooks(params.bits)
     Q = s_out * hadamard_on_columns(hadamard_on_rows(Q_t, transpose=True) * s_in, transpose=True)  # T_outᵀ Q_t T_in
     return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
                            stage_scales=e8p_codebook.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
-                           Q=Q)
+                           Q=Q, row_losses=undamped_losses(damped_losses, W0, Q, H, damping(H, params.percdamp)))
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> tuple[E8PTensor, dict]:
@@ -117,7 +118,7 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpPa
     packed = E8PTensor.from_codes(result.stage_codes, result.stage_scales, result.sign_in, result.sign_out,
                                   params.bits, W.shape)
     rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
-    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H)
+    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H, loss=float(result.row_losses.sum()))
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> list:

@@ -146,7 +146,8 @@ def test_dead_columns_are_zeroed():
     packed, stats = gptq.quantize(W, H, gptq.GPTQParams(4, 32, False))
     Q = packed.dequantize()
     assert np.all(Q[:, 5] == 0) and np.isfinite(Q).all() and stats["loss"] < stats["rtn_loss"]
-    # the loss from the algorithm's errors (gptq.row_losses) equals tr((W − Q) H (W − Q)ᵀ) with the dead column
+    # the loss from the algorithm's errors (gptq.obs_columns, layerwise.undamped_losses) equals
+    # tr((W − Q) H (W − Q)ᵀ) with the dead column
     D = (W - Q).astype(np.float64)  # [out, in]
     assert stats["loss"] == pytest.approx(np.einsum("oi,ij,oj->", D, H, D), rel=1e-5)
 

@@ -45,20 +45,25 @@ def test_ldlq_equals_gptq(bits):
         return dequantize_grid(codes, scale, zero), codes
 
     damped = H + 0.01 * np.mean(np.diag(H)) * np.eye(320)
-    values, codes = layerwise.ldlq(W, damped, per_row_grid)
+    values, codes, losses = layerwise.ldlq(W, damped, per_row_grid)
     np.testing.assert_array_equal(codes, result.codes)
     np.testing.assert_array_equal(values.astype(np.float32), result.Q)
+    D = W - values  # [out, in] float64
+    np.testing.assert_allclose(losses, np.einsum("oi,ij,oj->o", D, damped, D), rtol=1e-9)  # tr(D H Dᵀ) per row
 
 
 @pytest.mark.parametrize("block", [1, 8])
 def test_block_ldl_factorises_the_hessian(block):
     _, _, H = outlier_problem(n_in=64)
-    feedback = layerwise.block_ldl(H, block)  # Ů
+    feedback, diagonal = layerwise.block_ldl(H, block)  # Ů, B
     unit = feedback + np.eye(64)  # Ů + I
     D = np.linalg.solve(unit, np.linalg.solve(unit, H).T)  # (Ů + I)⁻¹ H (Ů + I)⁻ᵀ
     blocks = np.arange(64) // block
     off_block = blocks[:, None] != blocks[None, :]
     assert np.abs(D[off_block]).max() < 1e-9 * np.abs(D).max()  # D block diagonal
+    for k, B in enumerate(diagonal):  # D_k = B_k B_kᵀ
+        np.testing.assert_allclose(B @ B.T, D[k * block:(k + 1) * block, k * block:(k + 1) * block],
+                                   rtol=0, atol=1e-9 * np.abs(D).max())
     assert np.all(feedback[blocks[:, None] >= blocks[None, :]] == 0)  # Ů block strictly upper
     np.testing.assert_allclose(unit @ D @ unit.T, H, rtol=0, atol=1e-9 * np.abs(H).max())
 
@@ -66,7 +71,7 @@ def test_block_ldl_factorises_the_hessian(block):
 def test_ldlq_with_identity_hessian_is_rounding():
     W, _, _ = outlier_problem(n_in=64)
     step = 0.5
-    values, codes = layerwise.ldlq(W, np.eye(64), quip.midrise_quantizer(step, 2))
+    values, codes, _ = layerwise.ldlq(W, np.eye(64), quip.midrise_quantizer(step, 2))
     expected = np.clip(np.rint(W / step + 1.5), 0, 3)
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(values, (expected - 1.5) * step)
@@ -107,6 +112,21 @@ def test_proxy_loss_below_gptq_and_rtn(bits):
     assert stats["rtn_loss"] == pytest.approx(gptq_stats["rtn_loss"])
     assert stats["loss"] < gptq_stats["loss"] < stats["rtn_loss"]
     assert stats["ratio"] == pytest.approx(stats["loss"] / stats["rtn_loss"])
+
+
+@pytest.mark.parametrize("method", ["quip", "quipsharp"])
+def test_loss_from_ldlq_equals_the_product_with_a_dead_column(method):
+    # QuIP and QuIP# report LDLQ's own loss (layerwise.ldlq, undamped_losses), not a product by H: it must
+    # equal tr((W − Q) H (W − Q)ᵀ) of the stored weight, also where an input never fires (its H row is zero)
+    import quipsharp
+    W, X, _ = outlier_problem()
+    X[5] = 0
+    H = 2 / X.shape[1] * X @ X.T  # [in, in] with a dead column 5
+    module, params = (quip, quip.QuIPParams(2)) if method == "quip" else (quipsharp, quipsharp.QuIPSharpParams(2))
+    packed, stats = module.quantize(W, H, params)
+    D = (W - packed.dequantize()).astype(np.float64)  # [out, in]
+    assert np.abs(D[:, 5]).max() > 0  # the transforms spread the other columns into the dead one
+    assert stats["loss"] == pytest.approx(np.einsum("oi,ij,oj->", D, H, D), rel=1e-5)
 
 
 def test_more_bits_lower_loss():

@@ -47,8 +47,8 @@ def test_equals_gptq_without_outliers_and_with_float16_statistics(bits, group, a
     np.testing.assert_array_equal(packed.dequantize(), reference.Q)
     gptq_packed, gptq_stats = gptq.quantize(W, H, gptq.GPTQParams(bits, group, act_order=act_order))
     np.testing.assert_array_equal(packed.dequantize(), gptq_packed.dequantize())
-    # GPTQ's loss comes from its own scaled errors (gptq.row_losses), SpQR's from the product by H: the same
-    # value to float32 rounding
+    # GPTQ's loss comes from its own scaled errors (gptq.obs_columns, layerwise.undamped_losses), SpQR's
+    # from the product by H: the same value to float32 rounding
     assert stats["loss"] == pytest.approx(gptq_stats["loss"], rel=1e-6)
     assert stats["rtn_loss"] == pytest.approx(gptq_stats["rtn_loss"], rel=1e-6)
 
