@@ -44,10 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import gptq
-from layerwise import check_problem, layer_stats
+from layerwise import check_problem, damping, layer_stats, undamped_losses
 from runtime.errors import UserError
 from runtime.formats.sparse import MAX_COLUMNS, SparseTensor
 from runtime.formats.spqr import FP16_STATS, SpQRTensor, check_params, dequantize_stats, quantize_stats
+from runtime.kernels.leave_one_out_numba import minmax_leave_one_out_gain
 from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
 from runtime.method_contract import MethodContract, Option, QuantSpec
 
@@ -87,7 +88,8 @@ def from_tag(spec: QuantSpec) -> SpQRParams:
 
 def leave_one_out_gain(w: np.ndarray, hinv_diag: np.ndarray, fit: "RowGridFit") -> np.ndarray:
     """[rows, n]: how much Σ_k ((w_k − q(w_k)) / U_kk)² of each row of w [rows, n] drops when weight k is
-    left out of the grid fit and kept exact (reference: `get_leave_one_out_error`); hinv_diag [n]: U_kk."""
+    left out of the grid fit and kept exact (reference: `get_leave_one_out_error`); hinv_diag [n]: U_kk.
+    For any grid fit; the min-max grid of quantized statistics takes runtime/kernels/leave_one_out_numba.py."""
     rows, n = w.shape
     others = np.array([[i for i in range(n) if i != k] for k in range(n)])  # [n, n - 1]
 
@@ -145,7 +147,9 @@ class SpQRGrids:
         """Group g's grids from its weights [out, width] as they are now, likely outliers left out."""
         w = weights.astype(np.float32)  # [out, width]
         if self.find_outliers:
-            likely = leave_one_out_gain(w, hinv_diag, self.fit_rows) > self.thresholds[:, None]  # [out, width]
+            gain = (leave_one_out_gain(w, hinv_diag, self.fit_rows) if self.params.stat_bits == FP16_STATS
+                    else minmax_leave_one_out_gain(w, hinv_diag.astype(np.float32), self.fit_rows.maxq))
+            likely = gain > self.thresholds[:, None]  # [out, width]
             kept = np.sum(~likely, axis=1)  # [out]
             mean = np.sum(np.where(likely, 0, w), axis=1) / np.maximum(kept, 1)  # [out]
             w = np.where(likely, mean[:, None], w)  # [out, width]
@@ -234,10 +238,11 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
             thresholds[rows] = params.outlier_threshold * np.mean(np.var(Wp[rows], axis=0) / hinv_sq)
     n_groups = -(-n_in // params.group_size)
     grids = SpQRGrids(params, n_groups, (n_out, n_in), segments, thresholds)
-    codes, Q, _, _ = gptq.obs_columns(Wp, U, grids, params.group_size, params.blocksize)
+    codes, Q, _, err_sq = gptq.obs_columns(Wp, U, grids, params.group_size, params.blocksize)
 
     inverse = np.argsort(perm)  # [in]
     codes, Q, outlier_mask = codes[:, inverse], Q[:, inverse], grids.outlier_mask[:, inverse]  # [out, in] each
+    lam = damping(H, params.percdamp)
     results = []
     for k, (Wk, rows) in enumerate(zip(weights, segments)):
         o_rows, o_cols = np.nonzero(outlier_mask[rows])  # [nnz] each
@@ -246,7 +251,9 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
         packed = SpQRTensor.from_codes(codes[rows], perm, scales, zeros, outliers, bits=params.bits,
                                        group_size=params.group_size, stat_bits=params.stat_bits,
                                        stat_group=params.stat_group)
-        stats = layer_stats(Wk, packed.dequantize(), rtn_dequantized(Wk, params.bits, params.group_size), H)
+        loss = undamped_losses(err_sq[rows], W0[rows], Q[rows], H, lam)  # [out_k] the loop's own (gptq.py)
+        stats = layer_stats(Wk, packed.dequantize(), rtn_dequantized(Wk, params.bits, params.group_size), H,
+                            loss=float(loss.sum()))
         results.append((packed, {**stats, "outliers": outliers.nnz, "bits": packed.bits_per_weight}))
     return results
 

@@ -47,8 +47,7 @@ def test_equals_gptq_without_outliers_and_with_float16_statistics(bits, group, a
     np.testing.assert_array_equal(packed.dequantize(), reference.Q)
     gptq_packed, gptq_stats = gptq.quantize(W, H, gptq.GPTQParams(bits, group, act_order=act_order))
     np.testing.assert_array_equal(packed.dequantize(), gptq_packed.dequantize())
-    # GPTQ's loss comes from its own scaled errors (gptq.obs_columns, layerwise.undamped_losses), SpQR's
-    # from the product by H: the same value to float32 rounding
+    # both losses come from the column loop's scaled errors (gptq.obs_columns, layerwise.undamped_losses)
     assert stats["loss"] == pytest.approx(gptq_stats["loss"], rel=1e-6)
     assert stats["rtn_loss"] == pytest.approx(gptq_stats["rtn_loss"], rel=1e-6)
 
@@ -73,7 +72,8 @@ def test_outliers_are_kept_exactly_and_beat_gptq_on_planted_outliers():
     np.testing.assert_array_equal(w_q[:, first_columns][planted[:, first_columns]],
                                   W[:, first_columns][planted[:, first_columns]].astype(np.float16))
     D = (W - w_q).astype(np.float64)  # [out, in]
-    assert stats["loss"] == pytest.approx(np.einsum("oi,ij,oj->", D, H, D), rel=1e-5)  # float32 product
+    # the loss from the loop's own errors, outliers included, equals the product by H of the stored weight
+    assert stats["loss"] == pytest.approx(np.einsum("oi,ij,oj->", D, H, D), rel=1e-5)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -83,6 +83,24 @@ def test_small_groups_and_quantized_statistics_beat_rtn(bits):
     assert stats["ratio"] < 1
     assert stats["bits"] == packed.bits_per_weight
     assert packed.stat_bits == 3 and packed.group_size == 16 and packed.n_groups == 10
+
+
+@pytest.mark.parametrize("bits, width", [(2, 16), (3, 16), (4, 7)])
+def test_leave_one_out_kernel_matches_numpy(bits, width):
+    from runtime.kernels.leave_one_out_numba import minmax_leave_one_out_gain
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((300, width)).astype(np.float32)  # [rows, n]
+    w[:20] *= rng.uniform(0.01, 50, (20, 1)).astype(np.float32)  # rows of very different scales
+    w[20] = 0  # an all-zero row (scale 1)
+    w[21] = 0.5  # all weights equal
+    w[22, 3] = 40  # one planted outlier
+    u = rng.uniform(0.05, 2, width).astype(np.float32)  # [n] U_kk
+    fit = spqr.RowGridFit(bits, stat_bits=3)
+    expected = spqr.leave_one_out_gain(w, u, fit)  # [rows, n] NumPy, float32 sums in another order
+    gain = minmax_leave_one_out_gain(w, u, fit.maxq)
+    scale = np.maximum(np.abs(expected).max(axis=1, keepdims=True), 1e-6 * np.abs(expected).max())  # [rows, 1]
+    np.testing.assert_allclose(gain / scale, expected / scale, rtol=0, atol=1e-5)
+    assert np.argmax(gain[22]) == 3  # the outlier gains most from being left out
 
 
 def test_fewer_outliers_with_a_higher_threshold():
