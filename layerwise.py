@@ -159,16 +159,18 @@ def proxy_losses(W: np.ndarray, quantized: list, H: np.ndarray) -> list:
     return [float(part.sum()) for part in np.split(per_row, len(quantized))]
 
 
-def undamped_losses(damped: np.ndarray, W0: np.ndarray, Q: np.ndarray, H: np.ndarray, lam: float) -> np.ndarray:
+def undamped_losses(damped: np.ndarray, W: np.ndarray, Q: np.ndarray, H: np.ndarray, lam: float) -> np.ndarray:
     """Each row's proxy loss tr((W − Q) H (W − Q)ᵀ) [out] float64 under H itself, from `damped` [out], the
-    loss under the matrix a method factored: H with each dead column's H_jj set to 1 (`zero_dead_columns`;
-    W0 [out, in] is W with those columns zeroed) plus λ I (`damp`). That matrix is H + λ I + Σ_dead e_j e_jᵀ, so
+    loss under the matrix a method factored: H with each dead column's H_jj set to 1 (`zero_dead_columns`,
+    which zeroes those columns of W: W0) plus λ I (`damp`). That matrix is H + λ I + Σ_dead e_j e_jᵀ, so
 
         loss = damped − λ ‖W0 − Q‖² − Σ_dead ‖(W0 − Q)_j‖²    per row
 
-    (GPTQ's and LDLQ's own errors give `damped` without a product by H)."""
-    D = np.asarray(W0, dtype=np.float64) - Q  # [out, in]
+    (GPTQ's and LDLQ's own errors give `damped` without a product by H). W [out, in]: with or without its
+    dead columns zeroed."""
     dead = np.diag(H) == 0  # [in]
+    D = np.asarray(W, dtype=np.float64) - Q  # [out, in]
+    D[:, dead] = -Q[:, dead]  # W0 − Q
     return damped - lam * np.einsum("oi,oi->o", D, D) - np.einsum("oi,oi->o", D[:, dead], D[:, dead])  # [out]
 
 
@@ -227,6 +229,7 @@ def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
             values, block_codes = quantizer(target)
             quantized[:, k0:k1] = values
             errors[:, k0:k1] = W[:, k0:k1] - values
-            losses += np.einsum("og,og->o", *[(target - values) @ diagonal[k0 // block]] * 2)  # [out] ‖Δ_k B_k‖²
+            scaled = (target - values) @ diagonal[k0 // block]  # [out, g]  Δ_k B_k
+            losses += np.einsum("og,og->o", scaled, scaled)  # [out] ‖Δ_k B_k‖²
             codes.append(block_codes)
     return quantized, np.concatenate(codes, axis=-1), losses

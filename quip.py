@@ -121,7 +121,7 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
     rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
     Q = packed.dequantize()  # [out, in] float32
     # the rescaling and the orthogonal transforms keep tr((W − Q) H (W − Q)ᵀ): LDLQ's own loss is this one's
-    loss = undamped_losses(damped_losses, zero_dead_columns(W, H)[0], Q, H, damping(H, params.percdamp))  # [out]
+    loss = undamped_losses(damped_losses, W, Q, H, damping(H, params.percdamp))  # [out]
     return packed, layer_stats(W, Q, rtn_weight, H, loss=float(loss.sum()))
 
 

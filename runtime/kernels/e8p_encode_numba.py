@@ -1,5 +1,5 @@
-"""The exact nearest E8P point of each 8-vector on every core (QuIP#'s E8P codebook, Tseng et al. 2024, §4.2):
-the search runtime/e8p_codebook.py's `encode` documents, as one Numba loop.
+"""The exact nearest E8P point of each 8-vector (QuIP#'s E8P codebook, Tseng et al. 2024, §4.2): the search
+runtime/e8p_codebook.py's `encode` documents, as one Numba loop.
 
 For each shift t = ±¼ and each of the 256 source vectors a, the nearest point of ±a (signs with the parity
 the codebook allows) to y = x − t is at squared distance
