@@ -33,8 +33,10 @@ stores as its g_idx.
 Grids come from `runtime.quant_grid` (the same range rule as rtn.py), so
 with H = I (no error to spread) GPTQ gives exactly the RTN codes. The loop
 (`obs_columns`) reaches them through a grids object with two methods, `fit`
-(a group's grid) and `quantize` (one column's codes): `GroupGrids` here;
-spqr.py passes its own (small groups, quantized statistics, outliers).
+(a group's grid) and `kernel_grid` (the arrays and rounding rule with which
+runtime/kernels/gptq_columns_numba.py quantizes the columns between fits):
+`GroupGrids` here; spqr.py passes its own (small groups, quantized
+statistics, outliers).
 """
 from __future__ import annotations
 
@@ -46,9 +48,14 @@ import rtn
 from layerwise import (check_problem, damp, damping, inverse_hessian_factor, layer_stats, undamped_losses,
                        zero_dead_columns)
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
+from runtime.kernels.gptq_columns_numba import round_columns
 from runtime.errors import UserError
-from runtime.quant_grid import dequantize_grid, find_grid, quantize_to_grid
+from runtime.quant_grid import find_grid
 from runtime.method_contract import MethodContract, Option, QuantSpec
+
+
+NO_THRESHOLDS = np.zeros(0)  # `round_columns` without outliers
+NO_OUTLIERS = np.zeros((0, 0), dtype=bool)
 
 
 @dataclass
@@ -114,7 +121,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParam
         packed = UniformTensor.from_codes(result.codes[rows], result.scales[:, rows], result.zeros[:, rows],
                                           bits=params.bits, group_size=group_size, sym=params.sym,
                                           g_idx=result.g_idx)
-        out.append((packed, layer_stats(W, result.Q[rows], rtn.quantize(W, rtn_params).dequantize(), H,
+        out.append((packed, layer_stats(W, rtn.quantize(W, rtn_params).dequantize(), H,
                                         loss=float(result.row_losses[rows].sum()))))
     return out
 
@@ -135,10 +142,10 @@ class GroupGrids:
         """Fit group g's grid on its weights [out, width] as they are now (hinv_diag: U_jj of its columns)."""
         self.scales[g], self.zeros[g] = find_grid(weights, self.bits, self.sym)
 
-    def quantize(self, g: int, j: int, w: np.ndarray, hinv_jj: float) -> tuple[np.ndarray, np.ndarray]:
-        """(codes uint8 [out], quantized weights float32 [out]) of column w [out] at permuted position j."""
-        codes = quantize_to_grid(w.astype(np.float32), self.scales[g], self.zeros[g], self.bits)  # [out]
-        return codes, dequantize_grid(codes, self.scales[g], self.zeros[g])
+    def kernel_grid(self) -> tuple:
+        """(scales [n_groups, out] float32, zeros float32, maxq, GPTQ's rounding, no outlier thresholds, no
+        outlier mask) as `round_columns` takes them."""
+        return self.scales, self.zeros.astype(np.float32), (1 << self.bits) - 1, True, NO_THRESHOLDS, NO_OUTLIERS
 
 
 def prepare(W: np.ndarray, H: np.ndarray, act_order: bool, percdamp: float):
@@ -164,6 +171,12 @@ def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int
     relative at OPT-1.3b's fc2, where the product took 1.5 s).
     """
     n_out, n_in = Wq.shape
+
+    def runs(b1: int, b2: int):
+        """(first, stop) of the block's runs of columns, split where a group's grid is fitted."""
+        starts = [i for i in range(b2 - b1) if i == 0 or (static_groups is None and (b1 + i) % width == 0)]
+        return zip(starts, starts[1:] + [b2 - b1])
+
     codes = np.empty((n_out, n_in), dtype=np.uint8)  # [out, in] permuted columns
     Q = np.empty((n_out, n_in), dtype=np.float32)  # [out, in] permuted columns
     group_of = np.arange(n_in) // width if static_groups is None else static_groups  # [in]
@@ -174,17 +187,12 @@ def obs_columns(Wq: np.ndarray, U: np.ndarray, grids, width: int, blocksize: int
         E1 = np.zeros_like(W1)  # [B, out] scaled errors of the block
         codes1 = np.empty((b2 - b1, n_out), dtype=np.uint8)  # [B, out]
         Q1 = np.empty((b2 - b1, n_out), dtype=np.float32)  # [B, out]
-        for i in range(b2 - b1):
+        for i, stop in runs(b1, b2):  # the block's columns in runs between group starts
             j = b1 + i  # permuted position
-            g = group_of[j]
             if static_groups is None and j % width == 0:  # group start: its grid from the weights updated so far
                 ahead = Wq[:, b2:j + width] - E1[:i].T @ U[b1:j, b2:j + width]  # [out, past block]
-                grids.fit(g, np.hstack([W1[i:i + width].T, ahead]), np.diag(U)[j:j + width])
-            w = W1[i]  # [out]
-            codes1[i], Q1[i] = grids.quantize(g, j, w, U[j, j])
-            err = (w - Q1[i]) / U[j, j]  # [out]
-            W1[i:] -= np.outer(U[j, j:b2], err)  # [B - i, out]
-            E1[i] = err
+                grids.fit(group_of[j], np.hstack([W1[i:i + width].T, ahead]), np.diag(U)[j:j + width])
+            round_columns(W1, E1, codes1, Q1, U, b1, i, stop, group_of, *grids.kernel_grid())
         codes[:, b1:b2], Q[:, b1:b2] = codes1.T, Q1.T
         Wq[:, b2:] -= E1.T @ U[b1:b2, b2:]  # [out, in - b2] lazy batch update
         err_sq += np.einsum("bo,bo->o", E1, E1, dtype=np.float64)  # [out]

@@ -31,10 +31,12 @@ quip.py runs it on a scalar grid, quipsharp.py on the E8P codebook.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.kernels.ldlq_numba import round_batch
 
 LAZY_BLOCK = 128  # columns between lazy batch updates of the fed-back errors in `ldlq`
 TRIANGLE_BLOCK = 256  # rows and columns per diagonal block of `cholesky_lower` and `lower_triangular_inverse`
@@ -108,9 +110,11 @@ def cholesky_lower(H: np.ndarray, overwrite: bool = False) -> np.ndarray:
     return A
 
 
-def reversed_cholesky(H: np.ndarray) -> np.ndarray:
-    """R [in, in] upper triangular with H = R Rᵀ: J L J for the Cholesky factor L of J H J (H's dtype)."""
-    return cholesky_lower(H[::-1, ::-1])[::-1, ::-1]
+def reversed_cholesky(H: np.ndarray, dtype=None) -> np.ndarray:
+    """R [in, in] upper triangular with H = R Rᵀ: J L J for the Cholesky factor L of J H J, in `dtype` (default:
+    H's), from one copy of H (the reversed matrix, which the factor then overwrites)."""
+    reversed_copy = np.array(H[::-1, ::-1], dtype=dtype or np.result_type(H.dtype, np.float32), order="C")
+    return cholesky_lower(reversed_copy, overwrite=True)[::-1, ::-1]
 
 
 def inverse_hessian_factor(H: np.ndarray) -> np.ndarray:
@@ -147,16 +151,13 @@ def lower_triangular_inverse(L: np.ndarray, overwrite: bool = False) -> np.ndarr
     return X
 
 
-def proxy_losses(W: np.ndarray, quantized: list, H: np.ndarray) -> list:
-    """[tr((W − Q) H (W − Q)ᵀ) for each Q of `quantized`]: the layer-wise squared output error the Hessian H
-    measures, of each quantized weight [out, in]. One float32 matrix product for all of them (the differences
-    stacked), summed in float64: a statistic, about 1e-6 relative of the float64 value, at a quarter of its
-    time (OPT-1.3b's fc2: two losses 9.7 -> 2.9 s on 2 cores)."""
-    W = np.asarray(W, dtype=np.float32)  # [out, in]
-    D = np.concatenate([W - np.asarray(Q, dtype=np.float32) for Q in quantized])  # [k * out, in]
-    DH = D @ np.asarray(H, dtype=np.float32)  # [k * out, in]
-    per_row = np.einsum("oi,oi->o", D, DH, dtype=np.float64)  # [k * out]
-    return [float(part.sum()) for part in np.split(per_row, len(quantized))]
+def proxy_loss(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
+    """tr((W − Q) H (W − Q)ᵀ): the layer-wise squared output error the Hessian H measures, of a quantized
+    weight Q [out, in]. One float32 matrix product, summed in float64: a statistic, about 1e-6 relative of
+    the float64 value, at a quarter of its time."""
+    D = np.asarray(W, dtype=np.float32) - np.asarray(Q, dtype=np.float32)  # [out, in]
+    DH = D @ np.asarray(H, dtype=np.float32)  # [out, in]
+    return float(np.einsum("oi,oi->", D, DH, dtype=np.float64))
 
 
 def undamped_losses(damped: np.ndarray, W: np.ndarray, Q: np.ndarray, H: np.ndarray, lam: float) -> np.ndarray:
@@ -174,29 +175,45 @@ def undamped_losses(damped: np.ndarray, W: np.ndarray, Q: np.ndarray, H: np.ndar
     return damped - lam * np.einsum("oi,oi->o", D, D) - np.einsum("oi,oi->o", D[:, dead], D[:, dead])  # [out]
 
 
-def layer_stats(W: np.ndarray, Q: np.ndarray, Q_rtn: np.ndarray, H: np.ndarray, loss: float | None = None
-                ) -> dict:
-    """The record every method returns for a layer: "loss" of Q, "rtn_loss" of the RTN weight Q_rtn
-    (both [out, in], measured with H) and "ratio", the first over the second. `loss`: Q's, when the method
-    has it already (`undamped_losses`), so that only the RTN loss takes a product."""
-    loss, rtn_loss = proxy_losses(W, [Q, Q_rtn], H) if loss is None else (loss, *proxy_losses(W, [Q_rtn], H))
+def layer_stats(W: np.ndarray, Q_rtn: np.ndarray, H: np.ndarray, loss: float) -> dict:
+    """The record every method returns for a layer: "loss", the proxy loss of its packed weight (each method
+    has it without a product by H: `undamped_losses`), "rtn_loss" of the RTN weight Q_rtn [out, in] of W
+    [out, in], measured with H, and "ratio", the first over the second."""
+    rtn_loss = proxy_loss(W, Q_rtn, H)
     return {"loss": loss, "rtn_loss": rtn_loss, "ratio": loss / rtn_loss if rtn_loss > 0 else 1.0}
 
 
-def block_ldl(H: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Ů [in, in], B [in / block, block, block]): H = (Ů + I) D (Ů + I)ᵀ with Ů block strictly upper
-    triangular (blocks of `block`) and D block diagonal, D_k = B_k B_kᵀ.
+@dataclass(frozen=True)
+class ScalarGrid:
+    """LDLQ's quantizer of single columns on the uniform grid of levels (q − center) · step, q = 0 … maxq
+    (QuIP's midrise grid has center 2^(b−1) − ½): `ldlq` runs its columns in a Numba loop."""
+    step: float
+    center: float
+    maxq: int  # at most 255 (uint8 codes)
 
-    With H = R Rᵀ (`reversed_cholesky`) and B the block diagonal of R, Ů + I = R B⁻¹ and D = B Bᵀ.
+    def __call__(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values [out, g], codes [out, g] uint8) of target [out, g]: clip(rint(target / step + center))."""
+        codes = np.clip(np.rint(target / self.step + self.center), 0, self.maxq)  # [out, g]
+        return (codes - self.center) * self.step, codes.astype(np.uint8)
+
+
+def block_ldl(H: np.ndarray, block: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """(Ů [in, in] of `dtype`, B [in / block, block, block] float64): H = (Ů + I) D (Ů + I)ᵀ with Ů block
+    strictly upper triangular (blocks of `block`) and D block diagonal, D_k = B_k B_kᵀ.
+
+    With H = R Rᵀ (`reversed_cholesky`, float64) and B the block diagonal of R, Ů + I = R B⁻¹ and D = B Bᵀ;
+    Ů in the memory of one copy of R in `dtype`.
     """
     n = H.shape[0]
-    R = reversed_cholesky(H)  # [in, in] upper, H = R Rᵀ (exact zeros below the diagonal)
-    feedback = np.zeros_like(R, order="C")  # [in, in] R B⁻¹ − I
-    diagonal = np.empty((-(-n // block), block, block))  # [in / block, block, block]
+    R = reversed_cholesky(H, np.float64)  # [in, in] upper
+    diagonal = np.stack([R[k0:k0 + block, k0:k0 + block] for k0 in range(0, n, block)])  # [in / g, g, g]
+    inverses = np.linalg.inv(diagonal).astype(dtype)  # [in / g, g, g]  B_kk⁻¹
+    feedback = np.array(R, dtype=dtype, order="C")  # [in, in] R, becoming R B⁻¹ − I
+    del R
     for k0 in range(0, n, block):  # block column k: only its rows above the diagonal block are nonzero
         k1 = min(k0 + block, n)
-        diagonal[k0 // block] = R[k0:k1, k0:k1]  # [g, g] upper
-        feedback[:k0, k0:k1] = R[:k0, k0:k1] @ np.linalg.inv(R[k0:k1, k0:k1])  # [k0, g]  R_k B_kk⁻¹
+        feedback[:k0, k0:k1] = feedback[:k0, k0:k1] @ inverses[k0 // block]  # [k0, g]  R_k B_kk⁻¹
+        feedback[k0:k1, k0:k1] = 0
     return feedback, diagonal
 
 
@@ -206,7 +223,8 @@ def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
         Ŵ_k = Q(W_k + (W_{<k} − Ŵ_{<k}) Ů_{<k, k})   for each block k of `block` columns.
 
     `quantizer(target [out, g]) -> (values [out, g], codes [..., out, c])` rounds one block of
-    columns; the codes of all blocks are joined along their last axis. `block` must divide in.
+    columns; the codes of all blocks are joined along their last axis. `block` must divide in. A
+    `ScalarGrid` with block 1 runs each lazy batch's columns in a Numba loop instead.
     `losses`: each row's tr((W − Ŵ) H (W − Ŵ)ᵀ) without a product by H. The rounding residuals
     Δ_k = target_k − Ŵ_k make Δ = (W − Ŵ)(I + Ů), so the loss is tr(Δ D Δᵀ) = Σ_k ‖Δ_k B_k‖²
     (`block_ldl`), where the product took 1.5 s at OPT-1.3b's fc2.
@@ -214,15 +232,24 @@ def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
     n_out, n_in = W.shape
     if n_in % block:
         raise UserError(f"ldlq: the block size {block} must divide the input features {n_in}")
-    feedback, diagonal = block_ldl(np.asarray(H, dtype=np.float64), block)  # [in, in], [in / g, g, g]
+    feedback, diagonal = block_ldl(H, block, np.float32)  # [in, in] the fed-back errors in float32 (as GPTQ's:
+    #                                                        half the time of float64), [in / g, g, g] float64
     W = np.asarray(W, dtype=np.float64)  # [out, in]
-    errors = np.zeros((n_out, n_in))  # [out, in] W − Ŵ of the columns done
+    errors = np.zeros((n_out, n_in), dtype=np.float32)  # [out, in] W − Ŵ of the columns done
     quantized = np.empty((n_out, n_in))  # [out, in]
     losses = np.zeros(n_out)  # [out]
     codes = []
+    scalar_grid = block == 1 and isinstance(quantizer, ScalarGrid)
     for b0 in range(0, n_in, LAZY_BLOCK):
         b1 = min(b0 + LAZY_BLOCK, n_in)
         targets = W[:, b0:b1] + errors[:, :b0] @ feedback[:b0, b0:b1]  # [out, B] feedback of earlier batches
+        if scalar_grid:  # the same loop as below, compiled (runtime/kernels/ldlq_numba.py)
+            batch_codes = np.empty((n_out, b1 - b0), dtype=np.uint8)  # [out, B]
+            round_batch(targets, W[:, b0:b1], np.ascontiguousarray(feedback[b0:b1, b0:b1].T), diagonal[b0:b1, 0, 0],
+                        quantizer.step, quantizer.center, float(quantizer.maxq), quantized[:, b0:b1],
+                        errors[:, b0:b1], batch_codes, losses)
+            codes.append(batch_codes)
+            continue
         for k0 in range(b0, b1, block):
             k1 = k0 + block
             target = targets[:, k0 - b0:k1 - b0] + errors[:, b0:k0] @ feedback[b0:k0, k0:k1]  # [out, g]

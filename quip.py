@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import rtn
-from layerwise import check_problem, damp, damping, layer_stats, ldlq, undamped_losses, zero_dead_columns
+from layerwise import (ScalarGrid, check_problem, damp, damping, layer_stats, ldlq, undamped_losses,
+                       zero_dead_columns)
 from runtime.errors import UserError
 from runtime.formats.incoherent import IncoherentTensor, transforms
 from runtime.formats.uniform import PER_ROW, UniformTensor, check_params
@@ -68,38 +69,32 @@ class QuIPParams:
 class Processed:
     """W and H after Algorithm 1's rescaling and incoherence steps."""
     W: np.ndarray  # [out, in] float64  U (W diag(d)) Vᵀ
-    H: np.ndarray  # [in, in] float64   V diag(d)⁻¹ H diag(d)⁻¹ Vᵀ
+    H: np.ndarray  # [in, in] float32   V diag(d)⁻¹ H diag(d)⁻¹ Vᵀ (LDLQ factors it in float64)
     rescale: np.ndarray  # [in] float16  d
 
 
 def preprocess(W: np.ndarray, H: np.ndarray, params: QuIPParams) -> Processed:
     """Algorithm 1 up to the grid: dampening, diagonal rescaling, W ← U W Vᵀ, H ← V H Vᵀ."""
-    W, H = zero_dead_columns(W, H)  # [out, in], [in, in]
-    H = damp(H, params.percdamp)  # [in, in]
+    W, H = zero_dead_columns(W, H, dtype=np.float32)  # [out, in], [in, in] copies: changed in place below
+    H = damp(H, params.percdamp, overwrite=True)  # [in, in]
     rescale = np.ones(W.shape[1], dtype=np.float16)  # [in]
     if params.rescale:
-        column_norms = np.maximum(np.einsum("oi,oi->i", W, W), 1e-8)  # [in] diag(WᵀW)
+        column_norms = np.maximum(np.einsum("oi,oi->i", W, W, dtype=np.float64), 1e-8)  # [in] diag(WᵀW)
         ratio = np.maximum(np.diag(H), 1e-8) / column_norms  # [in]
         rescale = np.clip(ratio ** 0.25, 1e-4, 1e4).astype(np.float16)  # [in] stored as float16
-    d = rescale.astype(np.float64)  # [in]
-    W = W * d  # [out, in]
-    H = H / d[:, None] / d[None, :]  # [in, in]
+    d = rescale.astype(np.float32)  # [in]
+    W *= d  # [out, in]
+    H /= d[:, None]  # [in, in]
+    H /= d[None, :]
     transform_out, transform_in = transforms(W.shape, params.seed)
-    W = transform_out.apply(transform_in.apply(W).T).T.astype(np.float64)  # [out, in]  U W Vᵀ
-    H = transform_in.apply(transform_in.apply(H).T).T.astype(np.float64)  # [in, in]  V H Vᵀ
-    return Processed(W=W, H=(H + H.T) / 2, rescale=rescale)
+    W = transform_out.apply_to_columns(transform_in.apply(W)).astype(np.float64)  # [out, in]  U (W Vᵀ)
+    H = transform_in.apply_to_columns(transform_in.apply(H))  # [in, in] float32  V (H Vᵀ)
+    return Processed(W=W, H=H, rescale=rescale)
 
 
-def midrise_quantizer(step: float, bits: int):
+def midrise_quantizer(step: float, bits: int) -> ScalarGrid:
     """Q of QuIP's grid: codes clip(round(w/step + 2^(b−1) − ½), 0, 2^b − 1), values (q − 2^(b−1) + ½)·step."""
-    maxq = (1 << bits) - 1
-    center = (1 << (bits - 1)) - 0.5
-
-    def quantize(target):
-        codes = np.clip(np.rint(target / step + center), 0, maxq)  # [out, g]
-        return (codes - center) * step, codes.astype(np.uint8)
-
-    return quantize
+    return ScalarGrid(step, (1 << (bits - 1)) - 0.5, (1 << bits) - 1)
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) -> tuple[IncoherentTensor, dict]:
@@ -122,7 +117,7 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPParams = QuIPParams()) ->
     Q = packed.dequantize()  # [out, in] float32
     # the rescaling and the orthogonal transforms keep tr((W − Q) H (W − Q)ᵀ): LDLQ's own loss is this one's
     loss = undamped_losses(damped_losses, W, Q, H, damping(H, params.percdamp))  # [out]
-    return packed, layer_stats(W, Q, rtn_weight, H, loss=float(loss.sum()))
+    return packed, layer_stats(W, rtn_weight, H, loss=float(loss.sum()))
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPParams = QuIPParams()) -> list:

@@ -118,7 +118,7 @@ def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpPa
     packed = E8PTensor.from_codes(result.stage_codes, result.stage_scales, result.sign_in, result.sign_out,
                                   params.bits, W.shape)
     rtn_weight = rtn.quantize(W, rtn.RTNParams(bits=params.bits, group_size=PER_ROW)).dequantize()  # [out, in]
-    return packed, layer_stats(W, packed.dequantize(), rtn_weight, H, loss=float(result.row_losses.sum()))
+    return packed, layer_stats(W, rtn_weight, H, loss=float(result.row_losses.sum()))
 
 
 def quantize_shared(weights: list, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> list:

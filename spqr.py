@@ -166,24 +166,13 @@ class SpQRGrids:
                 values[:] = np.concatenate([dequantize_stats(*part, self.params.stat_group) for part in parts])
         self.scales[g], self.zeros[g] = scale, zero
 
-    def codes(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-        """codes uint8 [rows] of weights w [rows] on the grids (scale, zero) [rows]."""
-        if self.params.stat_bits == FP16_STATS:  # GPTQ's rounding: round(w / s) + z with an integer z
-            return quantize_to_grid(w.astype(np.float32), scale, zero.astype(np.int32), self.params.bits)
-        maxq = (1 << self.params.bits) - 1
-        return np.clip(np.rint(w.astype(np.float32) / scale + zero), 0, maxq).astype(np.uint8)
-
-    def quantize(self, g: int, j: int, w: np.ndarray, hinv_jj: float) -> tuple[np.ndarray, np.ndarray]:
-        """(codes uint8 [out], quantized weights float32 [out]) of column w [out] at permuted position j."""
-        scale, zero = self.scales[g], self.zeros[g]  # [out] each
-        codes = self.codes(w, scale, zero)  # [out]
-        q = dequantize_grid(codes, scale, zero)  # [out]
-        if self.find_outliers:
-            outlier = ((w - q) / hinv_jj) ** 2 > self.thresholds  # [out]
-            codes[outlier] = self.codes(np.zeros(int(outlier.sum())), scale[outlier], zero[outlier])
-            q[outlier] = w[outlier].astype(np.float16)
-            self.outlier_mask[:, j] = outlier
-        return codes, q
+    def kernel_grid(self) -> tuple:
+        """(scales, zeros [n_groups, out] float32, maxq, GPTQ's rounding (float16 statistics) or the unrounded
+        zero's, outlier thresholds [out] (empty: none), outlier mask [out, in]) as gptq.obs_columns'
+        `round_columns` takes them: each column's codes, and its outliers kept as float16 weights."""
+        thresholds = self.thresholds if self.find_outliers else gptq.NO_THRESHOLDS
+        return (self.scales, self.zeros, self.fit_rows.maxq, self.params.stat_bits == FP16_STATS, thresholds,
+                self.outlier_mask)
 
     def statistics(self, k: int):
         """(scales, zeros) of segment k as `SpQRTensor.from_codes` takes them."""
@@ -252,7 +241,7 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
                                        group_size=params.group_size, stat_bits=params.stat_bits,
                                        stat_group=params.stat_group)
         loss = undamped_losses(err_sq[rows], W0[rows], Q[rows], H, lam)  # [out_k] the loop's own (gptq.py)
-        stats = layer_stats(Wk, packed.dequantize(), rtn_dequantized(Wk, params.bits, params.group_size), H,
+        stats = layer_stats(Wk, rtn_dequantized(Wk, params.bits, params.group_size), H,
                             loss=float(loss.sum()))
         results.append((packed, {**stats, "outliers": outliers.nnz, "bits": packed.bits_per_weight}))
     return results

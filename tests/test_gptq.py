@@ -52,7 +52,7 @@ def test_proxy_loss_below_rtn(bits, group, sym):
         for Q, key in ((packed.dequantize(), "loss"),
                        (rtn.quantize(W, rtn.RTNParams(bits, group, sym=sym)).dequantize(), "rtn_loss")):
             output_error = 2 / X.shape[1] * np.sum(((W - Q).astype(np.float64) @ X) ** 2)
-            assert stats[key] == pytest.approx(output_error, rel=1e-5)  # layerwise.proxy_losses: float32 product
+            assert stats[key] == pytest.approx(output_error, rel=1e-5)  # layerwise.proxy_loss: float32 product
         assert stats["loss"] < stats["rtn_loss"]
         assert stats["ratio"] == pytest.approx(stats["loss"] / stats["rtn_loss"])
 

@@ -34,15 +34,26 @@ def test_kron_sizes(n, sizes):
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_rows_split_over_workers_equal_one_call(transpose, monkeypatch):
+def test_large_inputs_take_the_row_kernel(transpose, monkeypatch):
     from runtime.formats import incoherent
     transform = KronOrthogonal.random(96, seed=4, side=1)
     x = inputs(96, 7, 96)  # [7, 96]: rows not a multiple of the threads
     whole = transform.apply(x, transpose)
     monkeypatch.setattr(incoherent, "SPLIT_FLOATS", 1)
-    split = transform.apply(x, transpose)
-    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(split, x @ (dense(transform) if transpose else dense(transform).T), rtol=0, atol=1e-5)
+    kernel = transform.apply(x, transpose)
+    np.testing.assert_allclose(kernel, whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(kernel, x @ (dense(transform) if transpose else dense(transform).T), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [96, 97, 10])  # oblong Kronecker factors, a prime (a = 1)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_transform_on_columns(n, transpose):
+    # apply_to_columns(x) = M x (Mᵀ x): the columns of x as vectors, against the dense matrix
+    transform = KronOrthogonal.random(n, seed=6, side=0)
+    x = inputs(n + 1, n, 5)  # [n, 5]
+    M = dense(transform)
+    np.testing.assert_allclose(transform.apply_to_columns(x, transpose), (M.T if transpose else M) @ x, rtol=0,
+                               atol=1e-5 * np.abs(x).max())
 
 
 @pytest.mark.parametrize("n", [576, 96, 97, 10])
