@@ -88,32 +88,35 @@ class QuIPSharpResult:
 def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuIPSharpResult:
     """The algorithm of the module docstring on W [out, in] with Hessian H [in, in]."""
     params.check()
-    W, H = check_problem(W, H)  # [out, in] float32, [in, in] float64
+    W, H = check_problem(W, H)  # [out, in] float32, [in, in] as given (float32 or float64)
     n_out, n_in = W.shape
     if n_in % BLOCK:
         raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
                         f"for this layer")
     W0, H_damped = zero_dead_columns(W, H)  # [out, in], [in, in] copies
+    lam = damping(H_damped, params.percdamp)  # λ of `damp`, for the loss under H itself
     H_damped = damp(H_damped, params.percdamp, overwrite=True)  # [in, in]
     sign_in = random_signs(n_in, params.seed)  # [in]
     sign_out = random_signs(n_out, params.seed + 1)  # [out]
     s_in, s_out = sign_in.astype(np.float64), sign_out.astype(np.float64)[:, None]  # [in], [out, 1]
+    H_damped *= s_in  # [in, in]  H diag(s)
+    H_t = hadamard_on_rows(H_damped)  # [in, in]  H T_inᵀ
+    del H_damped
+    H_t *= s_in[:, None]  # diag(s) H T_inᵀ
+    H_t = hadamard_on_columns(H_t)  # [in, in]  T_in H T_inᵀ (symmetric to rounding: LDLQ reads one triangle)
     W_t = hadamard_on_columns(s_out * hadamard_on_rows(W0 * s_in))  # [out, in]  T_out W T_inᵀ
-    H_t = hadamard_on_columns(s_in[:, None] * hadamard_on_rows(H_damped * s_in))  # [in, in]  T_in H T_inᵀ
     rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
-    Q_t, codes, damped_losses = ldlq(W_t, (H_t + H_t.T) / 2, e8p_quantizer(params.bits, rms), block=BLOCK)
+    Q_t, codes, damped_losses = ldlq(W_t, H_t, e8p_quantizer(params.bits, rms), block=BLOCK)
     stages = e8p_codebook.stage_codebooks(params.bits)
     Q = s_out * hadamard_on_columns(hadamard_on_rows(Q_t, transpose=True) * s_in, transpose=True)  # T_outᵀ Q_t T_in
     return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
                            stage_scales=e8p_codebook.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
-                           Q=Q, row_losses=undamped_losses(damped_losses, W0, Q, H, damping(H, params.percdamp)))
+                           Q=Q, row_losses=undamped_losses(damped_losses, W0, Q, H, lam))
 
 
 def quantize(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams = QuIPSharpParams()) -> tuple[E8PTensor, dict]:
     """W [out, in], H [in, in] -> (E8PTensor, stats): stats["loss"] the proxy loss tr((W − Q) H (W − Q)ᵀ)
     of the stored weight, stats["rtn_loss"] that of per-row RTN at the same bits, stats["ratio"] their ratio."""
-    W = np.asarray(W, dtype=np.float32)  # [out, in]
-    H = np.asarray(H, dtype=np.float64)  # [in, in]
     result = quantize_codes(W, H, params)
     packed = E8PTensor.from_codes(result.stage_codes, result.stage_scales, result.sign_in, result.sign_out,
                                   params.bits, W.shape)
