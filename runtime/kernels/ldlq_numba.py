@@ -12,8 +12,9 @@ is rounded column by column, the errors of the batch's earlier columns fed forwa
 independent. The NumPy loop spends about 70 µs of calls per column (one matrix-vector product, the grid,
 four row updates); for OPT-1.3b's fc2 (8192 columns of 2048 rows) that was 2.3 s of its 4.1 s of LDLQ. The
 loop runs on the calling thread: it is called between the lazy batches' BLAS products, whose OpenBLAS
-workers keep spinning on the other cores (as runtime/kernels/leave_one_out_numba.py). float64 as the NumPy
-loop; only the order of the feedback sums differs (tests/test_quip.py compares the two).
+workers keep spinning on the other cores (as runtime/kernels/leave_one_out_numba.py). The errors are stored
+in float32 as the NumPy loop's; the within-batch sums run in float64 here (float32 products there), so the
+two give the same codes and losses to float32's precision (tests/test_quip.py compares them).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from numba import njit
 @njit(cache=True, fastmath=True)
 def round_batch(targets, weights, feedback_t, diagonal, step, center, maxq, quantized, errors, codes, losses):
     """One lazy batch (module docstring): targets, weights [out, B] float64, feedback_t [B, B] = Ů's batch
-    block transposed (row k: the weights of the columns j < k in t_k), diagonal [B]; writes quantized and
-    errors [out, B] (float64, may be views of the whole arrays), codes [out, B] uint8, adds to losses [out]."""
+    block transposed (row k: the weights of the columns j < k in t_k), diagonal [B]; writes quantized [out, B]
+    float64 and errors [out, B] float32 (views of the whole arrays), codes [out, B] uint8, adds to losses
+    [out]."""
     n_out, width = targets.shape
     row_errors = np.empty(width)  # [B] this row's errors so far, contiguous (the sums below vectorize)
     for o in range(n_out):
