@@ -12,8 +12,9 @@ at permuted position j = b1 + i, group g = group_of[j], grid (s, z) = (scales[g,
          code of 0, q = w rounded to float16, outlier_mask[o] set
     e    = (w − q) / U_jj,   W1[r] −= U[j, b1 + r] · e  for the rows r > i of the block
 
-in float32 with the roundings of the NumPy code it replaces (gptq.GroupGrids / spqr.SpQRGrids `quantize`,
-and the rank-1 update of `obs_columns`): the same codes (tests/test_gptq.py, tests/test_spqr.py). The
+in float32 with the roundings of the NumPy code it replaced (the grids' former per-column `quantize` and
+`obs_columns`' rank-1 update, kept as the reference in tests/test_gptq_columns_kernel.py): the same codes,
+values and errors, bit for bit; tests/test_gptq.py and tests/test_spqr.py run it end to end. The
 NumPy loop spent about 0.3 ms of calls and temporaries per column (the grid, the outlier test, np.outer and
 the update): 5.7 s of SpQR's 20 s on one OPT-1.3b layer. It runs on the calling thread, between BLAS
 products whose OpenBLAS workers keep spinning on the other cores (runtime/kernels/leave_one_out_numba.py).
