@@ -16,8 +16,8 @@ QuIP, Chee et al. 2023, §3):
 
 The Cholesky factor and the triangular inverse go by blocks of matrix
 products (`cholesky_lower`, `lower_triangular_inverse`), in the dtype they are
-given: GPTQ and SpQR factor in float32 as the GPTQ reference does, QuIP and
-QuIP# in float64.
+given: GPTQ, SpQR and QuIP# factor in float32 as their reference code does
+by default, QuIP in float64.
 
 Every method reports its result the same way (`layer_stats`): "loss", the
 proxy loss of the packed weight, "rtn_loss", that of round-to-nearest with
@@ -26,19 +26,25 @@ comparable grid settings, and "ratio", the first over the second.
 LDLQ (QuIP §3, `ldlq`) and its block form BlockLDLQ (QuIP#, Tseng et al.
 2024, §4.1) round the columns in order with the errors of the columns before
 fed forward through the LDL factor of H; QuIP shows it is GPTQ's update rule.
-quip.py runs it on a scalar grid, quipsharp.py on the E8P codebook.
+quip.py runs it on a scalar grid, quipsharp.py on the E8P codebook, each
+with a compiled loop for a lazy batch of columns; rows never read each
+other, so those loops take the rows in ranges, one per core.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from runtime.errors import UserError
-from runtime.kernels.ldlq_numba import round_batch
+from runtime.kernels import ldlq_numba
 
 LAZY_BLOCK = 128  # columns between lazy batch updates of the fed-back errors in `ldlq`
+ROWS_PER_THREAD = 256  # `ldlq`'s compiled loop takes another thread per this many rows, up to the cores
 TRIANGLE_BLOCK = 256  # rows and columns per diagonal block of `cholesky_lower` and `lower_triangular_inverse`
 
 
@@ -196,17 +202,26 @@ class ScalarGrid:
         codes = np.clip(np.rint(target / self.step + self.center), 0, self.maxq)  # [out, g]
         return (codes - self.center) * self.step, codes.astype(np.uint8)
 
+    def new_codes(self, n_out: int, n_in: int) -> np.ndarray:
+        """The codes `ldlq` fills: [out, in] uint8."""
+        return np.empty((n_out, n_in), dtype=np.uint8)
 
-def block_ldl(H: np.ndarray, block: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    def round_batch(self, targets, weights, feedback, diagonal, quantized, errors, codes, losses) -> None:
+        """`ldlq`'s lazy batch of columns (block 1) in runtime/kernels/ldlq_numba.py's loop."""
+        ldlq_numba.round_batch(targets, weights, np.ascontiguousarray(feedback.T), diagonal[:, 0, 0], self.step,
+                               self.center, float(self.maxq), quantized, errors, codes, losses)
+
+
+def block_ldl(H: np.ndarray, block: int, dtype=np.float64, factor_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """(Ů [in, in] of `dtype`, B [in / block, block, block] float64): H = (Ů + I) D (Ů + I)ᵀ with Ů block
     strictly upper triangular (blocks of `block`) and D block diagonal, D_k = B_k B_kᵀ.
 
-    With H = R Rᵀ (`reversed_cholesky`, float64) and B the block diagonal of R, Ů + I = R B⁻¹ and D = B Bᵀ;
-    Ů in the memory of one copy of R in `dtype`.
+    With H = R Rᵀ (`reversed_cholesky` in `factor_dtype`) and B the block diagonal of R, Ů + I = R B⁻¹ and
+    D = B Bᵀ; Ů in the memory of one copy of R in `dtype`.
     """
     n = H.shape[0]
-    R = reversed_cholesky(H, np.float64)  # [in, in] upper
-    diagonal = np.stack([R[k0:k0 + block, k0:k0 + block] for k0 in range(0, n, block)])  # [in / g, g, g]
+    R = reversed_cholesky(H, factor_dtype)  # [in, in] upper
+    diagonal = np.stack([R[k0:k0 + block, k0:k0 + block] for k0 in range(0, n, block)]).astype(np.float64)  # [in / g, g, g]
     inverses = np.linalg.inv(diagonal).astype(dtype)  # [in / g, g, g]  B_kk⁻¹
     feedback = np.array(R, dtype=dtype, order="C")  # [in, in] R, becoming R B⁻¹ − I
     del R
@@ -217,14 +232,16 @@ def block_ldl(H: np.ndarray, block: int, dtype=np.float64) -> tuple[np.ndarray, 
     return feedback, diagonal
 
 
-def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
+def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1, factor_dtype=np.float64):
     """LDLQ / BlockLDLQ of W [out, in] with Hessian H [in, in]: (Ŵ [out, in], codes, losses [out]), where
 
         Ŵ_k = Q(W_k + (W_{<k} − Ŵ_{<k}) Ů_{<k, k})   for each block k of `block` columns.
 
     `quantizer(target [out, g]) -> (values [out, g], codes [..., out, c])` rounds one block of
-    columns; the codes of all blocks are joined along their last axis. `block` must divide in. A
-    `ScalarGrid` with block 1 runs each lazy batch's columns in a Numba loop instead.
+    columns; the codes of all blocks are joined along their last axis. `block` must divide in. H is
+    factored in `factor_dtype` (`block_ldl`). A quantizer with a compiled loop (`ScalarGrid`,
+    quipsharp.py's `E8PGrid`: methods `new_codes(out, in)` and `round_batch`, the same rounding) runs each
+    lazy batch in it instead, the rows split over the cores (`_compiled_ldlq`).
     `losses`: each row's tr((W − Ŵ) H (W − Ŵ)ᵀ) without a product by H. The rounding residuals
     Δ_k = target_k − Ŵ_k make Δ = (W − Ŵ)(I + Ů), so the loss is tr(Δ D Δᵀ) = Σ_k ‖Δ_k B_k‖²
     (`block_ldl`), where the product took 1.5 s at OPT-1.3b's fc2.
@@ -232,24 +249,20 @@ def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
     n_out, n_in = W.shape
     if n_in % block:
         raise UserError(f"ldlq: the block size {block} must divide the input features {n_in}")
-    feedback, diagonal = block_ldl(H, block, np.float32)  # [in, in] the fed-back errors in float32 (as GPTQ's:
-    #                                                        half the time of float64), [in / g, g, g] float64
+    feedback, diagonal = block_ldl(H, block, np.float32, factor_dtype)  # [in, in] the fed-back errors in float32
+    #                                                   (as GPTQ's: half the time of float64), [in / g, g, g] float64
     W = np.asarray(W, dtype=np.float64)  # [out, in]
     errors = np.zeros((n_out, n_in), dtype=np.float32)  # [out, in] W − Ŵ of the columns done
     quantized = np.empty((n_out, n_in))  # [out, in]
     losses = np.zeros(n_out)  # [out]
+    if hasattr(quantizer, "round_batch"):
+        codes = quantizer.new_codes(n_out, n_in)
+        _compiled_ldlq(W, feedback, diagonal, quantizer, block, quantized, errors, codes, losses)
+        return quantized, codes, losses
     codes = []
-    scalar_grid = block == 1 and isinstance(quantizer, ScalarGrid)
     for b0 in range(0, n_in, LAZY_BLOCK):
         b1 = min(b0 + LAZY_BLOCK, n_in)
         targets = W[:, b0:b1] + errors[:, :b0] @ feedback[:b0, b0:b1]  # [out, B] feedback of earlier batches
-        if scalar_grid:  # the same loop as below, compiled (runtime/kernels/ldlq_numba.py)
-            batch_codes = np.empty((n_out, b1 - b0), dtype=np.uint8)  # [out, B]
-            round_batch(targets, W[:, b0:b1], np.ascontiguousarray(feedback[b0:b1, b0:b1].T), diagonal[b0:b1, 0, 0],
-                        quantizer.step, quantizer.center, float(quantizer.maxq), quantized[:, b0:b1],
-                        errors[:, b0:b1], batch_codes, losses)
-            codes.append(batch_codes)
-            continue
         for k0 in range(b0, b1, block):
             k1 = k0 + block
             target = targets[:, k0 - b0:k1 - b0] + errors[:, b0:k0] @ feedback[b0:k0, k0:k1]  # [out, g]
@@ -260,3 +273,27 @@ def ldlq(W: np.ndarray, H: np.ndarray, quantizer, block: int = 1):
             losses += np.einsum("og,og->o", scaled, scaled)  # [out] ‖Δ_k B_k‖²
             codes.append(block_codes)
     return quantized, np.concatenate(codes, axis=-1), losses
+
+
+def _compiled_ldlq(W, feedback, diagonal, quantizer, block, quantized, errors, codes, losses) -> None:
+    """`ldlq`'s loop with the quantizer's compiled `round_batch` for each lazy batch, writing quantized,
+    errors, codes [..., out, in / block] and losses of all rows. Rows never read each other, so each core
+    takes a contiguous range of them, its own lazy products on one BLAS thread (OpenBLAS's workers, spinning
+    after each product, took the cores from a parallel loop between them: no faster than one thread)."""
+    n_out, n_in = W.shape
+
+    def run(rows: slice) -> None:
+        for b0 in range(0, n_in, LAZY_BLOCK):
+            b1 = min(b0 + LAZY_BLOCK, n_in)
+            targets = W[rows, b0:b1] + errors[rows, :b0] @ feedback[:b0, b0:b1]  # [rows, B] earlier batches
+            quantizer.round_batch(targets, W[rows, b0:b1], feedback[b0:b1, b0:b1], diagonal[b0 // block:b1 // block],
+                                  quantized[rows, b0:b1], errors[rows, b0:b1], codes[..., rows, b0 // block:b1 // block],
+                                  losses[rows])
+
+    parts = max(1, min(numba.get_num_threads(), n_out // ROWS_PER_THREAD))
+    if parts == 1:
+        run(slice(0, n_out))
+        return
+    ranges = [slice(p * n_out // parts, (p + 1) * n_out // parts) for p in range(parts)]
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(parts) as pool:
+        list(pool.map(run, ranges))

@@ -21,10 +21,14 @@ unit-variance Gaussian data, as the paper sets the codebook's scale for
 RMS-normalized weights). The result is an `e8p` tensor that stores the codes,
 the stage scales σ s_k (float32, the values BlockLDLQ rounded with) and the two
 sign vectors, and applies T_in to the input and T_outᵀ to the output at run
-time (W = T_outᵀ Ŵ T_in, runtime/formats/e8p.py's `from_incoherent`; the
-transforms are done here in float64, one dense Hadamard factor at a time
-(runtime/hadamard.py `hadamard_on_rows` / `hadamard_on_columns`), so the
-Hessian keeps its precision). BlockLDLQ is layerwise.py's `ldlq` with block 8.
+time (W = T_outᵀ Ŵ T_in, runtime/formats/e8p.py's `from_incoherent`; here the
+transforms of rows are the run-time kernel's fast Walsh–Hadamard transform,
+runtime/kernels/e8p_numba.py `hadamard_rows`, and those of columns one dense
+Hadamard factor at a time, runtime/hadamard.py `hadamard_on_columns`). BlockLDLQ is layerwise.py's `ldlq`
+with block 8, its lazy batches in a Numba loop (`E8PGrid`). The Hessian's
+transforms and its factorization run in float32, the QuIP# reference's default
+precision (quip-sharp `incoherence_preprocess`: float64 only with `--use_fp64`);
+at OPT-1.3b's fc2 (8192 inputs) float64 took twice the time and memory.
 The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
 """
 from __future__ import annotations
@@ -40,7 +44,10 @@ from runtime import e8p_codebook
 from runtime.errors import UserError
 from runtime.formats.e8p import E8PTensor
 from runtime.formats.uniform import PER_ROW
-from runtime.hadamard import hadamard_matrix, hadamard_on_columns, hadamard_on_rows, random_signs
+from runtime.hadamard import hadamard_matrix, hadamard_on_columns, random_signs
+from runtime.kernels import blockldlq_e8p_numba
+from runtime.kernels.e8p_encode_numba import search_tables
+from runtime.kernels.e8p_numba import hadamard_rows
 from runtime.method_contract import MethodContract
 
 BLOCK = e8p_codebook.DIM  # columns per BlockLDLQ step: one E8P vector per row
@@ -64,14 +71,36 @@ def rht_matrix(signs: np.ndarray) -> np.ndarray:
     return hadamard_matrix(n).astype(np.float64) * signs.astype(np.float64) / math.sqrt(n)
 
 
-def e8p_quantizer(bits: int, rms: float):
-    """Q of one block of 8 columns: target [out, 8] -> (values [out, 8], codes [stages, out, 1])."""
-    def quantize(target):
-        codes = e8p_codebook.rvq_encode(target.astype(np.float32), bits, rms)  # one [out] array per stage
-        values = e8p_codebook.rvq_decode(codes, bits, rms).astype(np.float64)  # [out, 8]
-        return values, np.stack([c.astype(np.int64) for c in codes])[:, :, None]
+@dataclass(frozen=True)
+class E8PGrid:
+    """BlockLDLQ's quantizer of one block of 8 columns: each row's 8 weights to the RVQ stages of `bits` at
+    the scales for data of RMS `rms` (runtime/e8p_codebook.py `rvq_encode`). `ldlq` runs its lazy batches
+    in a Numba loop (runtime/kernels/blockldlq_e8p_numba.py), the rows over the cores; `__call__` is the
+    same rounding in NumPy, one block at a time."""
+    bits: int
+    rms: float
 
-    return quantize
+    def __call__(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values [out, 8] float64, codes [stages, out, 1] uint16) of target [out, 8]."""
+        codes = e8p_codebook.rvq_encode(target.astype(np.float32), self.bits, self.rms)  # one [out] array per stage
+        values = e8p_codebook.rvq_decode(codes, self.bits, self.rms).astype(np.float64)  # [out, 8]
+        return values, np.stack([c.astype(np.uint16) for c in codes])[:, :, None]
+
+    def new_codes(self, n_out: int, n_in: int) -> np.ndarray:
+        """The codes `ldlq` fills: [stages, out, in / 8] uint16 (the 1-bit stage's fit in uint8)."""
+        return np.empty((len(e8p_codebook.STAGE_SCALES[self.bits]), n_out, n_in // BLOCK), dtype=np.uint16)
+
+    def round_batch(self, targets, weights, feedback, diagonal, quantized, errors, codes, losses) -> None:
+        """`ldlq`'s lazy batch of blocks in runtime/kernels/blockldlq_e8p_numba.py's loop."""
+        scales = e8p_codebook.stage_scales(self.bits, self.rms)
+        second = {2: blockldlq_e8p_numba.NO_STAGE, 3: blockldlq_e8p_numba.ONE_BIT_STAGE,
+                  4: blockldlq_e8p_numba.E8P_STAGE}[self.bits]
+        one_bit = e8p_codebook.e8_1bit_codebook()  # [256, 8]
+        blockldlq_e8p_numba.round_batch(
+            targets, weights, feedback, diagonal, np.array(scales, dtype=np.float32),
+            np.array([1.0 / scale for scale in scales], dtype=np.float32), second,
+            *search_tables(e8p_codebook.source_codebook(), e8p_codebook.source_parity()),
+            np.ascontiguousarray(one_bit.T), (one_bit * one_bit).sum(axis=1), quantized, errors, codes, losses)
 
 
 @dataclass
@@ -81,7 +110,7 @@ class QuIPSharpResult:
     stage_scales: list  # [stages] floats σ · s_k
     sign_in: np.ndarray  # [in] float32 ±1
     sign_out: np.ndarray  # [out] float32 ±1
-    Q: np.ndarray  # [out, in] float64 T_outᵀ Ŵ T_in, the quantized weight in the original space
+    Q: np.ndarray  # [out, in] float32 T_outᵀ Ŵ T_in, the quantized weight in the original space
     row_losses: np.ndarray  # [out] float64 tr((W − Q) H (W − Q)ᵀ) per row: BlockLDLQ's own (orthogonal T keep it)
 
 
@@ -93,22 +122,24 @@ def quantize_codes(W: np.ndarray, H: np.ndarray, params: QuIPSharpParams) -> QuI
     if n_in % BLOCK:
         raise UserError(f"quipsharp: in_features must be a multiple of {BLOCK}, got {n_in}; use quip or gptq "
                         f"for this layer")
-    W0, H_damped = zero_dead_columns(W, H)  # [out, in], [in, in] copies
+    W0, H_damped = zero_dead_columns(W, H, dtype=np.float32)  # [out, in], [in, in] float32 copies
     lam = damping(H_damped, params.percdamp)  # λ of `damp`, for the loss under H itself
     H_damped = damp(H_damped, params.percdamp, overwrite=True)  # [in, in]
     sign_in = random_signs(n_in, params.seed)  # [in]
     sign_out = random_signs(n_out, params.seed + 1)  # [out]
-    s_in, s_out = sign_in.astype(np.float64), sign_out.astype(np.float64)[:, None]  # [in], [out, 1]
-    H_damped *= s_in  # [in, in]  H diag(s)
-    H_t = hadamard_on_rows(H_damped)  # [in, in]  H T_inᵀ
+    ones_in = np.ones(n_in, dtype=np.float32)  # [in]
+    H_t = hadamard_rows(H_damped, n_in, sign_in, ones_in, False)  # [in, in]  H T_inᵀ
     del H_damped
-    H_t *= s_in[:, None]  # diag(s) H T_inᵀ
+    H_t *= sign_in[:, None]  # diag(s) H T_inᵀ
     H_t = hadamard_on_columns(H_t)  # [in, in]  T_in H T_inᵀ (symmetric to rounding: LDLQ reads one triangle)
-    W_t = hadamard_on_columns(s_out * hadamard_on_rows(W0 * s_in))  # [out, in]  T_out W T_inᵀ
-    rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2)))), 1e-12)  # σ, float32-exact as stored
-    Q_t, codes, damped_losses = ldlq(W_t, H_t, e8p_quantizer(params.bits, rms), block=BLOCK)
+    W_t = hadamard_on_columns(sign_out[:, None] * hadamard_rows(W0, n_in, sign_in, ones_in, False))  # [out, in]
+    #                                                                                      T_out W T_inᵀ
+    rms = max(float(np.float32(np.sqrt(np.mean(W_t ** 2, dtype=np.float64)))), 1e-12)  # σ, float32-exact as stored
+    Q_t, codes, damped_losses = ldlq(W_t, H_t, E8PGrid(params.bits, rms), block=BLOCK, factor_dtype=np.float32)
     stages = e8p_codebook.stage_codebooks(params.bits)
-    Q = s_out * hadamard_on_columns(hadamard_on_rows(Q_t, transpose=True) * s_in, transpose=True)  # T_outᵀ Q_t T_in
+    Q_t = Q_t.astype(np.float32)  # [out, in] exact: the codebook's float32 values
+    Q = sign_out[:, None] * hadamard_on_columns(hadamard_rows(Q_t, n_in, ones_in, sign_in, True), transpose=True)
+    #                                                                                       [out, in] T_outᵀ Q_t T_in
     return QuIPSharpResult(stage_codes=[codes[k].astype(stage.code_dtype) for k, stage in enumerate(stages)],
                            stage_scales=e8p_codebook.stage_scales(params.bits, rms), sign_in=sign_in, sign_out=sign_out,
                            Q=Q, row_losses=undamped_losses(damped_losses, W0, Q, H, lam))

@@ -165,28 +165,11 @@ def _factors(n: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             _sylvester(1 << (p - p // 2)).astype(dtype) / math.sqrt(n))
 
 
-def hadamard_on_rows(x: np.ndarray, transpose: bool = False) -> np.ndarray:
-    """x [m, n] (NumPy, float32 or float64) -> x Hᵀ / sqrt(n) (or x H / sqrt(n) with `transpose`) in x's
-    precision, one small dense factor at a time (`_factors`): O(n (K + 2**a + 2**b)) per row by BLAS, for
-    quantization's float64 transforms (`fast_hadamard` computes in float32, for run time). The two Sylvester
-    factors each act as one whole-matrix product (the second after a transpose of each row's small [A, B]
-    block), not as a batch of small products per row. OPT-1.3b's fc2 Hessian, [8192, 8192] float64: a dense
-    n×n product took 12 s."""
-    x = np.asarray(x)
-    dtype = np.result_type(x.dtype, np.float32)
-    h_k, s_a, s_b = _factors(x.shape[-1], dtype)
-    m, k, A, B = len(x), h_k.shape[0], s_a.shape[0], s_b.shape[0]
-    y = x.astype(dtype, copy=False).reshape(m * k * A, B) @ s_b  # [m K A, B] over b: one product
-    y = np.ascontiguousarray(y.reshape(m * k, A, B).swapaxes(1, 2)).reshape(m * k * B, A) @ s_a  # [m K B, A] over a
-    y = np.ascontiguousarray(y.reshape(m * k, B, A).swapaxes(1, 2))  # [m K, A, B]
-    if k > 1:
-        y = (h_k.T if transpose else h_k) @ y.reshape(m, k, -1)  # [m, K, A*B] over k
-    return y.reshape(x.shape)
-
-
 def hadamard_on_columns(x: np.ndarray, transpose: bool = False) -> np.ndarray:
-    """x [n, m] -> H x / sqrt(n) (or Hᵀ x / sqrt(n) with `transpose`) in x's precision: `hadamard_on_rows` of
-    xᵀ without transposing x (each factor a left product over the first axis)."""
+    """x [n, m] (NumPy, float32 or float64) -> H x / sqrt(n) (or Hᵀ x / sqrt(n) with `transpose`) in x's
+    precision, one small dense factor at a time (`_factors`), each a left product over the first axis: O(m (K +
+    2**a + 2**b)) per column by BLAS, for quantization's transforms (`fast_hadamard` computes in float32, for
+    run time). OPT-1.3b's fc2 Hessian, [8192, 8192]: a dense n×n product took 12 s."""
     x = np.asarray(x)
     dtype = np.result_type(x.dtype, np.float32)
     h_k, s_a, s_b = _factors(x.shape[0], dtype)

@@ -70,11 +70,12 @@ def test_block_ldl_factorises_the_hessian(block):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_ldlq_kernel_equals_the_numpy_loop(bits):
-    # a ScalarGrid runs each lazy batch in runtime/kernels/ldlq_numba.py; any other callable (here the same
-    # grid behind a lambda) the NumPy loop: same codes and values, losses up to the order and precision of the
-    # within-batch sums (float32 products in the loop, float64 in the kernel)
-    W, _, H = outlier_problem(n_out=40, n_in=320, seed=bits)  # two lazy batches and a short one
+@pytest.mark.parametrize("n_out", [40, 600])
+def test_ldlq_kernel_equals_the_numpy_loop(bits, n_out):
+    # a ScalarGrid runs each lazy batch in runtime/kernels/ldlq_numba.py (600 rows: split over two threads);
+    # any other callable (here the same grid behind a lambda) the NumPy loop: same codes and values, losses up
+    # to the order and precision of the within-batch sums (float32 products in the loop, float64 in the kernel)
+    W, _, H = outlier_problem(n_out=n_out, n_in=320, seed=bits)  # two lazy batches and a short one
     grid = quip.midrise_quantizer(2.0 / (1 << bits), bits)
     values, codes, losses = layerwise.ldlq(W, H, grid)
     loop_values, loop_codes, loop_losses = layerwise.ldlq(W, H, lambda target: grid(target))

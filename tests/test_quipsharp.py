@@ -5,6 +5,7 @@ import pytest
 
 from conftest import assert_shared_hessian_equals_separate_calls
 import gptq
+import layerwise
 import quip
 import quipsharp
 from runtime import e8p_codebook
@@ -78,6 +79,25 @@ def test_identity_hessian_gives_nearest_points(bits):
     expected = e8p_codebook.rvq_encode(W_t, bits, rms)
     for codes, want in zip(result.stage_codes, expected):
         assert np.mean(codes == want) > 0.99  # float32 vs float64 rounding may flip a near-tie
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n_out", [40, 600])
+def test_blockldlq_kernel_equals_the_numpy_loop(bits, n_out):
+    # an E8PGrid runs each lazy batch in runtime/kernels/blockldlq_e8p_numba.py (600 rows: split over two
+    # threads, each ending in a partial block of lanes); the same grid behind a lambda, the NumPy loop. The
+    # fed-back sums run in float32 in another order, so a near-tie may round the other way: nearly all codes
+    # agree, and the losses within 1e-6
+    W, _, H = outlier_problem(n_out=n_out, n_in=320, seed=bits)  # two lazy batches and a short one
+    grid = quipsharp.E8PGrid(bits, rms=float(np.sqrt(np.mean(W.astype(np.float64) ** 2))))
+    values, codes, losses = layerwise.ldlq(W, H, grid, block=8)
+    loop_values, loop_codes, loop_losses = layerwise.ldlq(W, H, lambda target: grid(target), block=8)
+    assert codes.shape == loop_codes.shape == (len(e8p_codebook.STAGE_SCALES[bits]), n_out, 320 // 8)
+    assert np.mean(codes == loop_codes) > 0.999
+    same_rows = (codes == loop_codes).all(axis=(0, 2))  # [out]
+    np.testing.assert_array_equal(values[same_rows], loop_values[same_rows])
+    np.testing.assert_allclose(losses, loop_losses, rtol=1e-6)
+    assert same_rows.mean() > 0.9
 
 
 def test_shared_hessian_equals_separate_calls(problem):

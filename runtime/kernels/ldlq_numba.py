@@ -11,8 +11,7 @@ is rounded column by column, the errors of the batch's earlier columns fed forwa
 (B_k: the LDL factor's diagonal, `block_ldl`). A row's work reads only that row, so the rows are
 independent. The NumPy loop spends about 70 µs of calls per column (one matrix-vector product, the grid,
 four row updates); for OPT-1.3b's fc2 (8192 columns of 2048 rows) that was 2.3 s of its 4.1 s of LDLQ. The
-loop runs on the calling thread: it is called between the lazy batches' BLAS products, whose OpenBLAS
-workers keep spinning on the other cores (as runtime/kernels/leave_one_out_numba.py). The errors are stored
+loop runs on the calling thread (without the GIL): `ldlq` gives each core a range of rows. The errors are stored
 in float32 as the NumPy loop's; the within-batch sums run in float64 here (float32 products there), so the
 two give the same codes and losses to float32's precision (tests/test_quip.py compares them).
 """
@@ -22,7 +21,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def round_batch(targets, weights, feedback_t, diagonal, step, center, maxq, quantized, errors, codes, losses):
     """One lazy batch (module docstring): targets, weights [out, B] float64, feedback_t [B, B] = Ů's batch
     block transposed (row k: the weights of the columns j < k in t_k), diagonal [B]; writes quantized [out, B]
