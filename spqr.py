@@ -230,7 +230,8 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
     codes, Q, _, err_sq = gptq.obs_columns(Wp, U, grids, params.group_size, params.blocksize)
 
     inverse = np.argsort(perm)  # [in]
-    codes, Q, outlier_mask = codes[:, inverse], Q[:, inverse], grids.outlier_mask[:, inverse]  # [out, in] each
+    codes, Q, outlier_mask = (np.take(a, inverse, axis=1) for a in (codes, Q, grids.outlier_mask))  # [out, in]
+    #                                              each (a[:, inverse] gathers 8x slower: 0.45 s at OPT-1.3b's fc2)
     lam = damping(H, params.percdamp)
     results = []
     for k, (Wk, rows) in enumerate(zip(weights, segments)):
