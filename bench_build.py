@@ -7,7 +7,8 @@ time of a method does not depend on the weights' values). Each measurement is
 a fresh process; its wall time and peak RSS (the child's ru_maxrss, from
 wait4) are recorded, each row in .cache/bench/build-rows.json as soon as it
 finishes (a rerun for the same model and windows measures only the rows not
-there yet):
+there yet, and those named by --again, e.g. after a change of a method's code:
+`--again floor-calibration,quipsharp2` measures that floor in the same run):
 
 - each method's build: `quantize.py --model M --method ... --out TMP`, the
   command a user runs (calibrated methods with --nsamples windows of 512
@@ -47,6 +48,7 @@ METHODS = {  # row name -> quantize.py arguments
     "quipsharp2": ["--method", "quipsharp", "--bits", "2"],
 }
 CALIBRATED = ("gptq4g128", "spqr3g16", "quip2", "quipsharp2")
+FLOORS = ("floor-io", "floor-calibration")  # the rows every run measures besides its methods
 
 
 def measure(command: list[str], env: dict) -> dict:
@@ -105,12 +107,14 @@ def floor_calibration(model: Path, nsamples: int) -> None:
 
 # ---- the parent ---------------------------------------------------------------------------------
 
-def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path, env: dict, command: str) -> dict:
+def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path, env: dict, command: str,
+            again: tuple = ()) -> dict:
     """{window count: {"command", "results": {row: {"seconds", "rss"}}}} of every run saved for `model`, this
     one ({nsamples}) measured now: the floors and the methods, each child with `env` (the environment this
     command started with, before importing runtime set its own defaults). Each finished row is written to `saved`
     (atomically) at once, and rows already there for the same model and windows are not measured again: an
-    interrupted run loses no finished row, and runs with other window counts stay beside it."""
+    interrupted run loses no finished row, and runs with other window counts stay beside it. The rows in `again`
+    are measured even when saved (each keeps its place in the table)."""
     from runtime.checkpoints.atomic import write_text
 
     previous = json.loads(saved.read_text()) if saved.exists() else {}
@@ -126,7 +130,7 @@ def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path
         commands[row] = [sys.executable, "quantize.py", "--model", str(model), *METHODS[row], *extra,
                          "--out", str(work / row)]
     for row, command_line in commands.items():
-        if row not in results:
+        if row not in results or row in again:
             results[row] = measure(command_line, env)
             write_text(saved, json.dumps({"model": str(model.resolve()), "runs": runs}, indent=1))
         print(row, results[row], file=sys.stderr)
@@ -167,6 +171,8 @@ def main(argv=None):
     p.add_argument("--model", default=str(MODEL), help="float checkpoint (default: the random OPT-1.3b)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows of the calibrated methods")
     p.add_argument("--rows", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--again", default="", help="comma-separated rows to measure again even if saved (methods of "
+                   "--rows, floor-io, floor-calibration)")
     p.add_argument("--no-write", action="store_true", help="print the document instead of writing it")
     p.add_argument("--floor", choices=("io", "calibration"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -189,10 +195,14 @@ def main(argv=None):
     unknown = [r for r in rows if r not in METHODS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(METHODS)}")
+    again = tuple(r for r in args.again.split(",") if r)
+    stray = [r for r in again if r not in (*rows, *FLOORS)]
+    if stray:
+        raise SystemExit(f"--again {','.join(stray)}: name rows of --rows or {', '.join(FLOORS)}")
     command = ("python bench_build.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     with tempfile.TemporaryDirectory(dir=PROJECT / ".cache") as tmp:
         runs = run_all(model, args.nsamples, rows, Path(tmp), PROJECT / ".cache" / "bench" / "build-rows.json",
-                       env, command)
+                       env, command, again)
     text = document(model, runs)
     print(json.dumps(runs), file=sys.stderr)
     if args.no_write:

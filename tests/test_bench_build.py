@@ -2,6 +2,8 @@
 saved at once and a rerun for the same model and windows measures only the rows not saved yet."""
 import json
 
+import pytest
+
 import bench_build
 
 
@@ -23,6 +25,27 @@ def test_rerun_measures_only_missing_rows(tmp_path, monkeypatch):
     assert len(measured) == 10 and sorted(other) == ["8"]
 
 
+def test_again_measures_saved_rows_in_their_place(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bench_build, "measure", lambda command, env: measured.append(command) or
+                        {"seconds": float(len(measured)), "rss": 100.0})
+    saved, model = tmp_path / "rows.json", tmp_path / "model"
+    first = bench_build.run_all(model, 8, ["rtn4g128", "gptq4g128"], tmp_path, saved, {}, "cmd")["8"]["results"]
+    first = {row: dict(m) for row, m in first.items()}
+    again = bench_build.run_all(model, 8, ["rtn4g128", "gptq4g128"], tmp_path, saved, {}, "cmd",
+                                again=("floor-calibration", "gptq4g128"))["8"]["results"]
+    assert len(measured) == 6 and list(again) == list(first)  # two measured again, the order kept
+    assert again["floor-calibration"]["seconds"] == 5.0 and again["gptq4g128"]["seconds"] == 6.0
+    assert again["rtn4g128"] == first["rtn4g128"] and again["floor-io"] == first["floor-io"]
+    assert json.loads(saved.read_text())["runs"]["8"]["results"] == again
+
+
+def test_again_must_name_a_measured_row(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--again int8: name rows of --rows or floor-io, floor-calibration"):
+        bench_build.main(["--model", str(tmp_path), "--rows", "rtn4g128", "--again", "int8"])
+
+
 def test_document_ratios_to_the_right_floor(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -42,8 +65,6 @@ def test_measure_survives_a_child_that_writes_much_to_stderr():
     failing child's stderr ends up in the error."""
     import os
     import sys
-
-    import pytest
 
     loud = bench_build.measure([sys.executable, "-c", "import sys; sys.stderr.write('x' * (1 << 20))"],
                                dict(os.environ))
