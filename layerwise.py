@@ -221,7 +221,8 @@ def block_ldl(H: np.ndarray, block: int, dtype=np.float64, factor_dtype=np.float
     """
     n = H.shape[0]
     R = reversed_cholesky(H, factor_dtype)  # [in, in] upper
-    diagonal = np.stack([R[k0:k0 + block, k0:k0 + block] for k0 in range(0, n, block)]).astype(np.float64)  # [in / g, g, g]
+    diagonal = np.stack([R[k0:k0 + block, k0:k0 + block] for k0 in range(0, n, block)])  # [in / g, g, g]
+    diagonal = diagonal.astype(np.float64)
     inverses = np.linalg.inv(diagonal).astype(dtype)  # [in / g, g, g]  B_kk⁻¹
     feedback = np.array(R, dtype=dtype, order="C")  # [in, in] R, becoming R B⁻¹ − I
     del R
@@ -286,9 +287,9 @@ def _compiled_ldlq(W, feedback, diagonal, quantizer, block, quantized, errors, c
         for b0 in range(0, n_in, LAZY_BLOCK):
             b1 = min(b0 + LAZY_BLOCK, n_in)
             targets = W[rows, b0:b1] + errors[rows, :b0] @ feedback[:b0, b0:b1]  # [rows, B] earlier batches
-            quantizer.round_batch(targets, W[rows, b0:b1], feedback[b0:b1, b0:b1], diagonal[b0 // block:b1 // block],
-                                  quantized[rows, b0:b1], errors[rows, b0:b1], codes[..., rows, b0 // block:b1 // block],
-                                  losses[rows])
+            blocks = slice(b0 // block, b1 // block)
+            quantizer.round_batch(targets, W[rows, b0:b1], feedback[b0:b1, b0:b1], diagonal[blocks],
+                                  quantized[rows, b0:b1], errors[rows, b0:b1], codes[..., rows, blocks], losses[rows])
 
     parts = max(1, min(numba.get_num_threads(), n_out // ROWS_PER_THREAD))
     if parts == 1:

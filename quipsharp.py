@@ -87,7 +87,7 @@ class E8PGrid:
         return values, np.stack([c.astype(np.uint16) for c in codes])[:, :, None]
 
     def new_codes(self, n_out: int, n_in: int) -> np.ndarray:
-        """The codes `ldlq` fills: [stages, out, in / 8] uint16 (the 1-bit stage's fit in uint8)."""
+        """The codes `ldlq` fills: [stages, out, in / 8] uint16 (`quantize_codes` casts the 1-bit stage to uint8)."""
         return np.empty((len(e8p_codebook.STAGE_SCALES[self.bits]), n_out, n_in // BLOCK), dtype=np.uint16)
 
     def round_batch(self, targets, weights, feedback, diagonal, quantized, errors, codes, losses) -> None:
