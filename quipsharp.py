@@ -33,6 +33,7 @@ The signs come from `random_signs(in, seed)` and `random_signs(out, seed + 1)`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -90,17 +91,22 @@ class E8PGrid:
         """The codes `ldlq` fills: [stages, out, in / 8] uint16 (`quantize_codes` casts the 1-bit stage to uint8)."""
         return np.empty((len(e8p_codebook.STAGE_SCALES[self.bits]), n_out, n_in // BLOCK), dtype=np.uint16)
 
-    def round_batch(self, targets, weights, feedback, diagonal, quantized, errors, codes, losses) -> None:
-        """`ldlq`'s lazy batch of blocks in runtime/kernels/blockldlq_e8p_numba.py's loop."""
+    @functools.cached_property
+    def kernel_tables(self) -> tuple:
+        """The arguments of runtime/kernels/blockldlq_e8p_numba.py's `round_batch` that depend only on the
+        grid (scales, their reciprocals, the second stage, the search tables), built once for all batches."""
         scales = e8p_codebook.stage_scales(self.bits, self.rms)
         second = {2: blockldlq_e8p_numba.NO_STAGE, 3: blockldlq_e8p_numba.ONE_BIT_STAGE,
                   4: blockldlq_e8p_numba.E8P_STAGE}[self.bits]
         one_bit = e8p_codebook.e8_1bit_codebook()  # [256, 8]
-        blockldlq_e8p_numba.round_batch(
-            targets, weights, feedback, diagonal, np.array(scales, dtype=np.float32),
-            np.array([1.0 / scale for scale in scales], dtype=np.float32), second,
-            *search_tables(e8p_codebook.source_codebook(), e8p_codebook.source_parity()),
-            np.ascontiguousarray(one_bit.T), (one_bit * one_bit).sum(axis=1), quantized, errors, codes, losses)
+        return (np.array(scales, dtype=np.float32), np.array([1.0 / scale for scale in scales], dtype=np.float32),
+                second, *search_tables(e8p_codebook.source_codebook(), e8p_codebook.source_parity()),
+                np.ascontiguousarray(one_bit.T), (one_bit * one_bit).sum(axis=1))
+
+    def round_batch(self, targets, weights, feedback, diagonal, quantized, errors, codes, losses) -> None:
+        """`ldlq`'s lazy batch of blocks in runtime/kernels/blockldlq_e8p_numba.py's loop."""
+        blockldlq_e8p_numba.round_batch(targets, weights, feedback, diagonal, *self.kernel_tables, quantized, errors,
+                                        codes, losses)
 
 
 @dataclass
