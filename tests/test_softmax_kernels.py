@@ -6,7 +6,7 @@ gradients (values at most 1), 1e-6 relative on the losses.
 import numpy as np
 import pytest
 
-from runtime.kernels.softmax_numba import causal_softmax_, cross_entropy_, softmax_backward_
+from runtime.kernels.softmax_numba import causal_softmax_, causal_softmax_backward_, cross_entropy_
 
 
 def reference_causal_softmax(scores: np.ndarray, scale: float) -> np.ndarray:
@@ -30,7 +30,11 @@ def test_causal_softmax_and_its_backward(shape):
     dp = rng.standard_normal(shape).astype(np.float32)
     p64 = p.astype(np.float64)
     expected = scale * p64 * (dp - (dp * p64).sum(axis=-1, keepdims=True))
-    np.testing.assert_allclose(softmax_backward_(p, dp, scale), expected, atol=1e-6, rtol=0)
+    future = np.broadcast_to(np.triu(np.ones(shape[-2:], dtype=bool), k=1), shape)
+    dp[future] = np.nan  # the attention leaves dp's future entries unwritten: they must not be read
+    got = causal_softmax_backward_(p, dp, scale)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    assert (got[future] == 0).all()
 
 
 def test_cross_entropy_loss_and_gradient():

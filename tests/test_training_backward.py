@@ -7,6 +7,8 @@ random lora_B; the loss of one batch with masked labels and the gradients
 torch autograd gives lora_A and lora_B must equal ours within 1e-4 relative.
 With a packed base (NF4 with double quantization, uniform 4-bit, QuIP#'s E8P)
 the oracle runs on the dequantized weights, which is what QLoRA differentiates.
+Two layers: the first is recomputed in the backward (its output projections'
+products skipped), the last keeps its activations from the forward.
 """
 import shutil
 
@@ -23,9 +25,19 @@ import quipsharp  # noqa: E402
 import rtn  # noqa: E402
 from model import Config, Model  # noqa: E402
 from runtime.checkpoints.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.training import backward  # noqa: E402
 from pipeline.training.backward import IGNORE, Adapter, Pass  # noqa: E402
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True, params=[None, 5], ids=["one-block", "blocks-of-5"])
+def query_block(request, monkeypatch):
+    """Every test twice: with the attention's query blocks as run (one block covers these short windows) and
+    with blocks of 5 rows, so that the blocked causal products (a last block shorter than the others
+    included) meet the oracle too."""
+    if request.param is not None:
+        monkeypatch.setattr(backward, "QUERY_BLOCK", request.param)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.1)

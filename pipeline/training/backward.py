@@ -22,15 +22,25 @@ LayerNorm, pre-LN or post-LN layers, a ReLU MLP, biases on every projection,
 learned positions offset by 2, and `project_in` / `project_out` around the
 layers when the embedding is narrower than them; all of those stay frozen.
 
-Activation checkpointing (per layer): the first forward keeps only each
-layer's input; the backward recomputes one layer at a time, keeping that
-layer's activations and its dequantized weights, then differentiates it. So
-memory is the frozen base plus the layer inputs plus about one layer's work.
+Activation checkpointing (per half layer): the first forward keeps only the
+input of each layer's attention half and of its MLP half (the residual stream
+before and after the attention); the backward recomputes one half at a time,
+keeping its activations and the layer's dequantized weights, then
+differentiates it. So memory is the frozen base plus two residual rows per
+layer and token plus about one half layer's work. Keeping the MLP half's input
+spares the recomputation the two products whose outputs only feed the residual
+stream (the attention's output projection and the MLP's down projection: their
+LoRA branch still runs, for its gradients), and the last layer, whose backward
+comes right after its forward, keeps its activations from the first forward
+and is not recomputed.
 Dropout masks are a hash of (seed, layer, projection, entry)
 (runtime/kernels/dropout_numba.py), so the recomputation draws the same masks
 as the first forward.
 
-The causal softmax of the attention scores, its backward and the LM head's
+The attention's products run by blocks of QUERY_BLOCK query rows, each over
+the keys up to the block's last row: the blocks above the diagonal, which the
+causal mask zeroes, are never computed (at 512 tokens, 10 of 16 blocks). The
+causal softmax of the attention scores, its backward and the LM head's
 cross-entropy run as Numba kernels (runtime/kernels/softmax_numba.py), in place
 and in fewer passes than NumPy's: they are the largest arrays of a pass.
 
@@ -50,10 +60,11 @@ from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.kernels import dropout_numba
-from runtime.kernels.softmax_numba import causal_softmax_, cross_entropy_, softmax_backward_
+from runtime.kernels.softmax_numba import causal_softmax_, causal_softmax_backward_, cross_entropy_
 
 IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
 HEAD_ROWS = 1024  # LM-head rows per chunk: the logits of one chunk are [HEAD_ROWS, vocab]
+QUERY_BLOCK = 128  # attention query rows per product (measured at 512 tokens: 128 beat 64 and 256)
 PROJECTIONS = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
                "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -105,8 +116,10 @@ class Pass:
         self.model, self.adapter, self.dropout, self.seed = model, adapter, dropout, seed
         self.head_weight = head
         llama = model.config.arch == "llama"
-        self.layer = self.llama_layer if llama else self.opt_layer
-        self.layer_backward = self.llama_layer_backward if llama else self.opt_layer_backward
+        self.halves = ((self.llama_attention_half, self.llama_attention_half_backward),
+                       (self.llama_mlp_half, self.llama_mlp_half_backward)) if llama else (
+            (self.opt_attention_half, self.opt_attention_half_backward),
+            (self.opt_mlp_half, self.opt_mlp_half_backward))  # a layer's halves in order, each with its backward
         self.grads_A = {name: np.zeros_like(a) for name, a in adapter.A.items()}  # name -> [r, in]
         self.grads_B = {name: np.zeros_like(b) for name, b in adapter.B.items()}  # name -> [out, r]
 
@@ -122,15 +135,23 @@ class Pass:
             raise UserError(f"windows of {inputs.shape[1]} tokens exceed the model's context of "
                             f"{m.config.max_positions}: lower --seqlen")
         x = self.embed(inputs)  # [B, T, d]
-        layer_inputs = []
+        last = m.config.n_layers - 1
+        half_inputs = []  # per layer: the input of each half  [B, T, d] each
         for i in range(m.config.n_layers):
-            layer_inputs.append(x)
-            x = self.layer(i, dense_layer(m.layers[i]), x, None)  # [B, T, d]
+            weights = dense_layer(m.layers[i])
+            saved = [{} for _ in self.halves]  # kept only for the last layer, whose backward comes next
+            half_inputs.append([])
+            for (forward, _), keep in zip(self.halves, saved):
+                half_inputs[i].append(x)
+                x = forward(i, weights, x, keep)  # [B, T, d]
         loss, count, dx = self.head(x, targets)  # dx [B, T, d]
         for i in reversed(range(m.config.n_layers)):
-            weights, saved = dense_layer(m.layers[i]), {}
-            self.layer(i, weights, layer_inputs.pop(), saved)  # recompute, keeping activations
-            dx = self.layer_backward(i, weights, dx, saved)  # [B, T, d]
+            if i < last:
+                weights, saved = dense_layer(m.layers[i]), [{} for _ in self.halves]
+            for (forward, backward), keep, x in reversed(list(zip(self.halves, saved, half_inputs.pop()))):
+                if i < last:
+                    forward(i, weights, x, keep, output=False)  # recompute, keeping activations
+                dx = backward(i, weights, dx, keep)  # [B, T, d]
         return loss, count
 
     # ---- embeddings (frozen: nothing below the first layer needs a gradient) ---------
@@ -201,56 +222,79 @@ class Pass:
 
     # ---- one layer -------------------------------------------------------------------
 
-    def llama_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
-        """model.Model.llama_attention_half then llama_mlp_half over x [B, T, d]; `saved` (when a dict)
-        receives what the backward needs."""
-        c = self.model.config
-        keep = saved if saved is not None else {}
-        n1, r1 = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [B, T, d], [B, T, 1]
-        h = x + self.attention(i, w, n1, keep)  # [B, T, d]
-        n2, r2 = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)  # [B, T, d], [B, T, 1]
+    def llama_attention_half(self, i: int, w: dict, x: np.ndarray, keep: dict, output: bool = True):
+        """model.Model.llama_attention_half over x [B, T, d]: x + attention(rms_norm(x)) [B, T, d]; `keep`
+        receives what the backward needs. output=False (a recomputation): None, without the output
+        projection's product."""
+        n1, r1 = rms_norm(x, w["input_layernorm.weight"], self.model.config.norm_eps)  # [B, T, d], [B, T, 1]
+        a = self.attention(i, w, n1, keep, output)  # [B, T, d] or None
+        keep.update(x=x, r1=r1)
+        return None if a is None else x + a
+
+    def llama_attention_half_backward(self, i: int, w: dict, dh: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the half's input from dL/dh [B, T, d]; LoRA gradients added on the way."""
+        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
+        return dh + rms_norm_backward(s["x"], w["input_layernorm.weight"], s["r1"], dn1)  # [B, T, d]
+
+    def llama_mlp_half(self, i: int, w: dict, h: np.ndarray, keep: dict, output: bool = True):
+        """model.Model.llama_mlp_half over h [B, T, d]: h + down(silu(gate(n)) · up(n)), n = rms_norm(h)
+        [B, T, d]; `keep` receives what the backward needs. output=False: None, without down's product."""
+        n2, r2 = rms_norm(h, w["post_attention_layernorm.weight"], self.model.config.norm_eps)  # [B, T, d]
         gate = self.project(i, w, "mlp.gate_proj", n2, keep)  # [B, T, ffn]
         up = self.project(i, w, "mlp.up_proj", n2, keep)  # [B, T, ffn]
         sig = 0.5 + 0.5 * np.tanh(0.5 * gate)  # sigmoid(gate), no overflow  [B, T, ffn]
-        out = h + self.project(i, w, "mlp.down_proj", gate * sig * up, keep)  # [B, T, d]
-        keep.update(x=x, r1=r1, h=h, r2=r2, gate=gate, up=up, sig=sig)
-        return out
+        y = self.project(i, w, "mlp.down_proj", gate * sig * up, keep, output)  # [B, T, d] or None
+        keep.update(h=h, r2=r2, gate=gate, up=up, sig=sig)
+        return None if y is None else h + y
 
-    def llama_layer_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
-        """dL/dx [B, T, d] of the layer's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
+    def llama_mlp_half_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dh [B, T, d] of the half's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
         gate, up, sig = s["gate"], s["up"], s["sig"]  # [B, T, ffn] each
         dact = self.project_backward(i, w, "mlp.down_proj", dout, s)  # [B, T, ffn]
         dgate = dact * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)(1 + g(1 - σ(g)))  [B, T, ffn]
         dup = dact * gate * sig  # [B, T, ffn]
         dn2 = (self.project_backward(i, w, "mlp.gate_proj", dgate, s)
                + self.project_backward(i, w, "mlp.up_proj", dup, s))  # [B, T, d]
-        dh = dout + rms_norm_backward(s["h"], w["post_attention_layernorm.weight"], s["r2"], dn2)  # [B, T, d]
-        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
-        return dh + rms_norm_backward(s["x"], w["input_layernorm.weight"], s["r1"], dn1)  # [B, T, d]
+        return dout + rms_norm_backward(s["h"], w["post_attention_layernorm.weight"], s["r2"], dn2)  # [B, T, d]
 
-    def opt_layer(self, i: int, w: dict, x: np.ndarray, saved: dict | None) -> np.ndarray:
-        """model.Model.opt_attention_half then opt_mlp_half over x [B, T, d], pre-LN or post-LN; `saved` (when
-        a dict) receives what the backward needs."""
+    def opt_attention_half(self, i: int, w: dict, x: np.ndarray, keep: dict, output: bool = True):
+        """model.Model.opt_attention_half over x [B, T, d], pre-LN or post-LN [B, T, d]; `keep` receives what
+        the backward needs. output=False: None, without the output projection's product where nothing
+        after it needs it (pre-LN; post-LN's norm needs the sum)."""
         pre = self.model.config.pre_norm
-        keep = saved if saved is not None else {}
-        h = x + self.attention(i, w, self.norm(w, "self_attn_layer_norm", x, keep) if pre else x, keep)  # [B, T, d]
-        h = h if pre else self.norm(w, "self_attn_layer_norm", h, keep)  # [B, T, d]
+        a = self.attention(i, w, self.norm(w, "self_attn_layer_norm", x, keep) if pre else x, keep,
+                           output or not pre)  # [B, T, d] or None
+        if a is None:
+            return None
+        return x + a if pre else self.norm(w, "self_attn_layer_norm", x + a, keep)  # [B, T, d]
+
+    def opt_attention_half_backward(self, i: int, w: dict, dh: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dx [B, T, d] of the half's input from dL/dh [B, T, d]; LoRA gradients added on the way."""
+        pre = self.model.config.pre_norm
+        dh = dh if pre else self.norm_backward(w, "self_attn_layer_norm", dh, s)  # [B, T, d]
+        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
+        return dh + (self.norm_backward(w, "self_attn_layer_norm", dn1, s) if pre else dn1)  # [B, T, d]
+
+    def opt_mlp_half(self, i: int, w: dict, h: np.ndarray, keep: dict, output: bool = True):
+        """model.Model.opt_mlp_half over h [B, T, d]: the ReLU MLP, pre-LN or post-LN [B, T, d]; `keep`
+        receives what the backward needs. output=False: None, without fc2's product where nothing after it
+        needs it (pre-LN)."""
+        pre = self.model.config.pre_norm
         n = self.norm(w, "final_layer_norm", h, keep) if pre else h  # [B, T, d]
         f = np.maximum(self.project(i, w, "fc1", n, keep), 0)  # ReLU  [B, T, ffn]
-        out = h + self.project(i, w, "fc2", f, keep)  # [B, T, d]
+        y = self.project(i, w, "fc2", f, keep, output or not pre)  # [B, T, d] or None
         keep.update(f=f)
-        return out if pre else self.norm(w, "final_layer_norm", out, keep)  # [B, T, d]
+        if y is None:
+            return None
+        return h + y if pre else self.norm(w, "final_layer_norm", h + y, keep)  # [B, T, d]
 
-    def opt_layer_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
-        """dL/dx [B, T, d] of the layer's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
+    def opt_mlp_half_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
+        """dL/dh [B, T, d] of the half's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
         pre = self.model.config.pre_norm
         dout = dout if pre else self.norm_backward(w, "final_layer_norm", dout, s)  # [B, T, d]
         df = self.project_backward(i, w, "fc2", dout, s) * (s["f"] > 0)  # ReLU': 1 where it passed  [B, T, ffn]
         dn2 = self.project_backward(i, w, "fc1", df, s)  # [B, T, d]
-        dh = dout + (self.norm_backward(w, "final_layer_norm", dn2, s) if pre else dn2)  # [B, T, d]
-        dh = dh if pre else self.norm_backward(w, "self_attn_layer_norm", dh, s)  # [B, T, d]
-        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
-        return dh + (self.norm_backward(w, "self_attn_layer_norm", dn1, s) if pre else dn1)  # [B, T, d]
+        return dout + (self.norm_backward(w, "final_layer_norm", dn2, s) if pre else dn2)  # [B, T, d]
 
     def norm(self, w: dict, name: str, x: np.ndarray, keep: dict) -> np.ndarray:
         """The LayerNorm `name` of a layer over x [B, T, d]; keep[name] receives its input and scale."""
@@ -265,9 +309,10 @@ class Pass:
 
     # ---- attention -------------------------------------------------------------------
 
-    def attention(self, i: int, w: dict, x: np.ndarray, keep: dict) -> np.ndarray:
+    def attention(self, i: int, w: dict, x: np.ndarray, keep: dict, output: bool = True):
         """Causal grouped-query self-attention of x [B, T, d] (model.Model.attention + attend_prefill); Llama
-        rotates q and k (RoPE), OPT's positions were added to the embedding."""
+        rotates q and k (RoPE), OPT's positions were added to the embedding. output=False: None, without the
+        output projection's product (`project`)."""
         c = self.model.config
         B, T, _ = x.shape
         H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
@@ -281,11 +326,16 @@ class Pass:
         q = q.reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]: heads sharing a kv head
         k = k[:, :, None]  # [B, KV, 1, T, hd]
         v = v[:, :, None]  # [B, KV, 1, T, hd]
-        scores = q @ k.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
+        scores = np.empty((B, KV, H // KV, T, T), dtype=np.float32)  # [B, KV, G, T, T]
+        for a, b in query_blocks(T):
+            np.matmul(q[..., a:b, :], k[..., :b, :].transpose(0, 1, 2, 4, 3), out=scores[..., a:b, :b])
         p = causal_softmax_(scores, 1 / math.sqrt(hd))  # [B, KV, G, T, T], 0 for the future keys
-        o = (p @ v).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
+        o = np.empty_like(q)  # [B, KV, G, T, hd]
+        for a, b in query_blocks(T):
+            np.matmul(p[..., a:b, :b], v[..., :b, :], out=o[..., a:b, :])
+        o = o.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # [B, T, H*hd]
         keep.update(q=q, k=k, v=v, p=p)
-        return self.project(i, w, self.out_proj(), o, keep)  # [B, T, d]
+        return self.project(i, w, self.out_proj(), o, keep, output)  # [B, T, d] or None
 
     def out_proj(self) -> str:
         """The attention's output projection (model.Model.attention's out_name)."""
@@ -299,11 +349,16 @@ class Pass:
         q, k, v, p = s["q"], s["k"], s["v"], s["p"]  # [B, KV, G, T, hd], [B, KV, 1, T, hd] x 2, [B, KV, G, T, T]
         do = self.project_backward(i, w, self.out_proj(), dy, s)  # [B, T, H*hd]
         do = do.reshape(B, T, H, hd).transpose(0, 2, 1, 3).reshape(B, KV, H // KV, T, hd)  # [B, KV, G, T, hd]
-        dv = (p.transpose(0, 1, 2, 4, 3) @ do).sum(axis=2)  # [B, KV, T, hd]
-        dp = do @ v.transpose(0, 1, 2, 4, 3)  # [B, KV, G, T, T]
-        dscores = softmax_backward_(p, dp, 1 / math.sqrt(hd))  # softmax', over dp  [B, KV, G, T, T]
-        dq = dscores @ k  # [B, KV, G, T, hd]
-        dk = (dscores.transpose(0, 1, 2, 4, 3) @ q).sum(axis=2)  # [B, KV, T, hd]
+        dp = np.empty_like(p)  # [B, KV, G, T, T]
+        for a, b in query_blocks(T):
+            np.matmul(do[..., a:b, :], v[..., :b, :].transpose(0, 1, 2, 4, 3), out=dp[..., a:b, :b])
+        dscores = causal_softmax_backward_(p, dp, 1 / math.sqrt(hd))  # softmax', over dp  [B, KV, G, T, T]
+        dq, dk, dv = np.empty_like(q), np.empty_like(k[:, :, 0]), np.empty_like(v[:, :, 0])  # [B, KV, (G,) T, hd]
+        for a, b in query_blocks(T):
+            np.matmul(dscores[..., a:b, :b], k[..., :b, :], out=dq[..., a:b, :])
+            # keys a..b-1 are seen by the queries a..T-1
+            dk[..., a:b, :] = (dscores[..., a:, a:b].transpose(0, 1, 2, 4, 3) @ q[..., a:, :]).sum(axis=2)
+            dv[..., a:b, :] = (p[..., a:, a:b].transpose(0, 1, 2, 4, 3) @ do[..., a:, :]).sum(axis=2)
         dq = dq.reshape(B, H, T, hd)  # [B, H, T, hd]
         if c.arch == "llama":
             dq, dk = rope_backward(dq, s["cos"], s["sin"]), rope_backward(dk, s["cos"], s["sin"])  # as q, k
@@ -314,20 +369,23 @@ class Pass:
 
     # ---- a frozen projection with its LoRA branch ------------------------------------
 
-    def project(self, i: int, w: dict, module: str, x: np.ndarray, keep: dict) -> np.ndarray:
-        """y = x Wᵀ (+ b) + s · (dropout(x) Aᵀ) Bᵀ for the weight `module` of layer i; x [B, T, in]."""
+    def project(self, i: int, w: dict, module: str, x: np.ndarray, keep: dict, output: bool = True):
+        """y = x Wᵀ (+ b) + s · (dropout(x) Aᵀ) Bᵀ for the weight `module` of layer i; x [B, T, in].
+        keep[module] receives the LoRA branch's input and down-projection (its backward's), if it has one.
+        output=False: None, with only that kept (a recomputation whose y nothing reads)."""
+        name = f"{layer_prefix(self.model, i)}{module}.weight"
+        if name in self.adapter.A:
+            mask = self.dropout_mask(i, module, x.shape)  # [B, T, in] or None
+            xd = x if mask is None else x * mask  # [B, T, in]
+            keep[module] = (mask, xd, xd @ self.adapter.A[name].T)  # ..., down [B, T, r]
+        if not output:
+            return None
         W, bias = w[f"{module}.weight"], w.get(f"{module}.bias")  # [out, in], [out] or None
         y = x @ W.T  # [B, T, out]
         if bias is not None:
             y += bias
-        name = f"{layer_prefix(self.model, i)}{module}.weight"
-        if name not in self.adapter.A:
-            return y
-        mask = self.dropout_mask(i, module, x.shape)  # [B, T, in] or None
-        xd = x if mask is None else x * mask  # [B, T, in]
-        down = xd @ self.adapter.A[name].T  # [B, T, r]
-        keep[module] = (mask, xd, down)
-        y += (np.float32(self.adapter.scale) * down) @ self.adapter.B[name].T  # scaled while [B, T, r]
+        if name in self.adapter.A:
+            y += (np.float32(self.adapter.scale) * keep[module][2]) @ self.adapter.B[name].T  # scaled while [B, T, r]
         return y  # [B, T, out]
 
     def project_backward(self, i: int, w: dict, module: str, dy: np.ndarray, s: dict) -> np.ndarray:
@@ -355,6 +413,12 @@ class Pass:
             return None
         key = dropout_numba.stream_key(self.seed, i, PROJECTIONS[self.model.config.arch].index(module))
         return dropout_numba.dropout_mask(shape, key, self.dropout)  # [shape]
+
+
+def query_blocks(T: int):
+    """(first, end) of each block of QUERY_BLOCK query rows of a causal attention over T positions: the
+    block's queries see the keys 0..end-1."""
+    return [(a, min(a + QUERY_BLOCK, T)) for a in range(0, T, QUERY_BLOCK)]
 
 
 # ---- elementwise pieces, each with its backward ------------------------------------------

@@ -10,8 +10,10 @@ Each:
 
 - `causal_softmax_(scores, scale)`: row t of the T x T scores of each head (query t sees keys 0..t) becomes
   softmax(scale · s) over keys 0..t and 0 for the future keys, the -inf entries of the masked reference.
-- `softmax_backward_(p, dp, scale)`: dp becomes scale · p ⊙ (dp - Σ_j dp_j p_j), the gradient of the scores
-  of p = softmax(scale · s) (Bridle 1990's softmax Jacobian applied to dp).
+- `causal_softmax_backward_(p, dp, scale)`: row t of dp becomes scale · p ⊙ (dp - Σ_j dp_j p_j) over keys
+  0..t, the gradient of the scores of p = softmax(scale · s) (Bridle 1990's softmax Jacobian applied to dp),
+  and 0 for the future keys, whatever dp held there (the attention computes only the blocks of dp that reach
+  the diagonal).
 - `cross_entropy_(logits, targets)`: per row z, the loss log Σ_j e^{z_j} - z_target (float64, returned) and,
   written over z, its gradient softmax(z) - onehot(target).
 
@@ -58,21 +60,25 @@ def causal_softmax_(scores: np.ndarray, scale: float) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True)
-def _softmax_backward_rows(p, dp, scale):
-    """`softmax_backward_` of rows p, dp [rows, T] (C-contiguous), one after another."""
-    for row in range(p.shape[0]):
+def _causal_softmax_backward_rows(p, dp, scale):
+    """`causal_softmax_backward_` of p, dp [heads, T, T] (C-contiguous), rows one after another."""
+    n, T, _ = p.shape
+    for row in range(n * T):
+        pr, dr = p[row // T, row % T], dp[row // T, row % T]  # [T] each
+        seen = row % T + 1
         dot = np.float32(0.0)
-        for j in range(p.shape[1]):
-            dot += dp[row, j] * p[row, j]
-        for j in range(p.shape[1]):
-            dp[row, j] = scale * p[row, j] * (dp[row, j] - dot)
+        for j in range(seen):
+            dot += dr[j] * pr[j]
+        for j in range(seen):
+            dr[j] = scale * pr[j] * (dr[j] - dot)
+        dr[seen:] = 0.0
 
 
-def softmax_backward_(p: np.ndarray, dp: np.ndarray, scale: float) -> np.ndarray:
-    """dp [..., T] float32 C-contiguous, overwritten with scale · p ⊙ (dp - Σ dp ⊙ p) (the gradient of the
-    scores s of p = softmax(scale · s) [..., T]) and returned."""
+def causal_softmax_backward_(p: np.ndarray, dp: np.ndarray, scale: float) -> np.ndarray:
+    """dp [..., T, T] float32 C-contiguous, overwritten with the gradient of the scores s of the causal
+    p = softmax(scale · s) [..., T, T] (module docstring; dp's future entries are not read) and returned."""
     T = p.shape[-1]
-    _softmax_backward_rows(p.reshape(-1, T), dp.reshape(-1, T), np.float32(scale))
+    _causal_softmax_backward_rows(p.reshape(-1, T, T), dp.reshape(-1, T, T), np.float32(scale))
     return dp
 
 
