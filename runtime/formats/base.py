@@ -112,7 +112,8 @@ class PackedTensor:
     def dequantize_cpu(self) -> np.ndarray:
         """`dequantize` of NumPy arrays through the format's Numba kernels where it has them (equal to the
         reference within float32 rounding), on the calling thread; what a caller that needs the whole float
-        matrix runs (training's frozen products, beside BLAS on every core)."""
+        matrix runs (training's frozen products, beside BLAS on every core). C or Fortran order, as the
+        format's decoder writes it."""
         return np.asarray(self.dequantize(), dtype=np.float32)
 
     def matmul(self, x):
