@@ -42,7 +42,8 @@ the keys up to the block's last row: the blocks above the diagonal, which the
 causal mask zeroes, are never computed (at 512 tokens, 10 of 16 blocks). The
 causal softmax of the attention scores, its backward and the LM head's
 cross-entropy run as Numba kernels (runtime/kernels/softmax_numba.py), in place
-and in fewer passes than NumPy's: they are the largest arrays of a pass.
+and in fewer passes than NumPy's: they are the largest arrays of a pass. So do
+RMSNorm and SwiGLU with their backward (runtime/kernels/norm_swiglu_numba.py).
 
 The loss is the sum of token cross-entropies over the targets that are not
 IGNORE; gradients are of that sum, so gradient accumulation divides by the
@@ -60,6 +61,7 @@ from runtime.checkpoints.content_hash import run_pending
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from runtime.kernels import dropout_numba
+from runtime.kernels.norm_swiglu_numba import rms_norm, rms_norm_backward, swiglu, swiglu_backward
 from runtime.kernels.softmax_numba import causal_softmax_, causal_softmax_backward_, cross_entropy_
 
 IGNORE = -100  # a target that adds nothing to the loss (HF's label convention)
@@ -242,8 +244,8 @@ class Pass:
         n2, r2 = rms_norm(h, w["post_attention_layernorm.weight"], self.model.config.norm_eps)  # [B, T, d]
         gate = self.project(i, w, "mlp.gate_proj", n2, keep)  # [B, T, ffn]
         up = self.project(i, w, "mlp.up_proj", n2, keep)  # [B, T, ffn]
-        sig = 0.5 + 0.5 * np.tanh(0.5 * gate)  # sigmoid(gate), no overflow  [B, T, ffn]
-        y = self.project(i, w, "mlp.down_proj", gate * sig * up, keep, output)  # [B, T, d] or None
+        sig, act = swiglu(gate, up)  # σ(gate), silu(gate) · up  [B, T, ffn] each
+        y = self.project(i, w, "mlp.down_proj", act, keep, output)  # [B, T, d] or None
         keep.update(h=h, r2=r2, gate=gate, up=up, sig=sig)
         return None if y is None else h + y
 
@@ -251,8 +253,7 @@ class Pass:
         """dL/dh [B, T, d] of the half's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
         gate, up, sig = s["gate"], s["up"], s["sig"]  # [B, T, ffn] each
         dact = self.project_backward(i, w, "mlp.down_proj", dout, s)  # [B, T, ffn]
-        dgate = dact * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)(1 + g(1 - σ(g)))  [B, T, ffn]
-        dup = dact * gate * sig  # [B, T, ffn]
+        dgate, dup = swiglu_backward(dact, gate, up, sig)  # d silu(g) / dg = σ(g)(1 + g(1 - σ(g)))  [B, T, ffn]
         dn2 = (self.project_backward(i, w, "mlp.gate_proj", dgate, s)
                + self.project_backward(i, w, "mlp.up_proj", dup, s))  # [B, T, d]
         return dout + rms_norm_backward(s["h"], w["post_attention_layernorm.weight"], s["r2"], dn2)  # [B, T, d]
@@ -422,18 +423,6 @@ def query_blocks(T: int):
 
 
 # ---- elementwise pieces, each with its backward ------------------------------------------
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x · r · weight, r) with r = 1 / sqrt(mean(x²) + eps) [..., 1] (model.Model.rms_norm)."""
-    r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))  # [..., 1]
-    return x * r * weight, r
-
-
-def rms_norm_backward(x: np.ndarray, weight: np.ndarray, r: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """dL/dx [..., d] of rms_norm: r·u - x·r³·mean(u·x), u = weight·dy."""
-    u = dy * weight  # [..., d]
-    return r * u - x * (r ** 3) * np.mean(u * x, axis=-1, keepdims=True)  # [..., d]
-
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """((x - mean) · r · weight + bias, r) with r = 1 / sqrt(var(x) + eps) [..., 1] (model.Model.layer_norm)."""
