@@ -8,9 +8,8 @@ of WikiText-2 validation (our tokenizer's ids, the same for every engine),
 one window per step, AdamW; one warm-up step, then --steps timed steps:
 
 - ours on the NF4-DQ base (`smollm2-135m.nf4dq`, QLoRA's setting) and on the
-  float base, through `pipeline.training.trainer.train` set up as train.py
-  sets it up (BLAS on every core, `runtime.blas_on_every_core`; freed memory
-  kept for reuse, `runtime.keep_freed_memory`); ours always checkpoints
+  float base, through `pipeline.training.trainer.train` with BLAS on every
+  core as train.py (`runtime.blas_on_every_core`); ours always checkpoints
   activations (per half layer: recomputes each half in the backward);
 - PEFT + torch on the float base with `torch.set_num_threads(cores)`, without
   and with gradient checkpointing (transformers' per-layer checkpointing, the
@@ -63,7 +62,6 @@ def child_ours(base: str, ids_path: str, steps: int) -> dict:
     import runtime
 
     runtime.blas_on_every_core()  # as train.py, before NumPy loads
-    runtime.keep_freed_memory()  # its temporaries reused, not page-faulted in again (runtime/__init__.py)
     import numpy as np
 
     from pipeline.api import load_model
@@ -163,7 +161,6 @@ def child_quality(base: str, steps: int) -> dict:
     import runtime
 
     runtime.blas_on_every_core()  # as train.py, before NumPy loads
-    runtime.keep_freed_memory()  # its temporaries reused, not page-faulted in again (runtime/__init__.py)
     from pipeline.api import load_model
     from pipeline.first_use import find_or_build
     from pipeline.perplexity import perplexity

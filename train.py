@@ -16,7 +16,6 @@ from pathlib import Path
 import runtime
 
 runtime.blas_on_every_core()  # training multiplies whole matrices (runtime/__init__.py); before NumPy loads
-runtime.keep_freed_memory()  # its temporaries reused, not page-faulted in again (runtime/__init__.py)
 
 from pipeline.api import load_model, load_tokenizer
 from runtime.cli import ArgumentParser, run_cli

@@ -23,13 +23,18 @@ The entry points whose work is large matrix products and no packed kernels
 dequantized layers) call `blas_on_every_core()` first instead: measured on
 2 cores, SmolLM2 QLoRA training 60 -> 76 tok/s.
 
-train.py also calls `keep_freed_memory()`: a training pass makes thousands of
-temporaries of a few megabytes (a [512, 1536] float32 array is 3 MB), and
-glibc's malloc by default maps each from the kernel and unmaps it when freed,
-so every one is page-faulted in again, zeroed page by page: the SwiGLU
-backward's NumPy expression took 4.8 ms on [512, 1536] arrays that way and
-1.0 ms with freed blocks kept for reuse (SmolLM2 NF4-DQ training, medians of 4
-interleaved runs: 123 -> 149 tok/s).
+Importing it also keeps freed memory for reuse (`keep_freed_memory`, unless
+the user tuned glibc's malloc through MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES): a prefill or a training pass makes
+thousands of temporaries of a few megabytes (a [512, 1536] float32 array is
+3 MB), and glibc's malloc by default hands the heap's top back to the kernel
+when they are freed, so each is page-faulted in again, zeroed page by page.
+Measured on 2 cores: the SwiGLU backward's NumPy expression 4.8 ms on
+[512, 1536] arrays that way and 1.0 ms with freed blocks reused; SmolLM2
+NF4-DQ training 123 -> 149 tok/s (medians of 4 interleaved runs); SmolLM2
+prefill of 128 tokens, three interleaved runs each, quip2 222-258 -> 304-422
+tok/s and rtn4g128 310-419 -> 439-584. The process keeps its high-water heap
+(its peak RSS is unchanged).
 """
 import ctypes
 import os
@@ -37,6 +42,7 @@ import sys
 
 _USER_BLAS_THREADS = "OPENBLAS_NUM_THREADS" in os.environ  # the user's value wins over both defaults
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+USER_MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # the user's malloc tuning wins over ours
 
 
 def _blas_threads(threads: int) -> None:
@@ -58,7 +64,10 @@ def blas_on_every_core() -> None:
 def keep_freed_memory() -> None:
     """glibc malloc: blocks up to 32 MB come from the heap (not their own mapping), and the heap is never
     handed back to the kernel on a free (trim threshold 2 GB), so freed temporaries are reused without page
-    faults; the process keeps its high-water heap. No-op where the C library has no `mallopt` (macOS)."""
+    faults; the process keeps its high-water heap. No-op where the user tuned malloc (module docstring) or the
+    C library has no `mallopt` (macOS)."""
+    if any(name in os.environ for name in USER_MALLOC) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value on 64-bit
@@ -66,3 +75,4 @@ def keep_freed_memory() -> None:
 
 
 _blas_threads(1)
+keep_freed_memory()
