@@ -65,8 +65,9 @@ def keep_freed_memory() -> None:
     """glibc malloc: blocks up to 32 MB come from the heap (not their own mapping), and the heap is never
     handed back to the kernel on a free (trim threshold 2 GB), so freed temporaries are reused without page
     faults; the process keeps its high-water heap. No-op where the user tuned malloc (module docstring) or the
-    C library has no `mallopt` (macOS)."""
-    if any(name in os.environ for name in USER_MALLOC) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    system is not Linux (macOS's C library has no `mallopt`)."""
+    tuned = any(name in os.environ for name in USER_MALLOC) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if tuned or not sys.platform.startswith("linux"):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
