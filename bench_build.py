@@ -48,7 +48,8 @@ METHODS = {  # row name -> quantize.py arguments
     "quipsharp2": ["--method", "quipsharp", "--bits", "2"],
 }
 CALIBRATED = ("gptq4g128", "spqr3g16", "quip2", "quipsharp2")
-FLOORS = ("floor-io", "floor-calibration")  # the rows every run measures besides its methods
+FLOOR_IO, FLOOR_CALIBRATION = "floor-io", "floor-calibration"
+FLOORS = (FLOOR_IO, FLOOR_CALIBRATION)  # the rows every run measures besides its methods
 
 
 def measure(command: list[str], env: dict) -> dict:
@@ -122,8 +123,8 @@ def run_all(model: Path, nsamples: int, rows: list[str], work: Path, saved: Path
     run = runs.setdefault(str(nsamples), {"results": {}})
     run["command"], results = command, run["results"]
     here = [sys.executable, str(Path(__file__).resolve())]
-    commands = {"floor-io": here + ["--floor", "io", "--model", str(model), "--out", str(work)],
-                "floor-calibration": here + ["--floor", "calibration", "--model", str(model), "--nsamples",
+    commands = {FLOOR_IO: here + ["--floor", "io", "--model", str(model), "--out", str(work)],
+                FLOOR_CALIBRATION: here + ["--floor", "calibration", "--model", str(model), "--nsamples",
                                              str(nsamples)]}
     for row in rows:
         extra = ["--nsamples", str(nsamples)] if row in CALIBRATED else []
@@ -152,7 +153,7 @@ def document(model: Path, runs: dict) -> str:
              f"bench_build.py's docstring; one fresh process per row."]
     for nsamples, run in sorted(runs.items(), key=lambda item: int(item[0])):
         results = run["results"]
-        io, calib = results["floor-io"]["seconds"], results["floor-calibration"]["seconds"]
+        io, calib = results[FLOOR_IO]["seconds"], results[FLOOR_CALIBRATION]["seconds"]
         lines += ["", f"### {nsamples} calibration windows", "", f"Written by `{run['command']}`.", "",
                   "| row | seconds | x its floor | peak RSS MB | x checkpoint size |",
                   "| --- | ---: | ---: | ---: | ---: |"]

@@ -271,10 +271,8 @@ class Pass:
 
     def opt_attention_half_backward(self, i: int, w: dict, dh: np.ndarray, s: dict) -> np.ndarray:
         """dL/dx [B, T, d] of the half's input from dL/dh [B, T, d]; LoRA gradients added on the way."""
-        pre = self.model.config.pre_norm
-        dh = dh if pre else self.norm_backward(w, "self_attn_layer_norm", dh, s)  # [B, T, d]
-        dn1 = self.attention_backward(i, w, dh, s)  # [B, T, d]
-        return dh + (self.norm_backward(w, "self_attn_layer_norm", dn1, s) if pre else dn1)  # [B, T, d]
+        return self.opt_residual_backward(w, "self_attn_layer_norm", dh, s,
+                                          lambda dn: self.attention_backward(i, w, dn, s))  # [B, T, d]
 
     def opt_mlp_half(self, i: int, w: dict, h: np.ndarray, keep: dict, output: bool = True):
         """model.Model.opt_mlp_half over h [B, T, d]: the ReLU MLP, pre-LN or post-LN [B, T, d]; `keep`
@@ -291,11 +289,18 @@ class Pass:
 
     def opt_mlp_half_backward(self, i: int, w: dict, dout: np.ndarray, s: dict) -> np.ndarray:
         """dL/dh [B, T, d] of the half's input from dL/dout [B, T, d]; LoRA gradients added on the way."""
-        pre = self.model.config.pre_norm
-        dout = dout if pre else self.norm_backward(w, "final_layer_norm", dout, s)  # [B, T, d]
-        df = self.project_backward(i, w, "fc2", dout, s) * (s["f"] > 0)  # ReLU': 1 where it passed  [B, T, ffn]
-        dn2 = self.project_backward(i, w, "fc1", df, s)  # [B, T, d]
-        return dout + (self.norm_backward(w, "final_layer_norm", dn2, s) if pre else dn2)  # [B, T, d]
+        def mlp_backward(dy):  # dL/d(the MLP's input) [B, T, d] from dL/d(its output) [B, T, d]
+            df = self.project_backward(i, w, "fc2", dy, s) * (s["f"] > 0)  # ReLU': 1 where it passed  [B, T, ffn]
+            return self.project_backward(i, w, "fc1", df, s)  # [B, T, d]
+        return self.opt_residual_backward(w, "final_layer_norm", dout, s, mlp_backward)  # [B, T, d]
+
+    def opt_residual_backward(self, w: dict, norm: str, dy: np.ndarray, s: dict, branch) -> np.ndarray:
+        """dL/dx [B, T, d] of an OPT half, x + branch(norm(x)) (pre-LN) or norm(x + branch(x)) (post-LN),
+        from dL/dy [B, T, d]; `branch` maps the gradient of its output to that of its input."""
+        if self.model.config.pre_norm:
+            return dy + self.norm_backward(w, norm, branch(dy), s)  # [B, T, d]
+        dsum = self.norm_backward(w, norm, dy, s)  # [B, T, d] of x + branch(x)
+        return dsum + branch(dsum)  # [B, T, d]
 
     def norm(self, w: dict, name: str, x: np.ndarray, keep: dict) -> np.ndarray:
         """The LayerNorm `name` of a layer over x [B, T, d]; keep[name] receives its input and scale."""
