@@ -28,6 +28,29 @@ def test_sparse_kernel_matches_reference():
     np.testing.assert_array_equal(sparse.row_ptr, np.concatenate([[0], np.cumsum(np.count_nonzero(dense, axis=1))]))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_rows_split_over_threads_match_reference(threads, monkeypatch):
+    # past PARALLEL_ENTRIES the few-row product splits the output rows over the threads by entries: rows
+    # with no entries and rows with many included, every split point must be covered exactly once
+    import numba
+    from runtime.kernels import sparse_numba
+    rng = np.random.default_rng(42)
+    sparse = random_outliers(rng, 2000, 300, 0.05)
+    monkeypatch.setattr(sparse_numba, "PARALLEL_ENTRIES", 1000)
+    assert sparse.nnz > sparse_numba.PARALLEL_ENTRIES
+    dense = sparse.dequantize()  # [2000, 300]
+    dense[:50] = 0  # rows without entries at the start, and a heavy row
+    dense[700, :] = 1
+    sparse = SparseTensor.from_entries(*np.nonzero(dense), dense[np.nonzero(dense)], dense.shape)
+    numba.set_num_threads(threads)
+    try:
+        for rows in (1, 4):
+            x = inputs(43, rows, 300, mean=0.5)
+            assert_close(sparse.matmul(x), x @ dense.T, tol=1e-6)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 def test_sparse_rejects_bad_entries():
     with pytest.raises(UserError, match="same position"):
         SparseTensor.from_entries([1, 1], [2, 2], [1.0, 2.0], (4, 4))

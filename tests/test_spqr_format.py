@@ -88,6 +88,35 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
 
 
 
+@pytest.mark.parametrize("kernel", uniform_int8_numba.available_kernels())
+@pytest.mark.parametrize("stat_bits, stat_group, layout", [(3, 16, np.uint32), (4, 32, np.uint32),
+                                                           (3, 7, np.float32), (16, 16, np.uint16)])
+@pytest.mark.parametrize("group_size", [16, 32])
+def test_int8_kernels_read_every_statistics_layout(kernel, stat_bits, stat_group, layout, group_size, monkeypatch):
+    # quantized statistics in blocks of whole tiles stay codes (uint32 words), float16 ones float16 bits, the
+    # rest float32: decode, prefill (integer or dequantized tiles) and the portable lanes equal the reference
+    monkeypatch.setenv("QLLM_INT8_KERNEL", kernel)
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8-all")
+    packed = make_tensor(80 + stat_bits, 90, 208, 3, group_size, stat_bits, stat_group)
+    weight = packed.int8_weight()
+    assert weight.scales.dtype == layout and weight.zeros.dtype == layout
+    if layout == np.uint32:  # 16 code bytes + one low/step word per tile and group
+        assert weight.scales.shape[2] == uniform_int8_numba.CODE_WORDS + 1
+    x = inputs(81, 5, 208, mean=0.5)  # [5, in]
+    assert_close(packed.matmul(x[:1]), packed.matmul_reference_int8(x[:1]))
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    y5 = packed.matmul(x)  # [5, out]
+    integer = uniform_prefill_numba.integer_prefill(weight, kernel)
+    assert_close(y5, packed.matmul_reference_int8(x, LEVELS16) if integer else packed.matmul_reference(x))
+
+
+def test_coded_statistics_need_whole_tiles():
+    codes = np.zeros((2, 40), np.uint8)
+    halves = np.zeros((2, 2), np.float16)
+    with pytest.raises(ValueError, match="whole tiles"):
+        uniform_int8_numba.coded_statistics(codes, halves, halves, 24)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_dequantize_kernel_equals_dense_reference(bits):
     packed = make_tensor(10 + bits, 67, 200, bits, 16)

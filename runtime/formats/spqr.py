@@ -263,19 +263,33 @@ class SpQRTensor(PackedTensor):
 
     def int8_weight(self):
         """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes
-        copied into the kernel's tiles, the statistics decoded to float32 [n_groups, out] once (8 bytes per group and output);
-        None on the GPU or for groups of neither 16 nor whole runs of 32. Prefill then reads them too, and
-        qweight's pages mapped from the model file go back to the OS."""
+        copied into the kernel's tiles, the statistics with them (`kernel_statistics`); None on the GPU or for
+        groups of neither 16 nor whole runs of 32. Prefill then reads them too, and qweight's pages mapped from
+        the model file go back to the OS."""
         if self._int8_weight is None and self.int8_codes() is not None:
             from runtime.checkpoints.safetensors_io import release_pages
             from runtime.kernels.uniform_int8_numba import HALF_RUN_GROUPS, block_weight
             from runtime.kernels.uniform_numba import readonly
-            s, z = (np.asarray(a, dtype=np.float32) for a in self.statistics())  # [n_groups, out] each
             runs = HALF_RUN_GROUPS if self.group_size == HALF_RUN else self.group_size // RUN
-            self._int8_weight = block_weight(self.qweight, s, z, readonly(self.perm), self.in_features, self.bits,
-                                             runs)
+            self._int8_weight = block_weight(self.qweight, *self.kernel_statistics(), readonly(self.perm),
+                                             self.in_features, self.bits, runs)
             release_pages(self.qweight)
         return self._int8_weight
+
+    def kernel_statistics(self) -> tuple:
+        """(scales, zeros) as the int8 kernels read them, as compact as the kernels can decode: quantized
+        statistics in blocks of whole tiles of 16 outputs stay codes with their float16 low and step
+        (`coded_statistics`: 1.25 bits a weight at groups of 16, where float32 takes 4); float16 statistics stay
+        float16 bits [n_groups, out]; other blocks are decoded to float32 [n_groups, out]."""
+        from runtime.kernels.uniform_int8_numba import TILE, coded_statistics
+        stats = {name: to_numpy(a) for name, a in self.stats.items()}
+        if self.stat_bits == FP16_STATS:
+            return stats["scales"].view(np.uint16), stats["zeros"].view(np.uint16)
+        if self.stat_group % TILE:
+            return tuple(np.asarray(a, dtype=np.float32) for a in self.statistics())
+        return tuple(coded_statistics(unpack(np.ascontiguousarray(stats[f"{name}_codes"].T), self.stat_bits,
+                                             self.out_features).T, stats[f"{name}_step"], stats[f"{name}_low"],
+                                      self.stat_group) for name in ("scale", "zero"))
 
     def _matmul_int8(self, rows):
         """The dense part through the int8-activation kernel (PackedTensor._matmul_int8), then the outliers."""

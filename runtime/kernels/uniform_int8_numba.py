@@ -51,19 +51,24 @@ multiply-adds of one output:
 
 Groups of 16 (SpQR's default, group_runs == HALF_RUN_GROUPS): each half run
 is a group, so a run's dot product is taken as two, codes 0-15 and 16-31
-(`_half_runs`: at 2, 4 and 8 bits the first four code vectors hold the first
-half; at 3 bits every vector holds both, and each half is the vectors masked
-to its two bytes per lane, twice the dot products), xsum is kept per half
-run, and the statistics go with groups 2r and 2r + 1 (a last half run past
+(`_half_runs`: at every width the first four code vectors hold the first
+half, so the halves cost no more dot products than a whole run), xsum is kept
+per half run, and the statistics go with groups 2r and 2r + 1 (a last half run past
 the inputs gets scale 0). A TinyLlama-1.1B MLP product (5632 x 2048, 3 bits)
 decodes in 0.4 ms where the float kernels took 2.5-3 ms.
 
 3 bits. A run's 32 codes fill its three words as one 96-bit number, code k
 at bit 3k, so every 3 bytes hold 8 codes and codes 8q + 2 and 8q + 5 straddle
 a byte boundary. The tile gathers byte m of each 3-byte group q into byte q of
-a word P_m (shifts and masks within each lane, `_codes3`); code vector j then
-holds code 8q + j in byte q, cut from P_0..P_2 by one or two shifts and masks,
-and meets the activations in that order (`tile_byte_order`).
+a word P_m (shifts and masks within each lane, `_codes3`); vector j then
+holds code 8q + j in byte q, cut from P_0..P_2 by one or two shifts and masks.
+Bytes 0-1 of vectors j and j + 1 (j even) go into one code vector (codes j,
+8 + j, j + 1, 9 + j) and bytes 2-3 into another (codes 16 + j ...), so the
+first four code vectors hold the first half run, as at the other widths; the
+activations meet them in that order (`tile_byte_order`). (With every vector
+holding codes of both halves, SpQR's groups of 16 took each vector twice,
+masked to either half: twice the dot products; TinyLlama-1.1B's 3-bit
+prefill went from 60 to ... tok/s.)
 
 Tables. The same kernel runs 4-bit codes that index a 16-value table (NF4 and
 FP4, the lut4 format repacked into this layout: runtime/kernels/lut4_numba.py).
@@ -104,10 +109,11 @@ import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.extending import overload
 from numba.core import cgutils
 
 from runtime.formats.uniform import unpack
-from runtime.kernels.numba_common import scale_value, variant_switch
+from runtime.kernels.numba_common import half_to_float, variant_switch
 from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
@@ -126,6 +132,7 @@ WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
 MAX_PARTS = 3  # weights one call multiplies (q/k/v)
 HALF_RUN_GROUPS = 0  # group_runs of groups of 16 inputs, half a run (SpQR's default): run r is groups 2r, 2r + 1
 HALF_RUN = BLOCK // 2
+CODE_WORDS = TILE // 4  # words of a tile's statistic codes (a byte each) in coded statistics
 PARALLEL_BYTES = 32 << 10  # packed codes below which a product runs on the calling thread (`prepare`)
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -162,7 +169,9 @@ def _codes(builder, word, bits, s):
 
 
 def _codes3(builder, words):
-    """The 8 code vectors (<L x i32>) of a 3-bit run from its 3 words: vector j holds code 8q + j in byte q."""
+    """The 8 code vectors (<L x i32>) of a 3-bit run from its 3 words: vector v < 4 holds codes j, 8 + j, j + 1,
+    9 + j in bytes 0-3 (j = 2 v), vector 4 + v codes 16 + j, 24 + j, 17 + j, 25 + j: the first four vectors
+    are the first half run."""
     w0, w1, w2 = words
     lanes = w0.type.count
 
@@ -185,11 +194,17 @@ def _codes3(builder, words):
               gather((w0, -16, 0xFF), (w1, 0, 0xFF00), (w2, 16, 0xFF0000), (w2, 0, 0xFF000000))]  # bytes 3q + 2
     p0, p1, p2 = bytes_
     sevens = 0x07070707
-    return [part(p0, 0, sevens), part(p0, -3, sevens),
-            builder.or_(part(p0, -6, 0x03030303), part(p1, 2, 0x04040404)),  # bits 6-7 of P_0, bit 0 of P_1
-            part(p1, -1, sevens), part(p1, -4, sevens),
-            builder.or_(part(p1, -7, 0x01010101), part(p2, 1, 0x06060606)),  # bit 7 of P_1, bits 0-1 of P_2
-            part(p2, -2, sevens), part(p2, -5, sevens)]
+    by_offset = [part(p0, 0, sevens), part(p0, -3, sevens),  # vector j: code 8q + j in byte q
+                 builder.or_(part(p0, -6, 0x03030303), part(p1, 2, 0x04040404)),  # bits 6-7 of P_0, bit 0 of P_1
+                 part(p1, -1, sevens), part(p1, -4, sevens),
+                 builder.or_(part(p1, -7, 0x01010101), part(p2, 1, 0x06060606)),  # bit 7 of P_1, bits 0-1 of P_2
+                 part(p2, -2, sevens), part(p2, -5, sevens)]
+    # vectors j, j + 1 (j even) -> bytes 0-1 of both (codes j, 8 + j, j + 1, 9 + j: the first half run)
+    # and bytes 2-3 of both (codes 16 + j, 24 + j, 17 + j, 25 + j: the second)
+    pairs = [(by_offset[j], by_offset[j + 1]) for j in range(0, 8, 2)]
+    first = [builder.or_(part(a, 0, 0x0000FFFF), part(b, 16, -0x10000)) for a, b in pairs]  # -0x10000: 0xFFFF0000
+    second = [builder.or_(part(a, -16, 0x0000FFFF), part(b, 0, -0x10000)) for a, b in pairs]
+    return first + second
 
 
 def _dot_vnni(builder, acc, codes, xword):
@@ -288,17 +303,26 @@ def _table_run_dot(builder, vectors, x_wide):
     return builder.sitofp(builder.add(even, odd), ir.VectorType(_F32, 16))
 
 
-def _load_lanes(builder, pointer, lanes, dtype):
-    """<lanes x float> of `lanes` consecutive values at pointer (i8*) stored as `dtype`: float32, float16 bits
-    (uint16, widened by fpext: vcvtph2ps) or uint8 codes."""
-    if dtype == types.float32:
-        return builder.load(builder.bitcast(pointer, ir.VectorType(_F32, lanes).as_pointer()), align=4)
+def _load_lanes(builder, group, h, lanes, dtype):
+    """<lanes x float>: statistics h * lanes .. h * lanes + lanes - 1 of one tile and group (group: i8* to
+    them) stored as `dtype`: float32, float16 bits (uint16, widened by fpext: vcvtph2ps), uint8 codes, or
+    coded statistics (uint32, `coded_statistics`: low + code * step in float32)."""
     floats = ir.VectorType(_F32, lanes)
+
+    def at(offset, element):  # <lanes x element>* at byte `offset` of the group
+        return builder.bitcast(builder.gep(group, [ir.Constant(_I32, offset)]), ir.VectorType(element, lanes).as_pointer())
+
+    if dtype == types.float32:
+        return builder.load(at(4 * h * lanes, _F32), align=4)
     if dtype == types.uint16:
-        halves = builder.load(builder.bitcast(pointer, ir.VectorType(ir.HalfType(), lanes).as_pointer()), align=2)
-        return builder.fpext(halves, floats)
-    return builder.uitofp(builder.load(builder.bitcast(pointer, ir.VectorType(_I8, lanes).as_pointer()), align=1),
-                          floats)
+        return builder.fpext(builder.load(at(2 * h * lanes, ir.HalfType()), align=2), floats)
+    codes = builder.uitofp(builder.load(at(h * lanes, _I8), align=1), floats)
+    if dtype == types.uint8:
+        return codes
+    word = builder.load(builder.bitcast(builder.gep(group, [ir.Constant(_I32, 4 * CODE_WORDS)]), _I32.as_pointer()))
+    low, step = (builder.fpext(builder.bitcast(builder.trunc(part, _I16), ir.HalfType()), _F32)
+                 for part in (word, builder.lshr(word, ir.Constant(_I32, 16))))
+    return builder.fadd(_splat(builder, low, lanes), builder.fmul(codes, _splat(builder, step, lanes)))
 
 
 def _table_bytes(builder, data):
@@ -321,15 +345,10 @@ def _fold_group(builder, total, group_sums, group_scales, group_zeros, group_sum
     builder.store(builder.fadd(builder.load(total), builder.fmul(group_scales, term)), total)
 
 
-def _half_runs(builder, vectors, bits):
+def _half_runs(vectors):
     """A run's code vectors (`_run_codes`) as its two half runs, codes 0-15 and 16-31: (vectors, index of
-    their first activation word) each. 2, 4, 8 bits: the first four vectors hold codes 0-15; 3 bits: vector
-    j holds code 8q + j in byte q, so the halves are all eight vectors masked to bytes 0-1 or to bytes 2-3."""
-    if bits != 3:
-        return [(vectors[:4], 0), (vectors[4:], 4)]
-    lanes = vectors[0].type.count
-    return [([builder.and_(v, ir.Constant(v.type, [mask] * lanes)) for v in vectors], 0)
-            for mask in (0x0000FFFF, -0x10000)]  # -0x10000: 0xFFFF0000 as a signed i32
+    their first activation word) each; at every width the first four vectors hold codes 0-15."""
+    return [(vectors[:4], 0), (vectors[4:], 4)]
 
 
 def _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, half_runs=True):
@@ -372,7 +391,7 @@ def _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, h
 
 def _run_parts(builder, vectors, bits, split, dot):
     """[dot(vectors, first activation word)] of a whole run, or one per half run (split, `_half_runs`)."""
-    return [dot(part, offset) for part, offset in (_half_runs(builder, vectors, bits) if split else [(vectors, 0)])]
+    return [dot(part, offset) for part, offset in (_half_runs(vectors) if split else [(vectors, 0)])]
 
 
 def _tile_codegen(bits: int, kernel: str, lut: bool = False):
@@ -395,7 +414,6 @@ def _tile_codegen(bits: int, kernel: str, lut: bool = False):
         arrays = {i: context.make_array(signature.args[i])(context, builder, args[i])
                   for i in (0, 2, 3, 4, 5, 6, 7, 8, 9, 11)}
         scale_type, zero_type = signature.args[2].dtype, signature.args[3].dtype
-        scale_bytes, zero_bytes = scale_type.bitwidth // 8, zero_type.bitwidth // 8
 
         def tile_row(i):  # i8* to tile `tile` of array argument i, and its bytes per group (axis 1)
             strides = cgutils.unpack_tuple(builder, arrays[i].strides)
@@ -437,10 +455,8 @@ def _tile_codegen(bits: int, kernel: str, lut: bool = False):
             scale_at = builder.gep(scale_row, [builder.mul(g, scale_step)])
             zero_at = builder.gep(zero_row, [builder.mul(g, zero_step)])
             for h in range(halves):
-                group_scales = _load_lanes(builder, builder.gep(scale_at, [ir.Constant(_I32, h * lanes * scale_bytes)]),
-                                           lanes, scale_type)
-                group_zeros = _load_lanes(builder, builder.gep(zero_at, [ir.Constant(_I32, h * lanes * zero_bytes)]),
-                                          lanes, zero_type)
+                group_scales = _load_lanes(builder, scale_at, h, lanes, scale_type)
+                group_zeros = _load_lanes(builder, zero_at, h, lanes, zero_type)
                 _fold_group(builder, totals[h], sums[h], group_scales, group_zeros, group_sum)
 
         _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, half_runs=not lut)
@@ -497,19 +513,51 @@ def _run_portable(row, run, bits, xq, values, dot):
                 dot[i] += (values[code] if values.shape[0] > 0 else code) * xj
 
 
+def stat_lanes(stats, tile, g, out):
+    """out [TILE] float32 = the statistics of tile `tile` and group g (stats [tiles, groups, ...] as `_load_lanes`
+    reads them); compiled through the overload below."""
+    raise NotImplementedError("called from compiled code only")
+
+
+@overload(stat_lanes, inline="always")
+def _stat_lanes(stats, tile, g, out):
+    if stats.dtype == types.uint32:
+        def coded(stats, tile, g, out):
+            word = stats[tile, g, CODE_WORDS]
+            low = half_to_float(np.uint16(word & np.uint32(0xFFFF)))
+            step = half_to_float(np.uint16(word >> np.uint32(16)))
+            for i in range(TILE):
+                code = (stats[tile, g, i // 4] >> np.uint32(8 * (i % 4))) & np.uint32(0xFF)
+                out[i] = low + np.float32(code) * step
+        return coded
+    if stats.dtype == types.uint16:
+        def halves(stats, tile, g, out):
+            for i in range(TILE):
+                out[i] = half_to_float(stats[tile, g, i])
+        return halves
+
+    def values(stats, tile, g, out):
+        for i in range(TILE):
+            out[i] = np.float32(stats[tile, g, i])
+    return values
+
+
 @njit(inline="always")
-def _fold_portable(total, scales, zeros, tile, g, sums, group_sum):
-    """total[i] += scale * (sums[i] - zero * group_sum): group g's scaled run sums into the tile's totals."""
+def _fold_portable(total, scales, zeros, tile, g, sums, group_sum, stats):
+    """total[i] += scale * (sums[i] - zero * group_sum): group g's scaled run sums into the tile's totals
+    (stats [2, TILE] float32: scratch for the group's scales and zeros)."""
+    stat_lanes(scales, tile, g, stats[0])
+    stat_lanes(zeros, tile, g, stats[1])
     for i in range(TILE):
-        total[i] += scale_value(scales[tile, g, i]) * (sums[i] - np.float32(zeros[tile, g, i]) * group_sum)
+        total[i] += stats[0, i] * (sums[i] - stats[1, i] * group_sum)
 
 
 @njit(cache=True, fastmath=True)
 def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, bits, group_runs, dot, dot_first,
-                   sums, y, y0):
+                   sums, stats, y, y0):
     """`_tile_codegen` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
-    dot, dot_first [TILE] int64 and sums [TILE] float32: the caller's scratch (one run's exact dot products,
-    one group's scaled run sums). Groups of half runs (group_runs == HALF_RUN_GROUPS) take the first half's
+    dot, dot_first [TILE] int64, sums [TILE] and stats [2, TILE] float32: the caller's scratch (one run's exact
+    dot products, one group's scaled run sums, its statistics). Groups of half runs (group_runs == HALF_RUN_GROUPS) take the first half's
     dot products from xq_first (xq with each run's second half zero) and the second's as the difference."""
     row = blocked[tile]  # [runs * bits * TILE]
     total = y[y0:y0 + TILE]  # [TILE]
@@ -522,7 +570,7 @@ def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, 
                 for i in range(TILE):
                     sums[i] = d[run] * np.float32(dot_first[i] if part == 0 else dot[i] - dot_first[i])
                 g = 2 * run + part
-                _fold_portable(total, scales, zeros, tile, g, sums, xsum[g])
+                _fold_portable(total, scales, zeros, tile, g, sums, xsum[g], stats)
         return
     for g in range(scales.shape[1]):
         sums[:] = 0
@@ -531,7 +579,7 @@ def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, 
             for i in range(TILE):
                 sums[i] += d[run] * np.float32(dot[i])
         # xsum[g] goes in as a value, read once: read in the loop, stores into total could alias it (no SIMD)
-        _fold_portable(total, scales, zeros, tile, g, sums, xsum[g])
+        _fold_portable(total, scales, zeros, tile, g, sums, xsum[g], stats)
 
 
 # ---- the matvec --------------------------------------------------------------------------------
@@ -597,13 +645,15 @@ def split_bytes(value):
 def tile_byte_order(xq, bits):
     """xq [runs*32] (int8) in the byte order of the SIMD tiles for `bits`: the four bytes of activation word
     t * 8/bits + s of a run meet the four codes at bit offset bits * s of the bytes of the run's code word t
-    (2, 4, 8 bits); for 3 bits byte q of word j meets code 8q + j (`_codes3`)."""
+    (2, 4, 8 bits); for 3 bits the bytes of word v meet codes j, 8 + j, j + 1, 9 + j (v < 4, j = 2 v) or
+    16 + j, 24 + j, 17 + j, 25 + j (v = 4 + j / 2) (`_codes3`)."""
     xw = xq.copy()  # [runs*32]
     if bits == 3:
         for r in range(xq.shape[0] // BLOCK):
-            for j in range(8):
-                for q in range(4):
-                    xw[r * BLOCK + 4 * j + q] = xq[r * BLOCK + 8 * q + j]
+            for v in range(8):
+                j = 2 * (v % 4) + 16 * (v // 4)  # the first code of word v
+                for i, offset in enumerate((0, 8, 1, 9)):
+                    xw[r * BLOCK + 4 * v + i] = xq[r * BLOCK + j + offset]
     else:
         per_word = 32 // bits
         sub = 8 // bits  # codes per byte
@@ -628,6 +678,7 @@ def _tiles(variant, blocked, scales, zeros, quantized, bits, group_runs, lut, t0
     dot = np.empty(TILE if variant == 0 else 0, dtype=np.int64)  # [TILE] the portable lanes' scratch
     dot_first = np.empty_like(dot)  # [TILE]
     sums = np.empty(TILE if variant == 0 else 0, dtype=np.float32)  # [TILE]
+    stats = np.empty((2, TILE if variant == 0 else 0), dtype=np.float32)  # [2, TILE] a group's scales, zeros
     xq_first = np.empty(0, dtype=xq.dtype)  # [runs*32] xq with each run's second half zero (half-run groups)
     if variant == 0 and group_runs == HALF_RUN_GROUPS:
         xq_first = xq.copy()
@@ -639,7 +690,7 @@ def _tiles(variant, blocked, scales, zeros, quantized, bits, group_runs, lut, t0
                        (tile - t0) * TILE)
         else:
             _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, bits, group_runs, dot,
-                           dot_first, sums, y, (tile - t0) * TILE)
+                           dot_first, sums, stats, y, (tile - t0) * TILE)
 
 
 @njit(inline="always")
@@ -703,8 +754,8 @@ class KernelWeight(NamedTuple):
     """One weight in the blocked layout the kernels read (`block_weight`): the uniform format, SpQR's dense
     part (float32 statistics), or 4-bit codes that index a table (the lut4 format, runtime/kernels/lut4_numba.py)."""
     blocked: np.ndarray  # int32 [tiles, runs * bits * TILE] codes, tile by tile, run by run
-    scales: np.ndarray  # [tiles, groups, TILE]: uint16 (float16 bits) or float32
-    zeros: np.ndarray  # [tiles, groups, TILE] zero points: uint8 codes or float32 values (0 with a table)
+    scales: np.ndarray  # [tiles, groups, TILE]: uint16 (float16 bits) or float32; or coded (`coded_statistics`)
+    zeros: np.ndarray  # [tiles, groups, TILE] zero points: uint8 codes, float32 values (0 with a table), or coded
     perm: np.ndarray  # int32 [in] storage order (empty: identity)
     in_features: int
     out_features: int
@@ -739,11 +790,30 @@ def block_weight(qweight, scales, zeros, perm, in_features: int, bits: int, grou
     float32 values): the codes copied into tiles (blocked [tiles, runs * bits * TILE]), the statistics too."""
     runs = qweight.shape[0] // bits
     codes = _tiled(np.asarray(qweight).reshape(runs * bits, -1))  # [tiles, runs * bits, TILE]
-    if group_runs == HALF_RUN_GROUPS:  # two groups a run: a last half run past the inputs gets scale 0
-        scales, zeros = (np.concatenate([a, np.zeros((2 * runs - a.shape[0], a.shape[1]), a.dtype)])
-                         for a in (scales, zeros))  # [2 runs, out]
-    return KernelWeight(codes.reshape(codes.shape[0], -1), _tiled(scales), _tiled(zeros), perm, in_features,
-                        qweight.shape[1], bits, group_runs, lut)
+    tiled = []
+    for a in (scales, zeros):  # [groups, out], or coded [tiles, groups, CODE_WORDS + 1]
+        group_axis = a.ndim - 2
+        if group_runs == HALF_RUN_GROUPS:  # two groups a run: a last half run past the inputs gets scale 0
+            pad = [(0, 0)] * a.ndim
+            pad[group_axis] = (0, 2 * runs - a.shape[group_axis])
+            a = np.pad(a, pad)  # [.., 2 runs, ..]
+        tiled.append(_tiled(a) if a.ndim == 2 else readonly(np.ascontiguousarray(a)))
+    return KernelWeight(codes.reshape(codes.shape[0], -1), *tiled, perm, in_features, qweight.shape[1], bits,
+                        group_runs, lut)
+
+
+def coded_statistics(codes, step, low, stat_group: int) -> np.ndarray:
+    """Statistics low + code * step (codes uint8 [groups, out]; step, low float16 [groups, blocks] of stat_group
+    outputs, a multiple of TILE) as the kernels read them: uint32 [tiles, groups, CODE_WORDS + 1], per tile and
+    group the TILE codes as bytes (CODE_WORDS words), then low's float16 bits | step's << 16 (5 words for 16
+    statistics, where float32 takes 16)."""
+    if stat_group % TILE:
+        raise ValueError(f"coded statistics need blocks of whole tiles, not {stat_group}")
+    words = _tiled(np.asarray(codes, dtype=np.uint8))  # [tiles, groups, TILE]
+    block = np.arange(words.shape[0]) * TILE // stat_group  # [tiles] the block of each tile
+    affine = (np.asarray(low, np.float16).view(np.uint16).astype(np.uint32)
+              | np.asarray(step, np.float16).view(np.uint16).astype(np.uint32) << 16)  # [groups, blocks]
+    return np.concatenate([words.view(np.uint32), affine[:, block].T[:, :, None]], axis=2)  # [tiles, groups, 5]
 
 
 def kernel_weight(packed) -> KernelWeight:
@@ -853,18 +923,17 @@ def dequantize_tiles(blocked, scales, zeros, bits, group_runs, values, t0, t1, o
     step). On the calling thread without the GIL (runtime/kernels/prefill_threads.py)."""
     n_runs = blocked.shape[1] // (bits * TILE)
     mask = np.int64((1 << bits) - 1)
-    s = np.empty(TILE, dtype=np.float32)  # [TILE]
+    s = np.empty(TILE, dtype=np.float32)  # [TILE] the group's scales
+    sz = np.empty(TILE, dtype=np.float32)  # [TILE] the group's zero points
     for tile in range(t0, t1):
         row = blocked[tile]  # [runs * bits * TILE]
         col = (tile - t0) * TILE
-        sz = zeros[tile, 0]  # [TILE] the group's zero points
         for run in range(n_runs):
             for k in range(BLOCK):
                 if k % HALF_RUN == 0:  # the group's statistics, at each half run
                     g = 2 * run + k // HALF_RUN if group_runs == HALF_RUN_GROUPS else run // group_runs
-                    for i in range(TILE):
-                        s[i] = scale_value(scales[tile, g, i])
-                    sz = zeros[tile, g]  # [TILE]
+                    stat_lanes(scales, tile, g, s)
+                    stat_lanes(zeros, tile, g, sz)
                 bit = k * bits
                 word, shift = bit // 32, bit % 32
                 dest = out[run * BLOCK + k, col:col + TILE]  # [TILE]
@@ -872,7 +941,7 @@ def dequantize_tiles(blocked, scales, zeros, bits, group_runs, values, t0, t1, o
                     v = (np.int64(row[(run * bits + word) * TILE + i]) & np.int64(0xFFFFFFFF)) >> shift
                     if shift + bits > 32:
                         v |= (np.int64(row[(run * bits + word + 1) * TILE + i]) & np.int64(0xFFFFFFFF)) << (32 - shift)
-                    dest[i] = s[i] * (values[v & mask] - np.float32(sz[i]))
+                    dest[i] = s[i] * (values[v & mask] - sz[i])
 
 
 def matmul_prefill(weight: KernelWeight, values: np.ndarray, x: np.ndarray) -> np.ndarray:

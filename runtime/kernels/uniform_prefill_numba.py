@@ -108,9 +108,9 @@ def _chunk_codegen(bits: int, lut: bool = False):
             return [[rows[c][part] for c in range(CHUNK)] for part in range(len(rows[0]))]
 
         def fold(g):
-            group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), TILE,
+            group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), 0, TILE,
                                        signature.args[2].dtype)
-            group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), TILE,
+            group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), 0, TILE,
                                       signature.args[3].dtype)
             for c in range(CHUNK):
                 group_sum = _splat(builder, builder.load(builder.gep(xsum[c], [g])), TILE)
