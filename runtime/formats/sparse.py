@@ -19,7 +19,7 @@ i.e. 32 bits per stored weight plus 32 / in per row.
 `matmul` computes x @ W.T: with NumPy input the Numba CSR kernel
 (runtime/kernels/sparse_numba.py), with CuPy input the CUDA one (sparse.cu,
 launched by runtime/kernels/sparse_cuda.py). The kernels read the values as
-float32 (`values32`, converted once when the tensor is built; not stored).
+float32 (`values32`, converted at the first product; not stored; SpQR's outliers never need it).
 """
 from __future__ import annotations
 
@@ -45,7 +45,13 @@ class SparseTensor(PackedTensor):
         self.in_features = int(in_features)
         self.out_features = int(row_ptr.shape[0]) - 1 if getattr(row_ptr, "ndim", 0) == 1 else -1
         self._check()
-        self.values32 = values.astype(array_module_of(values).float32)  # [nnz] float32, for the kernels
+        self._values32 = None  # [nnz] float32, for the kernels: made on first use
+
+    def values32(self):
+        """The values as float32 [nnz], converted once."""
+        if self._values32 is None:
+            self._values32 = self.values.astype(array_module_of(self.values).float32)
+        return self._values32
 
     @classmethod
     def from_entries(cls, rows, cols, values, shape: tuple[int, int]) -> "SparseTensor":
@@ -120,11 +126,11 @@ class SparseTensor(PackedTensor):
 
             from runtime.kernels import sparse_cuda
             y = cupy.zeros((x.shape[0], self.out_features), dtype=cupy.float32)  # [m, out]
-            sparse_cuda.sparse_add(self.row_ptr, self.col_idx, self.values32, x, y)
+            sparse_cuda.sparse_add(self.row_ptr, self.col_idx, self.values32(), x, y)
             return y
         from runtime.kernels import sparse_numba
         y = np.zeros((x.shape[0], self.out_features), dtype=np.float32)  # [m, out]
-        sparse_numba.add_product(self.row_ptr, self.col_idx, self.values32, x, y)
+        sparse_numba.add_product(self.row_ptr, self.col_idx, self.values32(), x, y)
         return y
 
     def tensors(self) -> dict:
