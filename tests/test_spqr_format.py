@@ -102,10 +102,10 @@ def test_int8_kernels_read_every_statistics_layout(kernel, stat_bits, stat_group
     assert weight.scales.dtype == layout and weight.zeros.dtype == layout
     if layout == np.uint32:  # 16 code bytes + one low/step word per tile and group
         assert weight.scales.shape[2] == uniform_int8_numba.CODE_WORDS + 1
-    x = inputs(81, 5, 208, mean=0.5)  # [5, in]
+    x = inputs(81, 37, 208, mean=0.5)  # [37, in]: prefill past one block of rows
     assert_close(packed.matmul(x[:1]), packed.matmul_reference_int8(x[:1]))
     monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
-    y5 = packed.matmul(x)  # [5, out]
+    y5 = packed.matmul(x)  # [37, out]
     integer = uniform_prefill_numba.integer_prefill(weight, kernel)
     assert_close(y5, packed.matmul_reference_int8(x, LEVELS16) if integer else packed.matmul_reference(x))
 

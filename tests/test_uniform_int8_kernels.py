@@ -242,6 +242,7 @@ def test_integer_prefill_uses_the_dot_product_instruction():
     quantized = uniform_prefill_numba.quantize_rows(x, weight.perm, 4, 4, 4, 1, 4)
     fresh = numba.njit(uniform_prefill_numba._prefill.py_func)  # compiled here (not from the cache): asm at hand
     variant = uniform_prefill_numba.chunk_variant(4, lut=False)
-    y = fresh(weight.blocked, weight.scales, weight.zeros, *quantized, variant, 4, weight.lut, 1)  # [4, 64]
+    y = fresh(weight.blocked, weight.scales, weight.zeros, *quantized, variant, uniform_prefill_numba.CHUNK, 4,
+              weight.lut, 1)  # [4, 64]
     assert_close(y, quantize_activation(x, None, LEVELS16) @ packed.dequantize().T)
     assert "vpdpbusd" in "".join(fresh.inspect_asm().values())

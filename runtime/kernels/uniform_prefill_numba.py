@@ -27,7 +27,8 @@ task's tiles pass. Rows past the last are zero and dropped.
 
 4-bit codes through a table (NF4, FP4) take the table's int16 values times
 the activations as int16 (`vpdpwssd`, uniform_int8_numba._table_run_dot).
-Groups of 16 (SpQR) take each half run as a group, as the decode tiles do
+Groups of 16 (SpQR) take each half run as a group, as the decode tiles do,
+HALF_RUN_CHUNK rows a pass (`chunk_rows`)
 (uniform_int8_numba._group_loops). Other CPUs dequantize the blocked codes
 into float tiles for BLAS (uniform_int8_numba.matmul_prefill).
 """
@@ -41,22 +42,23 @@ from numba.core import cgutils
 
 from runtime.kernels.numba_common import variant_switch
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import (TILE, WORDS_PER_RUN, KernelWeight, _fold_group, _group_loops,
-                                                _load_lanes, _run_codes, _run_dot, _run_parts, _splat,
-                                                _table_bytes, available_kernels, byte_positions, matmul_prefill,
-                                                tile_order)
+from runtime.kernels.uniform_int8_numba import (HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight, _fold_group,
+                                                _group_loops, _load_lanes, _run_codes, _run_dot, _run_parts,
+                                                _splat, _table_bytes, available_kernels, byte_positions,
+                                                matmul_prefill, tile_order)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
+HALF_RUN_CHUNK = 16  # rows per pass with groups of half runs (SpQR's 16): two group folds a run per row
 ROW_BLOCK = 32  # rows whose activations a task keeps in cache while its tiles go by
 INT_BITS = (2, 3, 4, 8)  # code widths of the integer kernel
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
-def _chunk_codegen(bits: int, lut: bool = False):
+def _chunk_codegen(bits: int, lut: bool, chunk: int):
     """The code of chunk(blocked, tile, scales, zeros, hi, lo, d, q, xsum, table, group_runs, row0, y) (types:
-    `_chunk_typer`) setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the CHUNK rows c of the two-byte
+    `_chunk_typer`) setting y[row0 + c, 16 tile : 16 tile + 16] = W x_c for the `chunk` rows c of the two-byte
     activations (hi, lo: int8 and q: int16 [rows, runs*32] in the tiles' byte order; d [rows, runs]; xsum [rows,
     groups]: each group's sum of d * q), tile `tile` of the blocked codes and its statistics [tiles, groups, 16].
     Each run's code vectors (with `lut`, their table bytes: table uint8 [32], 4 bits) are made once and multiplied
@@ -81,16 +83,16 @@ def _chunk_codegen(bits: int, lut: bool = False):
         codes_row, _ = start(0, tile)
         scale_row, scale_strides = start(2, tile)
         zero_row, zero_strides = start(3, tile)
-        hi = [builder.bitcast(row_of(4, c), _I32.as_pointer()) for c in range(CHUNK)]
-        lo = [builder.bitcast(row_of(5, c), _I32.as_pointer()) for c in range(CHUNK)]
-        d, xsum = ([row_of(i, c) for c in range(CHUNK)] for i in (6, 8))
-        wide = [builder.bitcast(row_of(7, c), ir.IntType(64).as_pointer()) for c in range(CHUNK)]
+        hi = [builder.bitcast(row_of(4, c), _I32.as_pointer()) for c in range(chunk)]
+        lo = [builder.bitcast(row_of(5, c), _I32.as_pointer()) for c in range(chunk)]
+        d, xsum = ([row_of(i, c) for c in range(chunk)] for i in (6, 8))
+        wide = [builder.bitcast(row_of(7, c), ir.IntType(64).as_pointer()) for c in range(chunk)]
         n_runs = cgutils.unpack_tuple(builder, arrays[6].shape)[1]
         n_groups = cgutils.unpack_tuple(builder, arrays[2].shape)[1]
         vector, floats = ir.VectorType(_I32, TILE), ir.VectorType(_F32, TILE)
         tables = _table_bytes(builder, arrays[9].data) if lut else ()
-        totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(CHUNK)]
-        sums = [cgutils.alloca_once(builder, floats) for _ in range(CHUNK)]
+        totals = [cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(chunk)]
+        sums = [cgutils.alloca_once(builder, floats) for _ in range(chunk)]
 
         def run_terms(r, split):  # [[d[r, c] * dot of each row c]] of run r (split: of each half run)
             words = builder.bitcast(builder.gep(codes_row, [builder.mul(r, ir.Constant(r.type, bits * TILE * 4))]),
@@ -99,25 +101,25 @@ def _chunk_codegen(bits: int, lut: bool = False):
                                            for t in range(bits)], bits, tables)
             first = builder.mul(r, ir.Constant(r.type, WORDS_PER_RUN))
             rows = []
-            for c in range(CHUNK):
+            for c in range(chunk):
                 x_run = [builder.gep(x[c], [first]) for x in (hi, lo, wide)]
                 scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
                 dots = _run_parts(builder, vectors, bits, split, lambda part, at: _run_dot(
                     builder, part, *(builder.gep(x, [ir.Constant(_I32, at)]) for x in x_run), "avx512vnni"))
                 rows.append([builder.fmul(dot, scale) for dot in dots])
-            return [[rows[c][part] for c in range(CHUNK)] for part in range(len(rows[0]))]
+            return [[rows[c][part] for c in range(chunk)] for part in range(len(rows[0]))]
 
         def fold(g):
             group_scales = _load_lanes(builder, builder.gep(scale_row, [builder.mul(g, scale_strides[1])]), 0, TILE,
                                        signature.args[2].dtype)
             group_zeros = _load_lanes(builder, builder.gep(zero_row, [builder.mul(g, zero_strides[1])]), 0, TILE,
                                       signature.args[3].dtype)
-            for c in range(CHUNK):
+            for c in range(chunk):
                 group_sum = _splat(builder, builder.load(builder.gep(xsum[c], [g])), TILE)
                 _fold_group(builder, totals[c], sums[c], group_scales, group_zeros, group_sum)
 
         _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, half_runs=not lut)
-        for c in range(CHUNK):
+        for c in range(chunk):
             out = builder.gep(row_of(12, c), [builder.mul(tile, ir.Constant(tile.type, TILE))])
             builder.store(builder.load(totals[c]), builder.bitcast(out, floats.as_pointer()), align=4)
         return context.get_dummy_value()
@@ -131,9 +133,11 @@ def _chunk_typer(typingctx, blocked, tile, scales, zeros, hi, lo, d, q, xsum, ta
                       y), None
 
 
-CHUNK_VARIANTS = tuple((bits, False) for bits in INT_BITS) + ((4, True),)  # (bits, table); variant v: entry v - 1
+# (bits, table, rows per pass); variant v: entry v - 1
+CHUNK_VARIANTS = (tuple((bits, False, CHUNK) for bits in INT_BITS) + ((4, True, CHUNK),)
+                  + tuple((bits, False, HALF_RUN_CHUNK) for bits in INT_BITS))
 # _CHUNK(variant, ...): the chunk kernel CHUNK_VARIANTS[variant - 1]
-_CHUNK = variant_switch(_chunk_typer, [_chunk_codegen(bits, lut) for bits, lut in CHUNK_VARIANTS])
+_CHUNK = variant_switch(_chunk_typer, [_chunk_codegen(*variant) for variant in CHUNK_VARIANTS])
 
 
 @njit(cache=True, parallel=True)
@@ -155,24 +159,32 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
 
 
 @njit(cache=True, parallel=True)
-def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, variant, group_runs, lut, threads):
-    """y [rows, tiles * 16] of the quantized rows (`quantize_rows`) by chunk kernel `variant` (CHUNK_VARIANTS),
-    the tiles split over `threads` tasks."""
+def _prefill(blocked, scales, zeros, hi, lo, d, q, xsum, variant, chunk, group_runs, lut, threads):
+    """y [rows, tiles * 16] of the quantized rows (`quantize_rows`, rows a multiple of `chunk`) by chunk kernel
+    `variant` (CHUNK_VARIANTS, `chunk` rows per pass), the tiles split over `threads` tasks."""
     n_tiles, rows = blocked.shape[0], hi.shape[0]
     y = np.empty((rows, n_tiles * TILE), dtype=np.float32)  # [rows, tiles * 16]
     tasks = min(threads, n_tiles)
     for t in prange(tasks):
         for block in range(0, rows, ROW_BLOCK):
             for tile in range(t * n_tiles // tasks, (t + 1) * n_tiles // tasks):
-                for row0 in range(block, min(block + ROW_BLOCK, rows), CHUNK):
+                for row0 in range(block, min(block + ROW_BLOCK, rows), chunk):
                     _CHUNK(variant, blocked, tile, scales, zeros, hi, lo, d, q, xsum, lut, group_runs, row0, y)
     return y
 
 
-def chunk_variant(bits: int, lut: bool) -> int:
-    """The variant number of `_CHUNK` for codes of `bits` (through a table with `lut`): 1 + its index in
-    CHUNK_VARIANTS."""
-    return CHUNK_VARIANTS.index((bits, lut)) + 1
+def chunk_rows(weight: KernelWeight) -> int:
+    """Rows per pass for this weight: HALF_RUN_CHUNK with groups of half runs, whose two folds a run per row
+    cost as much as the dot products (reading each run's codes once for 16 rows, not 4: TinyLlama-1.1B's
+    3-bit SpQR prefill 80 -> 94 tok/s; 16 rows of whole-run groups spill registers: 2-bit 140 -> 84), else
+    CHUNK."""
+    return HALF_RUN_CHUNK if weight.group_runs == HALF_RUN_GROUPS and weight.lut.shape[0] == 0 else CHUNK
+
+
+def chunk_variant(bits: int, lut: bool, rows: int = CHUNK) -> int:
+    """The variant number of `_CHUNK` for codes of `bits` (through a table with `lut`), `rows` rows per pass:
+    1 + its index in CHUNK_VARIANTS."""
+    return CHUNK_VARIANTS.index((bits, lut, rows)) + 1
 
 
 def integer_prefill(weight: KernelWeight, kernel: str) -> bool:
@@ -188,10 +200,11 @@ def matmul(weight: KernelWeight, values: np.ndarray, x: np.ndarray, kernel: str)
     if not integer_prefill(weight, kernel):
         return matmul_prefill(weight, values, x)
     n_runs = weight.blocked.shape[1] // (weight.bits * TILE)
-    rows = -(-x.shape[0] // CHUNK) * CHUNK
+    chunk = chunk_rows(weight)
+    rows = -(-x.shape[0] // chunk) * chunk
     quantized = quantize_rows(readonly(np.ascontiguousarray(x, dtype=np.float32)), weight.perm, weight.bits, n_runs,
                               weight.group_runs, weight.scales.shape[1], rows)
-    variant = chunk_variant(weight.bits, weight.lut.shape[0] > 0)
-    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, variant, weight.group_runs, weight.lut,
-                 numba.get_num_threads())  # [rows, tiles * 16]
+    variant = chunk_variant(weight.bits, weight.lut.shape[0] > 0, chunk)
+    y = _prefill(weight.blocked, weight.scales, weight.zeros, *quantized, variant, chunk, weight.group_runs,
+                 weight.lut, numba.get_num_threads())  # [rows, tiles * 16]
     return y[:x.shape[0], :weight.out_features]
