@@ -123,6 +123,15 @@ def test_coordinate_tables_are_the_source_table_times_four(codebook):
     tables = e8p_numba.coordinate_tables(codebook)  # [8, 256]
     assert tables.flags.c_contiguous and tables.dtype == np.int8  # the kernel reads it as 32 rows of 64 bytes
     assert np.array_equal(tables.T / 4, e8p_codebook.signed_source_table(codebook))
+    packed = e8p_numba.packed_coordinate_tables(codebook)  # [4, 256]: what the VBMI kernels read (13 vectors)
+    assert packed.flags.c_contiguous and packed.dtype == np.int8 and packed.shape == (4, 256)
+    assert np.array_equal(packed[0], tables[0])  # coordinate 0 signed
+    codes = packed[1:3].view(np.uint8).astype(np.int64)  # [2, 256] two bits per coordinate
+    values = packed[3].view(np.uint8)  # [256] vpermb's table: six index bits, the low two count
+    for c in range(1, 8):
+        field = codes[0] >> (2 * (c - 1)) if c <= 4 else codes[1] >> (2 * (c - 5))  # [256]
+        assert np.array_equal(values[field & 63], np.abs(tables[c]))  # what moves in above bit 1 is ignored
+        assert np.array_equal(values[(field & 3) | 60], np.abs(tables[c]))
     one_bit = e8p_numba.one_bit_coordinate_tables(codebook)  # [8, 256]
     assert one_bit.flags.c_contiguous and one_bit.dtype == np.int8 and one_bit.min() >= 0
     points = e8p_codebook.e8_1bit_decode(np.arange(256, dtype=np.uint8), codebook)  # [256, 8]

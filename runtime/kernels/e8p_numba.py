@@ -33,13 +33,19 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   lane's four activations, so the integer sum is exactly 4·Σ point·xq;
   each block's activation scale is applied to its lanes in float.
   With AVX-512 VBMI (`_e8p_rows_dot_vbmi`) whole chunks of 64 codes skip the
-  table loads: the codes' source bytes index eight 256-byte tables of
-  4·coordinate (`vpermi2b`, 64 codes per instruction), the sign bits and the
-  parity negate bytes in the register, and one `vpdpbusd` per coordinate meets
-  64 activations stored coordinate by coordinate; lane j of the sum is then
-  Q8_0 block j, scaled once per chunk. On TinyLlama-1.1B's q/gate/down shapes
-  this is 1.85x the table-load path; what is left (inputs past the last
-  whole chunk of 512) goes through the byte table. The 1-bit E8 stage of 3
+  table loads: the codes' source bytes index three 256-byte tables
+  (`vpermi2b`, 64 codes per instruction; `packed_coordinate_tables`):
+  4·coordinate 0, and two bits for each of coordinates 1-7, whose magnitude
+  (1/2, 3/2 or 5/2) a 64-byte table turns into 4·|c| (`vpermb`); the sign
+  bits and the parity negate bytes in the register, and one `vpdpbusd` per
+  coordinate meets 64 activations stored coordinate by coordinate; lane j of
+  the sum is then Q8_0 block j, scaled once per chunk. (Eight 256-byte tables,
+  one per coordinate, took all 32 vector registers: the loop of a chunk spent
+  57 of its 128 instructions on copies and reloads of spilled tables, 80 in
+  all now, and TinyLlama-1.1B's MLP products went 226 -> 184 us.) On
+  TinyLlama-1.1B's q/gate/down shapes the VBMI path was 1.85x the table-load
+  path before that; what is left (inputs past the last whole chunk of 512)
+  goes through the byte table. The 1-bit E8 stage of 3
   bits (uint8 codes, 4·point an integer in [-8, 8], no signs or shift) reads
   its own 256-entry byte table (`one_bit_byte_table`) the same way, and with
   VBMI its own coordinate tables (`one_bit_coordinate_tables`), in decode and
@@ -427,6 +433,29 @@ def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarra
 
 
 @functools.cache
+def packed_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """int8 [4, 256], what `_chunk_points` looks E8P sources up in (13 vectors of 64 bytes, where
+    `coordinate_tables` takes 32 and the kernels then spilled them): row 0 = 4 · coordinate 0 of every
+    `signed_source_table` entry (signed); coordinates 1-7 are ±1/2, ±3/2 or ±5/2 (4·|c| = 2, 6, 10: code
+    (4·|c| - 2) / 4 in 0..2), two bits each, coordinates 1-4 in row 1 (coordinate c at bits 2(c - 1)) and 5-7
+    in row 2 (bits 2(c - 5)); row 3's first 64 bytes turn such a code, in the low two bits of a byte, into
+    4·|c| (byte j = 2 + 4 (j % 4): `vpermb` reads six bits), the rest zero; read-only."""
+    coordinates = coordinate_tables(codebook).astype(np.int64)  # [8, 256]
+    codes = (np.abs(coordinates[1:]) - 2) // 4  # [7, 256] in 0..2
+    if not np.array_equal(2 + 4 * codes, np.abs(coordinates[1:])):
+        raise ValueError(f"e8p codebook {codebook}: coordinates 1-7 are not all ±1/2, ±3/2, ±5/2")
+    table = np.zeros((4, 256), dtype=np.int64)  # [4, 256]
+    table[0] = coordinates[0]
+    for c in range(1, 8):
+        row, field = (1, c - 1) if c <= 4 else (2, c - 5)
+        table[row] |= codes[c - 1] << (2 * field)
+    table[3, :64] = 2 + 4 * (np.arange(64) % 4)
+    packed = np.ascontiguousarray(table.astype(np.uint8).view(np.int8))  # [4, 256]
+    packed.flags.writeable = False
+    return packed
+
+
+@functools.cache
 def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     """int8 [8, 256]: row i = byte i of every `one_bit_byte_table` entry (4 · coordinate i + BYTE_ZERO of each
     point of the 1-bit E8 grid, integers in [8, 24]): `coordinate_tables` of 3 bits' residual stage, whose
@@ -445,12 +474,19 @@ def _permute_bytes(builder, a, b, index):
     return builder.call(fn, [a, index, b])
 
 
-def _load_tables(builder, t_data):
-    """The 32 <64 x i8> quarters of coordinate tables [8, 256] (t_data: their data pointer), four per coordinate,
+def _load_tables(builder, t_data, count):
+    """The first `count` <64 x i8> vectors of a kernel's tables (t_data: their data pointer; `_points_of`),
     loaded once where a kernel starts: loads inside its loops were repeated after every store to an output,
     which LLVM cannot prove does not alias the tables."""
     t_vectors = builder.bitcast(t_data, ir.VectorType(ir.IntType(8), 64).as_pointer())
-    return [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), q)]), align=1) for q in range(32)]
+    return [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), q)]), align=1) for q in range(count)]
+
+
+def _permute_vector(builder, table, index):
+    """<64 x i8>: byte j = table[index[j] & 63] (vpermb: AVX-512 VBMI)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(table.type, [table.type] * 2),
+                                        "llvm.x86.avx512.permvar.qi.512")
+    return builder.call(fn, [table, index])
 
 
 def _chunk_points(builder, row, k, tables):
@@ -474,9 +510,20 @@ def _chunk_points(builder, row, k, tables):
     upper = builder.icmp_signed("<", sources, splat(0))  # source >= 128
     parity = builder.and_(builder.call(ctpop, [builder.and_(signs, splat(0xFE))]), splat(1))
     adjust = builder.add(builder.shl(builder.and_(signs, splat(1)), splat(1)), splat(BYTE_ZERO - 1))
+    rows = [_lookup_coordinate(builder, tables, row, sources, upper) for row in range(3)]  # coordinate 0, codes
     points = []
     for i in range(8):
-        value = _lookup_coordinate(builder, tables, i, sources, upper)
+        if i == 0:
+            value = rows[0]
+        else:  # the two code bits of coordinate i moved to bits 0-1 (a 16-bit shift: vpermb reads bits 0-5 and
+            # the value table ignores bits 2-5, so what moves in from the neighbouring byte does not count)
+            field = rows[1] if i <= 4 else rows[2]
+            shift = 2 * (i - 1 if i <= 4 else i - 5)
+            if shift:
+                words16 = ir.VectorType(ir.IntType(16), 32)
+                field = builder.bitcast(builder.lshr(builder.bitcast(field, words16),
+                                                     ir.Constant(words16, [shift] * 32)), bytes64)
+            value = _permute_vector(builder, tables[12], field)
         bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
         value = builder.select(builder.icmp_unsigned("!=", bit, splat(0)), builder.sub(splat(0), value), value)
         points.append(builder.add(value, adjust))
@@ -484,8 +531,8 @@ def _chunk_points(builder, row, k, tables):
 
 
 def _lookup_coordinate(builder, tables, i, index, upper):
-    """<64 x i8>: byte j = coordinate table i [index[j]] (tables: `_load_tables`, four vectors of 64 bytes per
-    coordinate; upper: index[j] >= 128), by two vpermi2b of 128 bytes and a select."""
+    """<64 x i8>: byte j = row i of 256-byte tables [index[j]] (tables: `_load_tables`, four vectors of 64 bytes per
+    row; upper: index[j] >= 128), by two vpermi2b of 128 bytes and a select."""
     quarter = tables[4 * i:4 * i + 4]
     return builder.select(upper, _permute_bytes(builder, quarter[2], quarter[3], index),
                           _permute_bytes(builder, quarter[0], quarter[1], index))
@@ -501,8 +548,9 @@ def _one_bit_chunk_points(builder, row, k, tables):
 
 
 def _points_of(signature_codes):
-    """The chunk decoder of a codes array type: E8P (uint16) or the 1-bit E8 stage (uint8)."""
-    return _one_bit_chunk_points if signature_codes.dtype == types.uint8 else _chunk_points
+    """(chunk decoder, vectors of 64 bytes its tables take) of a codes array type: E8P (uint16,
+    `packed_coordinate_tables`) or the 1-bit E8 stage (uint8, `one_bit_coordinate_tables`)."""
+    return (_one_bit_chunk_points, 32) if signature_codes.dtype == types.uint8 else (_chunk_points, 13)
 
 
 @intrinsic
@@ -522,13 +570,13 @@ def _e8p_rows_dot_vbmi(typingctx, codes, o, rows, xperm, start16, d, tables, sca
         if "avx512vbmi" not in _x86_features():
             return context.get_dummy_value()
         f32 = ir.FloatType()
-        chunk_points = _points_of(signature.args[0])
+        chunk_points, table_vectors = _points_of(signature.args[0])
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
         c_array = context.make_array(signature.args[0])(context, builder, args[0])
         x_data, s_data, d_data, t_data, out_data = (
             context.make_array(signature.args[i])(context, builder, args[i]).data for i in (3, 4, 5, 6, 8))
-        tables = _load_tables(builder, t_data)  # [8 coordinates * 4] 64-byte quarters
+        tables = _load_tables(builder, t_data, table_vectors)
         groups = cgutils.unpack_tuple(builder, c_array.shape)[1]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
@@ -576,7 +624,7 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
     def codegen(context, builder, signature, args):
         if "avx512vbmi" not in _x86_features():
             return context.get_dummy_value()
-        chunk_points = _points_of(signature.args[0])
+        chunk_points, table_vectors = _points_of(signature.args[0])
         i8, i32 = ir.IntType(8), ir.IntType(32)
         bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
         arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6)}
@@ -584,7 +632,7 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
         n_rows = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        tables = _load_tables(builder, arrays[5].data)
+        tables = _load_tables(builder, arrays[5].data, table_vectors)
         code_rows = []
         for j in range(PREFILL_OUTPUTS):
             row_index = builder.add(args[1], ir.Constant(args[1].type, j))
@@ -679,7 +727,7 @@ def second_stage_tables(packed) -> tuple:
     """(byte table, coordinate tables) of the last stage: the E8P tables, or for 3 bits the 1-bit E8 stage's."""
     if packed.stage_codes[-1].dtype == np.uint8:
         return one_bit_byte_table(packed.codebook), one_bit_coordinate_tables(packed.codebook)
-    return byte_table(packed.codebook), coordinate_tables(packed.codebook)
+    return byte_table(packed.codebook), packed_coordinate_tables(packed.codebook)
 
 
 def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
@@ -692,7 +740,8 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
     scales = [np.float32(s) for s in packed.host_scales]
     y_rot = np.empty((x.shape[0], packed.out_features), dtype=np.float32)  # [m, out]
     quantized = _quantize_rotated_rows(x_rot)
-    _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1], coordinate_tables(packed.codebook),
+    _prefill_vbmi(quantized, codes[0], codes[-1], len(codes), scales[0], scales[-1],
+                  packed_coordinate_tables(packed.codebook),
                   second_stage_tables(packed)[1], y_rot)
     tail = quantized[-1]  # [m, in - whole]
     if tail.shape[1]:
@@ -802,7 +851,7 @@ def int8_call(packed) -> tuple:
     scales = [np.float32(s) for s in packed.host_scales]
     return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
             codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook),
-            coordinate_tables(packed.codebook), *second_stage_tables(packed), "avx512vbmi" in _x86_features())
+            packed_coordinate_tables(packed.codebook), *second_stage_tables(packed), "avx512vbmi" in _x86_features())
 
 
 def run_int8(call: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
