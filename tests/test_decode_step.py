@@ -134,3 +134,25 @@ def test_layer_norm_kernel_against_float64():
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean()) / np.sqrt(x64.var() + 1e-5) * weight + bias
     assert np.abs(layer_norm(x, weight, bias, 1e-5) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (9, 3), (5, 1)])
+def test_attend_kernel_against_float64(heads, kv_heads):
+    # grouped-query attention over the cache, the step's key and value written first: each query head
+    # h reads kv head h // (heads / kv_heads); float64 softmax(q k^T / sqrt(hd)) v as the reference
+    from runtime.kernels.decode_step_numba import attend
+
+    rng = np.random.default_rng(heads)
+    hd, position = 16, 23
+    keys, values = rng.standard_normal((2, kv_heads, 40, hd)).astype(np.float32)  # [KV, max_len, hd] each
+    q = rng.standard_normal(heads * hd).astype(np.float32)  # [H*hd]
+    k, v = rng.standard_normal((2, kv_heads * hd)).astype(np.float32)  # [KV*hd] each
+    out = attend(q, k, v, keys, values, position)  # [H*hd]
+    assert np.array_equal(keys[:, position], k.reshape(kv_heads, hd))
+    assert np.array_equal(values[:, position], v.reshape(kv_heads, hd))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        scores = keys[g, :position + 1].astype(np.float64) @ q[h * hd:(h + 1) * hd] / np.sqrt(hd)  # [S]
+        p = np.exp(scores - scores.max())
+        ref = (p / p.sum()) @ values[g, :position + 1].astype(np.float64)  # [hd]
+        assert np.abs(out[h * hd:(h + 1) * hd] - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -13,7 +13,9 @@ does them as plain loops). Same operations as the NumPy path, in float32:
   x1 the first half of the head, x2 the second.
 - `attend`: writes the step's key and value into the KV cache and runs
   softmax(q k^T / sqrt(hd)) v of every query head over the cached positions,
-  grouped-query heads sharing a kv head (Ainslie et al. 2023).
+  grouped-query heads sharing a kv head (Ainslie et al. 2023): the query heads
+  of a kv head read its cached rows together, the kv heads split over the
+  threads (TinyLlama-1.1B's 32 heads over 150 positions: 46 -> 24 us).
 - `silu_mul`: SwiGLU's silu(gate) * up (Shazeer 2020), silu as g / (1 + e^-g).
 
 The exponentials of silu and softmax go through `exp32` (runtime/kernels/numba_common.py),
@@ -24,7 +26,7 @@ scalar: 3.4 ns an element, 0.35 with it).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from runtime.kernels.numba_common import exp32
 
@@ -73,37 +75,49 @@ def rope(x, head_dim, cos, sin):
             x[base + half + j] = x2 * cos[j] + x1 * sin[j]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy", parallel=True)
 def attend(q, k, v, keys, values, position):
     """o [H*hd]: store k, v [KV*hd] at `position` of keys, values [KV, max_len, hd], then attention of
-    the H query heads in q [H*hd] over positions 0 .. position (query head h reads kv head h // (H/KV))."""
+    the H query heads in q [H*hd] over positions 0 .. position (query head h reads kv head h // (H/KV)).
+    The query heads of a kv head go together (each cached key and value row read once for all of them), the kv
+    heads in parallel."""
     n_kv, _, hd = keys.shape
     n_heads = q.shape[0] // hd
+    group = n_heads // n_kv
     for g in range(n_kv):
         keys[g, position] = k[g * hd:(g + 1) * hd]
         values[g, position] = v[g * hd:(g + 1) * hd]
     scale = np.float32(1.0 / np.sqrt(hd))
-    scores = np.empty(position + 1, dtype=np.float32)  # [S]
-    out = np.zeros(n_heads * hd, dtype=np.float32)  # [H*hd]
-    for h in range(n_heads):
-        g = h // (n_heads // n_kv)
-        qh = q[h * hd:(h + 1) * hd]  # [hd]
-        top = np.float32(-np.inf)
+    out = np.empty(n_heads * hd, dtype=np.float32)  # [H*hd]
+    for g in prange(n_kv):
+        scores = np.empty((group, position + 1), dtype=np.float32)  # [group, S]
+        qg = q[g * group * hd:(g + 1) * group * hd]  # [group*hd] the group's query heads
         for s in range(position + 1):
-            dot = np.float32(0.0)
-            for j in range(hd):
-                dot += qh[j] * keys[g, s, j]
-            scores[s] = dot * scale
-            top = max(top, scores[s])
-        total = np.float32(0.0)
+            key = keys[g, s]  # [hd]
+            for r in range(group):
+                dot = np.float32(0.0)
+                for j in range(hd):
+                    dot += qg[r * hd + j] * key[j]
+                scores[r, s] = dot * scale
+        for r in range(group):
+            top = np.float32(-np.inf)
+            for s in range(position + 1):
+                top = max(top, scores[r, s])
+            total = np.float32(0.0)
+            for s in range(position + 1):
+                scores[r, s] = exp32(scores[r, s] - top)
+                total += scores[r, s]
+            inverse = np.float32(1.0) / total
+            for s in range(position + 1):
+                scores[r, s] *= inverse
+        og = out[g * group * hd:(g + 1) * group * hd]  # [group*hd]
+        og[:] = 0
         for s in range(position + 1):
-            scores[s] = exp32(scores[s] - top)
-            total += scores[s]
-        oh = out[h * hd:(h + 1) * hd]  # [hd]
-        for s in range(position + 1):
-            p = scores[s] / total
-            for j in range(hd):
-                oh[j] += p * values[g, s, j]
+            value = values[g, s]  # [hd]
+            for r in range(group):
+                p = scores[r, s]
+                for j in range(hd):
+                    og[r * hd + j] += p * value[j]
     return out
 
 
