@@ -170,3 +170,22 @@ def test_integer_prefill_matches_its_reference(bits, shape, monkeypatch):
     monkeypatch.setattr(e8p_numba, "matmul_prefill", None)  # the dequantized-tiles path must not run
     np.testing.assert_array_equal(packed.matmul(x), y)
     assert not e8p_numba.prefill_applies(random_packed("quipsharp2", (8, 448), seed=3))  # 448: no whole chunk
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shapes", [[(40, 1088), (24, 1088), (24, 1088)], [(72, 1088), (56, 1088)]])
+def test_parts_in_one_call_equal_each_part_alone(bits, shapes, monkeypatch):
+    # q/k/v-style: up to three parts of one input through one call (rotations and quantizations in parallel,
+    # the output blocks of all parts, the output rotations), each part bit-identical to its own call and
+    # within the reference's tolerance
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "int8")
+    parts = [random_packed(f"quipsharp{bits}", shape, seed=20 + i) for i, shape in enumerate(shapes)]
+    product = parts[0].one_row_product(parts)
+    x = inputs(21, 1, 1088)[0]  # [in]
+    ys = product(x)
+    assert len(ys) == len(parts)
+    for y, part in zip(ys, parts):
+        alone = e8p_numba.run_int8(e8p_numba.int8_call(part), x, np.empty(part.out_features, np.float32))
+        assert np.array_equal(y, alone)
+        assert_close(y, part.matmul_reference_int8(x[None])[0])

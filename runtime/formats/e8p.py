@@ -220,14 +220,20 @@ class E8PTensor(PackedTensor):
         return (mode == "int8-all" or (mode == "int8" and rows == 1)) and e8p_numba.int8_applies(self)
 
     def one_row_product(self, parts):
-        """PackedTensor.one_row_product for E8P parts on the CPU: each part's int8 decode call gathered once
-        (one call per part: each has its own rotations); None under float activations."""
+        """PackedTensor.one_row_product for E8P parts on the CPU: the int8 decode call gathered once, one call
+        for up to MAX_PARTS parts of one input size, bit width and codebook (their rotations in parallel), else
+        one call per part; None under float activations."""
         from runtime.kernels import e8p_numba
         mode = activation_mode()[0]
         if not all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts):
             return None
-        calls = [(e8p_numba.int8_call(p), p.out_features) for p in parts]
-        return lambda x: [e8p_numba.run_int8(call, x, np.empty(n, dtype=np.float32)) for call, n in calls]
+        outs = [p.out_features for p in parts]
+        grid = {(p.in_features, p.bits, p.codebook) for p in parts}
+        if 1 < len(parts) <= e8p_numba.MAX_PARTS and len(grid) == 1:
+            call = e8p_numba.int8_parts_call(parts)
+            return lambda x: e8p_numba.run_int8_parts(call, x, [np.empty(n, dtype=np.float32) for n in outs])
+        calls = [e8p_numba.int8_call(p) for p in parts]
+        return lambda x: [e8p_numba.run_int8(call, x, np.empty(n, dtype=np.float32)) for call, n in zip(calls, outs)]
 
     def tensors(self) -> dict:
         arrays = {"qweight": self.qweight, "stage_scales": self.stage_scales,

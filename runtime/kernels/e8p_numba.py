@@ -32,7 +32,9 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   (unsigned × signed bytes), the accumulator starting from −16·Σxq of each
   lane's four activations, so the integer sum is exactly 4·Σ point·xq;
   each block's activation scale is applied to its lanes in float.
-  With AVX-512 VBMI (`_e8p_rows_dot_vbmi`) whole chunks of 64 codes skip the
+  Parts sharing an input (q/k/v, gate/up) go in one call (`_decode_int8_parts`):
+  their rotations run in parallel instead of one after another on the calling
+  thread. With AVX-512 VBMI (`_e8p_rows_dot_vbmi`) whole chunks of 64 codes skip the
   table loads: the codes' source bytes index three 256-byte tables
   (`vpermi2b`, 64 codes per instruction; `packed_coordinate_tables`):
   4·coordinate 0, and two bits for each of coordinates 1-7, whose magnitude
@@ -825,6 +827,57 @@ def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1
     y[:] = _rotate_row(y_rot, signs_out, h_out, size_out, True)
 
 
+@njit(inline="always")
+def _slot(p, a, b, c):
+    """Slot p (0, 1, 2) of a part argument given once per slot (`_decode_int8_parts`)."""
+    return a if p == 0 else (b if p == 1 else c)
+
+
+@njit(cache=True, parallel=True)
+def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table_2, tables_2, vbmi,
+                       in_0, out_0, h_0, size_0, first_0, second_0, scale_0, scale2_0, y_0,
+                       in_1, out_1, h_1, size_1, first_1, second_1, scale_1, scale2_1, y_1,
+                       in_2, out_2, h_2, size_2, first_2, second_2, scale_2, scale2_2, y_2):
+    """`_decode_int8` of up to three parts sharing one input x [in] (q/k/v, gate/up) in one call: each part's
+    arguments in its slot (signs in, signs out, output Hadamard factor and size, stage codes, stage scales,
+    y [out]; unused slots repeat slot 0). The parts' input rotations and quantizations run in parallel, then
+    the output blocks of all parts, then the output rotations: what one part at a time ran on the calling
+    thread while the other waited (k and v of TinyLlama-1.1B: half their 22 us)."""
+    n_in = x.shape[0]
+    chunk = CHUNK_CODES * 8
+    whole = n_in // chunk * chunk
+    xq = np.empty((n_parts, n_in), dtype=np.int8)  # [parts, in]
+    d = np.empty((n_parts, n_in // BLOCK), dtype=np.float32)  # [parts, in/32]
+    start = np.empty((n_parts, n_in // 4), dtype=np.int32)  # [parts, in/4]
+    xperm = np.empty((n_parts, whole), dtype=np.int8)  # [parts, whole]
+    start16 = np.empty((n_parts, whole // BLOCK), dtype=np.int32)  # [parts, whole/32]
+    for p in prange(n_parts):
+        quantized = _quantize_rotated(_rotate_row(x, _slot(p, in_0, in_1, in_2), h_in, size_in, False))
+        xq[p], d[p], start[p], xperm[p], start16[p] = quantized
+    outs = (y_0.shape[0], y_1.shape[0] if n_parts > 1 else 0, y_2.shape[0] if n_parts > 2 else 0)
+    blocks = (-(-outs[0] // DECODE_ROWS), -(-outs[1] // DECODE_ROWS), -(-outs[2] // DECODE_ROWS))
+    y_rot = np.zeros(outs[0] + outs[1] + outs[2], dtype=np.float32)  # [sum of outs] the parts, one after another
+    first = whole // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
+    for block in prange(blocks[0] + blocks[1] + blocks[2]):
+        p = 0 if block < blocks[0] else (1 if block < blocks[0] + blocks[1] else 2)
+        local = block - (0 if p == 0 else (blocks[0] if p == 1 else blocks[0] + blocks[1]))
+        o = local * DECODE_ROWS
+        rows = min(DECODE_ROWS, outs[p] - o)
+        base = 0 if p == 0 else (outs[0] if p == 1 else outs[0] + outs[1])
+        out = y_rot[base + o:base + o + rows]  # [rows]
+        _add_rows(_slot(p, first_0, first_1, first_2), o, rows, first, vbmi, xq[p], start[p], d[p], xperm[p],
+                  start16[p], table, tables, _slot(p, scale_0, scale_1, scale_2) * np.float32(0.25), out)
+        if n_stages == 2:
+            _add_rows(_slot(p, second_0, second_1, second_2), o, rows, first, vbmi, xq[p], start[p], d[p],
+                      xperm[p], start16[p], table_2, tables_2, _slot(p, scale2_0, scale2_1, scale2_2) * np.float32(0.25),
+                      out)
+    for p in prange(n_parts):
+        base = 0 if p == 0 else (outs[0] if p == 1 else outs[0] + outs[1])
+        y = _slot(p, y_0, y_1, y_2)
+        y[:] = _rotate_row(y_rot[base:base + outs[p]], _slot(p, out_0, out_1, out_2), _slot(p, h_0, h_1, h_2),
+                           _slot(p, size_0, size_1, size_2), True)
+
+
 @njit(cache=True)
 def _rotate_row(x, signs, h_k, size, transpose):
     """(x ⊙ signs) Hᵀ / sqrt(n), or (x H / sqrt(n)) ⊙ signs with `transpose`, of one row x [n] on this thread
@@ -852,6 +905,26 @@ def int8_call(packed) -> tuple:
     return (packed.signs_in, packed.signs_out, small_hadamard(k_in), 1 << p_in, small_hadamard(k_out), 1 << p_out,
             codes[0], codes[-1], len(codes), scales[0], scales[-1], byte_table(packed.codebook),
             packed_coordinate_tables(packed.codebook), *second_stage_tables(packed), "avx512vbmi" in _x86_features())
+
+
+MAX_PARTS = 3  # parts of one `_decode_int8_parts` call (q/k/v)
+
+
+def int8_parts_call(parts) -> tuple:
+    """The arguments of `_decode_int8_parts` for these parts (2 or 3 tensors of one input size, bit width and
+    codebook, each `int8_applies`) but x and the outputs: (shared arguments, each part's slot without y)."""
+    calls = [int8_call(p) for p in parts]  # each: `_decode_int8`'s arguments (the input size is shared)
+    shared = (len(parts), calls[0][2], calls[0][3], calls[0][8], *calls[0][11:])  # h_in, size_in, stages, tables
+    slots = [(c[0], c[1], c[4], c[5], c[6], c[7], c[9], c[10]) for c in calls]  # signs, h_out, size_out, codes, scales
+    return shared, slots + [slots[0]] * (MAX_PARTS - len(slots))
+
+
+def run_int8_parts(call: tuple, x: np.ndarray, ys: list) -> list:
+    """[W x for each part] into ys ([out] float32 each) through a gathered call (`int8_parts_call`)."""
+    shared, slots = call
+    outs = ys + [ys[0]] * (MAX_PARTS - len(ys))
+    _decode_int8_parts(x, *shared, *slots[0], outs[0], *slots[1], outs[1], *slots[2], outs[2])
+    return ys
 
 
 def run_int8(call: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
