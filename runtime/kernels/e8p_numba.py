@@ -868,9 +868,9 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
         _add_rows(_slot(p, first_0, first_1, first_2), o, rows, first, vbmi, xq[p], start[p], d[p], xperm[p],
                   start16[p], table, tables, _slot(p, scale_0, scale_1, scale_2) * np.float32(0.25), out)
         if n_stages == 2:
+            scale = _slot(p, scale2_0, scale2_1, scale2_2) * np.float32(0.25)
             _add_rows(_slot(p, second_0, second_1, second_2), o, rows, first, vbmi, xq[p], start[p], d[p],
-                      xperm[p], start16[p], table_2, tables_2, _slot(p, scale2_0, scale2_1, scale2_2) * np.float32(0.25),
-                      out)
+                      xperm[p], start16[p], table_2, tables_2, scale, out)
     for p in prange(n_parts):
         base = 0 if p == 0 else (outs[0] if p == 1 else outs[0] + outs[1])
         y = _slot(p, y_0, y_1, y_2)

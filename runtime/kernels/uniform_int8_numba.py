@@ -135,6 +135,7 @@ HALF_RUN = BLOCK // 2
 CODE_WORDS = TILE // 4  # words of a tile's statistic codes (a byte each) in coded statistics
 PARALLEL_BYTES = 32 << 10  # packed codes below which a product runs on the calling thread (`prepare`)
 
+CONTRACT = ("contract",)  # float products and sums LLVM may fuse into one FMA (one rounding instead of two)
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
@@ -310,7 +311,8 @@ def _load_lanes(builder, group, h, lanes, dtype):
     floats = ir.VectorType(_F32, lanes)
 
     def at(offset, element):  # <lanes x element>* at byte `offset` of the group
-        return builder.bitcast(builder.gep(group, [ir.Constant(_I32, offset)]), ir.VectorType(element, lanes).as_pointer())
+        pointer = builder.gep(group, [ir.Constant(_I32, offset)])
+        return builder.bitcast(pointer, ir.VectorType(element, lanes).as_pointer())
 
     if dtype == types.float32:
         return builder.load(at(4 * h * lanes, _F32), align=4)
@@ -341,8 +343,9 @@ def _group_span(builder, g, group_runs, n_runs):
 def _fold_group(builder, total, group_sums, group_scales, group_zeros, group_sum):
     """*total += scales * (*group_sums - zeros * group_sum): one group's scaled run sums into an output's total
     (total, group_sums: pointers to float vectors)."""
-    term = builder.fsub(builder.load(group_sums), builder.fmul(group_zeros, group_sum))
-    builder.store(builder.fadd(builder.load(total), builder.fmul(group_scales, term)), total)
+    term = builder.fsub(builder.load(group_sums), builder.fmul(group_zeros, group_sum, flags=CONTRACT), flags=CONTRACT)
+    builder.store(builder.fadd(builder.load(total), builder.fmul(group_scales, term, flags=CONTRACT), flags=CONTRACT),
+                  total)
 
 
 def _half_runs(vectors):
@@ -367,7 +370,7 @@ def _group_loops(builder, group_runs, n_runs, n_groups, sums, run_terms, fold, h
             with cgutils.for_range(builder, runs) as loop:
                 (terms,) = run_terms(builder.add(run0, loop.index), False)
                 for total, term in zip(sums, terms):
-                    builder.store(builder.fadd(builder.load(total), term), total)
+                    builder.store(builder.fadd(builder.load(total), term, flags=CONTRACT), total)
             fold(groups.index)
 
     def halves():
@@ -448,7 +451,8 @@ def _tile_codegen(bits: int, kernel: str, lut: bool = False):
                                        lambda vectors, at: _run_dot(builder, vectors, *(
                                            builder.gep(x, [ir.Constant(_I32, at)]) for x in (x_run, x_low, x_wide)),
                                            kernel)))
-            return [[builder.fmul(dots[h][part], scale) for h in range(halves)] for part in range(len(dots[0]))]
+            return [[builder.fmul(dots[h][part], scale, flags=CONTRACT) for h in range(halves)]
+                    for part in range(len(dots[0]))]
 
         def fold(g):
             group_sum = _splat(builder, builder.load(builder.gep(xsum_data, [g])), lanes)
@@ -557,8 +561,9 @@ def _tile_portable(blocked, tile, scales, zeros, xq, xq_first, d, xsum, values, 
                    sums, stats, y, y0):
     """`_tile_codegen` in plain Numba code, any bit width; values: the table's int64 values (empty: none);
     dot, dot_first [TILE] int64, sums [TILE] and stats [2, TILE] float32: the caller's scratch (one run's exact
-    dot products, one group's scaled run sums, its statistics). Groups of half runs (group_runs == HALF_RUN_GROUPS) take the first half's
-    dot products from xq_first (xq with each run's second half zero) and the second's as the difference."""
+    dot products, one group's scaled run sums, its statistics). Groups of half runs (group_runs ==
+    HALF_RUN_GROUPS) take the first half's dot products from xq_first (xq with each run's second half zero) and
+    the second's as the difference."""
     row = blocked[tile]  # [runs * bits * TILE]
     total = y[y0:y0 + TILE]  # [TILE]
     total[:] = 0

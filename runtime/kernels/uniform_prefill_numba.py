@@ -42,9 +42,9 @@ from numba.core import cgutils
 
 from runtime.kernels.numba_common import variant_switch
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
-from runtime.kernels.uniform_int8_numba import (HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight, _fold_group,
-                                                _group_loops, _load_lanes, _run_codes, _run_dot, _run_parts,
-                                                _splat, _table_bytes, available_kernels, byte_positions,
+from runtime.kernels.uniform_int8_numba import (CONTRACT, HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight,
+                                                _fold_group, _group_loops, _load_lanes, _run_codes, _run_dot,
+                                                _run_parts, _splat, _table_bytes, available_kernels, byte_positions,
                                                 matmul_prefill, tile_order)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
@@ -106,7 +106,7 @@ def _chunk_codegen(bits: int, lut: bool, chunk: int):
                 scale = _splat(builder, builder.load(builder.gep(d[c], [r])), TILE)
                 dots = _run_parts(builder, vectors, bits, split, lambda part, at: _run_dot(
                     builder, part, *(builder.gep(x, [ir.Constant(_I32, at)]) for x in x_run), "avx512vnni"))
-                rows.append([builder.fmul(dot, scale) for dot in dots])
+                rows.append([builder.fmul(dot, scale, flags=CONTRACT) for dot in dots])
             return [[rows[c][part] for c in range(chunk)] for part in range(len(rows[0]))]
 
         def fold(g):
