@@ -136,6 +136,13 @@ def test_coordinate_tables_are_the_source_table_times_four(codebook):
     assert one_bit.flags.c_contiguous and one_bit.dtype == np.int8 and one_bit.min() >= 0
     points = e8p_codebook.e8_1bit_decode(np.arange(256, dtype=np.uint8), codebook)  # [256, 8]
     assert np.array_equal((one_bit.T.astype(np.float32) - e8p_numba.BYTE_ZERO) / 4, points)
+    packed_one_bit = e8p_numba.packed_one_bit_tables(codebook)  # [5, 256]: 17 vectors
+    assert packed_one_bit.flags.c_contiguous and packed_one_bit.dtype == np.int8 and packed_one_bit.shape == (5, 256)
+    indices = packed_one_bit[:4].view(np.uint8).astype(np.int64)  # [4, 256] two 3-bit indices per byte
+    one_bit_values = packed_one_bit[4].view(np.uint8)  # [256] vpermb's table: six index bits, the low three count
+    for c in range(8):
+        field = indices[c // 2] >> (3 * (c % 2))  # [256]
+        assert np.array_equal(one_bit_values[field & 63], one_bit[c])
 
 
 @needs_vnni

@@ -51,7 +51,8 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
   bits (uint8 codes, 4·point an integer in [-8, 8], no signs or shift) reads
   its own 256-entry byte table (`one_bit_byte_table`) the same way, and with
   VBMI its own coordinate tables (`one_bit_coordinate_tables`), in decode and
-  in the integer prefill.
+  in the integer prefill (packed as two value indices per table row,
+  `packed_one_bit_tables`).
 """
 from __future__ import annotations
 
@@ -468,6 +469,27 @@ def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> n
     return table
 
 
+@functools.cache
+def packed_one_bit_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """int8 [5, 256], what `_one_bit_chunk_points` looks 1-bit E8 codes up in (17 vectors of 64 bytes, where
+    `one_bit_coordinate_tables` takes 32): each coordinate of a code is one of ONE_BIT_VALUES (4 · coordinate +
+    BYTE_ZERO), three bits of its index there; coordinates 2r and 2r + 1 in row r (bits 0-2 and 3-5); row 4's
+    first 64 bytes turn such an index, in the low three bits of a byte, into its value (byte j = the value of
+    index j % 8: `vpermb` reads six bits), the rest zero; read-only."""
+    coordinates = one_bit_coordinate_tables(codebook).astype(np.int64)  # [8, 256]
+    values = np.unique(coordinates)  # [<= 8]
+    if values.shape[0] > 8:
+        raise ValueError(f"e8p codebook {codebook}: the 1-bit E8 coordinates take more than 8 values")
+    index = np.searchsorted(values, coordinates)  # [8, 256] in 0..7
+    table = np.zeros((5, 256), dtype=np.int64)  # [5, 256]
+    for c in range(8):
+        table[c // 2] |= index[c] << (3 * (c % 2))
+    table[4, :64] = np.pad(values, (0, 8 - values.shape[0]))[np.arange(64) % 8]
+    packed = np.ascontiguousarray(table.astype(np.uint8).view(np.int8))  # [5, 256]
+    packed.flags.writeable = False
+    return packed
+
+
 def _permute_bytes(builder, a, b, index):
     """<64 x i8>: byte j = (a ++ b)[index[j] & 127] (vpermi2b: AVX-512 VBMI)."""
     bytes64 = ir.VectorType(ir.IntType(8), 64)
@@ -542,17 +564,27 @@ def _lookup_coordinate(builder, tables, i, index, upper):
 
 def _one_bit_chunk_points(builder, row, k, tables):
     """`_chunk_points` for the uint8 codes of a 1-bit E8 stage (row: <64 x i8>* to the row's first code, one
-    vector per chunk; tables: `_load_tables` of `one_bit_coordinate_tables`, BYTE_ZERO included): each code looked up in
-    each coordinate's 256-byte table, no signs or shift."""
+    vector per chunk; tables: `_load_tables` of `packed_one_bit_tables`, BYTE_ZERO included): each code looked
+    up in four 256-byte tables of two coordinates' value indices, each index turned into its value (`vpermb`);
+    no signs or shift."""
     codes = builder.load(builder.gep(row, [k]), align=1)
     upper = builder.icmp_signed("<", codes, ir.Constant(codes.type, [0] * 64))  # code >= 128
-    return [_lookup_coordinate(builder, tables, i, codes, upper) for i in range(8)]
+    rows = [_lookup_coordinate(builder, tables, r, codes, upper) for r in range(4)]
+    words16 = ir.VectorType(ir.IntType(16), 32)
+    points = []
+    for i in range(8):
+        field = rows[i // 2]
+        if i % 2:  # bits 3-5 moved to 0-2 (a 16-bit shift: the value table reads the low three bits alone)
+            field = builder.bitcast(builder.lshr(builder.bitcast(field, words16), ir.Constant(words16, [3] * 32)),
+                                    codes.type)
+        points.append(_permute_vector(builder, tables[16], field))
+    return points
 
 
 def _points_of(signature_codes):
     """(chunk decoder, vectors of 64 bytes its tables take) of a codes array type: E8P (uint16,
-    `packed_coordinate_tables`) or the 1-bit E8 stage (uint8, `one_bit_coordinate_tables`)."""
-    return (_one_bit_chunk_points, 32) if signature_codes.dtype == types.uint8 else (_chunk_points, 13)
+    `packed_coordinate_tables`) or the 1-bit E8 stage (uint8, `packed_one_bit_tables`)."""
+    return (_one_bit_chunk_points, 17) if signature_codes.dtype == types.uint8 else (_chunk_points, 13)
 
 
 @intrinsic
@@ -728,7 +760,7 @@ def prefill_applies(packed) -> bool:
 def second_stage_tables(packed) -> tuple:
     """(byte table, coordinate tables) of the last stage: the E8P tables, or for 3 bits the 1-bit E8 stage's."""
     if packed.stage_codes[-1].dtype == np.uint8:
-        return one_bit_byte_table(packed.codebook), one_bit_coordinate_tables(packed.codebook)
+        return one_bit_byte_table(packed.codebook), packed_one_bit_tables(packed.codebook)
     return byte_table(packed.codebook), packed_coordinate_tables(packed.codebook)
 
 
