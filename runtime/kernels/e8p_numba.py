@@ -887,16 +887,16 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
         quantized = _quantize_rotated(_rotate_row(x, _slot(p, in_0, in_1, in_2), h_in, size_in, False))
         xq[p], d[p], start[p], xperm[p], start16[p] = quantized
     outs = (y_0.shape[0], y_1.shape[0] if n_parts > 1 else 0, y_2.shape[0] if n_parts > 2 else 0)
+    bases = (0, outs[0], outs[0] + outs[1])  # where each part's outputs start in y_rot
     blocks = (-(-outs[0] // DECODE_ROWS), -(-outs[1] // DECODE_ROWS), -(-outs[2] // DECODE_ROWS))
+    firsts = (0, blocks[0], blocks[0] + blocks[1])  # each part's first block
     y_rot = np.zeros(outs[0] + outs[1] + outs[2], dtype=np.float32)  # [sum of outs] the parts, one after another
     first = whole // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
     for block in prange(blocks[0] + blocks[1] + blocks[2]):
-        p = 0 if block < blocks[0] else (1 if block < blocks[0] + blocks[1] else 2)
-        local = block - (0 if p == 0 else (blocks[0] if p == 1 else blocks[0] + blocks[1]))
-        o = local * DECODE_ROWS
+        p = 0 if block < firsts[1] else (1 if block < firsts[2] else 2)
+        o = (block - firsts[p]) * DECODE_ROWS
         rows = min(DECODE_ROWS, outs[p] - o)
-        base = 0 if p == 0 else (outs[0] if p == 1 else outs[0] + outs[1])
-        out = y_rot[base + o:base + o + rows]  # [rows]
+        out = y_rot[bases[p] + o:bases[p] + o + rows]  # [rows]
         _add_rows(_slot(p, first_0, first_1, first_2), o, rows, first, vbmi, xq[p], start[p], d[p], xperm[p],
                   start16[p], table, tables, _slot(p, scale_0, scale_1, scale_2) * np.float32(0.25), out)
         if n_stages == 2:
@@ -904,9 +904,8 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
             _add_rows(_slot(p, second_0, second_1, second_2), o, rows, first, vbmi, xq[p], start[p], d[p],
                       xperm[p], start16[p], table_2, tables_2, scale, out)
     for p in prange(n_parts):
-        base = 0 if p == 0 else (outs[0] if p == 1 else outs[0] + outs[1])
         y = _slot(p, y_0, y_1, y_2)
-        y[:] = _rotate_row(y_rot[base:base + outs[p]], _slot(p, out_0, out_1, out_2), _slot(p, h_0, h_1, h_2),
+        y[:] = _rotate_row(y_rot[bases[p]:bases[p] + outs[p]], _slot(p, out_0, out_1, out_2), _slot(p, h_0, h_1, h_2),
                            _slot(p, size_0, size_1, size_2), True)
 
 
