@@ -203,11 +203,14 @@ class SpQRTensor(PackedTensor):
         stats = {name: to_numpy(a) for name, a in self.stats.items()}
         if self.stat_bits == FP16_STATS:
             return stats["scales"].astype(np.float32), stats["zeros"].astype(np.float32)
-        decoded = []
-        for name in ("scale", "zero"):
-            codes = unpack(np.ascontiguousarray(stats[f"{name}_codes"].T), self.stat_bits, self.out_features).T
-            decoded.append(dequantize_stats(codes, stats[f"{name}_step"], stats[f"{name}_low"], self.stat_group))
+        decoded = [dequantize_stats(self.stat_codes(name), stats[f"{name}_step"], stats[f"{name}_low"],
+                                    self.stat_group) for name in ("scale", "zero")]
         return decoded[0], decoded[1]
+
+    def stat_codes(self, name: str) -> np.ndarray:
+        """The quantized statistic `name` ("scale" or "zero") unpacked: codes uint8 [n_groups, out]."""
+        words = to_numpy(self.stats[f"{name}_codes"])  # [n_groups, ceil(out/32) * stat_bits]
+        return unpack(np.ascontiguousarray(words.T), self.stat_bits, self.out_features).T
 
     def dequantize_dense(self) -> np.ndarray:
         """W_d [out, in] float32, the dense part alone, in original column order."""
@@ -286,9 +289,8 @@ class SpQRTensor(PackedTensor):
         if self.stat_bits == FP16_STATS:
             return stats["scales"].view(np.uint16), stats["zeros"].view(np.uint16)
         if self.stat_group % TILE:
-            return tuple(np.asarray(a, dtype=np.float32) for a in self.statistics())
-        return tuple(coded_statistics(unpack(np.ascontiguousarray(stats[f"{name}_codes"].T), self.stat_bits,
-                                             self.out_features).T, stats[f"{name}_step"], stats[f"{name}_low"],
+            return self.statistics()
+        return tuple(coded_statistics(self.stat_codes(name), stats[f"{name}_step"], stats[f"{name}_low"],
                                       self.stat_group) for name in ("scale", "zero"))
 
     def _matmul_int8(self, rows):

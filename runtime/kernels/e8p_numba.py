@@ -944,9 +944,12 @@ MAX_PARTS = 3  # parts of one `_decode_int8_parts` call (q/k/v)
 def int8_parts_call(parts) -> tuple:
     """The arguments of `_decode_int8_parts` for these parts (2 or 3 tensors of one input size, bit width and
     codebook, each `int8_applies`) but x and the outputs: (shared arguments, each part's slot without y)."""
-    calls = [int8_call(p) for p in parts]  # each: `_decode_int8`'s arguments (the input size is shared)
-    shared = (len(parts), calls[0][2], calls[0][3], calls[0][8], *calls[0][11:])  # h_in, size_in, stages, tables
-    slots = [(c[0], c[1], c[4], c[5], c[6], c[7], c[9], c[10]) for c in calls]  # signs, h_out, size_out, codes, scales
+    slots = []
+    for part in parts:
+        (signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1, codes_2, n_stages, scale_1, scale_2,
+         *tables) = int8_call(part)  # `_decode_int8`'s arguments; the input size, stages and tables are shared
+        slots.append((signs_in, signs_out, h_out, size_out, codes_1, codes_2, scale_1, scale_2))
+    shared = (len(parts), h_in, size_in, n_stages, *tables)
     return shared, slots + [slots[0]] * (MAX_PARTS - len(slots))
 
 

@@ -113,7 +113,7 @@ from numba.extending import overload
 from numba.core import cgutils
 
 from runtime.formats.uniform import unpack
-from runtime.kernels.numba_common import half_to_float, variant_switch
+from runtime.kernels.numba_common import half_to_float, scale_value, variant_switch
 from runtime.kernels.prefill_threads import run_tiles
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_numba import PREFILL_TILE, group_runs, kernel_arrays, readonly, storage_input
@@ -534,15 +534,10 @@ def _stat_lanes(stats, tile, g, out):
                 code = (stats[tile, g, i // 4] >> np.uint32(8 * (i % 4))) & np.uint32(0xFF)
                 out[i] = low + np.float32(code) * step
         return coded
-    if stats.dtype == types.uint16:
-        def halves(stats, tile, g, out):
-            for i in range(TILE):
-                out[i] = half_to_float(stats[tile, g, i])
-        return halves
 
-    def values(stats, tile, g, out):
+    def values(stats, tile, g, out):  # float16 bits, float32 or uint8 codes, one per lane
         for i in range(TILE):
-            out[i] = np.float32(stats[tile, g, i])
+            out[i] = scale_value(stats[tile, g, i])
     return values
 
 
@@ -757,7 +752,8 @@ def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm
 
 class KernelWeight(NamedTuple):
     """One weight in the blocked layout the kernels read (`block_weight`): the uniform format, SpQR's dense
-    part (float32 statistics), or 4-bit codes that index a table (the lut4 format, runtime/kernels/lut4_numba.py)."""
+    part (SpQRTensor.kernel_statistics), or 4-bit codes that index a table (the lut4 format,
+    runtime/kernels/lut4_numba.py)."""
     blocked: np.ndarray  # int32 [tiles, runs * bits * TILE] codes, tile by tile, run by run
     scales: np.ndarray  # [tiles, groups, TILE]: uint16 (float16 bits) or float32; or coded (`coded_statistics`)
     zeros: np.ndarray  # [tiles, groups, TILE] zero points: uint8 codes, float32 values (0 with a table), or coded
