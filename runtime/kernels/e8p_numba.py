@@ -436,29 +436,6 @@ def coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarra
 
 
 @functools.cache
-def packed_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
-    """int8 [4, 256], what `_chunk_points` looks E8P sources up in (13 vectors of 64 bytes, where
-    `coordinate_tables` takes 32 and the kernels then spilled them): row 0 = 4 · coordinate 0 of every
-    `signed_source_table` entry (signed); coordinates 1-7 are ±1/2, ±3/2 or ±5/2 (4·|c| = 2, 6, 10: code
-    (4·|c| - 2) / 4 in 0..2), two bits each, coordinates 1-4 in row 1 (coordinate c at bits 2(c - 1)) and 5-7
-    in row 2 (bits 2(c - 5)); row 3's first 64 bytes turn such a code, in the low two bits of a byte, into
-    4·|c| (byte j = 2 + 4 (j % 4): `vpermb` reads six bits), the rest zero; read-only."""
-    coordinates = coordinate_tables(codebook).astype(np.int64)  # [8, 256]
-    codes = (np.abs(coordinates[1:]) - 2) // 4  # [7, 256] in 0..2
-    if not np.array_equal(2 + 4 * codes, np.abs(coordinates[1:])):
-        raise ValueError(f"e8p codebook {codebook}: coordinates 1-7 are not all ±1/2, ±3/2, ±5/2")
-    table = np.zeros((4, 256), dtype=np.int64)  # [4, 256]
-    table[0] = coordinates[0]
-    for c in range(1, 8):
-        row, field = (1, c - 1) if c <= 4 else (2, c - 5)
-        table[row] |= codes[c - 1] << (2 * field)
-    table[3, :64] = 2 + 4 * (np.arange(64) % 4)
-    packed = np.ascontiguousarray(table.astype(np.uint8).view(np.int8))  # [4, 256]
-    packed.flags.writeable = False
-    return packed
-
-
-@functools.cache
 def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     """int8 [8, 256]: row i = byte i of every `one_bit_byte_table` entry (4 · coordinate i + BYTE_ZERO of each
     point of the 1-bit E8 grid, integers in [8, 24]): `coordinate_tables` of 3 bits' residual stage, whose
@@ -469,25 +446,54 @@ def one_bit_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> n
     return table
 
 
+def _field_tables(index: np.ndarray, width: int, values: np.ndarray) -> np.ndarray:
+    """int64 [rows + 1, 256]: index [n, 256] (each < 2**width) packed per_byte = 8 // width fields a byte, field
+    c at bit width * (c % per_byte) of row c // per_byte; then a row whose first 64 bytes turn a byte's low
+    `width` bits into their value (byte j = values[j % 2**width], zero past `values`: `vpermb` reads six bits),
+    the rest zero."""
+    per_byte = 8 // width
+    table = np.zeros((-(-index.shape[0] // per_byte) + 1, 256), dtype=np.int64)  # [rows + 1, 256]
+    for c in range(index.shape[0]):
+        table[c // per_byte] |= index[c] << (width * (c % per_byte))
+    table[-1, :64] = np.pad(values, (0, (1 << width) - values.shape[0]))[np.arange(64) % (1 << width)]
+    return table
+
+
+def _read_only_bytes(table: np.ndarray) -> np.ndarray:
+    """table's values as a read-only C-contiguous int8 array (bytes the kernels load as vectors)."""
+    packed = np.ascontiguousarray(table.astype(np.uint8).view(np.int8))
+    packed.flags.writeable = False
+    return packed
+
+
+@functools.cache
+def packed_coordinate_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
+    """int8 [4, 256], what `_chunk_points` looks E8P sources up in (13 vectors of 64 bytes, where
+    `coordinate_tables` takes 32 and the kernels then spilled them): row 0 = 4 · coordinate 0 of every
+    `signed_source_table` entry (signed); coordinates 1-7 are ±1/2, ±3/2 or ±5/2 (4·|c| = 2, 6, 10: code
+    (4·|c| - 2) / 4 in 0..2), two bits each, coordinates 1-4 in row 1 (coordinate c at bits 2(c - 1)) and 5-7
+    in row 2 (bits 2(c - 5)); row 3's first 64 bytes turn such a code, in the low two bits of a byte, into
+    4·|c| (`_field_tables`); read-only."""
+    coordinates = coordinate_tables(codebook).astype(np.int64)  # [8, 256]
+    codes = (np.abs(coordinates[1:]) - 2) // 4  # [7, 256] in 0..2
+    if not np.array_equal(2 + 4 * codes, np.abs(coordinates[1:])):
+        raise ValueError(f"e8p codebook {codebook}: coordinates 1-7 are not all ±1/2, ±3/2, ±5/2")
+    fields = _field_tables(codes, 2, np.array([2, 6, 10]))  # [3, 256]
+    return _read_only_bytes(np.concatenate([coordinates[:1], fields]))  # [4, 256]
+
+
 @functools.cache
 def packed_one_bit_tables(codebook: str = e8p_codebook.DEFAULT_VARIANT) -> np.ndarray:
     """int8 [5, 256], what `_one_bit_chunk_points` looks 1-bit E8 codes up in (17 vectors of 64 bytes, where
-    `one_bit_coordinate_tables` takes 32): each coordinate of a code is one of ONE_BIT_VALUES (4 · coordinate +
-    BYTE_ZERO), three bits of its index there; coordinates 2r and 2r + 1 in row r (bits 0-2 and 3-5); row 4's
-    first 64 bytes turn such an index, in the low three bits of a byte, into its value (byte j = the value of
-    index j % 8: `vpermb` reads six bits), the rest zero; read-only."""
+    `one_bit_coordinate_tables` takes 32): each coordinate of a code is one of at most 8 values (4 · coordinate
+    + BYTE_ZERO), three bits of its index there; coordinates 2r and 2r + 1 in row r (bits 0-2 and 3-5); row 4's
+    first 64 bytes turn such an index, in the low three bits of a byte, into its value (`_field_tables`);
+    read-only."""
     coordinates = one_bit_coordinate_tables(codebook).astype(np.int64)  # [8, 256]
     values = np.unique(coordinates)  # [<= 8]
     if values.shape[0] > 8:
         raise ValueError(f"e8p codebook {codebook}: the 1-bit E8 coordinates take more than 8 values")
-    index = np.searchsorted(values, coordinates)  # [8, 256] in 0..7
-    table = np.zeros((5, 256), dtype=np.int64)  # [5, 256]
-    for c in range(8):
-        table[c // 2] |= index[c] << (3 * (c % 2))
-    table[4, :64] = np.pad(values, (0, 8 - values.shape[0]))[np.arange(64) % 8]
-    packed = np.ascontiguousarray(table.astype(np.uint8).view(np.int8))  # [5, 256]
-    packed.flags.writeable = False
-    return packed
+    return _read_only_bytes(_field_tables(np.searchsorted(values, coordinates), 3, values))  # [5, 256]
 
 
 def _permute_bytes(builder, a, b, index):
@@ -506,11 +512,16 @@ def _load_tables(builder, t_data, count):
     return [builder.load(builder.gep(t_vectors, [ir.Constant(ir.IntType(32), q)]), align=1) for q in range(count)]
 
 
-def _permute_vector(builder, table, index):
-    """<64 x i8>: byte j = table[index[j] & 63] (vpermb: AVX-512 VBMI)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(table.type, [table.type] * 2),
+def _field_value(builder, values, fields, shift):
+    """<64 x i8>: byte j = values[(fields[j] >> shift) & 63] (`_field_tables`): a 16-bit shift, so bits of the
+    neighbouring byte move in above the field, where the value table does not look; then vpermb (AVX-512 VBMI)."""
+    if shift:
+        words16 = ir.VectorType(ir.IntType(16), 32)
+        shifted = builder.lshr(builder.bitcast(fields, words16), ir.Constant(words16, [shift] * 32))
+        fields = builder.bitcast(shifted, fields.type)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(values.type, [values.type] * 2),
                                         "llvm.x86.avx512.permvar.qi.512")
-    return builder.call(fn, [table, index])
+    return builder.call(fn, [values, fields])
 
 
 def _chunk_points(builder, row, k, tables):
@@ -539,15 +550,8 @@ def _chunk_points(builder, row, k, tables):
     for i in range(8):
         if i == 0:
             value = rows[0]
-        else:  # the two code bits of coordinate i moved to bits 0-1 (a 16-bit shift: vpermb reads bits 0-5 and
-            # the value table ignores bits 2-5, so what moves in from the neighbouring byte does not count)
-            field = rows[1] if i <= 4 else rows[2]
-            shift = 2 * (i - 1 if i <= 4 else i - 5)
-            if shift:
-                words16 = ir.VectorType(ir.IntType(16), 32)
-                field = builder.bitcast(builder.lshr(builder.bitcast(field, words16),
-                                                     ir.Constant(words16, [shift] * 32)), bytes64)
-            value = _permute_vector(builder, tables[12], field)
+        else:  # the two code bits of coordinate i in row 1 or 2
+            value = _field_value(builder, tables[12], rows[1 + (i - 1) // 4], 2 * ((i - 1) % 4))
         bit = parity if i == 0 else builder.and_(signs, splat(1 << i))
         value = builder.select(builder.icmp_unsigned("!=", bit, splat(0)), builder.sub(splat(0), value), value)
         points.append(builder.add(value, adjust))
@@ -570,15 +574,7 @@ def _one_bit_chunk_points(builder, row, k, tables):
     codes = builder.load(builder.gep(row, [k]), align=1)
     upper = builder.icmp_signed("<", codes, ir.Constant(codes.type, [0] * 64))  # code >= 128
     rows = [_lookup_coordinate(builder, tables, r, codes, upper) for r in range(4)]
-    words16 = ir.VectorType(ir.IntType(16), 32)
-    points = []
-    for i in range(8):
-        field = rows[i // 2]
-        if i % 2:  # bits 3-5 moved to 0-2 (a 16-bit shift: the value table reads the low three bits alone)
-            field = builder.bitcast(builder.lshr(builder.bitcast(field, words16), ir.Constant(words16, [3] * 32)),
-                                    codes.type)
-        points.append(_permute_vector(builder, tables[16], field))
-    return points
+    return [_field_value(builder, tables[16], rows[i // 2], 3 * (i % 2)) for i in range(8)]
 
 
 def _points_of(signature_codes):
