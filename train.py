@@ -4,13 +4,16 @@ QLoRA (Dettmers et al. 2023) trains LoRA adapters (Hu et al. 2021) through a
 frozen base kept in NF4 (`smollm2-135m.nf4dq`) or any other packed format, with
 AdamW (Loshchilov & Hutter 2019). The data is a plain text file (loss on every
 token) or a JSONL file of {"prompt", "response"} / {"messages"} records (loss
-on the response only); see pipeline/training/. DIR receives the PEFT adapter
+on the response only); see pipeline/training/. On a quantized base, `--init
+loftq` or `--init cloq` starts the adapter from factors that cancel the base's
+quantization error (pipeline/training/compensation.py). DIR receives the PEFT adapter
 (adapter_config.json + adapter_model.safetensors, for `run.py --lora DIR` and
 PEFT) and DIR/checkpoint, written every --save-every steps, which `--resume`
 continues from, bit-identically. Bad input gets a one-line error, exit status 1.
 """
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import runtime
@@ -21,6 +24,7 @@ from pipeline.api import load_model, load_tokenizer
 from runtime.cli import ArgumentParser, run_cli
 from runtime.errors import UserError
 from pipeline.first_use import find_or_build
+from pipeline.training.compensation import INITS, compensate, float_base_of
 from pipeline.training.data import load_dataset
 from pipeline.training.optimizer import SCHEDULES
 from pipeline.training.trainer import TrainSettings, train
@@ -50,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init", default=d.init, choices=INITS, help="the adapter's start: LoRA's (B = 0), or "
+                   "factors that cancel a quantized base's error: LoftQ (SVD of W - Q) or CLoQ (the same, weighted "
+                   "by the training data's activations; best)")
+    p.add_argument("--float-base", default=None, help="for --init loftq/cloq: the float model the base was "
+                   "quantized from (default: the one the base's config.json records)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option, ok in checks:
         if not ok:
             p.error(f"{option} {getattr(args, option[2:].replace('-', '_'))} is out of range")
+    if args.float_base is not None and args.init == "lora":
+        p.error("--float-base is used by --init loftq or cloq only")
     if args.targets is not None:
         args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         if not args.targets:
@@ -84,10 +95,17 @@ def main(argv=None):
     settings = TrainSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets or ()),
                              seqlen=args.seqlen, batch=args.batch, grad_accum=args.grad_accum, steps=args.steps,
                              epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed)
+                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                             init=args.init)
     dataset = load_dataset(args.data, tokenizer, args.seqlen, args.batch, args.seed)
+    initialize = None
+    if args.init != "lora" and not args.resume:
+        float_base = find_or_build(args.float_base) if args.float_base else float_base_of(path)
+        initialize = partial(compensate, model=model, init=args.init, float_base=float_base, dataset=dataset,
+                             seqlen=args.seqlen, progress=not args.quiet)
     out = Path(args.out)
-    train(model, dataset, settings, out, args.model or str(path), args.save_every, args.resume, not args.quiet)
+    train(model, dataset, settings, out, args.model or str(path), args.save_every, args.resume, not args.quiet,
+          initialize)
     print(f"adapter written to {out}: python run.py --model {args.model or path} --lora {out} \"prompt\"")
 
 

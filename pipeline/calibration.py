@@ -71,7 +71,9 @@ HIDDEN_FILE = "hidden.safetensors"
 STATE_ENTRY = re.compile(r"\.?(settings\.json|hidden\.safetensors|layer_\d{4})(\..+\.(tmp|old))?")
 NO_SPACE_HINT = "free some space on that disk, then continue with quantize.py --resume (the finished layers are kept)"
 
-# method(names, [W [out_k, in]], H [in, in]) -> [(packed tensor, {stat name: float})]: one group's linears
+# method(names, [W [out_k, in]], H [in, in]) -> [(packed tensor, {stat name: float})]: one group's linears;
+# a third item, when given, is the float weight [out_k, in] later passes run in place of the packed tensor's
+# dequantized value (pipeline/training/compensation.py: the base plus its initial adapter)
 GroupMethod = Callable[[list, list, np.ndarray], list]
 
 
@@ -323,9 +325,9 @@ def calibrate(config: Config, tensors: dict, method: GroupMethod, windows: np.nd
                     _run_half(model, half, {**running, **recording}, hidden, i, bar, cursor)
                     names = [f"{prefix}.{i}.{p}.weight" for p in group]
                     results = method(names, [np.asarray(weights[f"{p}.weight"]) for p in group], recorder.H)
-                    for p, name, (tensor, linear_stats) in zip(group, names, results):
+                    for p, name, (tensor, linear_stats, *seen) in zip(group, names, results):
                         layer_packed[name], stats[name] = tensor, linear_stats
-                        weights[f"{p}.weight"] = tensor.dequantize()  # [out, in] float32
+                        weights[f"{p}.weight"] = seen[0] if seen else tensor.dequantize()  # [out, in] float32
                         running[f"{p}.weight"] = (weights[f"{p}.weight"] if group is groups[-1]
                                                   else RememberedProduct(weights[f"{p}.weight"], cursor))
                         if report:

@@ -88,14 +88,9 @@ def test_end_to_end_gptq_on_stories260k(stories, tmp_path):
     assert np.isfinite(error["gptq"]) and error["gptq"] < error["rtn"]
 
 
-def test_true_sequential_order(stories, tmp_path):
+def o_proj_hessian(stories, layer: dict) -> np.ndarray:
+    """H [in, in] of layer 0's o_proj input over the windows, with `layer`'s weights in place of the float ones."""
     config, tensors, windows = stories
-    calls = []
-    packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
-    groups = [[f"model.layers.{i}.{p}.weight" for p in group]
-              for i in range(config.n_layers) for half in TRUE_SEQUENTIAL["llama"] for group in half]
-    assert [names for names, _ in calls] == groups
-    # o_proj of layer 0 saw the outputs of the quantized q, k, v, not of the float ones
     seen = []
 
     class Spy:
@@ -106,21 +101,44 @@ def test_true_sequential_order(stories, tmp_path):
             seen.append(np.asarray(x, np.float64).reshape(-1, x.shape[-1]))
             return x @ self.weight.T
 
-    def o_proj_hessian(layer):
-        seen.clear()
-        model = Model(config, tensors)
-        weights = dict(model.layers[0], **layer)
-        weights["self_attn.o_proj.weight"] = Spy(weights["self_attn.o_proj.weight"])
-        for w in windows:
-            model.block(weights, model.embed_tokens(w, 0), model.new_cache(SEQLEN), 0)
-        X = np.concatenate(seen)  # [n, in]
-        return 2 / len(X) * X.T @ X
+    model = Model(config, tensors)
+    weights = dict(model.layers[0], **layer)
+    weights["self_attn.o_proj.weight"] = Spy(weights["self_attn.o_proj.weight"])
+    for w in windows:
+        model.block(weights, model.embed_tokens(w, 0), model.new_cache(SEQLEN), 0)
+    X = np.concatenate(seen)  # [n, in]
+    return 2 / len(X) * X.T @ X
 
+
+def test_true_sequential_order(stories, tmp_path):
+    config, tensors, windows = stories
+    calls = []
+    packed, _ = calibrate(config, tensors, crude_method(calls), windows, tmp_path / "state", {}, progress=False)
+    groups = [[f"model.layers.{i}.{p}.weight" for p in group]
+              for i in range(config.n_layers) for half in TRUE_SEQUENTIAL["llama"] for group in half]
+    assert [names for names, _ in calls] == groups
+    # o_proj of layer 0 saw the outputs of the quantized q, k, v, not of the float ones
     quantized = {f"self_attn.{p}_proj.weight": packed[f"model.layers.0.self_attn.{p}_proj.weight"].dequantize()
                  for p in "qkv"}
-    H = o_proj_hessian(quantized)  # [in, in]
+    H = o_proj_hessian(stories, quantized)  # [in, in]
     np.testing.assert_allclose(calls[1][1], H, rtol=1e-5, atol=1e-6 * np.abs(H).max())  # float32 sums
-    assert not np.allclose(calls[1][1], o_proj_hessian({}), rtol=1e-3)
+    assert not np.allclose(calls[1][1], o_proj_hessian(stories, {}), rtol=1e-3)
+
+
+def test_a_method_can_hand_on_the_weight_later_passes_run(stories, tmp_path):
+    # a third item of a method's result replaces the dequantized tensor in the passes that follow
+    config, tensors, windows = stories
+    calls = []
+
+    def method(names, weights, H):
+        calls.append((names, H.copy()))
+        return [(rtn.quantize(W, rtn.RTNParams(2, 0)), {}, 0.5 * np.asarray(W)) for W in weights]
+
+    calibrate(config, tensors, method, windows, tmp_path / "state", {}, progress=False)
+    halved = {f"self_attn.{p}_proj.weight": 0.5 * np.asarray(tensors[f"model.layers.0.self_attn.{p}_proj.weight"])
+              for p in "qkv"}
+    H = o_proj_hessian(stories, halved)  # [in, in]
+    np.testing.assert_allclose(calls[1][1], H, rtol=1e-5, atol=1e-6 * np.abs(H).max())
 
 
 def test_interrupted_run_resumes_bit_identical(stories, tmp_path):

@@ -99,29 +99,36 @@ def test_opt_adapter_lowers_the_loss(tmp_path):
     assert np.abs(ours - theirs).max() < 1e-4
 
 
-def test_resume_after_kill_is_bit_identical(base, tmp_path, monkeypatch):
-    base_dir, data = base
-    common = ["--model", str(base_dir), "--data", str(data), "--steps", "4", "--save-every", "2",
-              "--dropout", "0.1", *ARGS]
+def check_resume_after_kill(common: list, tmp_path, monkeypatch, kill_at: int, saved_step: int) -> None:
+    """train.main(common) killed at its `kill_at`-th micro-batch, after `saved_step` steps were checkpointed,
+    then resumed, writes the files of an uninterrupted run; a resume with another --lr is refused."""
     train.main([*common, "--out", str(tmp_path / "whole")])
     run, calls = Pass.run, []
 
-    def killed_in_step_4(self, inputs, targets):
+    def killed(self, inputs, targets):
         calls.append(1)
-        if len(calls) == 7:  # the first micro-batch of step 4: steps 1-2 are checkpointed, step 3 is lost
+        if len(calls) == kill_at:
             raise KeyboardInterrupt
         return run(self, inputs, targets)
 
-    monkeypatch.setattr(Pass, "run", killed_in_step_4)
+    monkeypatch.setattr(Pass, "run", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main([*common, "--out", str(tmp_path / "resumed")])
-    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == saved_step
     monkeypatch.setattr(Pass, "run", run)
     train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     with pytest.raises(UserError, match="other settings"):
         train.main([*common, "--lr", "2e-2", "--out", str(tmp_path / "resumed"), "--resume"])
+
+
+def test_resume_after_kill_is_bit_identical(base, tmp_path, monkeypatch):
+    base_dir, data = base
+    common = ["--model", str(base_dir), "--data", str(data), "--steps", "4", "--save-every", "2",
+              "--dropout", "0.1", *ARGS]
+    # killed in the first micro-batch of step 4: steps 1-2 are checkpointed, step 3 is lost
+    check_resume_after_kill(common, tmp_path, monkeypatch, kill_at=7, saved_step=2)
 
 
 def test_resume_after_sigkill_is_bit_identical(base, tmp_path):

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -45,6 +46,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    init: str = "lora"  # the adapter's start: LoRA's, or compensating the base's quantization error (compensation.py)
 
     def total_steps(self, dataset: Dataset) -> int:
         """--steps, or the optimizer steps that cover --epochs passes over the data."""
@@ -64,8 +66,11 @@ def parameters(adapter: Adapter) -> dict:
 
 
 def train(model: Model, dataset: Dataset, settings: TrainSettings, out: Path, base_name: str,
-          save_every: int = 0, resume: bool = False, progress: bool = True) -> Adapter:
-    """Train an adapter on `dataset`, checkpoint every `save_every` steps, write it to `out` (PEFT layout)."""
+          save_every: int = 0, resume: bool = False, progress: bool = True,
+          initialize: Callable[[Adapter], None] | None = None) -> Adapter:
+    """Train an adapter on `dataset`, checkpoint every `save_every` steps, write it to `out` (PEFT layout).
+    `initialize` sets a fresh adapter's factors before the first step (compensation.compensate for
+    settings.init); a resumed run takes them from its checkpoint instead."""
     adapter = new_adapter(model, list(settings.targets) or module_names(model), settings.rank, settings.alpha,
                           np.random.default_rng(settings.seed))
     params = parameters(adapter)
@@ -79,6 +84,8 @@ def train(model: Model, dataset: Dataset, settings: TrainSettings, out: Path, ba
             p[...] = arrays[name]
         optimizer.load_state(arrays)
         start = state["step"]
+    elif initialize is not None:
+        initialize(adapter)
     head = dense(model.lm_head)  # [vocab, e] frozen: dequantized once for every pass
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, total):
