@@ -65,7 +65,9 @@ def test_int8_decode_matches_its_reference(kernel, bits, n_out, n_in, group_size
     assert packed.outliers.nnz > 0 and packed.int8_weight() is not None
     x = inputs(31, 2, n_in, mean=0.5)  # [2, in]
     assert_close(packed.matmul(x), packed.matmul_reference_int8(x))
-    parts = [packed, make_tensor(40 + bits, 20, n_in, bits, group_size, perm=packed.perm)]  # one storage order
+    parts = [packed, make_tensor(40 + bits, 20, n_in, bits, group_size, perm=packed.perm),  # one storage order
+             make_tensor(50 + bits, 36, n_in, bits, group_size, fraction=0, perm=packed.perm)]  # no outliers
+    assert parts[2].outliers.nnz == 0
     ys = packed.matmul_parts(parts, x[:1])  # q/k/v-style: one call, each part's outliers added
     for y, part in zip(ys, parts):
         assert_close(y, part.matmul_reference_int8(x[:1]))

@@ -13,7 +13,10 @@ for output n, storage position k (input column perm[k]). The outliers
 REPLACE the dense value at their position: the dense code stored there is
 the code nearest 0 and counts for nothing. The kernels add, for each outlier,
 x[c] * (value - W_d[o, c]) (`corrections`, float32, derived when the tensor
-is built, not stored), so `dequantize` reproduces every outlier exactly.
+is built, not stored), so `dequantize` reproduces every outlier exactly; the
+int8-activation decode kernel adds them in the task that computes their
+outputs (runtime/kernels/uniform_int8_numba.py), the other paths after the
+dense product (runtime/kernels/sparse_numba.py).
 
 Arrays (in / out = input / output features, b = bits in {2, 3, 4},
 sb = stat_bits, n_groups = ceil(in / group_size), n_blocks = ceil(out / stat_group)):
@@ -265,8 +268,10 @@ class SpQRTensor(PackedTensor):
         return None if is_cupy(self.qweight) or not tiles_take else (self.bits, False)
 
     def int8_weight(self):
-        """The dense part as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the codes
-        copied into the kernel's tiles, the statistics with them (`kernel_statistics`); None on the GPU or for
+        """The weight as the int8-activation decode kernel takes it (PackedTensor.int8_weight): the dense part's
+        codes copied into the kernel's tiles, the statistics with them (`kernel_statistics`), the outliers'
+        corrections as CSR entries the kernel adds in the task of their outputs (one call a product, both
+        threads: SmolLM2's 210 products a token each took a separate serial call); None on the GPU or for
         groups of neither 16 nor whole runs of 32. Prefill then reads them too, and qweight's pages mapped from
         the model file go back to the OS."""
         if self._int8_weight is None and self.int8_codes() is not None:
@@ -274,8 +279,10 @@ class SpQRTensor(PackedTensor):
             from runtime.kernels.uniform_int8_numba import HALF_RUN_GROUPS, block_weight
             from runtime.kernels.uniform_numba import readonly
             runs = HALF_RUN_GROUPS if self.group_size == HALF_RUN else self.group_size // RUN
+            outliers = ((readonly(self.outliers.row_ptr), readonly(self.outliers.col_idx),
+                         readonly(self.corrections)) if self.outliers.nnz else ())
             self._int8_weight = block_weight(self.qweight, *self.kernel_statistics(), readonly(self.perm),
-                                             self.in_features, self.bits, runs)
+                                             self.in_features, self.bits, runs)._replace(outliers=outliers)
             release_pages(self.qweight)
         return self._int8_weight
 
@@ -292,27 +299,6 @@ class SpQRTensor(PackedTensor):
             return self.statistics()
         return tuple(coded_statistics(self.stat_codes(name), stats[f"{name}_step"], stats[f"{name}_low"],
                                       self.stat_group) for name in ("scale", "zero"))
-
-    def _matmul_int8(self, rows):
-        """The dense part through the int8-activation kernel (PackedTensor._matmul_int8), then the outliers."""
-        y = super()._matmul_int8(rows)
-        if y is not None:
-            self._add_outliers(rows, y)
-        return y
-
-    def one_row_product(self, parts):
-        """PackedTensor.one_row_product for SpQR parts: the dense parts in one int8 kernel call, then each part's
-        outliers."""
-        dense = super().one_row_product(parts) if all(isinstance(p, SpQRTensor) for p in parts) else None
-        if dense is None:
-            return None
-
-        def product(x):
-            ys = dense(x)  # [out] each
-            for part, y in zip(parts, ys):
-                part._add_outliers(x.reshape(1, -1), y.reshape(1, -1))
-            return ys
-        return product
 
     def _add_outliers(self, x, y) -> None:
         """y [m, out] += x [m, in] @ (W - W_d).T: each outlier's correction (CSR kernel)."""

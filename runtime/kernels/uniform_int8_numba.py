@@ -122,6 +122,8 @@ KERNELS = ("avx512vnni", "avx2", "portable")
 SIMD_BITS = {"avx512vnni": (2, 3, 4, 8), "avx2": (2, 3, 4), "portable": ()}  # bit widths with SIMD tiles
 LUT_KERNELS = ("avx512vnni",)  # kernels with SIMD tiles for 4-bit codes through a table (vpshufb)
 NO_LUT = np.zeros(0, dtype=np.uint8)  # stands for "codes are the values"
+NO_ROW_PTR, NO_COLUMNS, NO_VALUES = (readonly(np.zeros(0, dtype=np.int32)), readonly(np.zeros(0, dtype=np.uint16)),
+                                     readonly(np.zeros(0, dtype=np.float32)))  # "no outliers" (CSR arrays)
 NO_LUT.flags.writeable = False
 TILE = 16  # outputs per tile of the blocked layout
 LANES = {"avx512vnni": 16, "avx2": 8}  # outputs per SIMD register of each x86 kernel (a tile is TILE // LANES)
@@ -694,10 +696,24 @@ def _tiles(variant, blocked, scales, zeros, quantized, bits, group_runs, lut, t0
 
 
 @njit(inline="always")
-def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y):
+def _add_outliers(row_ptr, col_idx, values, x, o0, o1, y):
+    """y[o - o0] += sum_k values[k] * x[col_idx[k]] over the entries k of the CSR rows o = o0 .. o1-1 (SpQR's
+    outlier corrections, runtime/formats/sparse.py; rows past row_ptr's end: none)."""
+    for o in range(o0, min(o1, row_ptr.shape[0] - 1)):
+        acc = np.float32(0)
+        for k in range(row_ptr[o], row_ptr[o + 1]):
+            acc += values[k] * x[np.int64(col_idx[k])]
+        y[o - o0] += acc
+
+
+@njit(inline="always")
+def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y,
+         x, r0, c0, v0, r1, c1, v1, r2, c2, v2):
     """Task t of the matvec: tiles t*N/tasks .. (t+1)*N/tasks of the N tiles of all parts, part after part,
-    into y [N * TILE]; part p reads the quantized input (q0, q1, q2)[p] (`_inputs`)."""
+    into y [N * TILE]; part p reads the quantized input (q0, q1, q2)[p] (`_inputs`), then adds the outliers
+    (r, c, v)[p] (CSR, empty: none) of the same outputs times its float input x[p] (x [1 or parts, in])."""
     blocks = (b0, b1, b2)
+    sparse = ((r0, c0, v0), (r1, c1, v1), (r2, c2, v2))
     n_tiles = 0
     for p in range(n_parts):
         n_tiles += blocks[p].shape[0]
@@ -709,6 +725,9 @@ def _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1,
         if a < b:
             _tiles(variant, blocks[p], (s0, s1, s2)[p], (z0, z1, z2)[p], (q0, q1, q2)[p], bits, group_runs, lut,
                    a - start, b - start, y[a * TILE:b * TILE])
+            row_ptr, col_idx, values = sparse[p]
+            _add_outliers(row_ptr, col_idx, values, x[min(p, x.shape[0] - 1)], (a - start) * TILE,
+                          (b - start) * TILE, y[a * TILE:b * TILE])
         start += count
 
 
@@ -728,12 +747,22 @@ def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, pe
                      threads):
     """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) in one parallel region of `threads`
     tasks: y [tiles of all parts * TILE]."""
+    return _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits,
+                                   group_runs, lut, threads, NO_ROW_PTR, NO_COLUMNS, NO_VALUES,
+                                   NO_ROW_PTR, NO_COLUMNS, NO_VALUES, NO_ROW_PTR, NO_COLUMNS, NO_VALUES)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+                            threads, r0, c0, v0, r1, c1, v1, r2, c2, v2):
+    """`_matvec_parallel` adding each part's outliers (r, c, v)[p] in the task of their outputs."""
     q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)  # separate: a parallel region takes no nested tuple
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
     tasks = min(threads, n_tiles)
     for t in prange(tasks):
-        _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y)
+        _job(t, tasks, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y,
+             x, r0, c0, v0, r1, c1, v1, r2, c2, v2)
     return y
 
 
@@ -741,10 +770,20 @@ def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, pe
 def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
     """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) on the calling thread alone: y [tiles
     of all parts * TILE]."""
+    return _matvec_serial_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
+                                 lut, NO_ROW_PTR, NO_COLUMNS, NO_VALUES,
+                                 NO_ROW_PTR, NO_COLUMNS, NO_VALUES, NO_ROW_PTR, NO_COLUMNS, NO_VALUES)
+
+
+@njit(cache=True)
+def _matvec_serial_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+                          r0, c0, v0, r1, c1, v1, r2, c2, v2):
+    """`_matvec_serial` adding each part's outliers (r, c, v)[p]."""
     q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
-    _job(0, 1, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y)
+    _job(0, 1, variant, b0, s0, z0, b1, s1, z1, b2, s2, z2, n_parts, q0, q1, q2, bits, group_runs, lut, y,
+         x, r0, c0, v0, r1, c1, v1, r2, c2, v2)
     return y
 
 
@@ -763,6 +802,8 @@ class KernelWeight(NamedTuple):
     bits: int
     group_runs: int
     lut: np.ndarray  # uint8 [32] code c -> the int16 of high byte lut[c], low byte lut[16 + c] (4 bits); empty: none
+    outliers: tuple = ()  # (row_ptr int32 [out+1], col_idx uint16 [nnz], values float32 [nnz]): CSR entries the
+    #                       decode kernels add (SpQR's outlier corrections, SpQRTensor.int8_weight); (): none
 
 
 @njit(cache=True, parallel=True)
@@ -849,6 +890,7 @@ class PreparedCall(NamedTuple):
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
     outs: tuple  # out_features of each part (their tiles are padded to TILE outputs)
     whole_tiles: bool  # every part's outputs fill whole tiles: the kernel's y is the answer as it is
+    outliers: tuple  # the CSR arrays of each of MAX_PARTS slots when a part has outliers (the `_sparse` kernels)
 
 
 def prepare(parts, kernel: str) -> PreparedCall | None:
@@ -872,8 +914,13 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
     head = (variant, len(weights), *(a for slot in slots for a in slot))
     parallel = sum(w.blocked.nbytes for w in weights) >= PARALLEL_BYTES
     outs = tuple(w.out_features for w in weights)
+    outliers = ()
+    if any(w.outliers for w in weights):
+        sparse = [w.outliers or (readonly(np.zeros(w.out_features + 1, dtype=np.int32)), NO_COLUMNS, NO_VALUES)
+                  for w in weights]  # read-only arrays each: the kernel picks a part's from a tuple
+        outliers = tuple(a for arrays in sparse + [sparse[0]] * (MAX_PARTS - len(weights)) for a in arrays)
     return PreparedCall(head, (first.perm, first.bits, first.group_runs, first.lut), parallel, outs,
-                        all(n % TILE == 0 for n in outs))
+                        all(n % TILE == 0 for n in outs), outliers)
 
 
 def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
@@ -881,7 +928,10 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     once per product in decode: every microsecond here is paid hundreds of times a token)."""
     threads = numba.get_num_threads() if call.parallel else 1
     x = readonly(x.reshape(-1, x.shape[-1]))  # [1 or parts, in]
-    if threads > 1:
+    if call.outliers:
+        y = (_matvec_parallel_sparse(*call.head, x, *call.tail, threads, *call.outliers) if threads > 1
+             else _matvec_serial_sparse(*call.head, x, *call.tail, *call.outliers))  # [tiles * TILE]
+    elif threads > 1:
         y = _matvec_parallel(*call.head, x, *call.tail, threads)
     else:
         y = _matvec_serial(*call.head, x, *call.tail)  # [tiles * TILE]
