@@ -18,11 +18,13 @@ one window per step, AdamW; one warm-up step, then --steps timed steps:
 Tokens/s of the timed steps and the process's peak RSS (VmHWM); rounds
 interleave the engines; medians over --rounds.
 
-Quality (--quality): the NF4-DQ base and the float base are fine-tuned with
-the same settings, each in its own process (each finished base is kept in
-.cache/bench/training-quality.json, so a rerun with the same steps continues) (--quality-steps optimizer steps of 4 windows of 512 from
-wiki.valid.tokens, lr 2e-4, cosine, 2 warm-up steps), and WikiText-2 test
-perplexity (16 windows of 2048, as eval.py) is measured before and after.
+Quality (--quality): the NF4-DQ base from LoRA's start (QLoRA's setting) and
+from CLoQ's (`train.py --init cloq`), and the float base from LoRA's start, are
+fine-tuned with the same settings (--quality-steps optimizer steps of 4 windows
+of 512 from wiki.valid.tokens, lr 2e-4, cosine, 2 warm-up steps), each in its
+own process; WikiText-2 test perplexity (16 windows of 2048, as eval.py) is
+measured before and after. Each finished run is kept in
+.cache/bench/training-quality.json, so a rerun with the same steps continues.
 """
 from __future__ import annotations
 
@@ -45,7 +47,15 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ENGINES = {"ours-nf4dq": "ours, NF4-DQ base", "ours-float": "ours, float base",
            "peft": "PEFT + torch, float base", "peft-checkpointing": "PEFT + torch, float base, gradient checkpointing"}
 PPL_SEQLEN, PPL_WINDOWS = 2048, 16
-QUALITY_BASES = ("smollm2-135m.nf4dq", "smollm2-135m")
+# LoRA (rank, alpha, dropout) of the quality runs: the throughput runs' settings, and QLoRA's own (Dettmers et
+# al. 2023; artidoro/qlora scripts/finetune_guanaco_7b.sh: --lora_r 64 --lora_alpha 16 --lora_dropout 0.1)
+LORA_SETTINGS = {"rank 16, alpha 32, dropout 0.05": (RANK, ALPHA, DROPOUT),
+                 "rank 64, alpha 16, dropout 0.1 (QLoRA's)": (64, 16.0, 0.1)}
+# label -> (base, train.py --init, LORA_SETTINGS key): per settings, QLoRA's setting (LoRA's start on the
+# NF4-DQ base), the same from CLoQ's start, and the float base
+QUALITY_RUNS = {f"{base}{suffix}{', --init cloq' if init == 'cloq' else ''}": (base, init, lora)
+                for lora, suffix in zip(LORA_SETTINGS, ("", ", r64"))
+                for base, init in (("smollm2-135m.nf4dq", "lora"), ("smollm2-135m.nf4dq", "cloq"), ("smollm2-135m", "lora"))}
 OUR_VARIABLES = ("QLLM_", "NUMBA_", "OPENBLAS_", "OMP_")
 
 
@@ -155,49 +165,69 @@ def throughput(rounds: int, steps: int, work: Path) -> dict:
                      "all": [round(m["tok_s"], 1) for m in runs]} for engine, runs in measured.items()}
 
 
-def child_quality(base: str, steps: int) -> dict:
-    """{"before", "after"}: WikiText-2 test perplexity of `base` before and after fine-tuning it on
-    wiki.valid.tokens with the quality settings (module docstring)."""
+def child_quality(label: str, steps: int) -> dict:
+    """{"before", "start", "after"}: WikiText-2 test perplexity of QUALITY_RUNS[label]'s base alone, with its
+    initial adapter, and after fine-tuning it from there on wiki.valid.tokens with the quality settings
+    (module docstring)."""
     import runtime
 
     runtime.blas_on_every_core()  # as train.py, before NumPy loads
+    import numpy as np
+
     from pipeline.api import load_model
     from pipeline.first_use import find_or_build
     from pipeline.perplexity import perplexity
+    from pipeline.training.adapter import new_adapter, write_adapter
+    from pipeline.training.compensation import compensate, float_base_of
     from pipeline.training.data import Dataset
     from pipeline.training.trainer import TrainSettings, train as run_training
 
+    base, init, lora = QUALITY_RUNS[label]
+    rank, alpha, dropout = LORA_SETTINGS[lora]
     test, valid = token_ids("test"), token_ids("valid")
     data = Dataset(windows(valid, (len(valid) - 1) // SEQLEN), batch=4, seed=0)
-    settings = TrainSettings(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=TARGETS, seqlen=SEQLEN, batch=4,
-                             grad_accum=1, steps=steps, lr=2e-4, warmup=2, schedule="cosine")
+    settings = TrainSettings(rank=rank, alpha=alpha, dropout=dropout, targets=TARGETS, seqlen=SEQLEN, batch=4,
+                             grad_accum=1, steps=steps, lr=2e-4, warmup=2, schedule="cosine", init=init)
     path = find_or_build(base, progress=False)
-    before = perplexity(load_model(path), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
-    with tempfile.TemporaryDirectory() as out:
-        run_training(load_model(path), data, settings, Path(out), base, progress=False)
-        after = perplexity(load_model(path, lora=out), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]
-    return {"before": before, "after": after}
+    ppl = {"before": perplexity(load_model(path), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]}
+    model = load_model(path)
+    with tempfile.TemporaryDirectory() as work:
+        start = new_adapter(model, list(TARGETS), rank, alpha, np.random.default_rng(settings.seed))
+        if init != "lora":
+            compensate(start, model, init, float_base_of(path), data, SEQLEN, progress=False)
+        write_adapter(Path(work) / "start", start, base, dropout)
+        ppl["start"] = perplexity(load_model(path, lora=str(Path(work) / "start")), test, PPL_SEQLEN, PPL_WINDOWS,
+                                  progress=False)["ppl"] if init != "lora" else ppl["before"]
+
+        def initialize(adapter):
+            for name in adapter.names():
+                adapter.A[name][...], adapter.B[name][...] = start.A[name], start.B[name]
+
+        run_training(model, data, settings, Path(work) / "trained", base, progress=False, initialize=initialize)
+        ppl["after"] = perplexity(load_model(path, lora=str(Path(work) / "trained")), test, PPL_SEQLEN,
+                                  PPL_WINDOWS, progress=False)["ppl"]
+    return ppl
 
 
 def quality(steps: int, saved: Path) -> dict:
-    """base -> {"before", "after"} for the NF4-DQ and float bases fine-tuned alike, each in a child process
-    (`child_quality`). Each finished base is written to `saved` at once, and a rerun with the same steps
-    reuses it: an interrupted run loses no finished base."""
+    """label -> {"before", "after"} for each of QUALITY_RUNS, fine-tuned alike, each in a child process
+    (`child_quality`). Each finished run is written to `saved` at once, and a rerun with the same steps
+    reuses it: an interrupted run loses no finished one."""
     from runtime.checkpoints.atomic import write_text
 
     previous = json.loads(saved.read_text()) if saved.exists() else {}
     results = previous.get("results", {}) if previous.get("steps") == steps else {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
-    for base in QUALITY_BASES:
-        if base not in results:
-            result = subprocess.run([sys.executable, __file__, "--child", "quality", "--base", base,
+    for label in QUALITY_RUNS:
+        if label not in results:
+            result = subprocess.run([sys.executable, __file__, "--child", "quality", "--run", label,
                                      "--quality-steps", str(steps)], env=env, cwd=PROJECT, capture_output=True,
                                     text=True)
             if result.returncode:
-                raise SystemExit(f"fine-tuning {base} failed:\n{result.stderr[-3000:]}")
-            results[base] = json.loads(result.stdout.strip().splitlines()[-1])
+                raise SystemExit(f"fine-tuning {label} failed:\n{result.stderr[-3000:]}")
+            results[label] = json.loads(result.stdout.strip().splitlines()[-1])
             write_text(saved, json.dumps({"steps": steps, "results": results}, indent=1))
-        print(f"{base}: {results[base]['before']:.3f} -> {results[base]['after']:.3f}", file=sys.stderr)
+        print(f"{label}: {results[label]['before']:.3f} -> {results[label]['after']:.3f}", file=sys.stderr)
     return results
 
 
@@ -220,14 +250,23 @@ def document(command: str, speed: dict, settings: dict, ppl: dict | None) -> str
                      f"{m['tok_s'] / peft['tok_s']:.2f} | {m['rss']:.0f} | {m['rss'] / peft['rss']:.2f} |")
     if ppl:
         lines += ["", f"Quality: each base fine-tuned with the same settings for {settings['quality_steps']} steps of "
-                  f"4 windows of {SEQLEN} from wiki.valid.tokens (lr 2e-4, cosine, 2 warm-up steps); WikiText-2 "
-                  f"test perplexity, first {PPL_WINDOWS} windows of {PPL_SEQLEN}, as eval.py:", "",
-                  "| base | before | after | change |", "| --- | ---: | ---: | ---: |"]
-        for base, r in ppl.items():
-            lines.append(f"| {base} | {r['before']:.3f} | {r['after']:.3f} | "
-                         f"{100 * (r['after'] / r['before'] - 1):+.2f}% |")
-        nf4, flt = ppl["smollm2-135m.nf4dq"]["after"], ppl["smollm2-135m"]["after"]
-        lines += ["", f"NF4-DQ base after fine-tuning vs float base after fine-tuning: {100 * (nf4 / flt - 1):+.2f}%."]
+                  f"4 windows of {SEQLEN} from wiki.valid.tokens (lr 2e-4, cosine, 2 warm-up steps), with LoRA "
+                  "rank 16 as above or with QLoRA's own rank 64, alpha 16, dropout 0.1, from LoRA's start "
+                  "(B = 0) or, on the NF4-DQ base, from CLoQ's (`train.py --init cloq`: factors that cancel the "
+                  "quantization error as the training text's activations see it; "
+                  "pipeline/training/compensation.py); WikiText-2 test perplexity, first "
+                  f"{PPL_WINDOWS} windows of {PPL_SEQLEN}, as eval.py (before: the base alone; at the start: with "
+                  "the initial adapter):", "",
+                  "| LoRA | base | start | before | at the start | after | change | after vs the float base's after |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for lora in LORA_SETTINGS:
+            runs = {label: run for label, run in QUALITY_RUNS.items() if run[2] == lora and label in ppl}
+            floats = [ppl[label]["after"] for label, run in runs.items() if run[0] == "smollm2-135m"]
+            for label, (base, init, _) in runs.items():
+                r = ppl[label]
+                versus = f"{100 * (r['after'] / floats[0] - 1):+.2f}%" if floats else ""
+                lines.append(f"| {lora} | {base} | {init} | {r['before']:.3f} | {r.get('start', r['before']):.3f} | "
+                             f"{r['after']:.3f} | {100 * (r['after'] / r['before'] - 1):+.2f}% | {versus} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,10 +279,10 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true", help="print the document instead of writing it")
     p.add_argument("--child", choices=[*ENGINES, "quality"], help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
-    p.add_argument("--base", choices=QUALITY_BASES, help=argparse.SUPPRESS)
+    p.add_argument("--run", choices=QUALITY_RUNS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "quality":
-        print(json.dumps(child_quality(args.base, args.quality_steps)))
+        print(json.dumps(child_quality(args.run, args.quality_steps)))
         return
     if args.child:
         result = (child_ours(f"smollm2-135m{'.nf4dq' if args.child == 'ours-nf4dq' else ''}", args.ids, args.steps)
