@@ -3,7 +3,7 @@
 - LoftQ's factors reach the Eckart-Young bound: ‖R − s B A‖² is the sum of R's squared singular values
   beyond the rank (from np.linalg.svd of R, not the factors' own path).
 - CLoQ's factors reach the same bound in the norm of the layer's outputs, tr((R − M) H (R − M)ᵀ) with H
-  the damped XᵀX (its square root from scipy's sqrtm), beat LoftQ's there, and every small perturbation
+  the damped XᵀX = L Lᵀ (R L's singular values: Cholesky, not the code's eigendecomposition), beat LoftQ's there, and every small perturbation
   of them is worse.
 - On a tiny Llama quantized to NF4-DQ, both starts bring the logits closer to the float model's, CLoQ's
   the closest; train.py --init cloq trains from there, resumes bit-identically after a kill, and bad
@@ -15,7 +15,6 @@ import pytest
 from conftest import save_tiny_llama
 
 torch = pytest.importorskip("torch")
-scipy_linalg = pytest.importorskip("scipy.linalg")
 pytest.importorskip("peft")  # test_training_cli's
 
 import train  # noqa: E402
@@ -63,7 +62,7 @@ def test_cloq_factors_minimise_the_output_error():
 
     A, B = low_rank_factors(R, 4, 0.5, whitening(H))
     cloq = 0.5 * B.astype(np.float64) @ A
-    bound = np.sum(np.linalg.svd(R @ np.real(scipy_linalg.sqrtm(damped)), compute_uv=False)[4:] ** 2)
+    bound = np.sum(np.linalg.svd(R @ np.linalg.cholesky(damped), compute_uv=False)[4:] ** 2)  # R L: R H^½ rotated
     np.testing.assert_allclose(output_error(cloq), bound, rtol=1e-4)
     A_f, B_f = low_rank_factors(R, 4, 0.5)
     assert output_error(cloq) < 0.8 * output_error(0.5 * B_f.astype(np.float64) @ A_f)
