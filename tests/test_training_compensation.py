@@ -3,8 +3,8 @@
 - LoftQ's factors reach the Eckart-Young bound: ‖R − s B A‖² is the sum of R's squared singular values
   beyond the rank (from np.linalg.svd of R, not the factors' own path).
 - CLoQ's factors reach the same bound in the norm of the layer's outputs, tr((R − M) H (R − M)ᵀ) with H
-  the damped XᵀX = L Lᵀ (R L's singular values: Cholesky, not the code's eigendecomposition), beat LoftQ's there, and every small perturbation
-  of them is worse.
+  the damped XᵀX = L Lᵀ (R L's singular values: Cholesky, not the code's eigendecomposition), beat
+  LoftQ's there, and every small perturbation of them is worse.
 - On a tiny Llama quantized to NF4-DQ, both starts bring the logits closer to the float model's, CLoQ's
   the closest; train.py --init cloq trains from there, resumes bit-identically after a kill, and bad
   requests get one-line errors.
