@@ -192,16 +192,17 @@ def child_quality(label: str, steps: int) -> dict:
     ppl = {"before": perplexity(load_model(path), test, PPL_SEQLEN, PPL_WINDOWS, progress=False)["ppl"]}
     model = load_model(path)
     with tempfile.TemporaryDirectory() as work:
-        start = new_adapter(model, list(TARGETS), rank, alpha, np.random.default_rng(settings.seed))
+        ppl["start"], initialize = ppl["before"], None  # LoRA's start: B = 0, the base alone
         if init != "lora":
+            start = new_adapter(model, list(TARGETS), rank, alpha, np.random.default_rng(settings.seed))
             compensate(start, model, init, float_base_of(path), data, SEQLEN, progress=False)
-        write_adapter(Path(work) / "start", start, base, dropout)
-        ppl["start"] = perplexity(load_model(path, lora=str(Path(work) / "start")), test, PPL_SEQLEN, PPL_WINDOWS,
-                                  progress=False)["ppl"] if init != "lora" else ppl["before"]
+            write_adapter(Path(work) / "start", start, base, dropout)
+            ppl["start"] = perplexity(load_model(path, lora=str(Path(work) / "start")), test, PPL_SEQLEN,
+                                      PPL_WINDOWS, progress=False)["ppl"]
 
-        def initialize(adapter):
-            for name in adapter.names():
-                adapter.A[name][...], adapter.B[name][...] = start.A[name], start.B[name]
+            def initialize(adapter):  # the factors just measured, not a second calibration
+                for name in adapter.names():
+                    adapter.A[name][...], adapter.B[name][...] = start.A[name], start.B[name]
 
         run_training(model, data, settings, Path(work) / "trained", base, progress=False, initialize=initialize)
         ppl["after"] = perplexity(load_model(path, lora=str(Path(work) / "trained")), test, PPL_SEQLEN,

@@ -41,12 +41,17 @@ def target_names(model: Model, targets: list) -> list:
     return sorted(set(names))
 
 
+def target_weight(model: Model, name: str):
+    """The model's own weight (float or packed) of checkpoint name `name` (layer i's "<module>.weight")."""
+    i = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+    return model.layers[i][name.removeprefix(layer_prefix(model, i))]
+
+
 def new_adapter(model: Model, targets: list, rank: int, alpha: float, rng: np.random.Generator) -> Adapter:
     """Fresh factors for `targets`: A ~ U(-1/sqrt(in), 1/sqrt(in)) [r, in], B = 0 [out, r]."""
     A, B = {}, {}
     for name in target_names(model, targets):
-        i = int(name.split(".layers.", 1)[1].split(".", 1)[0])
-        n_out, n_in = model.layers[i][name.split(f".layers.{i}.", 1)[1]].shape
+        n_out, n_in = target_weight(model, name).shape
         bound = 1 / np.sqrt(n_in)
         A[name] = rng.uniform(-bound, bound, (rank, n_in)).astype(np.float32)  # [r, in]
         B[name] = np.zeros((n_out, rank), dtype=np.float32)  # [out, r]

@@ -35,7 +35,8 @@ from runtime.checkpoints.checkpoint import load_checkpoint, read_json
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor
 from pipeline.calibration import calibrate
-from pipeline.training.backward import Adapter, dense, layer_prefix
+from pipeline.training.adapter import target_weight
+from pipeline.training.backward import Adapter, dense
 from pipeline.training.data import Dataset
 
 INITS = ("lora", "loftq", "cloq")
@@ -96,7 +97,7 @@ def calibration_windows(dataset: Dataset, seqlen: int) -> np.ndarray:
 def _loftq(adapter: Adapter, model: Model, tensors: dict) -> None:
     """Fill `adapter` with the LoftQ factors of every target."""
     for name in adapter.names():
-        residual = np.asarray(tensors[name], dtype=np.float32) - _base_weight(model, name)  # [out, in]
+        residual = np.asarray(tensors[name], dtype=np.float32) - dense(target_weight(model, name))  # [out, in]
         adapter.A[name][...], adapter.B[name][...] = low_rank_factors(residual, adapter.rank, adapter.scale)
 
 
@@ -108,7 +109,7 @@ def _cloq(adapter: Adapter, model: Model, config: Config, tensors: dict, windows
         whiten = whitening(H)
         results = []
         for name, W in zip(names, weights):
-            packed = _packed_weight(model, name)
+            packed = target_weight(model, name)
             Q = dense(packed)  # [out, in]
             if name in adapter.A:
                 adapter.A[name][...], adapter.B[name][...] = low_rank_factors(W - Q, adapter.rank, adapter.scale,
@@ -121,30 +122,19 @@ def _cloq(adapter: Adapter, model: Model, config: Config, tensors: dict, windows
         calibrate(config, tensors, method, windows, Path(work) / "state", {"init": "cloq"}, progress=progress)
 
 
-def _packed_weight(model: Model, name: str):
-    """The base's own tensor of checkpoint name `name` (layer i's "<module>.weight")."""
-    i = int(name.split(".layers.", 1)[1].split(".", 1)[0])
-    return model.layers[i][name.removeprefix(layer_prefix(model, i))]
-
-
-def _base_weight(model: Model, name: str) -> np.ndarray:
-    """The base's dequantized weight [out, in] float32 of checkpoint name `name`."""
-    return dense(_packed_weight(model, name))
-
-
 def compensate(adapter: Adapter, model: Model, init: str, float_base: Path, dataset: Dataset, seqlen: int,
                progress: bool = True) -> None:
     """Replace `adapter`'s factors by the `init` ("loftq" or "cloq") ones of the quantized `model`, whose float
     weights are the checkpoint `float_base`; UserError when the base is not quantized or does not match."""
-    if not any(isinstance(_packed_weight(model, name), PackedTensor) for name in adapter.names()):
+    if not any(isinstance(target_weight(model, name), PackedTensor) for name in adapter.names()):
         raise UserError(f"--init {init} starts the adapter from the base's quantization error, and this base is "
                         f"not quantized: train a float base with --init lora")
     hf_config, tensors = load_checkpoint(float_base)
     for name in adapter.names():
-        if name not in tensors or tuple(tensors[name].shape) != tuple(_packed_weight(model, name).shape):
+        if name not in tensors or tuple(tensors[name].shape) != tuple(target_weight(model, name).shape):
             raise UserError(f"--float-base {float_base} does not match the base: its {name} is "
                             f"{list(tensors[name].shape) if name in tensors else 'missing'}, the base's "
-                            f"{list(_packed_weight(model, name).shape)}; give the float model it was quantized from")
+                            f"{list(target_weight(model, name).shape)}; give the float model it was quantized from")
     if init == "loftq":
         _loftq(adapter, model, tensors)
     else:
