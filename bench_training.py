@@ -150,7 +150,8 @@ def token_ids(split: str):
 
 
 def throughput(rounds: int, steps: int, work: Path) -> dict:
-    """engine -> {"tok_s": median, "rss": median, "all": [tok/s per round]}."""
+    """engine -> {"tok_s": median, "rss": median, "all": [tok/s per round], "paired": the median over rounds
+    of its tok/s over PEFT's in the same round}."""
     import numpy as np
 
     ids_path = work / "valid_ids.npy"
@@ -162,7 +163,9 @@ def throughput(rounds: int, steps: int, work: Path) -> dict:
             print(f"round {r + 1}: {engine} {measured[engine][-1]}", file=sys.stderr)
     return {engine: {"tok_s": statistics.median(m["tok_s"] for m in runs),
                      "rss": statistics.median(m["rss"] for m in runs),
-                     "all": [round(m["tok_s"], 1) for m in runs]} for engine, runs in measured.items()}
+                     "all": [round(m["tok_s"], 1) for m in runs],
+                     "paired": statistics.median(m["tok_s"] / p["tok_s"] for m, p in zip(runs, measured["peft"]))}
+            for engine, runs in measured.items()}
 
 
 def child_quality(label: str, steps: int) -> dict:
@@ -242,13 +245,16 @@ def document(command: str, speed: dict, settings: dict, ppl: dict | None) -> str
              "How: bench_training.py's docstring. SmolLM2-135M, LoRA rank 16 (alpha 32, dropout 0.05) on all "
              f"seven projections, one window of {SEQLEN} tokens per step, AdamW; {settings['steps']} timed steps "
              f"after one warm-up step, each engine in its own process; median of {settings['rounds']} interleaved "
-             "rounds.", "",
-             "| engine | training tok/s | per round | x PEFT + torch | peak RSS MB | x PEFT + torch |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+             "rounds. This machine's speed drifts by up to 40% for tens of seconds at a time (every engine's "
+             "steps alike), so beside the ratio of the medians stands the paired ratio: the median over rounds of "
+             "each round's ratio to PEFT + torch, whose runs sit next to each other in time.", "",
+             "| engine | training tok/s | per round | x PEFT + torch | paired | peak RSS MB | x PEFT + torch |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for engine, label in ENGINES.items():
         m = speed[engine]
         lines.append(f"| {label} | {m['tok_s']:.1f} | {', '.join(map(str, m['all']))} | "
-                     f"{m['tok_s'] / peft['tok_s']:.2f} | {m['rss']:.0f} | {m['rss'] / peft['rss']:.2f} |")
+                     f"{m['tok_s'] / peft['tok_s']:.2f} | {m['paired']:.2f} | {m['rss']:.0f} | "
+                     f"{m['rss'] / peft['rss']:.2f} |")
     if ppl:
         lines += ["", f"Quality: each base fine-tuned with the same settings for {settings['quality_steps']} steps of "
                   f"4 windows of {SEQLEN} from wiki.valid.tokens (lr 2e-4, cosine, 2 warm-up steps), with LoRA "
