@@ -742,7 +742,7 @@ def _inputs(x, perm, bits, b0, s0, group_runs):
     return q0, q1, q2
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)  # its callee holds the parallel region (parallel=True here only warned that it had none)
 def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
                      threads):
     """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) in one parallel region of `threads`
