@@ -43,7 +43,8 @@ def test_one_bit_byte_table_is_the_grid_times_four_plus_sixteen(codebook):
 
 @needs_vnni
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("shape", [(24, 128), (576, 576), (8, 1536), (256, 384)])  # 384 = 3 * 128: dense factor
+@pytest.mark.parametrize("shape", [(24, 128), (576, 576), (8, 1536), (256, 384),  # 384 = 3 * 128: dense factor
+                                   (20, 576), (36, 640)])  # rows past the last eight, two groups past 512
 def test_int8_kernel_matches_reference(bits, shape):
     packed = random_packed(f"quipsharp{bits}", shape, seed=shape[0])
     assert e8p_numba.int8_applies(packed)
