@@ -706,8 +706,9 @@ def _e8p_tail_rows_vbmi(typingctx, codes, o, rows, first, xperm, start16, d, tab
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, floats), scales)),
                               acc)
             total = builder.load(acc)
-            row_sums = builder.fadd(builder.shuffle_vector(total, total, ir.Constant(eight_words, list(range(0, 16, 2)))),
-                                    builder.shuffle_vector(total, total, ir.Constant(eight_words, list(range(1, 16, 2)))))
+            block_0, block_1 = (builder.shuffle_vector(total, total, ir.Constant(eight_words, list(range(b, 16, 2))))
+                                for b in (0, 1))  # [8] each: every row's first and second block
+            row_sums = builder.fadd(block_0, block_1)  # [8]
             scale = builder.insert_element(ir.Constant(eight_floats, ir.Undefined), args[8], ir.Constant(i32, 0))
             scale = builder.shuffle_vector(scale, scale, ir.Constant(eight_words, [0] * 8))
             target = builder.bitcast(builder.gep(out_data, [builder.mul(block_loop.index, ir.Constant(i64, 8))]),
@@ -932,7 +933,7 @@ def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1
     E8P stages), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
     n_out = y.shape[0]
     xq, d, start, xperm, start16 = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
-    first = x.shape[0] // (CHUNK_CODES * 8) * CHUNK_CODES // CODES_PER_DOT if vbmi else 0  # the tail's first
+    first = x.shape[0] // (CHUNK_CODES * 8) * CHUNK_CODES // CODES_PER_DOT if vbmi else 0  # first group past chunks
     y_rot = np.zeros(n_out, dtype=np.float32)  # [out]
     for block in prange(-(-n_out // DECODE_ROWS)):
         o = block * DECODE_ROWS
