@@ -865,22 +865,31 @@ def matmul_prefill_vbmi(packed, x: np.ndarray) -> np.ndarray:
 
 
 @njit(inline="always")
+def _tail_group(n_in):
+    """The first group of CODES_PER_DOT codes past the whole chunks of CHUNK_CODES codes of n_in inputs."""
+    return n_in // (CHUNK_CODES * 8) * CHUNK_CODES // CODES_PER_DOT
+
+
+@njit(inline="always")
+def _by_coordinate(xq, xperm, begin, end, codes):
+    """xperm[s + codes i + c] = xq[s + 8 c + i] for each span s of `codes` codes (codes * 8 inputs) from input
+    begin to end: the span's inputs coordinate by coordinate."""
+    for s in range(begin, end, codes * 8):
+        for c in range(codes):
+            for i in range(8):
+                xperm[s + codes * i + c] = xq[s + 8 * c + i]
+
+
+@njit(inline="always")
 def _chunk_order(xq, xperm, start16):
     """xq [in] int8 as the VBMI kernels read it: xperm coordinate by coordinate, over its whole chunks of
     CHUNK_CODES * 8 inputs (xperm[512 k + 64 i + c] = xq[512 k + 8 c + i]) and, where xperm reaches past
     them, over each later group of CODES_PER_DOT codes (xperm[64 g + 8 i + c] = xq[64 g + 8 c + i],
     `_e8p_tail_rows_vbmi`); start16 −BYTE_ZERO times the sum of each block of 32 it has room for
     (`_e8p_rows_dot_vbmi`, `_e8p_rows_vbmi`)."""
-    chunk = CHUNK_CODES * 8
-    whole = xperm.shape[0] // chunk * chunk
-    for k in range(whole // chunk):
-        for c in range(CHUNK_CODES):
-            for i in range(8):
-                xperm[k * chunk + CHUNK_CODES * i + c] = xq[k * chunk + 8 * c + i]
-    for g in range(whole // 64, xperm.shape[0] // 64):
-        for c in range(CODES_PER_DOT):
-            for i in range(8):
-                xperm[64 * g + 8 * i + c] = xq[64 * g + 8 * c + i]
+    whole = _tail_group(xperm.shape[0]) * CODES_PER_DOT * 8
+    _by_coordinate(xq, xperm, 0, whole, CHUNK_CODES)
+    _by_coordinate(xq, xperm, whole, xperm.shape[0], CODES_PER_DOT)
     for b in range(start16.shape[0]):
         total = np.int32(0)
         for i in range(BLOCK):
@@ -933,7 +942,7 @@ def _decode_int8(x, signs_in, signs_out, h_in, size_in, h_out, size_out, codes_1
     E8P stages), y = y_rot Hₒ / sqrt(out) ⊙ s_out on this thread."""
     n_out = y.shape[0]
     xq, d, start, xperm, start16 = _quantize_rotated(_rotate_row(x, signs_in, h_in, size_in, False))
-    first = x.shape[0] // (CHUNK_CODES * 8) * CHUNK_CODES // CODES_PER_DOT if vbmi else 0  # first group past chunks
+    first = _tail_group(x.shape[0]) if vbmi else 0  # the first group `_add_rows` takes past the VBMI chunks
     y_rot = np.zeros(n_out, dtype=np.float32)  # [out]
     for block in prange(-(-n_out // DECODE_ROWS)):
         o = block * DECODE_ROWS
@@ -964,8 +973,6 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
     the output blocks of all parts, then the output rotations: what one part at a time ran on the calling
     thread while the other waited (k and v of TinyLlama-1.1B: half their 22 us)."""
     n_in = x.shape[0]
-    chunk = CHUNK_CODES * 8
-    whole = n_in // chunk * chunk
     xq = np.empty((n_parts, n_in), dtype=np.int8)  # [parts, in]
     d = np.empty((n_parts, n_in // BLOCK), dtype=np.float32)  # [parts, in/32]
     start = np.empty((n_parts, n_in // 4), dtype=np.int32)  # [parts, in/4]
@@ -979,7 +986,7 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
     blocks = (-(-outs[0] // DECODE_ROWS), -(-outs[1] // DECODE_ROWS), -(-outs[2] // DECODE_ROWS))
     firsts = (0, blocks[0], blocks[0] + blocks[1])  # each part's first block
     y_rot = np.zeros(outs[0] + outs[1] + outs[2], dtype=np.float32)  # [sum of outs] the parts, one after another
-    first = whole // (CODES_PER_DOT * 8) if vbmi else 0  # the byte-table path's first chunk
+    first = _tail_group(n_in) if vbmi else 0  # the first group `_add_rows` takes past the VBMI chunks
     for block in prange(blocks[0] + blocks[1] + blocks[2]):
         p = 0 if block < firsts[1] else (1 if block < firsts[2] else 2)
         o = (block - firsts[p]) * DECODE_ROWS
