@@ -12,7 +12,8 @@ NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
               attend_decode | attend_prefill           one query / causal blocks of queries
           opt_mlp_half | llama_mlp_half                h + ReLU FFN / SwiGLU
       logits: final norm -> LM head
-    llama_decode_step                    decode on the CPU with fused Numba kernels (Llama)
+    llama_decode_step                    decode on the CPU with fused Numba kernels (Llama): its layers in one
+                                         Numba call where every product is a prepared int8 call
 
 `Model.__init__` is the one place that picks the architecture; the embedding
 and the head follow from the tensors the checkpoint holds.
@@ -42,6 +43,7 @@ from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode
 from runtime.kernels import decode_step_numba as step
+from runtime.kernels import llama_layers_numba as llama_layers
 from runtime.kernels.prefill_threads import run_split
 from runtime.linear import linear, linear_many, one_row_products
 
@@ -179,13 +181,26 @@ class Model:
 
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
-        product for q/k/v and one for gate/up, each kernel chosen once (`one_row_products`), norms,
-        RoPE, attention with the cache write and SiLU·up each one Numba call
-        (runtime/kernels/decode_step_numba.py)."""
+        product for q/k/v and one for gate/up, each kernel chosen once (`one_row_products`); all layers in
+        one Numba call where every product is a prepared int8-activation call
+        (runtime/kernels/llama_layers_numba.py), else `llama_decode_layers`."""
         c, position = self.config, cache.length
         cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
         x = np.asarray(self.embed[token], dtype=np.float32)  # [d]
         layer_products, head = self.one_row_products()
+        layer_calls = self._one_row_products["layer_calls"]
+        if layer_calls is None:
+            x = self.llama_decode_layers(x, cache, cos, sin, layer_products)  # [d]
+        else:
+            x = llama_layers.run(layer_calls, x, cache.k, cache.v, position, cos, sin, c.head_dim,
+                                 c.norm_eps)  # [d]
+        return head(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps))[0]  # [vocab]
+
+    def llama_decode_layers(self, x, cache: KVCache, cos, sin, layer_products):
+        """The hidden state [d] after every layer for the token x [d] at position cache.length, each layer's
+        norms, RoPE, attention with the cache write and SiLU·up one Numba call each
+        (runtime/kernels/decode_step_numba.py), its products those of `one_row_products`."""
+        c, position = self.config, cache.length
         for i, (w, (qkv, o_proj, gate_up, down)) in enumerate(zip(self.layers, layer_products)):
             n = step.rms_norm(x, w["input_layernorm.weight"], c.norm_eps)  # [d]
             q, k, v = qkv(n)  # [H*hd], [KV*hd] x 2
@@ -196,7 +211,7 @@ class Model:
             n = step.rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)  # [d]
             gate, up = gate_up(n)  # [ffn] each
             x = h + down(step.silu_mul(gate, up))[0]  # [d]
-        return head(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps))[0]  # [vocab]
+        return x
 
     def one_row_products(self):
         """(per layer, a function of one row for each group of `decode_products`; the head): the products of the
@@ -212,8 +227,24 @@ class Model:
                                          [w.get(f"{name}.bias") if bias else None for name in names])
                         for names, bias in self.decode_products) for w in self.layers]
         self._one_row_products = {"mode": mode, "weights": weights, "head": self.lm_head,
-                                  "products": (layers, one_row_products([self.lm_head]))}
+                                  "products": (layers, one_row_products([self.lm_head])),
+                                  "layer_calls": self.layer_calls()}
         return self._one_row_products["products"]
+
+    def layer_calls(self):
+        """The prepared calls of every Llama layer for runtime/kernels/llama_layers_numba.py, or None where a
+        product is not one prepared int8-activation call (float or other formats' weights, biases, OPT)."""
+        if self.config.arch != "llama":
+            return None
+        calls = []
+        for w in self.layers:
+            for names, _ in self.decode_products:
+                parts = [w[f"{name}.weight"] for name in names]
+                packed = all(isinstance(p, PackedTensor) for p in parts)
+                biased = any(f"{name}.bias" in w for name in names)
+                calls.append(parts[0].prepared_call(parts) if packed and not biased else None)
+        norms = [[w["input_layernorm.weight"], w["post_attention_layernorm.weight"]] for w in self.layers]
+        return llama_layers.prepare(calls, np.asarray(norms, dtype=np.float32))  # norms [layers, 2, d]
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product

@@ -16,6 +16,12 @@ one), which on the oracle models moves the logits by up to 1e-4 of max
 hundred, by 1-3% with one-byte activations. That is the noise of the
 activation quantization, which tests/test_uniform_int8_kernels.py pins down
 kernel by kernel and the perplexity check bounds.
+
+Where every layer product is a prepared int8-activation call (RTN, NF4), the
+Llama step runs all its layers in one Numba call (runtime/kernels/llama_layers_numba.py):
+the same kernels as the Python loop, so the logits must agree to 1e-6 of max
+|logit| and the KV cache exactly; elsewhere (biases, OPT, a float weight, float
+activations) it must keep the Python loop.
 """
 import numpy as np
 import pytest
@@ -97,6 +103,64 @@ def test_smollm2(smollm2_dir, quantized, monkeypatch):
     hf_config, tensors = load_checkpoint(smollm2_dir)
     tensors = packed(tensors, 128) if quantized else tensors
     assert_decode_steps_match(Config.from_hf(hf_config), tensors, [1, 504, 3458, 314], [282, 4077, 30])
+
+
+def decode_both_ways(config: Config, tensors: dict, prompt, steps):
+    """Logits of each step with the layers in one Numba call (runtime/kernels/llama_layers_numba.py) and with
+    the same kernels called from Python (Model.llama_decode_layers); asserts the first model took the one call."""
+    one_call, loop = Model(config, tensors), Model(config, tensors)
+    caches = one_call.new_cache(len(prompt) + len(steps)), loop.new_cache(len(prompt) + len(steps))
+    for model, cache in zip((one_call, loop), caches):
+        model.prefill(prompt, cache)
+        model.one_row_products()
+    assert one_call._one_row_products["layer_calls"] is not None
+    loop._one_row_products["layer_calls"] = None  # the Python loop over the same prepared products
+    logits = [(one_call.decode(int(t), caches[0]), loop.decode(int(t), caches[1])) for t in steps]
+    assert np.array_equal(caches[0].k, caches[1].k) and np.array_equal(caches[0].v, caches[1].v)
+    return logits
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "llama-untied"])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (2, 32), (3, -1)])
+def test_llama_layers_in_one_call_equal_the_python_loop(case, bits, group_size, tmp_path):
+    # the same kernels in the same order on the same values: equal up to LLVM's freedom to reorder the
+    # inlined elementwise sums (fastmath), 1e-6 of max |logit|; measured: bit for bit
+    build_hf(*CASES[case]).save_pretrained(tmp_path)
+    hf_config, tensors = load_checkpoint(tmp_path)
+    params = rtn.RTNParams(bits=bits, group_size=group_size)
+    tensors = {name: rtn.quantize(np.asarray(t), params) if name.split(".")[-2] in LINEARS else t
+               for name, t in tensors.items()}
+    ids = np.random.default_rng(3).integers(0, 120, 12)
+    for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, ids[:7], ids[7:]):
+        assert np.abs(b).max() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
+def test_smollm2_nf4_layers_in_one_call(smollm2_dir):
+    import nf4
+    hf_config, tensors = load_checkpoint(smollm2_dir)
+    tensors = {name: nf4.quantize(np.asarray(t), nf4.NF4Params()) if name.split(".")[-2] in LINEARS
+               and ".layers." in name else t for name, t in tensors.items()}
+    for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, [1, 504, 3458, 314], [282, 4077]):
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("case, change", [("llama-attention-bias", None), ("opt-pre-ln", None),
+                                          ("llama-gqa-tied", "float weight"), ("llama-gqa-tied", "float mode"),
+                                          ("llama-gqa-tied", None)])
+def test_the_layers_take_one_call_only_where_every_product_is_a_prepared_call(case, change, tmp_path,
+                                                                             monkeypatch):
+    # biases, OPT, one float weight among the packed ones, float activations: the Python loop
+    build_hf(*CASES[case]).save_pretrained(tmp_path)
+    hf_config, tensors = load_checkpoint(tmp_path)
+    tensors = packed(tensors, 32)
+    if change == "float weight":
+        name = "model.layers.1.mlp.up_proj.weight"
+        tensors[name] = tensors[name].dequantize()
+    if change == "float mode":
+        monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+    model = Model(Config.from_hf(hf_config), tensors)
+    model.decode(3, model.new_cache(4))
+    assert (model._one_row_products["layer_calls"] is not None) == (change is None and case == "llama-gqa-tied")
 
 
 def test_exp32_against_numpy():

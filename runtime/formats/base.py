@@ -194,6 +194,14 @@ class PackedTensor:
             return None
         return self._int8_product(parts)
 
+    def prepared_call(self, parts):
+        """The prepared int8-activation call (uniform_int8_numba.PreparedCall) that `one_row_product` runs for
+        parts, where the product is that call alone (not for formats with their own one-row product), else
+        None: what runtime/kernels/llama_layers_numba.py calls from Numba."""
+        if type(self).one_row_product is not PackedTensor.one_row_product:
+            return None
+        return self._int8_call(parts, *activation_mode())
+
     def _int8_product(self, parts):
         """The function of `one_row_product` (x [in] or [len(parts), in]), or None (`_int8_call`)."""
         call = self._int8_call(parts, *activation_mode())

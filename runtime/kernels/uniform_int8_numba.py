@@ -767,6 +767,16 @@ def _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2
 
 
 @njit(cache=True)
+def matvec_threads(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut, threads):
+    """The prepared call (`prepare`) for x [1 or parts, in]: `_matvec_parallel` with `threads` tasks, or
+    `_matvec_serial` for one (`run`, and every product of runtime/kernels/llama_layers_numba.py)."""
+    if threads > 1:
+        return _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
+                                lut, threads)
+    return _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut)
+
+
+@njit(cache=True)
 def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
     """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) on the calling thread alone: y [tiles
     of all parts * TILE]."""
@@ -931,10 +941,8 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     if call.outliers:
         y = (_matvec_parallel_sparse(*call.head, x, *call.tail, threads, *call.outliers) if threads > 1
              else _matvec_serial_sparse(*call.head, x, *call.tail, *call.outliers))  # [tiles * TILE]
-    elif threads > 1:
-        y = _matvec_parallel(*call.head, x, *call.tail, threads)
     else:
-        y = _matvec_serial(*call.head, x, *call.tail)  # [tiles * TILE]
+        y = matvec_threads(*call.head, x, *call.tail, threads)  # [tiles * TILE]
     if call.whole_tiles:
         return y
     starts = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])
