@@ -58,7 +58,18 @@ def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
             slot.append(array)
     if any(len({numba.typeof(a) for a in slot}) > 1 for slot in slots):
         return None
-    return LayerCalls(ints, tuple(List(slot) for slot in slots), np.ascontiguousarray(norms, dtype=np.float32))
+    return LayerCalls(ints, tuple(_typed_list(tuple(slot)) for slot in slots),
+                      np.ascontiguousarray(norms, dtype=np.float32))
+
+
+@njit(cache=True)
+def _typed_list(arrays):
+    """A typed list of the arrays of a tuple (made here, compiled once and cached: a typed list filled from
+    Python compiles its methods for the item type in every process, 1 s and 20 MB for a model's eleven slots)."""
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
 
 
 def run(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, position: int, cos: np.ndarray,
