@@ -144,6 +144,42 @@ def test_smollm2_nf4_layers_in_one_call(smollm2_dir):
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
 
 
+def random_weight(tag: str, shape, seed: int):
+    """A packed weight of random codes in the format of `tag` (bench_models.random_packed); E8P's with stage
+    scales of their own (random_packed's are one value for every weight)."""
+    from bench_models import random_packed
+    from runtime import e8p_codebook
+    from runtime.formats.e8p import E8PTensor
+    packed = random_packed(tag, shape, seed)
+    if not isinstance(packed, E8PTensor):
+        return packed
+    scales = e8p_codebook.stage_scales(packed.bits, rms=0.01 * (1 + seed % 7))
+    return E8PTensor.from_codes(packed.stage_codes, scales, packed.signs_in, packed.signs_out, packed.bits, shape)
+
+
+@pytest.mark.parametrize("tag", ["quipsharp2", "quipsharp3", "quipsharp4", "rtn2g64", "rtn4g128", "nf4"])
+def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
+    # every layer's own random codes (a product read from the wrong layer shows), E8P at every bit width
+    from runtime.kernels import e8p_numba
+    from runtime.kernels.uniform_int8_numba import available_kernels
+    if tag.startswith("quipsharp") and "avx512vnni" not in available_kernels():
+        pytest.skip("E8P's int8 decode kernel needs AVX-512 VNNI")
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
+                                      max_position_embeddings=64, tie_word_embeddings=False)  # E8P: 64-input dots
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    hf_config, tensors = load_checkpoint(tmp_path)
+    tensors = {name: random_weight(tag, t.shape, k) if name.split(".")[-2] in LINEARS else t
+               for k, (name, t) in enumerate(tensors.items())}
+    ids = np.random.default_rng(5).integers(0, 120, 10)
+    for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, ids[:6], ids[6:]):
+        assert np.abs(b).max() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    assert e8p_numba.MAX_PARTS == 3  # the q/k/v product of runtime/kernels/llama_layers_numba.py
+
+
 @pytest.mark.parametrize("case, change", [("llama-attention-bias", None), ("opt-pre-ln", None),
                                           ("llama-gqa-tied", "float weight"), ("llama-gqa-tied", "float mode"),
                                           ("llama-gqa-tied", None)])

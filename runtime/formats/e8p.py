@@ -235,6 +235,18 @@ class E8PTensor(PackedTensor):
         calls = [e8p_numba.int8_call(p) for p in parts]
         return lambda x: [e8p_numba.run_int8(call, x, np.empty(n, dtype=np.float32)) for call, n in zip(calls, outs)]
 
+    def prepared_call(self, parts):
+        """PackedTensor.prepared_call for E8P parts of one input size, bit width and codebook on the CPU: the
+        arguments of the int8 decode call (e8p_numba.int8_parts_call) where `one_row_product` runs that kernel,
+        else None."""
+        from runtime.kernels import e8p_numba
+        mode = activation_mode()[0]
+        if not all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts):
+            return None
+        if len(parts) > e8p_numba.MAX_PARTS or len({(p.in_features, p.bits, p.codebook) for p in parts}) > 1:
+            return None
+        return e8p_numba.int8_parts_call(parts)
+
     def tensors(self) -> dict:
         arrays = {"qweight": self.qweight, "stage_scales": self.stage_scales,
                   "sign_in": self.sign_in, "sign_out": self.sign_out}

@@ -1005,6 +1005,24 @@ def _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table
 
 
 @njit(cache=True)
+def decode_int8_prepared(x, n_parts, h_in, size_in, n_stages, table, tables, table_2, tables_2, vbmi,
+                         in_0, out_0, h_0, size_0, first_0, second_0, scale_0, scale2_0, y_0,
+                         in_1, out_1, h_1, size_1, first_1, second_1, scale_1, scale2_1, y_1,
+                         in_2, out_2, h_2, size_2, first_2, second_2, scale_2, scale2_2, y_2):
+    """`_decode_int8_parts`'s arguments (`int8_parts_call`) from Numba: `_decode_int8` for one part (one
+    parallel region, where the parts kernel opens three), else `_decode_int8_parts`
+    (runtime/kernels/llama_layers_numba.py)."""
+    if n_parts == 1:
+        _decode_int8(x, in_0, out_0, h_in, size_in, h_0, size_0, first_0, second_0, n_stages, scale_0, scale2_0,
+                     table, tables, table_2, tables_2, vbmi, y_0)
+    else:
+        _decode_int8_parts(x, n_parts, h_in, size_in, n_stages, table, tables, table_2, tables_2, vbmi,
+                           in_0, out_0, h_0, size_0, first_0, second_0, scale_0, scale2_0, y_0,
+                           in_1, out_1, h_1, size_1, first_1, second_1, scale_1, scale2_1, y_1,
+                           in_2, out_2, h_2, size_2, first_2, second_2, scale_2, scale2_2, y_2)
+
+
+@njit(cache=True)
 def _rotate_row(x, signs, h_k, size, transpose):
     """(x ⊙ signs) Hᵀ / sqrt(n), or (x H / sqrt(n)) ⊙ signs with `transpose`, of one row x [n] on this thread
     (a function of its own, so that the parallel caller does not turn its loops into parallel regions)."""

@@ -1,17 +1,18 @@
-"""The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product
-is one prepared int8-activation call of runtime/kernels/uniform_int8_numba.py (RTN, GPTQ, NF4 and FP4 weights:
-the formats whose `one_row_product` is that call alone, without SpQR's outliers).
+"""The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product is
+one prepared int8-activation call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4: the formats whose
+`one_row_product` is that call alone, without SpQR's outliers) or e8p_numba's (QuIP#).
 
-model.py's `llama_decode_step` runs a layer as a dozen calls from Python (two RMSNorms, four products, RoPE twice,
-attention with the cache write, SiLU·up, two residual adds), and each call pays Numba's dispatch: 1-3 us for an
-elementwise kernel, 5 us for a product (twenty arguments typed one by one, the output split). For SmolLM2's 30
-layers that was 1.2 ms of a 4.8 ms token. `run_layers` makes the same kernel calls in the same order from Numba
-(`rms_norm`, `rope`, `attend`, `silu_mul` of runtime/kernels/decode_step_numba.py; each product through
-uniform_int8_numba's `matvec_threads`), so its output equals the Python loop's bit for bit. The final norm and the
-head stay in Python (one product a token).
+model.py's `llama_decode_layers` runs a layer as a dozen calls from Python (two RMSNorms, four products, RoPE
+twice, attention with the cache write, SiLU·up, two residual adds), and each call pays Numba's dispatch: 1-3 us
+for an elementwise kernel, 5 us for a product (twenty arguments typed one by one, the output split). For
+SmolLM2's 30 layers that was 1.2 ms of a 4.8 ms token. `run_layers` makes the same kernel calls in the same
+order from Numba (`rms_norm`, `rope`, `attend`, `silu_mul` of runtime/kernels/decode_step_numba.py; each product
+through `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The final norm and
+the head stay in Python (one product a token).
 
-The prepared calls go in as typed lists, one per argument slot of the product (`LayerCalls`): a typed list is
-one argument whose type Numba reads without looking at its items, so the whole step dispatches once.
+The prepared calls go in as typed lists, one per argument slot of the product kind (`LayerCalls`), their scalar
+arguments as rows of an integer and a float table: a typed list is one argument whose type Numba reads without
+looking at its items, so the whole step dispatches once.
 """
 from __future__ import annotations
 
@@ -20,46 +21,82 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit
+from numba.extending import overload
 from numba.typed import List
 
+from runtime.kernels import e8p_numba, uniform_int8_numba
 from runtime.kernels.decode_step_numba import attend, rms_norm, rope, silu_mul
-from runtime.kernels.uniform_int8_numba import MAX_PARTS, TILE, matvec_threads
 
 PRODUCTS_PER_LAYER = 4  # q/k/v, o, gate/up, down: model.py's LLAMA_DECODE_PRODUCTS
-# the columns of LayerCalls.ints
-VARIANT, PARTS, BITS, GROUP_RUNS, PARALLEL, OFFSET, OUT = 0, 1, 2, 3, 4, 5, 5 + MAX_PARTS
-INT_COLUMNS = 5 + 2 * MAX_PARTS
+MAX_PARTS = 3  # parts of one product (q/k/v), in both kinds
+# the columns of LayerCalls.ints, both kinds: the parts, each part's offset in the product's output and its
+# out_features (0 past the parts), then the kind's own
+PARTS, OFFSET, OUT = 0, 1, 1 + MAX_PARTS
+# uniform_int8_numba's: the tile variant, bits, group runs, whether the product runs in parallel
+VARIANT, BITS, GROUP_RUNS, PARALLEL = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
+# e8p_numba's: the input's Hadamard size, the stages, whether the CPU has VBMI, each part's output Hadamard size
+SIZE_IN, STAGES, VBMI, SIZE_OUT = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
+INT_COLUMNS = 1 + 2 * MAX_PARTS + 3 + MAX_PARTS
+UNIFORM_SLOTS = 3 * MAX_PARTS + 2  # blocked, scales, zeros of each part slot, then perm and lut
+# e8p_numba's: h_in, the byte and coordinate tables of both stages, then each part slot's signs in, signs out,
+# output Hadamard factor, codes of the first and last stage (its stage scales: LayerCalls.floats)
+E8P_SHARED, E8P_PER_PART = 5, 5
 
 
 class LayerCalls(NamedTuple):
     """The prepared calls of every layer's products (`prepare`), as `run_layers` takes them."""
-    ints: np.ndarray  # int64 [layers * 4, INT_COLUMNS]: variant, parts, bits, group runs, parallel, each part's
-    #                   offset in the call's output, each part's out_features (0 past the parts)
-    arrays: tuple  # typed lists [layers * 4]: blocked, scales, zeros of each of MAX_PARTS slots, then perm, lut
+    ints: np.ndarray  # int64 [layers * 4, INT_COLUMNS]: the columns above
+    floats: np.ndarray  # float32 [layers * 4, 2 * MAX_PARTS]: E8P's stage scales (first, last) of each part
+    arrays: tuple  # typed lists [layers * 4], one per argument slot of the kind (UNIFORM_SLOTS or E8P's)
     norms: np.ndarray  # float32 [layers, 2, d]: the input and post-attention RMSNorm weights
 
 
 def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
-    """LayerCalls of `calls` (uniform_int8_numba.PreparedCall or None, four per layer in the order of
-    LLAMA_DECODE_PRODUCTS), or None where one is missing, has outliers, or an argument slot's arrays differ in
-    type from layer to layer (a typed list holds one type)."""
-    if any(call is None or call.outliers for call in calls):
+    """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
+    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, or None), or None where one is missing, the
+    kinds differ, a uniform call has outliers, or an argument slot's arrays differ in type from layer to layer
+    (a typed list holds one type)."""
+    if any(call is None for call in calls):
+        return None
+    uniform = [isinstance(call, uniform_int8_numba.PreparedCall) for call in calls]
+    if any(uniform) and not all(uniform) or any(u and call.outliers for u, call in zip(uniform, calls)):
         return None
     ints = np.zeros((len(calls), INT_COLUMNS), dtype=np.int64)  # [products, INT_COLUMNS]
-    slots = [[] for _ in range(3 * MAX_PARTS + 2)]
+    floats = np.zeros((len(calls), 2 * MAX_PARTS), dtype=np.float32)  # [products, 2 * MAX_PARTS]
+    slots = [[] for _ in range(UNIFORM_SLOTS if uniform[0] else E8P_SHARED + MAX_PARTS * E8P_PER_PART)]
     for p, call in enumerate(calls):
-        variant, n_parts, *weights = call.head
-        perm, bits, group_runs, lut = call.tail
-        ends = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])  # each part's outputs, padded to tiles
-        ints[p, :OFFSET] = variant, n_parts, bits, group_runs, call.parallel
-        ints[p, OFFSET:OFFSET + n_parts] = ends[:-1]
-        ints[p, OUT:OUT + n_parts] = call.outs
-        for slot, array in zip(slots, (*weights, perm, lut)):
+        arrays = _uniform_row(call, ints[p]) if uniform[0] else _e8p_row(call, ints[p], floats[p])
+        for slot, array in zip(slots, arrays):
             slot.append(array)
     if any(len({numba.typeof(a) for a in slot}) > 1 for slot in slots):
         return None
-    return LayerCalls(ints, tuple(_typed_list(tuple(slot)) for slot in slots),
+    return LayerCalls(ints, floats, tuple(_typed_list(tuple(slot)) for slot in slots),
                       np.ascontiguousarray(norms, dtype=np.float32))
+
+
+def _uniform_row(call, ints: np.ndarray) -> tuple:
+    """Fill a product's row of the integer table from a uniform PreparedCall; its arrays, one per slot."""
+    variant, n_parts, *weights = call.head
+    perm, bits, group_runs, lut = call.tail
+    tile = uniform_int8_numba.TILE
+    ends = np.cumsum([0] + [-(-n // tile) * tile for n in call.outs])  # each part's outputs, padded to tiles
+    ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], call.outs
+    ints[[VARIANT, BITS, GROUP_RUNS, PARALLEL]] = variant, bits, group_runs, call.parallel
+    return (*weights, perm, lut)
+
+
+def _e8p_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
+    """Fill a product's rows of the integer and float tables from an e8p_numba.int8_parts_call; its arrays, one
+    per slot."""
+    (n_parts, h_in, size_in, n_stages, *tables, vbmi), part_slots = call
+    arrays = [h_in, *tables]
+    ends = np.cumsum([0] + [part[1].shape[0] for part in part_slots[:n_parts]])  # signs_out [out] of each
+    ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], np.diff(ends)
+    ints[[SIZE_IN, STAGES, VBMI]] = size_in, n_stages, vbmi
+    for j, (signs_in, signs_out, h_out, size_out, codes_1, codes_2, scale_1, scale_2) in enumerate(part_slots):
+        ints[SIZE_OUT + j], floats[j], floats[MAX_PARTS + j] = size_out, scale_1, scale_2
+        arrays += [signs_in, signs_out, h_out, codes_1, codes_2]
+    return tuple(arrays)
 
 
 @njit(cache=True)
@@ -77,17 +114,43 @@ def run(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, 
     """The hidden state [d] after every layer for the token embedding x [d] float32 at `position` (its key and
     value written into keys, values [layers, kv heads, max_len, hd]); cos, sin [hd/2] the position's angles."""
     return run_layers(x, position, cos, sin, head_dim, np.float32(eps), keys, values, calls.norms, calls.ints,
-                      numba.get_num_threads(), *calls.arrays)
+                      calls.floats, numba.get_num_threads(), calls.arrays)
 
 
-@njit(inline="always")
-def _product(p, x, ints, threads, weights):
-    """y [tiles of all parts * TILE] of prepared call p for the input x [d]; weights the typed lists of
-    LayerCalls.arrays."""
-    b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts = weights
-    return matvec_threads(ints[p, VARIANT], ints[p, PARTS], b0[p], s0[p], z0[p], b1[p], s1[p], z1[p], b2[p], s2[p],
-                          z2[p], x.reshape(1, -1), perms[p], ints[p, BITS], ints[p, GROUP_RUNS], luts[p],
-                          threads if ints[p, PARALLEL] else 1)
+def _product(p, x, ints, floats, threads, weights):
+    """y [the parts' outputs at their offsets] of prepared call p for the input x [in]: the kind's kernel, picked
+    by Numba from the number of argument slots in `weights` (runtime only through `run_layers`)."""
+    raise NotImplementedError("called from Numba only")
+
+
+@overload(_product)
+def _product_kind(p, x, ints, floats, threads, weights):
+    """`_product` for the slots of uniform_int8_numba's calls, else e8p_numba's."""
+    if len(weights) == UNIFORM_SLOTS:
+        def uniform(p, x, ints, floats, threads, weights):
+            b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts = weights
+            return uniform_int8_numba.matvec_threads(
+                ints[p, VARIANT], ints[p, PARTS], b0[p], s0[p], z0[p], b1[p], s1[p], z1[p], b2[p], s2[p], z2[p],
+                x.reshape(1, -1), perms[p], ints[p, BITS], ints[p, GROUP_RUNS], luts[p],
+                threads if ints[p, PARALLEL] else 1)
+        return uniform
+
+    def e8p(p, x, ints, floats, threads, weights):
+        (h_in, table, tables, table_2, tables_2, in_0, out_0, h_0, first_0, last_0, in_1, out_1, h_1, first_1,
+         last_1, in_2, out_2, h_2, first_2, last_2) = weights
+        n_parts = ints[p, PARTS]
+        y = np.empty(ints[p, OFFSET + n_parts - 1] + ints[p, OUT + n_parts - 1], dtype=np.float32)  # [outs]
+        e8p_numba.decode_int8_prepared(
+            x, n_parts, h_in[p], ints[p, SIZE_IN], ints[p, STAGES], table[p], tables[p], table_2[p], tables_2[p],
+            ints[p, VBMI] != 0,
+            in_0[p], out_0[p], h_0[p], ints[p, SIZE_OUT], first_0[p], last_0[p], floats[p, 0],
+            floats[p, MAX_PARTS], _part(y, ints, p, 0),
+            in_1[p], out_1[p], h_1[p], ints[p, SIZE_OUT + 1], first_1[p], last_1[p], floats[p, 1],
+            floats[p, MAX_PARTS + 1], _part(y, ints, p, min(1, n_parts - 1)),
+            in_2[p], out_2[p], h_2[p], ints[p, SIZE_OUT + 2], first_2[p], last_2[p], floats[p, 2],
+            floats[p, MAX_PARTS + 2], _part(y, ints, p, min(2, n_parts - 1)))
+        return y
+    return e8p
 
 
 @njit(inline="always")
@@ -98,20 +161,18 @@ def _part(y, ints, p, part):
 
 
 @njit(cache=True)
-def run_layers(x, position, cos, sin, head_dim, eps, keys, values, norms, ints, threads,
-               b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts):
+def run_layers(x, position, cos, sin, head_dim, eps, keys, values, norms, ints, floats, threads, weights):
     """`run`: per layer, x += o(attention(rope(q), rope(k), v)) with q/k/v of rms_norm(x), then
-    x += down(silu(gate) * up) with gate/up of rms_norm(x), as model.py's `llama_decode_step`."""
-    weights = (b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts)
+    x += down(silu(gate) * up) with gate/up of rms_norm(x), as model.py's `llama_decode_layers`."""
     for i in range(norms.shape[0]):
         p = PRODUCTS_PER_LAYER * i
-        y = _product(p, rms_norm(x, norms[i, 0], eps), ints, threads, weights)  # [q/k/v tiles * TILE]
+        y = _product(p, rms_norm(x, norms[i, 0], eps), ints, floats, threads, weights)  # [q/k/v outputs]
         q, k = _part(y, ints, p, 0), _part(y, ints, p, 1)  # [H*hd], [KV*hd]
         rope(q, head_dim, cos, sin)
         rope(k, head_dim, cos, sin)
         o = attend(q, k, _part(y, ints, p, 2), keys[i], values[i], position)  # [H*hd]
-        h = x + _part(_product(p + 1, o, ints, threads, weights), ints, p + 1, 0)  # [d]
-        y = _product(p + 2, rms_norm(h, norms[i, 1], eps), ints, threads, weights)  # [gate/up tiles * TILE]
+        h = x + _part(_product(p + 1, o, ints, floats, threads, weights), ints, p + 1, 0)  # [d]
+        y = _product(p + 2, rms_norm(h, norms[i, 1], eps), ints, floats, threads, weights)  # [gate/up outputs]
         a = silu_mul(_part(y, ints, p + 2, 0), _part(y, ints, p + 2, 1))  # [ffn]
-        x = h + _part(_product(p + 3, a, ints, threads, weights), ints, p + 3, 0)  # [d]
+        x = h + _part(_product(p + 3, a, ints, floats, threads, weights), ints, p + 3, 0)  # [d]
     return x
