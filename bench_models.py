@@ -191,7 +191,9 @@ def random_spqr(spec: QuantSpec, shape, rng, outlier_fraction: float = 0.01) -> 
     flat = rng.choice(n_out * n_in, size=nnz, replace=False)  # [nnz] distinct positions
     outliers = SparseTensor.from_entries(flat // n_in, flat % n_in,
                                          rng.standard_normal(nnz).astype(np.float32) * 0.1, shape)
-    return SpQRTensor.from_codes(codes, rng.permutation(n_in), scales, zeros, outliers, bits=spec.bits,
+    order = np.random.default_rng(n_in).permutation(n_in)  # [in] one per input size, as one layer input's
+    # act order is shared by its products (q/k/v, gate/up), which then multiply in one call
+    return SpQRTensor.from_codes(codes, order, scales, zeros, outliers, bits=spec.bits,
                                  group_size=group, stat_bits=stat_bits, stat_group=16)
 
 

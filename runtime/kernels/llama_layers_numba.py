@@ -1,6 +1,6 @@
 """The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product is
-one prepared int8-activation call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4: the formats whose
-`one_row_product` is that call alone, without SpQR's outliers) or e8p_numba's (QuIP#).
+one prepared int8-activation call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
+whose `one_row_product` is that call alone) or e8p_numba's (QuIP#).
 
 model.py's `llama_decode_layers` runs a layer as a dozen calls from Python (two RMSNorms, four products, RoPE
 twice, attention with the cache write, SiLU·up, two residual adds), and each call pays Numba's dispatch: 1-3 us
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, types
 from numba.extending import overload
 from numba.typed import List
 
@@ -37,7 +37,9 @@ VARIANT, BITS, GROUP_RUNS, PARALLEL = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS
 # e8p_numba's: the input's Hadamard size, the stages, whether the CPU has VBMI, each part's output Hadamard size
 SIZE_IN, STAGES, VBMI, SIZE_OUT = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
 INT_COLUMNS = 1 + 2 * MAX_PARTS + 3 + MAX_PARTS
-UNIFORM_SLOTS = 3 * MAX_PARTS + 2  # blocked, scales, zeros of each part slot, then perm and lut
+# uniform_int8_numba's: blocked, scales, zeros of each part slot, perm, lut, then each part slot's outliers (CSR
+# row_ptr, col_idx, values)
+UNIFORM_SLOTS = 3 * MAX_PARTS + 2 + 3 * MAX_PARTS
 # e8p_numba's: h_in, the byte and coordinate tables of both stages, then each part slot's signs in, signs out,
 # output Hadamard factor, codes of the first and last stage (its stage scales: LayerCalls.floats)
 E8P_SHARED, E8P_PER_PART = 5, 5
@@ -54,12 +56,12 @@ class LayerCalls(NamedTuple):
 def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
     """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
     uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, or None), or None where one is missing, the
-    kinds differ, a uniform call has outliers, or an argument slot's arrays differ in type from layer to layer
-    (a typed list holds one type)."""
+    kinds differ, or an argument slot's arrays differ in type from layer to layer (a typed list holds one
+    type)."""
     if any(call is None for call in calls):
         return None
     uniform = [isinstance(call, uniform_int8_numba.PreparedCall) for call in calls]
-    if any(uniform) and not all(uniform) or any(u and call.outliers for u, call in zip(uniform, calls)):
+    if any(uniform) and not all(uniform):
         return None
     ints = np.zeros((len(calls), INT_COLUMNS), dtype=np.int64)  # [products, INT_COLUMNS]
     floats = np.zeros((len(calls), 2 * MAX_PARTS), dtype=np.float32)  # [products, 2 * MAX_PARTS]
@@ -82,7 +84,7 @@ def _uniform_row(call, ints: np.ndarray) -> tuple:
     ends = np.cumsum([0] + [-(-n // tile) * tile for n in call.outs])  # each part's outputs, padded to tiles
     ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], call.outs
     ints[[VARIANT, BITS, GROUP_RUNS, PARALLEL]] = variant, bits, group_runs, call.parallel
-    return (*weights, perm, lut)
+    return (*weights, perm, lut, *call.outliers)
 
 
 def _e8p_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
@@ -125,14 +127,15 @@ def _product(p, x, ints, floats, threads, weights):
 
 @overload(_product)
 def _product_kind(p, x, ints, floats, threads, weights):
-    """`_product` for the slots of uniform_int8_numba's calls, else e8p_numba's."""
-    if len(weights) == UNIFORM_SLOTS:
+    """`_product` for the slots of uniform_int8_numba's calls (their first: the int32 blocked codes), else
+    e8p_numba's (their first: float32 Hadamard factors)."""
+    if weights[0].item_type.dtype == types.int32:
         def uniform(p, x, ints, floats, threads, weights):
-            b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts = weights
+            b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts, r0, c0, v0, r1, c1, v1, r2, c2, v2 = weights
             return uniform_int8_numba.matvec_threads(
                 ints[p, VARIANT], ints[p, PARTS], b0[p], s0[p], z0[p], b1[p], s1[p], z1[p], b2[p], s2[p], z2[p],
                 x.reshape(1, -1), perms[p], ints[p, BITS], ints[p, GROUP_RUNS], luts[p],
-                threads if ints[p, PARALLEL] else 1)
+                threads if ints[p, PARALLEL] else 1, r0[p], c0[p], v0[p], r1[p], c1[p], v1[p], r2[p], c2[p], v2[p])
         return uniform
 
     def e8p(p, x, ints, floats, threads, weights):

@@ -132,6 +132,7 @@ TILE_VARIANTS = (tuple((kernel, bits, False) for kernel in ("avx512vnni", "avx2"
                  + tuple((kernel, 4, True) for kernel in LUT_KERNELS))
 WORDS_PER_RUN = 8  # 32-bit activation words per run of 32 (32 int8 values)
 MAX_PARTS = 3  # weights one call multiplies (q/k/v)
+NO_OUTLIERS = (NO_ROW_PTR, NO_COLUMNS, NO_VALUES) * MAX_PARTS  # no part has outliers (`matvec_threads`)
 HALF_RUN_GROUPS = 0  # group_runs of groups of 16 inputs, half a run (SpQR's default): run r is groups 2r, 2r + 1
 HALF_RUN = BLOCK // 2
 CODE_WORDS = TILE // 4  # words of a tile's statistic codes (a byte each) in coded statistics
@@ -742,20 +743,23 @@ def _inputs(x, perm, bits, b0, s0, group_runs):
     return q0, q1, q2
 
 
-@njit(cache=True)  # its callee holds the parallel region (parallel=True here only warned that it had none)
-def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
-                     threads):
-    """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) in one parallel region of `threads`
-    tasks: y [tiles of all parts * TILE]."""
-    return _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits,
-                                   group_runs, lut, threads, NO_ROW_PTR, NO_COLUMNS, NO_VALUES,
-                                   NO_ROW_PTR, NO_COLUMNS, NO_VALUES, NO_ROW_PTR, NO_COLUMNS, NO_VALUES)
+@njit(cache=True)
+def matvec_threads(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut, threads,
+                   r0, c0, v0, r1, c1, v1, r2, c2, v2):
+    """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`), adding each part's outliers
+    (r, c, v)[p] (CSR; NO_OUTLIERS: none): y [tiles of all parts * TILE], in one parallel region of `threads`
+    tasks, or on the calling thread for one (`run`, and every product of runtime/kernels/llama_layers_numba.py)."""
+    if threads > 1:
+        return _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
+                                lut, threads, r0, c0, v0, r1, c1, v1, r2, c2, v2)
+    return _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+                          r0, c0, v0, r1, c1, v1, r2, c2, v2)
 
 
 @njit(cache=True, parallel=True)
-def _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
-                            threads, r0, c0, v0, r1, c1, v1, r2, c2, v2):
-    """`_matvec_parallel` adding each part's outliers (r, c, v)[p] in the task of their outputs."""
+def _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+                     threads, r0, c0, v0, r1, c1, v1, r2, c2, v2):
+    """`matvec_threads` in one parallel region of `threads` tasks."""
     q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)  # separate: a parallel region takes no nested tuple
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
@@ -767,28 +771,9 @@ def _matvec_parallel_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2
 
 
 @njit(cache=True)
-def matvec_threads(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut, threads):
-    """The prepared call (`prepare`) for x [1 or parts, in]: `_matvec_parallel` with `threads` tasks, or
-    `_matvec_serial` for one (`run`, and every product of runtime/kernels/llama_layers_numba.py)."""
-    if threads > 1:
-        return _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
-                                lut, threads)
-    return _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut)
-
-
-@njit(cache=True)
-def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut):
-    """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`) on the calling thread alone: y [tiles
-    of all parts * TILE]."""
-    return _matvec_serial_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
-                                 lut, NO_ROW_PTR, NO_COLUMNS, NO_VALUES,
-                                 NO_ROW_PTR, NO_COLUMNS, NO_VALUES, NO_ROW_PTR, NO_COLUMNS, NO_VALUES)
-
-
-@njit(cache=True)
-def _matvec_serial_sparse(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
-                          r0, c0, v0, r1, c1, v1, r2, c2, v2):
-    """`_matvec_serial` adding each part's outliers (r, c, v)[p]."""
+def _matvec_serial(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs, lut,
+                   r0, c0, v0, r1, c1, v1, r2, c2, v2):
+    """`matvec_threads` on the calling thread alone."""
     q0, q1, q2 = _inputs(x, perm, bits, b0, s0, group_runs)
     n_tiles = b0.shape[0] + (b1.shape[0] if n_parts > 1 else 0) + (b2.shape[0] if n_parts > 2 else 0)
     y = np.empty(n_tiles * TILE, dtype=np.float32)  # [tiles * TILE]
@@ -900,7 +885,7 @@ class PreparedCall(NamedTuple):
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
     outs: tuple  # out_features of each part (their tiles are padded to TILE outputs)
     whole_tiles: bool  # every part's outputs fill whole tiles: the kernel's y is the answer as it is
-    outliers: tuple  # the CSR arrays of each of MAX_PARTS slots when a part has outliers (the `_sparse` kernels)
+    outliers: tuple  # the CSR arrays (row_ptr, col_idx, values) of each of MAX_PARTS slots (none: NO_OUTLIERS)
 
 
 def prepare(parts, kernel: str) -> PreparedCall | None:
@@ -924,7 +909,7 @@ def prepare(parts, kernel: str) -> PreparedCall | None:
     head = (variant, len(weights), *(a for slot in slots for a in slot))
     parallel = sum(w.blocked.nbytes for w in weights) >= PARALLEL_BYTES
     outs = tuple(w.out_features for w in weights)
-    outliers = ()
+    outliers = NO_OUTLIERS
     if any(w.outliers for w in weights):
         sparse = [w.outliers or (readonly(np.zeros(w.out_features + 1, dtype=np.int32)), NO_COLUMNS, NO_VALUES)
                   for w in weights]  # read-only arrays each: the kernel picks a part's from a tuple
@@ -938,11 +923,7 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     once per product in decode: every microsecond here is paid hundreds of times a token)."""
     threads = numba.get_num_threads() if call.parallel else 1
     x = readonly(x.reshape(-1, x.shape[-1]))  # [1 or parts, in]
-    if call.outliers:
-        y = (_matvec_parallel_sparse(*call.head, x, *call.tail, threads, *call.outliers) if threads > 1
-             else _matvec_serial_sparse(*call.head, x, *call.tail, *call.outliers))  # [tiles * TILE]
-    else:
-        y = matvec_threads(*call.head, x, *call.tail, threads)  # [tiles * TILE]
+    y = matvec_threads(*call.head, x, *call.tail, threads, *call.outliers)  # [tiles * TILE]
     if call.whole_tiles:
         return y
     starts = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])
