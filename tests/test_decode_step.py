@@ -158,7 +158,7 @@ def random_weight(tag: str, shape, seed: int):
 
 
 @pytest.mark.parametrize("tag", ["quipsharp2", "quipsharp3", "quipsharp4", "rtn2g64", "rtn4g128", "nf4", "spqr3g32t50",
-                                 "gptq4g128"])
+                                 "gptq4g128", "int8t150", "absmax8"])
 def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
     # every layer's own random codes (a product read from the wrong layer shows), E8P at every bit width
     from runtime.kernels import e8p_numba

@@ -185,12 +185,21 @@ class Int8Tensor(PackedTensor):
 
     def one_row_product(self, parts):
         """PackedTensor.one_row_product for int8 parts on the CPU: each part's one-row W8A8 product (as
-        `matmul_rows`) with the kernel chosen once."""
+        `matmul_rows`) with the kernel chosen once (`prepared_call`)."""
+        calls = self.prepared_call(parts)
+        if calls is None:
+            return None
+        from runtime.kernels import int8_numba
+        return lambda x: [int8_numba.run(call, x) for call in calls]
+
+    def prepared_call(self, parts):
+        """PackedTensor.prepared_call for int8 parts on the CPU: each part's int8_numba `matvec_arguments`, or
+        None where the parts are not all int8 tensors on the CPU."""
         if not all(isinstance(p, type(self)) and p._row_scales is not None for p in parts):
             return None
         from runtime.kernels import int8_numba
         kernel = activation_mode()[1]
-        return lambda x: [int8_numba.matvec(p.qweight, p._row_scales, x, p.outlier_threshold, kernel) for p in parts]
+        return [int8_numba.matvec_arguments(p.qweight, p._row_scales, p.outlier_threshold, kernel) for p in parts]
 
     def tensors(self) -> dict:
         return {"qweight": self.qweight, "scales": self.scales}

@@ -318,13 +318,32 @@ def _matvec_parallel(qweight, sw, x, threshold, vnni, tasks):
     return y
 
 
+@njit(cache=True)
+def matvec_threads(qweight, sw, x, threshold, vnni, threads):
+    """`matvec`'s product in one parallel region of `threads` tasks, or on the calling thread for one (and
+    from Numba: runtime/kernels/llama_layers_numba.py)."""
+    if threads > 1:
+        return _matvec_parallel(qweight, sw, x, threshold, vnni, threads)
+    return _matvec_serial(qweight, sw, x, threshold, vnni)
+
+
+def matvec_arguments(qweight: np.ndarray, sw: np.ndarray, threshold: float | None, kernel: str) -> tuple:
+    """`matvec_threads`'s arguments but x and the thread count, gathered once: (qweight, sw, threshold (-1.0:
+    none), vnni, parallel: whether the weight has PARALLEL_BYTES for a parallel region)."""
+    return (qweight, sw, -1.0 if threshold is None else float(threshold), kernel == "avx512vnni",
+            qweight.nbytes >= PARALLEL_BYTES)
+
+
+def run(arguments: tuple, x: np.ndarray) -> np.ndarray:
+    """y [out] of `matvec_arguments` for one row x [in] float32 (C-contiguous), on every Numba thread where it
+    says parallel."""
+    qweight, sw, threshold, vnni, parallel = arguments
+    return matvec_threads(qweight, sw, x, threshold, vnni, numba.get_num_threads() if parallel else 1)
+
+
 def matvec(qweight: np.ndarray, sw: np.ndarray, x: np.ndarray, threshold: float | None, kernel: str) -> np.ndarray:
     """y [out] = the int8 format's product of one row x [in] float32 (C-contiguous) by qweight [out, in]
     with row scales sw [out] float32: activation quantized per token with outlier columns (|x| >= threshold;
     None: none) zeroed and multiplied in float. kernel: "avx512vnni" (dot products by vpdpbusd) or any
     other of uniform_int8_numba.KERNELS (the portable loop)."""
-    args = (qweight, sw, x, -1.0 if threshold is None else float(threshold), kernel == "avx512vnni")
-    threads = numba.get_num_threads()
-    if qweight.nbytes < PARALLEL_BYTES or threads == 1:
-        return _matvec_serial(*args)
-    return _matvec_parallel(*args, threads)
+    return run(matvec_arguments(qweight, sw, threshold, kernel), x)

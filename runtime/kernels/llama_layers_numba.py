@@ -1,13 +1,14 @@
 """The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product is
 one prepared int8-activation call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
-whose `one_row_product` is that call alone) or e8p_numba's (QuIP#).
+whose `one_row_product` is that call alone), e8p_numba's (QuIP#) or int8_numba's (LLM.int8, absmax,
+SmoothQuant: one call per part).
 
 model.py's `llama_decode_layers` runs a layer as a dozen calls from Python (two RMSNorms, four products, RoPE
 twice, attention with the cache write, SiLU·up, two residual adds), and each call pays Numba's dispatch: 1-3 us
 for an elementwise kernel, 5 us for a product (twenty arguments typed one by one, the output split). For
 SmolLM2's 30 layers that was 1.2 ms of a 4.8 ms token. `run_layers` makes the same kernel calls in the same
 order from Numba (`rms_norm`, `rope`, `attend`, `silu_mul` of runtime/kernels/decode_step_numba.py; each product
-through `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The final norm and
+through the kind's `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The final norm and
 the head stay in Python (one product a token).
 
 The prepared calls go in as typed lists, one per argument slot of the product kind (`LayerCalls`), their scalar
@@ -24,7 +25,7 @@ from numba import njit, types
 from numba.extending import overload
 from numba.typed import List
 
-from runtime.kernels import e8p_numba, uniform_int8_numba
+from runtime.kernels import e8p_numba, int8_numba, uniform_int8_numba
 from runtime.kernels.decode_step_numba import attend, rms_norm, rope, silu_mul
 
 PRODUCTS_PER_LAYER = 4  # q/k/v, o, gate/up, down: model.py's LLAMA_DECODE_PRODUCTS
@@ -36,6 +37,8 @@ PARTS, OFFSET, OUT = 0, 1, 1 + MAX_PARTS
 VARIANT, BITS, GROUP_RUNS, PARALLEL = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
 # e8p_numba's: the input's Hadamard size, the stages, whether the CPU has VBMI, each part's output Hadamard size
 SIZE_IN, STAGES, VBMI, SIZE_OUT = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
+# int8_numba's: whether the CPU has VNNI, whether each part runs in parallel
+INT8_VNNI, INT8_PARALLEL = 1 + 2 * MAX_PARTS, 2 + 2 * MAX_PARTS
 INT_COLUMNS = 1 + 2 * MAX_PARTS + 3 + MAX_PARTS
 # uniform_int8_numba's: blocked, scales, zeros of each part slot, perm, lut, then each part slot's outliers (CSR
 # row_ptr, col_idx, values)
@@ -43,32 +46,35 @@ UNIFORM_SLOTS = 3 * MAX_PARTS + 2 + 3 * MAX_PARTS
 # e8p_numba's: h_in, the byte and coordinate tables of both stages, then each part slot's signs in, signs out,
 # output Hadamard factor, codes of the first and last stage (its stage scales: LayerCalls.floats)
 E8P_SHARED, E8P_PER_PART = 5, 5
+INT8_SLOTS = 2 * MAX_PARTS  # int8_numba's: the int8 weight of each part slot, then each one's row scales
 
 
 class LayerCalls(NamedTuple):
     """The prepared calls of every layer's products (`prepare`), as `run_layers` takes them."""
     ints: np.ndarray  # int64 [layers * 4, INT_COLUMNS]: the columns above
-    floats: np.ndarray  # float32 [layers * 4, 2 * MAX_PARTS]: E8P's stage scales (first, last) of each part
-    arrays: tuple  # typed lists [layers * 4], one per argument slot of the kind (UNIFORM_SLOTS or E8P's)
+    floats: np.ndarray  # float32 [layers * 4, 2 * MAX_PARTS]: E8P's stage scales (first, last) of each part;
+    #                     int8's outlier threshold of each part (-1: none)
+    arrays: tuple  # typed lists [layers * 4], one per argument slot of the kind
     norms: np.ndarray  # float32 [layers, 2, d]: the input and post-attention RMSNorm weights
 
 
 def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
     """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
-    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, or None), or None where one is missing, the
-    kinds differ, or an argument slot's arrays differ in type from layer to layer (a typed list holds one
-    type)."""
+    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of int8_numba.matvec_arguments, or
+    None), or None where one is missing, the kinds differ, or an argument slot's arrays differ in type from
+    layer to layer (a typed list holds one type)."""
     if any(call is None for call in calls):
         return None
-    uniform = [isinstance(call, uniform_int8_numba.PreparedCall) for call in calls]
-    if any(uniform) and not all(uniform):
+    kinds = {_kind(call) for call in calls}
+    if len(kinds) > 1:
         return None
+    row, n_slots = {"uniform": (_uniform_row, UNIFORM_SLOTS), "int8": (_int8_row, INT8_SLOTS),
+                    "e8p": (_e8p_row, E8P_SHARED + MAX_PARTS * E8P_PER_PART)}[kinds.pop()]
     ints = np.zeros((len(calls), INT_COLUMNS), dtype=np.int64)  # [products, INT_COLUMNS]
     floats = np.zeros((len(calls), 2 * MAX_PARTS), dtype=np.float32)  # [products, 2 * MAX_PARTS]
-    slots = [[] for _ in range(UNIFORM_SLOTS if uniform[0] else E8P_SHARED + MAX_PARTS * E8P_PER_PART)]
+    slots = [[] for _ in range(n_slots)]
     for p, call in enumerate(calls):
-        arrays = _uniform_row(call, ints[p]) if uniform[0] else _e8p_row(call, ints[p], floats[p])
-        for slot, array in zip(slots, arrays):
+        for slot, array in zip(slots, row(call, ints[p], floats[p])):
             slot.append(array)
     if any(len({numba.typeof(a) for a in slot}) > 1 for slot in slots):
         return None
@@ -76,8 +82,16 @@ def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
                       np.ascontiguousarray(norms, dtype=np.float32))
 
 
-def _uniform_row(call, ints: np.ndarray) -> tuple:
-    """Fill a product's row of the integer table from a uniform PreparedCall; its arrays, one per slot."""
+def _kind(call) -> str:
+    """The kind of a prepared call: "uniform", "int8" (a list of int8_numba.matvec_arguments) or "e8p"."""
+    if isinstance(call, uniform_int8_numba.PreparedCall):
+        return "uniform"
+    return "int8" if isinstance(call, list) else "e8p"
+
+
+def _uniform_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
+    """Fill a product's row of the integer table from a uniform PreparedCall (floats: unused); its arrays, one
+    per slot."""
     variant, n_parts, *weights = call.head
     perm, bits, group_runs, lut = call.tail
     tile = uniform_int8_numba.TILE
@@ -85,6 +99,19 @@ def _uniform_row(call, ints: np.ndarray) -> tuple:
     ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], call.outs
     ints[[VARIANT, BITS, GROUP_RUNS, PARALLEL]] = variant, bits, group_runs, call.parallel
     return (*weights, perm, lut, *call.outliers)
+
+
+def _int8_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
+    """Fill a product's rows of the integer and float tables from its parts' int8_numba.matvec_arguments; its
+    arrays, one per slot (unused part slots repeat the first part)."""
+    ends = np.cumsum([0] + [qweight.shape[0] for qweight, *_ in call])
+    n_parts = len(call)
+    ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], np.diff(ends)
+    ints[INT8_VNNI] = call[0][3]
+    slots = call + [call[0]] * (MAX_PARTS - n_parts)
+    for j, (_, _, threshold, _, parallel) in enumerate(slots):
+        ints[INT8_PARALLEL + j], floats[j] = parallel, threshold
+    return tuple(qweight for qweight, *_ in slots) + tuple(sw for _, sw, *_ in slots)
 
 
 def _e8p_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
@@ -127,8 +154,21 @@ def _product(p, x, ints, floats, threads, weights):
 
 @overload(_product)
 def _product_kind(p, x, ints, floats, threads, weights):
-    """`_product` for the slots of uniform_int8_numba's calls (their first: the int32 blocked codes), else
-    e8p_numba's (their first: float32 Hadamard factors)."""
+    """`_product` for the slots of each kind, told apart by the dtype of the first: uniform_int8_numba's
+    int32 blocked codes, int8_numba's int8 weights, else e8p_numba's float32 Hadamard factors."""
+    if weights[0].item_type.dtype == types.int8:
+        def int8(p, x, ints, floats, threads, weights):
+            w0, w1, w2, s0, s1, s2 = weights
+            qweights, scales = (w0, w1, w2), (s0, s1, s2)
+            y = np.empty(ints[p, OFFSET + ints[p, PARTS] - 1] + ints[p, OUT + ints[p, PARTS] - 1],
+                         dtype=np.float32)  # [outs]
+            for j in range(ints[p, PARTS]):
+                _part(y, ints, p, j)[:] = int8_numba.matvec_threads(
+                    qweights[j][p], scales[j][p], x, floats[p, j], ints[p, INT8_VNNI] != 0,
+                    threads if ints[p, INT8_PARALLEL + j] else 1)
+            return y
+        return int8
+
     if weights[0].item_type.dtype == types.int32:
         def uniform(p, x, ints, floats, threads, weights):
             b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts, r0, c0, v0, r1, c1, v1, r2, c2, v2 = weights
