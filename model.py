@@ -13,7 +13,7 @@ NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
           opt_mlp_half | llama_mlp_half                h + ReLU FFN / SwiGLU
       logits: final norm -> LM head
     llama_decode_step                    decode on the CPU with fused Numba kernels (Llama): its layers in one
-                                         Numba call where every product is a prepared int8 call
+                                         Numba call where every product is one prepared kernel call
 
 `Model.__init__` is the one place that picks the architecture; the embedding
 and the head follow from the tensors the checkpoint holds.
@@ -182,8 +182,8 @@ class Model:
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
         product for q/k/v and one for gate/up, each kernel chosen once (`one_row_products`); all layers in
-        one Numba call where every product is a prepared int8-activation call
-        (runtime/kernels/llama_layers_numba.py), else `llama_decode_layers`."""
+        one Numba call where every product is one prepared kernel call (runtime/kernels/llama_layers_numba.py),
+        else `llama_decode_layers`."""
         c, position = self.config, cache.length
         cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
         x = np.asarray(self.embed[token], dtype=np.float32)  # [d]
@@ -233,7 +233,8 @@ class Model:
 
     def layer_calls(self):
         """The prepared calls of every Llama layer for runtime/kernels/llama_layers_numba.py, or None where a
-        product is not one prepared int8-activation call (float or other formats' weights, biases, OPT)."""
+        product is not one prepared kernel call (`PackedTensor.prepared_call`: float or QuIP weights, biases,
+        OPT)."""
         if self.config.arch != "llama":
             return None
         calls = []

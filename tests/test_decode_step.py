@@ -17,8 +17,9 @@ hundred, by 1-3% with one-byte activations. That is the noise of the
 activation quantization, which tests/test_uniform_int8_kernels.py pins down
 kernel by kernel and the perplexity check bounds.
 
-Where every layer product is a prepared int8-activation call (RTN, NF4), the
-Llama step runs all its layers in one Numba call (runtime/kernels/llama_layers_numba.py):
+Where every layer product is one prepared kernel call (each packed format,
+on random codes), the Llama step runs all its layers in one Numba call
+(runtime/kernels/llama_layers_numba.py):
 the same kernels as the Python loop, so the logits must agree to 1e-6 of max
 |logit| and the KV cache exactly; elsewhere (biases, OPT, a float weight, float
 activations) it must keep the Python loop.
@@ -158,7 +159,7 @@ def random_weight(tag: str, shape, seed: int):
 
 
 @pytest.mark.parametrize("tag", ["quipsharp2", "quipsharp3", "quipsharp4", "rtn2g64", "rtn4g128", "nf4", "spqr3g32t50",
-                                 "gptq4g128", "int8t150", "absmax8"])
+                                 "gptq4g128", "int8t150", "absmax8", "quip2", "quip4"])
 def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
     # every layer's own random codes (a product read from the wrong layer shows), E8P at every bit width
     from runtime.kernels import e8p_numba

@@ -196,8 +196,9 @@ class PackedTensor:
 
     def prepared_call(self, parts):
         """The prepared int8-activation call (uniform_int8_numba.PreparedCall) that `one_row_product` runs for
-        parts, where the product is that call alone (not for formats with their own one-row product), else
-        None: what runtime/kernels/llama_layers_numba.py calls from Numba."""
+        parts, where the product is that call alone, else None: what runtime/kernels/llama_layers_numba.py
+        calls from Numba. Formats with their own one-row product give their own kernel's arguments (E8P,
+        int8) or None (QuIP)."""
         if type(self).one_row_product is not PackedTensor.one_row_product:
             return None
         return self._int8_call(parts, *activation_mode())

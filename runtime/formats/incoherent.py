@@ -289,6 +289,19 @@ class IncoherentTensor(PackedTensor):
             return ys
         return one_by_one
 
+    def prepared_call(self, parts):
+        """PackedTensor.prepared_call for incoherent parts on the CPU: their transforms and the inner tensors'
+        prepared call (incoherent_numba.TransformedCall), where `one_row_product` runs them as one int8 call
+        with an input per part, else None."""
+        if not all(isinstance(p, IncoherentTensor) and not is_cupy(p.qweight) for p in parts):
+            return None
+        inners = [part.inner for part in parts]
+        if inners[0].separate_inputs_product(inners) is None:
+            return None
+        from runtime.kernels.incoherent_numba import TransformedCall
+        inner = inners[0].prepared_call(inners)
+        return None if inner is None else TransformedCall(inner, tuple(p._kernel_transforms() for p in parts))
+
     def _around_inner(self, x, inner_product, kernels: bool = True):
         """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,
         transform back (Uᵀ): y [m, out] float32. With `kernels`, NumPy rows take the Numba transforms (rows

@@ -49,6 +49,14 @@ class RowTransform(NamedTuple):
     dest: np.ndarray  # int32 [a, b] out's entry of M[r, c]
 
 
+class TransformedCall(NamedTuple):
+    """A one-row product of incoherent parts as runtime/kernels/llama_layers_numba.py runs it
+    (IncoherentTensor.prepared_call): each part's transforms around one prepared call of their inner tensors,
+    each part with its own input."""
+    inner: tuple  # the inner tensors' uniform_int8_numba.PreparedCall
+    transforms: tuple  # (into, back) RowTransform of each part: V on x D⁻¹, Uᵀ on the product
+
+
 def row_transform(factors: tuple, scale=None, add=None) -> RowTransform:
     """The RowTransform of `KronOrthogonal.kernel_factors` (first, left, right, last), with an optional scale
     on the input or half step on the output (float32 [n] in v's order)."""

@@ -1,15 +1,16 @@
 """The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product is
-one prepared int8-activation call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
+one prepared kernel call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
 whose `one_row_product` is that call alone), e8p_numba's (QuIP#) or int8_numba's (LLM.int8, absmax,
-SmoothQuant: one call per part).
+SmoothQuant: one call per part) or incoherent_numba's (QuIP: each part's transforms around one uniform call with an
+input per part).
 
 model.py's `llama_decode_layers` runs a layer as a dozen calls from Python (two RMSNorms, four products, RoPE
 twice, attention with the cache write, SiLU·up, two residual adds), and each call pays Numba's dispatch: 1-3 us
 for an elementwise kernel, 5 us for a product (twenty arguments typed one by one, the output split). For
 SmolLM2's 30 layers that was 1.2 ms of a 4.8 ms token. `run_layers` makes the same kernel calls in the same
 order from Numba (`rms_norm`, `rope`, `attend`, `silu_mul` of runtime/kernels/decode_step_numba.py; each product
-through the kind's `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The final norm and
-the head stay in Python (one product a token).
+through the kind's `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The
+final norm and the head stay in Python (one product a token).
 
 The prepared calls go in as typed lists, one per argument slot of the product kind (`LayerCalls`), their scalar
 arguments as rows of an integer and a float table: a typed list is one argument whose type Numba reads without
@@ -25,12 +26,12 @@ from numba import njit, types
 from numba.extending import overload
 from numba.typed import List
 
-from runtime.kernels import e8p_numba, int8_numba, uniform_int8_numba
+from runtime.kernels import e8p_numba, incoherent_numba, int8_numba, uniform_int8_numba
 from runtime.kernels.decode_step_numba import attend, rms_norm, rope, silu_mul
 
 PRODUCTS_PER_LAYER = 4  # q/k/v, o, gate/up, down: model.py's LLAMA_DECODE_PRODUCTS
-MAX_PARTS = 3  # parts of one product (q/k/v), in both kinds
-# the columns of LayerCalls.ints, both kinds: the parts, each part's offset in the product's output and its
+MAX_PARTS = 3  # parts of one product (q/k/v), in every kind
+# the columns of LayerCalls.ints, every kind: the parts, each part's offset in the product's output and its
 # out_features (0 past the parts), then the kind's own
 PARTS, OFFSET, OUT = 0, 1, 1 + MAX_PARTS
 # uniform_int8_numba's: the tile variant, bits, group runs, whether the product runs in parallel
@@ -47,6 +48,11 @@ UNIFORM_SLOTS = 3 * MAX_PARTS + 2 + 3 * MAX_PARTS
 # output Hadamard factor, codes of the first and last stage (its stage scales: LayerCalls.floats)
 E8P_SHARED, E8P_PER_PART = 5, 5
 INT8_SLOTS = 2 * MAX_PARTS  # int8_numba's: the int8 weight of each part slot, then each one's row scales
+# incoherent_numba's: the inner call's UNIFORM_SLOTS, then the six arrays of a RowTransform (scale, add, first, left,
+# right, dest), each for the three part slots, of the input transforms and then of the output transforms
+TRANSFORM_FIELDS = 6
+INTO_SLOT, BACK_SLOT = UNIFORM_SLOTS, UNIFORM_SLOTS + TRANSFORM_FIELDS * MAX_PARTS
+INCOHERENT_SLOTS = BACK_SLOT + TRANSFORM_FIELDS * MAX_PARTS
 
 
 class LayerCalls(NamedTuple):
@@ -69,6 +75,7 @@ def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
     if len(kinds) > 1:
         return None
     row, n_slots = {"uniform": (_uniform_row, UNIFORM_SLOTS), "int8": (_int8_row, INT8_SLOTS),
+                    "incoherent": (_incoherent_row, INCOHERENT_SLOTS),
                     "e8p": (_e8p_row, E8P_SHARED + MAX_PARTS * E8P_PER_PART)}[kinds.pop()]
     ints = np.zeros((len(calls), INT_COLUMNS), dtype=np.int64)  # [products, INT_COLUMNS]
     floats = np.zeros((len(calls), 2 * MAX_PARTS), dtype=np.float32)  # [products, 2 * MAX_PARTS]
@@ -83,9 +90,12 @@ def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
 
 
 def _kind(call) -> str:
-    """The kind of a prepared call: "uniform", "int8" (a list of int8_numba.matvec_arguments) or "e8p"."""
+    """The kind of a prepared call: "uniform", "int8" (a list of int8_numba.matvec_arguments), "incoherent" or
+    "e8p"."""
     if isinstance(call, uniform_int8_numba.PreparedCall):
         return "uniform"
+    if isinstance(call, incoherent_numba.TransformedCall):
+        return "incoherent"
     return "int8" if isinstance(call, list) else "e8p"
 
 
@@ -99,6 +109,14 @@ def _uniform_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
     ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], call.outs
     ints[[VARIANT, BITS, GROUP_RUNS, PARALLEL]] = variant, bits, group_runs, call.parallel
     return (*weights, perm, lut, *call.outliers)
+
+
+def _incoherent_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
+    """Fill a product's row of the integer table from an incoherent_numba.TransformedCall (its inner call's, as
+    `_uniform_row`); its arrays, one per slot (unused part slots repeat the first part's transforms)."""
+    transforms = call.transforms + (call.transforms[0],) * (MAX_PARTS - len(call.transforms))
+    return _uniform_row(call.inner, ints, floats) + tuple(
+        part[side][field] for side in range(2) for field in range(TRANSFORM_FIELDS) for part in transforms)
 
 
 def _int8_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
@@ -169,13 +187,23 @@ def _product_kind(p, x, ints, floats, threads, weights):
             return y
         return int8
 
+    if weights[0].item_type.dtype == types.int32 and len(weights) == INCOHERENT_SLOTS:
+        def incoherent(p, x, ints, floats, threads, weights):
+            n_parts = ints[p, PARTS]
+            into, back = _transforms(weights[INTO_SLOT:BACK_SLOT]), _transforms(weights[BACK_SLOT:])
+            x_in = np.empty((n_parts, x.shape[0]), dtype=np.float32)  # [parts, in] V x D⁻¹ of each part
+            for j in range(n_parts):
+                x_in[j] = _transform(x, into, j, p, x[:0])
+            y = _uniform_call(p, x_in, ints, threads, weights)  # [tiles of all parts * TILE]
+            out = np.empty_like(y)  # [tiles of all parts * TILE]
+            for j in range(n_parts):
+                _part(out, ints, p, j)[:] = _transform(_part(y, ints, p, j), back, j, p, x_in[j])
+            return out
+        return incoherent
+
     if weights[0].item_type.dtype == types.int32:
         def uniform(p, x, ints, floats, threads, weights):
-            b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts, r0, c0, v0, r1, c1, v1, r2, c2, v2 = weights
-            return uniform_int8_numba.matvec_threads(
-                ints[p, VARIANT], ints[p, PARTS], b0[p], s0[p], z0[p], b1[p], s1[p], z1[p], b2[p], s2[p], z2[p],
-                x.reshape(1, -1), perms[p], ints[p, BITS], ints[p, GROUP_RUNS], luts[p],
-                threads if ints[p, PARALLEL] else 1, r0[p], c0[p], v0[p], r1[p], c1[p], v1[p], r2[p], c2[p], v2[p])
+            return _uniform_call(p, x.reshape(1, -1), ints, threads, weights)
         return uniform
 
     def e8p(p, x, ints, floats, threads, weights):
@@ -194,6 +222,33 @@ def _product_kind(p, x, ints, floats, threads, weights):
             floats[p, MAX_PARTS + 2], _part(y, ints, p, min(2, n_parts - 1)))
         return y
     return e8p
+
+
+@njit(inline="always")
+def _uniform_call(p, x, ints, threads, weights):
+    """y [tiles of all parts * TILE] of uniform call p (its arrays the first UNIFORM_SLOTS of weights) for x
+    [1 or parts, in]."""
+    b0, s0, z0, b1, s1, z1, b2, s2, z2, perms, luts, r0, c0, v0, r1, c1, v1, r2, c2, v2 = weights[:UNIFORM_SLOTS]
+    return uniform_int8_numba.matvec_threads(
+        ints[p, VARIANT], ints[p, PARTS], b0[p], s0[p], z0[p], b1[p], s1[p], z1[p], b2[p], s2[p], z2[p], x,
+        perms[p], ints[p, BITS], ints[p, GROUP_RUNS], luts[p], threads if ints[p, PARALLEL] else 1,
+        r0[p], c0[p], v0[p], r1[p], c1[p], v1[p], r2[p], c2[p], v2[p])
+
+
+@njit(inline="always")
+def _transforms(w):
+    """The RowTransform fields of the three part slots from their 18 typed lists: six tuples of three (scale,
+    add, first, left, right, dest)."""
+    return ((w[0], w[1], w[2]), (w[3], w[4], w[5]), (w[6], w[7], w[8]), (w[9], w[10], w[11]),
+            (w[12], w[13], w[14]), (w[15], w[16], w[17]))
+
+
+@njit(inline="always")
+def _transform(v, fields, part, p, shift_of):
+    """Part `part`'s transform of product p (`_transforms`) of one row v [n]: incoherent_numba.transform_row."""
+    scale, add, first, left, right, dest = fields
+    return incoherent_numba.transform_row(v, scale[part][p], add[part][p], shift_of, first[part][p],
+                                          left[part][p], right[part][p], dest[part][p])
 
 
 @njit(inline="always")

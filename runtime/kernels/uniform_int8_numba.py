@@ -878,8 +878,8 @@ def fusable(parts) -> bool:
 
 
 class PreparedCall(NamedTuple):
-    """`_matvec_serial` / `_matvec_parallel`'s arguments but x, for one list of fusable weights and one kernel:
-    built once (`prepare`), run every decode step (`run`)."""
+    """`matvec_threads`' arguments but x and the thread count, for one list of fusable weights and one kernel:
+    built once (`prepare`), run every decode step (`run`, or from Numba: runtime/kernels/llama_layers_numba.py)."""
     head: tuple  # variant, n_parts, then blocked, scales, zeros of each of MAX_PARTS slots
     tail: tuple  # perm, bits, group_runs, lut
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
