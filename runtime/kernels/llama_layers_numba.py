@@ -146,14 +146,28 @@ def _e8p_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
     return tuple(arrays)
 
 
+def _typed_list(arrays: tuple):
+    """A typed list of the arrays of a tuple, filled by cached Numba functions (a typed list filled from
+    Python compiles its methods for the item type in every process: 1 s and 20 MB for a model's eleven slots;
+    one Numba function looping over the tuple compiled a case per item, 14 s the first time)."""
+    items = _list_of(arrays[0])
+    for array in arrays[1:]:
+        _append(items, array)
+    return items
+
+
 @njit(cache=True)
-def _typed_list(arrays):
-    """A typed list of the arrays of a tuple (made here, compiled once and cached: a typed list filled from
-    Python compiles its methods for the item type in every process, 1 s and 20 MB for a model's eleven slots)."""
-    out = List()
-    for a in arrays:
-        out.append(a)
-    return out
+def _list_of(first):
+    """A typed list holding `first`."""
+    items = List()
+    items.append(first)
+    return items
+
+
+@njit(cache=True)
+def _append(items, item):
+    """items.append(item) for a typed list."""
+    items.append(item)
 
 
 def run(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, position: int, cos: np.ndarray,

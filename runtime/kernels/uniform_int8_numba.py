@@ -922,7 +922,8 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     """y [sum of outs] of a prepared call for x [in] float32, or x [parts, in] with row p for part p (called
     once per product in decode: every microsecond here is paid hundreds of times a token)."""
     threads = numba.get_num_threads() if call.parallel else 1
-    x = readonly(x.reshape(-1, x.shape[-1]))  # [1 or parts, in]
+    x = x.reshape(-1, x.shape[-1])  # [1 or parts, in]
+    x = x if x.flags.writeable else x.copy()  # writable, as llama_layers_numba's: one compiled signature
     y = matvec_threads(*call.head, x, *call.tail, threads, *call.outliers)  # [tiles * TILE]
     if call.whole_tiles:
         return y
