@@ -162,10 +162,28 @@ def random_weight(tag: str, shape, seed: int):
                                  "gptq4g128", "int8t150", "absmax8", "quip2", "quip4"])
 def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
     # every layer's own random codes (a product read from the wrong layer shows), E8P at every bit width
-    from runtime.kernels import e8p_numba
     from runtime.kernels.uniform_int8_numba import available_kernels
     if tag.startswith("quipsharp") and "avx512vnni" not in available_kernels():
         pytest.skip("E8P's int8 decode kernel needs AVX-512 VNNI")
+    assert_one_call_equals_the_loop(tmp_path, tag)
+
+
+@pytest.mark.parametrize("kernel, mode, tag", [("avx2", "int8", "rtn2g64"), ("avx2", "int8", "int8"),
+                                               ("portable", "int8-all", "rtn4g128"),
+                                               ("portable", "int8-all", "nf4"), ("portable", "int8-all", "int8")])
+def test_layers_in_one_call_with_the_other_kernels(kernel, mode, tag, tmp_path, monkeypatch):
+    # the CPUs without AVX-512 (QLLM_INT8_KERNEL) take the one call with their own tiles or the portable lanes
+    from runtime.kernels.uniform_int8_numba import available_kernels
+    if kernel not in available_kernels():
+        pytest.skip(f"this CPU has no {kernel}")
+    monkeypatch.setenv("QLLM_INT8_KERNEL", kernel)
+    monkeypatch.setenv("QLLM_ACTIVATIONS", mode)
+    assert_one_call_equals_the_loop(tmp_path, tag)
+
+
+def assert_one_call_equals_the_loop(tmp_path, tag: str):
+    """A three-layer Llama with random codes of `tag` (`random_weight`) decodes the same logits in one call as
+    through the Python loop, within 1e-6 of max |logit|."""
     import torch
     import transformers
     torch.manual_seed(0)
@@ -179,7 +197,6 @@ def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
     ids = np.random.default_rng(5).integers(0, 120, 10)
     for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, ids[:6], ids[6:]):
         assert np.abs(b).max() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
-    assert e8p_numba.MAX_PARTS == 3  # the q/k/v product of runtime/kernels/llama_layers_numba.py
 
 
 @pytest.mark.parametrize("case, change", [("llama-attention-bias", None), ("opt-pre-ln", None),
