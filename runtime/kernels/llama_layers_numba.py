@@ -66,8 +66,8 @@ class LayerCalls(NamedTuple):
 
 def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
     """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
-    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of int8_numba.matvec_arguments, or
-    None), or None where one is missing, the kinds differ, or an argument slot's arrays differ in type from
+    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of int8_numba.matvec_arguments, an
+    incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or None where one is missing, the kinds differ, or an argument slot's arrays differ in type from
     layer to layer (a typed list holds one type)."""
     if any(call is None for call in calls):
         return None
