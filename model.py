@@ -233,8 +233,8 @@ class Model:
 
     def layer_calls(self):
         """The prepared calls of every Llama layer for runtime/kernels/llama_layers_numba.py, or None where a
-        product is not one prepared kernel call (`PackedTensor.prepared_call`: float or QuIP weights, biases,
-        OPT)."""
+        product is not one prepared kernel call (`PackedTensor.prepared_call`: float weights, a mix of formats,
+        biases, OPT)."""
         if self.config.arch != "llama":
             return None
         calls = []

@@ -189,10 +189,8 @@ class PackedTensor:
     def separate_inputs_product(self, parts):
         """`one_row_product` for a different input per part: a function xs [len(parts), in] -> [xs[p] @ W.T
         for W in parts] in one kernel call (the incoherent format's transformed inputs), or None, as for
-        every format with its own one-row product (SpQR, E8P, int8)."""
-        if type(self).one_row_product is not PackedTensor.one_row_product:
-            return None
-        return self._int8_product(parts)
+        every format with its own one-row product (SpQR, E8P, int8): where `prepared_call` is None."""
+        return None if self.prepared_call(parts) is None else self._int8_product(parts)
 
     def prepared_call(self, parts):
         """The prepared int8-activation call (uniform_int8_numba.PreparedCall) that `one_row_product` runs for

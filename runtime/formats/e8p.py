@@ -224,12 +224,10 @@ class E8PTensor(PackedTensor):
         for up to MAX_PARTS parts of one input size, bit width and codebook (their rotations in parallel), else
         one call per part; None under float activations."""
         from runtime.kernels import e8p_numba
-        mode = activation_mode()[0]
-        if not all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts):
+        if not self._cpu_int8(parts):
             return None
         outs = [p.out_features for p in parts]
-        grid = {(p.in_features, p.bits, p.codebook) for p in parts}
-        if 1 < len(parts) <= e8p_numba.MAX_PARTS and len(grid) == 1:
+        if len(parts) > 1 and self._one_call(parts):
             call = e8p_numba.int8_parts_call(parts)
             return lambda x: e8p_numba.run_int8_parts(call, x, [np.empty(n, dtype=np.float32) for n in outs])
         calls = [e8p_numba.int8_call(p) for p in parts]
@@ -240,12 +238,21 @@ class E8PTensor(PackedTensor):
         arguments of the int8 decode call (e8p_numba.int8_parts_call) where `one_row_product` runs that kernel,
         else None."""
         from runtime.kernels import e8p_numba
+        return e8p_numba.int8_parts_call(parts) if self._cpu_int8(parts) and self._one_call(parts) else None
+
+    @staticmethod
+    def _cpu_int8(parts) -> bool:
+        """Whether one-row products of all parts go through the CPU's int8 decode kernel (E8P tensors on the
+        CPU, `_int8_rows` under the current activation mode)."""
         mode = activation_mode()[0]
-        if not all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts):
-            return None
-        if len(parts) > e8p_numba.MAX_PARTS or len({(p.in_features, p.bits, p.codebook) for p in parts}) > 1:
-            return None
-        return e8p_numba.int8_parts_call(parts)
+        return all(isinstance(p, E8PTensor) and not is_cupy(p.qweight) and p._int8_rows(mode, 1) for p in parts)
+
+    @staticmethod
+    def _one_call(parts) -> bool:
+        """Whether the parts fit one `_decode_int8_parts` call: up to MAX_PARTS of one input size, bit width and
+        codebook."""
+        from runtime.kernels import e8p_numba
+        return len(parts) <= e8p_numba.MAX_PARTS and len({(p.in_features, p.bits, p.codebook) for p in parts}) == 1
 
     def tensors(self) -> dict:
         arrays = {"qweight": self.qweight, "stage_scales": self.stage_scales,

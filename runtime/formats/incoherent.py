@@ -295,12 +295,13 @@ class IncoherentTensor(PackedTensor):
         with an input per part, else None."""
         if not all(isinstance(p, IncoherentTensor) and not is_cupy(p.qweight) for p in parts):
             return None
-        inners = [part.inner for part in parts]
-        if inners[0].separate_inputs_product(inners) is None:
-            return None
         from runtime.kernels.incoherent_numba import TransformedCall
-        inner = inners[0].prepared_call(inners)
-        return None if inner is None else TransformedCall(inner, tuple(p._kernel_transforms() for p in parts))
+        from runtime.kernels.uniform_int8_numba import PreparedCall
+        inners = [part.inner for part in parts]
+        inner = inners[0].prepared_call(inners)  # a PreparedCall exactly where `separate_inputs_product` is not None
+        if not isinstance(inner, PreparedCall):
+            return None
+        return TransformedCall(inner, tuple(p._kernel_transforms() for p in parts))
 
     def _around_inner(self, x, inner_product, kernels: bool = True):
         """Transform x [m, in] (rescale, V), multiply by Ŵ with inner_product, add the midrise half step,

@@ -67,8 +67,9 @@ class LayerCalls(NamedTuple):
 def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
     """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
     uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of int8_numba.matvec_arguments, an
-    incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or None where one is missing, the kinds differ, or an argument slot's arrays differ in type from
-    layer to layer (a typed list holds one type)."""
+    incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or None where one is missing, the
+    kinds differ, or an argument slot's arrays differ in type from layer to layer (a typed list holds one
+    type)."""
     if any(call is None for call in calls):
         return None
     kinds = {_kind(call) for call in calls}
@@ -104,9 +105,8 @@ def _uniform_row(call, ints: np.ndarray, floats: np.ndarray) -> tuple:
     per slot."""
     variant, n_parts, *weights = call.head
     perm, bits, group_runs, lut = call.tail
-    tile = uniform_int8_numba.TILE
-    ends = np.cumsum([0] + [-(-n // tile) * tile for n in call.outs])  # each part's outputs, padded to tiles
-    ints[PARTS], ints[OFFSET:OFFSET + n_parts], ints[OUT:OUT + n_parts] = n_parts, ends[:-1], call.outs
+    ints[PARTS], ints[OUT:OUT + n_parts] = n_parts, call.outs
+    ints[OFFSET:OFFSET + n_parts] = uniform_int8_numba.part_starts(call.outs)
     ints[[VARIANT, BITS, GROUP_RUNS, PARALLEL]] = variant, bits, group_runs, call.parallel
     return (*weights, perm, lut, *call.outliers)
 
@@ -180,20 +180,20 @@ def run(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, 
 
 def _product(p, x, ints, floats, threads, weights):
     """y [the parts' outputs at their offsets] of prepared call p for the input x [in]: the kind's kernel, picked
-    by Numba from the number of argument slots in `weights` (runtime only through `run_layers`)."""
+    by Numba from the argument slots in `weights` (`_product_kind`; runs only through `run_layers`)."""
     raise NotImplementedError("called from Numba only")
 
 
 @overload(_product)
 def _product_kind(p, x, ints, floats, threads, weights):
-    """`_product` for the slots of each kind, told apart by the dtype of the first: uniform_int8_numba's
-    int32 blocked codes, int8_numba's int8 weights, else e8p_numba's float32 Hadamard factors."""
+    """`_product` for the slots of each kind, told apart by the dtype of the first: int8_numba's int8 weights;
+    uniform_int8_numba's int32 blocked codes (incoherent_numba's calls: the same, then INCOHERENT_SLOTS in
+    all); else e8p_numba's float32 Hadamard factors."""
     if weights[0].item_type.dtype == types.int8:
         def int8(p, x, ints, floats, threads, weights):
             w0, w1, w2, s0, s1, s2 = weights
             qweights, scales = (w0, w1, w2), (s0, s1, s2)
-            y = np.empty(ints[p, OFFSET + ints[p, PARTS] - 1] + ints[p, OUT + ints[p, PARTS] - 1],
-                         dtype=np.float32)  # [outs]
+            y = _outputs(ints, p)  # [outs]
             for j in range(ints[p, PARTS]):
                 _part(y, ints, p, j)[:] = int8_numba.matvec_threads(
                     qweights[j][p], scales[j][p], x, floats[p, j], ints[p, INT8_VNNI] != 0,
@@ -224,7 +224,7 @@ def _product_kind(p, x, ints, floats, threads, weights):
         (h_in, table, tables, table_2, tables_2, in_0, out_0, h_0, first_0, last_0, in_1, out_1, h_1, first_1,
          last_1, in_2, out_2, h_2, first_2, last_2) = weights
         n_parts = ints[p, PARTS]
-        y = np.empty(ints[p, OFFSET + n_parts - 1] + ints[p, OUT + n_parts - 1], dtype=np.float32)  # [outs]
+        y = _outputs(ints, p)  # [outs]
         e8p_numba.decode_int8_prepared(
             x, n_parts, h_in[p], ints[p, SIZE_IN], ints[p, STAGES], table[p], tables[p], table_2[p], tables_2[p],
             ints[p, VBMI] != 0,
@@ -263,6 +263,13 @@ def _transform(v, fields, part, p, shift_of):
     scale, add, first, left, right, dest = fields
     return incoherent_numba.transform_row(v, scale[part][p], add[part][p], shift_of, first[part][p],
                                           left[part][p], right[part][p], dest[part][p])
+
+
+@njit(inline="always")
+def _outputs(ints, p):
+    """An empty output [to the last part's end] of call p."""
+    last = ints[p, PARTS] - 1
+    return np.empty(ints[p, OFFSET + last] + ints[p, OUT + last], dtype=np.float32)
 
 
 @njit(inline="always")

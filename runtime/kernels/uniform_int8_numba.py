@@ -927,8 +927,12 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     y = matvec_threads(*call.head, x, *call.tail, threads, *call.outliers)  # [tiles * TILE]
     if call.whole_tiles:
         return y
-    starts = np.cumsum([0] + [-(-n // TILE) * TILE for n in call.outs])
-    return np.concatenate([y[a:a + n] for a, n in zip(starts, call.outs)])
+    return np.concatenate([y[a:a + n] for a, n in zip(part_starts(call.outs), call.outs)])
+
+
+def part_starts(outs) -> np.ndarray:
+    """int64 [parts]: where each part's outputs start in the kernel's y (each part padded to whole tiles)."""
+    return np.cumsum([0] + [-(-n // TILE) * TILE for n in outs[:-1]])
 
 
 def matvec_parts(parts, x: np.ndarray, kernel: str) -> np.ndarray:
