@@ -9,14 +9,18 @@
     the same shape. Time per call is GPU time from CUDA events with the
     launch queue filled first (a spin kernel holds the GPU while the CPU
     enqueues the calls, so Python's launch latency is not counted; the CPU's
-    own time per call is reported beside it). GB/s counts the stored bytes
-    of the weight (codes and side data) read once per call, and the fraction
-    of peak is against the datasheet's 4.8 TB/s of the H200 and against a
-    device-to-device copy measured in the same run.
+    own time per call is reported beside it). Each call multiplies the next
+    of enough copies of the weight to fill three times the GPU's L2 cache, so
+    the weights come from HBM as in a model's forward pass, not from L2. GB/s
+    counts the stored bytes of the weight (codes and side data) read once per
+    call, and the fraction of peak is against the datasheet's 4.8 TB/s of the
+    H200 and against a device-to-device copy measured in the same run.
 (b) End to end: a random-weight Llama with TinyLlama-1.1B's shapes, float16
     and float32 weights against each packed format: greedy decode of 64
     tokens after a 16-token prompt (the argmax of each step comes back to
-    the host, as generation does), and prefill of 512 tokens.
+    the host, as generation does), and prefill of 512 tokens. Decode runs
+    as a CUDA graph per step (runtime/cuda_graph_step.py, the default); the
+    float16 and 4-bit rows are also measured op by op (`cuda_graph=False`).
 
 Weights are random (bench_models.py: packed codes drawn in each format's
 valid range, every layer its own copy on the device); speed does not depend
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import multiprocessing
 import os
@@ -45,6 +50,9 @@ BATCHES = (1, 4, 16)
 KERNEL_FORMATS = ("rtn4g128", "rtn4g128sym", "gptq4g128act", "rtn3g128", "rtn2g64", "rtn8", "nf4", "nf4dq",
                   "int8", "smooth8", "spqr3", "quip2", "quipsharp2", "quipsharp3", "quipsharp4")
 MODEL_FORMATS = ("rtn4g128", "rtn2g64", "nf4", "int8", "spqr3", "quip2", "quipsharp2", "quipsharp4")
+EAGER_ROWS = ("float16", "rtn4g128")  # also measured without the CUDA graph
+L2_COPIES = 3  # each weight's copies fill this many times the L2 cache
+TIMED_SECONDS = 0.05  # about this much GPU time per (format, shape, batch) row
 SPIN_SOURCE = r"""
 extern "C" __global__ void spin(long long cycles) {
     long long start = clock64();
@@ -70,11 +78,16 @@ class GpuTimer:
         self.spin = cp.RawKernel(SPIN_SOURCE, "spin")
         self.cycles_per_ms = cp.cuda.runtime.getDeviceProperties(0)["clockRate"]  # kHz = cycles per ms
 
-    def time(self, fn, calls: int) -> tuple[float, float]:
-        """(GPU ms per call, CPU ms per call) over `calls` warm calls."""
+    def time(self, fn, max_calls: int) -> tuple[float, float]:
+        """(GPU ms per call, CPU ms per call) over at most `max_calls` warm calls (fewer for slow calls: about
+        TIMED_SECONDS in all, at least three)."""
         cp = self.cp
         fn()
         cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        calls = max(3, min(max_calls, int(TIMED_SECONDS / max(time.perf_counter() - t0, 1e-6))))
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -110,8 +123,17 @@ def in_parallel(fn, *arg_lists) -> list:
         return list(pool.map(fn, *arg_lists))
 
 
+def cycling(fns):
+    """A function x -> the next of fns (in turn) applied to x."""
+    turn = itertools.cycle(fns)
+    return lambda x: next(turn)(x)
+
+
 def kernel_rows(cp, timer: GpuTimer, formats, calls: int, log) -> list[dict]:
-    """One row per (format, shape, batch): GPU µs per call, CPU µs per call, GB/s, fraction of peak."""
+    """One row per (format, shape, batch): GPU µs per call, CPU µs per call, GB/s, fraction of peak; each call
+    multiplies the next of enough copies of the weight that they do not fit the L2 cache."""
+    l2_bytes = cp.cuda.Device().attributes["L2CacheSize"]
+    copies = lambda nbytes: max(2, -(-L2_COPIES * l2_bytes // nbytes))
     rows = []
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -122,10 +144,12 @@ def kernel_rows(cp, timer: GpuTimer, formats, calls: int, log) -> list[dict]:
         n_out, n_in = shape
         xs = {m: cp.asarray(rng.standard_normal((m, n_in), dtype=np.float32)) for m in BATCHES}
         w16 = cp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(cp.float16)  # [out, in]
-        weights = [("cuBLAS fp16", w16.nbytes, lambda x: x.astype(cp.float16) @ w16.T)]
+        w16s = [w16.copy() for _ in range(copies(w16.nbytes))]  # [out, in] each
+        weights = [("cuBLAS fp16", w16.nbytes, cycling([lambda x, w=w: x.astype(cp.float16) @ w.T for w in w16s]))]
         for tag in formats:
-            packed = packed_all.pop((tag, shape)).to_device(cp)
-            weights.append((tag, packed.nbytes, packed.matmul))
+            packed = packed_all.pop((tag, shape))
+            on_gpu = [packed.to_device(cp) for _ in range(copies(packed.nbytes))]
+            weights.append((tag, packed.nbytes, cycling([p.matmul for p in on_gpu])))
         for name, nbytes, fn in weights:
             for m, x in xs.items():
                 gpu_ms, cpu_ms = timer.time(lambda: fn(x), calls)
@@ -133,7 +157,7 @@ def kernel_rows(cp, timer: GpuTimer, formats, calls: int, log) -> list[dict]:
                              "gpu_us": round(gpu_ms * 1e3, 2), "cpu_us": round(cpu_ms * 1e3, 2),
                              "weight_mb": round(nbytes / 1e6, 2), "gbs": round(nbytes / (gpu_ms / 1e3) / 1e9, 1),
                              "peak_fraction": round(nbytes / (gpu_ms / 1e3) / 1e9 / H200_PEAK_GBS, 3)})
-        del weights
+        del weights, w16s, on_gpu
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 
@@ -176,10 +200,12 @@ def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, lo
         model = Model(config, build(), cp)  # each layer's arrays copied to the GPU on their own
         used = cp.get_default_memory_pool().used_bytes() - before
         log(f"  {shape_name} {name}: built in {time.perf_counter() - t0:.1f} s, {used / 2**30:.2f} GiB on the GPU")
-        rows.append({"model": shape_name, "weights": name, "gpu_gib": round(used / 2**30, 2),
-                     **decode_and_prefill(cp, model, steps, prefill_tokens)})
-        log(f"    {rows[-1]}")
-        on_row()
+        for graph in (True, False) if name in EAGER_ROWS else (True,):
+            model.decode_step = model.graph_decode_step if graph else model.unfused_decode_step
+            rows.append({"model": shape_name, "weights": name, "decode": "graph" if graph else "op by op",
+                         "gpu_gib": round(used / 2**30, 2), **decode_and_prefill(cp, model, steps, prefill_tokens)})
+            log(f"    {rows[-1]}")
+            on_row()
         del model
         gc.collect()  # Model holds bound methods of itself (a cycle): free its GPU arrays before the next row
         cp.get_default_memory_pool().free_all_blocks()
@@ -202,12 +228,15 @@ def markdown(info: dict, copy_gbs: float, kernels: list, models: list) -> str:
         lines.append(f"| {r['format']} | {r['shape']} {r['out']}x{r['in']} | {r['batch']} | {r['weight_mb']} | "
                      f"{r['gpu_us']} | {r['gbs']} | {r['peak_fraction']:.0%} | {speedup:.2f}x | {r['cpu_us']} |")
     lines += ["", "End to end (random-weight Llama with TinyLlama-1.1B's shapes): greedy decode after a 16-token "
-              "prompt, prefill of 512 tokens.", "",
-              "| weights | GPU GiB | decode tok/s | vs float16 | prefill tok/s |", "| --- | ---: | ---: | ---: | ---: |"]
-    f16 = next((r["decode_tok_s"] for r in models if r["weights"] == "float16"), None)
+              "prompt, each step a CUDA graph (or op by op), prefill of 512 tokens; vs float16: against float16 "
+              "decoded the same way.", "",
+              "| weights | decode | GPU GiB | decode tok/s | vs float16 | prefill tok/s |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    f16 = {r["decode"]: r["decode_tok_s"] for r in models if r["weights"] == "float16"}
     for r in models:
-        ratio = f"{r['decode_tok_s'] / f16:.2f}x" if f16 else "-"
-        lines.append(f"| {r['weights']} | {r['gpu_gib']} | {r['decode_tok_s']} | {ratio} | {r['prefill_tok_s']} |")
+        ratio = f"{r['decode_tok_s'] / f16[r['decode']]:.2f}x" if r["decode"] in f16 else "-"
+        lines.append(f"| {r['weights']} | {r['decode']} | {r['gpu_gib']} | {r['decode_tok_s']} | {ratio} | "
+                     f"{r['prefill_tok_s']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,8 @@ NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
       logits: final norm -> LM head
     llama_decode_step                    decode on the CPU with fused Numba kernels (Llama): its layers in one
                                          Numba call where every product is one prepared kernel call
+    graph_decode_step                    decode on the GPU (Llama): the step recorded once as a CUDA graph
+                                         (runtime/cuda_graph_step.py)
 
 `Model.__init__` is the one place that picks the architecture; the embedding
 and the head follow from the tensors the checkpoint holds.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime import cuda_graph_step
 from runtime.device import to_module
 from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
@@ -120,7 +123,7 @@ class KVCache:
 class Model:
     """An OPT or Llama model: float or packed weights, and its forward passes."""
 
-    def __init__(self, config: Config, tensors: dict, xp=np, fused_decode: bool = True):
+    def __init__(self, config: Config, tensors: dict, xp=np, fused_decode: bool = True, cuda_graph: bool = True):
         self.config, self.xp = config, xp
         # decode on the CPU: q/k/v and gate/up in one product each; Llama's elementwise work in Numba kernels
         self.fused_decode = fused_decode and xp is np
@@ -132,6 +135,9 @@ class Model:
                        else (self.opt_attention_half, self.opt_mlp_half))
         self.decode_step = (self.unfused_decode_step if not self.fused_decode
                             else self.llama_decode_step if llama else self.opt_decode_step)
+        self._graph_step = None  # a Llama's decode step on the GPU as a CUDA graph (`graph_decode_step`)
+        if xp is not np and cuda_graph and cuda_graph_step.takes(self):
+            self.decode_step = self.graph_decode_step
         self.decode_products = LLAMA_DECODE_PRODUCTS if llama else OPT_DECODE_PRODUCTS
         self._one_row_products = None  # made by `one_row_products` on the first fused decode step
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
@@ -178,6 +184,13 @@ class Model:
     def unfused_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length through the layer functions of prefill."""
         return self.logits(self.forward(np.array([token]), cache))[0]  # [vocab]
+
+    def graph_decode_step(self, token: int, cache: KVCache):
+        """Logits [vocab] of one token at position cache.length on the GPU: the Llama step recorded once per cache
+        as a CUDA graph and replayed (runtime/cuda_graph_step.py)."""
+        if self._graph_step is None or self._graph_step.cache is not cache:
+            self._graph_step = cuda_graph_step.GraphStep(self, cache)
+        return self._graph_step.run(token, cache.length)
 
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one

@@ -108,11 +108,12 @@ def assert_shared_hessian_equals_separate_calls(method, W, H, params, split: int
         np.testing.assert_array_equal(packed.dequantize(), alone.dequantize())
 
 
-def assert_device_matches_reference(cupy, packed):
-    """The packed tensor's CUDA product (a CuPy array) is assert_close to its NumPy reference, for one row
-    (decode) and four (prefill) of inputs with a mean of 0.5 (so the folded zero-point terms matter)."""
+def assert_device_matches_reference(cupy, packed, row_counts=(1, 4)):
+    """The packed tensor's CUDA product (a CuPy array) is assert_close to its NumPy reference, for each number of
+    input rows in `row_counts` (one: decode; more: batches and prefill) of inputs with a mean of 0.5 (so the folded
+    zero-point terms matter)."""
     on_gpu = packed.to_device(cupy)
-    for rows in (1, 4):
+    for rows in row_counts:
         x = inputs(rows, rows, packed.in_features, mean=0.5)
         y = on_gpu.matmul(cupy.asarray(x))
         assert isinstance(y, cupy.ndarray)

@@ -73,9 +73,12 @@ def test_uniform_kernel_names(tmp_path):
                   "all-warnings")
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "u.ptx").read_text()
+    from runtime.kernels.uniform_cuda import KERNEL_ROWS
     for bits in (2, 3, 4, 8):
-        for kind in ("matvec", "dequantize"):
-            assert f".entry uniform_{kind}_{bits}(" in ptx
+        assert f".entry uniform_dequantize_{bits}(" in ptx
+        for rows in KERNEL_ROWS:
+            for vec in (1, 4):
+                assert f".entry uniform_matvec_{bits}_r{rows}_v{vec}(" in ptx
 
 
 def test_spqr_kernel_names(tmp_path):

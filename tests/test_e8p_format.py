@@ -202,11 +202,12 @@ def test_codebook_variants_decode_the_same_codes_differently():
 def test_cuda_matches_reference(cupy, bits, codebook):
     from runtime.kernels import e8p_cuda
 
-    packed = random_tensor(20 + bits, 576, 1536, bits, codebook)
-    on_gpu = packed.to_device(cupy)
-    assert np.array_equal(cupy.asnumpy(e8p_cuda.decoded(on_gpu)), packed.decoded())
-    x = inputs(bits, 9, 1536)
-    for rows in (1, 4, 9):  # fused kernels, then decode + cuBLAS
-        y = on_gpu.matmul(cupy.asarray(x[:rows]))
-        assert isinstance(y, cupy.ndarray)
-        assert_within_scale_bound(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)
+    for n_in in (1536, 96):  # rows of codes read 16 bytes at a time; 96: 12 groups a row, one code at a time
+        packed = random_tensor(20 + bits, 576, n_in, bits, codebook)
+        on_gpu = packed.to_device(cupy)
+        assert np.array_equal(cupy.asnumpy(e8p_cuda.decoded(on_gpu)), packed.decoded())
+        x = inputs(bits, 9, n_in)
+        for rows in (1, 4, 9):  # fused kernels, then decode + cuBLAS
+            y = on_gpu.matmul(cupy.asarray(x[:rows]))
+            assert isinstance(y, cupy.ndarray)
+            assert_within_scale_bound(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)

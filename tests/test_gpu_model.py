@@ -11,6 +11,7 @@ import pytest
 import bench_models
 from conftest import STORIES260K
 from model import Config, Model
+from runtime import cuda_graph_step
 from runtime.checkpoints.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -43,6 +44,8 @@ def assert_same_logits(cfg: Config, tensors: dict, cupy, ids, tolerance: float =
     gpu.prefill(ids[:6], cache_b)
     for token in ids[6:]:
         assert np.abs(cpu.decode(token, cache_a) - gpu.decode(token, cache_b).get()).max() < tolerance * scale
+    if cuda_graph_step.takes(gpu):  # a Llama decodes through its CUDA graph, not the op-by-op fallback
+        assert gpu._graph_step.graph
 
 
 @pytest.mark.parametrize("tag", [None, "rtn4g128", "int8"])  # nf4 needs in % 64 == 0; stories260K has 172
@@ -82,3 +85,31 @@ def test_float16_weights_on_the_gpu_match_float32_on_the_cpu(cupy):
     gpu = Model(cfg, half, cupy)
     b = gpu.prefill(ids, gpu.new_cache(16), all_logits=True).get()  # [6, vocab]
     assert np.abs(a - b).max() < 2e-2 * np.abs(a).max()  # float16 weights and activations: ~3 decimal digits
+
+
+@pytest.mark.parametrize("tag", [None, "rtn4g128"])
+def test_graph_step_over_a_long_cache_and_a_second_cache(cupy, tag):
+    """The graph step attends over more positions than a block has threads (300 > 256), replays at every
+    position, and is captured again for another cache; each step's logits match the CPU's and the op-by-op
+    GPU step's."""
+    hf = dict(small("llama"), max_position_embeddings=512)
+    cfg = Config.from_hf(hf)
+    tensors = bench_models.float_tensors(hf, seed=6) if tag is None else bench_models.packed_tensors(hf, tag, seed=6)
+    cpu, gpu, eager = Model(cfg, tensors), Model(cfg, tensors, cupy), Model(cfg, tensors, cupy, cuda_graph=False)
+    ids = np.random.default_rng(7).integers(3, cfg.vocab_size, 306).tolist()
+    caches = [(m, m.new_cache(320)) for m in (cpu, gpu, eager)]
+    for m, cache in caches:
+        m.prefill(ids[:300], cache)
+    other, cpu_other = gpu.new_cache(320), cpu.new_cache(320)  # a second cache: decoding into it captures again
+    gpu.prefill(ids[:2], other)
+    cpu.prefill(ids[:2], cpu_other)
+    for token in ids[300:]:
+        a, b, c = (m.decode(token, cache) for m, cache in caches)
+        b, c = b.get(), c.get()
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() < TOLERANCE * scale
+        assert np.abs(b - c).max() < 1e-4 * scale  # the same products; norms and attention summed in another order
+        first = gpu._graph_step
+        a2, b2 = cpu.decode(token, cpu_other), gpu.decode(token, other).get()
+        assert gpu._graph_step is not first and gpu._graph_step.graph
+        assert np.abs(a2 - b2).max() < TOLERANCE * np.abs(a2).max()

@@ -90,7 +90,18 @@ def test_leading_dimensions_and_float64_input():
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (128, False), (-1, False), (32, True)])
 def test_cuda_matches_reference(cupy, bits, group_size, act_order):
-    assert_device_matches_reference(cupy, make_tensor(50 + bits, 1000, 200, bits, group_size, act_order=act_order))
+    """Every ROWS variant of the matvec kernel (1, 2, 4, 8 rows; 9 and 16 rows in two launches), the cuBLAS path
+    (17 rows), four columns per thread (1000 outputs) and one (67: not a multiple of four)."""
+    for n_out in (1000, 67):
+        packed = make_tensor(50 + bits, n_out, 200, bits, group_size, act_order=act_order)
+        assert_device_matches_reference(cupy, packed, row_counts=(1, 2, 3, 4, 8, 9, 16, 17))
+
+
+@pytest.mark.gpu
+def test_cuda_matvec_many_slices(cupy):
+    """An input long enough that the matvec splits it over many thread blocks (split-K, atomicAdd into y) and
+    stages a partial last slice."""
+    assert_device_matches_reference(cupy, make_tensor(70, 256, 4000, 4, 128), row_counts=(1, 5, 8))
 
 
 @pytest.mark.gpu

@@ -9,23 +9,29 @@
 // A 1-bit E8 code (uint8) is a row of the table E [256][8].
 //
 // *_stage_matmul: y[r, o] (+)= scale * sum_g <point(codes[o, g]), x[r, 8g : 8g + 8]>
-//   one warp per (output row o, input row r); each lane takes groups g = lane, lane + 32, ...
-//   and reads x as two float4; the 8 KiB table lives in shared memory.
+//   one warp per (output row o, input row r); where a row of codes is 16-byte aligned (`vector`) each
+//   lane reads 16 bytes of codes at a time (8 E8P codes, 16 1-bit codes) and takes those groups, else
+//   groups g = lane, lane + 32, ...; x is read as two float4 per group. The table lives in shared
+//   memory with rows padded to TABLE_STRIDE floats, so that the lanes' lookups of coordinate k of
+//   different rows fall in different banks (a stride of 8 put every 4th row in the same bank).
 // *_stage_decode: w[o, 8g + i] (+)= scale * point(codes[o, g])[i], one thread per group; the
 //   caller multiplies the decoded Ŵ with cuBLAS (prefill).
 // Each pair of entry points (E8P, 1-bit E8) shares one template body (STAGE_KERNELS stamps them
 // out); `stage_point` decodes.
 // WARPS_PER_BLOCK, TABLE_FLOATS: -D defines from runtime/kernels/e8p_cuda.py (cuda_source.py).
 
+constexpr int TABLE_STRIDE = 9;  // floats per row of the shared table: 8 coordinates and a pad
+constexpr int TABLE_SHARED = TABLE_FLOATS / 8 * TABLE_STRIDE;
+
 __device__ __forceinline__ void load_table(float* s_table, const float* table, int tid, int threads)
 {
-    for (int i = tid; i < TABLE_FLOATS; i += threads) s_table[i] = table[i];
+    for (int i = tid; i < TABLE_FLOATS; i += threads) s_table[i / 8 * TABLE_STRIDE + i % 8] = table[i];
 }
 
 // The 8 coordinates of E8P point `code` into p[0..7] (same float32 operations as the NumPy reference).
 __device__ __forceinline__ void e8p_point(unsigned int code, const float* s_table, float* p)
 {
-    const float* row = s_table + (code >> 8) * 8;
+    const float* row = s_table + (code >> 8) * TABLE_STRIDE;
     const float shift = (code & 1u) ? 0.25f : -0.25f;
     const unsigned int flips = __popc((code >> 1) & 0x7Fu);
     p[0] = __fadd_rn((flips & 1u) ? -row[0] : row[0], shift);
@@ -54,15 +60,24 @@ __device__ __forceinline__ void stage_point(unsigned short code, const float* s_
 __device__ __forceinline__ void stage_point(unsigned char code, const float* s_table, float* p)
 {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) p[k] = s_table[code * 8 + k];
+    for (int k = 0; k < 8; ++k) p[k] = s_table[code * TABLE_STRIDE + k];
+}
+
+// code i of the 16 bytes `four` (words in little-endian order)
+template <typename Code>
+__device__ __forceinline__ Code code_in(const uint4& four, int i)
+{
+    const unsigned int words[4] = {four.x, four.y, four.z, four.w};
+    const int byte = i * (int)sizeof(Code);
+    return (Code)(words[byte / 4] >> (8 * (byte % 4)));
 }
 
 template <typename Code>
 __device__ __forceinline__ void stage_matmul(const Code* __restrict__ codes, const float* __restrict__ table,
                                              float scale, const float* __restrict__ x, float* __restrict__ y,
-                                             int n_out, int n_in, int accumulate)
+                                             int n_out, int n_in, int accumulate, int vector)
 {
-    __shared__ float s_table[TABLE_FLOATS];
+    __shared__ float s_table[TABLE_SHARED];
     load_table(s_table, table, threadIdx.y * 32 + threadIdx.x, 32 * WARPS_PER_BLOCK);
     __syncthreads();
 
@@ -74,7 +89,23 @@ __device__ __forceinline__ void stage_matmul(const Code* __restrict__ codes, con
     const float4* xr = reinterpret_cast<const float4*>(x + (long long)r * n_in);
     float acc = 0.0f;
     float p[8];
-    for (int g = threadIdx.x; g < n_groups; g += 32) {
+    constexpr int PER_LOAD = 16 / sizeof(Code);  // codes in 16 bytes
+    int g_rest = 0;  // the groups from here on go one per lane
+    if (vector) {
+        const uint4* row4 = reinterpret_cast<const uint4*>(row);
+        const int n_loads = n_groups / PER_LOAD;
+        for (int v = threadIdx.x; v < n_loads; v += 32) {
+            const uint4 four = row4[v];
+#pragma unroll
+            for (int i = 0; i < PER_LOAD; ++i) {
+                const int g = v * PER_LOAD + i;
+                stage_point(code_in<Code>(four, i), s_table, p);
+                acc += dot8(p, xr[2 * g], xr[2 * g + 1]);
+            }
+        }
+        g_rest = n_loads * PER_LOAD;
+    }
+    for (int g = g_rest + threadIdx.x; g < n_groups; g += 32) {
         stage_point(row[g], s_table, p);
         acc += dot8(p, xr[2 * g], xr[2 * g + 1]);
     }
@@ -85,7 +116,7 @@ template <typename Code>
 __device__ __forceinline__ void stage_decode(const Code* __restrict__ codes, const float* __restrict__ table,
                                              float scale, float* __restrict__ w, long long n_groups, int accumulate)
 {
-    __shared__ float s_table[TABLE_FLOATS];
+    __shared__ float s_table[TABLE_SHARED];
     load_table(s_table, table, threadIdx.x, blockDim.x);
     __syncthreads();
 
@@ -109,13 +140,13 @@ __device__ __forceinline__ void stage_decode(const Code* __restrict__ codes, con
 }
 
 // PREFIX_stage_matmul and PREFIX_stage_decode of CODE codes ([out, in/8]) with their [256, 8] table;
-// x [m, in] and w [out * in] 16-byte aligned, y [m, out].
+// x [m, in] and w [out * in] 16-byte aligned, y [m, out]; `vector`: the rows of codes are 16-byte aligned.
 #define STAGE_KERNELS(PREFIX, CODE)                                                                           \
     extern "C" __global__ void PREFIX##_stage_matmul(                                                         \
         const CODE* __restrict__ codes, const float* __restrict__ table, float scale,                         \
-        const float* __restrict__ x, float* __restrict__ y, int n_out, int n_in, int accumulate)              \
+        const float* __restrict__ x, float* __restrict__ y, int n_out, int n_in, int accumulate, int vector)  \
     {                                                                                                         \
-        stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate);                                     \
+        stage_matmul(codes, table, scale, x, y, n_out, n_in, accumulate, vector);                             \
     }                                                                                                         \
     extern "C" __global__ void PREFIX##_stage_decode(                                                         \
         const CODE* __restrict__ codes, const float* __restrict__ table, float scale,                         \

@@ -84,7 +84,8 @@ def matmul(packed, x):
         y_rot = cupy.empty((m, n_out), dtype=cupy.float32)  # [m, out]
         grid = (-(-n_out // WARPS_PER_BLOCK), m)
         for k, (codes, table, scale, (matmul_name, _)) in enumerate(_stages(packed)):
+            vector = codes.shape[1] * codes.itemsize % 16 == 0 and codes.data.ptr % 16 == 0  # 16-byte code rows
             _module().get_function(matmul_name)(
                 grid, (32, WARPS_PER_BLOCK),
-                (codes, table, scale, x_rot, y_rot, np.int32(n_out), np.int32(n_in), np.int32(k > 0)))
+                (codes, table, scale, x_rot, y_rot, np.int32(n_out), np.int32(n_in), np.int32(k > 0), np.int32(vector)))
     return hadamard_rows(y_rot, post=packed.signs_out, transpose=True)  # [m, out]

@@ -18,7 +18,7 @@ from runtime.hadamard import fast_hadamard, hadamard_factor, small_hadamard
 from runtime.kernels import cuda_source
 
 SOURCE = "hadamard.cu"
-THREADS = 256
+THREADS = 1024  # one block per row: as many threads as a block takes (one row is one block's work)
 MAX_SHARED_FLOATS = 12 * 1024  # 48 KiB of shared memory per block, the default limit
 DEFINES = {}  # hadamard.cu shares no constant with Python
 

@@ -1,8 +1,9 @@
 """CuPy launchers of the int8 CUDA kernels (source: int8.cu; layout: runtime/formats/int8.py).
 
 CuPy is imported on first use, so this module imports on machines without a
-GPU. The activations are quantized per token (or per tensor) by
-`int8_quantize_tokens`, multiplied by `int8_matmul_dp4a` (int32
+GPU. The outlier columns are found by `int8_outlier_columns`
+(LLM.int8), the activations quantized per token (or per tensor) by
+`int8_quantize_tokens` and multiplied by `int8_matmul_dp4a` (int32
 accumulation with __dp4a), which adds the LLM.int8 outlier columns' float
 product in the same pass (nothing comes back to the host). The packed arrays must already be CuPy arrays
 (`Int8Tensor.to_device(cupy)`). The dp4a kernel is a GEMV run once per input
@@ -28,17 +29,28 @@ def _module():
     return cuda_source.module(SOURCE, DEFINES)
 
 
-def quantize_tokens(x, outliers, per_tensor: bool):
-    """(xq [m, in] int8, sx [m] float32) of a CuPy x [m, in] float32; outliers: bool [in]."""
+def outlier_mask(x, threshold: float | None):
+    """uint8 [in] of a CuPy x [m, in] float32: 1 in the columns where some |x| >= threshold (none for None)."""
     import cupy
 
     m, n_in = x.shape
-    mask = outliers.astype(cupy.uint8)  # [in]
+    mask = cupy.zeros(n_in, dtype=cupy.uint8)  # [in]
+    if threshold is not None:
+        _module().get_function("int8_outlier_columns")(
+            (-(-n_in // THREADS),), (THREADS,), (x, np.int32(m), np.int32(n_in), np.float32(threshold), mask))
+    return mask
+
+
+def quantize_tokens(x, mask, per_tensor: bool):
+    """(xq [m, in] int8, sx [m] float32) of a CuPy x [m, in] float32; mask: uint8 [in], 1 = outlier column."""
+    import cupy
+
+    m, n_in = x.shape
     if per_tensor:
-        inliers = cupy.where(outliers[None, :], cupy.float32(0), x)  # [m, in]
+        inliers = cupy.where(mask[None, :] != 0, cupy.float32(0), x)  # [m, in]
         tensor_absmax = cupy.abs(inliers).max(keepdims=True).reshape(1)  # [1]
     else:
-        tensor_absmax = cupy.zeros(1, dtype=cupy.float32)  # [1], unused
+        tensor_absmax = mask  # unused by the kernel
     xq = cupy.empty((m, n_in), dtype=cupy.int8)  # [m, in]
     sx = cupy.empty(m, dtype=cupy.float32)  # [m]
     _module().get_function("int8_quantize_tokens")(
@@ -50,17 +62,15 @@ def matmul(packed, x):
     """y [m, out] = x [m, in] @ W.T in W8A8 (plus the outlier columns in float) for a CuPy x."""
     import cupy
 
-    from runtime.formats.int8 import outlier_columns
-
     n_out, n_in = packed.shape
     x = cupy.ascontiguousarray(x, dtype=cupy.float32)  # [m, in]
     m = x.shape[0]
-    outliers = outlier_columns(x, packed.outlier_threshold)  # [in] bool, on the GPU
-    xq, sx = quantize_tokens(x, outliers, packed.activation == "tensor")
-    sw = cupy.ascontiguousarray(packed.weight_scales())  # [out]
+    mask = outlier_mask(x, packed.outlier_threshold)  # [in] uint8
+    xq, sx = quantize_tokens(x, mask, packed.activation == "tensor")
+    sw = packed.scales  # [out], or [1]: one scale for the weight
     y = cupy.empty((m, n_out), dtype=cupy.float32)  # [m, out]
     _module().get_function("int8_matmul_dp4a")(
         (-(-n_out // WARPS_PER_BLOCK), m), (32, WARPS_PER_BLOCK),
-        (packed.qweight, sw, xq, sx, outliers.astype(cupy.uint8), x, y, np.int32(n_out), np.int32(n_in),
-         np.int32(packed.outlier_threshold is not None)))
+        (packed.qweight, sw, xq, sx, mask, x, y, np.int32(n_out), np.int32(n_in),
+         np.int32(packed.outlier_threshold is not None), np.int32(sw.size == n_out)))
     return y

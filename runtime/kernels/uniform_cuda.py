@@ -1,9 +1,10 @@
 """CuPy launchers of the uniform CUDA kernels (source: uniform.cu; layout: runtime/formats/uniform.py).
 
 CuPy is imported on first use, so this module imports on machines without a
-GPU. One input row (decode) runs the fused dequantize-matvec kernel; more
-rows (prefill) dequantize W into a temporary float32 array in storage order
-and let cuBLAS multiply. The packed arrays must already be CuPy arrays
+GPU. Up to MAX_FUSED_ROWS input rows (decode, small batches) run the fused
+dequantize-matvec kernel, which reads the weights once for up to 8 rows (its
+ROWS variants; 16 rows are two launches); more rows (prefill) dequantize W
+into a temporary float32 array in storage order and let cuBLAS multiply. The packed arrays must already be CuPy arrays
 (`UniformTensor.to_device(cupy)`).
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ SOURCE = "uniform.cu"
 RUN_SPLIT = 8  # thread rows per block of uniform_matvec_*
 DEQUANT_THREADS = 128
 MIN_BLOCKS = 512  # split the input dimension until the matvec grid has about this many blocks
+KERNEL_ROWS = (1, 2, 4, 8)  # the matvec kernel's ROWS variants (uniform.cu)
+MAX_FUSED_ROWS = 16  # more input rows: dequantize + cuBLAS
+STAGED_BYTES = 40 * 1024  # shared memory for the staged slice of x and its run sums (48 KiB with the rest)
 DEFINES = {"RUN": RUN, "RUN_SPLIT": RUN_SPLIT}  # uniform.cu's constants (cuda_source.py)
 
 
@@ -37,8 +41,8 @@ def _kernel_args(packed) -> tuple:
 
 
 def _storage_input(packed, x):
-    """x [m, in] -> [m, n_runs * 32] float32: gathered into storage order, zero padded to whole runs (x itself
-    when it is in that order already)."""
+    """x [m, in] -> [m, n_runs * 32] float32 for the dequantize + cuBLAS product: gathered into storage order,
+    zero padded to whole runs (x itself when it is in that order already)."""
     import cupy
 
     n_pad = packed.qweight.shape[0] // packed.bits * RUN
@@ -65,13 +69,31 @@ def matmul(packed, x):
     """y [m, out] = x [m, in] @ W.T for a CuPy x."""
     import cupy
 
-    xs = _storage_input(packed, cupy.asarray(x, dtype=cupy.float32))  # [m, in_pad]
-    if xs.shape[0] > 1:
-        return xs @ dequantize_storage(packed)  # [m, out] (cuBLAS)
-    qweight, qzeros, scales, n_runs, n_out, zero_words, group_runs = _kernel_args(packed)
-    y = cupy.zeros((1, int(n_out)), dtype=cupy.float32)  # [1, out]
-    columns = -(-int(n_out) // 32)
-    slices = max(1, min(-(-int(n_runs) // RUN_SPLIT), MIN_BLOCKS // columns))
-    _module().get_function(f"uniform_matvec_{packed.bits}")(
-        (columns, slices), (32, RUN_SPLIT), (qweight, qzeros, scales, xs, y, n_runs, n_out, zero_words, group_runs))
+    x = cupy.ascontiguousarray(x, dtype=cupy.float32)  # [m, in]
+    m = x.shape[0]
+    if m > MAX_FUSED_ROWS:
+        return _storage_input(packed, x) @ dequantize_storage(packed)  # [m, out] (cuBLAS)
+    y = cupy.zeros((m, packed.out_features), dtype=cupy.float32)  # [m, out]
+    for r0 in range(0, m, KERNEL_ROWS[-1]):
+        _matvec(packed, x[r0:r0 + KERNEL_ROWS[-1]], y[r0:r0 + KERNEL_ROWS[-1]])
     return y
+
+
+def _matvec(packed, x, y) -> None:
+    """y [m, out] += x [m, in] @ W.T for m <= 8 rows: one launch of the matvec kernel (which gathers x into
+    storage order itself)."""
+    qweight, qzeros, scales, n_runs, n_out, zero_words, group_runs = _kernel_args(packed)
+    m = x.shape[0]
+    rows = next(r for r in KERNEL_ROWS if r >= m)
+    vec = 4 if int(n_out) % 4 == 0 and qweight.data.ptr % 16 == 0 else 1  # 16-byte loads of four columns
+    columns = -(-int(n_out) // (32 * vec))
+    max_slice = STAGED_BYTES // (4 * rows * (RUN + 1))  # runs of x staged per block
+    slices = max(-(-int(n_runs) // max_slice), min(-(-int(n_runs) // RUN_SPLIT), max(1, MIN_BLOCKS // columns)))
+    slice_runs = -(-int(n_runs) // slices)
+    slices = -(-int(n_runs) // slice_runs)
+    _module().get_function(f"uniform_matvec_{packed.bits}_r{rows}_v{vec}")(
+        (columns, slices), (32, RUN_SPLIT),
+        (qweight, qzeros, scales, x, x if packed.perm is None else packed.perm, y, np.int32(m),
+         np.int32(packed.in_features), np.int32(packed.perm is not None), n_runs, n_out, zero_words, group_runs,
+         np.int32(slice_runs)),
+        shared_mem=4 * rows * slice_runs * (RUN + 1))
