@@ -24,7 +24,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import sentencepiece
 
@@ -39,7 +38,6 @@ from runtime import e8p_codebook
 from runtime.checkpoints.atomic import atomic_directory
 from runtime.checkpoints.checkpoint import save_checkpoint
 from runtime.text.datasets import DATA_DIR
-from runtime.checkpoints.export.gguf import write_gguf
 from runtime.checkpoints.rope_layout import half_split_to_interleaved
 from runtime.checkpoints.packed_checkpoint import save_packed
 from pipeline.quantize_model import HEAD_SPEC, bits_per_weight
@@ -280,6 +278,7 @@ def save_random_model(directory, config: dict, tag: str | None = None, seed: int
 
 def sentencepiece_vocabulary(tokenizer_model: Path) -> tuple[list, list, list]:
     """(pieces, scores, GGUF token types) of a SentencePiece model, in id order."""
+    import gguf  # here, not at the top: bench_gpu.py runs where gguf is not installed
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
     ids = range(sp.vocab_size())
     kinds = [gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
@@ -309,6 +308,9 @@ def gguf_tensors(config: dict, tensors: dict) -> dict:
 def write_llama_gguf(path: Path, config: dict, tensors: dict, tokenizer_model: Path) -> None:
     """Write a Llama's float tensors as an F16 GGUF that llama.cpp loads (llama architecture metadata and the
     SentencePiece vocabulary of `tokenizer_model`), atomically: under a temporary name, then renamed."""
+    import gguf  # see sentencepiece_vocabulary
+
+    from runtime.checkpoints.export.gguf import write_gguf
     path = Path(path)
     pieces, scores, kinds = sentencepiece_vocabulary(tokenizer_model)
 
