@@ -1,6 +1,6 @@
 """GPU benchmark (`--device cuda`): each format's matmul at Llama-2-7B's layer shapes, and end-to-end decode.
 
-    python bench_gpu.py --out DIR [--quick]
+    python bench_gpu.py --out DIR [--quick] [--no-kernels]
 
 (a) Kernel: y = x @ W.T through each format's `matmul` (every kernel the
     product launches: input gather, activation quantization, the product) for
@@ -19,8 +19,9 @@
     and float32 weights against each packed format: greedy decode of 64
     tokens after a 16-token prompt (the argmax of each step comes back to
     the host, as generation does), and prefill of 512 tokens. Decode runs
-    as a CUDA graph per step (runtime/cuda_graph_step.py, the default); the
-    float16 and 4-bit rows are also measured op by op (`cuda_graph=False`).
+    as a CUDA graph per step where the model's weights allow it
+    (runtime/cuda_graph_step.py, the default; QuIP's weights do not); the
+    float16 and 4-bit rows are also measured op by op.
 
 Weights are random (bench_models.py: packed codes drawn in each format's
 valid range, every layer its own copy on the device); speed does not depend
@@ -244,6 +245,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="directory for bench_gpu.json and bench_gpu.md")
     p.add_argument("--quick", action="store_true", help="fewer formats, calls and steps (a smoke run)")
+    p.add_argument("--no-kernels", action="store_true", help="the end-to-end rows only (part b)")
     args = p.parse_args(argv)
     import cupy as cp
 
@@ -255,7 +257,7 @@ def main(argv=None):
     log(f"device copy: {copy_gbs:.0f} GB/s")
     timer = GpuTimer(cp)
     kernel_formats = KERNEL_FORMATS[:3] if args.quick else KERNEL_FORMATS
-    kernels = kernel_rows(cp, timer, kernel_formats, 10 if args.quick else 100, log)
+    kernels = [] if args.no_kernels else kernel_rows(cp, timer, kernel_formats, 10 if args.quick else 100, log)
     write = lambda models: ((args.out / "bench_gpu.json").write_text(json.dumps(
         {"device": info, "copy_gbs": round(copy_gbs, 1), "kernels": kernels, "models": models}, indent=1)),
         (args.out / "bench_gpu.md").write_text(markdown(info, copy_gbs, kernels, models)))

@@ -135,9 +135,6 @@ class Model:
                        else (self.opt_attention_half, self.opt_mlp_half))
         self.decode_step = (self.unfused_decode_step if not self.fused_decode
                             else self.llama_decode_step if llama else self.opt_decode_step)
-        self._graph_step = None  # a Llama's decode step on the GPU as a CUDA graph (`graph_decode_step`)
-        if xp is not np and cuda_graph and cuda_graph_step.takes(self):
-            self.decode_step = self.graph_decode_step
         self.decode_products = LLAMA_DECODE_PRODUCTS if llama else OPT_DECODE_PRODUCTS
         self._one_row_products = None  # made by `one_row_products` on the first fused decode step
         # packed tensors move themselves; NumPy's own ndarray.to_device (array API) takes no module
@@ -154,6 +151,9 @@ class Model:
         self.lm_head = self.globals.get("lm_head.weight", self.embed)  # [vocab, hidden]
         self.inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
         self.rope_cos = self.rope_sin = None  # [n, hd/2] each, built by rope_table
+        self._graph_step = None  # a Llama's decode step on the GPU as a CUDA graph (`graph_decode_step`)
+        if xp is not np and cuda_graph and cuda_graph_step.takes(self):
+            self.decode_step = self.graph_decode_step
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_len` positions (default: the model's context)."""

@@ -4,7 +4,9 @@ Decoding on CuPy op by op launches about a thousand small kernels per token
 from Python (about 25 µs each on the H200 run's host: benchmarks/gpu-h200.md),
 so the GPU waits on Python whatever the weight format. Here one step is, per
 layer: the residual add fused with RMSNorm, the q/k/v products (each format's
-own CUDA kernels, through runtime.linear), RoPE with the cache write, attention
+own CUDA kernels; float weights and a float head through
+runtime/kernels/float_gemv.cu, since CuPy refuses cuBLAS calls during
+stream capture), RoPE with the cache write, attention
 over the cache, the o product, residual + RMSNorm, gate/up, SiLU·up, down
 (runtime/kernels/llama_step.cu for the elementwise kernels). The token id and
 its position live in device memory, so no launch depends on the position:
@@ -22,15 +24,32 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from runtime.kernels import float_gemv_cuda
 from runtime.kernels import llama_step_cuda as kernels
-from runtime.linear import linear, linear_many
+from runtime.linear import linear
 
 LAYER_NAMES = ("input_layernorm", "post_attention_layernorm")
 
 
 def takes(model) -> bool:
-    """Whether `model` (on CuPy) decodes through a GraphStep: a Llama whose heads fit the attention kernel."""
-    return model.config.arch == "llama" and model.config.head_dim <= kernels.MAX_HEAD_DIM
+    """Whether `model` (on CuPy) decodes through a GraphStep: a Llama whose heads fit the attention kernel and
+    whose weights are float arrays or packed formats whose products a graph can capture (`CUDA_GRAPH`)."""
+    weights = [w for layer in model.layers for w in layer.values()] + [model.lm_head]
+    return (model.config.arch == "llama" and model.config.head_dim <= kernels.MAX_HEAD_DIM
+            and all(getattr(w, "CUDA_GRAPH", True) for w in weights))
+
+
+def product(x, w, b=None):
+    """y [out] = w x (+ b) for x [in]: the float GEMV kernel for a float CuPy weight, else the weight's own
+    kernels (runtime.linear)."""
+    if hasattr(w, "ndim") and float_gemv_cuda.takes(w):
+        y = float_gemv_cuda.gemv(x, w)  # [out]
+        if b is not None:
+            y += b
+        return y
+    import cupy
+
+    return cupy.ascontiguousarray(linear(x[None], w, b)[0])  # [out]
 
 
 class GraphStep:
@@ -95,19 +114,16 @@ class GraphStep:
         y = None  # [d] what the residual stream adds before the next norm
         for i, (w, (norm_in, norm_post)) in enumerate(zip(model.layers, self.norms)):
             kernels.residual_rms_norm(x, y, norm_in, n, eps)
-            q, k, v = (cupy.ascontiguousarray(t[0]) for t in linear_many(
-                n[None], [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
-                [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"]))  # [H*hd], [KV*hd] x 2
+            q, k, v = (product(n, w[f"self_attn.{p}_proj.weight"], w.get(f"self_attn.{p}_proj.bias"))
+                       for p in "qkv")  # [H*hd], [KV*hd] x 2
             kernels.rope_store(q, k, v, self.cos, self.sin, self.pos, cache.k[i], cache.v[i])
             o = cupy.empty_like(q)  # [H*hd]
             kernels.attend(q, cache.k[i], cache.v[i], self.pos, self.scores, o)
-            y = cupy.ascontiguousarray(linear(o[None], w["self_attn.o_proj.weight"],
-                                              w.get("self_attn.o_proj.bias"))[0])  # [d]
+            y = product(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))  # [d]
             kernels.residual_rms_norm(x, y, norm_post, n, eps)
-            gate, up = (cupy.ascontiguousarray(t[0]) for t in linear_many(
-                n[None], [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))  # [ffn] each
+            gate, up = (product(n, w[f"mlp.{p}_proj.weight"]) for p in ("gate", "up"))  # [ffn] each
             s = cupy.empty_like(gate)  # [ffn]
             kernels.silu_mul(gate, up, s)
-            y = cupy.ascontiguousarray(linear(s[None], w["mlp.down_proj.weight"])[0])  # [d]
+            y = product(s, w["mlp.down_proj.weight"])  # [d]
         kernels.residual_rms_norm(x, y, self.final_norm, n, eps)
-        return linear(n[None], model.lm_head)[0]  # [vocab]
+        return product(n, model.lm_head)  # [vocab]

@@ -275,3 +275,20 @@ def test_attend_kernel_against_float64(heads, kv_heads):
         p = np.exp(scores - scores.max())
         ref = (p / p.sum()) @ values[g, :position + 1].astype(np.float64)  # [hd]
         assert np.abs(out[h * hd:(h + 1) * hd] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("tag, graph", [(None, True), ("rtn4g128", True), ("quipsharp2", True), ("quip2", False)])
+def test_which_models_take_the_cuda_graph_step(tag, graph):
+    """A Llama is decoded on the GPU as one CUDA graph per step when every weight's product can be captured:
+    float weights and every packed format but QuIP's incoherent one (its transforms multiply through cuBLAS);
+    OPT is not (its step has biases and learned positions, not written as a graph). Decided from the weights
+    alone, so it is checked here without a GPU."""
+    import bench_models
+    from runtime import cuda_graph_step
+    hf = dict(bench_models.hf_config("tinyllama-1.1b"), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    tensors = bench_models.float_tensors(hf, seed=1) if tag is None else bench_models.packed_tensors(hf, tag, seed=1)
+    assert cuda_graph_step.takes(Model(Config.from_hf(hf), tensors)) is graph
+    opt = dict(bench_models.hf_config("opt-1.3b"), hidden_size=256, ffn_dim=512, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=512, word_embed_proj_dim=256)
+    assert not cuda_graph_step.takes(Model(Config.from_hf(opt), bench_models.float_tensors(opt, seed=1)))

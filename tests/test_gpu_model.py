@@ -32,6 +32,13 @@ def small(arch: str) -> dict:
                 max_position_embeddings=64)
 
 
+@pytest.fixture(autouse=True)
+def float_activations(monkeypatch):
+    """The CPU reference multiplies float activations, as the GPU kernels do (by default the CPU quantizes a
+    decode row's activations to int8: QLLM_ACTIVATIONS)."""
+    monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
+
+
 def assert_same_logits(cfg: Config, tensors: dict, cupy, ids, tolerance: float = TOLERANCE):
     """Prefill (every position's logits) and greedy decode steps agree between NumPy and CuPy."""
     cpu, gpu = Model(cfg, tensors), Model(cfg, tensors, cupy)
@@ -113,3 +120,18 @@ def test_graph_step_over_a_long_cache_and_a_second_cache(cupy, tag):
         a2, b2 = cpu.decode(token, cpu_other), gpu.decode(token, other).get()
         assert gpu._graph_step is not first and gpu._graph_step.graph
         assert np.abs(a2 - b2).max() < TOLERANCE * np.abs(a2).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_float_gemv_matches_numpy(cupy, dtype):
+    """The graph step's product for float weights: 16-byte loads where rows allow (1024 inputs), one weight at a
+    time where they do not (1001), against NumPy in float64."""
+    from runtime.kernels import float_gemv_cuda
+
+    rng = np.random.default_rng(8)
+    for n_out, n_in in [(300, 1024), (37, 1001)]:
+        w = rng.standard_normal((n_out, n_in)).astype(dtype)  # [out, in]
+        x = rng.standard_normal(n_in).astype(np.float32)  # [in]
+        y = float_gemv_cuda.gemv(cupy.asarray(x), cupy.asarray(w)).get()  # [out]
+        ref = w.astype(np.float64) @ x.astype(np.float64)  # [out]
+        assert y.dtype == np.float32 and np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)

@@ -91,6 +91,9 @@ class PackedTensor:
     """
 
     FORMAT = ""
+    # Whether the one-row CUDA product launches only what CuPy lets a CUDA graph capture (custom kernels and
+    # CuPy array code; no cuBLAS): the GPU decode step is then recorded once (runtime/cuda_graph_step.py).
+    CUDA_GRAPH = True
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -181,6 +181,7 @@ class IncoherentTensor(PackedTensor):
     """W [out, in] = Uᵀ Ŵ V D⁻¹ with Ŵ an inner packed tensor and U, V drawn from a seed (layout above)."""
 
     FORMAT = "incoherent"
+    CUDA_GRAPH = False  # U and V multiply through cuBLAS (KronOrthogonal.apply), which a CUDA graph cannot capture
 
     def __init__(self, inner: PackedTensor, rescale, *, seed: int, midrise: bool):
         """Wrap `inner` (Ŵ, NumPy or CuPy arrays) with D = rescale [in] float16; UserError when they do not fit."""
