@@ -44,6 +44,7 @@ import numpy as np
 
 import bench_models
 from model import Config, Model
+from runtime import cuda_graph_step
 
 H200_PEAK_GBS = 4800.0  # H200 datasheet HBM3e bandwidth
 SHAPES_7B = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
@@ -201,7 +202,8 @@ def model_rows(cp, shape_name: str, formats, steps: int, prefill_tokens: int, lo
         model = Model(config, build(), cp)  # each layer's arrays copied to the GPU on their own
         used = cp.get_default_memory_pool().used_bytes() - before
         log(f"  {shape_name} {name}: built in {time.perf_counter() - t0:.1f} s, {used / 2**30:.2f} GiB on the GPU")
-        for graph in (True, False) if name in EAGER_ROWS else (True,):
+        graph_ok = cuda_graph_step.takes(model)  # else Model decodes op by op already
+        for graph in (True, False) if name in EAGER_ROWS and graph_ok else (graph_ok,):
             model.decode_step = model.graph_decode_step if graph else model.unfused_decode_step
             rows.append({"model": shape_name, "weights": name, "decode": "graph" if graph else "op by op",
                          "gpu_gib": round(used / 2**30, 2), **decode_and_prefill(cp, model, steps, prefill_tokens)})
