@@ -12,8 +12,8 @@ NumPy (or CuPy with `device="cuda"`), in the spirit of llama2.c's forward:
               attend_decode | attend_prefill           one query / causal blocks of queries
           opt_mlp_half | llama_mlp_half                h + ReLU FFN / SwiGLU
       logits: final norm -> LM head
-    llama_decode_step                    decode on the CPU with fused Numba kernels (Llama): its layers in one
-                                         Numba call where every product is one prepared kernel call
+    llama_decode_step, opt_decode_step   decode on the CPU with fused Numba kernels: the layers in one Numba
+                                         call where every product is one prepared kernel call
     graph_decode_step                    decode on the GPU (Llama): the step recorded once as a CUDA graph
                                          (runtime/cuda_graph_step.py)
 
@@ -46,7 +46,7 @@ from runtime.checkpoints.config_schema import check_config
 from runtime.errors import UserError
 from runtime.formats.base import PackedTensor, activation_mode
 from runtime.kernels import decode_step_numba as step
-from runtime.kernels import llama_layers_numba as llama_layers
+from runtime.kernels import decode_layers_numba as decode_layers
 from runtime.kernels.prefill_threads import run_split
 from runtime.linear import linear, linear_many, one_row_products
 
@@ -195,7 +195,7 @@ class Model:
     def llama_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, the layers as fused CPU kernels: one
         product for q/k/v and one for gate/up, each kernel chosen once (`one_row_products`); all layers in
-        one Numba call where every product is one prepared kernel call (runtime/kernels/llama_layers_numba.py),
+        one Numba call where every product is one prepared kernel call (runtime/kernels/decode_layers_numba.py),
         else `llama_decode_layers`."""
         c, position = self.config, cache.length
         cos, sin = (table[position] for table in self.rope_table(position + 1))  # [hd/2] each
@@ -205,7 +205,7 @@ class Model:
         if layer_calls is None:
             x = self.llama_decode_layers(x, cache, cos, sin, layer_products)  # [d]
         else:
-            x = llama_layers.run(layer_calls, x, cache.k, cache.v, position, cos, sin, c.head_dim,
+            x = decode_layers.run(layer_calls, x, cache.k, cache.v, position, cos, sin, c.head_dim,
                                  c.norm_eps)  # [d]
         return head(step.rms_norm(x, self.globals["norm.weight"], c.norm_eps))[0]  # [vocab]
 
@@ -245,28 +245,39 @@ class Model:
         return self._one_row_products["products"]
 
     def layer_calls(self):
-        """The prepared calls of every Llama layer for runtime/kernels/llama_layers_numba.py, or None where a
-        product is not one prepared kernel call (`PackedTensor.prepared_call`: float weights, a mix of formats,
-        biases, OPT)."""
-        if self.config.arch != "llama":
-            return None
-        calls = []
+        """The prepared calls of every layer for runtime/kernels/decode_layers_numba.py (with their biases and the
+        layers' norm weights), or None where a product is not one prepared kernel call
+        (`PackedTensor.prepared_call`: float weights, a mix of formats)."""
+        calls, biases = [], []
         for w in self.layers:
             for names, _ in self.decode_products:
                 parts = [w[f"{name}.weight"] for name in names]
                 packed = all(isinstance(p, PackedTensor) for p in parts)
-                biased = any(f"{name}.bias" in w for name in names)
-                calls.append(parts[0].prepared_call(parts) if packed and not biased else None)
-        norms = [[w["input_layernorm.weight"], w["post_attention_layernorm.weight"]] for w in self.layers]
-        return llama_layers.prepare(calls, np.asarray(norms, dtype=np.float32))  # norms [layers, 2, d]
+                calls.append(parts[0].prepared_call(parts) if packed else None)
+                found = [w.get(f"{name}.bias") for name in names]
+                biases.append(None if all(b is None for b in found) else np.concatenate(
+                    [np.zeros(p.shape[0], np.float32) if b is None else b for p, b in zip(parts, found)]))
+        names = (("input_layernorm", "post_attention_layernorm") if self.config.arch == "llama"
+                 else ("self_attn_layer_norm", "final_layer_norm"))
+        norms = [[w[f"{name}.weight"] for name in names] for w in self.layers]  # [layers, 2, d]
+        norm_biases = [[w.get(f"{name}.bias", np.zeros_like(w[f"{name}.weight"])) for name in names]
+                       for w in self.layers]  # [layers, 2, d]: OPT's LayerNorm biases, zeros for a Llama
+        return decode_layers.prepare(calls, np.asarray(norms, dtype=np.float32), biases,
+                                     np.asarray(norm_biases, dtype=np.float32))
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product
         for q/k/v, each kernel chosen once (`one_row_products`), LayerNorms and attention with the cache write
-        each one Numba call; pre-LN or post-LN as the `opt_*_half` pair."""
+        each one Numba call; pre-LN or post-LN as the `opt_*_half` pair. All layers in one Numba call where every
+        product is one prepared kernel call (runtime/kernels/decode_layers_numba.py), else this loop."""
         c, position = self.config, cache.length
         x = self.embed_tokens(np.array([token]), position)[0]  # [d]
         layer_products, _ = self.one_row_products()
+        layer_calls = self._one_row_products["layer_calls"]
+        if layer_calls is not None:  # all layers in one Numba call (runtime/kernels/decode_layers_numba.py)
+            x = decode_layers.run_opt(layer_calls, np.ascontiguousarray(x, dtype=np.float32), cache.k, cache.v,
+                                      position, c.pre_norm, c.norm_eps)  # [d]
+            return self.logits(x[None])[0]  # [vocab]
         for i, (w, (qkv, out_proj, fc1, fc2)) in enumerate(zip(self.layers, layer_products)):
             norm = (lambda t, name, w=w: step.layer_norm(t, w[f"{name}.weight"], w[f"{name}.bias"], c.norm_eps))
             a = norm(x, "self_attn_layer_norm") if c.pre_norm else x  # [d]

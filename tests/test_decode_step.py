@@ -18,10 +18,10 @@ activation quantization, which tests/test_uniform_int8_kernels.py pins down
 kernel by kernel and the perplexity check bounds.
 
 Where every layer product is one prepared kernel call (each packed format,
-on random codes), the Llama step runs all its layers in one Numba call
-(runtime/kernels/llama_layers_numba.py):
+on random codes), the Llama or OPT step runs all its layers in one Numba call
+(runtime/kernels/decode_layers_numba.py), biases included:
 the same kernels as the Python loop, so the logits must agree to 1e-6 of max
-|logit| and the KV cache exactly; elsewhere (biases, OPT, a float weight, float
+|logit| and the KV cache exactly; elsewhere (a float weight, float
 activations) it must keep the Python loop.
 """
 import numpy as np
@@ -107,8 +107,9 @@ def test_smollm2(smollm2_dir, quantized, monkeypatch):
 
 
 def decode_both_ways(config: Config, tensors: dict, prompt, steps):
-    """Logits of each step with the layers in one Numba call (runtime/kernels/llama_layers_numba.py) and with
-    the same kernels called from Python (Model.llama_decode_layers); asserts the first model took the one call."""
+    """Logits of each step with the layers in one Numba call (runtime/kernels/decode_layers_numba.py) and with
+    the same kernels called from Python (Model.llama_decode_layers, opt_decode_step's loop); asserts the first
+    model took the one call."""
     one_call, loop = Model(config, tensors), Model(config, tensors)
     caches = one_call.new_cache(len(prompt) + len(steps)), loop.new_cache(len(prompt) + len(steps))
     for model, cache in zip((one_call, loop), caches):
@@ -121,16 +122,20 @@ def decode_both_ways(config: Config, tensors: dict, prompt, steps):
     return logits
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-tied", "llama-untied"])
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "llama-untied", "llama-attention-bias", "opt-pre-ln",
+                                  "opt-post-ln", "opt-project-in-out"])
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (2, 32), (3, -1)])
-def test_llama_layers_in_one_call_equal_the_python_loop(case, bits, group_size, tmp_path):
+def test_layers_in_one_call_equal_the_python_loop(case, bits, group_size, tmp_path):
     # the same kernels in the same order on the same values: equal up to LLVM's freedom to reorder the
     # inlined elementwise sums (fastmath), 1e-6 of max |logit|; measured: bit for bit
     build_hf(*CASES[case]).save_pretrained(tmp_path)
     hf_config, tensors = load_checkpoint(tmp_path)
+    rng = np.random.default_rng(4)  # biases and norms away from HF's zeros and ones, so that each one shows
+    tensors = {name: np.asarray(t) + rng.uniform(-0.5, 0.5, t.shape).astype(np.float32)
+               if name.endswith(".bias") or "norm" in name else t for name, t in tensors.items()}
     params = rtn.RTNParams(bits=bits, group_size=group_size)
-    tensors = {name: rtn.quantize(np.asarray(t), params) if name.split(".")[-2] in LINEARS else t
-               for name, t in tensors.items()}
+    tensors = {name: rtn.quantize(np.asarray(t), params) if name.split(".")[-2] in LINEARS
+               and name.endswith(".weight") else t for name, t in tensors.items()}
     ids = np.random.default_rng(3).integers(0, 120, 12)
     for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, ids[:7], ids[7:]):
         assert np.abs(b).max() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
@@ -168,6 +173,15 @@ def test_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
     assert_one_call_equals_the_loop(tmp_path, tag)
 
 
+@pytest.mark.parametrize("tag", ["quipsharp2", "int8t150", "quip2", "nf4", "spqr3g32t50"])
+def test_opt_random_code_layers_in_one_call_equal_the_python_loop(tag, tmp_path):
+    # OPT's biases added after each product kind (E8P, int8, incoherent, uniform with a table, SpQR's outliers)
+    from runtime.kernels.uniform_int8_numba import available_kernels
+    if tag.startswith("quipsharp") and "avx512vnni" not in available_kernels():
+        pytest.skip("E8P's int8 decode kernel needs AVX-512 VNNI")
+    assert_one_call_equals_the_loop(tmp_path, tag, arch="opt")
+
+
 @pytest.mark.parametrize("kernel, mode, tag", [("avx2", "int8", "rtn2g64"), ("avx2", "int8", "int8"),
                                                ("portable", "int8-all", "rtn4g128"),
                                                ("portable", "int8-all", "nf4"), ("portable", "int8-all", "int8")])
@@ -181,41 +195,51 @@ def test_layers_in_one_call_with_the_other_kernels(kernel, mode, tag, tmp_path, 
     assert_one_call_equals_the_loop(tmp_path, tag)
 
 
-def assert_one_call_equals_the_loop(tmp_path, tag: str):
-    """A three-layer Llama with random codes of `tag` (`random_weight`) decodes the same logits in one call as
-    through the Python loop, within 1e-6 of max |logit|."""
+def assert_one_call_equals_the_loop(tmp_path, tag: str, arch: str = "llama"):
+    """A three-layer Llama (or OPT, its biases and LayerNorms drawn at random) with random codes of `tag`
+    (`random_weight`) decodes the same logits in one call as through the Python loop, within 1e-6 of max
+    |logit|."""
     import torch
     import transformers
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
-                                      max_position_embeddings=64, tie_word_embeddings=False)  # E8P: 64-input dots
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    if arch == "llama":
+        config = transformers.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
+                                          max_position_embeddings=64, tie_word_embeddings=False)  # E8P: 64-input dots
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    else:
+        config = transformers.OPTConfig(hidden_size=128, ffn_dim=192, num_hidden_layers=3, num_attention_heads=4,
+                                        vocab_size=120, max_position_embeddings=64, word_embed_proj_dim=128)
+        transformers.OPTForCausalLM(config).save_pretrained(tmp_path)
     hf_config, tensors = load_checkpoint(tmp_path)
-    tensors = {name: random_weight(tag, t.shape, k) if name.split(".")[-2] in LINEARS else t
-               for k, (name, t) in enumerate(tensors.items())}
+    rng = np.random.default_rng(6)
+    tensors = {name: np.asarray(t) + rng.uniform(-0.5, 0.5, t.shape).astype(np.float32)
+               if arch == "opt" and (name.endswith(".bias") or "norm" in name) else t for name, t in tensors.items()}
+    tensors = {name: random_weight(tag, t.shape, k) if name.split(".")[-2] in LINEARS and name.endswith(".weight")
+               else t for k, (name, t) in enumerate(tensors.items())}
     ids = np.random.default_rng(5).integers(0, 120, 10)
     for a, b in decode_both_ways(Config.from_hf(hf_config), tensors, ids[:6], ids[6:]):
         assert np.abs(b).max() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
 
 
 @pytest.mark.parametrize("case, change", [("llama-attention-bias", None), ("opt-pre-ln", None),
+                                          ("opt-post-ln", None), ("opt-pre-ln", "float weight"),
                                           ("llama-gqa-tied", "float weight"), ("llama-gqa-tied", "float mode"),
                                           ("llama-gqa-tied", None)])
 def test_the_layers_take_one_call_only_where_every_product_is_a_prepared_call(case, change, tmp_path,
                                                                              monkeypatch):
-    # biases, OPT, one float weight among the packed ones, float activations: the Python loop
+    # one float weight among the packed ones, float activations: the Python loop; biases and OPT: one call
     build_hf(*CASES[case]).save_pretrained(tmp_path)
     hf_config, tensors = load_checkpoint(tmp_path)
     tensors = packed(tensors, 32)
     if change == "float weight":
-        name = "model.layers.1.mlp.up_proj.weight"
+        name = next(n for n in tensors if n.endswith("layers.1.mlp.up_proj.weight") or n.endswith("layers.1.fc1.weight"))
         tensors[name] = tensors[name].dequantize()
     if change == "float mode":
         monkeypatch.setenv("QLLM_ACTIVATIONS", "float")
     model = Model(Config.from_hf(hf_config), tensors)
     model.decode(3, model.new_cache(4))
-    assert (model._one_row_products["layer_calls"] is not None) == (change is None and case == "llama-gqa-tied")
+    assert (model._one_row_products["layer_calls"] is not None) == (change is None)
 
 
 def test_exp32_against_numpy():

@@ -197,7 +197,7 @@ class PackedTensor:
 
     def prepared_call(self, parts):
         """The prepared int8-activation call (uniform_int8_numba.PreparedCall) that `one_row_product` runs for
-        parts, where the product is that call alone, else None: what runtime/kernels/llama_layers_numba.py
+        parts, where the product is that call alone, else None: what runtime/kernels/decode_layers_numba.py
         calls from Numba. Formats with their own one-row product give their own kernel's arguments (E8P,
         int8) or None (QuIP)."""
         if type(self).one_row_product is not PackedTensor.one_row_product:

@@ -1011,7 +1011,7 @@ def decode_int8_prepared(x, n_parts, h_in, size_in, n_stages, table, tables, tab
                          in_2, out_2, h_2, size_2, first_2, second_2, scale_2, scale2_2, y_2):
     """`_decode_int8_parts`'s arguments (`int8_parts_call`) from Numba: `_decode_int8` for one part (one
     parallel region, where the parts kernel opens three), else `_decode_int8_parts`
-    (runtime/kernels/llama_layers_numba.py)."""
+    (runtime/kernels/decode_layers_numba.py)."""
     if n_parts == 1:
         _decode_int8(x, in_0, out_0, h_in, size_in, h_0, size_0, first_0, second_0, n_stages, scale_0, scale2_0,
                      table, tables, table_2, tables_2, vbmi, y_0)

@@ -50,7 +50,7 @@ class RowTransform(NamedTuple):
 
 
 class TransformedCall(NamedTuple):
-    """A one-row product of incoherent parts as runtime/kernels/llama_layers_numba.py runs it
+    """A one-row product of incoherent parts as runtime/kernels/decode_layers_numba.py runs it
     (IncoherentTensor.prepared_call): each part's transforms around one prepared call of their inner tensors,
     each part with its own input."""
     inner: tuple  # the inner tensors' uniform_int8_numba.PreparedCall

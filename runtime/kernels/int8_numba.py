@@ -321,7 +321,7 @@ def _matvec_parallel(qweight, sw, x, threshold, vnni, tasks):
 @njit(cache=True)
 def matvec_threads(qweight, sw, x, threshold, vnni, threads):
     """`matvec`'s product in one parallel region of `threads` tasks, or on the calling thread for one (and
-    from Numba: runtime/kernels/llama_layers_numba.py)."""
+    from Numba: runtime/kernels/decode_layers_numba.py)."""
     if threads > 1:
         return _matvec_parallel(qweight, sw, x, threshold, vnni, threads)
     return _matvec_serial(qweight, sw, x, threshold, vnni)

@@ -748,7 +748,7 @@ def matvec_threads(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm
                    r0, c0, v0, r1, c1, v1, r2, c2, v2):
     """The prepared call (`prepare`) for x [1 or parts, in] (`_inputs`), adding each part's outliers
     (r, c, v)[p] (CSR; NO_OUTLIERS: none): y [tiles of all parts * TILE], in one parallel region of `threads`
-    tasks, or on the calling thread for one (`run`, and every product of runtime/kernels/llama_layers_numba.py)."""
+    tasks, or on the calling thread for one (`run`, and every product of runtime/kernels/decode_layers_numba.py)."""
     if threads > 1:
         return _matvec_parallel(variant, n_parts, b0, s0, z0, b1, s1, z1, b2, s2, z2, x, perm, bits, group_runs,
                                 lut, threads, r0, c0, v0, r1, c1, v1, r2, c2, v2)
@@ -879,7 +879,7 @@ def fusable(parts) -> bool:
 
 class PreparedCall(NamedTuple):
     """`matvec_threads`' arguments but x and the thread count, for one list of fusable weights and one kernel:
-    built once (`prepare`), run every decode step (`run`, or from Numba: runtime/kernels/llama_layers_numba.py)."""
+    built once (`prepare`), run every decode step (`run`, or from Numba: runtime/kernels/decode_layers_numba.py)."""
     head: tuple  # variant, n_parts, then blocked, scales, zeros of each of MAX_PARTS slots
     tail: tuple  # perm, bits, group_runs, lut
     parallel: bool  # at least PARALLEL_BYTES of codes: one parallel region, else the calling thread
@@ -923,7 +923,7 @@ def run(call: PreparedCall, x: np.ndarray) -> np.ndarray:
     once per product in decode: every microsecond here is paid hundreds of times a token)."""
     threads = numba.get_num_threads() if call.parallel else 1
     x = x.reshape(-1, x.shape[-1])  # [1 or parts, in]
-    x = x if x.flags.writeable else x.copy()  # writable, as llama_layers_numba's: one compiled signature
+    x = x if x.flags.writeable else x.copy()  # writable, as decode_layers_numba's: one compiled signature
     y = matvec_threads(*call.head, x, *call.tail, threads, *call.outliers)  # [tiles * TILE]
     if call.whole_tiles:
         return y

@@ -1,5 +1,5 @@
-"""The layers of one Llama decode step (one token) in a single Numba call, for a model whose every layer product is
-one prepared kernel call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
+"""The layers of one decode step (one token) of a Llama or an OPT in a single Numba call, for a model whose every
+layer product is one prepared kernel call of one kind: uniform_int8_numba's (RTN, GPTQ, NF4, FP4, SpQR: the formats
 whose `one_row_product` is that call alone), e8p_numba's (QuIP#) or int8_numba's (LLM.int8, absmax,
 SmoothQuant: one call per part) or incoherent_numba's (QuIP: each part's transforms around one uniform call with an
 input per part).
@@ -9,8 +9,10 @@ twice, attention with the cache write, SiLU·up, two residual adds), and each ca
 for an elementwise kernel, 5 us for a product (twenty arguments typed one by one, the output split). For
 SmolLM2's 30 layers that was 1.2 ms of a 4.8 ms token. `run_layers` makes the same kernel calls in the same
 order from Numba (`rms_norm`, `rope`, `attend`, `silu_mul` of runtime/kernels/decode_step_numba.py; each product
-through the kind's `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's. The
-final norm and the head stay in Python (one product a token).
+through the kind's `matvec_threads` or `decode_int8_prepared`), so its output equals the Python loop's;
+`run_opt_layers` does the same for OPT's layers (model.py's `opt_decode_step`: LayerNorms before or after each
+half, ReLU). Biases are added after their product, as runtime/linear.py does. The final norm and the head stay
+in Python (one product a token).
 
 The prepared calls go in as typed lists, one per argument slot of the product kind (`LayerCalls`), their scalar
 arguments as rows of an integer and a float table: a typed list is one argument whose type Numba reads without
@@ -27,9 +29,9 @@ from numba.extending import overload
 from numba.typed import List
 
 from runtime.kernels import e8p_numba, incoherent_numba, int8_numba, uniform_int8_numba
-from runtime.kernels.decode_step_numba import attend, rms_norm, rope, silu_mul
+from runtime.kernels.decode_step_numba import attend, layer_norm, rms_norm, rope, silu_mul
 
-PRODUCTS_PER_LAYER = 4  # q/k/v, o, gate/up, down: model.py's LLAMA_DECODE_PRODUCTS
+PRODUCTS_PER_LAYER = 4  # q/k/v, o, gate/up, down (OPT: q/k/v, out, fc1, fc2): model.py's *_DECODE_PRODUCTS
 MAX_PARTS = 3  # parts of one product (q/k/v), in every kind
 # the columns of LayerCalls.ints, every kind: the parts, each part's offset in the product's output and its
 # out_features (0 past the parts), then the kind's own
@@ -40,7 +42,8 @@ VARIANT, BITS, GROUP_RUNS, PARALLEL = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS
 SIZE_IN, STAGES, VBMI, SIZE_OUT = range(1 + 2 * MAX_PARTS, 5 + 2 * MAX_PARTS)
 # int8_numba's: whether the CPU has VNNI, whether each part runs in parallel
 INT8_VNNI, INT8_PARALLEL = 1 + 2 * MAX_PARTS, 2 + 2 * MAX_PARTS
-INT_COLUMNS = 1 + 2 * MAX_PARTS + 3 + MAX_PARTS
+BIASED = 1 + 2 * MAX_PARTS + 3 + MAX_PARTS  # every kind: whether the product adds a bias (LayerCalls.biases)
+INT_COLUMNS = BIASED + 1
 # uniform_int8_numba's: blocked, scales, zeros of each part slot, perm, lut, then each part slot's outliers (CSR
 # row_ptr, col_idx, values)
 UNIFORM_SLOTS = 3 * MAX_PARTS + 2 + 3 * MAX_PARTS
@@ -61,15 +64,20 @@ class LayerCalls(NamedTuple):
     floats: np.ndarray  # float32 [layers * 4, 2 * MAX_PARTS]: E8P's stage scales (first, last) of each part;
     #                     int8's outlier threshold of each part (-1: none)
     arrays: tuple  # typed lists [layers * 4], one per argument slot of the kind
-    norms: np.ndarray  # float32 [layers, 2, d]: the input and post-attention RMSNorm weights
+    norms: np.ndarray  # float32 [layers, 2, d]: the weights of a layer's two norms (attention's, then the MLP's)
+    norm_biases: np.ndarray  # float32 [layers, 2, d]: OPT's LayerNorm biases (zeros for a Llama)
+    biases: np.ndarray  # float32 [layers * 4, width]: each product's bias, its parts' one after another (width 1 and
+    #                     zeros where no product has one); BIASED says which products add theirs
 
 
-def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
-    """LayerCalls of `calls` (four per layer in the order of LLAMA_DECODE_PRODUCTS, each a
-    uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of int8_numba.matvec_arguments, an
-    incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or None where one is missing, the
-    kinds differ, or an argument slot's arrays differ in type from layer to layer (a typed list holds one
-    type)."""
+def prepare(calls: list, norms: np.ndarray, biases: list | None = None,
+            norm_biases: np.ndarray | None = None) -> LayerCalls | None:
+    """LayerCalls of `calls` (four per layer in the order of model.py's LLAMA_DECODE_PRODUCTS or
+    OPT_DECODE_PRODUCTS, each a uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of
+    int8_numba.matvec_arguments, an incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or
+    None where one is missing, the kinds differ, or an argument slot's arrays differ in type from layer to layer
+    (a typed list holds one type). biases: per product its parts' biases concatenated [outs] float32, or None;
+    norms, norm_biases [layers, 2, d]."""
     if any(call is None for call in calls):
         return None
     kinds = {_kind(call) for call in calls}
@@ -86,8 +94,14 @@ def prepare(calls: list, norms: np.ndarray) -> LayerCalls | None:
             slot.append(array)
     if any(len({numba.typeof(a) for a in slot}) > 1 for slot in slots):
         return None
-    return LayerCalls(ints, floats, tuple(_typed_list(tuple(slot)) for slot in slots),
-                      np.ascontiguousarray(norms, dtype=np.float32))
+    biases = biases or [None] * len(calls)
+    table = np.zeros((len(calls), max([1] + [len(b) for b in biases if b is not None])), dtype=np.float32)
+    for p, bias in enumerate(biases):
+        if bias is not None:
+            ints[p, BIASED], table[p, :len(bias)] = 1, bias
+    norms = np.ascontiguousarray(norms, dtype=np.float32)  # [layers, 2, d]
+    norm_biases = np.zeros_like(norms) if norm_biases is None else np.ascontiguousarray(norm_biases, np.float32)
+    return LayerCalls(ints, floats, tuple(_typed_list(tuple(slot)) for slot in slots), norms, norm_biases, table)
 
 
 def _kind(call) -> str:
@@ -172,10 +186,19 @@ def _append(items, item):
 
 def run(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, position: int, cos: np.ndarray,
         sin: np.ndarray, head_dim: int, eps: float) -> np.ndarray:
-    """The hidden state [d] after every layer for the token embedding x [d] float32 at `position` (its key and
-    value written into keys, values [layers, kv heads, max_len, hd]); cos, sin [hd/2] the position's angles."""
+    """A Llama's hidden state [d] after every layer for the token embedding x [d] float32 at `position` (its key
+    and value written into keys, values [layers, kv heads, max_len, hd]); cos, sin [hd/2] the position's angles."""
     return run_layers(x, position, cos, sin, head_dim, np.float32(eps), keys, values, calls.norms, calls.ints,
-                      calls.floats, numba.get_num_threads(), calls.arrays)
+                      calls.floats, calls.biases, numba.get_num_threads(), calls.arrays)
+
+
+def run_opt(calls: LayerCalls, x: np.ndarray, keys: np.ndarray, values: np.ndarray, position: int,
+            pre_norm: bool, eps: float) -> np.ndarray:
+    """An OPT's hidden state [d] after every layer for the token's input x [d] float32 (embedding and learned
+    position) at `position`, its key and value written into keys, values; LayerNorms before each half
+    (`pre_norm`) or after it."""
+    return run_opt_layers(x, position, pre_norm, np.float32(eps), keys, values, calls.norms, calls.norm_biases,
+                          calls.ints, calls.floats, calls.biases, numba.get_num_threads(), calls.arrays)
 
 
 def _product(p, x, ints, floats, threads, weights):
@@ -239,6 +262,20 @@ def _product_kind(p, x, ints, floats, threads, weights):
 
 
 @njit(inline="always")
+def _biased_product(p, x, ints, floats, biases, threads, weights):
+    """`_product`, then each part's bias added in place where product p has one (`y += b`, as runtime/linear.py
+    adds it)."""
+    y = _product(p, x, ints, floats, threads, weights)
+    if ints[p, BIASED]:
+        at = 0
+        for j in range(ints[p, PARTS]):
+            part = _part(y, ints, p, j)
+            part += biases[p, at:at + part.shape[0]]
+            at += part.shape[0]
+    return y
+
+
+@njit(inline="always")
 def _uniform_call(p, x, ints, threads, weights):
     """y [tiles of all parts * TILE] of uniform call p (its arrays the first UNIFORM_SLOTS of weights) for x
     [1 or parts, in]."""
@@ -280,18 +317,40 @@ def _part(y, ints, p, part):
 
 
 @njit(cache=True)
-def run_layers(x, position, cos, sin, head_dim, eps, keys, values, norms, ints, floats, threads, weights):
+def run_layers(x, position, cos, sin, head_dim, eps, keys, values, norms, ints, floats, biases, threads, weights):
     """`run`: per layer, x += o(attention(rope(q), rope(k), v)) with q/k/v of rms_norm(x), then
     x += down(silu(gate) * up) with gate/up of rms_norm(x), as model.py's `llama_decode_layers`."""
     for i in range(norms.shape[0]):
         p = PRODUCTS_PER_LAYER * i
-        y = _product(p, rms_norm(x, norms[i, 0], eps), ints, floats, threads, weights)  # [q/k/v outputs]
+        y = _biased_product(p, rms_norm(x, norms[i, 0], eps), ints, floats, biases, threads, weights)  # [q/k/v]
         q, k = _part(y, ints, p, 0), _part(y, ints, p, 1)  # [H*hd], [KV*hd]
         rope(q, head_dim, cos, sin)
         rope(k, head_dim, cos, sin)
         o = attend(q, k, _part(y, ints, p, 2), keys[i], values[i], position)  # [H*hd]
-        h = x + _part(_product(p + 1, o, ints, floats, threads, weights), ints, p + 1, 0)  # [d]
-        y = _product(p + 2, rms_norm(h, norms[i, 1], eps), ints, floats, threads, weights)  # [gate/up outputs]
+        h = x + _part(_biased_product(p + 1, o, ints, floats, biases, threads, weights), ints, p + 1, 0)  # [d]
+        y = _biased_product(p + 2, rms_norm(h, norms[i, 1], eps), ints, floats, biases, threads, weights)  # [g/u]
         a = silu_mul(_part(y, ints, p + 2, 0), _part(y, ints, p + 2, 1))  # [ffn]
-        x = h + _part(_product(p + 3, a, ints, floats, threads, weights), ints, p + 3, 0)  # [d]
+        x = h + _part(_biased_product(p + 3, a, ints, floats, biases, threads, weights), ints, p + 3, 0)  # [d]
+    return x
+
+
+@njit(cache=True)
+def run_opt_layers(x, position, pre_norm, eps, keys, values, norms, norm_biases, ints, floats, biases, threads,
+                   weights):
+    """`run_opt`: per layer, h = x + out(attention(q, k, v)) with q/k/v of LN(x) (pre-LN; post-LN: of x, and LN
+    after the add), then x = h + fc2(relu(fc1(LN(h)))) (post-LN: of h, LN after), as model.py's
+    `opt_decode_step`."""
+    for i in range(norms.shape[0]):
+        p = PRODUCTS_PER_LAYER * i
+        a = layer_norm(x, norms[i, 0], norm_biases[i, 0], eps) if pre_norm else x  # [d]
+        y = _biased_product(p, a, ints, floats, biases, threads, weights)  # [q/k/v outputs]
+        o = attend(_part(y, ints, p, 0), _part(y, ints, p, 1), _part(y, ints, p, 2), keys[i], values[i],
+                   position)  # [H*hd]
+        h = x + _part(_biased_product(p + 1, o, ints, floats, biases, threads, weights), ints, p + 1, 0)  # [d]
+        h = h if pre_norm else layer_norm(h, norms[i, 0], norm_biases[i, 0], eps)  # [d]
+        n = layer_norm(h, norms[i, 1], norm_biases[i, 1], eps) if pre_norm else h  # [d]
+        f = _part(_biased_product(p + 2, n, ints, floats, biases, threads, weights), ints, p + 2, 0)  # [ffn]
+        f = np.maximum(f, np.float32(0.0))  # ReLU  [ffn]
+        out = h + _part(_biased_product(p + 3, f, ints, floats, biases, threads, weights), ints, p + 3, 0)  # [d]
+        x = out if pre_norm else layer_norm(out, norms[i, 1], norm_biases[i, 1], eps)  # [d]
     return x
