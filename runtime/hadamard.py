@@ -12,17 +12,26 @@ butterfly of size 2**p: O(n (K + p)) per vector instead of O(n²).
 Constructions (all built in code; none is typed in):
 
 - Sylvester: H_1 = [1], H_{2m} = [[H_m, H_m], [H_m, -H_m]] (symmetric).
-- Paley I (q prime, q ≡ 3 mod 4, order q + 1): with χ the quadratic character
+- Paley I (q ≡ 3 mod 4, order q + 1): with χ the quadratic character
   of GF(q) and the Jacobsthal matrix Q[i, j] = χ(j - i) (skew-symmetric),
   H = I + [[0, 1ᵀ], [-1, Q]].
-- Paley II (q prime, q ≡ 1 mod 4, order 2(q + 1)): with the symmetric
+- Paley II (q ≡ 1 mod 4, order 2(q + 1)): with the symmetric
   conference matrix C = [[0, 1ᵀ], [1, Q]], H = C ⊗ [[1, 1], [1, -1]] +
   I ⊗ [[1, -1], [-1, -1]].
+
+q is a prime, or, for an order no prime gives, a prime power p**d with d <= 3
+(GF(p**d) as polynomials over GF(p) modulo the first monic irreducible
+polynomial of degree d in lexicographic order; element index = its
+coefficients as base-p digits): Llama-2-7B's FFN width 11008 = 43 * 256
+takes K = 344 = 343 + 1 from GF(7**3), not the dense 5504 = 5503 + 1. Prime
+fields come first, so every order a prime builds keeps its matrix (28 is
+Paley II of 13, not Paley I of 27).
 
 The K used for n is the smallest K = m * 2**j (m = the odd part of n, j ≥ 0,
 K dividing n) that one of these builds: K = 1 for powers of two, 12 (Paley I,
 q = 11) for 3 * 2**p, 20 (Paley I, q = 19) for 5 * 2**p, 28 (Paley II,
-q = 13) for 7 * 2**p, 36 (Paley II, q = 17) for 9 * 2**p, and so on.
+q = 13) for 7 * 2**p, 36 (Paley II, q = 17) for 9 * 2**p, 344 (Paley I,
+q = 7**3) for 43 * 2**p, and so on.
 
 Convention: `fast_hadamard(x)` returns x Hᵀ / sqrt(n) over the last axis,
 i.e. H v / sqrt(n) for every row vector v; `fast_hadamard(x, transpose=True)`
@@ -41,18 +50,32 @@ from runtime.device import array_module_of
 from runtime.errors import UserError
 
 
+MAX_FIELD_DEGREE = 3  # GF(p**d) for d up to this (an irreducible polynomial is one without roots)
+
+
 def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, d) with q = p**d, p prime and d <= MAX_FIELD_DEGREE, else None."""
+    for d in range(1, MAX_FIELD_DEGREE + 1):
+        p = round(q ** (1 / d))
+        if p ** d == q and _is_prime(p):
+            return p, d
+    return None
+
+
 def _paley_kind(k: int) -> str | None:
-    """"I" or "II" when a Paley construction gives order k (> 2), else None."""
+    """"I" or "II" when a Paley construction gives order k (> 2), else None: over a prime field first (I, then
+    II), then over a prime-power field."""
     if k % 4:
         return None
-    if _is_prime(k - 1) and (k - 1) % 4 == 3:
-        return "I"
-    if _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
-        return "II"
+    for field in (_is_prime, _prime_power):
+        if field(k - 1) and (k - 1) % 4 == 3:
+            return "I"
+        if field(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+            return "II"
     return None
 
 
@@ -84,12 +107,45 @@ def _sylvester(size: int) -> np.ndarray:
     return h
 
 
+def _field_product(a: np.ndarray, b: np.ndarray, p: int, modulus: tuple) -> np.ndarray:
+    """a * b in GF(p**d) for coefficient vectors a, b [..., d] (lowest degree first) modulo the monic polynomial
+    x**d + modulus[d-1] x**(d-1) + ... + modulus[0]."""
+    d = len(modulus)
+    full = np.zeros(a.shape[:-1] + (2 * d - 1,), dtype=np.int64)  # [..., 2d-1] the product before reduction
+    for i in range(d):
+        for j in range(d):
+            full[..., i + j] += a[..., i] * b[..., j]
+    for top in range(2 * d - 2, d - 1, -1):  # x**top = -(modulus) x**(top-d)
+        for i in range(d):
+            full[..., top - d + i] -= full[..., top] * modulus[i]
+    return full[..., :d] % p
+
+
+def _irreducible(p: int, d: int) -> tuple:
+    """The coefficients (lowest first, the leading 1 left out) of the first monic polynomial of degree d over GF(p)
+    without roots in GF(p), in lexicographic order of (c_0, ..., c_{d-1}): irreducible, for d <= 3."""
+    values = np.arange(p)
+    for index in range(p ** d):
+        coefficients = tuple(index // p ** i % p for i in range(d))
+        if all((v ** d + sum(c * v ** i for i, c in enumerate(coefficients))) % p for v in values):
+            return coefficients
+    raise ValueError(f"no irreducible polynomial of degree {d} over GF({p})")
+
+
 def _jacobsthal(q: int) -> np.ndarray:
-    """Q [q, q] int with Q[i, j] = χ(j - i), χ the quadratic character of GF(q) (q prime)."""
-    residues = {(i * i) % q for i in range(1, q)}
-    chi = np.array([0] + [1 if a in residues else -1 for a in range(1, q)], dtype=np.int64)  # [q]
-    idx = np.arange(q)
-    return chi[(idx[None, :] - idx[:, None]) % q]  # [q, q]
+    """Q [q, q] int with Q[i, j] = χ(x_j - x_i), χ the quadratic character of GF(q) (q = p**d; element i has the
+    base-p digits of i as its coefficients: for a prime, x_i = i)."""
+    p, d = _prime_power(q)
+    digits = np.arange(q)[:, None] // p ** np.arange(d)[None, :] % p  # [q, d] coefficients of each element
+    weights = p ** np.arange(d)  # [d]
+    if d == 1:
+        squares = np.unique(np.arange(1, q) ** 2 % q)
+    else:
+        squares = np.unique(_field_product(digits[1:], digits[1:], p, _irreducible(p, d)) @ weights)
+    chi = np.full(q, -1, dtype=np.int64)  # [q]
+    chi[0], chi[squares] = 0, 1
+    difference = (digits[None, :, :] - digits[:, None, :]) % p @ weights  # [q, q] index of x_j - x_i
+    return chi[difference]  # [q, q]
 
 
 @functools.lru_cache(maxsize=None)

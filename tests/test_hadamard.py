@@ -15,11 +15,36 @@ FULL_PRODUCT_LIMIT = 3072  # check all of H Hᵀ up to this size; above it, the 
 ROW_SAMPLE = 48
 
 
-@pytest.mark.parametrize("k", [1, 12, 20, 28, 36, 44, 60])
+@pytest.mark.parametrize("k", [1, 12, 20, 28, 36, 44, 60, 52, 244, 344])  # 52, 244, 344: GF(5²), GF(11²), GF(7³)
 def test_small_factors_are_hadamard(k):
     h = small_hadamard(k)
     assert set(np.unique(h)) <= {-1.0, 1.0}
     assert np.array_equal(h @ h.T, k * np.eye(k, dtype=np.float32))
+
+
+def test_prime_fields_keep_their_matrices():
+    """A prime q keeps the Jacobsthal matrix of the integers mod q (element i = i), and an order a prime builds
+    keeps that construction where a prime power would build it too (28: Paley II of 13, not Paley I of 27), so
+    every factor of the sizes built before prime-power fields is unchanged."""
+    from runtime.hadamard import _jacobsthal, _paley_kind
+    for q in (3, 7, 11, 13, 43, 103):
+        residues = {i * i % q for i in range(1, q)}
+        chi = np.array([0] + [1 if a in residues else -1 for a in range(1, q)])  # [q]
+        idx = np.arange(q)
+        assert np.array_equal(_jacobsthal(q), chi[(idx[None, :] - idx[:, None]) % q])
+    assert _paley_kind(28) == "II" and _paley_kind(344) == "I" and _paley_kind(52) == "II"
+    assert _paley_kind(126) is None  # 125 = 5³ ≡ 1 mod 4 (not I); 62 = 2 · 31 (no field)
+
+
+def test_prime_power_fields_shrink_the_factor_of_llama_ffn_widths():
+    """Llama-2-7B's FFN width 11008 = 43 · 256: K = 344 from GF(7³) (a dense 5504 factor without prime powers),
+    and the transform stays orthonormal and its own inverse's transpose."""
+    assert hadamard_factor(11008) == (344, 5)
+    assert hadamard_factor(6656) == (52, 7)  # 13 · 512: GF(5²), not 104
+    x = inputs(11008, 2, 11008)  # [2, 11008]
+    y = fast_hadamard(x)
+    assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+    assert_close(fast_hadamard(y, transpose=True), x)
 
 
 def test_factors_of_model_sizes():
@@ -32,7 +57,7 @@ def test_factors_of_model_sizes():
         assert k * 2 ** p == n
 
 
-@pytest.mark.parametrize("n", [n for n in MODEL_SIZES if n <= DENSE_LIMIT] + [2, 12, 40, 56, 72])
+@pytest.mark.parametrize("n", [n for n in MODEL_SIZES if n <= DENSE_LIMIT] + [2, 12, 40, 56, 72, 688, 832])
 def test_dense_matrix_orthogonal_and_fast_transform_matches(n):
     h = hadamard_matrix(n)  # [n, n]
     assert h.dtype == np.float32 and set(np.unique(h)) == {-1.0, 1.0}
