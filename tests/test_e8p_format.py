@@ -211,3 +211,14 @@ def test_cuda_matches_reference(cupy, bits, codebook):
             y = on_gpu.matmul(cupy.asarray(x[:rows]))
             assert isinstance(y, cupy.ndarray)
             assert_within_scale_bound(cupy.asnumpy(y), packed.matmul_reference(x[:rows]), x[:rows], packed)
+
+
+def test_a_file_with_the_hadamard_sizes_of_an_older_version_stops_with_one_line():
+    """11008 inputs took a dense 5504 factor before GF(7³) gave K = 344 (runtime/hadamard.py): such a file's
+    metadata no longer matches what its sizes give, and loading it says so instead of rotating by another
+    matrix."""
+    packed = random_tensor(30, 16, 11008, 2)
+    assert packed.meta()["hadamard_in"] == [344, 5]
+    old = dict(packed.meta(), hadamard_in=[5504, 1])
+    with pytest.raises(UserError, match="Hadamard sizes"):
+        E8PTensor.from_tensors(packed.tensors(), old)
