@@ -260,10 +260,9 @@ class Model:
         names = (("input_layernorm", "post_attention_layernorm") if self.config.arch == "llama"
                  else ("self_attn_layer_norm", "final_layer_norm"))
         norms = [[w[f"{name}.weight"] for name in names] for w in self.layers]  # [layers, 2, d]
-        norm_biases = [[w.get(f"{name}.bias", np.zeros_like(w[f"{name}.weight"])) for name in names]
-                       for w in self.layers]  # [layers, 2, d]: OPT's LayerNorm biases, zeros for a Llama
-        return decode_layers.prepare(calls, np.asarray(norms, dtype=np.float32), biases,
-                                     np.asarray(norm_biases, dtype=np.float32))
+        norm_biases = (None if self.config.arch == "llama"  # RMSNorm has none
+                       else [[w[f"{name}.bias"] for name in names] for w in self.layers])  # [layers, 2, d]
+        return decode_layers.prepare(calls, norms, biases, norm_biases)
 
     def opt_decode_step(self, token: int, cache: KVCache):
         """Logits [vocab] of one token at position cache.length, OPT's layers as fused CPU kernels: one product

@@ -70,14 +70,13 @@ class LayerCalls(NamedTuple):
     #                     zeros where no product has one); BIASED says which products add theirs
 
 
-def prepare(calls: list, norms: np.ndarray, biases: list | None = None,
-            norm_biases: np.ndarray | None = None) -> LayerCalls | None:
+def prepare(calls: list, norms, biases: list, norm_biases=None) -> LayerCalls | None:
     """LayerCalls of `calls` (four per layer in the order of model.py's LLAMA_DECODE_PRODUCTS or
     OPT_DECODE_PRODUCTS, each a uniform_int8_numba.PreparedCall, an e8p_numba.int8_parts_call, a list of
     int8_numba.matvec_arguments, an incoherent_numba.TransformedCall, or None: `PackedTensor.prepared_call`), or
     None where one is missing, the kinds differ, or an argument slot's arrays differ in type from layer to layer
     (a typed list holds one type). biases: per product its parts' biases concatenated [outs] float32, or None;
-    norms, norm_biases [layers, 2, d]."""
+    norms, norm_biases [layers, 2, d] (arrays or nested lists; norm_biases None: zeros, a Llama's RMSNorms)."""
     if any(call is None for call in calls):
         return None
     kinds = {_kind(call) for call in calls}
@@ -94,13 +93,12 @@ def prepare(calls: list, norms: np.ndarray, biases: list | None = None,
             slot.append(array)
     if any(len({numba.typeof(a) for a in slot}) > 1 for slot in slots):
         return None
-    biases = biases or [None] * len(calls)
     table = np.zeros((len(calls), max([1] + [len(b) for b in biases if b is not None])), dtype=np.float32)
     for p, bias in enumerate(biases):
         if bias is not None:
             ints[p, BIASED], table[p, :len(bias)] = 1, bias
-    norms = np.ascontiguousarray(norms, dtype=np.float32)  # [layers, 2, d]
-    norm_biases = np.zeros_like(norms) if norm_biases is None else np.ascontiguousarray(norm_biases, np.float32)
+    norms = np.asarray(norms, dtype=np.float32)  # [layers, 2, d]
+    norm_biases = np.zeros_like(norms) if norm_biases is None else np.asarray(norm_biases, dtype=np.float32)
     return LayerCalls(ints, floats, tuple(_typed_list(tuple(slot)) for slot in slots), norms, norm_biases, table)
 
 
