@@ -316,3 +316,29 @@ def test_which_models_take_the_cuda_graph_step(tag, graph):
     opt = dict(bench_models.hf_config("opt-1.3b"), hidden_size=256, ffn_dim=512, num_hidden_layers=2,
                num_attention_heads=4, vocab_size=512, word_embed_proj_dim=256)
     assert not cuda_graph_step.takes(Model(Config.from_hf(opt), bench_models.float_tensors(opt, seed=1)))
+
+
+def test_direct_calls_type_each_array_kind_once():
+    """DirectCalls (how the fused step is called) gives the dispatcher's answer for arrays of another dtype,
+    layout or writability than the first call's (each typed and compiled once, not run through the first
+    call's code), and reuses the compiled code for arrays like one met before."""
+    from numba import njit
+    from runtime.kernels.numba_common import DirectCalls
+
+    @njit
+    def weighted_sum(a, weight):
+        total = 0.0
+        for i in range(a.shape[0]):
+            for j in range(a.shape[1]):
+                total += a[i, j] * weight * (i + 1)
+        return total
+
+    direct = DirectCalls()
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    readonly = base.copy()
+    readonly.flags.writeable = False
+    arrays = [base, base.astype(np.float64), base.astype(np.int16), np.asfortranarray(base),
+              np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2], readonly, base + 1]
+    for a in arrays:
+        assert direct(weighted_sum, a, 2) == weighted_sum(a, 2)
+    assert len(direct.compiled) == 6  # base + 1 reuses base's

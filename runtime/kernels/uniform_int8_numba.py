@@ -602,37 +602,38 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     x16 = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
-    tile_order(xq, d, byte_positions(bits), group_runs, xw, xw_low, x16, xsum)
+    tile_order(xq, d, byte_sources(bits), group_runs, xw, xw_low, x16, xsum)
     return xq, xw, xw_low, d, x16, xsum
 
 
 @njit(inline="always")
-def tile_order(xq, d, position, group_runs, high, low, wide, xsum):
-    """Two-byte activations xq [runs*32] (storage order; d [runs] their scales) as the tiles read them: each
-    run's value k at r*32 + position[k] of high and low (its bytes, `split_bytes`) and of wide (the int16);
-    xsum[g] += d * the sum of each run of group g, or of each half run (group_runs == HALF_RUN_GROUPS, xsum
-    [2 runs]) (`quantize_input`, uniform_prefill_numba.quantize_rows)."""
+def tile_order(xq, d, source, group_runs, high, low, wide, xsum):
+    """Two-byte activations xq [runs*32] (storage order; d [runs] their scales) as the tiles read them: at
+    r*32 + j of high and low (its bytes, `split_bytes`) and of wide (the int16) each run's value source[j]
+    (`byte_sources`: a gather, so the stores are contiguous); xsum[g] += d * the sum of each run of group g, or
+    of each half run (group_runs == HALF_RUN_GROUPS, xsum [2 runs]) (`quantize_input`,
+    uniform_prefill_numba.quantize_rows)."""
     for r in range(d.shape[0]):
-        total = first = np.int32(0)
-        for k in range(BLOCK):
-            value = xq[r * BLOCK + k]
-            total += np.int32(value)
-            if k == HALF_RUN - 1:
-                first = total
-            at = r * BLOCK + position[k]
-            high[at], low[at] = split_bytes(value)
-            wide[at] = value
+        base = r * BLOCK
+        first = second = np.int32(0)
+        for k in range(HALF_RUN):
+            first += np.int32(xq[base + k])
+            second += np.int32(xq[base + HALF_RUN + k])
+        for j in range(BLOCK):
+            value = xq[base + source[j]]
+            high[base + j], low[base + j] = split_bytes(value)
+            wide[base + j] = value
         if group_runs == HALF_RUN_GROUPS:
             xsum[2 * r] += d[r] * np.float32(first)
-            xsum[2 * r + 1] += d[r] * np.float32(total - first)
+            xsum[2 * r + 1] += d[r] * np.float32(second)
         else:
-            xsum[r // group_runs] += d[r] * np.float32(total)
+            xsum[r // group_runs] += d[r] * np.float32(first + second)
 
 
 @njit(cache=True)
-def byte_positions(bits):
-    """[32]: where activation k of a run goes in the tiles' byte order (`tile_byte_order` of 0 .. 31)."""
-    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64).argsort()
+def byte_sources(bits):
+    """int64 [32]: the activation of a run that tile byte j meets (`tile_byte_order` of 0 .. 31)."""
+    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64)
 
 
 @njit(inline="always")

@@ -44,7 +44,7 @@ from runtime.kernels.numba_common import variant_switch
 from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
 from runtime.kernels.uniform_int8_numba import (CONTRACT, HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight,
                                                 _fold_group, _group_loops, _load_lanes, _run_codes, _run_dot,
-                                                _run_parts, _splat, _table_bytes, available_kernels, byte_positions,
+                                                _run_parts, _splat, _table_bytes, available_kernels, byte_sources,
                                                 matmul_prefill, tile_order)
 from runtime.kernels.uniform_numba import readonly, storage_input
 
@@ -150,11 +150,11 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     q = np.zeros((rows, n_runs * BLOCK), dtype=np.int16)  # [rows, runs*32]
     d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
-    position = byte_positions(bits)  # [32]
+    source = byte_sources(bits)  # [32]
     for row in prange(x.shape[0]):
         values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
         quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
-        tile_order(values, d[row], position, group_runs, hi[row], lo[row], q[row], xsum[row])
+        tile_order(values, d[row], source, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
 
