@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.generation.sampling import SamplingParams, distribution, penalize_repetition, sample
+from runtime.generation.sampling import SamplingParams, distribution, penalize_repetition, ranked, sample
 
 torch = pytest.importorskip("torch")
 gen = pytest.importorskip("transformers.generation.logits_process")
@@ -113,3 +113,17 @@ def test_huge_repetition_penalty_is_silent_and_finite():
         ids, probs = distribution(logits, params, seen=[0, 1])
         greedy = sample(logits, SamplingParams(temperature=0, repetition_penalty=1e308), None, seen=[0, 1])
     assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-12 and greedy == 3
+
+
+def test_top_k_ranking_equals_a_stable_sort():
+    """`ranked` (a partition, then the top k sorted) gives the first k ids of NumPy's stable argsort of the
+    descending logits: the same set and order, ties (integer logits, -inf from a tiny temperature) by id."""
+    rng = np.random.default_rng(3)
+    for trial in range(600):
+        n = int(rng.integers(1, 200))
+        logits = (rng.integers(-3, 3, n) if trial % 3 == 0 else rng.standard_normal(n)).astype(np.float64)
+        if trial % 3 == 2:
+            logits[rng.random(n) < 0.3] = -np.inf
+        order = np.argsort(-logits, kind="stable")
+        for k in (0, 1, int(rng.integers(1, n + 1)), n, n + 2):
+            assert np.array_equal(ranked(logits, k), order[:k] if k else order)
