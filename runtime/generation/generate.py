@@ -26,7 +26,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_steps: int = 0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # each decode step with the sampling of the token it runs: what a token costs
 
     def summary(self) -> str:
         """One line: token counts and prefill / decode speed."""
@@ -72,7 +72,9 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
     stats.prefill_seconds = time.perf_counter() - start
     seen = list(prompt_ids)
     while True:
+        start = time.perf_counter()
         token = sample(logits, params, rng, seen)
+        sampling = time.perf_counter() - start
         if token in eos_ids:
             return
         seen.append(token)
@@ -82,7 +84,7 @@ def generate_ids(model, prompt_ids, params: SamplingParams, eos_ids, stats: Gene
             return
         start = time.perf_counter()
         logits = finite_logits(lambda: model.decode(token, cache))  # [vocab]
-        stats.decode_seconds += time.perf_counter() - start
+        stats.decode_seconds += time.perf_counter() - start + sampling
         stats.decode_steps += 1
 
 
