@@ -169,11 +169,14 @@ def run_json(command: list[str], engine: str, threads: int) -> dict:
 
 
 def child_ours(path: str, ids: list[int], steps: int) -> dict:
-    """Prefill `ids`, then `steps` greedy decode steps, after a warm-up (JIT); RSS after the imports and peak."""
+    """Prefill `ids`, then `steps` greedy decode steps, after a warm-up (JIT); RSS after the imports and peak;
+    then the same prompt through run.py's generation loop (default sampling) for `steps` decode steps."""
     import runtime  # noqa: F401  (first: its thread defaults must precede NumPy)
     import numba  # noqa: F401  (loaded with the first kernel; part of the floor)
     import numpy as np
     from pipeline.api import load_model
+    from runtime.generation.generate import GenerationStats, generate_ids
+    from runtime.generation.sampling import SamplingParams
     from runtime.kernels.decode_step_numba import rms_norm
     import_rss = status_mb("VmRSS")
     one = np.ones(8, np.float32)
@@ -190,8 +193,11 @@ def child_ours(path: str, ids: list[int], steps: int) -> dict:
     for _ in range(steps):
         logits = model.decode(int(np.argmax(logits)), cache)
     decode = time.perf_counter() - start
+    stats = GenerationStats()  # run.py's loop: default sampling, no end-of-sequence stop
+    for _ in generate_ids(model, ids, SamplingParams(seed=0, max_new_tokens=steps + 1), set(), stats):
+        pass
     return {"prefill": len(ids) / prefill, "decode": steps / decode, "rss": status_mb("VmHWM"),
-            "import_rss": import_rss, "jit_rss": jit_rss}
+            "import_rss": import_rss, "jit_rss": jit_rss, "sampled": stats.decode_steps / stats.decode_seconds}
 
 
 # ---- the models ----
@@ -363,6 +369,7 @@ def row_cells(row: Row, stats: dict, measured: dict) -> dict:
         "prefill tok/s": f"{stats['prefill']:.1f}",
         "decode tok/s": f"{stats['decode']:.1f}",
         "decode min-max": f"{low:.1f}-{high:.1f}",
+        "sampled decode tok/s": f"{stats['sampled']:.1f}" if stats.get("sampled") else "",
         "decode vs our float": ratio(stats["decode"], base["decode"]) if base and row.engine == OURS else "",
         "llama.cpp row": ref_row.kind if ref else "",
         "decode vs llama.cpp": ratio(stats["decode"], ref["decode"]) if ref else "",
@@ -467,7 +474,10 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         f"environment without those variables (nor any NUMBA_*), with n_threads = n_threads_batch = "
         f"{settings['threads']}. Both prefill the same {PREFILL_TOKENS} tokens of WikiText-2 test (our tokenizer's "
         f"ids, given to both), then decode {settings['steps']} tokens greedily (argmax of the last logits each "
-        f"step), after a warm-up on the first 16 tokens. Every row is measured once per round and the rounds "
+        f"step), after a warm-up on the first 16 tokens. Sampled decode (ours): the same prompt through run.py's "
+        f"generation loop with its default sampling (temperature 0.7, top-k 50, top-p 0.9, seed 0), "
+        f"{settings['steps']} tokens, each decode step timed with the sampling of its token; llama.cpp's greedy "
+        f"loop above samples nothing. Every row is measured once per round and the rounds "
         f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
         f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
         f"importing the engine (ours: `pipeline.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "

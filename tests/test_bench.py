@@ -227,7 +227,7 @@ def test_our_measurement_process_reports_speed_and_memory(tmp_path):
     bench_models.save_random_model(tmp_path / "m", config, "rtn4g128")
     ids = bench.prompt_ids(tmp_path / "m")
     result = bench.run_json(bench.measure_command(Row(OURS, LLAMA_1B, "rtn4g128"), tmp_path / "m", ids, 3, 2), OURS, 2)
-    assert result["decode"] > 0 and result["prefill"] > 0
+    assert result["decode"] > 0 and result["prefill"] > 0 and result["sampled"] > 0
     assert 0 < result["import_rss"] < result["jit_rss"] <= result["rss"]
 
 
