@@ -24,6 +24,7 @@ from runtime.errors import UserError
 
 
 MAX_NEW_TOKENS = 1_000_000  # far beyond any context this runtime runs; a larger value is a typo
+SAMPLE_STRIDE = 8  # every how many logits `ranked` samples for a floor under the top k
 
 
 def is_number(value, integer: bool) -> bool:
@@ -92,14 +93,22 @@ def penalize_repetition(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
 
 def ranked(logits: np.ndarray, top_k: int) -> np.ndarray:
     """Token ids by descending logit, ties by ascending id (a stable sort's order): all of them, or with top_k
-    the first top_k of that order, found by a partition of the vocabulary (sorting all of it each token took
-    ~3 ms, as long as a SmolLM2 decode step) and then sorted among themselves."""
+    the first top_k of that order, sorted among themselves after partitions (sorting the whole vocabulary each
+    token took ~3 ms, as long as a SmolLM2 decode step). The top_k-th largest of every SAMPLE_STRIDE-th logit
+    is at most the vocabulary's, so the logits at or above it hold the top_k (about SAMPLE_STRIDE * top_k of
+    them): the exact partition runs on those (0.36 -> ~0.1 ms for 49152 logits)."""
     if not top_k or top_k >= logits.shape[0]:
         return np.argsort(-logits, kind="stable")
-    cut = logits.shape[0] - top_k
-    threshold = np.partition(logits, cut)[cut]  # the top_k-th largest logit
-    above = np.flatnonzero(logits > threshold)
-    chosen = np.concatenate([above, np.flatnonzero(logits == threshold)[:top_k - above.shape[0]]])  # [top_k]
+    sample = logits[::SAMPLE_STRIDE]
+    if sample.shape[0] > top_k:
+        floor = np.partition(sample, sample.shape[0] - top_k)[sample.shape[0] - top_k]
+        candidates = np.flatnonzero(logits >= floor)  # ascending ids
+    else:
+        candidates = np.arange(logits.shape[0])
+    values = logits[candidates]
+    threshold = np.partition(values, values.shape[0] - top_k)[values.shape[0] - top_k]  # the top_k-th largest
+    above = candidates[values > threshold]
+    chosen = np.concatenate([above, candidates[values == threshold][:top_k - above.shape[0]]])  # [top_k]
     return chosen[np.lexsort((chosen, -logits[chosen]))]
 
 
