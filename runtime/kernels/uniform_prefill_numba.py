@@ -145,15 +145,21 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     """(hi, lo [rows, runs*32] int8 and q [rows, runs*32] int16 in the tiles' byte order, d [rows, runs]
     float32, xsum [rows, groups] float32) of the two-byte activations of x [m, in] (rows >= m: zero rows after
     x's), each row in storage order (perm; empty: identity), zero-padded to whole runs; rows in parallel."""
-    hi = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
-    lo = np.zeros((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
-    q = np.zeros((rows, n_runs * BLOCK), dtype=np.int16)  # [rows, runs*32]
-    d = np.zeros((rows, n_runs), dtype=np.float32)  # [rows, runs]
+    m = x.shape[0]
+    hi = np.empty((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
+    lo = np.empty((rows, n_runs * BLOCK), dtype=np.int8)  # [rows, runs*32]
+    q = np.empty((rows, n_runs * BLOCK), dtype=np.int16)  # [rows, runs*32]
+    d = np.empty((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
+    hi[m:], lo[m:], q[m:], d[m:] = 0, 0, 0, 0  # the zero rows after x's
     source = byte_sources(bits)  # [32]
-    for row in prange(x.shape[0]):
+    as_stored = perm.shape[0] == 0 and x.shape[1] == n_runs * BLOCK  # x's rows are already in storage order
+    for row in prange(m):
         values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
-        quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
+        if as_stored:
+            quantize_blocks(x[row], values, d[row], LEVELS16)
+        else:
+            quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
         tile_order(values, d[row], source, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
