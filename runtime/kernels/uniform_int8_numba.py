@@ -594,16 +594,26 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     quantized per run to two-byte integers xq = 256 high + low (LEVELS16); xw the high bytes, xw_low the
     low bytes and x16 the values in the byte order of the SIMD tiles (`tile_byte_order`);
     xsum each group's d * sum of xq."""
-    xs = storage_input(x, perm, n_runs)  # [runs*32]
     xq = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     d = np.empty(n_runs, dtype=np.float32)  # [runs]
-    quantize_blocks(xs, xq, d, LEVELS16)
+    quantize_stored(x, perm, n_runs, xq, d)
     xsum = np.zeros(n_groups, dtype=np.float32)  # [n_groups]
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     x16 = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
     tile_order(xq, d, byte_sources(bits), group_runs, xw, xw_low, x16, xsum)
     return xq, xw, xw_low, d, x16, xsum
+
+
+@njit(inline="always")
+def quantize_stored(x, perm, n_runs, q, d):
+    """q [runs*32] int16, d [runs] <- the two-byte activations (LEVELS16) of x [in] gathered into storage order
+    (perm; empty: identity) and zero-padded to whole runs; x read where it is when it is in that order already
+    (no padded copy: 128 rows of 5632 in prefill 1.3 -> 1.05 ms)."""
+    if perm.shape[0] == 0 and x.shape[0] == n_runs * BLOCK:
+        quantize_blocks(x, q, d, LEVELS16)
+    else:
+        quantize_blocks(storage_input(x, perm, n_runs), q, d, LEVELS16)
 
 
 @njit(inline="always")

@@ -41,12 +41,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 
 from runtime.kernels.numba_common import variant_switch
-from runtime.kernels.quant_activations_numba import BLOCK, LEVELS16, quantize_blocks
+from runtime.kernels.quant_activations_numba import BLOCK
 from runtime.kernels.uniform_int8_numba import (CONTRACT, HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight,
                                                 _fold_group, _group_loops, _load_lanes, _run_codes, _run_dot,
                                                 _run_parts, _splat, _table_bytes, available_kernels, byte_sources,
-                                                matmul_prefill, tile_order)
-from runtime.kernels.uniform_numba import readonly, storage_input
+                                                matmul_prefill, quantize_stored, tile_order)
+from runtime.kernels.uniform_numba import readonly
 
 CHUNK = 4  # rows per pass over a tile's codes (2 sums of 16 lanes per row in registers)
 HALF_RUN_CHUNK = 16  # rows per pass with groups of half runs (SpQR's 16): two group folds a run per row
@@ -153,13 +153,9 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
     hi[m:], lo[m:], q[m:], d[m:] = 0, 0, 0, 0  # the zero rows after x's
     source = byte_sources(bits)  # [32]
-    as_stored = perm.shape[0] == 0 and x.shape[1] == n_runs * BLOCK  # x's rows are already in storage order
     for row in prange(m):
         values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
-        if as_stored:
-            quantize_blocks(x[row], values, d[row], LEVELS16)
-        else:
-            quantize_blocks(storage_input(x[row], perm, n_runs), values, d[row], LEVELS16)
+        quantize_stored(x[row], perm, n_runs, values, d[row])
         tile_order(values, d[row], source, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
