@@ -59,6 +59,37 @@ def test_activation_quantization_is_q8_0_bit_for_bit():
     assert (np.abs(quantize_activation(x[None])[0] - x) <= np.repeat(d, 32) / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group_runs", [uniform_int8_numba.HALF_RUN_GROUPS, 1, 2])
+def test_quantized_input_is_in_the_tiles_byte_order(bits, group_runs):
+    # quantize_input's shuffled vectors equal a gather by tile_byte_order (every width's order; 5 bits: storage
+    # order), split into the two bytes 256 high + low; xsum is each group's d * sum of its values
+    x = inputs(bits, 1, 150, mean=0.5)[0] * 5  # [150]: five runs, the last one padded
+    x[40] = -x[41] * 300  # a large value: the extreme high bytes
+    perm = np.zeros(0, dtype=np.int32)
+    n_groups = 10 if group_runs == uniform_int8_numba.HALF_RUN_GROUPS else -(-5 // group_runs)
+    xq, high, low, d, wide, xsum = uniform_int8_numba.quantize_input(x, perm, bits, 5, group_runs, n_groups)
+    padded = np.zeros(160, dtype=np.float32)
+    padded[:150] = x
+    q = np.empty(160, dtype=np.int16)
+    scales = np.empty(5, dtype=np.float32)
+    quantize_blocks(padded, q, scales, LEVELS16)
+    assert np.array_equal(xq, q) and np.array_equal(d, scales)
+    order = np.arange(32)  # [32] the storage order, at widths without SIMD tiles (the portable lanes read xq)
+    if bits in uniform_int8_numba.SIMD_BITS["avx512vnni"]:
+        order = uniform_int8_numba.tile_byte_order(np.arange(32, dtype=np.int8), bits).astype(np.int64)  # [32]
+        assert sorted(order) == list(range(32)) and (bits == 8) == (list(order) == list(range(32)))
+    expected = q.reshape(5, 32)[:, order].reshape(-1)  # [160]
+    assert np.array_equal(wide, expected)
+    assert np.array_equal(256 * high.astype(np.int32) + low, expected)
+    assert np.abs(high).max() == 127 and high.min() >= -127
+    sums = q.reshape(10, 16).sum(axis=1) * np.repeat(d, 2)  # [half runs]
+    if group_runs != uniform_int8_numba.HALF_RUN_GROUPS:
+        runs = sums.reshape(5, 2).sum(axis=1)  # [runs]
+        sums = np.array([runs[g * group_runs:(g + 1) * group_runs].sum() for g in range(n_groups)])
+    assert_close(xsum, sums.astype(np.float32), 1e-6)
+
+
 def test_int8_path_is_close_to_float_activations():
     # what the integer activations cost in accuracy on one product (4-bit, group 128): two bytes each,
     # 1/256 of the rounding of one byte (Q8_0, llama.cpp's activations)

@@ -601,7 +601,7 @@ def quantize_input(x, perm, bits, n_runs, group_runs, n_groups):
     xw = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     xw_low = np.empty(n_runs * BLOCK, dtype=np.int8)  # [runs*32]
     x16 = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32]
-    tile_order(xq, d, byte_sources(bits), group_runs, xw, xw_low, x16, xsum)
+    tile_order(xq, d, bits, group_runs, xw, xw_low, x16, xsum)
     return xq, xw, xw_low, d, x16, xsum
 
 
@@ -617,22 +617,20 @@ def quantize_stored(x, perm, n_runs, q, d):
 
 
 @njit(inline="always")
-def tile_order(xq, d, source, group_runs, high, low, wide, xsum):
-    """Two-byte activations xq [runs*32] (storage order; d [runs] their scales) as the tiles read them: at
-    r*32 + j of high and low (its bytes, `split_bytes`) and of wide (the int16) each run's value source[j]
-    (`byte_sources`: a gather, so the stores are contiguous); xsum[g] += d * the sum of each run of group g, or
-    of each half run (group_runs == HALF_RUN_GROUPS, xsum [2 runs]) (`quantize_input`,
-    uniform_prefill_numba.quantize_rows)."""
+def tile_order(xq, d, bits, group_runs, high, low, wide, xsum):
+    """Two-byte activations xq [runs*32] (storage order; d [runs] their scales) as the tiles of `bits` read them:
+    at r*32 + j of high and low (its bytes: value = 256 high + low, high = (value + 128) >> 8 in [-127, 127], low
+    in [-128, 127]) and of wide (the int16) each run's value `tile_byte_order` puts at j (`_ORDER_RUN`: one
+    vector shuffle a run); xsum[g] += d * the sum of each run of group g, or of each half run (group_runs ==
+    HALF_RUN_GROUPS, xsum [2 runs]) (`quantize_input`, uniform_prefill_numba.quantize_rows)."""
+    variant = order_variant(bits)
     for r in range(d.shape[0]):
         base = r * BLOCK
         first = second = np.int32(0)
         for k in range(HALF_RUN):
             first += np.int32(xq[base + k])
             second += np.int32(xq[base + HALF_RUN + k])
-        for j in range(BLOCK):
-            value = xq[base + source[j]]
-            high[base + j], low[base + j] = split_bytes(value)
-            wide[base + j] = value
+        _ORDER_RUN(variant, xq, base, high, low, wide)
         if group_runs == HALF_RUN_GROUPS:
             xsum[2 * r] += d[r] * np.float32(first)
             xsum[2 * r + 1] += d[r] * np.float32(second)
@@ -640,19 +638,51 @@ def tile_order(xq, d, source, group_runs, high, low, wide, xsum):
             xsum[r // group_runs] += d[r] * np.float32(first + second)
 
 
-@njit(cache=True)
-def byte_sources(bits):
-    """int64 [32]: the activation of a run that tile byte j meets (`tile_byte_order` of 0 .. 31)."""
-    return tile_byte_order(np.arange(BLOCK).astype(np.int8), bits).astype(np.int64)
+ORDER_BITS = (2, 3, 4)  # widths whose tiles meet a run's activations out of storage order (8 bits: in it)
 
 
 @njit(inline="always")
-def split_bytes(value):
-    """(high, low) signed bytes of a two-byte activation value (|value| <= LEVELS16): value = 256 high + low,
-    high = (value + 128) >> 8 in [-127, 127], low in [-128, 127]."""
-    value = np.int32(value)
-    high = (value + np.int32(128)) >> np.int32(8)
-    return high, value - np.int32(256) * high
+def order_variant(bits):
+    """The `_ORDER_RUN` variant of codes of `bits`: 1 + its index in ORDER_BITS, or the storage order (other
+    widths: 8 bits, and those only the portable lanes run, which read xq)."""
+    for i in range(len(ORDER_BITS)):
+        if ORDER_BITS[i] == bits:
+            return i + 1
+    return len(ORDER_BITS) + 1
+
+
+def _order_typer(typingctx, xq, base, high, low, wide):
+    """The signature of a run's reordering (`_order_codegen`)."""
+    return types.void(xq, types.int64, high, low, wide), None
+
+
+def _order_codegen(bits):
+    """The code of order_run(xq, base, high, low, wide): the 32 int16 of xq from `base`, permuted into the order of
+    the tiles of `bits` (`tile_byte_order`; None: kept) by one shufflevector (vpermw on AVX-512), stored at `base`
+    of wide and, split into high and low bytes, of high and low."""
+    source = None if bits is None else [int(s) for s in tile_byte_order.py_func(np.arange(BLOCK, dtype=np.int8), bits)]
+
+    def codegen(context, builder, signature, args):
+        xq, high, low, wide = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4))
+        base = args[1]
+        run16, run8 = ir.VectorType(_I16, BLOCK), ir.VectorType(_I8, BLOCK)
+
+        def at(array, vector):
+            return builder.bitcast(builder.gep(array.data, [base]), vector.as_pointer())
+
+        values = builder.load(at(xq, run16), align=2)
+        if source is not None:
+            values = builder.shuffle_vector(values, ir.Constant(run16, ir.Undefined),
+                                            ir.Constant(ir.VectorType(_I32, BLOCK), source))
+        high_bytes = builder.ashr(builder.add(values, ir.Constant(run16, [128] * BLOCK)),
+                                  ir.Constant(run16, [8] * BLOCK))
+        low_bytes = builder.sub(values, builder.shl(high_bytes, ir.Constant(run16, [8] * BLOCK)))
+        builder.store(values, at(wide, run16), align=2)
+        builder.store(builder.trunc(high_bytes, run8), at(high, run8), align=1)
+        builder.store(builder.trunc(low_bytes, run8), at(low, run8), align=1)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 @njit(cache=True)
@@ -677,6 +707,10 @@ def tile_byte_order(xq, bits):
                     for i in range(4):
                         xw[r * BLOCK + 4 * (t * sub + s) + i] = xq[r * BLOCK + t * per_word + sub * i + s]
     return xw
+
+
+# _ORDER_RUN(variant, ...): a run's activations in the order of the tiles of ORDER_BITS[variant - 1] (`order_variant`)
+_ORDER_RUN = variant_switch(_order_typer, [_order_codegen(bits) for bits in ORDER_BITS] + [_order_codegen(None)])
 
 
 @njit(cache=True)

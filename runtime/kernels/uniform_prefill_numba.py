@@ -44,7 +44,7 @@ from runtime.kernels.numba_common import variant_switch
 from runtime.kernels.quant_activations_numba import BLOCK
 from runtime.kernels.uniform_int8_numba import (CONTRACT, HALF_RUN_GROUPS, TILE, WORDS_PER_RUN, KernelWeight,
                                                 _fold_group, _group_loops, _load_lanes, _run_codes, _run_dot,
-                                                _run_parts, _splat, _table_bytes, available_kernels, byte_sources,
+                                                _run_parts, _splat, _table_bytes, available_kernels,
                                                 matmul_prefill, quantize_stored, tile_order)
 from runtime.kernels.uniform_numba import readonly
 
@@ -152,11 +152,10 @@ def quantize_rows(x, perm, bits, n_runs, group_runs, n_groups, rows):
     d = np.empty((rows, n_runs), dtype=np.float32)  # [rows, runs]
     xsum = np.zeros((rows, n_groups), dtype=np.float32)  # [rows, groups]
     hi[m:], lo[m:], q[m:], d[m:] = 0, 0, 0, 0  # the zero rows after x's
-    source = byte_sources(bits)  # [32]
     for row in prange(m):
         values = np.empty(n_runs * BLOCK, dtype=np.int16)  # [runs*32] in storage order
         quantize_stored(x[row], perm, n_runs, values, d[row])
-        tile_order(values, d[row], source, group_runs, hi[row], lo[row], q[row], xsum[row])
+        tile_order(values, d[row], bits, group_runs, hi[row], lo[row], q[row], xsum[row])
     return hi, lo, d, q, xsum
 
 
