@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.generation.sampling import SamplingParams, distribution, penalize_repetition, ranked, sample
+from runtime.generation.sampling import SamplingParams, distribution, nucleus, penalize_repetition, ranked, sample
 
 torch = pytest.importorskip("torch")
 gen = pytest.importorskip("transformers.generation.logits_process")
@@ -101,7 +101,7 @@ def test_tiny_temperature_samples_like_greedy(temperature):
         warnings.simplefilter("error")  # no overflow warning may reach the user's terminal
         ids, probs = distribution(logits, params)
         draws = {sample(logits, params, np.random.default_rng(seed)) for seed in range(10)}
-    assert ids[0] == np.argmax(logits) and probs[0] == 1.0 and np.isfinite(probs).all()
+    assert probs[ids == np.argmax(logits)] == 1.0 and np.isfinite(probs).all()
     assert draws == {int(np.argmax(logits))}
 
 
@@ -127,3 +127,30 @@ def test_top_k_ranking_equals_a_stable_sort():
         order = np.argsort(-logits, kind="stable")
         for k in (0, 1, int(rng.integers(1, n + 1)), n, n + 2):
             assert np.array_equal(ranked(logits, k), order[:k] if k else order)
+
+
+def test_nucleus_equals_the_cut_of_the_sorted_vocabulary():
+    """`nucleus` (the top 64, 512, ... tokens) keeps the ids and probabilities of the whole vocabulary sorted and
+    cut where its probability first reaches p: peaked and flat distributions (the search grows to a full sort),
+    ties and -inf."""
+    rng = np.random.default_rng(5)
+    grown = 0
+    for trial in range(300):
+        n = int(rng.integers(1, 6000))
+        spread = (0.3, 3.0, 10.0)[trial % 3]  # flat to peaked
+        logits = rng.standard_normal(n) * spread
+        if trial % 4 == 1:
+            logits = np.round(logits)  # ties
+        if trial % 4 == 2:
+            logits[rng.random(n) < 0.3] = -np.inf
+        logits = logits - logits.max()
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(logits[order])
+        probs /= probs.sum()
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+            ids, kept = nucleus(logits, top_p)
+            assert np.array_equal(ids, order[:keep])
+            assert np.abs(kept - probs[:keep] / probs[:keep].sum()).max() < 1e-12
+            grown += keep > 64
+    assert grown > 50  # the search went past its first 64 tokens in many cases

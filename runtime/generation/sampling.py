@@ -25,6 +25,7 @@ from runtime.errors import UserError
 
 MAX_NEW_TOKENS = 1_000_000  # far beyond any context this runtime runs; a larger value is a typo
 SAMPLE_STRIDE = 8  # every how many logits `ranked` samples for a floor under the top k
+NUCLEUS_FIRST, NUCLEUS_GROWTH = 64, 8  # the most likely tokens `nucleus` looks among first, and the growth
 
 
 def is_number(value, integer: bool) -> bool:
@@ -112,11 +113,35 @@ def ranked(logits: np.ndarray, top_k: int) -> np.ndarray:
     return chosen[np.lexsort((chosen, -logits[chosen]))]
 
 
+def nucleus(logits: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of most likely tokens whose probability (over the whole vocabulary) reaches top_p, most
+    likely first, and their probabilities renormalized; logits [vocab] float64 with the largest at 0. The set is
+    looked for among the top NUCLEUS_FIRST tokens (`ranked`), then NUCLEUS_GROWTH times as many, and so on: a
+    peaked distribution never sorts the vocabulary (4.6 ms for 49152 logits, longer than a SmolLM2 decode step)."""
+    weights = np.exp(logits)  # [vocab] at most 1
+    total = weights.sum()  # >= 1: the best token's weight is 1
+    top_k = NUCLEUS_FIRST
+    while True:
+        order = ranked(logits, top_k)  # [top_k, or vocab]
+        reached = np.cumsum(weights[order]) / total  # [top_k]
+        if reached[-1] >= top_p or order.shape[0] == logits.shape[0]:
+            keep = min(int(np.searchsorted(reached, top_p)) + 1, order.shape[0])  # smallest prefix reaching p
+            chosen = weights[order[:keep]]  # [keep]
+            return order[:keep], chosen / chosen.sum()
+        top_k *= NUCLEUS_GROWTH
+
+
 def distribution(logits: np.ndarray, params: SamplingParams, seen=()) -> tuple[np.ndarray, np.ndarray]:
-    """The token ids that may be drawn and their probabilities, from logits [vocab]; temperature > 0."""
+    """The token ids that may be drawn and their probabilities, from logits [vocab]; temperature > 0. Ids most
+    likely first where top-k or top-p cut the vocabulary, else every id in ascending order."""
     logits = penalize_repetition(logits.astype(np.float64), seen, params.repetition_penalty)
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the best tokens to -inf: probability 0
         logits = (logits - logits.max()) / params.temperature  # the best token at exactly 0
+    if not params.top_k or params.top_k >= logits.shape[0]:
+        if params.top_p < 1:
+            return nucleus(logits, params.top_p)
+        probs = np.exp(logits)  # [vocab]
+        return np.arange(logits.shape[0]), probs / probs.sum()
     order = ranked(logits, params.top_k)  # token ids, most likely first
     probs = np.exp(logits[order])  # probs[0] = 1, so the sum is >= 1
     probs /= probs.sum()  # [k]
