@@ -96,9 +96,10 @@ def test_numba_kernels_match_reference(bits, shape, codebook, monkeypatch):
 
 
 # 576 = 36·16 and 1536 = 12·128, 5632 = 44·128: the dense factor's vector kernel (one and several blocks of 16
-# per row of the factor); 24 = 12·2: its scalar loop; 64: no dense factor
+# per row of the factor); 24 = 12·2: its scalar loop; 64, 2048: no dense factor; the butterflies: vectors of 16
+# (n a multiple of 16), the scalar 8-point one (8) and stages of stride 2 (48 = 12·4)
 @pytest.mark.parametrize("n, transpose", [(576, False), (576, True), (1536, True), (5632, False), (24, True),
-                                          (64, False)])
+                                          (64, False), (2048, True), (8, False), (48, True)])
 def test_numba_hadamard_matches_fast_hadamard(n, transpose):
     rng = np.random.default_rng(n)
     before, after = random_signs(n, 1), random_signs(n, 2)
