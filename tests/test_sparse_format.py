@@ -28,6 +28,31 @@ def test_sparse_kernel_matches_reference():
     np.testing.assert_array_equal(sparse.row_ptr, np.concatenate([[0], np.cumsum(np.count_nonzero(dense, axis=1))]))
 
 
+@pytest.mark.parametrize("rows, n_out", [(37, 300), (16, 64), (48, 40), (20, 5)])
+def test_many_rows_add_into_views(rows, n_out):
+    # prefill's path: x transposed and the sums added by 16 x 16 register transposes where rows and outputs
+    # fill whole blocks, element by element at the edges; x and y views of larger arrays (as matmul passes
+    # them: y is the product's padded output), nothing outside y written; y with steps along its rows too
+    from runtime.kernels import sparse_numba
+    rng = np.random.default_rng(rows + n_out)
+    sparse = random_outliers(rng, n_out, 130, 0.05)
+    dense = sparse.dequantize().astype(np.float64)  # [out, 130]
+    wide = inputs(44, rows, 150, mean=0.5)  # [rows, 150]
+    x = wide[:, 7:137]  # [rows, 130] a view with a row step of 150
+    assert np.array_equal(sparse_numba._transposed(np.ascontiguousarray(x)), x.T)
+    values = sparse.values.astype(np.float32)
+    for transposed in (False, True):
+        big = rng.standard_normal((n_out + 5, rows + 3) if transposed else (rows + 3, n_out + 5)).astype(np.float32)
+        before = big.copy()
+        y = big[:n_out, :rows].T if transposed else big[:rows, :n_out]  # [rows, out]
+        expected = y.astype(np.float64) + x.astype(np.float64) @ dense.T  # [rows, out]
+        sparse_numba.add_product(sparse.row_ptr, sparse.col_idx, values, x, y)
+        assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+        outside = np.ones(big.shape, dtype=bool)
+        outside[(slice(n_out), slice(rows)) if transposed else (slice(rows), slice(n_out))] = False
+        assert np.array_equal(big[outside], before[outside])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_rows_split_over_threads_match_reference(threads, monkeypatch):
     # past PARALLEL_ENTRIES the few-row product splits the output rows over the threads by entries: rows
