@@ -16,7 +16,8 @@ user's NUMBA_CACHE_DIR, the `__pycache__` beside the file, or the user-wide
 cache) and adds to the file's stamp a hash of every .py file under `root`, so
 any change there makes every cached kernel stale and Numba recompiles it on
 first use (and writes over the old entries, as for any stale file). Functions
-outside `root` keep Numba's locators untouched.
+outside `root` keep Numba's locators untouched. A NUMBA_CACHE_LOCATOR_CLASSES
+the user sets replaces Numba's whole list, this locator with it.
 """
 from __future__ import annotations
 
