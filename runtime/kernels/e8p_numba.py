@@ -102,37 +102,42 @@ def _butterfly8(buf, base, size):
 
 
 @intrinsic
-def _butterfly8_wide(typingctx, buf):
-    """`_butterfly8` on all of buf [n] float32 (n a multiple of 16) in place, sixteen floats a vector: each stage
-    of stride s adds to every element its partner i ^ s, itself negated where bit s of i is set (u - v = partner
-    - element), the same sums in the same order as the scalar butterfly."""
+def _butterfly_wide(typingctx, buf, size):
+    """The Walsh–Hadamard stages of strides 1, 2, 4 and, where the blocks are `size` >= 16, 8 on all of buf [n]
+    float32 (n a multiple of 16) in place, sixteen floats a vector: each stage of stride s adds to every element
+    its partner i ^ s, itself negated where bit s of i is set (u - v = partner - element), the same sums in the
+    same order as `_butterfly8` and the stage of stride 8."""
     def codegen(context, builder, signature, args):
         floats = ir.VectorType(ir.FloatType(), 16)
         i64 = ir.IntType(64)
         array = context.make_array(signature.args[0])(context, builder, args[0])
         n = cgutils.unpack_tuple(builder, array.shape)[0]
+        sixteen = builder.icmp_signed(">=", args[1], ir.Constant(args[1].type, 16))
+
+        def stage(values, stride):
+            partners = builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                                          [i ^ stride for i in range(16)]))
+            signs = ir.Constant(floats, [-1.0 if i & stride else 1.0 for i in range(16)])
+            return builder.fadd(partners, builder.fmul(values, signs))
+
         with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 16))) as loop:
             at = builder.bitcast(builder.gep(array.data, [builder.mul(loop.index, ir.Constant(i64, 16))]),
                                  floats.as_pointer())
             values = builder.load(at, align=4)
             for stride in (1, 2, 4):
-                partners = builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(ir.IntType(32), 16),
-                                                                              [i ^ stride for i in range(16)]))
-                signs = ir.Constant(floats, [-1.0 if i & stride else 1.0 for i in range(16)])
-                values = builder.fadd(partners, builder.fmul(values, signs))
-            builder.store(values, at, align=4)
+                values = stage(values, stride)
+            builder.store(builder.select(sixteen, stage(values, 8), values), at, align=4)
         return context.get_dummy_value()
 
-    return types.void(buf), codegen
+    return types.void(buf, types.int64), codegen
 
 
 @intrinsic
 def _fwht_stage(typingctx, src, dst, half):
-    """dst = one Walsh–Hadamard stage of stride `half` (8, 16, ...; a power of two) on src [n] float32, n a
+    """dst = one Walsh–Hadamard stage of stride `half` (16, 32, ...; a power of two) on src [n] float32, n a
     multiple of 2 * half: each pair (u, v) = (src[i], src[i + half]) of a block of 2 * half becomes (u + v, u - v),
-    sixteen floats a vector (stride 8: one vector holds u and v, swapped in by shuffles). Numba loops over slices
-    of `half` paid a slice per block (255 blocks for 2048 points: 5.9 us a row) and over an unknown distance
-    LLVM did not vectorize."""
+    sixteen floats a vector. Numba loops over slices of `half` paid a slice per block (255 blocks for 2048 points:
+    5.9 us a row) and over an unknown distance LLVM did not vectorize."""
     def codegen(context, builder, signature, args):
         floats = ir.VectorType(ir.FloatType(), 16)
         i64 = ir.IntType(64)
@@ -143,30 +148,16 @@ def _fwht_stage(typingctx, src, dst, half):
         def vector_at(array, index):
             return builder.bitcast(builder.gep(array.data, [index]), floats.as_pointer())
 
-        def mask(indices):
-            return ir.Constant(ir.VectorType(ir.IntType(32), 16), indices)
-
-        with builder.if_else(builder.icmp_signed("==", stride, ir.Constant(stride.type, 8))) as (eight, wide):
-            with eight:  # [u | v] -> [u + v | u - v] in one vector
-                with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 16))) as loop:
-                    at = builder.mul(loop.index, ir.Constant(i64, 16))
-                    pair = builder.load(vector_at(src_array, at), align=4)
-                    first = builder.shuffle_vector(pair, pair, mask([i % 8 for i in range(16)]))
-                    second = builder.shuffle_vector(pair, pair, mask([8 + i % 8 for i in range(16)]))
-                    signs = ir.Constant(floats, [1.0] * 8 + [-1.0] * 8)
-                    builder.store(builder.fadd(first, builder.fmul(second, signs)), vector_at(dst_array, at),
-                                  align=4)
-            with wide:
-                width = builder.mul(stride, ir.Constant(i64, 2))
-                with cgutils.for_range(builder, builder.udiv(n, width)) as blocks:
-                    start = builder.mul(blocks.index, width)
-                    with cgutils.for_range(builder, builder.udiv(stride, ir.Constant(i64, 16))) as chunks:
-                        u_at = builder.add(start, builder.mul(chunks.index, ir.Constant(i64, 16)))
-                        v_at = builder.add(u_at, stride)
-                        u = builder.load(vector_at(src_array, u_at), align=4)
-                        v = builder.load(vector_at(src_array, v_at), align=4)
-                        builder.store(builder.fadd(u, v), vector_at(dst_array, u_at), align=4)
-                        builder.store(builder.fsub(u, v), vector_at(dst_array, v_at), align=4)
+        width = builder.mul(stride, ir.Constant(i64, 2))
+        with cgutils.for_range(builder, builder.udiv(n, width)) as blocks:
+            start = builder.mul(blocks.index, width)
+            with cgutils.for_range(builder, builder.udiv(stride, ir.Constant(i64, 16))) as chunks:
+                u_at = builder.add(start, builder.mul(chunks.index, ir.Constant(i64, 16)))
+                v_at = builder.add(u_at, stride)
+                u = builder.load(vector_at(src_array, u_at), align=4)
+                v = builder.load(vector_at(src_array, v_at), align=4)
+                builder.store(builder.fadd(u, v), vector_at(dst_array, u_at), align=4)
+                builder.store(builder.fsub(u, v), vector_at(dst_array, v_at), align=4)
         return context.get_dummy_value()
 
     return types.void(src, dst, types.int64), codegen
@@ -182,14 +173,14 @@ def _hadamard_row(x, r, sign_before, sign_after, h_k, size, transpose, scale, ou
     for i in range(n):
         buf[i] = x[r, i] * sign_before[i]
     half = 1
-    if size >= 8:  # the first three stages as one 8-point butterfly per 8 elements
-        if n % 16 == 0:
-            _butterfly8_wide(buf)
-        else:
-            _butterfly8(buf, 0, n)
+    if size >= 8 and n % 16 == 0:  # the stages within 16 floats in vectors (blocks of 8: the first three)
+        _butterfly_wide(buf, size)
+        half = min(size, 16)
+    elif size >= 8:  # one block of 8 (n = 8): the first three stages as one 8-point butterfly
+        _butterfly8(buf, 0, n)
         half = 8
     while half < size:  # each later stage of every block, from one buffer into the other
-        if half >= 8:
+        if half >= 16:
             _fwht_stage(buf, spare, half)
         else:  # blocks of 2 or 4 (a K-block smaller than 8)
             for start in range(0, n, 2 * half):

@@ -141,11 +141,11 @@ def _transpose_block(typingctx, src, src_row, src_column, dst, dst_row, dst_colu
             block //= 2
         for i, row in enumerate(rows):
             at = row_at(dst_array, builder.add(args[4], ir.Constant(i64, i)), args[5])
-            with builder.if_then(args[6]):
-                row_sum = builder.fadd(builder.load(at, align=4), row)
-                builder.store(row_sum, at, align=4)
-            with builder.if_then(builder.not_(args[6])):
-                builder.store(row, at, align=4)
+            with builder.if_else(args[6]) as (add, store):
+                with add:
+                    builder.store(builder.fadd(builder.load(at, align=4), row), at, align=4)
+                with store:
+                    builder.store(row, at, align=4)
         return context.get_dummy_value()
 
     return types.void(src, types.int64, types.int64, dst, types.int64, types.int64, types.boolean), codegen
