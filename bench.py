@@ -1,5 +1,11 @@
 """The CPU benchmark: `make bench` writes BENCHMARKS.md, benchmarks.png and the README's benchmark tables.
 
+Each model family's table comes whole from one run: a run saves the
+families it measured under benchmarks/speed/ (one JSON file each, with the
+run's command, date, machine and llama.cpp build) and writes BENCHMARKS.md
+and the README's tables from every saved family, so that one family can be
+measured again without the hours of the others.
+
 Rows, each a model run by one engine:
 - SmolLM2-135M-Instruct: our float model and its quantized variants (built
   first if missing), and llama.cpp on the Q4_1 GGUF they come from; bits per
@@ -49,6 +55,7 @@ from bench_llamacpp import cmake_args, cpu_flags, status_mb
 
 PROJECT = Path(__file__).resolve().parent
 CACHE = PROJECT / ".cache" / "bench"
+SECTION_DIR = PROJECT / "benchmarks" / "speed"  # each model family's last written run (JSON), BENCHMARKS.md's source
 SMOLLM = "smollm2-135m"
 SMOLLM_TAGS = ("rtn4g128", "rtn4", "rtn3g128", "rtn3", "rtn2g64", "gptq4g128", "gptq4", "gptq3g128", "gptq3",
                "gptq2g64", "gptq3g32", "nf4", "nf4dq", "fp4", "int8", "int8t150", "absmax8", "smooth8", "spqr4g32",
@@ -391,16 +398,6 @@ def table(rows: list[Row], measured: dict) -> str:
     return "\n".join(lines)
 
 
-def sections(rows: list[Row], measured: dict) -> str:
-    """One table per model family, with its heading."""
-    parts = []
-    for base, title in SECTIONS.items():
-        members = [row for row in rows if row.base == base]
-        if members:
-            parts += [f"### {title}", "", table(members, measured), ""]
-    return "\n".join(parts)
-
-
 def anchor_check(rows: list[Row], measured: dict) -> str:
     """llama.cpp's rows timed by our clock beside its own counters (llama_perf_context) of the same runs."""
     lines = ["| llama.cpp row | prefill tok/s (our clock) | prefill tok/s (llama_perf) | decode tok/s (our clock) | "
@@ -456,38 +453,54 @@ def plot(rows: list[Row], measured: dict, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
-def document(command: str, rows: list[Row], measured: dict, settings: dict) -> str:
-    """The text of BENCHMARKS.md."""
-    llama = settings.get("llama_cpp")
+def section_text(base: str, record: dict) -> str:
+    """The BENCHMARKS.md section of one model family: the run that measured it (command, date, machine, load,
+    llama.cpp build), its table and llama.cpp's own counters of its llama.cpp rows."""
+    rows, measured = record_rows(record)
+    llama = record.get("llama_cpp")
     llama_text = (f"llama-cpp-python {llama['version']} (`make bench` builds it from source with the CMAKE_ARGS "
-                  f"of `python bench_llamacpp.py cmake-args`, here `{settings['cmake_args']}`); its "
+                  f"of `python bench_llamacpp.py cmake-args`, here `{record['cmake_args']}`); its "
                   f"`llama_print_system_info()`: `{llama['system_info']}`"
                   if llama else "llama-cpp-python is not installed: no llama.cpp rows")
+    lines = [f"### {SECTIONS[base]}", "",
+             f"Measured by `{record['command']}` on {record['date']}: {record['rounds']} rounds, "
+             f"{record['threads']} threads, {record['steps']} decode steps. Machine: {record['machine']}; load "
+             f"average (1/5/15 minutes) {record['load']}. llama.cpp: {llama_text}.", "",
+             table(rows, measured), ""]
+    if any(row.engine == LLAMA_CPP for row in rows):
+        lines += ["llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval and eval times), "
+                  "medians over the rounds, beside our clock's:", "", anchor_check(rows, measured), ""]
+    return "\n".join(lines)
+
+
+def document(records: dict) -> str:
+    """The text of BENCHMARKS.md from the saved run of each model family (`load_records`)."""
     return "\n".join([
         "# Benchmarks", "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-        f"Machine: {machine()}; load average (1/5/15 minutes) {settings['load']}. CPU only.", "",
-        f"llama.cpp: {llama_text}.", "",
-        f"How: each measurement is a fresh process running one engine with its own defaults. Ours "
-        f"(`bench.py --child`) imports `runtime`, which sets OPENBLAS_NUM_THREADS=1 for itself, with "
-        f"NUMBA_NUM_THREADS={settings['threads']} and no OMP_WAIT_POLICY; llama.cpp (`bench_llamacpp.py`) runs in an "
-        f"environment without those variables (nor any NUMBA_*), with n_threads = n_threads_batch = "
-        f"{settings['threads']}. Both prefill the same {PREFILL_TOKENS} tokens of WikiText-2 test (our tokenizer's "
-        f"ids, given to both), then decode {settings['steps']} tokens greedily (argmax of the last logits each "
-        f"step), after a warm-up on the first 16 tokens. Sampled decode (ours): the same prompt through run.py's "
-        f"generation loop with its default sampling (temperature 0.7, top-k 50, top-p 0.9, seed 0), "
-        f"{settings['steps']} tokens, each decode step timed with the sampling of its token; llama.cpp's greedy "
-        f"loop above samples nothing. Every row is measured once per round and the rounds "
-        f"interleave the rows; the table gives the median of {settings['rounds']} rounds (decode min-max: the "
-        f"range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: its VmRSS after "
-        f"importing the engine (ours: `pipeline.api`, NumPy and Numba; llama.cpp: `llama_cpp`), before any "
-        f"model, the floor of the Python process; RSS after first kernel (ours): its VmRSS after one cached Numba "
-        f"kernel has run, still before any model (Numba's compiler context and LLVM's code pages load with the first "
-        f"kernel, cached or not). Ratios are to the llama.cpp row of the same model and size "
-        f"(column llama.cpp row) and to our float row, from the medians above.", "",
-        "All rows: `make bench`. A subset (the llama.cpp rows a row is compared with come along): "
+        "Written by `bench.py` (`make bench`). Each model family's table comes from one run, named above it with "
+        "its date, machine and llama.cpp build: a run rewrites the sections whose rows it measured in full and "
+        "keeps the others (the results of each under benchmarks/speed/). Machines differ between runs; compare "
+        "ratios within a table, not numbers across tables of different runs.", "",
+        "How: each measurement is a fresh process running one engine with its own defaults. Ours "
+        "(`bench.py --child`) imports `runtime`, which sets OPENBLAS_NUM_THREADS=1 for itself, with "
+        "NUMBA_NUM_THREADS set to the run's thread count and no OMP_WAIT_POLICY; llama.cpp (`bench_llamacpp.py`) "
+        "runs in an environment without those variables (nor any NUMBA_*), with n_threads = n_threads_batch = the "
+        f"same count. Both prefill the same {PREFILL_TOKENS} tokens of WikiText-2 test (our tokenizer's ids, given "
+        "to both), then decode the run's number of tokens greedily (argmax of the last logits each step), after a "
+        "warm-up on the first 16 tokens. Sampled decode (ours): the same prompt through run.py's generation loop "
+        "with its default sampling (temperature 0.7, top-k 50, top-p 0.9, seed 0), as many tokens, each decode "
+        "step timed with the sampling of its token; llama.cpp's greedy loop above samples nothing. Every row is "
+        "measured once per round and the rounds interleave the rows; the tables give the median over the rounds "
+        "(decode min-max: the range over the rounds). Peak RSS: VmHWM of the measuring process; RSS after import: "
+        "its VmRSS after importing the engine (ours: `pipeline.api`, NumPy and Numba; llama.cpp: `llama_cpp`), "
+        "before any model, the floor of the Python process; RSS after first kernel (ours): its VmRSS after one "
+        "cached Numba kernel has run, still before any model (Numba's compiler context and LLVM's code pages load "
+        "with the first kernel, cached or not). Ratios are to the llama.cpp row of the same model and size "
+        "(column llama.cpp row) and to our float row, from the medians of the same run.", "",
+        "All rows: `make bench`. One family: `python bench.py --rows 'tinyllama*'` (shell patterns of the row "
+        "names below; the llama.cpp rows a row is compared with come along). A quick look that writes nothing: "
         "`python bench.py --rows 'tinyllama-1.1b.rtn*,smollm2-135m.q*' --rounds 1 --steps 16 --no-perplexity "
-        "--no-write` (shell patterns of the row names below).", "",
+        "--no-write`.", "",
         f"Bits per weight: decoder projections, from the stored bytes (codes plus scales, zeros, statistics, "
         f"outliers, signs; for a GGUF its blk.* matrices). Perplexity (SmolLM2 only): WikiText-2 test, first "
         f"{PPL_WINDOWS} windows of {PPL_SEQLEN} tokens; llama.cpp's from its logits on the same windows.", "",
@@ -497,12 +510,62 @@ def document(command: str, rows: list[Row], measured: dict, settings: dict) -> s
         "drawn at random in the format's valid range, labelled \"random codes\". The Llama is converted to an "
         "F16 GGUF with Llama 2's SentencePiece vocabulary (TinyLlama's) and quantized by llama.cpp's own "
         "`llama_model_quantize`. llama.cpp has no OPT architecture, so the OPT rows have no llama.cpp anchor.", "",
-        sections(rows, measured),
-        *(["### llama.cpp's own counters", "",
-           "The anchor checked against llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval "
-           "and eval times), medians over the rounds:", "",
-           anchor_check(rows, measured), ""] if any(row.engine == LLAMA_CPP for row in rows) else []),
+        *(section_text(base, record) for base, record in records.items()),
         "![perplexity against bits per weight](benchmarks.png)", "", *linked_sections(), *gpu_section()])
+
+
+def readme_tables(records: dict) -> str:
+    """The README's benchmark tables: each family's heading, the run it comes from and its table."""
+    parts = []
+    for base, record in records.items():
+        parts += [f"### {SECTIONS[base]}", "", f"From `{record['command']}` on {record['date']} "
+                  "([BENCHMARKS.md](BENCHMARKS.md): the machine, llama.cpp's build and its own counters).", "",
+                  table(*record_rows(record)), ""]
+    return "\n".join(parts)
+
+
+def record_rows(record: dict) -> tuple[list[Row], dict]:
+    """(rows, {Row: stats}) of a saved section."""
+    measured = {}
+    for entry in record["rows"]:
+        stats = dict(entry)
+        row = Row(stats.pop("engine"), stats.pop("base"), stats.pop("kind"))
+        measured[row] = stats
+    return list(measured), measured
+
+
+def section_record(base: str, rows: list[Row], measured: dict, run: dict) -> dict:
+    """What a run saves of one model family: the run's description and each of the family's rows with its
+    stats."""
+    return {**run, "rows": [{"engine": row.engine, "base": row.base, "kind": row.kind, **measured[row]}
+                            for row in rows if row.base == base]}
+
+
+def save_records(rows: list[Row], measured: dict, run: dict, directory: Path) -> None:
+    """Write each measured family's record to `directory`/<family>.json, leaving the other families' files."""
+    from runtime.checkpoints.atomic import write_text
+    directory.mkdir(parents=True, exist_ok=True)
+    for base in SECTIONS:
+        if any(row.base == base for row in rows):
+            write_text(directory / f"{base}.json", json.dumps(section_record(base, rows, measured, run), indent=1))
+
+
+def load_records(directory: Path) -> dict:
+    """{family: record} of the saved sections, in table order."""
+    return {base: json.loads((directory / f"{base}.json").read_text()) for base in SECTIONS
+            if (directory / f"{base}.json").is_file()}
+
+
+def check_whole_sections(rows: list[Row], with_llama_cpp: bool) -> None:
+    """UserError when `rows` hold part of a family's rows: a written section comes from one run, whole."""
+    from runtime.errors import UserError
+    for base in SECTIONS:
+        family = [row for row in default_rows() if row.base == base and (with_llama_cpp or row.engine != LLAMA_CPP)]
+        missing = [row.name for row in family if row not in rows]
+        if missing and len(missing) < len(family):
+            raise UserError(f"--rows measures part of the {base} rows (not {', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}): a written table comes whole from one run; "
+                            f"select all of them (--rows '{base}*') or add --no-write")
 
 
 LINKED = (  # BENCHMARKS.md sections that link a file of benchmarks/ another command writes: title, file, what, command
@@ -598,6 +661,8 @@ def main(argv=None) -> None:
     load = load_average()
     llama = llama_cpp_settings(args.threads)
     rows = [row for row in select(default_rows(), args.rows) if llama is not None or row.engine != LLAMA_CPP]
+    if not (args.no_write or args.prepare_only):
+        check_whole_sections(rows, llama is not None)
     paths = {row: prepare(row, args.threads) for row in rows}
     measured = {row: size_info(row, paths[row]) for row in rows}
     ids = {base: prompt_ids(prepare(Row(OURS, base, FLOAT), args.threads)) for base in {row.base for row in rows}}
@@ -618,19 +683,24 @@ def main(argv=None) -> None:
               f"{result['decode']:.1f} tok/s, peak RSS {result['rss']:.0f} MB", flush=True)
     for row in rows:
         measured[row].update(medians(runs[row]))
-    settings = {"load": f"{load} when the run started and {load_average()} when it ended", "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-                "llama_cpp": llama, "cmake_args": cmake_args(cpu_flags(), platform.machine())}
-    command = " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv))
-    text = document(command, rows, measured, settings)
+    run = {"command": " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv)),
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+           "load": f"{load} when the run started and {load_average()} when it ended", "threads": args.threads,
+           "steps": args.steps, "rounds": args.rounds, "llama_cpp": llama,
+           "cmake_args": cmake_args(cpu_flags(), platform.machine())}
+    if args.no_write:
+        print(document({base: section_record(base, rows, measured, run) for base in SECTIONS
+                        if any(row.base == base for row in rows)}))
+        return
+    from runtime.checkpoints.atomic import write_text
+    save_records(rows, measured, run, SECTION_DIR)
+    records = load_records(SECTION_DIR)
+    text = document(records)
     print(text)
-    if not args.no_write:
-        from runtime.checkpoints.atomic import write_text
-        write_text(PROJECT / "BENCHMARKS.md", text)
-        update_readme(PROJECT / "README.md", f"From `{command}` ([BENCHMARKS.md](BENCHMARKS.md)).\n\n" +
-                      sections(rows, measured))
-        if any(measured[row].get("ppl") for row in rows):
-            plot(rows, measured, PROJECT / "benchmarks.png")
-
+    write_text(PROJECT / "BENCHMARKS.md", text)
+    update_readme(PROJECT / "README.md", readme_tables(records))
+    if any(measured[row].get("ppl") for row in rows if row.base == SMOLLM):
+        plot(rows, measured, PROJECT / "benchmarks.png")
 
 if __name__ == "__main__":
     import runtime  # noqa: F401  (its thread defaults before NumPy loads, in the parent as in the children)

@@ -144,16 +144,54 @@ def test_medians_over_rounds():
     assert (m["decode"], m["prefill"], m["rss"], m["decode_range"]) == (4, 50, 104.0, (1, 9))
 
 
+RUN = {"command": "python bench.py", "date": "2026-12-01", "machine": "AMD EPYC, 2 cores (avx512f)",
+       "load": "0.10/0.20/0.30 when the run started and 0.40/0.30/0.20 when it ended", "threads": 2, "steps": 64,
+       "rounds": 5, "cmake_args": "-DGGML_AMX_INT8=OFF",
+       "llama_cpp": {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1"}}
+
+
+def smollm_measured() -> dict:
+    return {Row(OURS, SMOLLM, FLOAT): dict(stats(20.0, bits=32.0), ppl=20.8),
+            Row(LLAMA_CPP, SMOLLM, "Q4_1"): dict(stats(70.0, bits=5.0), ppl=20.9, perf_prefill=280.0, perf_decode=72.0)}
+
+
 def test_document_names_the_machine_and_llama_cpp_build():
-    measured = {Row(OURS, SMOLLM, FLOAT): dict(stats(20.0, bits=32.0), ppl=20.8),
-                Row(LLAMA_CPP, SMOLLM, "Q4_1"): dict(stats(70.0, bits=5.0), ppl=20.9, perf_prefill=280.0,
-                                                      perf_decode=72.0)}
-    settings = {"load": "0.10/0.20/0.30 when the run started and 0.40/0.30/0.20 when it ended", "threads": 2, "steps": 64, "rounds": 5, "cmake_args": "-DGGML_AMX_INT8=OFF",
-                "llama_cpp": {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1"}}
-    text = bench.document("python bench.py", list(measured), measured, settings)
-    assert "cores" in text and "0.40/0.30/0.20 when it ended" in text and "0.3.36" in text and "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text
+    measured = smollm_measured()
+    text = bench.document({SMOLLM: bench.section_record(SMOLLM, list(measured), measured, RUN)})
+    assert "AMD EPYC, 2 cores" in text and "0.40/0.30/0.20 when it ended" in text and "0.3.36" in text
+    assert "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text and "5 rounds, 2 threads, 64 decode steps" in text
     assert "| llama.cpp smollm2-135m.Q4_1 | 100.0 | 280.0 | 70.0 | 72.0 |" in text
     assert "| smollm2-135m | 32.000 | 1.0 | 20.800 |" in text and f"{20 / 70:.2f}x" in text
+
+
+def test_a_written_run_keeps_the_families_it_did_not_measure(tmp_path):
+    old = smollm_measured()
+    bench.save_records(list(old), old, RUN, tmp_path)
+    new = {Row(OURS, LLAMA_1B, FLOAT): stats(2.0, bits=32.0), Row(OURS, LLAMA_1B, "rtn4g128"): stats(5.5),
+           Row(LLAMA_CPP, LLAMA_1B, "Q4_0"): dict(stats(19.2), perf_prefill=101.0, perf_decode=19.0)}
+    bench.save_records(list(new), new, dict(RUN, date="2026-12-02", command="python bench.py --rows 'tinyllama*'"),
+                       tmp_path)
+    records = bench.load_records(tmp_path)
+    assert list(records) == [SMOLLM, LLAMA_1B] and records[SMOLLM]["date"] == "2026-12-01"
+    for base, measured in ((SMOLLM, old), (LLAMA_1B, new)):  # saved and read back: the same table
+        assert bench.table(*bench.record_rows(records[base])) == bench.table(list(measured), measured)
+    text = bench.document(records)
+    smollm, tinyllama = text.index("### SmolLM2"), text.index("### Llama with TinyLlama")
+    assert smollm < text.index("on 2026-12-01:") < tinyllama < text.index("--rows 'tinyllama*'` on 2026-12-02")
+    assert "| llama.cpp tinyllama-1.1b.Q4_0 | 100.0 | 101.0 | 19.2 | 19.0 |" in text
+    readme = bench.readme_tables(records)
+    assert readme.count("### ") == 2 and "on 2026-12-02" in readme and f"{5.5 / 19.2:.2f}x" in readme
+
+
+def test_written_runs_measure_whole_families():
+    rows = bench.default_rows()
+    bench.check_whole_sections(rows, True)
+    bench.check_whole_sections(bench.select(rows, "tinyllama*,opt*"), True)
+    bench.check_whole_sections([row for row in bench.select(rows, "smollm2*") if row.engine == OURS], False)
+    with pytest.raises(UserError, match="part of the tinyllama-1.1b rows .*--no-write"):
+        bench.check_whole_sections(bench.select(rows, "tinyllama-1.1b.rtn*"), True)
+    with pytest.raises(UserError, match="part of the smollm2-135m rows"):  # llama.cpp's row left out
+        bench.check_whole_sections([row for row in bench.select(rows, "smollm2*") if row.engine == OURS], True)
 
 
 def test_readme_tables_are_replaced_between_the_markers(tmp_path):
