@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -465,7 +466,8 @@ def section_text(base: str, record: dict) -> str:
     lines = [f"### {SECTIONS[base]}", "",
              f"Measured by `{record['command']}` on {record['date']}: {record['rounds']} rounds, "
              f"{record['threads']} threads, {record['steps']} decode steps. Machine: {record['machine']}; load "
-             f"average (1/5/15 minutes) {record['load']}. llama.cpp: {llama_text}.", "",
+             f"average (1/5/15 minutes) {record['load']}. llama.cpp: {llama_text}." +
+             (f" {record['note']}" if record.get("note") else ""), "",
              table(rows, measured), ""]
     if any(row.engine == LLAMA_CPP for row in rows):
         lines += ["llama.cpp's own timing of the same runs (`llama_perf_context`: prompt eval and eval times), "
@@ -535,8 +537,9 @@ def record_rows(record: dict) -> tuple[list[Row], dict]:
 
 
 def section_record(base: str, rows: list[Row], measured: dict, run: dict) -> dict:
-    """What a run saves of one model family: the run's description and each of the family's rows with its
-    stats."""
+    """What a run saves of one model family: the run's description (command, date, machine, load, threads, steps,
+    rounds, llama_cpp, cmake_args; a record may add a `note` shown with them) and each of the family's rows with
+    its stats."""
     return {**run, "rows": [{"engine": row.engine, "base": row.base, "kind": row.kind, **measured[row]}
                             for row in rows if row.base == base]}
 
@@ -683,7 +686,7 @@ def main(argv=None) -> None:
               f"{result['decode']:.1f} tok/s, peak RSS {result['rss']:.0f} MB", flush=True)
     for row in rows:
         measured[row].update(medians(runs[row]))
-    run = {"command": " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv)),
+    run = {"command": shlex.join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv)),
            "date": time.strftime("%Y-%m-%d"), "machine": machine(),
            "load": f"{load} when the run started and {load_average()} when it ended", "threads": args.threads,
            "steps": args.steps, "rounds": args.rounds, "llama_cpp": llama,

@@ -157,9 +157,10 @@ def smollm_measured() -> dict:
 
 def test_document_names_the_machine_and_llama_cpp_build():
     measured = smollm_measured()
-    text = bench.document({SMOLLM: bench.section_record(SMOLLM, list(measured), measured, RUN)})
+    text = bench.document({SMOLLM: bench.section_record(SMOLLM, list(measured), measured, dict(RUN, note="Noted."))})
     assert "AMD EPYC, 2 cores" in text and "0.40/0.30/0.20 when it ended" in text and "0.3.36" in text
     assert "AVX512 = 1" in text and "-DGGML_AMX_INT8=OFF" in text and "5 rounds, 2 threads, 64 decode steps" in text
+    assert "`llama_print_system_info()`: `CPU : AVX2 = 1 | AVX512 = 1`. Noted." in text
     assert "| llama.cpp smollm2-135m.Q4_1 | 100.0 | 280.0 | 70.0 | 72.0 |" in text
     assert "| smollm2-135m | 32.000 | 1.0 | 20.800 |" in text and f"{20 / 70:.2f}x" in text
 
