@@ -482,7 +482,8 @@ def document(records: dict) -> str:
         "Written by `bench.py` (`make bench`). Each model family's table comes from one run, named above it with "
         "its date, machine and llama.cpp build: a run rewrites the sections whose rows it measured in full and "
         "keeps the others (the results of each under benchmarks/speed/). Machines differ between runs; compare "
-        "ratios within a table, not numbers across tables of different runs.", "",
+        "ratios within a table, not numbers across tables of different runs. The dated notes of side-by-side runs "
+        "between full tables, each with its command: [benchmarks/history.md](benchmarks/history.md).", "",
         "How: each measurement is a fresh process running one engine with its own defaults. Ours "
         "(`bench.py --child`) imports `runtime`, which sets OPENBLAS_NUM_THREADS=1 for itself, with "
         "NUMBA_NUM_THREADS set to the run's thread count and no OMP_WAIT_POLICY; llama.cpp (`bench_llamacpp.py`) "
