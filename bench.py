@@ -545,13 +545,17 @@ def section_record(base: str, rows: list[Row], measured: dict, run: dict) -> dic
                             for row in rows if row.base == base]}
 
 
-def save_records(rows: list[Row], measured: dict, run: dict, directory: Path) -> None:
-    """Write each measured family's record to `directory`/<family>.json, leaving the other families' files."""
+def run_records(rows: list[Row], measured: dict, run: dict) -> dict:
+    """{family: record} of the families that `rows` measured, in table order (`section_record`)."""
+    return {base: section_record(base, rows, measured, run) for base in SECTIONS if any(row.base == base for row in rows)}
+
+
+def save_records(records: dict, directory: Path) -> None:
+    """Write each family's record to `directory`/<family>.json, leaving the other families' files."""
     from runtime.checkpoints.atomic import write_text
     directory.mkdir(parents=True, exist_ok=True)
-    for base in SECTIONS:
-        if any(row.base == base for row in rows):
-            write_text(directory / f"{base}.json", json.dumps(section_record(base, rows, measured, run), indent=1))
+    for base, record in records.items():
+        write_text(directory / f"{base}.json", json.dumps(record, indent=1))
 
 
 def load_records(directory: Path) -> dict:
@@ -693,18 +697,21 @@ def main(argv=None) -> None:
            "steps": args.steps, "rounds": args.rounds, "llama_cpp": llama,
            "cmake_args": cmake_args(cpu_flags(), platform.machine())}
     if args.no_write:
-        print(document({base: section_record(base, rows, measured, run) for base in SECTIONS
-                        if any(row.base == base for row in rows)}))
+        print(document(run_records(rows, measured, run)))
         return
+    import filelock
     from runtime.checkpoints.atomic import write_text
-    save_records(rows, measured, run, SECTION_DIR)
-    records = load_records(SECTION_DIR)
-    text = document(records)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(CACHE / "write.lock"):  # another run's records saved meanwhile are in what it writes
+        save_records(run_records(rows, measured, run), SECTION_DIR)
+        records = load_records(SECTION_DIR)
+        text = document(records)
+        write_text(PROJECT / "BENCHMARKS.md", text)
+        update_readme(PROJECT / "README.md", readme_tables(records))
+        if any(measured[row].get("ppl") for row in rows if row.base == SMOLLM):
+            plot(rows, measured, PROJECT / "benchmarks.png")
     print(text)
-    write_text(PROJECT / "BENCHMARKS.md", text)
-    update_readme(PROJECT / "README.md", readme_tables(records))
-    if any(measured[row].get("ppl") for row in rows if row.base == SMOLLM):
-        plot(rows, measured, PROJECT / "benchmarks.png")
+
 
 if __name__ == "__main__":
     import runtime  # noqa: F401  (its thread defaults before NumPy loads, in the parent as in the children)

@@ -167,11 +167,12 @@ def test_document_names_the_machine_and_llama_cpp_build():
 
 def test_a_written_run_keeps_the_families_it_did_not_measure(tmp_path):
     old = smollm_measured()
-    bench.save_records(list(old), old, RUN, tmp_path)
+    bench.save_records(bench.run_records(list(old), old, RUN), tmp_path)
     new = {Row(OURS, LLAMA_1B, FLOAT): stats(2.0, bits=32.0), Row(OURS, LLAMA_1B, "rtn4g128"): stats(5.5),
            Row(LLAMA_CPP, LLAMA_1B, "Q4_0"): dict(stats(19.2), perf_prefill=101.0, perf_decode=19.0)}
-    bench.save_records(list(new), new, dict(RUN, date="2026-12-02", command="python bench.py --rows 'tinyllama*'"),
-                       tmp_path)
+    bench.save_records(bench.run_records(list(new), new, dict(RUN, date="2026-12-02",
+                                                              command="python bench.py --rows 'tinyllama*'")), tmp_path)
+    assert list(bench.run_records(list(new), new, RUN)) == [LLAMA_1B]  # only the families measured
     records = bench.load_records(tmp_path)
     assert list(records) == [SMOLLM, LLAMA_1B] and records[SMOLLM]["date"] == "2026-12-01"
     for base, measured in ((SMOLLM, old), (LLAMA_1B, new)):  # saved and read back: the same table
