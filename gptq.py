@@ -108,7 +108,8 @@ def quantize_shared(weights: list, H: np.ndarray, params: GPTQParams = GPTQParam
     """`quantize` for several weights [out_k, in] that read the same input (one H): [(packed, stats)].
 
     Rows never interact in Algorithm 1, so the weights are stacked and quantized in one pass,
-    sharing the factorisation of H; each result equals `quantize` of that weight alone.
+    sharing the factorisation of H; each result equals `quantize` of that weight alone (bit for bit when
+    the BLAS rounds a row's products the same whatever the other rows: OpenBLAS on one thread).
     """
     weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each
     result = quantize_columns(np.concatenate(weights), H, params)

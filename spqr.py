@@ -205,7 +205,8 @@ def quantize_shared(weights: list, H: np.ndarray, params: SpQRParams = SpQRParam
     """`quantize` for several weights [out_k, in] that read the same input (one H): [(packed, stats)].
 
     Rows never interact in Algorithm 1, so the weights are stacked and quantized in one pass; thresholds
-    and statistics blocks are per weight, so each result equals `quantize` of that weight alone.
+    and statistics blocks are per weight, so each result equals `quantize` of that weight alone (to the
+    BLAS's rounding: see gptq.quantize_shared).
     """
     params.check()
     weights = [np.asarray(W, dtype=np.float32) for W in weights]  # [out_k, in] each

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,10 +99,16 @@ def assert_close(y, ref, tol=1e-5):
 
 def assert_shared_hessian_equals_separate_calls(method, W, H, params, split: int):
     """`method.quantize_shared` of W's rows [:split] and [split:] under one H gives what `method.quantize`
-    gives each alone: the same stats, stored arrays and dequantized weights (GPTQ, SpQR, QuIP, QuIP#)."""
-    shared = method.quantize_shared([W[:split], W[split:]], H, params)
-    for rows, (packed, stats) in zip((slice(0, split), slice(split, W.shape[0])), shared):
-        alone, alone_stats = method.quantize(W[rows], H, params)
+    gives each alone: the same stats, stored arrays and dequantized weights (GPTQ, SpQR, QuIP, QuIP#).
+
+    BLAS on one thread: the rows never interact in the algorithms, but multithreaded OpenBLAS splits a product
+    [out, k] @ [k, n] between its threads by the number of rows, and the rounding of a row's sums then depends
+    on `out` (on 2 threads GPTQ's losses came out 4e-8 apart, its codes equal); the check is of the methods,
+    and other tests leave the BLAS on a thread per core."""
+    with threadpool_limits(1, user_api="blas"):
+        shared = method.quantize_shared([W[:split], W[split:]], H, params)
+        alone = [method.quantize(W[rows], H, params) for rows in (slice(0, split), slice(split, W.shape[0]))]
+    for (packed, stats), (alone, alone_stats) in zip(shared, alone):
         assert stats == alone_stats
         for name, array in alone.tensors().items():
             np.testing.assert_array_equal(packed.tensors()[name], array, err_msg=name)
