@@ -19,9 +19,11 @@ QuIP# (Tseng et al. 2024) inference: y = ((x ⊙ s_in) Hᵢᵀ) Ŵᵀ Hₒ ⊙ s
 - `matmul_prefill_vbmi` (many rows, AVX-512 VBMI, at least 512 inputs):
   the rotated rows are quantized to Q8_0 as in decode (one byte: two bytes
   took twice the byte products, and the perplexity cost of one byte is the
-  decode path's, +0.13% on SmolLM2), PREFILL_OUTPUTS output rows of codes
-  are decoded in registers chunk by chunk (`_chunk_points`, below) and each
-  activation word loaded meets all of them (`_e8p_rows_vbmi`).
+  decode path's, +0.13% on SmolLM2), the codes of a span of outputs are
+  decoded once (`_chunk_points`, below; `_pass_points`), and a tile of 16
+  rows' activations of one chunk (8 KiB) meets the whole span from the first-
+  level cache, each activation word loaded meeting PREFILL_OUTPUTS outputs
+  held in registers (`_pass_rows_dot`).
 - `matmul_int8` (decode on CPUs with AVX-512 VNNI, 2, 3 and 4 bits): the rotated
   activation is quantized to int8 per block of 32 (llama.cpp's Q8_0,
   runtime/kernels/quant_activations_numba.py) and each E8P code becomes eight
@@ -83,6 +85,9 @@ PREFILL_TILE = 1 << 20  # floats in the decoded tile of Ŵ in the prefill path (
 CODES_PER_DOT = 8  # E8P codes (64 weights) per vpdpbusd of the byte-table path
 CHUNK_CODES = 64  # E8P codes (512 weights) per step of the VBMI path: one vpdpbusd per coordinate
 PREFILL_OUTPUTS = 3  # output rows of the integer prefill sharing each load of activations (2: 64, 4: 72 tok/s)
+TASK_PASSES = 12  # passes of PREFILL_OUTPUTS outputs per parallel task of the integer prefill (TinyLlama-1.1B
+#                  QuIP# 4-bit, 128 rows: gate 5632 x 2048 7.3 ms, down 5.4; with 8 passes 7.7 and 6.5)
+TILE_ROWS = 16  # rows of activations per tile of the integer prefill: a chunk of them is 8 KiB (`_prefill_vbmi`)
 BYTE_ZERO = 16  # `byte_table` holds 4·point + BYTE_ZERO
 DECODE_ROWS = 32  # output rows per call of the VBMI decode kernel (per-call setup)
 
@@ -787,34 +792,62 @@ def _e8p_tail_rows_vbmi(typingctx, codes, o, rows, first, xperm, start16, d, tab
 
 
 @intrinsic
-def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
-    """acc[j, r, lane] += the float32 sum, over the whole chunks k of CHUNK_CODES codes of row o + j of codes
-    [out, in/8] uint16 (j < PREFILL_OUTPUTS; o + j past the last row: row o again), of d[r, 16 k + lane] times
-    lane `lane` of 4 Σ point · q over chunk k, for every row r of one-byte activations q (xq: int8
-    [m, chunks * 512], coordinate by coordinate as `_quantize_rotated`'s xperm; start: int32 [m, chunks * 16],
-    −BYTE_ZERO times each block's sum of q; d [m, in/32]; acc float32 [PREFILL_OUTPUTS, m, 16]). Each
-    chunk's points are made once per output
-    (`_chunk_points`; uint8 codes of a 1-bit E8 stage: `_one_bit_chunk_points` with its tables) and every
-    activation word loaded meets all PREFILL_OUTPUTS outputs: the rows' activations, not the codes, are what
-    prefill streams (from the core's cache) per output. Compiled to nothing without VBMI."""
+def _pass_points(typingctx, codes, o, tables, points):
+    """points[k, 8 j + i] = the 64 bytes 4·point_i + BYTE_ZERO of chunk k (whole chunks of CHUNK_CODES codes) of row
+    o + j of codes [out, in/8] (j < PREFILL_OUTPUTS; o + j past the last row: row o again), points uint8
+    [chunks, PREFILL_OUTPUTS * 8, 64] C-contiguous: one pass's outputs decoded once (`_chunk_points`; uint8 codes
+    of a 1-bit E8 stage: `_one_bit_chunk_points` with its tables) for every tile of rows that meets them
+    (`_pass_rows_dot`). Compiled to nothing without VBMI."""
     def codegen(context, builder, signature, args):
         if "avx512vbmi" not in _x86_features():
             return context.get_dummy_value()
         chunk_points, table_vectors = _points_of(signature.args[0])
-        i8, i32 = ir.IntType(8), ir.IntType(32)
-        bytes64, words, floats = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
-        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5, 6)}
-        n_out, groups = cgutils.unpack_tuple(builder, arrays[0].shape)
-        n_rows = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
-                                             "llvm.x86.avx512.vpdpbusd.512")
-        tables = _load_tables(builder, arrays[5].data, table_vectors)
+        bytes64 = ir.VectorType(ir.IntType(8), 64)
+        codes_array, points_array = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3))
+        n_out, groups = cgutils.unpack_tuple(builder, codes_array.shape)
+        tables = _load_tables(builder, context.make_array(signature.args[2])(context, builder, args[2]).data,
+                              table_vectors)
+        out = builder.bitcast(points_array.data, bytes64.as_pointer())
         code_rows = []
         for j in range(PREFILL_OUTPUTS):
             row_index = builder.add(args[1], ir.Constant(args[1].type, j))
             row_index = builder.select(builder.icmp_signed("<", row_index, n_out), row_index, args[1])
-            code_rows.append(builder.bitcast(builder.gep(arrays[0].data, [builder.mul(row_index, groups)]),
+            code_rows.append(builder.bitcast(builder.gep(codes_array.data, [builder.mul(row_index, groups)]),
                                              bytes64.as_pointer()))
+        with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))) as chunks:
+            k = chunks.index
+            first = builder.mul(k, ir.Constant(k.type, PREFILL_OUTPUTS * 8))
+            for j, code_row in enumerate(code_rows):
+                for i, point in enumerate(chunk_points(builder, code_row, k, tables)):
+                    at = builder.gep(out, [builder.add(first, ir.Constant(k.type, 8 * j + i))])
+                    builder.store(point, at, align=1)
+        return context.get_dummy_value()
+
+    return types.void(codes, types.int64, tables, points), codegen
+
+
+@intrinsic
+def _pass_rows_dot(typingctx, points, k, xq, start, d, r0, r1, acc):
+    """acc[j, r - r0, lane] += d[r, 16 k + lane] times lane `lane` of 4 Σ point · q over chunk k, for the
+    PREFILL_OUTPUTS outputs j of one pass (points: `_pass_points`) and the rows r0 <= r < r1 of one-byte
+    activations q (xq: int8 [m, chunks * 512], coordinate by coordinate as `_quantize_rotated`'s xperm;
+    start: int32 [m, chunks * 16], −BYTE_ZERO times each block's sum of q; d [m, in/32] with the stage's
+    scale; acc float32 [PREFILL_OUTPUTS, rows of a tile, 16]). The pass's 24 point vectors are loaded once
+    and every activation word loaded meets all PREFILL_OUTPUTS outputs (`vpdpbusd`)."""
+    def codegen(context, builder, signature, args):
+        if "avx512vbmi" not in _x86_features():
+            return context.get_dummy_value()
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        words, floats = ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16)
+        arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 7)}
+        k, r0, r1 = args[1], args[5], args[6]
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(words, [words] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        point_vectors = builder.bitcast(arrays[0].data, words.as_pointer())
+        first = builder.mul(k, ir.Constant(k.type, PREFILL_OUTPUTS * 8))
+        points = [[builder.load(builder.gep(point_vectors, [builder.add(first, ir.Constant(k.type, 8 * j + i))]),
+                                align=1) for i in range(8)] for j in range(PREFILL_OUTPUTS)]
+        lane0 = builder.mul(k, ir.Constant(k.type, 16))
 
         def at(i, index, offset):  # i8* to element `offset` of row `index` (axis 0, then 1 for 3-D) of argument i
             strides = cgutils.unpack_tuple(builder, arrays[i].strides)
@@ -825,35 +858,29 @@ def _e8p_rows_vbmi(typingctx, codes, o, xq, start, d, tables, acc):
                 position = builder.add(position, builder.mul(value, strides[axis]))
             return builder.gep(base, [position])
 
-        with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(groups.type, CHUNK_CODES))) as chunks:
-            k = chunks.index
-            points = [[builder.bitcast(p, words) for p in chunk_points(builder, code_row, k, tables)]
-                      for code_row in code_rows]
-            lane0 = builder.mul(k, ir.Constant(k.type, 16))
-            with cgutils.for_range(builder, n_rows) as rows:
-                r = rows.index
-                start = builder.load(builder.bitcast(at(3, [r], lane0), words.as_pointer()), align=4)
-                lanes = [start] * PREFILL_OUTPUTS
-                x_chunk = builder.bitcast(at(2, [r], builder.mul(k, ir.Constant(k.type, 512))), words.as_pointer())
-                for i in range(8):
-                    x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
-                    lanes = [builder.call(dot, [lanes[j], points[j][i], x_words]) for j in range(PREFILL_OUTPUTS)]
-                scales = builder.load(builder.bitcast(at(4, [r], lane0), floats.as_pointer()), align=4)
-                for j in range(PREFILL_OUTPUTS):
-                    out = builder.bitcast(at(6, [ir.Constant(r.type, j), r], ir.Constant(k.type, 0)),
-                                          floats.as_pointer())
-                    builder.store(builder.fadd(builder.load(out, align=4),
-                                               builder.fmul(builder.sitofp(lanes[j], floats), scales)), out, align=4)
+        with cgutils.for_range_slice(builder, r0, r1, ir.Constant(r0.type, 1)) as (r, _):
+            start = builder.load(builder.bitcast(at(3, [r], lane0), words.as_pointer()), align=4)
+            lanes = [start] * PREFILL_OUTPUTS
+            x_chunk = builder.bitcast(at(2, [r], builder.mul(k, ir.Constant(k.type, 512))), words.as_pointer())
+            for i in range(8):
+                x_words = builder.load(builder.gep(x_chunk, [ir.Constant(i32, i)]), align=1)
+                lanes = [builder.call(dot, [lanes[j], points[j][i], x_words]) for j in range(PREFILL_OUTPUTS)]
+            scales = builder.load(builder.bitcast(at(4, [r], lane0), floats.as_pointer()), align=4)
+            for j in range(PREFILL_OUTPUTS):
+                out = builder.bitcast(at(7, [ir.Constant(r.type, j), builder.sub(r, r0)], ir.Constant(k.type, 0)),
+                                      floats.as_pointer())
+                product = builder.fmul(builder.sitofp(lanes[j], floats), scales, flags=("contract",))
+                builder.store(builder.fadd(builder.load(out, align=4), product, flags=("contract",)), out, align=4)
         return context.get_dummy_value()
 
-    return types.void(codes, types.int64, xq, start, d, tables, acc), codegen
+    return types.void(points, types.int64, xq, start, d, types.int64, types.int64, acc), codegen
 
 
 @njit(cache=True, parallel=True)
 def _quantize_rotated_rows(x_rot):
     """(xq [m, chunks * 512] int8 coordinate by coordinate, start [m, chunks * 16] int32, d [m, in/32] float32,
     tail [m, in - chunks * 512] float32) of the Q8_0 activations of rotated rows x_rot [m, in]: the whole
-    chunks of CHUNK_CODES codes as `_e8p_rows_vbmi` reads them, the inputs past them dequantized (q·d, for a
+    chunks of CHUNK_CODES codes as `_pass_rows_dot` reads them, the inputs past them dequantized (q·d, for a
     float product); rows in parallel."""
     m, n = x_rot.shape
     chunk = CHUNK_CODES * 8
@@ -871,25 +898,94 @@ def _quantize_rotated_rows(x_rot):
     return xq, start, d, tail
 
 
+def _lane_sum_masks(lanes: int) -> list:
+    """(low, high) shuffle masks of each level of `_lane_sums`' tree over `lanes` vectors of `lanes` floats: at
+    the level of segments of s lanes, each segment of both vectors (a ++ b, b's lanes from `lanes` on) gives its
+    first s/2 lanes to low and its last s/2 to high, a's segment then b's, so low + high holds the segments of
+    s/2 lanes of both."""
+    levels, s = [], lanes
+    while s > 1:
+        low, high = [], []
+        for q in range(lanes // s):
+            for half, mask in ((0, low), (s // 2, high)):
+                mask += [q * s + half + i for i in range(s // 2)] + [lanes + q * s + half + i for i in range(s // 2)]
+        levels.append((low, high))
+        s //= 2
+    return levels
+
+
+def _bit_reversed(i: int, bits: int) -> int:
+    return int(format(i, f"0{bits}b")[::-1], 2)
+
+
+@intrinsic
+def _lane_sums(typingctx, acc, out):
+    """out[j, r] = Σ_lane acc[j, r, lane] for acc float32 [J, R, 16] and out [J, R] (C-contiguous, R a multiple
+    of 16), sixteen rows at a time: their vectors summed pairwise in a tree of shuffles (`_lane_sum_masks`: 15
+    adds and 30 shuffles for 16 rows, where summing each row alone takes 4 shuffle-add steps and an extract)
+    into one vector of the 16 rows' sums. The tree leaves row i at lane bit-reversed(i), so the rows go in
+    bit-reversed order and come out in order. (`acc[j, r].sum()` row by row took a third of a TinyLlama-1.1B
+    QuIP# 4-bit prefill product.)"""
+    def codegen(context, builder, signature, args):
+        floats = ir.VectorType(ir.FloatType(), 16)
+        i32 = ir.IntType(32)
+        acc_array, out_array = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1))
+        n_j, n_r = cgutils.unpack_tuple(builder, out_array.shape)
+        vectors = builder.bitcast(acc_array.data, floats.as_pointer())  # row (j, r) is vector j R + r
+        sums = builder.bitcast(out_array.data, floats.as_pointer())  # rows 16 b .. 16 b + 15 of j: vector j R/16 + b
+        levels = _lane_sum_masks(16)
+        with cgutils.for_range(builder, builder.mul(n_j, builder.udiv(n_r, ir.Constant(n_r.type, 16)))) as loop:
+            first = builder.mul(loop.index, ir.Constant(n_r.type, 16))  # row j R + 16 b
+            rows = [builder.add(first, ir.Constant(n_r.type, _bit_reversed(i, 4))) for i in range(16)]  # bit-reversed
+            parts = [builder.load(builder.gep(vectors, [row]), align=4) for row in rows]
+            for low, high in levels:
+                parts = [builder.fadd(*(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 16), mask))
+                                        for mask in (low, high)))
+                         for a, b in zip(parts[0::2], parts[1::2])]
+            builder.store(parts[0], builder.gep(sums, [loop.index]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(acc, out), codegen
+
+
 @njit(cache=True, parallel=True)
 def _prefill_vbmi(quantized, codes_1, codes_2, n_stages, scale_1, scale_2, tables, tables_2, y_rot):
-    """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), the
-    outputs in parallel (the whole chunks only); tables_2: the second stage's coordinate tables."""
+    """y_rot [m, out] = Σ_stages scale · Ŵ_stage x̂ for the quantized rows (`_quantize_rotated_rows`), spans of
+    TASK_PASSES passes of PREFILL_OUTPUTS outputs in parallel (the whole chunks only); tables_2: the second
+    stage's coordinate tables. A span's codes are decoded once (`_pass_points`); then for each tile of
+    TILE_ROWS rows and each chunk, the tile's activations of the chunk (8 KiB) meet every pass and stage of
+    the span from the core's first-level cache (`_pass_rows_dot`), both stages adding into one set of lane
+    sums (each block's activation scale times its stage's scale); each tile's sums are summed over the
+    lanes once (`_lane_sums`) and go to y_rot row by row, the span's outputs side by side in each row."""
     xq, start, d, _ = quantized
     m, n_out = y_rot.shape
-    for block in prange(-(-n_out // PREFILL_OUTPUTS)):
-        o = block * PREFILL_OUTPUTS
-        acc = np.zeros((PREFILL_OUTPUTS, m, 16), dtype=np.float32)  # [outputs, m, 16] sums per row and lane
-        _e8p_rows_vbmi(codes_1, o, xq, start, d, tables, acc)
-        for j in range(min(PREFILL_OUTPUTS, n_out - o)):
-            for r in range(m):
-                y_rot[r, o + j] = scale_1 * np.float32(0.25) * acc[j, r].sum()
-        if n_stages == 2:
+    chunks = xq.shape[1] // (CHUNK_CODES * 8)
+    d_1, d_2 = d * scale_1, d * scale_2  # [m, in/32] each
+    span = PREFILL_OUTPUTS * TASK_PASSES
+    for task in prange(-(-n_out // span)):
+        o0 = task * span
+        width = min(span, n_out - o0)
+        passes = -(-width // PREFILL_OUTPUTS)
+        points = np.empty((n_stages, TASK_PASSES, chunks, PREFILL_OUTPUTS * 8, 64), dtype=np.uint8)
+        for b in range(passes):
+            _pass_points(codes_1, o0 + b * PREFILL_OUTPUTS, tables, points[0, b])
+            if n_stages == 2:
+                _pass_points(codes_2, o0 + b * PREFILL_OUTPUTS, tables_2, points[1, b])
+        acc = np.empty((span, TILE_ROWS, 16), dtype=np.float32)  # [span, tile rows, 16] sums per row and lane
+        sums = np.empty((span, TILE_ROWS), dtype=np.float32)  # [span, tile rows]
+        for r0 in range(0, m, TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, m)
             acc[:] = 0
-            _e8p_rows_vbmi(codes_2, o, xq, start, d, tables_2, acc)
-            for j in range(min(PREFILL_OUTPUTS, n_out - o)):
-                for r in range(m):
-                    y_rot[r, o + j] += scale_2 * np.float32(0.25) * acc[j, r].sum()
+            for k in range(chunks):
+                for b in range(passes):
+                    pass_acc = acc[b * PREFILL_OUTPUTS:(b + 1) * PREFILL_OUTPUTS]  # [outputs, tile rows, 16]
+                    _pass_rows_dot(points[0, b], k, xq, start, d_1, r0, r1, pass_acc)
+                    if n_stages == 2:
+                        _pass_rows_dot(points[1, b], k, xq, start, d_2, r0, r1, pass_acc)
+            _lane_sums(acc, sums)
+            for i in range(r1 - r0):
+                for j in range(width):
+                    y_rot[r0 + i, o0 + j] = np.float32(0.25) * sums[j, i]
 
 
 def prefill_applies(packed) -> bool:
@@ -951,7 +1047,7 @@ def _chunk_order(xq, xperm, start16):
     CHUNK_CODES * 8 inputs (xperm[512 k + 64 i + c] = xq[512 k + 8 c + i]) and, where xperm reaches past
     them, over each later group of CODES_PER_DOT codes (xperm[64 g + 8 i + c] = xq[64 g + 8 c + i],
     `_e8p_tail_rows_vbmi`); start16 −BYTE_ZERO times the sum of each block of 32 it has room for
-    (`_e8p_rows_dot_vbmi`, `_e8p_rows_vbmi`)."""
+    (`_e8p_rows_dot_vbmi`, `_pass_rows_dot`)."""
     whole = _tail_group(xperm.shape[0]) * CODES_PER_DOT * 8
     _by_coordinate(xq, xperm, 0, whole, CHUNK_CODES)
     _by_coordinate(xq, xperm, whole, xperm.shape[0], CODES_PER_DOT)
